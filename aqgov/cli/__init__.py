@@ -1,0 +1,31 @@
+"""The `aqgov` command line. Each concept registers its own command group here."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from aqgov.errors import AqgovError
+
+
+class _Main(click.Group):
+  """Turns aqgov's typed errors into one clear line and a non-zero exit, never a traceback."""
+
+  def invoke(self, ctx: click.Context):
+    try:
+      return super().invoke(ctx)
+    except AqgovError as exc:
+      click.echo(f"error: {type(exc).__name__}: {exc}", err=True)
+      sys.exit(1)
+
+
+@click.group(cls=_Main)
+@click.version_option(package_name="aqgov")
+def main() -> None:
+  """aqgov: governed training for JAX/Optax."""
+
+
+from aqgov.cli import keys as _keys  # noqa: E402
+
+main.add_command(_keys.keys)

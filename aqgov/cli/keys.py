@@ -1,0 +1,29 @@
+"""`aqgov keys`: create Ed25519 authority keys."""
+
+from __future__ import annotations
+
+import click
+
+from aqgov import keys as keylib
+
+
+@click.group()
+def keys() -> None:
+  """Create and inspect Ed25519 keys."""
+
+
+@keys.command("new")
+@click.argument("name")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Directory for NAME.key and NAME.pub.")
+def new(name: str, out_dir: str) -> None:
+  """Write OUT/NAME.key (private, mode 0600) and OUT/NAME.pub."""
+  key = keylib.generate(name)
+  key_path, pub_path = keylib.write_keypair(key, out_dir)
+  click.echo(f"wrote {pub_path} (key id {key.key_id}) and private key {key_path} (mode 0600)")
+
+
+@keys.command("id")
+@click.argument("pub", type=click.Path(dir_okay=False))
+def show_id(pub: str) -> None:
+  """Print the key id (SHA-256 of the public key) of PUB."""
+  click.echo(keylib.load_public_key(pub).key_id)

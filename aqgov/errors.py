@@ -1,0 +1,82 @@
+"""Typed errors. Each says what was wrong and what to do about it."""
+
+from __future__ import annotations
+
+
+class AqgovError(Exception):
+  """Base class of every error aqgov raises on purpose."""
+
+
+class KeyFileError(AqgovError):
+  """A key file is missing, malformed or has unsafe permissions."""
+
+
+class SignatureError(AqgovError):
+  """A signature does not verify, or its key is not trusted."""
+
+
+class TaxonomyError(AqgovError):
+  """A taxonomy is malformed, or labels do not fit it."""
+
+
+class CredentialError(AqgovError):
+  """A credential manifest or an example's credential is missing, forged or mismatched."""
+
+
+class AdmissionError(CredentialError):
+  """An example cannot be admitted; `reason` says why."""
+
+  def __init__(self, message: str, *, example_id: str | None = None, reason: str = ""):
+    super().__init__(message)
+    self.example_id = example_id
+    self.reason = reason
+
+
+class PolicyError(AqgovError):
+  """A routing policy (or its expression) is malformed, unsigned or untrusted."""
+
+
+class RoutingError(AqgovError):
+  """Routed gradients cannot be computed with the requested strategy."""
+
+
+class UnsupportedPrimitiveError(RoutingError):
+  """The cotangent strategy met a construct it cannot transform."""
+
+
+class BatchCouplingError(RoutingError):
+  """The loss mixes examples (BatchNorm, cross-example ops): per-example routing would be wrong."""
+
+
+class ProfileError(AqgovError):
+  """An entropy profile is malformed, unsigned or untrusted."""
+
+
+class OverrideError(AqgovError):
+  """An override token is forged, expired, untrusted or does not cover what it claims."""
+
+
+class GovernanceEscalation(AqgovError):
+  """Training stopped at a step boundary for a human; the state to resume from is attached."""
+
+  def __init__(self, message: str, *, step: int | None = None, events: tuple = (), state=None):
+    super().__init__(message)
+    self.step = step
+    self.events = events
+    self.state = state
+
+
+class LineageError(AqgovError):
+  """A lineage log is truncated, tampered, or inconsistent; `index` names the first bad record."""
+
+  def __init__(self, message: str, *, index: int | None = None):
+    super().__init__(message)
+    self.index = index
+
+
+class ReplayDivergence(LineageError):
+  """Replaying recorded steps did not reproduce the recorded fingerprints."""
+
+
+class CheckpointError(AqgovError):
+  """A checkpoint is missing, incomplete, or does not match the lineage."""

@@ -1,0 +1,170 @@
+"""Ed25519 authority keys (PyNaCl) and the trust store that says which ones count.
+
+A key id is the hex SHA-256 of the 32 raw public-key bytes. Private keys live in `NAME.key`
+(mode 0600, never printed); public keys in `NAME.pub`. Both are small JSON documents.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import stat
+from pathlib import Path
+from typing import Iterable, Mapping, NamedTuple
+
+import nacl.exceptions
+import nacl.signing
+
+from aqgov.errors import KeyFileError, SignatureError
+
+KEY_TYPE = "ed25519"
+
+
+def key_id(public_key: bytes) -> str:
+  """Hex SHA-256 of the raw 32-byte Ed25519 public key."""
+  return hashlib.sha256(bytes(public_key)).hexdigest()
+
+
+class PublicKey(NamedTuple):
+  """A named Ed25519 verify key."""
+
+  name: str
+  raw: bytes
+
+  @property
+  def key_id(self) -> str:
+    return key_id(self.raw)
+
+  def verify(self, message: bytes, signature: bytes) -> bool:
+    """True iff `signature` is this key's signature over exactly `message`."""
+    try:
+      nacl.signing.VerifyKey(self.raw).verify(message, signature)
+      return True
+    except (nacl.exceptions.BadSignatureError, ValueError, TypeError):
+      return False
+
+
+class SigningKey(NamedTuple):
+  """A named Ed25519 signing key. Its repr never shows the secret."""
+
+  name: str
+  seed: bytes
+
+  def __repr__(self) -> str:
+    return f"SigningKey(name={self.name!r}, key_id={self.public.key_id[:16]}...)"
+
+  @property
+  def public(self) -> PublicKey:
+    return PublicKey(self.name, bytes(nacl.signing.SigningKey(self.seed).verify_key))
+
+  @property
+  def key_id(self) -> str:
+    return self.public.key_id
+
+  def sign(self, message: bytes) -> bytes:
+    """Detached 64-byte Ed25519 signature over `message`."""
+    return nacl.signing.SigningKey(self.seed).sign(message).signature
+
+
+def generate(name: str) -> SigningKey:
+  """A fresh random signing key called `name`."""
+  if not name or "/" in name or name.startswith("."):
+    raise KeyFileError(f"key name {name!r} is not usable as a file name; use letters, digits, '-' or '_'")
+  return SigningKey(name, bytes(nacl.signing.SigningKey.generate()._seed))  # noqa: SLF001
+
+
+def public_key_json(key: PublicKey) -> str:
+  return json.dumps({"name": key.name, "type": KEY_TYPE, "key_id": key.key_id,
+                     "public": base64.b64encode(key.raw).decode()}, indent=2) + "\n"
+
+
+def write_keypair(key: SigningKey, out_dir: str | os.PathLike) -> tuple[Path, Path]:
+  """Write `DIR/NAME.key` (0600, created atomically with that mode) and `DIR/NAME.pub`."""
+  out = Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  key_path, pub_path = out / f"{key.name}.key", out / f"{key.name}.pub"
+  if key_path.exists():
+    raise KeyFileError(f"{key_path} already exists; refusing to overwrite a private key (choose another name or directory)")
+  body = json.dumps({"name": key.name, "type": KEY_TYPE, "seed": base64.b64encode(key.seed).decode()}) + "\n"
+  fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+  with os.fdopen(fd, "w") as fh:
+    fh.write(body)
+  os.chmod(key_path, 0o600)
+  pub_path.write_text(public_key_json(key.public))
+  return key_path, pub_path
+
+
+def _read_json(path: Path, what: str) -> dict:
+  try:
+    doc = json.loads(Path(path).read_text())
+  except FileNotFoundError:
+    raise KeyFileError(f"{what} file {path} does not exist") from None
+  except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    raise KeyFileError(f"{what} file {path} is not valid JSON ({exc}); was it written by `aqgov keys new`?") from None
+  if not isinstance(doc, dict) or doc.get("type") != KEY_TYPE:
+    raise KeyFileError(f"{what} file {path} is not an aqgov {KEY_TYPE} key")
+  return doc
+
+
+def load_signing_key(path: str | os.PathLike) -> SigningKey:
+  """Read a `.key` file; refuses files readable by group or others."""
+  path = Path(path)
+  doc = _read_json(path, "private key")
+  mode = stat.S_IMODE(path.stat().st_mode)
+  if mode & 0o077:
+    raise KeyFileError(f"private key {path} has mode {oct(mode)}; run `chmod 600 {path}` before using it")
+  try:
+    seed = base64.b64decode(doc["seed"], validate=True)
+  except Exception:
+    raise KeyFileError(f"private key {path} has no valid 'seed'") from None
+  if len(seed) != 32:
+    raise KeyFileError(f"private key {path} seed must be 32 bytes, got {len(seed)}")
+  return SigningKey(str(doc.get("name", path.stem)), seed)
+
+
+def load_public_key(path: str | os.PathLike) -> PublicKey:
+  """Read a `.pub` file and check its recorded key id."""
+  path = Path(path)
+  doc = _read_json(path, "public key")
+  try:
+    raw = base64.b64decode(doc["public"], validate=True)
+  except Exception:
+    raise KeyFileError(f"public key {path} has no valid 'public' field") from None
+  if len(raw) != 32:
+    raise KeyFileError(f"public key {path} must hold 32 bytes, got {len(raw)}")
+  if "key_id" in doc and doc["key_id"] != key_id(raw):
+    raise KeyFileError(f"public key {path}: recorded key_id does not match the key bytes (file altered?)")
+  return PublicKey(str(doc.get("name", path.stem)), raw)
+
+
+class TrustStore(NamedTuple):
+  """The public keys whose signatures count, by key id."""
+
+  keys: Mapping[str, PublicKey]
+
+  @classmethod
+  def of(cls, keys: Iterable[PublicKey | SigningKey]) -> "TrustStore":
+    pubs = [k.public if isinstance(k, SigningKey) else k for k in keys]
+    return cls({k.key_id: k for k in pubs})
+
+  @classmethod
+  def from_paths(cls, paths: Iterable[str | os.PathLike]) -> "TrustStore":
+    return cls.of(load_public_key(p) for p in paths)
+
+  def __contains__(self, kid: object) -> bool:
+    return kid in self.keys
+
+  def get(self, kid: str) -> PublicKey:
+    try:
+      return self.keys[kid]
+    except KeyError:
+      raise SignatureError(
+          f"key {kid[:16]}... is not in the trust store; add its .pub with --trust if you trust it") from None
+
+  def by_name(self, name: str) -> PublicKey:
+    for k in self.keys.values():
+      if k.name == name:
+        return k
+    raise SignatureError(f"no trusted key named {name!r}; trusted: {sorted(k.name for k in self.keys.values())}")
