@@ -4,7 +4,7 @@ Signed policies decide which example may shape which part of the model; entropy 
 enforced inside the jitted step; every step leaves a signed, tamper-evident lineage record.
 """
 
-from aqgov import canonical, merkle, paths
+from aqgov import canonical, credentials, merkle, paths, sample
 from aqgov.errors import (
     AdmissionError,
     AqgovError,
@@ -23,7 +23,21 @@ from aqgov.errors import (
     TaxonomyError,
     UnsupportedPrimitiveError,
 )
+from aqgov.admission import Admission, AdmittedBatch, RejectReason, Rejection, Verdict, admit
+from aqgov.credentials import (
+    Entry,
+    Example,
+    InclusionProof,
+    Manifest,
+    issue_manifest,
+    read_examples,
+    read_manifest,
+    verify_entry,
+    verify_manifest,
+    write_manifest,
+)
 from aqgov.keys import PublicKey, SigningKey, TrustStore
+from aqgov.loader import governed_batches
 from aqgov.signing import SignedDocument
 from aqgov.taxonomy import Field, LabelSpace, Taxonomy
 

@@ -29,3 +29,7 @@ def main() -> None:
 from aqgov.cli import keys as _keys  # noqa: E402
 
 main.add_command(_keys.keys)
+
+from aqgov.cli import credentials as _credentials  # noqa: E402
+
+main.add_command(_credentials.credentials)

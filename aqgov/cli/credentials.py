@@ -1,0 +1,57 @@
+"""`aqgov credentials`: issue and verify credential manifests."""
+
+from __future__ import annotations
+
+import click
+
+from aqgov import credentials as credlib
+from aqgov import keys as keylib
+from aqgov.keys import TrustStore
+from aqgov.taxonomy import Taxonomy
+
+
+@click.group()
+def credentials() -> None:
+  """Issue and verify signed credential manifests."""
+
+
+@credentials.command("issue")
+@click.option("--key", "key_path", required=True, type=click.Path(dir_okay=False), help="The authority's private .key.")
+@click.option("--taxonomy", "taxonomy_path", required=True, type=click.Path(dir_okay=False), help="The authority's taxonomy TOML.")
+@click.option("--examples", "examples_path", required=True, type=click.Path(dir_okay=False), help="Examples JSONL.")
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="Manifest file to write.")
+def issue(key_path: str, taxonomy_path: str, examples_path: str, out_path: str) -> None:
+  """Sign a manifest crediting the examples in EXAMPLES with their labels.
+
+  Labels may be flat (one taxonomy) or keyed by authority; examples without labels for this
+  authority are skipped and counted.
+  """
+  key = keylib.load_signing_key(key_path)
+  taxonomy = Taxonomy.from_toml(taxonomy_path)
+  examples = credlib.read_examples(examples_path)
+  manifest = credlib.issue_manifest(key, taxonomy, examples, skip_unlabelled=True)
+  credlib.write_manifest(manifest, out_path)
+  skipped = len(examples) - manifest.size
+  click.echo(f"issued {out_path}: {manifest.size} credential(s) by {taxonomy.authority!r}"
+             + (f", skipped {skipped} example(s) without {taxonomy.authority!r} labels" if skipped else ""))
+  click.echo(f"  merkle root {manifest.root.hex()}")
+  click.echo(f"  manifest id {manifest.id}")
+
+
+@credentials.command("verify")
+@click.argument("manifest_path", type=click.Path(dir_okay=False))
+@click.option("--trust", "trust_paths", multiple=True, required=True, type=click.Path(dir_okay=False),
+              help="A trusted authority .pub (repeatable).")
+@click.option("--examples", "examples_path", type=click.Path(dir_okay=False),
+              help="Examples JSONL whose content hashes must match the manifest.")
+def verify(manifest_path: str, trust_paths: tuple[str, ...], examples_path: str | None) -> None:
+  """Verify MANIFEST's signature, Merkle root, labels and (optionally) example hashes."""
+  manifest = credlib.read_manifest(manifest_path)
+  examples = credlib.read_examples(examples_path) if examples_path else None
+  signers = credlib.verify_manifest(manifest, TrustStore.from_paths(trust_paths), examples)
+  click.echo(f"ok {manifest_path}: {manifest.size} credential(s) by {manifest.authority!r}, "
+             f"signed by {', '.join(signers)}")
+  click.echo(f"  merkle root {manifest.root.hex()}")
+  click.echo(f"  taxonomy {manifest.taxonomy_id}")
+  if examples is not None:
+    click.echo(f"  {len(examples)} example(s) checked against their content hashes")
