@@ -90,6 +90,10 @@ def verify(doc: SignedDocument, trust: TrustStore, *, min_signers: int = 1) -> t
       raise SignatureError(
           f"signature by {trust.get(s.key_id).name!r} on {doc.kind} {doc.id[:16]}... does not verify: "
           "the document was altered after signing or the signature is forged")
+    if s.signer != trust.get(s.key_id).name:
+      raise SignatureError(
+          f"signature on {doc.kind} {doc.id[:16]}... names signer {s.signer!r} but its key is trusted as "
+          f"{trust.get(s.key_id).name!r}: the document was altered after signing")
     signers.append(trust.get(s.key_id).name)
   if len(signers) < min_signers:
     hint = f" (signed only by untrusted keys: {', '.join(untrusted)})" if untrusted else ""
