@@ -23,6 +23,7 @@ from aqgov.errors import (
     TaxonomyError,
     UnsupportedPrimitiveError,
 )
+from aqgov.compiled import CompiledPolicy, UncoveredParametersWarning, compile_policy, explain
 from aqgov.admission import Admission, AdmittedBatch, RejectReason, Rejection, Verdict, admit
 from aqgov.credentials import (
     Entry,
@@ -38,6 +39,17 @@ from aqgov.credentials import (
 )
 from aqgov.keys import PublicKey, SigningKey, TrustStore
 from aqgov.loader import governed_batches
+from aqgov.policy import (
+    Policy,
+    PolicySet,
+    Rule,
+    compose,
+    read_policy,
+    read_signed_policy,
+    sign_policy,
+    verify_policy,
+    write_signed_policy,
+)
 from aqgov.signing import SignedDocument
 from aqgov.taxonomy import Field, LabelSpace, Taxonomy
 
