@@ -40,6 +40,7 @@ leaf weights with broadcasting over trailing axes, never by reshaping to [B].
 from __future__ import annotations
 
 import itertools
+import json
 import warnings
 from typing import Any, Callable, Iterable, Mapping, NamedTuple, Union
 
@@ -319,3 +320,49 @@ def explain(compiled: CompiledPolicy) -> str:
   lines += [fmt(r) for r in body]
   lines += [f"warning: {w}" for w in t.warnings]
   return "\n".join(lines)
+
+
+def param_shapes(doc_or_path: Any) -> dict[str, Any]:
+  """A parameter tree of `jax.ShapeDtypeStruct` (float32) from a shapes document.
+
+  The document (a dict, or a path to a JSON file) nests parameter keys down to shape lists,
+  `{"blocks": {"0": {"kernel": [64, 256]}}, "head/bias": [256]}`; a key holding '/' stands for
+  that many nested keys. This is all `explain` needs to know about a model.
+  """
+  if isinstance(doc_or_path, Mapping):
+    doc = doc_or_path
+  else:
+    try:
+      with open(doc_or_path, encoding="utf-8") as fh:
+        doc = json.load(fh)
+    except (OSError, ValueError) as exc:
+      raise PolicyError(f"cannot read parameter shapes {doc_or_path}: {exc}; expected JSON like "
+                        "{\"head\": {\"kernel\": [64, 256]}}") from None
+  if not isinstance(doc, Mapping) or not doc:
+    raise PolicyError("parameter shapes must be a non-empty JSON object of parameter keys")
+  out: dict[str, Any] = {}
+  for path, shape in _shape_items(doc, ()):
+    node = out
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+      if not isinstance(node, dict):
+        raise PolicyError(f"parameter shapes: {'/'.join(path)} nests under a leaf; give each path once")
+    if path[-1] in node:
+      raise PolicyError(f"parameter shapes: {'/'.join(path)} is given twice")
+    node[path[-1]] = jax.ShapeDtypeStruct(shape, jnp.float32)
+  return out
+
+
+def _shape_items(doc: Mapping[str, Any], prefix: tuple[str, ...]):
+  for key, value in doc.items():
+    parts = tuple(k for k in str(key).split("/"))
+    if not all(parts):
+      raise PolicyError(f"parameter shapes: key {key!r} under {'/'.join(prefix) or 'the top'} has an empty segment")
+    path = prefix + parts
+    if isinstance(value, Mapping):
+      yield from _shape_items(value, path)
+    elif isinstance(value, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in value):
+      yield path, tuple(value)
+    else:
+      raise PolicyError(f"parameter shapes: {'/'.join(path)} = {value!r}; expected an object or a shape list "
+                        "of non-negative integers like [64, 256]")

@@ -33,3 +33,7 @@ main.add_command(_keys.keys)
 from aqgov.cli import credentials as _credentials  # noqa: E402
 
 main.add_command(_credentials.credentials)
+
+from aqgov.cli import policy as _policy  # noqa: E402
+
+main.add_command(_policy.policy)
