@@ -50,6 +50,8 @@ from aqgov.policy import (
     verify_policy,
     write_signed_policy,
 )
+from aqgov.grads import routed_value_and_grad
+from aqgov.routing import route, routed, strict
 from aqgov.signing import SignedDocument
 from aqgov.taxonomy import Field, LabelSpace, Taxonomy
 
