@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from aqgov import canonical
-from aqgov.credentials import Example, Manifest, as_example, content_hash, trusted_for_authority, verify_manifest
+from aqgov.credentials import Entry, Example, Manifest, as_example, content_hash, trusted_for_authority, verify_manifest
 from aqgov.errors import AdmissionError, CredentialError
 from aqgov.keys import TrustStore
 from aqgov.taxonomy import LabelSpace, Taxonomy
@@ -72,12 +72,20 @@ class AdmittedBatch(NamedTuple):
   inputs: Any = None
 
 
+class ManifestProblem(NamedTuple):
+  """A manifest that contributes no credentials, and why."""
+
+  manifest: Manifest
+  reason: RejectReason
+  message: str
+
+
 def _index_manifests(manifests: Sequence[Manifest], trust: TrustStore):
   """Split manifests into verified ones (indexed by authority, then id) and bad ones (id -> reason)."""
-  good: dict[str, dict[str, Any]] = {}
+  good: dict[str, dict[str, Entry]] = {}
   taxonomies: dict[str, Taxonomy] = {}
   bad: dict[str, RejectReason] = {}
-  problems: list[tuple[Manifest, RejectReason, str]] = []
+  problems: list[ManifestProblem] = []
   for m in manifests:
     if not trusted_for_authority(m, trust):
       reason, message = RejectReason.UNTRUSTED_KEY, f"no trusted key named {m.authority!r} signed it"
@@ -88,7 +96,7 @@ def _index_manifests(manifests: Sequence[Manifest], trust: TrustStore):
       except CredentialError as exc:
         reason, message = RejectReason.FORGED_MANIFEST, str(exc)
     if reason is not None:
-      problems.append((m, reason, message))
+      problems.append(ManifestProblem(m, reason, message))
       for e in m.entries:
         bad.setdefault(e.id, reason)
       continue
@@ -103,7 +111,7 @@ def _index_manifests(manifests: Sequence[Manifest], trust: TrustStore):
         raise CredentialError(
             f"two trusted manifests of {m.authority!r} credential example {e.id!r} differently; "
             "revoke one of them before training")
-  return good, taxonomies, bad, problems
+  return good, taxonomies, bad, tuple(problems)
 
 
 class Admission:

@@ -113,6 +113,11 @@ def labels_for(example: Example, authority: str) -> Mapping[str, Any] | None:
   return labels
 
 
+def expects_credential(example: Example, authority: str) -> bool:
+  """Whether `authority`'s manifest should cover the example: it has labels for it, or no labels of its own."""
+  return example.labels is None or labels_for(example, authority) is not None
+
+
 class Entry(NamedTuple):
   """One credential: example id, hex SHA-256 of its content bytes, labels under the taxonomy."""
 
@@ -319,7 +324,7 @@ def verify_manifest(manifest: Manifest, trust: TrustStore,
       raise CredentialError(f"{what}: entry {e.id!r} has invalid labels: {exc}") from None
   for n, record in enumerate(examples or ()):
     ex = as_example(record, f"example #{n}")
-    if ex.labels is not None and labels_for(ex, manifest.authority) is None:
+    if not expects_credential(ex, manifest.authority):
       continue
     if ex.id not in manifest:
       raise CredentialError(f"{what}: example {ex.id!r} is missing from the manifest; re-issue it to cover the example")

@@ -314,6 +314,7 @@ def test_cli_issue_skips_examples_without_the_authoritys_labels(authority_dir):
   assert f"{size} credential(s)" in result.output and f"skipped {240 - size} example(s)" in result.output
   result = cli("credentials", "verify", out, "--trust", keydir / "eu-office.pub", "--examples", sample.examples_path())
   assert result.exit_code == 0, result.output
+  assert f"{size} example(s) checked" in result.output
 
 
 def test_cli_issue_accepts_flat_labels(authority_dir):

@@ -54,4 +54,6 @@ def verify(manifest_path: str, trust_paths: tuple[str, ...], examples_path: str 
   click.echo(f"  merkle root {manifest.root.hex()}")
   click.echo(f"  taxonomy {manifest.taxonomy_id}")
   if examples is not None:
-    click.echo(f"  {len(examples)} example(s) checked against their content hashes")
+    checked = sum(credlib.expects_credential(ex, manifest.authority) for ex in examples)
+    click.echo(f"  {checked} example(s) checked against their content hashes"
+               + (f", {len(examples) - checked} without {manifest.authority!r} labels not expected" if checked < len(examples) else ""))
