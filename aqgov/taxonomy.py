@@ -14,6 +14,7 @@ A `LabelSpace` joins several authorities' taxonomies; its arrays are namespaced
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tomllib
 from pathlib import Path
@@ -206,7 +207,8 @@ class Taxonomy(NamedTuple):
 
 
 def _toml_str(s: str) -> str:
-  return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+  """A TOML basic string (JSON string escapes are a subset of TOML's)."""
+  return json.dumps(s, ensure_ascii=False)
 
 
 class LabelSpace(NamedTuple):
