@@ -46,3 +46,13 @@ def taxonomies() -> dict[str, Taxonomy]:
 def examples() -> list[Example]:
   """The sample examples (labels keyed by authority)."""
   return read_examples(examples_path())
+
+
+POLICIES = ("acme-routing", "eu-office")
+
+
+def policy_path(name: str) -> Path:
+  """Path of a sample routing policy TOML (`acme-routing` by acme-data, `eu-office` by eu-office)."""
+  if name not in POLICIES:
+    raise ValueError(f"no sample policy {name!r}; sample policies: {POLICIES}")
+  return _data("policies", f"{name}.toml")

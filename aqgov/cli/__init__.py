@@ -37,3 +37,7 @@ main.add_command(_credentials.credentials)
 from aqgov.cli import policy as _policy  # noqa: E402
 
 main.add_command(_policy.policy)
+
+from aqgov.cli import demo as _demo  # noqa: E402
+
+main.add_command(_demo.demo)
