@@ -2,7 +2,7 @@
 
 `compile_policy(policies, params, labels)` resolves every parameter leaf to a group and every
 example to a **route class** and precomputes static tables; what runs inside a jitted step is
-only a few integer comparisons on the label arrays and a gather from a constant table:
+only a few integer comparisons on the label arrays and a lookup in a constant table:
 
   route_class(labels)   int32 [B]       the composed class of each example
   group_weights(labels) float32 [B, G]  = table[route_class]
@@ -94,12 +94,15 @@ class CompiledPolicy(NamedTuple):
 
   def group_weights(self, labels: Mapping[str, Any]) -> jax.Array:
     """float32 [B, G]: `table[route_class(labels)]`."""
-    return jnp.asarray(self.table, jnp.float32)[self.route_class(labels)]
+    hot = _one_hot(self.route_class(labels), self.num_classes)
+    return jnp.sum(jnp.where(hot[..., None], jnp.asarray(self.table, jnp.float32), jnp.float32(0)), axis=-2)
 
   def leaf_weights(self, labels: Mapping[str, Any]) -> Any:
     """Params-shaped pytree; each leaf float32 [B] (broadcast it over the leaf's own axes)."""
-    w = jnp.asarray(self.leaf_table, jnp.float32)[self.route_class(labels)]
-    return jax.tree_util.tree_unflatten(self.treedef, [w[..., i] for i in range(self.num_leaves)])
+    hot = _one_hot(self.route_class(labels), self.num_classes)
+    columns, which = np.unique(np.asarray(self.leaf_table, np.float32), axis=1, return_inverse=True)
+    per_column = [_select(hot, columns[:, j]) for j in range(columns.shape[1])]
+    return jax.tree_util.tree_unflatten(self.treedef, [per_column[j] for j in np.ravel(which)])
 
   def group_of(self, params_like: Any) -> Any:
     """Params-shaped pytree (structure of `params_like`) of each leaf's int group index."""
@@ -116,6 +119,16 @@ class CompiledPolicy(NamedTuple):
       return ()
     g = self.group_names.index(UNCOVERED_GROUP)
     return tuple(p for p, lg in zip(self.leaf_paths, self.leaf_group) if lg == g)
+
+
+def _one_hot(cls: jax.Array, num_classes: int) -> jax.Array:
+  return cls[..., None] == jnp.arange(num_classes, dtype=jnp.int32)
+
+
+def _select(hot: jax.Array, column: np.ndarray) -> jax.Array:
+  """`column[cls]` as an exact masked sum: no gather, so explicitly batch-sharded labels need no
+  mesh context and no output-sharding annotation."""
+  return jnp.sum(jnp.where(hot, jnp.asarray(column, jnp.float32), jnp.float32(0)), axis=-1)
 
 
 def _first_difference(a: Iterable[str], b: Iterable[str]) -> str:
