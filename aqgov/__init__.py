@@ -23,7 +23,14 @@ from aqgov.errors import (
     TaxonomyError,
     UnsupportedPrimitiveError,
 )
-from aqgov.compiled import CompiledPolicy, UncoveredParametersWarning, compile_policy, explain
+from aqgov.compiled import (
+    CompiledPolicy,
+    UncoveredParametersWarning,
+    compile_policy,
+    explain,
+    explain_table,
+    param_shapes,
+)
 from aqgov.admission import Admission, AdmittedBatch, RejectReason, Rejection, Verdict, admit
 from aqgov.credentials import (
     Entry,

@@ -190,9 +190,6 @@ class Policy(_PolicyFields):
         _route(name, "uncredentialed.route", uncredentialed, names),
         _weight(name, "uncovered", "(uncovered)", uncovered))
 
-  def __getnewargs__(self):
-    return tuple(self)
-
   def _replace(self, **changes) -> "Policy":
     return Policy(**{**self._asdict(), **changes})
 
