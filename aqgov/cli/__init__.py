@@ -41,3 +41,7 @@ main.add_command(_policy.policy)
 from aqgov.cli import demo as _demo  # noqa: E402
 
 main.add_command(_demo.demo)
+
+from aqgov.cli import lineage as _lineage  # noqa: E402
+
+main.add_command(_lineage.lineage)
