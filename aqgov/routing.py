@@ -47,10 +47,9 @@ def _check_batch(weight: jax.Array, update: jax.Array) -> None:
 
 def _weighted_sum_leaf(weight: jax.Array, update: jax.Array) -> jax.Array:
   _check_batch(weight, update)
-  if weight.ndim == 1:
-    out = jnp.tensordot(weight.astype(update.dtype), update, axes=1)
-  else:
-    out = jnp.sum(broadcast_weight(weight, update).astype(update.dtype) * update, axis=0)
+  # multiply-then-reduce (fused by XLA) rather than a contraction: a contraction over a batch axis
+  # that is sharded with explicit mesh axes has no unambiguous output sharding.
+  out = jnp.sum(broadcast_weight(weight, update).astype(update.dtype) * update, axis=0)
   return out.astype(update.dtype)
 
 
