@@ -18,6 +18,7 @@ the gradient of the model being trained.
 from __future__ import annotations
 
 import inspect
+import re
 import sys
 import warnings
 from typing import Any, Callable, NamedTuple
@@ -26,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax.extend import core as jex_core
 
+from aqgov import cotangent
 from aqgov.errors import BatchCouplingError, RoutingError, UnsupportedPrimitiveError
 from aqgov.routing import broadcast_weight, weighted_sum
 
@@ -316,8 +318,6 @@ def routed_value_and_grad(loss_fn: Callable, compiled, strategy: str = "auto", *
     if strategy == "per_example":
       plan = _Plan("per_example", "requested")
     else:
-      from aqgov import cotangent
-
       try:
         cotangent.check_supported(_loss_only(loss_fn, has_aux), _abstract(params), example)
         plan = _Plan("cotangent", "supported")
@@ -334,8 +334,6 @@ def routed_value_and_grad(loss_fn: Callable, compiled, strategy: str = "auto", *
 
   def cotangent_impl():
     if not cotangent_fn:
-      from aqgov import cotangent
-
       cotangent_fn.append(cotangent.cotangent_value_and_grad(
           loss_fn, has_aux=has_aux, with_norms=with_norms))
     return cotangent_fn[0]
@@ -364,4 +362,7 @@ def _uncovered(exc: UnsupportedPrimitiveError) -> str:
   name = getattr(exc, "primitive", None)
   if name:
     return str(name)
+  quoted = re.search(r"`([^`]+)`", str(exc))
+  if quoted:
+    return quoted.group(1)
   return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
