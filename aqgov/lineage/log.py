@@ -36,6 +36,7 @@ import queue
 import struct
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -88,31 +89,68 @@ def segment_name(first_seq: int) -> str:
   return f"{first_seq:012d}.seg"
 
 
-def _frames(data: bytes, path: Path, what: str, first_index: int, may_tear: bool):
-  """(index, payload, digest) for each complete frame; returns the TornTail (or None) at the end."""
-  view = memoryview(data)
-  off, index = _HEADER.size, first_index
-  while off < len(data):
-    remaining = len(data) - off
+_CHUNK = 256  # frames hashed per task when hashing runs on a thread pool
+
+
+class _Framing(NamedTuple):
+  """Where the complete frames of a file start, and how the file ends."""
+
+  starts: list[int]
+  problem: LineageError | None    # raised when iteration reaches it (so earlier bad records come first)
+  torn: TornTail | None
+
+
+def _framing(data, path: Path, what: str, first_index: int, may_tear: bool) -> _Framing:
+  """Walk the length prefixes (cheap); digests are checked later, in order."""
+  starts: list[int] = []
+  off, index, size = _HEADER.size, first_index, len(data)
+  while off < size:
+    remaining = size - off
     n = _LEN.unpack_from(data, off)[0] if remaining >= _LEN.size else None
+    at = index if what == "record" else None
     if n is not None and n > MAX_FRAME:
-      raise LineageError(f"{what} {index}: frame length {n} is implausible ({path.name} at byte {off}); "
-                         "the file was altered", index=index if what == "record" else None)
+      return _Framing(starts, LineageError(f"{what} {index}: frame length {n} is implausible ({path.name} at byte "
+                                           f"{off}); the file was altered", index=at), None)
     if n is None or remaining < _LEN.size + n + _DIGEST:
       if not may_tear:
-        raise LineageError(f"{what} {index}: {path.name} ends inside a frame but later segments follow; "
-                           "the file was truncated or altered", index=index if what == "record" else None)
-      return TornTail(str(path), off, remaining)
-    payload = view[off + _LEN.size: off + _LEN.size + n]
-    stored = data[off + _LEN.size + n: off + _LEN.size + n + _DIGEST]
-    digest = hashlib.sha256(payload).digest()
-    if digest != stored:
-      raise LineageError(f"{what} {index}: bytes do not match their frame digest ({path.name} at byte {off}); "
-                         "the record was altered or corrupted", index=index if what == "record" else None)
-    yield index, payload, digest
+        return _Framing(starts, LineageError(f"{what} {index}: {path.name} ends inside a frame but later segments "
+                                             "follow; the file was truncated or altered", index=at), None)
+      return _Framing(starts, None, TornTail(str(path), off, remaining))
+    starts.append(off)
     off += _LEN.size + n + _DIGEST
     index += 1
-  return None
+  return _Framing(starts, None, None)
+
+
+def _digests(view: memoryview, starts: Sequence[int]) -> list[bytes]:
+  """SHA-256 of each frame's payload (hashlib releases the GIL, so chunks hash in parallel)."""
+  out = []
+  for off in starts:
+    n = _LEN.unpack_from(view, off)[0]
+    out.append(hashlib.sha256(view[off + _LEN.size: off + _LEN.size + n]).digest())
+  return out
+
+
+def _frames(data, path: Path, what: str, first_index: int, may_tear: bool, pool: ThreadPoolExecutor | None = None):
+  """(index, payload, digest) for each complete frame, digests checked; returns the TornTail (or None)."""
+  framing = _framing(data, path, what, first_index, may_tear)
+  view = memoryview(data)
+  starts = framing.starts
+  chunks = [starts[i:i + _CHUNK] for i in range(0, len(starts), _CHUNK)]
+  futures = [pool.submit(_digests, view, c) for c in chunks] if pool is not None else None
+  index = first_index
+  for k, chunk in enumerate(chunks):
+    digests = futures[k].result() if futures is not None else _digests(view, chunk)
+    for off, digest in zip(chunk, digests):
+      n = _LEN.unpack_from(view, off)[0]
+      if digest != view[off + _LEN.size + n: off + _LEN.size + n + _DIGEST]:
+        raise LineageError(f"{what} {index}: bytes do not match their frame digest ({path.name} at byte {off}); "
+                           "the record was altered or corrupted", index=index if what == "record" else None)
+      yield index, view[off + _LEN.size: off + _LEN.size + n], digest
+      index += 1
+  if framing.problem is not None:
+    raise framing.problem
+  return framing.torn
 
 
 def _map(path: Path):
@@ -157,8 +195,13 @@ class LogReader:
     return sorted(seg_dir.glob("*.seg"))
 
   def __iter__(self) -> Iterator[rec.Record]:
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="aqgov-verify") as pool:
+      yield from self._records(pool)
+
+  def _records(self, pool: ThreadPoolExecutor) -> Iterator[rec.Record]:
     segs = self.segments()
     expected, prev, prev2 = 0, rec.GENESIS, None
+    payload = None
     for k, path in enumerate(segs):
       last = k == len(segs) - 1
       data = _map(path)
@@ -170,7 +213,7 @@ class LogReader:
         raise LineageError(
             f"record {expected}: segment {path.name} starts at record {first} but {expected} records precede it; "
             "a segment was deleted, renamed or added", index=expected)
-      gen = _frames(data, path, "record", expected, last)
+      gen = _frames(data, path, "record", expected, last, pool)
       while True:
         try:
           index, payload, digest = next(gen)
@@ -195,6 +238,9 @@ class LogReader:
         yield r
         prev2, prev = prev, digest
         expected = index + 1
+      gen = payload = None  # release the views into the mapping so that it can be closed now
+      if isinstance(data, mmap.mmap):
+        data.close()
       if self.torn is not None and not last:
         raise LineageError(f"record {expected}: torn frame in {path.name}, which is not the last segment",
                            index=expected)
@@ -356,7 +402,7 @@ class _Appender:
   def head(self) -> LogHead:
     return LogHead(self.size, self.compact.root, self.last_hash)
 
-  def append(self, kind: str, body: Mapping[str, Any]) -> bytes:
+  def append(self, kind: str, body: Mapping[str, Any] | bytes) -> bytes:
     data = rec.encode_record(self.size, kind, self.last_hash, body)
     if self._seg_fd is None or self._seg_bytes >= self.segment_bytes:
       self._rotate()
@@ -480,7 +526,7 @@ class LineageWriter:
   def _write_step(self, summary, ids, sha, t) -> None:
     body = rec.step_body(summary, ids, sha, time_s=t)
     self._last_step = body["step"]
-    self._app.append(rec.STEP, body)
+    self._app.append(rec.STEP, rec.encode_step_body(body))
 
   def append_record(self, kind: str, body: Mapping[str, Any]) -> None:
     """Queue a record of any other kind, in order with the step records."""

@@ -14,7 +14,9 @@ The full field list of every kind is in docs/lineage-schema.md.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
@@ -55,14 +57,14 @@ class Record(NamedTuple):
     return decode_body(self.body_bytes, self.seq)
 
 
-def encode_record(seq: int, kind: str, prev: bytes, body: Mapping[str, Any]) -> bytes:
-  """Canonical bytes of a record envelope around `body`."""
+def encode_record(seq: int, kind: str, prev: bytes, body: Mapping[str, Any] | bytes) -> bytes:
+  """Canonical bytes of a record envelope around `body` (a map, or its canonical bytes)."""
   if kind not in KINDS:
     raise LineageError(f"unknown record kind {kind!r}; expected one of {', '.join(KINDS)}")
   if len(prev) != 32:
     raise LineageError(f"prev must be a 32-byte hash, got {len(prev)} bytes")
   return canonical.encode({"v": VERSION, "seq": int(seq), "kind": kind, "prev": bytes(prev),
-                           "body": canonical.encode(dict(body))})
+                           "body": body if isinstance(body, bytes) else canonical.encode(dict(body))})
 
 
 def record_hash(data: bytes) -> bytes:
@@ -100,11 +102,23 @@ def decode_body(body_bytes: bytes, index: int | None = None) -> dict:
 
 # ---- arrays -------------------------------------------------------------------------------------
 
+_LITTLE = sys.byteorder == "little"
+
+
 def array_to_wire(a: Any) -> dict:
   """`{"dtype", "shape", "data"}` with raw little-endian C-order bytes."""
   arr = np.asarray(a)
-  return {"dtype": arr.dtype.name, "shape": list(arr.shape),
-          "data": np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tobytes()}
+  dt = arr.dtype
+  if _LITTLE and dt.byteorder != ">":
+    data = arr.tobytes()  # C order, native = little-endian
+  else:
+    data = np.ascontiguousarray(arr, dtype=dt.newbyteorder("<")).tobytes()
+  return {"data": data, "dtype": _dtype_name(dt), "shape": list(arr.shape)}  # keys in canonical order
+
+
+@functools.lru_cache(maxsize=64)
+def _dtype_name(dt: np.dtype) -> str:
+  return dt.name
 
 
 def array_from_wire(w: Mapping[str, Any]) -> np.ndarray:
@@ -112,52 +126,62 @@ def array_from_wire(w: Mapping[str, Any]) -> np.ndarray:
   return np.frombuffer(w["data"], dtype=dtype).reshape(w["shape"]).astype(dtype.newbyteorder("="))
 
 
+_INDEX_DTYPES = ((255, np.dtype(np.uint8)), (65535, np.dtype(np.uint16)), (2**32 - 1, np.dtype(np.uint32)))
+
+
 def _index_dtype(max_value: int) -> np.dtype:
-  for dt in (np.uint8, np.uint16, np.uint32):
-    if max_value <= np.iinfo(dt).max:
-      return np.dtype(dt)
-  return np.dtype(np.int64)
+  """The smallest unsigned dtype holding 0..max_value (int64 beyond uint32)."""
+  return next((dt for limit, dt in _INDEX_DTYPES if max_value <= limit), np.dtype(np.int64))
 
 
-def compact_rows(a: np.ndarray, hint: np.ndarray | None = None) -> dict:
-  """A [B, G] array as distinct rows plus a per-row index into them (lossless).
-
-  `hint` (e.g. the route classes) is tried first: when rows are constant within each hint value,
-  the rows are taken one per value, which is much cheaper than comparing rows.
-  """
-  if a.shape[0] == 0:
-    return {"rows": array_to_wire(a), "index": array_to_wire(np.zeros((0,), np.uint8))}
-  if hint is not None and hint.size and 0 <= hint.min() and hint.max() < 65536:
-    first = np.full(int(hint.max()) + 1, hint.size)
-    np.minimum.at(first, hint, np.arange(hint.size))  # first occurrence of each hint value
-    present = first < hint.size
-    rows = a[first[present]]
-    index = (np.cumsum(present) - 1)[hint]
-    if np.array_equal(rows[index], a):
-      return {"rows": array_to_wire(rows), "index": array_to_wire(index.astype(_index_dtype(rows.shape[0])))}
-  view = np.ascontiguousarray(a).view(np.dtype((np.void, a.dtype.itemsize * a.shape[1])))[:, 0]
-  _, first, inverse = np.unique(view, return_index=True, return_inverse=True)
-  return {"rows": array_to_wire(a[first]), "index": array_to_wire(inverse.reshape(-1).astype(_index_dtype(first.size)))}
+def weights_to_wire(weights: np.ndarray, route_class: np.ndarray) -> dict:
+  """[B, G] weights as `{"by_class": [C, G]}` when every row equals its route class's row (the
+  usual case: weights come from the policy table), else `{"full": [B, G]}`. Lossless either way;
+  rows of classes absent from the batch are zero."""
+  if weights.shape[0] and route_class.min() >= 0 and route_class.max() < 65536:
+    by_class = np.zeros((int(route_class.max()) + 1, weights.shape[1]), weights.dtype)
+    by_class[route_class] = weights  # rows of one class agree iff the round trip below is exact
+    if (by_class[route_class] == weights).all():
+      return {"by_class": array_to_wire(by_class)}
+  return {"full": array_to_wire(weights)}
 
 
-def expand_rows(w: Mapping[str, Any]) -> np.ndarray:
-  return array_from_wire(w["rows"])[array_from_wire(w["index"]).astype(np.int64)]
+def weights_from_wire(w: Mapping[str, Any], route_class: np.ndarray) -> np.ndarray:
+  if "by_class" in w:
+    return array_from_wire(w["by_class"])[route_class]
+  return array_from_wire(w["full"])
+
+
+def to_host(tree: Any) -> Any:
+  """`tree` with numpy leaves. Transfers from accelerators start together; CPU arrays are read
+  in place (much cheaper than `jax.device_get`, which matters on the writer thread)."""
+  leaves, treedef = jax.tree_util.tree_flatten(tree)
+  device = next((x for x in leaves if isinstance(x, jax.Array)), None)
+  if device is not None and any(d.platform != "cpu" for d in device.devices()):
+    for x in leaves:
+      if isinstance(x, jax.Array):
+        x.copy_to_host_async()
+  return jax.tree_util.tree_unflatten(treedef, [np.asarray(x) for x in leaves])
 
 
 def _tree_to_wire(tree: Any) -> dict:
   if isinstance(tree, Mapping):
-    return {str(k): array_to_wire(v) for k, v in tree.items()}
-  with_path, _ = jax.tree_util.tree_flatten_with_path(tree)
-  return {paths.path_string(kp) or "value": array_to_wire(v) for kp, v in with_path}
+    items = [(str(k), v) for k, v in tree.items()]
+  else:
+    with_path, _ = jax.tree_util.tree_flatten_with_path(tree)
+    items = [(paths.path_string(kp) or "value", v) for kp, v in with_path]
+  return {k: array_to_wire(v) for k, v in sorted(items, key=lambda kv: kv[0])}
 
 
 # ---- bodies -------------------------------------------------------------------------------------
 
 def _join_ids(ids: Sequence[str], step: int) -> bytes:
-  for i in ids:
-    if not i or "\x00" in i:
-      raise LineageError(f"step {step}: example id {i!r} is empty or contains NUL; ids must be non-empty text")
-  return "\x00".join(ids).encode("utf-8")
+  joined = "\x00".join(ids)
+  if ids and (joined.count("\x00") != len(ids) - 1 or "\x00\x00" in joined or joined.startswith("\x00")
+              or joined.endswith("\x00") or not joined):
+    bad = next(i for i in ids if not i or "\x00" in i)
+    raise LineageError(f"step {step}: example id {bad!r} is empty or contains NUL; ids must be non-empty text")
+  return joined.encode("utf-8")
 
 
 def _split_ids(data: bytes) -> tuple[str, ...]:
@@ -173,9 +197,10 @@ def step_body(summary: StepSummary, example_ids: Sequence[str], example_sha256: 
   0, 1, ..., n-1) maps them to positions in `example_ids`. An id no row refers to was given to the
   step but left out of the batch (for instance not admitted). `example_sha256` (one per id, 32
   bytes or hex) is the content hash of each example. Ids are stored NUL-joined and weights as
-  distinct rows plus a per-row index: both keep the record small and cheap to hash.
+  a per-class table when they follow the route classes: both keep the record small and cheap
+  to hash.
   """
-  s = jax.device_get(summary)
+  s = to_host(summary)
   step = int(s.step)
   index = np.asarray(s.example_index, np.int64)
   keep = index >= 0
@@ -184,7 +209,7 @@ def step_body(summary: StepSummary, example_ids: Sequence[str], example_sha256: 
   if rows.size and (rows.max() >= len(example_ids)):
     raise LineageError(f"step {step}: example_index {int(rows.max())} outside the {len(example_ids)} "
                        "host ids given; pass the id list the batch was built from")
-  route_class = np.asarray(s.route_class)
+  route_class = np.asarray(s.route_class).astype(np.int64)
   weights = np.asarray(s.weights, np.float32)
   norms = np.asarray(s.contribution_norms, np.float32)
   if not every:
@@ -194,7 +219,7 @@ def step_body(summary: StepSummary, example_ids: Sequence[str], example_sha256: 
       "time": time.time() if time_s is None else float(time_s),
       "example_ids": _join_ids(example_ids, step),
       "route_class": array_to_wire(route_class.astype(_index_dtype(int(route_class.max(initial=0))))),
-      "weights": compact_rows(weights, route_class),
+      "weights": weights_to_wire(weights, route_class),
       "contribution_norms": array_to_wire(norms),
       "loss": float(np.asarray(s.loss, np.float64)),
       "fingerprint": array_to_wire(np.asarray(s.fingerprint, np.float32)),
@@ -211,7 +236,17 @@ def step_body(summary: StepSummary, example_ids: Sequence[str], example_sha256: 
     if len(joined) != 32 * len(example_ids):
       raise LineageError(f"step {step}: example_sha256 must hold one 32-byte SHA-256 per example id")
     body["example_sha256"] = joined
-  return body
+  return dict(sorted(body.items()))  # sorted keys and builtin types only: see encode_step_body
+
+
+def encode_step_body(body: Mapping[str, Any]) -> bytes:
+  """Canonical bytes of a `step_body` result, without the generic normalisation pass.
+
+  `step_body` builds maps with sorted string keys and only builtin values (int, float, str,
+  bytes, lists), so plain msgpack already yields the canonical bytes (readers re-check with
+  `aqgov.canonical.decode`); this saves most of the writer thread's time per record.
+  """
+  return msgpack.packb(body, use_bin_type=True, use_single_float=False)
 
 
 class StepView(NamedTuple):
@@ -252,7 +287,7 @@ def view_step(body: Mapping[str, Any]) -> StepView:
       example_sha256=None if sha is None else tuple(sha[i:i + 32].hex() for i in range(0, len(sha), 32)),
       rows=rows,
       route_class=route_class,
-      weights=expand_rows(body["weights"]),
+      weights=weights_from_wire(body["weights"], route_class),
       contribution_norms=array_from_wire(body["contribution_norms"]),
       loss=float(body["loss"]),
       fingerprint=array_from_wire(body["fingerprint"]),
@@ -355,7 +390,7 @@ def _plain(value: Any) -> Any:
   if isinstance(value, (list, tuple)):
     return [_plain(v) for v in value]
   if isinstance(value, (jax.Array, np.ndarray, np.generic)):
-    return array_to_wire(jax.device_get(value))
+    return array_to_wire(np.asarray(value))
   if isinstance(value, float) and not np.isfinite(value):
     return str(value)
   if value is None or isinstance(value, (bool, int, float, str, bytes)):
