@@ -59,6 +59,20 @@ from aqgov.policy import (
 )
 from aqgov.grads import routed_value_and_grad
 from aqgov.routing import route, routed, strict
+from aqgov import entropy
+from aqgov.enforce import EnforceState, Event, Events, check_escalation, decode_events, enforce, enforce_state
+from aqgov.overrides import Override, issue_override, read_override, verify_override, write_override
+from aqgov.profile import (
+    Bound,
+    EntropyProfile,
+    Representation,
+    read_profile,
+    read_signed_profile,
+    sign_profile,
+    verify_profile,
+    write_profile,
+    write_signed_profile,
+)
 from aqgov.signing import SignedDocument
 from aqgov.taxonomy import Field, LabelSpace, Taxonomy
 

@@ -234,3 +234,54 @@ def test_invalid_toml_is_a_profile_error():
 def test_profile_without_a_name_is_a_profile_error():
   with pytest.raises(ProfileError, match="name"):
     EntropyProfile.from_toml("description = 'no name'\n")
+
+
+# --- command line -------------------------------------------------------------------------------
+
+
+def _cli(*args):
+  from click.testing import CliRunner
+
+  from aqgov.cli import main
+  return CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.fixture()
+def keypair(tmp_path):
+  return keys.write_keypair(keys.generate("safety"), tmp_path / "keys")
+
+
+def test_cli_signs_verifies_and_identifies_a_profile(tmp_path, keypair):
+  key_path, pub_path = keypair
+  source = tmp_path / "lab.toml"
+  source.write_text(TOML)
+  signed = tmp_path / "lab.profile"
+  assert _cli("profile", "sign", source, "--key", key_path, "--out", signed).exit_code == 0
+  result = _cli("profile", "verify", signed, "--trust", pub_path)
+  assert result.exit_code == 0 and python_form().id in result.output
+  assert _cli("profile", "id", source).output.strip() == _cli("profile", "id", signed).output.strip() == python_form().id
+
+
+def test_cli_refuses_a_tampered_signed_profile(tmp_path, keypair):
+  key_path, pub_path = keypair
+  doc = sign_profile(python_form(), keys.load_signing_key(key_path))
+  tampered = doc._replace(payload=dict(doc.payload, name="other"))
+  path = tmp_path / "bad.profile"
+  path.write_bytes(tampered.to_bytes())
+  result = _cli("profile", "verify", path, "--trust", pub_path)
+  assert result.exit_code == 1 and "does not verify" in result.output
+
+
+def test_cli_issues_an_override_that_verifies_for_its_run_only(tmp_path, keypair):
+  from aqgov.overrides import read_override, verify_override
+  key_path, pub_path = keypair
+  out = tmp_path / "t.override"
+  result = _cli("override", "issue", "--key", key_path, "--run", "RUN1", "--steps", "10-20", "--groups", "core",
+                "--metrics", "attention_entropy", "--reason", "warm-up dip", "--expires", "2999-01-01T00:00:00Z",
+                "--out", out)
+  assert result.exit_code == 0, result.output
+  o = verify_override(read_override(out), keys.TrustStore.from_paths([pub_path]), "RUN1")
+  assert o.steps == ((10, 21),) and o.groups == ("core",) and o.metrics == ("attention_entropy",)
+  assert _cli("override", "verify", out, "--trust", pub_path, "--run", "RUN1").exit_code == 0
+  refused = _cli("override", "verify", out, "--trust", pub_path, "--run", "RUN2")
+  assert refused.exit_code == 1 and "not 'RUN2'" in refused.output

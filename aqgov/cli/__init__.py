@@ -45,3 +45,8 @@ main.add_command(_demo.demo)
 from aqgov.cli import lineage as _lineage  # noqa: E402
 
 main.add_command(_lineage.lineage)
+
+from aqgov.cli import profile as _profile  # noqa: E402
+
+main.add_command(_profile.profile)
+main.add_command(_profile.override)

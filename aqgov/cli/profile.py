@@ -1,0 +1,104 @@
+"""`aqgov profile` (sign, verify, identify entropy profiles) and `aqgov override` (signed overrides)."""
+
+from __future__ import annotations
+
+import click
+
+from aqgov import keys as keylib
+from aqgov import overrides as overridelib
+from aqgov import profile as profilelib
+from aqgov.errors import SignatureError
+from aqgov.keys import TrustStore
+from aqgov.signing import SignedDocument
+
+
+@click.group()
+def profile() -> None:
+  """Sign, verify and identify entropy profiles."""
+
+
+def _read_signable(path: str) -> profilelib.EntropyProfile | SignedDocument:
+  """A signed profile as it is (to add a signature), or a profile from TOML."""
+  try:
+    return profilelib.read_signed_profile(path)
+  except SignatureError:
+    return profilelib.EntropyProfile.from_toml(path)
+
+
+def _signers(doc: SignedDocument) -> str:
+  return ", ".join(s.signer for s in doc.signatures)
+
+
+@profile.command("sign")
+@click.argument("profile_path", type=click.Path(exists=True, dir_okay=False))
+@click.option("--key", "key_path", required=True, type=click.Path(dir_okay=False), help="The signer's private .key.")
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="Signed profile file to write.")
+def sign(profile_path: str, key_path: str, out_path: str) -> None:
+  """Sign PROFILE (TOML, or an already signed file, which gains another signer) into OUT."""
+  key = keylib.load_signing_key(key_path)
+  signed = profilelib.sign_profile(_read_signable(profile_path), key)
+  profilelib.write_signed_profile(signed, out_path)
+  click.echo(f"signed {out_path}: entropy profile {signed.payload['name']!r} id {signed.id}")
+  click.echo(f"  signers: {_signers(signed)}")
+
+
+@profile.command("verify")
+@click.argument("signed_path", type=click.Path(exists=True, dir_okay=False))
+@click.option("--trust", "trust_paths", multiple=True, required=True, type=click.Path(dir_okay=False),
+              help="A trusted signer's .pub (repeatable).")
+@click.option("--min-signers", default=1, show_default=True, type=click.IntRange(min=1),
+              help="How many trusted signatures are required.")
+def verify(signed_path: str, trust_paths: tuple[str, ...], min_signers: int) -> None:
+  """Verify SIGNED's signatures against the trusted keys; exit 1 unless enough verify."""
+  signed = profilelib.read_signed_profile(signed_path)
+  trust = TrustStore.from_paths(trust_paths)
+  prof = profilelib.verify_profile(signed, trust, min_signers=min_signers)
+  names = [trust.get(s.key_id).name for s in signed.signatures if s.key_id in trust]
+  click.echo(f"ok {signed_path}: entropy profile {prof.name!r} id {prof.id}")
+  click.echo(f"  signed by {', '.join(names)} ({len(names)} trusted, {min_signers} required)")
+
+
+@profile.command("id")
+@click.argument("profile_path", type=click.Path(exists=True, dir_okay=False))
+def show_id(profile_path: str) -> None:
+  """Print PROFILE's id (SHA-256 of its canonical form); the same for its TOML and signed files."""
+  click.echo(profilelib.read_profile(profile_path).id)
+
+
+@click.group()
+def override() -> None:
+  """Issue and verify signed overrides that admit named entropy-bound violations."""
+
+
+@override.command("issue")
+@click.option("--key", "key_path", required=True, type=click.Path(dir_okay=False), help="The authority's private .key.")
+@click.option("--run", "run_id", required=True, help="Id of the run the override applies to.")
+@click.option("--steps", required=True, help="Steps admitted, inclusive: '10-20', '37' or '3,7,9-12'.")
+@click.option("--groups", required=True, help="Parameter groups admitted, comma-separated.")
+@click.option("--metrics", required=True, help="Metrics admitted, comma-separated (e.g. attention_entropy).")
+@click.option("--reason", required=True, help="Why the violation is acceptable (kept in the lineage).")
+@click.option("--expires", required=True, help="Expiry, ISO 8601 with timezone, e.g. 2026-01-31T18:00:00Z.")
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="Token file to write.")
+def issue(key_path: str, run_id: str, steps: str, groups: str, metrics: str, reason: str, expires: str,
+          out_path: str) -> None:
+  """Sign an override token admitting METRICS in GROUPS at STEPS of RUN."""
+  key = keylib.load_signing_key(key_path)
+  token = overridelib.issue_override(key, run=run_id, steps=steps, groups=groups, metrics=metrics, reason=reason,
+                                     expires=expires)
+  overridelib.write_override(token, out_path)
+  spans = ", ".join(f"{a}-{b - 1}" if b - a > 1 else str(a) for a, b in token.payload["steps"])
+  click.echo(f"wrote {out_path}: override {token.id[:16]}... for run {run_id!r}, steps {spans}, "
+             f"groups {', '.join(token.payload['groups'])}, metrics {', '.join(token.payload['metrics'])}, "
+             f"expires {token.payload['expires']} (signed by {key.name})")
+
+
+@override.command("verify")
+@click.argument("token_path", type=click.Path(exists=True, dir_okay=False))
+@click.option("--trust", "trust_paths", multiple=True, required=True, type=click.Path(dir_okay=False),
+              help="A trusted authority's .pub (repeatable).")
+@click.option("--run", "run_id", required=True, help="Id of the run the override must name.")
+def verify_token(token_path: str, trust_paths: tuple[str, ...], run_id: str) -> None:
+  """Verify TOKEN (signature, trust, run, expiry); exit 1 if it is refused."""
+  o = overridelib.verify_override(overridelib.read_override(token_path), TrustStore.from_paths(trust_paths), run_id)
+  click.echo(f"ok {token_path}: override {o.id[:16]}... by {', '.join(o.signers)} for run {o.run!r}, "
+             f"groups {', '.join(o.groups)}, metrics {', '.join(o.metrics)}, expires {o.expires}: {o.reason}")
