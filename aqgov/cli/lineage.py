@@ -145,6 +145,10 @@ def replay_cmd(run_dir: str, step: int, data: str, from_checkpoint: int | None, 
 
   result = replay(run_dir, step=step, examples=data, trust=TrustStore.from_paths(trust) if trust else None,
                   from_checkpoint=from_checkpoint)
+  if not result.steps_replayed:
+    click.echo(f"OK step {result.step} is a recorded checkpoint and its params hash matches the record "
+               "(nothing re-executed; pass --from to re-derive it from an earlier checkpoint)")
+    return
   checked = ", ".join(str(s) for s in result.hashes_checked)
   click.echo(f"OK replayed steps {result.from_checkpoint + 1}..{result.step} from the checkpoint at step "
              f"{result.from_checkpoint}: every fingerprint matches; full params hash checked at step(s) {checked}")

@@ -134,13 +134,15 @@ class GovernedRun:
     run_id = run_id or uuid.uuid4().hex
     task_config = dict(task_config or {})
     canonical.encode(task_config)  # fail now, not in the writer, if the config has no canonical form
+    # documents first: the task is built from what the run directory holds
+    policy_refs = _copy_documents(policies, layout.policies, layout.root)
+    profile_refs = _copy_documents(profiles, layout.profiles, layout.root)
+    manifest_refs = _copy_documents(manifests, layout.manifests, layout.root)
     the_task = load_task(task, task_config, layout.root)
     body = rec.run_start_body(
         run_id=run_id, signer=key.key_id, groups=tuple(the_task.group_names),
         classes=tuple(getattr(the_task, "class_names", ())),
-        policies=_copy_documents(policies, layout.policies, layout.root),
-        profiles=_copy_documents(profiles, layout.profiles, layout.root),
-        manifests=_copy_documents(manifests, layout.manifests, layout.root),
+        policies=policy_refs, profiles=profile_refs, manifests=manifest_refs,
         trust=[t.key_id for t in trusted], parent=parent_ref, task=task, task_config=task_config,
         config={**dict(config or {}), "lineage": {"checkpoint_every": checkpoint_every, "head_every": head_every,
                                                   "fsync": fsync}})
