@@ -1,19 +1,25 @@
 """The main job: a governed training run on the sample data, end to end.
 
 Two authorities (`acme-data`, `eu-office`) publish taxonomies, credential the sample examples and
-sign routing policies; the loader admits what is credentialed (and refuses altered or
-uncredentialed bytes); the composed policy is compiled against a small transformer language
-model. Everything the run leaves behind lands in `OUT`: `keys/` (public keys; private keys in
-`keys/private/`, mode 0600), `manifests/`, `policies/`.
+sign routing policies; `acme-data` also signs the entropy profile. The loader admits what is
+credentialed (and refuses altered or uncredentialed bytes); the composed policy is compiled
+against a small transformer language model (`aqgov.tiny_lm`), and every step is routed, bounded
+by the profile and recorded in a signed lineage. `OUT` is the run directory (see
+`aqgov.lineage.run`): `keys/*.pub` (the authorities' and the run's public keys), `policies/`,
+`profiles/`, `manifests/`, `lineage/`, `checkpoints/`; the authorities' own files (private keys,
+mode 0600, and the documents they signed) are in `OUT/authorities/`.
 """
 
 from __future__ import annotations
 
+import itertools
 import shutil
+import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
 import jax
+import numpy as np
 from rich.console import Console
 from rich.table import Table
 
@@ -22,44 +28,62 @@ from aqgov import sample, tiny_lm
 from aqgov.admission import Admission, AdmittedBatch
 from aqgov.compiled import CompiledPolicy, compile_policy, explain_table
 from aqgov.credentials import Example, issue_manifest, read_manifest, write_manifest
+from aqgov.enforce import decode_events
+from aqgov.errors import GovernanceEscalation
 from aqgov.keys import SigningKey, TrustStore
+from aqgov.lineage import GovernedRun, verify_lineage
+from aqgov.loader import governed_batches
 from aqgov.policy import Policy, read_signed_policy, sign_policy, verify_policy, write_signed_policy
+from aqgov.profile import EntropyProfile, sign_profile, write_signed_profile
 from aqgov.taxonomy import LabelSpace
 
-RUN_KEY = "run"
+PROFILE_SIGNER = "acme-data"
 POLICY_SIGNERS = {"acme-routing": "acme-data", "eu-office": "eu-office"}
+TASK = "aqgov.tiny_lm:make_task"
 
 
-class Setup(NamedTuple):
-  """What the governance side hands to training."""
+class Authorities(NamedTuple):
+  """What the governance side hands to training: trusted keys and the documents they signed."""
 
-  out: Path
-  run_key: SigningKey
-  trust: TrustStore
+  root: Path
+  keys: dict[str, SigningKey]
   manifests: tuple[Path, ...]
   policies: tuple[Path, ...]
+  profile: Path
+
+  @property
+  def trust(self) -> TrustStore:
+    return TrustStore.of(self.keys.values())
+
+  @property
+  def public_keys(self) -> list[Path]:
+    return sorted((self.root / "keys").glob("*.pub"))
+
+  def moved_to(self, root: Path) -> "Authorities":
+    """The same authorities after their directory was copied to `root`."""
+    re = lambda p: root / p.relative_to(self.root)  # noqa: E731
+    return self._replace(root=root, manifests=tuple(map(re, self.manifests)),
+                         policies=tuple(map(re, self.policies)), profile=re(self.profile))
 
 
-def create_authorities(out: Path) -> Setup:
-  """Keys for both authorities and the run, credential manifests, and signed policies."""
-  key_dir, private_dir = out / "keys", out / "keys" / "private"
+def create_authorities(root: Path) -> Authorities:
+  """Both authorities' keys, their credential manifests, signed policies and the signed profile."""
   signing = {}
-  for name in (*sample.AUTHORITIES, RUN_KEY):
-    key = keylib.generate(name)
-    key_path, pub_path = keylib.write_keypair(key, private_dir)
-    shutil.move(pub_path, key_dir / pub_path.name)
-    signing[name] = key
+  for name in sample.AUTHORITIES:
+    signing[name] = keylib.generate(name)
+    keylib.write_keypair(signing[name], root / "keys")
   manifests = []
   taxonomies = sample.taxonomies()
   for authority in sample.AUTHORITIES:
     manifest = issue_manifest(signing[authority], taxonomies[authority], sample.examples(), skip_unlabelled=True)
-    manifests.append(write_manifest(manifest, out / "manifests" / f"{authority}.manifest"))
+    manifests.append(write_manifest(manifest, root / "manifests" / f"{authority}.manifest"))
   policies = []
   for name, signer in POLICY_SIGNERS.items():
     signed = sign_policy(Policy.from_toml(sample.policy_path(name)), signing[signer])
-    policies.append(write_signed_policy(signed, out / "policies" / f"{name}.signed"))
-  trust = TrustStore.of(signing[a] for a in sample.AUTHORITIES)
-  return Setup(out, signing[RUN_KEY], trust, tuple(manifests), tuple(policies))
+    policies.append(write_signed_policy(signed, root / "policies" / f"{name}.signed"))
+  profile = write_signed_profile(sign_profile(EntropyProfile.from_toml(sample.profile_path()), signing[PROFILE_SIGNER]),
+                                 root / "profiles" / "demo-profile.signed")
+  return Authorities(root, signing, tuple(manifests), tuple(policies), profile)
 
 
 def incoming_examples() -> list[Example]:
@@ -71,55 +95,93 @@ def incoming_examples() -> list[Example]:
   return examples[:7] + [tampered] + examples[8:] + extra
 
 
-def admit_sample(setup: Setup) -> tuple[Admission, AdmittedBatch]:
-  """Verify the manifests against the trust store and admit the incoming examples."""
-  admission = Admission(setup.trust, [read_manifest(p) for p in setup.manifests], on_reject="collect")
-  return admission, admission.admit(incoming_examples())
-
-
-def verified_policies(setup: Setup) -> list[Policy]:
-  """The signed policies, each verified against the trust store (fails closed)."""
-  return [verify_policy(read_signed_policy(p), setup.trust) for p in setup.policies]
-
-
-def compile_sample(setup: Setup, label_space: LabelSpace, config: tiny_lm.Config, seed: int = 0):
-  """Initial model parameters and the composed policy compiled against them."""
-  params = tiny_lm.init(jax.random.PRNGKey(seed), config)
-  return params, compile_policy(verified_policies(setup), params, label_space)
-
-
-def explain_rich(compiled: CompiledPolicy) -> Table:
-  """The route class x group weight table as a rich table."""
+def explain_rich(compiled: CompiledPolicy, reached: np.ndarray | None = None) -> Table:
+  """The route class x group weight table; with `reached` [C], how many examples took each class."""
   t = explain_table(compiled)
   table = Table(title="composed routing policy (most restrictive wins)")
   table.add_column("route class", no_wrap=True)
   for g, s in zip(t.columns, t.sizes):
     table.add_column(f"{g}\n{s:,}", justify="right")
-  for name, weights in t.rows:
-    table.add_row(name, *[f"{w:g}" for w in weights])
+  if reached is not None:
+    table.add_column("examples\ntrained", justify="right")
+  for c, (name, weights) in enumerate(t.rows):
+    extra = [f"{int(reached[c])}"] if reached is not None else []
+    table.add_row(name, *[f"{w:g}" for w in weights], *extra)
   return table
 
 
-def run(out: str | Path, *, steps: int = 20, seed: int = 0, console: Console | None = None) -> dict:
+def run(out: str | Path, *, steps: int = 20, batch_size: int = 16, seed: int = 0,
+        console: Console | None = None) -> dict:
   """Run the demo into `out` (must be empty or absent); returns a summary dict."""
   console = console or Console(width=110)
   out = Path(out)
   if out.exists() and any(out.iterdir()):
     raise FileExistsError(f"{out} is not empty; pick a new --out directory")
-  out.mkdir(parents=True, exist_ok=True)
 
-  setup = create_authorities(out)
-  console.print(f"[bold]1. authorities[/bold]: keys in {out / 'keys'}; "
-                f"manifests {', '.join(p.name for p in setup.manifests)}; policies {', '.join(p.name for p in setup.policies)}")
+  with tempfile.TemporaryDirectory() as staging:
+    auth = create_authorities(Path(staging) / "authorities")
+    run = GovernedRun.start(
+        out, task=TASK, task_config={"seed": seed, "learning_rate": 3e-3},
+        policies=auth.policies, profiles=[auth.profile], manifests=auth.manifests, trust=auth.public_keys,
+        checkpoint_every=max(steps // 2, 1), config={"demo": {"steps": steps, "batch_size": batch_size}})
+    shutil.copytree(auth.root, out / "authorities")
+    auth = auth.moved_to(out / "authorities")
+  console.print(f"[bold]1. authorities[/bold] acme-data, eu-office: keys, credential manifests, signed policies "
+                f"and profile in {out / 'authorities'}; public keys in {out / 'keys'}")
 
-  admission, batch = admit_sample(setup)
-  console.print(f"[bold]2. admission[/bold]: {len(batch.ids)} admitted, {len(batch.rejected)} rejected")
-  for rejection in batch.rejected:
-    console.print(f"   rejected {rejection.example_id}: {rejection.reason}")
+  task = run.task
+  loader = Admission(auth.trust, [read_manifest(p) for p in auth.manifests], on_reject="collect")
+  rejected = [r for r in loader.admit(incoming_examples()).rejected]
+  console.print(f"[bold]2. admission[/bold]: {len(incoming_examples()) - len(rejected)} admitted, "
+                f"{len(rejected)} refused")
+  for r in rejected:
+    console.print(f"   refused {r.example_id}: {r.reason}")
 
-  config = tiny_lm.Config()
-  params, compiled = compile_sample(setup, admission.label_space, config, seed)
-  console.print("[bold]3. policy[/bold]")
-  console.print(explain_rich(compiled))
-  return {"admitted": len(batch.ids), "rejected": [(r.example_id, str(r.reason)) for r in batch.rejected],
-          "policy_ids": compiled.policy_ids, "groups": compiled.group_names}
+  console.print("[bold]3. policy[/bold]: groups " + ", ".join(task.compiled.group_names))
+
+  batches = itertools.cycle(list(governed_batches(incoming_examples(), loader, batch_size, drop_remainder=True)))
+  reached = np.zeros(len(task.compiled.class_names), np.int64)
+  events, escalation, last_kinds = [], None, set()
+  console.print(f"[bold]4. training[/bold] {steps} governed steps of {batch_size} examples "
+                f"(routed, entropy-bounded, recorded)")
+  try:
+    for _ in range(steps):
+      batch = next(batches)
+      summary = run.step([Example(i, c, None) for i, c in zip(batch.ids, batch.content)])
+      s = jax.device_get(summary)
+      np.add.at(reached, np.asarray(s.route_class), 1)
+      step_events = decode_events(s.events, task.profile, task.compiled)
+      events += step_events
+      kinds = {(e.group, e.metric, e.action) for e in step_events}
+      if int(s.step) % 5 == 0 or kinds != last_kinds:
+        console.print(f"   step {int(s.step):3d}  loss {float(s.loss):.3f}" +
+                      "".join(f"\n     event: {e.describe()}" for e in step_events if kinds != last_kinds))
+      last_kinds = kinds
+  except GovernanceEscalation as exc:
+    escalation = str(exc)
+    console.print(f"[red]   escalation[/red]: {exc}")
+    run.abandon()
+  else:
+    run.close()
+
+  console.print(explain_rich(task.compiled, reached))
+  weights = task.compiled.table
+  for g, name in enumerate(task.compiled.group_names):
+    classes = [task.compiled.class_names[c] for c in range(len(reached)) if reached[c] and weights[c, g] > 0]
+    console.print(f"   {name:8s} shaped by {int(sum(reached[c] for c in range(len(reached)) if weights[c, g] > 0))} "
+                  f"example-steps from {len(classes)} route class(es)")
+
+  counts: dict = {}
+  for e in events:
+    counts[(e.group, e.metric, e.action)] = counts.get((e.group, e.metric, e.action), 0) + 1
+  for (group, metric, action), n in sorted(counts.items()):
+    console.print(f"   governance: {metric}/{group} out of bounds on {n} step(s) -> {action}")
+
+  report = verify_lineage(out, TrustStore.from_paths(sorted((out / "keys").glob("*.pub"))))
+  console.print(f"[bold]5. lineage[/bold]: {report.size} records, root {report.root[:16]}..., "
+                f"{report.heads} signed heads, closed={report.closed}")
+  console.print(f"   check it:  aqgov lineage verify {out} --trust {out}/keys/*.pub\n"
+                f"   attest it: aqgov lineage export {out} --intoto {out}/attestation.intoto.json")
+  return {"admitted": len(incoming_examples()) - len(rejected), "rejected": [(r.example_id, str(r.reason)) for r in rejected],
+          "policy_ids": task.compiled.policy_ids, "groups": task.compiled.group_names, "reached": reached.tolist(),
+          "events": [e._asdict() for e in events], "escalation": escalation, "records": report.size}

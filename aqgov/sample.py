@@ -56,3 +56,8 @@ def policy_path(name: str) -> Path:
   if name not in POLICIES:
     raise ValueError(f"no sample policy {name!r}; sample policies: {POLICIES}")
   return _data("policies", f"{name}.toml")
+
+
+def profile_path() -> Path:
+  """Path of the sample entropy profile for `aqgov.tiny_lm` under the sample policies' groups."""
+  return _data("profiles", "demo-profile.toml")

@@ -8,7 +8,9 @@ that entropy profiles measure.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+import functools
+from pathlib import Path
+from typing import Any, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -102,3 +104,25 @@ def example_loss(params, tokens, config: Config = Config(), with_aux: bool = Fal
   if with_aux:
     return loss, {"attention": attn, "representations": outputs}
   return loss
+
+
+def make_task(task_config: Mapping[str, Any], run_dir: str | Path):
+  """The governed task of a run training this model (`aqgov.tiny_lm:make_task`).
+
+  `task_config` keys: the `Config` fields, `seed`, `learning_rate`, `strategy`, `strict`.
+  """
+  import optax
+
+  from aqgov.governed import GovernedTask
+
+  config = Config(**{k: int(task_config[k]) for k in Config._fields if k in task_config})
+  seed = int(task_config.get("seed", 0))
+  return GovernedTask(
+      run_dir,
+      loss_fn=functools.partial(example_loss, config=config, with_aux=True),
+      init_params=lambda: init(jax.random.PRNGKey(seed), config),
+      make_inputs=lambda ex: encode_text(ex.content, config),
+      optimizer=optax.adamw(float(task_config.get("learning_rate", 3e-3))),
+      strategy=str(task_config.get("strategy", "auto")),
+      strict=bool(task_config.get("strict", False)),
+      seed=seed)

@@ -1,0 +1,153 @@
+"""One governed training step, and a `Task` that builds it from the documents in a run directory.
+
+`governed_step(loss_fn, compiled, optimizer, profile=...)` is the pure step the design calls for:
+
+    routed gradients  g_l = (1/B) sum_i w_i[l] grad_l L_i        (aqgov.routed_value_and_grad)
+    entropy measurements of representations and routed gradients (aqgov.entropy.measure)
+    enforcement of the profile around the optimizer                (aqgov.enforce)
+    strict mode: unreached groups get exactly no update            (aqgov.strict)
+    a StepSummary for the lineage                                  (aqgov.lineage.summarize)
+
+`GovernedTask` is the `aqgov.lineage.Task` of a run whose policies, profile and credential
+manifests were copied into its directory: it verifies them against the run's trusted keys, admits
+each batch against the manifests (labels come from credentials, never from the loader), compiles
+the policy, and raises `GovernanceEscalation` at the step boundary when the profile says so.
+Replay rebuilds the same task from the same directory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from aqgov.admission import Admission
+from aqgov.compiled import CompiledPolicy, compile_policy
+from aqgov.credentials import Example, read_manifest
+from aqgov.enforce import check_escalation, enforce, enforce_state
+from aqgov.entropy import measure
+from aqgov.errors import GovernanceEscalation, PolicyError
+from aqgov.grads import routed_value_and_grad
+from aqgov.keys import TrustStore
+from aqgov.lineage.summary import StepSummary, summarize
+from aqgov.lineage.task import TrainState
+from aqgov.policy import read_signed_policy, verify_policy
+from aqgov.profile import EntropyProfile, read_signed_profile, verify_profile
+from aqgov.routing import strict as strict_transform
+
+StepFn = Callable[[TrainState, Any, Mapping[str, jax.Array]], tuple[TrainState, StepSummary]]
+
+
+def governed_optimizer(optimizer: optax.GradientTransformation, compiled: CompiledPolicy, *,
+                       profile: EntropyProfile | None = None, strict: bool = False,
+                       overrides: Sequence[Any] = ()) -> optax.GradientTransformationExtraArgs:
+  """`optimizer`, wrapped by the profile's enforcement and followed by strict mode when asked."""
+  tx = optax.with_extra_args_support(optimizer)
+  if profile is not None:
+    tx = enforce(profile, compiled, tx, overrides=overrides)
+  if strict:
+    tx = optax.chain(tx, strict_transform(compiled))
+  return tx
+
+
+def governed_step(loss_fn: Callable, compiled: CompiledPolicy, optimizer: optax.GradientTransformation, *,
+                  profile: EntropyProfile | None = None, has_aux: bool = False, strategy: str = "auto",
+                  strict: bool = False, overrides: Sequence[Any] = (), fingerprint_seed: int = 0,
+                  microbatch: int | None = None) -> tuple[optax.GradientTransformationExtraArgs, StepFn]:
+  """The optimizer to `init` the state with, and the pure step `(state, batch, labels) -> (state, summary)`.
+
+  `loss_fn(params, example)` is the per-example loss; with `has_aux` it returns `(loss, aux)` where
+  `aux` holds the representations the profile names. `batch` is `{"inputs": pytree with a leading
+  batch axis, "index": int32 [B]}` (row -> position in the host-side id list).
+  """
+  tx = governed_optimizer(optimizer, compiled, profile=profile, strict=strict, overrides=overrides)
+  governed = profile is not None
+  grad_fn = routed_value_and_grad(loss_fn, compiled, strategy, has_aux=has_aux, with_norms=True,
+                                  microbatch=microbatch)
+
+  def step(state: TrainState, batch: Mapping[str, Any], labels: Mapping[str, jax.Array]):
+    value, grads, norms = grad_fn(state.params, batch["inputs"], labels)
+    loss, aux = value if has_aux else (value, None)
+    measurements = measure(profile, compiled, grads=grads, representations=aux) if governed else {}
+    # enforcement numbers steps like the lineage: the step being taken is state.step + 1
+    extra = {"measurements": measurements, "step": state.step + 1} if governed else {}
+    updates, opt_state = tx.update(grads, state.opt_state, state.params, labels=labels, **extra)
+    params = optax.apply_updates(state.params, updates)
+    escalated = enforce_state(opt_state).escalated if governed else jnp.zeros((), bool)
+    number = jnp.where(escalated, state.step, state.step + 1).astype(jnp.int32)
+    summary = summarize(
+        step=number, example_index=batch["index"], route_class=compiled.route_class(labels),
+        weights=compiled.group_weights(labels), contribution_norms=norms, loss=loss, params=params,
+        leaf_group=compiled.leaf_group, key=fingerprint_seed, measurements=measurements,
+        events=enforce_state(opt_state).events if governed else ())
+    return TrainState(number, params, opt_state, state.governance), summary
+
+  return tx, step
+
+
+def _verified(paths: Sequence[Path], read, verify, trust: TrustStore) -> list:
+  return [verify(read(p), trust) for p in paths]
+
+
+class GovernedTask:
+  """A `Task` governed by the signed documents in `run_dir` (policies/, profiles/, manifests/, keys/).
+
+  Args:
+    run_dir: the run directory (`aqgov.lineage.GovernedRun` copies the documents in).
+    loss_fn: per-example loss `(params, inputs) -> (loss, aux)`, `aux` holding the representations
+      an entropy profile may name (an empty dict when there are none).
+    init_params: `() -> params`, deterministic (replay calls it again).
+    make_inputs: `Example -> model inputs` for one example (stacked by admission).
+    optimizer: the Optax optimizer.
+    strategy, strict, microbatch: as for `routed_value_and_grad` / `governed_optimizer`.
+    seed: fingerprint projection seed.
+    overrides: verified override tokens admitted for this run.
+  """
+
+  def __init__(self, run_dir: str | Path, *, loss_fn: Callable, init_params: Callable[[], Any],
+               make_inputs: Callable[[Example], Any], optimizer: optax.GradientTransformation,
+               strategy: str = "auto", strict: bool = False, microbatch: int | None = None, seed: int = 0,
+               overrides: Sequence[Any] = ()):
+    run_dir = Path(run_dir)
+    self.trust = TrustStore.from_paths(sorted((run_dir / "keys").glob("*.pub")))
+    policies = _verified(sorted((run_dir / "policies").glob("*.signed")), read_signed_policy, verify_policy, self.trust)
+    if not policies:
+      raise PolicyError(f"{run_dir / 'policies'} holds no signed policy; a governed run needs at least one")
+    profiles = _verified(sorted((run_dir / "profiles").glob("*.signed")), read_signed_profile, verify_profile,
+                         self.trust)
+    if len(profiles) > 1:
+      raise PolicyError(f"{run_dir / 'profiles'} holds {len(profiles)} profiles; a run is bounded by one")
+    self.profile = profiles[0] if profiles else None
+    manifests = [read_manifest(p) for p in sorted((run_dir / "manifests").glob("*.signed"))]
+    self.admission = Admission(self.trust, manifests, on_reject="raise")
+    self._init_params, self._make_inputs = init_params, make_inputs
+    self.compiled = compile_policy(policies, jax.eval_shape(init_params), self.admission.label_space)
+    self.group_names = self.compiled.group_names
+    self.class_names = self.compiled.class_names
+    self.optimizer, step = governed_step(
+        loss_fn, self.compiled, optimizer, profile=self.profile, has_aux=True, strategy=strategy, strict=strict,
+        overrides=overrides, fingerprint_seed=seed, microbatch=microbatch)
+    self._step = jax.jit(step)
+
+  def init(self) -> TrainState:
+    params = self._init_params()
+    return TrainState(jnp.zeros((), jnp.int32), params, self.optimizer.init(params), ())
+
+  def make_batch(self, examples: Sequence[Example]) -> tuple[dict, dict]:
+    """Admit `examples` against the run's manifests: labels come only from verified credentials."""
+    admitted = self.admission.admit(examples, transform=self._make_inputs)
+    return {"inputs": admitted.inputs, "index": np.arange(len(admitted.ids), dtype=np.int32)}, admitted.labels
+
+  def step(self, state: TrainState, batch: Any, labels: Any) -> tuple[TrainState, StepSummary]:
+    new_state, summary = self._step(state, batch, labels)
+    if self.profile is not None:
+      try:
+        check_escalation(new_state.opt_state, self.profile, self.compiled)
+      except GovernanceEscalation as exc:
+        raise GovernanceEscalation(str(exc), step=exc.step, events=exc.events, state=new_state) from None
+    return new_state, summary
