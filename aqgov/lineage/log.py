@@ -37,7 +37,7 @@ import struct
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -182,8 +182,9 @@ class LogReader:
   frame is not an error; after iteration `torn` says where it is (None if there is none).
   """
 
-  def __init__(self, lineage_dir: str | os.PathLike):
+  def __init__(self, lineage_dir: str | os.PathLike, *, bodies: Collection[str] | None = None):
     self.dir = Path(lineage_dir)
+    self.bodies = bodies  # kinds whose bodies are kept (None: all); others come with an empty body
     self.torn: TornTail | None = None
     self.size = 0
     self.last_hash = rec.GENESIS
@@ -220,7 +221,7 @@ class LogReader:
         except StopIteration as stop:
           self.torn = stop.value
           break
-        r = rec.decode_record(payload, index, digest=digest)
+        r = rec.decode_record(payload, index, digest=digest, bodies=self.bodies)
         if r.prev != prev:
           if digest == prev:
             raise LineageError(f"record {index} duplicates record {index - 1}", index=index)
@@ -273,6 +274,7 @@ class LogScan(NamedTuple):
 
   size: int
   record_hashes: bytes            # 32 bytes per record, concatenated
+  leaf_hash_bytes: bytes          # the Merkle leaf hash of each record, concatenated
   kinds: tuple[str, ...]
   bodies: dict[int, dict]         # index -> body, for the kinds requested
   roots: dict[int, bytes]         # size -> Merkle root, for the sizes requested
@@ -285,7 +287,8 @@ class LogScan(NamedTuple):
 
   def leaf_hashes(self, size: int | None = None) -> list[bytes]:
     n = self.size if size is None else size
-    return [merkle.leaf_hash(self.record_hash(i)) for i in range(n)]
+    b = self.leaf_hash_bytes
+    return [b[32 * i: 32 * i + 32] for i in range(n)]
 
   def head(self, size: int | None = None) -> LogHead:
     n = self.size if size is None else size
@@ -302,8 +305,9 @@ def scan(lineage_dir: str | os.PathLike, *, bodies: Sequence[str] = (), roots_at
   """Read a whole log once (see `LogReader`), decoding the bodies of the kinds in `bodies`, keeping
   the Merkle roots at the sizes in `roots_at` (the final size is always kept) and the root just
   before each record of a kind in `roots_before`."""
-  reader = LogReader(lineage_dir)
+  reader = LogReader(lineage_dir, bodies=set(bodies))
   hashes = bytearray()
+  leaves = bytearray()
   kinds: list[str] = []
   decoded: dict[int, dict] = {}
   want_roots = set(int(s) for s in roots_at)
@@ -318,20 +322,22 @@ def scan(lineage_dir: str | os.PathLike, *, bodies: Sequence[str] = (), roots_at
     kinds.append(r.kind)
     if r.kind in want_before:
       before[r.seq] = compact.root
-    compact = compact.append(merkle.leaf_hash(r.hash))
+    leaf = merkle.leaf_hash(r.hash)
+    leaves += leaf
+    compact = compact.append(leaf)
     if compact.size in want_roots:
       roots[compact.size] = compact.root
     if r.kind in want:
       decoded[r.seq] = r.body
   roots[compact.size] = compact.root
-  return LogScan(reader.size, bytes(hashes), tuple(kinds), decoded, roots, reader.torn, compact, before)
+  return LogScan(reader.size, bytes(hashes), bytes(leaves), tuple(kinds), decoded, roots, reader.torn, compact, before)
 
 
 def records(lineage_dir: str | os.PathLike, kinds: Sequence[str] | None = None,
             start: int = 0) -> Iterator[tuple[int, str, dict]]:
   """(index, kind, body) of each record from `start` on (of the given kinds), with the reader's checks."""
   want = None if kinds is None else set(kinds)
-  for r in LogReader(lineage_dir):
+  for r in LogReader(lineage_dir, bodies=want):
     if r.seq >= start and (want is None or r.kind in want):
       yield r.seq, r.kind, r.body
 

@@ -18,7 +18,7 @@ import functools
 import hashlib
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -71,14 +71,45 @@ def record_hash(data: bytes) -> bytes:
   return hashlib.sha256(data).digest()
 
 
-def decode_record(data: bytes, index: int, *, digest: bytes | None = None) -> Record:
+_ENVELOPE_HEAD = b"\x85\xa4body"  # canonical envelopes start with a 5-map whose first key is "body"
+_BIN_HEADERS = {0xC4: 1, 0xC5: 2, 0xC6: 4}
+
+
+def _split_envelope(data) -> tuple[dict, int, int] | None:
+  """(the other four fields, body start, body end) of a canonically laid out envelope, found
+  without copying the body; None for any other layout (the general decoder then decides)."""
+  view = memoryview(data)
+  if len(view) < 8 or view[:6] != _ENVELOPE_HEAD or view[6] not in _BIN_HEADERS:
+    return None
+  width = _BIN_HEADERS[view[6]]
+  start = 7 + width
+  end = start + int.from_bytes(view[7:start], "big")
+  if end > len(view):
+    return None
+  try:
+    tail = msgpack.unpackb(b"\x84" + view[end:].tobytes(), raw=False, strict_map_key=True)
+  except Exception:
+    return None
+  return tail, start, end
+
+
+def decode_record(data, index: int, *, digest: bytes | None = None,
+                  bodies: Collection[str] | None = None) -> Record:
   """The envelope of record bytes `data` expected at position `index` (fields checked, body kept raw).
 
-  `digest` is the record hash when the caller has already computed it."""
-  try:
-    env = msgpack.unpackb(data, raw=False, strict_map_key=True)
-  except Exception as exc:
-    raise LineageError(f"record {index}: not valid msgpack ({exc}); the record was altered", index=index) from None
+  `digest` is the record hash when the caller has already computed it. Bodies of kinds outside
+  `bodies` (when given) are not copied out (`body_bytes` is empty): verifying a long log then costs
+  little more than hashing it."""
+  split = _split_envelope(data)
+  if split is not None:
+    env, start, end = split
+    keep = bodies is None or env.get("kind") in bodies
+    env["body"] = bytes(memoryview(data)[start:end]) if keep else b""
+  else:
+    try:
+      env = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except Exception as exc:
+      raise LineageError(f"record {index}: not valid msgpack ({exc}); the record was altered", index=index) from None
   if not isinstance(env, dict) or set(env) != {"v", "seq", "kind", "prev", "body"}:
     raise LineageError(f"record {index}: not a lineage record envelope (fields v, seq, kind, prev, body)", index=index)
   if env["v"] != VERSION:
