@@ -73,6 +73,21 @@ from aqgov.profile import (
     write_profile,
     write_signed_profile,
 )
+from aqgov import lineage
+from aqgov.lineage import (
+    GovernedRun,
+    LineageWriter,
+    StepSummary,
+    Task,
+    TrainState,
+    export_intoto,
+    fingerprint,
+    membership,
+    params_sha256,
+    summarize,
+    verify_lineage,
+)
+from aqgov.lineage.replay import replay
 from aqgov.signing import SignedDocument
 from aqgov.taxonomy import Field, LabelSpace, Taxonomy
 

@@ -246,3 +246,19 @@ def test_the_final_params_hash_matches_the_last_checkpoint_record(finished):
   last = history.checkpoints[-1]
   assert params_sha256(store.restore(last.step, MLPTask({}).init()).state.params) == last.params_sha256
   store.close()
+
+
+def test_resume_with_no_recorded_checkpoint_on_disk_restarts_from_the_initial_state(tmp_path, data):
+  d = tmp_path / "run"
+  lh.make_run(d, data, 3, checkpoint_every=10, close=False).abandon()
+  shutil.rmtree(d / "checkpoints" / "0")
+  resumed = GovernedRun.resume(d)
+  assert resumed.next_step == 1
+  for s in range(1, 4):
+    resumed.step(lh.batches(data, s))
+  resumed.close()
+  assert verify_lineage(d, lh.trust_of(d)).closed
+  scan, history = hist.load(d / "lineage")
+  assert history.superseded == ((1, 5),) and [c.step for c in history.checkpoints] == [0, 3]
+  old, new = [s for i, s in _steps(d) if not history.effective(i)], [s for i, s in _steps(d) if history.effective(i)]
+  assert old == new == [1, 2, 3]
