@@ -106,6 +106,12 @@ class _Uses:
       self.by_leaf.setdefault(leaf, []).append((path, Use(leaf, site)))
 
 
+def _unsupported(name: str, why: str) -> UnsupportedPrimitiveError:
+  err = UnsupportedPrimitiveError(f"the cotangent strategy does not transform `{name}`{why}; {_FALLBACK}")
+  err.primitive = name
+  return err
+
+
 def _check_eqn(eqn) -> None:
   name = eqn.primitive.name
   axes = eqn.params.get("axes", ())
@@ -117,8 +123,7 @@ def _check_eqn(eqn) -> None:
         "(e.g. BatchNorm in inference mode) or make the loss depend on one example only")
   if name not in _INLINE | _REMAT | _WHOLE | {"scan", "cond", "while"} and (
       any(True for _ in jcore.jaxprs_in_params(eqn.params))):
-    raise UnsupportedPrimitiveError(
-        f"the cotangent strategy does not transform `{name}`; {_FALLBACK}")
+    raise _unsupported(name, "")
 
 
 def _closed(eqn, key: str):
@@ -238,9 +243,8 @@ def _cond_kinds(eqn, ins, uses):
 
 def _while_kinds(eqn, ins):
   if any(k.leaves for k in ins):
-    raise UnsupportedPrimitiveError(
-        "the cotangent strategy does not transform a `while_loop` whose inputs depend on "
-        f"parameters (it is not reverse-differentiable); {_FALLBACK}")
+    raise _unsupported("while", " (a while_loop whose inputs depend on parameters is not "
+                       "reverse-differentiable)")
   return [Kind(any(k.ex for k in ins), frozenset())] * len(eqn.outvars)
 
 
@@ -676,6 +680,13 @@ def cotangent_value_and_grad(loss_fn: Callable, *, has_aux: bool = False,
   return fn
 
 
+def _zero_grad(p):
+  """The gradient of a leaf that is not differentiable (integer counters, PRNG keys)."""
+  if jax.dtypes.issubdtype(jnp.result_type(p), jax.dtypes.extended):
+    return jnp.zeros(jnp.shape(p), jax.dtypes.float0)
+  return jnp.zeros_like(p)
+
+
 def _run(plan: _Plan, p_leaves, p_def, b_leaves, weights, size, has_aux, with_norms):
   materialised = plan.materialised if with_norms else frozenset()
   ghost = plan.ghost if with_norms else {}
@@ -715,7 +726,7 @@ def _run(plan: _Plan, p_leaves, p_def, b_leaves, weights, size, has_aux, with_no
   diff_vals = [p_leaves[i] for i in diff]
   (loss, (aux, acts)), (g_diff, g_probes, g_ghost) = jax.value_and_grad(
       total, argnums=(0, 1, 2), has_aux=True)(diff_vals, probes, gprobes)
-  grads = [jnp.zeros_like(p) for p in p_leaves]
+  grads = [_zero_grad(p) for p in p_leaves]
   for i, g in zip(diff, g_diff):
     grads[i] = g
   grads = jax.tree.unflatten(p_def, grads)
