@@ -464,6 +464,7 @@ class LineageWriter:
     self._error: BaseException | None = None
     self._closed = False
     self._last_step = 0
+    self._cpu_s = 0.0
     self._thread = threading.Thread(target=self._run, name=f"aqgov-lineage-{appender.run_id[:8]}", daemon=True)
     self._thread.start()
 
@@ -494,10 +495,12 @@ class LineageWriter:
       op, args, done = item
       result = None
       if self._error is None:
+        started = time.thread_time()
         try:
           result = op(*args)
         except BaseException as exc:  # surfaced to the caller on its next call
           self._error = exc
+        self._cpu_s += time.thread_time() - started
       if done is not None:
         done.result = result
         done.event.set()
@@ -551,6 +554,11 @@ class LineageWriter:
   @property
   def last_step(self) -> int:
     return self._last_step
+
+  @property
+  def cpu_seconds(self) -> float:
+    """CPU time the writer thread has spent writing so far (what lineage costs a spare core)."""
+    return self._cpu_s
 
   def close(self, *, status: str = "completed", step: int | None = None) -> LogHead:
     """Write the run-end record, sign the final head, close the files and stop the thread."""
