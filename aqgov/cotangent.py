@@ -2,7 +2,7 @@
 
 Computes `g_l = (1/B) Σ_i w_i[l] ∇_l L_i` by *per-use cotangent scaling*, a jaxpr transformation.
 The per-example loss is traced once to a jaxpr whose inputs are the parameter leaves and one
-example. A forward dependency analysis gives every value a `Kind`: whether it depends on the
+example. A forward dependency analysis gives every value a kind: whether it depends on the
 example (so it is batched under `vmap`) and on which parameter leaves. Each equation where a
 parameter-only value `p` meets an example-dependent value `a` is re-emitted as
 
@@ -13,10 +13,13 @@ the identity forward whose backward passes the cotangent unchanged to the first 
 multiplied by `w_i[l]` to the others. The rewritten per-example function is vmapped over the batch
 with the parameters unbatched, so each example's cotangent into a parameter is scaled *before*
 vmap's transpose sums it over the batch; the cotangent flowing back to earlier layers is untouched.
-The value is unchanged and XLA folds the duplicated forward op, so the cost is one elementwise
-multiply per use. Scaling a parameter leaf itself is wrong: it is unbatched, so the batch sum would
-happen first. Leaves whose weight varies within the leaf (a slice of a leaf) are instead scaled
-per example at the leaf (`sg(p) + w_i ⊙ (p - sg(p))`), which is exact but materialises copies.
+The value is unchanged; the parameter-side op's forward value is dead code and its transpose is
+the one the plain step computes anyway, so the cost is one elementwise multiply per use.
+
+Scaling the parameter leaf itself inside the vmapped function is exact too, but it batches the
+parameter: every example gets its own copy and every matmul becomes a batched one (measured
+hundreds of times slower than the plain step on an MLP). It is used only for leaves whose weight
+varies *within* the leaf (a slice such as one attention head): `sg(p) + w_i ⊙ (p - sg(p))`.
 
 The transformation recurses into nested `jit`, `checkpoint`/`remat`, `scan` and `cond`; custom
 JVP/VJP calls are handled whole, honouring their rules. Anything else that contains a jaxpr raises
@@ -49,22 +52,22 @@ _COLLECTIVES = frozenset({
 _FALLBACK = "the per_example strategy will be used"
 
 
-class Kind(NamedTuple):
+class _Kind(NamedTuple):
   """What a value depends on: the example (batched under vmap) and which parameter leaves."""
   ex: bool
   leaves: frozenset
   raw: int | None = None   # the value *is* parameter leaf `raw`, unmodified
 
 
-_CONST = Kind(False, frozenset())
+_CONST = _Kind(False, frozenset())
 
 
-def _union(kinds) -> Kind:
+def _union(kinds) -> _Kind:
   kinds = list(kinds)
-  return Kind(any(k.ex for k in kinds), frozenset().union(*(k.leaves for k in kinds)))
+  return _Kind(any(k.ex for k in kinds), frozenset().union(*(k.leaves for k in kinds)))
 
 
-def _is_param(k: Kind) -> bool:
+def _is_param(k: _Kind) -> bool:
   return bool(k.leaves) and not k.ex
 
 
@@ -77,37 +80,35 @@ def _inexact(aval) -> bool:
   return dtype is not None and jnp.issubdtype(dtype, jnp.inexact)
 
 
-def _differentiable(kind: Kind, aval) -> Kind:
-  return kind if _inexact(aval) else Kind(kind.ex, frozenset())
+def _differentiable(kind: _Kind, aval) -> _Kind:
+  return kind if _inexact(aval) else _Kind(kind.ex, frozenset())
 
 
-def _strip(kinds) -> list[Kind]:
-  return [Kind(k.ex, k.leaves) for k in kinds]
+def _strip(kinds) -> list[_Kind]:
+  return [_Kind(k.ex, k.leaves) for k in kinds]
 
 
 # ---------------------------------------------------------------------------------------------
 # Analysis: kinds, supported constructs, and every place a parameter's gradient is scaled.
 
 
-class Use(NamedTuple):
-  """One place leaf `leaf`'s cotangent is scaled; `site` is set for a ghost-norm candidate."""
-  leaf: int
-  site: ghost_norms.DotSite | None
-
-
 class _Uses:
-  """Collects, per leaf, the places its cotangent is scaled (keyed by an inlining path)."""
+  """Per leaf, every place its cotangent is scaled: (inlining path or None, DotSite or None).
+
+  The path (equation indices through inlined `jit`s) is None inside loops, branches and remat;
+  a DotSite marks a matmul whose per-example gradient norm has a ghost form."""
 
   def __init__(self):
-    self.by_leaf: dict[int, list[tuple[tuple | None, Use]]] = {}
+    self.by_leaf: dict[int, list[tuple[tuple | None, ghost_norms.DotSite | None]]] = {}
 
   def add(self, path: tuple | None, leaves, site=None) -> None:
     for leaf in leaves:
-      self.by_leaf.setdefault(leaf, []).append((path, Use(leaf, site)))
+      self.by_leaf.setdefault(leaf, []).append((path, site))
 
 
 def _unsupported(name: str, why: str) -> UnsupportedPrimitiveError:
-  err = UnsupportedPrimitiveError(f"the cotangent strategy does not transform `{name}`{why}; {_FALLBACK}")
+  err = UnsupportedPrimitiveError(
+      f"the cotangent strategy does not transform `{name}`{why}; {_FALLBACK}")
   err.primitive = name
   return err
 
@@ -135,7 +136,7 @@ def _inner_jaxpr(eqn):
   return _closed(eqn, "jaxpr" if "jaxpr" in eqn.params else "call_jaxpr")
 
 
-def analyze(closed, in_kinds, uses: _Uses | None = None, path: tuple | None = ()) -> list[Kind]:
+def _analyze(closed, in_kinds, uses: _Uses | None = None, path: tuple | None = ()) -> list[_Kind]:
   """Kinds of `closed`'s outputs given its inputs' kinds; records scaling sites into `uses`."""
   env: dict = {}
   read = lambda a: _CONST if isinstance(a, jcore.Literal) else env[a]
@@ -146,7 +147,7 @@ def analyze(closed, in_kinds, uses: _Uses | None = None, path: tuple | None = ()
   for i, eqn in enumerate(closed.jaxpr.eqns):
     ins = [read(a) for a in eqn.invars]
     sub = None if path is None else path + (i,)
-    outs = eqn_kinds(eqn, ins, uses, sub)
+    outs = _eqn_kinds(eqn, ins, uses, sub)
     for v, k in zip(eqn.outvars, outs):
       env[v] = _differentiable(k, v.aval)
   return [read(a) for a in closed.jaxpr.outvars]
@@ -167,18 +168,18 @@ def _dot_site(eqn, ins) -> ghost_norms.DotSite | None:
       act_shape=tuple(act.aval.shape), out_shape=tuple(eqn.outvars[0].aval.shape))
 
 
-def eqn_kinds(eqn, ins: list[Kind], uses: _Uses | None, path: tuple | None) -> list[Kind]:
+def _eqn_kinds(eqn, ins: list[_Kind], uses: _Uses | None, path: tuple | None) -> list[_Kind]:
   """Output kinds of one equation (mirrors how vmap batches it); records scaling sites."""
   _check_eqn(eqn)
   name = eqn.primitive.name
   n_out = len(eqn.outvars)
   if name == "stop_gradient":
-    return [Kind(ins[0].ex, frozenset())]
+    return [_Kind(ins[0].ex, frozenset())]
   if name in _INLINE:
     inner_path = path if _mixes(ins) else None
-    return analyze(_inner_jaxpr(eqn), ins, uses if _mixes(ins) else None, inner_path)
+    return _analyze(_inner_jaxpr(eqn), ins, uses if _mixes(ins) else None, inner_path)
   if name in _REMAT:
-    return analyze(_inner_jaxpr(eqn), _strip(ins), uses, None)
+    return _analyze(_inner_jaxpr(eqn), _strip(ins), uses, None)
   if name == "scan":
     return _scan_kinds(eqn, ins, uses)
   if name == "cond":
@@ -186,7 +187,7 @@ def eqn_kinds(eqn, ins: list[Kind], uses: _Uses | None, path: tuple | None) -> l
   if name == "while":
     return _while_kinds(eqn, ins)
   if name in _WHOLE:
-    outs = analyze(_closed(eqn, "call_jaxpr"), _strip(ins))
+    outs = _analyze(_closed(eqn, "call_jaxpr"), _strip(ins))
   else:
     outs = [_union(ins)] * n_out
   if _mixes(ins) and uses is not None:
@@ -195,7 +196,7 @@ def eqn_kinds(eqn, ins: list[Kind], uses: _Uses | None, path: tuple | None) -> l
   return outs
 
 
-def scan_carry_kinds(eqn, ins: list[Kind]) -> list[Kind]:
+def _scan_carry_kinds(eqn, ins: list[_Kind]) -> list[_Kind]:
   """Fixpoint kinds of a scan's carries. Parameter-derived carries of a scan that sees the
   example are forced to be example-dependent (lifted at entry), so no carry is parameter-only."""
   nc, nk = eqn.params["num_consts"], eqn.params["num_carry"]
@@ -204,11 +205,11 @@ def scan_carry_kinds(eqn, ins: list[Kind]) -> list[Kind]:
   force = any(k.ex for k in ins)
   while True:
     if force:
-      carry = [Kind(True, k.leaves) if k.leaves else k for k in carry]
-    outs = analyze(eqn.params["jaxpr"], consts + carry + xs)
+      carry = [_Kind(True, k.leaves) if k.leaves else k for k in carry]
+    outs = _analyze(eqn.params["jaxpr"], consts + carry + xs)
     new = [_union([c, o]) for c, o in zip(carry, outs[:nk])]
     if force:
-      new = [Kind(True, k.leaves) if k.leaves else k for k in new]
+      new = [_Kind(True, k.leaves) if k.leaves else k for k in new]
     if new == carry:
       return carry
     carry = new
@@ -216,9 +217,9 @@ def scan_carry_kinds(eqn, ins: list[Kind]) -> list[Kind]:
 
 def _scan_kinds(eqn, ins, uses):
   nc, nk = eqn.params["num_consts"], eqn.params["num_carry"]
-  carry = scan_carry_kinds(eqn, ins)
+  carry = _scan_carry_kinds(eqn, ins)
   body_in = _strip(ins[:nc]) + carry + _strip(ins[nc + nk:])
-  outs = analyze(eqn.params["jaxpr"], body_in, uses, None)
+  outs = _analyze(eqn.params["jaxpr"], body_in, uses, None)
   if uses is not None:
     for init, c, out in zip(ins[nc:nc + nk], carry, outs[:nk]):
       if c.ex:
@@ -229,10 +230,10 @@ def _scan_kinds(eqn, ins, uses):
 
 def _cond_kinds(eqn, ins, uses):
   index, ops = ins[0], _strip(ins[1:])
-  per_branch = [analyze(b, ops, uses, None) for b in eqn.params["branches"]]
+  per_branch = [_analyze(b, ops, uses, None) for b in eqn.params["branches"]]
   outs = [_union(ks) for ks in zip(*per_branch)]
   if index.ex:
-    outs = [Kind(True, k.leaves) for k in outs]
+    outs = [_Kind(True, k.leaves) for k in outs]
   if uses is not None:
     for branch_outs in per_branch:
       for k, final in zip(branch_outs, outs):
@@ -245,7 +246,7 @@ def _while_kinds(eqn, ins):
   if any(k.leaves for k in ins):
     raise _unsupported("while", " (a while_loop whose inputs depend on parameters is not "
                        "reverse-differentiable)")
-  return [Kind(any(k.ex for k in ins), frozenset())] * len(eqn.outvars)
+  return [_Kind(any(k.ex for k in ins), frozenset())] * len(eqn.outvars)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -302,16 +303,16 @@ class _Env:
   def read(self, a):
     return a.val if isinstance(a, jcore.Literal) else self.vals[a]
 
-  def kind(self, a) -> Kind:
+  def kind(self, a) -> _Kind:
     return _CONST if isinstance(a, jcore.Literal) else self.kinds[a]
 
-  def write(self, v, val, kind: Kind) -> None:
+  def write(self, v, val, kind: _Kind) -> None:
     if isinstance(v, jcore.DropVar):
       return
     self.vals[v] = val
     self.kinds[v] = _differentiable(kind, v.aval)
 
-  def needs_iso(self, kind: Kind, leaf: int) -> bool:
+  def needs_iso(self, kind: _Kind, leaf: int) -> bool:
     return len(kind.leaves) > 1 or leaf in self.ctx.materialised
 
   def iso(self, a, leaf: int):
@@ -359,7 +360,7 @@ class _Env:
       out = out + w * (view - _sg(view))
     return out
 
-  def seed(self, v, val, kind: Kind, iso_vals: dict) -> None:
+  def seed(self, v, val, kind: _Kind, iso_vals: dict) -> None:
     self.write(v, val, kind)
     for leaf, iv in iso_vals.items():
       self.iso_memo[v, leaf] = iv
@@ -379,7 +380,7 @@ def _iso_seeds(env: _Env, atoms) -> list[dict]:
   return out
 
 
-def emit(closed, env: _Env, path: tuple | None) -> list:
+def _emit(closed, env: _Env, path: tuple | None) -> list:
   """Evaluate `closed` (inputs already written into `env`) with per-use cotangent scaling."""
   for v, c in zip(closed.jaxpr.constvars, closed.consts):
     env.write(v, c, _CONST)
@@ -396,7 +397,7 @@ def emit(closed, env: _Env, path: tuple | None) -> list:
     elif name == "cond" and _mixes(ins):
       outs, kinds = _emit_cond(eqn, env, ins)
     else:
-      kinds = eqn_kinds(eqn, ins, None, sub)
+      kinds = _eqn_kinds(eqn, ins, None, sub)
       if _mixes(ins):
         outs = _emit_mixing(eqn, env, ins, kinds, sub)
       else:
@@ -439,7 +440,7 @@ def _emit_inline(eqn, env: _Env, ins, path):
     sub.write(v, env.read(a), k)
     if k.leaves:
       sub.links[v] = (env, a)
-  outvars = emit(closed, sub, path)
+  outvars = _emit(closed, sub, path)
   outs, kinds = [sub.read(a) for a in outvars], [sub.kind(a) for a in outvars]
   for v, a in zip(eqn.outvars, outvars):
     if not isinstance(v, jcore.DropVar) and not isinstance(a, jcore.Literal):
@@ -452,7 +453,7 @@ def _run_sub(env: _Env, closed, invars_kinds, vals, seeds, lift_to=None):
   sub = _Env(env.ctx)
   for v, val, k, s in zip(closed.jaxpr.invars, vals, invars_kinds, seeds):
     sub.seed(v, val, k, s)
-  outvars = emit(closed, sub, None)
+  outvars = _emit(closed, sub, None)
   outs = []
   for j, a in enumerate(outvars):
     kind = sub.kind(a)
@@ -496,7 +497,7 @@ def _emit_remat(eqn, env: _Env, ins):
 def _emit_scan(eqn, env: _Env, ins):
   p = eqn.params
   nc, nk = p["num_consts"], p["num_carry"]
-  carry_kinds = scan_carry_kinds(eqn, ins)
+  carry_kinds = _scan_carry_kinds(eqn, ins)
   const_atoms, init_atoms, xs_atoms = (
       eqn.invars[:nc], eqn.invars[nc:nc + nk], eqn.invars[nc + nk:])
   consts = [env.read(a) for a in const_atoms]
@@ -525,7 +526,7 @@ def _emit_scan(eqn, env: _Env, ins):
 def _emit_cond(eqn, env: _Env, ins):
   branches = eqn.params["branches"]
   ops_atoms = eqn.invars[1:]
-  out_kinds = eqn_kinds(eqn, ins, None, None)
+  out_kinds = _eqn_kinds(eqn, ins, None, None)
   kinds_in = _strip(ins[1:])
   keys, extra = _pack_seeds(_iso_seeds(env, ops_atoms))
   n = len(ops_atoms)
@@ -575,16 +576,16 @@ def _trace(loss_fn, p_leaves, p_def, ex_structs, ex_def):
   return closed, jax.tree.structure(shape)
 
 
-def _in_kinds(p_leaves, n_ex: int, slice_leaves) -> list[Kind]:
+def _in_kinds(p_leaves, n_ex: int, slice_leaves) -> list[_Kind]:
   kinds = []
   for i, p in enumerate(p_leaves):
     if not jnp.issubdtype(jnp.result_type(p), jnp.inexact):
       kinds.append(_CONST)
     elif i in slice_leaves:
-      kinds.append(Kind(True, frozenset({i})))
+      kinds.append(_Kind(True, frozenset({i})))
     else:
-      kinds.append(Kind(False, frozenset({i}), i))
-  return kinds + [Kind(True, frozenset())] * n_ex
+      kinds.append(_Kind(False, frozenset({i}), i))
+  return kinds + [_Kind(True, frozenset())] * n_ex
 
 
 def _make_plan(loss_fn, p_leaves, p_def, ex_structs, ex_def, slice_leaves, has_aux) -> _Plan:
@@ -599,14 +600,14 @@ def _make_plan(loss_fn, p_leaves, p_def, ex_structs, ex_def, slice_leaves, has_a
         f"loss_fn must return {expected} per example; got structure {out_tree} with first leaf "
         f"{loss_aval}: reduce the loss over the example's own axes (tokens, pixels) inside loss_fn")
   uses = _Uses()
-  outs = analyze(closed, _in_kinds(p_leaves, len(ex_structs), slice_leaves), uses, ())
+  outs = _analyze(closed, _in_kinds(p_leaves, len(ex_structs), slice_leaves), uses, ())
   if _is_param(outs[0]):
     uses.add(None, outs[0].leaves)
   ghost, materialised = {}, set(slice_leaves)
   for leaf, recorded in uses.by_leaf.items():
-    site = recorded[0][1].site
+    path, site = recorded[0]
     if len(recorded) == 1 and site is not None and ghost_norms.ghost_is_cheaper(site):
-      ghost[recorded[0][0]] = recorded[0][1].site
+      ghost[path] = site
     else:
       materialised.add(leaf)
   diff = tuple(i for i, p in enumerate(p_leaves)
@@ -621,7 +622,7 @@ def check_supported(loss_fn: Callable, params: PyTree, example: PyTree) -> None:
   p_leaves, p_def = jax.tree.flatten(params)
   ex_leaves, ex_def = jax.tree.flatten(example)
   closed, _ = _trace(loss_fn, p_leaves, p_def, [_struct(x) for x in ex_leaves], ex_def)
-  analyze(closed, _in_kinds(p_leaves, len(ex_leaves), frozenset()), _Uses(), ())
+  _analyze(closed, _in_kinds(p_leaves, len(ex_leaves), frozenset()), _Uses(), ())
 
 
 def _per_example_weights(w, leaf, batch: int) -> tuple[jax.Array, bool]:
@@ -711,7 +712,7 @@ def _run(plan: _Plan, p_leaves, p_def, b_leaves, weights, size, has_aux, with_no
     for v, val, k in zip(plan.closed.jaxpr.invars, values + list(ex_vals),
                          _in_kinds(p_leaves, len(ex_vals), plan.slice_leaves)):
       env.write(v, val, k)
-    outvars = emit(plan.closed, env, ())
+    outvars = _emit(plan.closed, env, ())
     loss_atom = outvars[0]
     loss = env.lift(loss_atom) if _is_param(env.kind(loss_atom)) else env.read(loss_atom)
     aux = [_sg(env.read(a)) for a in outvars[1:]]
