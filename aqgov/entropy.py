@@ -200,7 +200,9 @@ def from_linen(collections: Mapping[str, Any]) -> dict[str, jax.Array]:
 
 def flatten(tree: PyTree) -> dict[str, jax.Array]:
   """`{path: array}` of a representations pytree (an aux dict); `nnx.State` is unwrapped first."""
-  if type(tree).__name__ == "State" and type(tree).__module__.startswith("flax.nnx"):
+  from flax import nnx
+
+  if isinstance(tree, nnx.State):
     return from_nnx(tree)
   leaves = jax.tree_util.tree_leaves(tree)
   return dict(zip(tree_paths(tree), leaves))
