@@ -328,7 +328,7 @@ def routed_value_and_grad(loss_fn: Callable, compiled, strategy: str = "auto", *
         if not warned:
           warned.append(True)
           warnings.warn(f"aqgov: cotangent routing does not cover {plan.reason}; using per_example",
-                        UserWarning, stacklevel=4)
+                        UserWarning, stacklevel=3)
     plans[key] = plan
     return plan
 
@@ -339,6 +339,11 @@ def routed_value_and_grad(loss_fn: Callable, compiled, strategy: str = "auto", *
     return cotangent_fn[0]
 
   def fn(params, batch, labels):
+    if jax.tree.structure(params) != compiled.treedef:
+      raise RoutingError(
+          f"params do not have the structure the policy was compiled for:\n  compiled for: "
+          f"{compiled.treedef}\n  got: {jax.tree.structure(params)}\ncompile the policy with the "
+          "parameter pytree you differentiate (aqgov.compile_policy(policy, params, taxonomy))")
     weights = compiled.leaf_weights(labels)
     impl = per_example if plan_for(params, batch).strategy == "per_example" else cotangent_impl()
     out = impl(params, batch, weights)

@@ -47,10 +47,22 @@ def _check_batch(weight: jax.Array, update: jax.Array) -> None:
 
 def _weighted_sum_leaf(weight: jax.Array, update: jax.Array) -> jax.Array:
   _check_batch(weight, update)
-  # multiply-then-reduce (fused by XLA) rather than a contraction: a contraction over a batch axis
-  # that is sharded with explicit mesh axes has no unambiguous output sharding.
-  out = jnp.sum(broadcast_weight(weight, update).astype(update.dtype) * update, axis=0)
+  if weight.ndim == 1:  # a contraction over the batch axis: far faster than multiply-then-sum
+    out = jnp.tensordot(weight.astype(update.dtype), update, axes=1,
+                        out_sharding=_contracted_sharding(update))
+  else:
+    out = jnp.sum(broadcast_weight(weight, update).astype(update.dtype) * update, axis=0)
   return out.astype(update.dtype)
+
+
+def _contracted_sharding(update: jax.Array):
+  """The output spec of a contraction over `update`'s batch axis when that axis is sharded over
+  explicit mesh axes (JAX then needs it spelled out), else None (let the compiler choose)."""
+  sharding = getattr(jax.typeof(update), "sharding", None)
+  spec = getattr(sharding, "spec", None)
+  if not spec or spec[0] is None:
+    return None
+  return jax.sharding.NamedSharding(sharding.mesh, jax.P(*spec[1:]))
 
 
 def _map_weights(fn, leaf_weights: PyTree, updates: PyTree) -> PyTree:

@@ -338,3 +338,10 @@ def test_microbatching_bounds_the_memory_of_the_per_example_strategy():
     return jax.jit(fn).lower(params, batch, labels).compile().memory_analysis().temp_size_in_bytes
 
   assert temp_bytes(8) < temp_bytes(None) / 4
+
+
+def test_params_of_another_tree_are_refused():
+  params = rm.MODELS["mlp"].init(jax.random.key(0))
+  batch, labels = _inputs()
+  with pytest.raises(RoutingError, match="structure the policy was compiled for"):
+    aqgov.routed_value_and_grad(rm.MODELS["mlp"].loss, LM_COMPILED)(params, batch, labels)

@@ -1,0 +1,238 @@
+"""Routing cost against a plain Optax step: time and peak memory, as ratios measured in one run.
+
+    python benchmarks/routing.py            # MLP (6x512, B=128), CNN (B=64, 32x32x3), LM (4x128, T=128, B=32)
+    python benchmarks/routing.py --quick    # tiny shapes, a smoke run
+
+Every step is jitted and includes `optax.adam`. The plain step is `value_and_grad` of the mean
+per-example loss (vmapped) plus the update; the routed steps replace the gradient with
+`routed_value_and_grad(..., strategy)` under a three-class, three-group policy. Time: median
+wall-clock of `--reps` rounds after one warm-up call, with `block_until_ready`; each round calls
+every step once, so load drifting on a shared machine affects all steps alike. Memory: XLA's
+compiled memory analysis of the whole step (`jit(step).lower(...).compile().memory_analysis()`),
+argument + output + temp bytes: the buffers the step needs at its peak, as planned by the compiler.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+import warnings
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import aqgov
+from aqgov import tiny_lm
+
+TAXONOMY = """
+[authority]
+name = "bench"
+[fields.source]
+type = "enum"
+values = ["open", "licensed", "restricted"]
+"""
+
+
+def policy_toml(groups: dict[str, list[str]]) -> str:
+  """Open data reaches every group, licensed data all but the last, restricted only the first."""
+  names = list(groups)
+  lines = ['name = "bench-routing"', "[groups]"]
+  lines += [f"{g} = {patterns!r}".replace("'", '"') for g, patterns in groups.items()]
+  lines += ["[[rules]]", "when = \"source == 'licensed'\"",
+            "route = {" + ", ".join(f"{g} = 0.5" for g in names[:-1]) + "}"]
+  lines += ["[[rules]]", "when = \"source == 'restricted'\"", "route = {" + f"{names[0]} = 1.0" + "}"]
+  lines += ["[default]", "route = {" + ", ".join(f"{g} = 1.0" for g in names) + "}"]
+  return "\n".join(lines) + "\n"
+
+
+class Case(NamedTuple):
+  name: str
+  params: dict
+  batch: dict
+  loss: Callable
+  groups: dict[str, list[str]]
+
+
+def mlp_case(key, batch_size: int, width: int, depth: int) -> Case:
+  keys = jax.random.split(key, depth + 3)
+  layers = {str(i): {"kernel": jax.random.normal(keys[i], (width, width)) / np.sqrt(width),
+                     "bias": jnp.zeros(width)} for i in range(depth)}
+  params = {"layers": layers, "head": {"kernel": jax.random.normal(keys[depth], (width, 10)) / np.sqrt(width),
+                                       "bias": jnp.zeros(10)}}
+
+  def loss(p, ex):
+    h = ex["x"]
+    for i in range(depth):
+      h = jax.nn.relu(h @ p["layers"][str(i)]["kernel"] + p["layers"][str(i)]["bias"])
+    logits = h @ p["head"]["kernel"] + p["head"]["bias"]
+    return -jax.nn.log_softmax(logits)[ex["y"]]
+
+  batch = {"x": jax.random.normal(keys[-2], (batch_size, width)),
+           "y": jax.random.randint(keys[-1], (batch_size,), 0, 10)}
+  half = depth // 2
+  groups = {"early": [f"layers/{i}/**" for i in range(half)],
+            "late": [f"layers/{i}/**" for i in range(half, depth)], "head": ["head/**"]}
+  return Case(f"MLP {depth}x{width}, B={batch_size}", params, batch, loss, groups)
+
+
+def _conv(x, kernel, bias):
+  y = jax.lax.conv_general_dilated(x[None], kernel, (1, 1), "SAME",
+                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))[0]
+  return jax.nn.relu(y + bias)
+
+
+def _pool(x):
+  h, w, c = x.shape
+  return x.reshape(h // 2, 2, w // 2, 2, c).mean((1, 3))
+
+
+def cnn_case(key, batch_size: int, size: int) -> Case:
+  keys = jax.random.split(key, 6)
+  feat = (size // 4) ** 2 * 64
+  params = {
+      "conv1": {"kernel": jax.random.normal(keys[0], (3, 3, 3, 32)) / np.sqrt(27), "bias": jnp.zeros(32)},
+      "conv2": {"kernel": jax.random.normal(keys[1], (3, 3, 32, 64)) / np.sqrt(288), "bias": jnp.zeros(64)},
+      "dense": {"kernel": jax.random.normal(keys[2], (feat, 128)) / np.sqrt(feat), "bias": jnp.zeros(128)},
+      "head": {"kernel": jax.random.normal(keys[3], (128, 10)) / np.sqrt(128), "bias": jnp.zeros(10)},
+  }
+
+  def loss(p, ex):
+    h = _pool(_conv(ex["x"], p["conv1"]["kernel"], p["conv1"]["bias"]))
+    h = _pool(_conv(h, p["conv2"]["kernel"], p["conv2"]["bias"]))
+    h = jax.nn.relu(h.reshape(-1) @ p["dense"]["kernel"] + p["dense"]["bias"])
+    logits = h @ p["head"]["kernel"] + p["head"]["bias"]
+    return -jax.nn.log_softmax(logits)[ex["y"]]
+
+  batch = {"x": jax.random.normal(keys[4], (batch_size, size, size, 3)),
+           "y": jax.random.randint(keys[5], (batch_size,), 0, 10)}
+  groups = {"convs": ["conv1/**", "conv2/**"], "dense": ["dense/**"], "head": ["head/**"]}
+  return Case(f"CNN {size}x{size}x3, B={batch_size}", params, batch, loss, groups)
+
+
+def lm_case(key, batch_size: int, config: tiny_lm.Config) -> Case:
+  k_params, k_tokens = jax.random.split(key)
+  params = tiny_lm.init(k_params, config)
+  tokens = jax.random.randint(k_tokens, (batch_size, config.seq_len + 1), 1, tiny_lm.VOCAB)
+  loss = lambda p, ex: tiny_lm.example_loss(p, ex["tokens"], config)
+  groups = {"embed": ["embed/**"], "core": ["blocks/**", "adapter/**"], "head": ["head/**"]}
+  name = f"LM {config.num_blocks}x{config.d_model}, T={config.seq_len}, B={batch_size}"
+  return Case(name, params, {"tokens": tokens}, loss, groups)
+
+
+def cases(quick: bool) -> list[Case]:
+  key = jax.random.key(0)
+  k1, k2, k3 = jax.random.split(key, 3)
+  if quick:
+    return [mlp_case(k1, 8, 16, 2), cnn_case(k2, 4, 8),
+            lm_case(k3, 2, tiny_lm.Config(seq_len=8, d_model=16, num_heads=2, num_blocks=1, adapter_dim=4))]
+  return [mlp_case(k1, 128, 512, 6), cnn_case(k2, 64, 32),
+          lm_case(k3, 32, tiny_lm.Config(seq_len=128, d_model=128, num_heads=4, num_blocks=4, adapter_dim=32))]
+
+
+def labels_for(space, batch_size: int) -> dict:
+  names = ["open", "licensed", "restricted"]
+  return space.encode([{"bench": {"source": names[i % 3]}} for i in range(batch_size)])
+
+
+class Measure(NamedTuple):
+  seconds: float
+  bytes: int
+
+
+def measure(named_steps: dict[str, Callable], args: tuple, reps: int) -> dict[str, Measure]:
+  """Compile every step, then time them round-robin (one call of each per round) so that load
+  drifting on a shared machine affects all of them alike; median per step."""
+  compiled, peak = {}, {}
+  for name, step in named_steps.items():
+    compiled[name] = jax.jit(step).lower(*args).compile()
+    mem = compiled[name].memory_analysis()
+    peak[name] = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+    jax.block_until_ready(compiled[name](*args))  # warm-up
+  times: dict[str, list[float]] = {name: [] for name in named_steps}
+  for _ in range(reps):
+    for name, fn in compiled.items():
+      start = time.perf_counter()
+      jax.block_until_ready(fn(*args))
+      times[name].append(time.perf_counter() - start)
+  return {name: Measure(statistics.median(times[name]), peak[name]) for name in named_steps}
+
+
+def steps(case: Case, compiled_policy, optimizer) -> dict[str, Callable]:
+  """The jittable steps compared: (params, opt_state, batch, labels) -> (loss, params, opt_state)."""
+
+  def apply(grads, params, opt_state):
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  def plain(params, opt_state, batch, labels):
+    del labels
+    mean_loss = lambda p: jnp.mean(jax.vmap(case.loss, (None, 0))(p, batch))
+    loss, grads = jax.value_and_grad(mean_loss)(params)
+    return (loss, *apply(grads, params, opt_state))
+
+  def routed(strategy: str, with_norms: bool):
+    fn = aqgov.routed_value_and_grad(case.loss, compiled_policy, strategy, with_norms=with_norms)
+
+    def step(params, opt_state, batch, labels):
+      out = fn(params, batch, labels)
+      loss, grads = out[0], out[1]
+      new = apply(grads, params, opt_state)
+      return (loss, *new, out[2]) if with_norms else (loss, *new)
+
+    return step
+
+  return {"plain": plain, "per_example": routed("per_example", False),
+          "cotangent": routed("cotangent", False), "cotangent+norms": routed("cotangent", True)}
+
+
+def run(quick: bool, reps: int) -> list[tuple[str, dict[str, Measure]]]:
+  taxonomy = aqgov.Taxonomy.from_toml(TAXONOMY)
+  space = aqgov.LabelSpace.of(taxonomy)
+  rows = []
+  for case in cases(quick):
+    policy = aqgov.Policy.from_toml(policy_toml(case.groups))
+    compiled_policy = aqgov.compile_policy(policy, case.params, taxonomy)
+    optimizer = optax.adam(1e-3)
+    batch_size = jax.tree.leaves(case.batch)[0].shape[0]
+    args = (case.params, optimizer.init(case.params), case.batch, labels_for(space, batch_size))
+    results = measure(steps(case, compiled_policy, optimizer), args, reps)
+    rows.append((case.name, results))
+    print(f"measured {case.name}", file=sys.stderr, flush=True)
+  return rows
+
+
+def table(rows) -> str:
+  routed = ["per_example", "cotangent", "cotangent+norms"]
+  head = ["model", "plain step", "plain peak"] + [f"{r} time" for r in routed] + [f"{r} mem" for r in routed]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for name, res in rows:
+    plain = res["plain"]
+    cells = [name, f"{plain.seconds * 1e3:.2f} ms", f"{plain.bytes / 2**20:.1f} MiB"]
+    cells += [f"{res[r].seconds / plain.seconds:.2f}x" for r in routed]
+    cells += [f"{res[r].bytes / plain.bytes:.2f}x" for r in routed]
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--quick", action="store_true", help="tiny shapes: a smoke run, not a measurement")
+  parser.add_argument("--reps", type=int, default=None, help="timed calls per step (median); default 10, quick 2")
+  args = parser.parse_args(argv)
+  reps = args.reps or (2 if args.quick else 10)
+  warnings.simplefilter("default")
+  print(f"backend: {jax.default_backend()} ({jax.devices()[0].device_kind}), {os.cpu_count()} CPU cores, "
+        f"jax {jax.__version__}, optax {optax.__version__}; median of {reps} interleaved rounds after warm-up; "
+        "memory = XLA compiled memory analysis (argument + output + temp bytes) of the jitted step.")
+  print("Ratios are routed / plain (value_and_grad of the mean loss + optax.adam), same run.\n")
+  print(table(run(args.quick, reps)))
+
+
+if __name__ == "__main__":
+  main()

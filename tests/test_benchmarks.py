@@ -1,0 +1,29 @@
+"""The routing benchmark runs end to end (a smoke run; no timing assertions)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_routing_benchmark_quick_run_prints_its_table():
+  result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "routing.py"), "--quick"],
+                          capture_output=True, text=True, timeout=900, cwd=ROOT)
+  assert result.returncode == 0, result.stderr
+  lines = result.stdout.splitlines()
+  header = next(line for line in lines if line.startswith("| model |"))
+  for column in ("plain step", "per_example time", "cotangent time", "cotangent+norms time",
+                 "per_example mem", "cotangent mem", "cotangent+norms mem"):
+    assert f"| {column} |" in header
+  rows = [line for line in lines if line.startswith(("| MLP", "| CNN", "| LM"))]
+  assert len(rows) == 3
+  for row in rows:
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert len(cells) == header.count("|") - 1
+    assert all(c.endswith("x") and float(c[:-1]) > 0 for c in cells[3:])
