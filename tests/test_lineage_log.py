@@ -34,8 +34,8 @@ def closed_log(tmp_path_factory) -> Path:
   return d
 
 
-def _copy_with_segment(src: Path, segment: bytes) -> Path:
-  dst = Path(tempfile.mkdtemp(prefix="aqgov-tamper-")) / "lineage"
+def _copy_with_segment(src: Path, segment: bytes, into: Path) -> Path:
+  dst = into / "lineage"
   (dst / "segments").mkdir(parents=True)
   (dst / "heads.seg").write_bytes((src / "heads.seg").read_bytes())
   (dst / "segments" / lh.segment_path(src).name).write_bytes(segment)
@@ -46,6 +46,12 @@ def _verify_error(lineage_dir: Path) -> LineageError:
   with pytest.raises(LineageError) as info:
     verify_lineage(lineage_dir, TRUST)
   return info.value
+
+
+def _tampered_error(src: Path, segment: bytes) -> LineageError:
+  """The error verifying a copy of `src` whose segment holds `segment`."""
+  with tempfile.TemporaryDirectory(prefix="aqgov-tamper-") as tmp:
+    return _verify_error(_copy_with_segment(src, segment, Path(tmp)))
 
 
 def test_a_closed_log_verifies_with_every_record_signed(closed_log):
@@ -90,7 +96,7 @@ def test_flipping_any_byte_of_a_record_is_detected_at_that_record(closed_log, da
   bit = data.draw(st.integers(0, 7), label="bit")
   tampered = bytearray(original)
   tampered[pos] ^= 1 << bit
-  err = _verify_error(_copy_with_segment(closed_log, bytes(tampered)))
+  err = _tampered_error(closed_log, bytes(tampered))
   if pos >= lh.HEADER:
     ends = np.cumsum([lh.HEADER] + [len(f) for f in frames])
     assert err.index == int(np.searchsorted(ends, pos, side="right")) - 1
@@ -115,7 +121,7 @@ def test_deleting_reordering_or_inserting_records_is_detected_at_the_first_chang
     at = data.draw(st.integers(1, n - 1), label="at")
     prev = rec.record_hash(lh.payload(frames[at - 1]))
     tampered.insert(at, lh.forge(at, prev, step=at))
-  err = _verify_error(_copy_with_segment(closed_log, header + b"".join(tampered)))
+  err = _tampered_error(closed_log, header + b"".join(tampered))
   assert err.index == lh.first_difference(frames, tampered)
 
 
@@ -131,12 +137,12 @@ def test_a_consistently_rewritten_chain_is_caught_by_the_signed_heads(closed_log
     data = rec.encode_record(i, records[i].kind, prev, body)
     rebuilt.append(log.frame(data))
     prev = rec.record_hash(data)
-  err = _verify_error(_copy_with_segment(closed_log, header + b"".join(rebuilt)))
+  err = _tampered_error(closed_log, header + b"".join(rebuilt))
   assert 6 <= err.index <= at
 
 
 def test_a_removed_tree_head_is_detected(closed_log, tmp_path):
-  dst = _copy_with_segment(closed_log, lh.segment_path(closed_log).read_bytes())
+  dst = _copy_with_segment(closed_log, lh.segment_path(closed_log).read_bytes(), tmp_path)
   data = (closed_log / "heads.seg").read_bytes()
   _, frames = lh.split_frames(data)
   (dst / "heads.seg").write_bytes(data[:lh.HEADER] + b"".join(frames[:1] + frames[2:]))
@@ -170,7 +176,7 @@ def test_a_torn_final_frame_verifies_up_to_the_last_complete_record_and_resumes_
 
 
 def test_a_torn_tail_in_a_closed_log_is_an_error(closed_log):
-  err = _verify_error(_copy_with_segment(closed_log, lh.segment_path(closed_log).read_bytes()[:-7]))
+  err = _tampered_error(closed_log, lh.segment_path(closed_log).read_bytes()[:-7])
   assert err.index == STEPS + 1
 
 

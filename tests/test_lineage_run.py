@@ -88,6 +88,7 @@ def test_queries_name_the_examples_that_reached_a_group(finished):
 def test_resume_after_a_crash_supersedes_lost_steps_and_continues_the_chain(tmp_path, data):
   d = tmp_path / "run"
   run = lh.make_run(d, data, 7, checkpoint_every=3, close=False)
+  run.head()  # wait for the writer: step 7 is on disk
   lost = {s: i for i, s in _steps(d)}[7]
   run.abandon()  # the process stops here: step 7 was recorded, but its params were never checkpointed
   resumed = GovernedRun.resume(d)

@@ -26,7 +26,7 @@ Records after the last signed head are reported as unsigned: they are chained bu
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import NamedTuple
 
