@@ -34,7 +34,8 @@ DEFAULTS = {"features": 4, "hidden": 8, "classes": 3, "learning_rate": 0.1, "see
 
 def example(ex_id: str, x: Sequence[float], y: int, route: int = 0) -> dict:
   """A JSONL-shaped example this task reads (`content` is the JSON text of x and y)."""
-  return {"id": ex_id, "content": json.dumps({"x": [float(v) for v in x], "y": int(y)}), "labels": {"route": int(route)}}
+  content = json.dumps({"x": [float(v) for v in x], "y": int(y)})
+  return {"id": ex_id, "content": content, "labels": {"route": int(route)}}
 
 
 class MLPTask:

@@ -105,7 +105,7 @@ class GovernedRun:
   @classmethod
   def start(cls, run_dir: str | os.PathLike, *, task: str, task_config: Mapping[str, Any] | None = None,
             key: SigningKey | None = None, policies: Iterable[Document] = (), profiles: Iterable[Document] = (),
-            manifests: Iterable[Document] = (), trust: Iterable[PublicKey | str | os.PathLike] = (),
+            manifests: Iterable[Document] = (), trust: TrustStore | Iterable[PublicKey | str | os.PathLike] = (),
             parent: str | os.PathLike | None = None, config: Mapping[str, Any] | None = None,
             checkpoint_every: int = 100, head_every: int = 1024, fsync: str = "tree-head",
             run_id: str | None = None, max_to_keep: int | None = None) -> "GovernedRun":
@@ -127,13 +127,15 @@ class GovernedRun:
       keylib.write_keypair(key, layout.keys)
     else:
       _write_public(key.public, layout.keys)
+    if isinstance(trust, TrustStore):
+      trust = trust.keys.values()
     trusted = [t if isinstance(t, PublicKey) else keylib.load_public_key(t) for t in trust]
     for t in trusted:
       _write_public(t, layout.keys)
     parent_ref = _parent_ref(Path(parent), layout) if parent is not None else None
     run_id = run_id or uuid.uuid4().hex
     task_config = dict(task_config or {})
-    canonical.encode(task_config)  # fail now, not in the writer, if the config has no canonical form
+    canonical.encode([task_config, dict(config or {})])  # fail here, not on the writer thread
     # documents first: the task is built from what the run directory holds
     policy_refs = _copy_documents(policies, layout.policies, layout.root)
     profile_refs = _copy_documents(profiles, layout.profiles, layout.root)
