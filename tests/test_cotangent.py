@@ -18,13 +18,15 @@ from aqgov.errors import BatchCouplingError, RoutingError, UnsupportedPrimitiveE
 
 B = 4
 seeds = st.integers(0, 2**31 - 1)
+# Tests compile many small programs; skipping expensive LLVM passes halves compile time.
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
 # --- reference -------------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=None)
 def _per_example_grad(loss_fn, has_aux):
-  return jax.jit(jax.value_and_grad(loss_fn, has_aux=has_aux))
+  return jax.jit(jax.value_and_grad(loss_fn, has_aux=has_aux), compiler_options=FAST_COMPILE)
 
 
 def brute_force(loss_fn, params, batch, weights, has_aux=False):
@@ -79,7 +81,8 @@ def check_against_brute_force(loss_fn, params, batch, weights, rtol=1e-5):
 
 @functools.lru_cache(maxsize=None)
 def _cotangent(loss_fn, has_aux, with_norms):
-  return jax.jit(cotangent_value_and_grad(loss_fn, has_aux=has_aux, with_norms=with_norms))
+  return jax.jit(cotangent_value_and_grad(loss_fn, has_aux=has_aux, with_norms=with_norms),
+                 compiler_options=FAST_COMPILE)
 
 
 def normal(key, *shape, scale=1.0):
@@ -406,18 +409,27 @@ def test_ghost_and_direct_norm_forms_agree_with_the_materialised_gradient(
     act_shape, w_shape, dims, param_is_rhs, seed):
   k = keys(seed % 1000, 2)
   act = jax.random.normal(k[0], act_shape)
-  w = jnp.ones(w_shape)
+  got, expected = _norm_forms(act_shape, w_shape, dims, param_is_rhs)(act, k[1])
+  np.testing.assert_allclose(got, expected, rtol=1e-5)
+
+
+@functools.lru_cache(maxsize=None)
+def _norm_forms(act_shape, w_shape, dims, param_is_rhs):
+  """jit(act, key) -> (ghost_norms.dot_sq_norm, ||materialised weight gradient||²)."""
   (lc, rc), (lb, rb) = dims
-  if param_is_rhs:
-    fn = lambda w_: jax.lax.dot_general(act, w_, dims)
-  else:
-    fn = lambda w_: jax.lax.dot_general(w_, act, ((rc, lc), (rb, lb)))
-  out, vjp = jax.vjp(fn, w)
-  cot = jax.random.normal(k[1], out.shape)
-  expected = jnp.sum(jnp.square(vjp(cot)[0]))
-  site = ghost_norms.DotSite(0, param_is_rhs, dims if param_is_rhs else ((rc, lc), (rb, lb)),
-                             act_shape, out.shape)
-  np.testing.assert_allclose(ghost_norms.dot_sq_norm(site, act, cot), expected, rtol=1e-5)
+  param_dims = dims if param_is_rhs else ((rc, lc), (rb, lb))
+
+  @jax.jit
+  def forms(act, key):
+    if param_is_rhs:
+      fn = lambda w_: jax.lax.dot_general(act, w_, param_dims)
+    else:
+      fn = lambda w_: jax.lax.dot_general(w_, act, param_dims)
+    out, vjp = jax.vjp(fn, jnp.ones(w_shape))
+    cot = jax.random.normal(key, out.shape)
+    site = ghost_norms.DotSite(0, param_is_rhs, param_dims, act_shape, out.shape)
+    return ghost_norms.dot_sq_norm(site, act, cot), jnp.sum(jnp.square(vjp(cot)[0]))
+  return forms
 
 
 def test_norms_use_the_ghost_form_for_single_use_matmuls():
