@@ -185,11 +185,14 @@ class Source(NamedTuple):
   features_path: str
 
 
-def sources(seed: int = 0) -> dict[str, Source]:
-  _, nnx_params, nnx_loss = nnx_parts(seed)
-  linen_params, linen_loss = linen_parts(seed)
-  return {
-      "aux": Source("aux", init_plain(seed), plain_loss, "attention", "features"),
-      "nnx": Source("nnx", nnx_params, nnx_loss, "core/probs/0", "features/0"),
-      "linen": Source("linen", linen_params, linen_loss, "core/probs/0", "core/__call__/0"),
-  }
+def source(name: str, seed: int = 0) -> Source:
+  """The model in one form: "aux" (plain JAX), "nnx" or "linen"."""
+  if name == "aux":
+    return Source("aux", init_plain(seed), plain_loss, "attention", "features")
+  if name == "nnx":
+    _, params, loss = nnx_parts(seed)
+    return Source("nnx", params, loss, "core/probs/0", "features/0")
+  if name == "linen":
+    params, loss = linen_parts(seed)
+    return Source("linen", params, loss, "core/probs/0", "core/__call__/0")
+  raise ValueError(f"unknown representation source {name!r}")

@@ -248,7 +248,7 @@ def _profile(src: am.Source, bounds=()) -> EntropyProfile:
 
 @functools.lru_cache(maxsize=None)
 def _source(name: str) -> am.Source:
-  return am.sources()[name]
+  return am.source(name)
 
 
 @functools.lru_cache(maxsize=None)
