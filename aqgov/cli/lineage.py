@@ -43,19 +43,24 @@ def lineage() -> None:
   """Verify, inspect, query, replay and attest a run's signed lineage."""
 
 
+_MORE_KEYS = click.argument("more_keys", nargs=-1, type=click.Path(exists=True, dir_okay=False))
+
+
 @lineage.command("verify")
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@_MORE_KEYS
 @click.option("--trust", "trust", multiple=True, type=click.Path(exists=True, dir_okay=False),
-              help="A trusted public key (.pub); repeat for the run key, authorities and parent runs.")
+              help="A trusted public key (.pub): the run key, authorities, parent runs. Repeat it, or give "
+                   "several after one --trust (a shell glob such as DIR/keys/*.pub works).")
 @click.option("--parent-dir", multiple=True, help="Directory of a parent run (or RUN_ID=DIR) not where recorded.")
 @click.option("--require-closed", is_flag=True, help="Fail unless the run ended with a signed run-end.")
 @click.option("--strict", is_flag=True, help="Fail when a referenced document or parent run is not present.")
-def verify_cmd(run_dir: str, trust: tuple[str, ...], parent_dir: tuple[str, ...], require_closed: bool,
-               strict: bool) -> None:
+def verify_cmd(run_dir: str, more_keys: tuple[str, ...], trust: tuple[str, ...], parent_dir: tuple[str, ...],
+               require_closed: bool, strict: bool) -> None:
   """Check every record, the chain, Merkle roots, signed heads, references and parent runs."""
   from aqgov.lineage.verify import verify_lineage
 
-  report = verify_lineage(run_dir, _trust(trust), parent_dirs=_parent_dirs(parent_dir),
+  report = verify_lineage(run_dir, _trust(trust + more_keys), parent_dirs=_parent_dirs(parent_dir),
                           require_closed=require_closed, require_references=strict)
   r = report
   while r is not None:
@@ -133,16 +138,19 @@ def query_cmd(run_dir: str, group: str, step: int | None, include_superseded: bo
 
 @lineage.command("replay")
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@_MORE_KEYS
 @click.option("--step", type=int, required=True, help="Rebuild the params after this step.")
 @click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False), help="Examples (JSONL).")
 @click.option("--from", "from_checkpoint", type=int, default=None,
               help="Start from the checkpoint at or before this step instead of the nearest.")
 @click.option("--trust", multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="Verify the lineage against these keys first.")
-def replay_cmd(run_dir: str, step: int, data: str, from_checkpoint: int | None, trust: tuple[str, ...]) -> None:
+def replay_cmd(run_dir: str, more_keys: tuple[str, ...], step: int, data: str, from_checkpoint: int | None,
+               trust: tuple[str, ...]) -> None:
   """Re-execute the recorded steps and check every fingerprint (and full hashes where recorded)."""
   from aqgov.lineage.replay import replay
 
+  trust = trust + more_keys
   result = replay(run_dir, step=step, examples=data, trust=TrustStore.from_paths(trust) if trust else None,
                   from_checkpoint=from_checkpoint)
   if not result.steps_replayed:
@@ -156,16 +164,19 @@ def replay_cmd(run_dir: str, step: int, data: str, from_checkpoint: int | None, 
 
 @lineage.command("export")
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@_MORE_KEYS
 @click.option("--intoto", "out", required=True, type=click.Path(dir_okay=False), help="Write the DSSE envelope here.")
 @click.option("--key", "key_path", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Signing key (default: the run's key in DIR/keys/).")
 @click.option("--trust", multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="Keys to verify the lineage against first (default: the signing key).")
-def export_cmd(run_dir: str, out: str, key_path: str | None, trust: tuple[str, ...]) -> None:
+def export_cmd(run_dir: str, more_keys: tuple[str, ...], out: str, key_path: str | None,
+               trust: tuple[str, ...]) -> None:
   """Attest the run: an in-toto Statement v1 (subjects: checkpoint digests) in a signed DSSE envelope."""
   from aqgov.lineage.export import export_intoto
   from aqgov.lineage.log import LogReader
 
+  trust = trust + more_keys
   if key_path is None:
     first = next(iter(LogReader(Path(run_dir) / "lineage")), None)
     if first is None:
