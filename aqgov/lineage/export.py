@@ -15,11 +15,12 @@ from __future__ import annotations
 import base64
 import json
 import os
+from pathlib import Path
 from typing import Any
 
 from aqgov import signing
 from aqgov.errors import LineageError
-from aqgov.keys import PublicKey, SigningKey, TrustStore
+from aqgov.keys import PublicKey, SigningKey, TrustStore, load_public_key
 from aqgov.lineage import history as hist, log
 from aqgov.lineage.verify import VerifyReport, lineage_dir, verify_lineage
 
@@ -69,12 +70,20 @@ def envelope(payload: bytes, key: SigningKey) -> dict:
           "signatures": [{"keyid": key.key_id, "sig": base64.b64encode(sig).decode()}]}
 
 
+def recorded_trust(run_dir: str | os.PathLike, key: SigningKey) -> TrustStore:
+  """`key` plus the public keys in the run's keys/ that its run-start record says it trusted."""
+  first = next(iter(log.LogReader(lineage_dir(run_dir)[1])), None)
+  trusted = set(first.body.get("trust", ())) if first is not None else set()
+  pubs = [load_public_key(p) for p in sorted((Path(run_dir) / "keys").glob("*.pub"))]
+  return TrustStore.of([key, *(k for k in pubs if k.key_id in trusted)])
+
+
 def export_intoto(run_dir: str | os.PathLike, key: SigningKey, *, trust: TrustStore | None = None) -> dict:
-  """Verify the run (against `trust`, by default the signing key alone) and attest it.
+  """Verify the run (against `trust`, by default `recorded_trust`) and attest it.
 
   Returns the DSSE envelope as a JSON-ready dict.
   """
-  report = verify_lineage(run_dir, trust if trust is not None else TrustStore.of([key]))
+  report = verify_lineage(run_dir, trust if trust is not None else recorded_trust(run_dir, key))
   payload = json.dumps(statement(run_dir, report), sort_keys=True, separators=(",", ":")).encode("utf-8")
   return envelope(payload, key)
 
