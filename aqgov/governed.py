@@ -13,6 +13,12 @@ manifests were copied into its directory: it verifies them against the run's tru
 each batch against the manifests (labels come from credentials, never from the loader), compiles
 the policy, and raises `GovernanceEscalation` at the step boundary when the profile says so.
 Replay rebuilds the same task from the same directory.
+
+Escalations are resolved through the run directory: an authority's signed override token placed in
+`RUN/overrides/*.override` is verified (trusted signer, this run's id, not expired) when the task
+is built, so `GovernedRun.resume(RUN)` re-runs the escalated step with the violation admitted;
+record it with `run.record_override(token)`. A token the lineage already records is checked for
+signature and run but not for expiry, so replay works after it expired.
 """
 
 from __future__ import annotations
@@ -31,11 +37,13 @@ from aqgov.compiled import CompiledPolicy, compile_policy
 from aqgov.credentials import Example, read_manifest
 from aqgov.enforce import check_escalation, enforce, enforce_state
 from aqgov.entropy import measure
-from aqgov.errors import GovernanceEscalation, PolicyError
+from aqgov.errors import GovernanceEscalation, OverrideError, PolicyError
 from aqgov.grads import routed_value_and_grad
 from aqgov.keys import TrustStore
+from aqgov.lineage.log import LogReader
 from aqgov.lineage.summary import StepSummary, summarize
 from aqgov.lineage.task import TrainState
+from aqgov.overrides import Override, read_override, verify_override
 from aqgov.policy import read_signed_policy, verify_policy
 from aqgov.profile import EntropyProfile, read_signed_profile, verify_profile
 from aqgov.routing import strict as strict_transform
@@ -94,6 +102,23 @@ def _verified(paths: Sequence[Path], read, verify, trust: TrustStore) -> list:
   return [verify(read(p), trust) for p in paths]
 
 
+def run_overrides(run_dir: Path, trust: TrustStore) -> list[Override]:
+  """Verified override tokens from `run_dir/overrides/` (see the module doc for the expiry rule)."""
+  paths = sorted((run_dir / "overrides").glob("*.override"))
+  if not paths:
+    return []
+  records = list(LogReader(run_dir / "lineage", bodies=("run-start", "override")))
+  if not records:
+    raise OverrideError(f"{run_dir} has override tokens but no lineage; start the run before admitting overrides")
+  run_id = records[0].body["run_id"]
+  recorded = {r.body["token_id"] for r in records if r.kind == "override"}
+  out = []
+  for path in paths:
+    token = read_override(path)
+    out.append(verify_override(token, trust, run_id, now=token.payload.get("issued") if token.id in recorded else None))
+  return out
+
+
 class GovernedTask:
   """A `Task` governed by the signed documents in `run_dir` (policies/, profiles/, manifests/, keys/).
 
@@ -106,7 +131,7 @@ class GovernedTask:
     optimizer: the Optax optimizer.
     strategy, strict, microbatch: as for `routed_value_and_grad` / `governed_optimizer`.
     seed: fingerprint projection seed.
-    overrides: verified override tokens admitted for this run.
+    overrides: verified override tokens admitted for this run, besides those in `run_dir/overrides/`.
   """
 
   def __init__(self, run_dir: str | Path, *, loss_fn: Callable, init_params: Callable[[], Any],
@@ -131,7 +156,7 @@ class GovernedTask:
     self.class_names = self.compiled.class_names
     self.optimizer, step = governed_step(
         loss_fn, self.compiled, optimizer, profile=self.profile, has_aux=True, strategy=strategy, strict=strict,
-        overrides=overrides, fingerprint_seed=seed, microbatch=microbatch)
+        overrides=[*overrides, *run_overrides(run_dir, self.trust)], fingerprint_seed=seed, microbatch=microbatch)
     self._step = jax.jit(step)
 
   def init(self) -> TrainState:
@@ -149,5 +174,8 @@ class GovernedTask:
       try:
         check_escalation(new_state.opt_state, self.profile, self.compiled)
       except GovernanceEscalation as exc:
-        raise GovernanceEscalation(str(exc), step=exc.step, events=exc.events, state=new_state) from None
+        raise GovernanceEscalation(
+            f"{exc}\nIn a governed run: write the token to RUN/overrides/, then GovernedRun.resume(RUN) and "
+            "run.record_override(token) before stepping again.",
+            step=exc.step, events=exc.events, state=new_state) from None
     return new_state, summary

@@ -1,0 +1,89 @@
+"""A governed run: labels come from credentials, steps are routed and bounded, escalations resume by override."""
+
+import datetime as dt
+
+import jax
+import numpy as np
+import pytest
+
+from aqgov import sample
+from aqgov.demo import create_authorities
+from aqgov.errors import AdmissionError, GovernanceEscalation
+from aqgov.lineage import GovernedRun, verify_lineage
+from aqgov.keys import TrustStore
+from aqgov.overrides import issue_override, write_override
+from aqgov.profile import EntropyProfile, sign_profile, write_signed_profile
+
+SMALL = {"seq_len": 16, "d_model": 16, "num_heads": 4, "num_blocks": 1, "adapter_dim": 4, "seed": 0}
+ESCALATING_PROFILE = """
+name = "stop-on-adapter"
+[[representation]]
+path = "representations/adapter"
+group = "adapter"
+kind = "features"
+[[bound]]
+group = "adapter"
+metric = "effective_rank"
+low = 1000.0
+action = "escalate"
+"""
+
+
+@pytest.fixture(scope="module")
+def authorities(tmp_path_factory):
+  return create_authorities(tmp_path_factory.mktemp("authorities"))
+
+
+def start(tmp_path, authorities, profile=None):
+  profiles = [profile] if profile is not None else [authorities.profile]
+  return GovernedRun.start(tmp_path / "run", task="aqgov.tiny_lm:make_task", task_config=SMALL,
+                           policies=authorities.policies, profiles=profiles, manifests=authorities.manifests,
+                           trust=authorities.public_keys, checkpoint_every=100)
+
+
+def test_labels_come_from_credentials_and_altered_bytes_are_refused_at_the_step(tmp_path, authorities):
+  run = start(tmp_path, authorities)
+  examples = sample.examples()[:4]
+  altered = examples[0]._replace(content=examples[0].content + b"!")
+  with pytest.raises(AdmissionError, match="content-hash-mismatch|altered"):
+    run.task.make_batch([altered, *examples[1:]])
+  run.abandon()
+
+
+def test_each_step_reports_the_policy_weights_and_is_numbered_from_one(tmp_path, authorities):
+  run = start(tmp_path, authorities)
+  examples = sample.examples()[:8]
+  _, labels = run.task.make_batch(examples)
+  summaries = [jax.device_get(run.step(examples)) for _ in range(2)]
+  assert [int(s.step) for s in summaries] == [1, 2]
+  np.testing.assert_array_equal(summaries[0].weights, np.asarray(run.task.compiled.group_weights(labels)))
+  assert not np.array_equal(summaries[0].fingerprint, summaries[1].fingerprint)
+  run.close()
+  report = verify_lineage(tmp_path / "run", TrustStore.from_paths(sorted((tmp_path / "run" / "keys").glob("*.pub"))))
+  assert report.closed
+
+
+def test_an_escalation_stops_before_the_update_and_an_override_in_the_run_directory_resumes(tmp_path, authorities):
+  acme = authorities.keys["acme-data"]
+  profile = write_signed_profile(sign_profile(EntropyProfile.from_toml(ESCALATING_PROFILE), acme),
+                                 tmp_path / "stop.signed")
+  run = start(tmp_path, authorities, profile)
+  run_id, before = run.run_id, jax.device_get(run.state.params)
+  examples = sample.examples()[:8]
+  with pytest.raises(GovernanceEscalation, match="RUN/overrides") as stopped:
+    run.step(examples)
+  assert stopped.value.step == 1
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(stopped.value.state.params), before)
+  run.abandon()
+
+  expires = dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=1)
+  token = issue_override(acme, run=run_id, steps="1", groups="adapter", metrics="effective_rank",
+                         reason="adapter rank bound is a test threshold", expires=expires)
+  write_override(token, tmp_path / "run" / "overrides" / "step1.override")
+  resumed = GovernedRun.resume(tmp_path / "run")
+  resumed.record_override(token, step=1)
+  assert int(jax.device_get(resumed.step(examples).step)) == 1
+  with pytest.raises(GovernanceEscalation):
+    resumed.step(examples)  # the token names step 1 only
+  resumed.abandon()
+  verify_lineage(tmp_path / "run", TrustStore.from_paths(sorted((tmp_path / "run" / "keys").glob("*.pub"))))
