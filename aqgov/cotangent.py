@@ -93,13 +93,13 @@ def _strip(kinds) -> list[_Kind]:
 
 
 class _Uses:
-  """Per leaf, every place its cotangent is scaled: (inlining path or None, DotSite or None).
+  """Per leaf, every place its cotangent is scaled: (inlining path or None, _Site or None).
 
   The path (equation indices through inlined `jit`s) is None inside loops, branches and remat;
-  a DotSite marks a matmul whose per-example gradient norm has a ghost form."""
+  a _Site marks an equation whose per-example gradient norm can be had from its operands."""
 
   def __init__(self):
-    self.by_leaf: dict[int, list[tuple[tuple | None, ghost_norms.DotSite | None]]] = {}
+    self.by_leaf: dict[int, list[tuple[tuple | None, _Site | None]]] = {}
 
   def add(self, path: tuple | None, leaves, site=None) -> None:
     for leaf in leaves:
@@ -153,19 +153,37 @@ def _analyze(closed, in_kinds, uses: _Uses | None = None, path: tuple | None = (
   return [read(a) for a in closed.jaxpr.outvars]
 
 
-def _dot_site(eqn, ins) -> ghost_norms.DotSite | None:
-  """A `dot_general` of one raw parameter leaf with an example-dependent operand, else None."""
-  if eqn.primitive.name != "dot_general":
+class _Site(NamedTuple):
+  """An equation where one raw parameter leaf meets example-dependent operands, used once.
+
+  Its per-example gradient norm is computed after the step from the other operands and the
+  output cotangent: by the ghost form for a matmul, from input patches for a convolution kernel,
+  else by that equation's own VJP per example."""
+  leaf: int
+  eqn: Any
+  param_pos: int                       # operand index of the parameter leaf
+  dot: ghost_norms.DotSite | None      # set for dot_general
+  conv: bool                           # a convolution kernel with a patch form
+  out_shape: tuple[int, ...]
+
+
+def _site(eqn, ins) -> _Site | None:
+  if eqn.primitive.multiple_results or not any(k.ex for k in ins):
     return None
-  lhs, rhs = ins
-  rhs_param = _is_param(rhs) and rhs.raw is not None and lhs.ex
-  lhs_param = _is_param(lhs) and lhs.raw is not None and rhs.ex
-  if rhs_param == lhs_param:
+  params = [j for j, k in enumerate(ins) if _is_param(k)]
+  if len(params) != 1 or ins[params[0]].raw is None:
     return None
-  leaf, act = (rhs.raw, eqn.invars[0]) if rhs_param else (lhs.raw, eqn.invars[1])
-  return ghost_norms.DotSite(
-      leaf=leaf, param_is_rhs=rhs_param, dimension_numbers=eqn.params["dimension_numbers"],
-      act_shape=tuple(act.aval.shape), out_shape=tuple(eqn.outvars[0].aval.shape))
+  pos = params[0]
+  out_shape = tuple(eqn.outvars[0].aval.shape)
+  dot = None
+  if eqn.primitive.name == "dot_general":
+    act = eqn.invars[1 - pos]
+    dot = ghost_norms.DotSite(
+        leaf=ins[pos].raw, param_is_rhs=pos == 1, dimension_numbers=eqn.params["dimension_numbers"],
+        act_shape=tuple(act.aval.shape), out_shape=out_shape)
+  conv = (eqn.primitive.name == "conv_general_dilated" and pos == 1
+          and ghost_norms.conv_supported(eqn.params))
+  return _Site(ins[pos].raw, eqn, pos, dot, conv, out_shape)
 
 
 def _eqn_kinds(eqn, ins: list[_Kind], uses: _Uses | None, path: tuple | None) -> list[_Kind]:
@@ -192,7 +210,7 @@ def _eqn_kinds(eqn, ins: list[_Kind], uses: _Uses | None, path: tuple | None) ->
     outs = [_union(ins)] * n_out
   if _mixes(ins) and uses is not None:
     leaves = frozenset().union(*(k.leaves for k in ins if _is_param(k)))
-    uses.add(path, leaves, None if path is None else _dot_site(eqn, ins))
+    uses.add(path, leaves, None if path is None else _site(eqn, ins))
   return outs
 
 
@@ -285,8 +303,8 @@ class _Ctx(NamedTuple):
   weights: dict            # leaf -> per-example scalar weight
   leaf_branch: dict        # leaf -> value used on the parameter side (leaf, or leaf + probe)
   materialised: frozenset  # leaves whose per-example gradient is materialised via a probe
-  ghost_probes: dict       # inlining path -> (DotSite, zero probe added to its parameter side)
-  ghost_acts: dict         # inlining path -> recorded activation operand (output)
+  site_probes: dict        # inlining path -> (_Site, zero probe added to its parameter side)
+  site_acts: dict          # inlining path -> recorded non-parameter operands (output)
 
 
 class _Env:
@@ -419,9 +437,9 @@ def _emit_mixing(eqn, env: _Env, ins, kinds, path):
     args = [_sg(v) if k.ex else env.iso(a, leaf) if k.leaves else v
             for a, v, k in zip(eqn.invars, vals, ins)]
     y_ps.append(_bind(eqn, args))
-  if path is not None and path in env.ctx.ghost_probes:
-    site, probe = env.ctx.ghost_probes[path]
-    env.ctx.ghost_acts[path] = _sg(env.read(eqn.invars[0 if site.param_is_rhs else 1]))
+  if path is not None and path in env.ctx.site_probes:
+    site, probe = env.ctx.site_probes[path]
+    env.ctx.site_acts[path] = [_sg(v) for j, v in enumerate(vals) if j != site.param_pos]
     y_ps[0] = [y_ps[0][0] + probe.astype(y_ps[0][0].dtype)]
   ws = tuple(env.ctx.weights[leaf] for leaf in leaves)
   outs = []
@@ -553,7 +571,7 @@ class _Plan(NamedTuple):
   n_params: int
   slice_leaves: frozenset       # leaves weighted per slice (scaled at the leaf)
   diff_leaves: tuple            # indices of inexact parameter leaves
-  ghost: dict                   # inlining path -> DotSite (norms from activation + cotangent)
+  sites: dict                   # inlining path -> _Site (norms from operands + cotangent)
   materialised: frozenset       # leaves whose per-example gradients are materialised for norms
 
 
@@ -603,16 +621,17 @@ def _make_plan(loss_fn, p_leaves, p_def, ex_structs, ex_def, slice_leaves, has_a
   outs = _analyze(closed, _in_kinds(p_leaves, len(ex_structs), slice_leaves), uses, ())
   if _is_param(outs[0]):
     uses.add(None, outs[0].leaves)
-  ghost, materialised = {}, set(slice_leaves)
+  sites, materialised = {}, set(slice_leaves)
   for leaf, recorded in uses.by_leaf.items():
     path, site = recorded[0]
-    if len(recorded) == 1 and site is not None and ghost_norms.ghost_is_cheaper(site):
-      ghost[path] = site
-    else:
+    if len(recorded) == 1 and site is not None and (
+        site.dot is None or ghost_norms.ghost_is_cheaper(site.dot)):
+      sites[path] = site
+    else:  # several uses, or a matmul whose per-example product is cheapest inside the backward
       materialised.add(leaf)
   diff = tuple(i for i, p in enumerate(p_leaves)
                if jnp.issubdtype(jnp.result_type(p), jnp.inexact))
-  return _Plan(closed, out_tree, len(p_leaves), frozenset(slice_leaves), diff, ghost,
+  return _Plan(closed, out_tree, len(p_leaves), frozenset(slice_leaves), diff, sites,
                frozenset(materialised))
 
 
@@ -623,6 +642,26 @@ def check_supported(loss_fn: Callable, params: PyTree, example: PyTree) -> None:
   ex_leaves, ex_def = jax.tree.flatten(example)
   closed, _ = _trace(loss_fn, p_leaves, p_def, [_struct(x) for x in ex_leaves], ex_def)
   _analyze(closed, _in_kinds(p_leaves, len(ex_leaves), frozenset()), _Uses(), ())
+
+
+def norm_methods(loss_fn: Callable, params: PyTree, example: PyTree, *,
+                 has_aux: bool = False) -> PyTree:
+  """How `with_norms` gets each leaf's per-example contribution norm (params-shaped strings).
+
+  "ghost": Gram-matrix form of a matmul (no per-example gradient); "patches": input patches of
+  a convolution kernel; "vjp": that one equation's VJP per example; "materialised": per-example
+  gradients formed in the backward pass (several uses, e.g. tied weights, or a matmul whose
+  per-example product is cheaper than its Gram form); "none": the loss does not depend on it."""
+  p_leaves, p_def = jax.tree.flatten(params)
+  ex_leaves, ex_def = jax.tree.flatten(example)
+  plan = _make_plan(loss_fn, p_leaves, p_def, tuple(_struct(x) for x in ex_leaves), ex_def,
+                    frozenset(), has_aux)
+  methods = ["none"] * len(p_leaves)
+  for i in plan.materialised:
+    methods[i] = "materialised"
+  for site in plan.sites.values():
+    methods[site.leaf] = "ghost" if site.dot else "patches" if site.conv else "vjp"
+  return jax.tree.unflatten(p_def, methods)
 
 
 def _per_example_weights(w, leaf, batch: int) -> tuple[jax.Array, bool]:
@@ -681,6 +720,26 @@ def cotangent_value_and_grad(loss_fn: Callable, *, has_aux: bool = False,
   return fn
 
 
+def _site_sq_norms(site: _Site, leaf, acts: list, cots) -> jax.Array:
+  """[B] squared norms of per-example gradients at a site, from its operands and cotangents."""
+  if site.dot is not None:
+    return ghost_norms.batched_dot_sq_norms(site.dot, acts[0], cots)
+  if site.conv:
+    return jax.vmap(lambda lhs, cot: ghost_norms.conv_sq_norm(
+        site.eqn.params, jnp.shape(leaf), lhs, cot))(acts[0], cots)
+
+  def one(others, cot):
+    def op(p):
+      operands = list(others)
+      operands.insert(site.param_pos, p)
+      return _bind(site.eqn, operands)[0]
+    _, vjp = jax.vjp(op, leaf)
+    (g,) = vjp(cot.astype(site.eqn.outvars[0].aval.dtype))
+    return jnp.sum(jnp.square(g.astype(jnp.float32)))
+
+  return jax.vmap(one)(acts, cots)
+
+
 def _zero_grad(p):
   """The gradient of a leaf that is not differentiable (integer counters, PRNG keys)."""
   if jax.dtypes.issubdtype(jnp.result_type(p), jax.dtypes.extended):
@@ -690,11 +749,11 @@ def _zero_grad(p):
 
 def _run(plan: _Plan, p_leaves, p_def, b_leaves, weights, size, has_aux, with_norms):
   materialised = plan.materialised if with_norms else frozenset()
-  ghost = plan.ghost if with_norms else {}
+  sites = plan.sites if with_norms else {}
   diff = plan.diff_leaves
   probes = {i: jnp.zeros((size,) + jnp.shape(p_leaves[i]), jnp.result_type(p_leaves[i]))
             for i in sorted(materialised)}
-  gprobes = {path: jnp.zeros((size,) + site.out_shape, jnp.float32) for path, site in ghost.items()}
+  gprobes = {path: jnp.zeros((size,) + site.out_shape, jnp.float32) for path, site in sites.items()}
   n_p = plan.n_params
 
   def per_example(diff_vals, probes_i, gprobes_i, ex_vals, w_i):
@@ -707,7 +766,7 @@ def _run(plan: _Plan, p_leaves, p_def, b_leaves, weights, size, has_aux, with_no
       b = branch[i]
       values[i] = _sg(leaves[i]) + w_i[i].astype(b.dtype) * (b - _sg(b))
     ctx = _Ctx(weights=w_i, leaf_branch=branch, materialised=materialised,
-               ghost_probes={k: (ghost[k], v) for k, v in gprobes_i.items()}, ghost_acts={})
+               site_probes={k: (sites[k], v) for k, v in gprobes_i.items()}, site_acts={})
     env = _Env(ctx)
     for v, val, k in zip(plan.closed.jaxpr.invars, values + list(ex_vals),
                          _in_kinds(p_leaves, len(ex_vals), plan.slice_leaves)):
@@ -716,7 +775,7 @@ def _run(plan: _Plan, p_leaves, p_def, b_leaves, weights, size, has_aux, with_no
     loss_atom = outvars[0]
     loss = env.lift(loss_atom) if _is_param(env.kind(loss_atom)) else env.read(loss_atom)
     aux = [_sg(env.read(a)) for a in outvars[1:]]
-    return loss, (aux, dict(ctx.ghost_acts))
+    return loss, (aux, dict(ctx.site_acts))
 
   def total(diff_vals, probes, gprobes):
     w_dict = {i: weights[i] for i in range(n_p)}
@@ -725,7 +784,7 @@ def _run(plan: _Plan, p_leaves, p_def, b_leaves, weights, size, has_aux, with_no
     return jnp.mean(losses), (aux, acts)
 
   diff_vals = [p_leaves[i] for i in diff]
-  (loss, (aux, acts)), (g_diff, g_probes, g_ghost) = jax.value_and_grad(
+  (loss, (aux, acts)), (g_diff, g_probes, g_sites) = jax.value_and_grad(
       total, argnums=(0, 1, 2), has_aux=True)(diff_vals, probes, gprobes)
   grads = [_zero_grad(p) for p in p_leaves]
   for i, g in zip(diff, g_diff):
@@ -740,6 +799,6 @@ def _run(plan: _Plan, p_leaves, p_def, b_leaves, weights, size, has_aux, with_no
   sq = [jnp.zeros((size,), jnp.float32) for _ in p_leaves]
   for i, g in g_probes.items():
     sq[i] = ghost_norms.materialised_sq_norms(g * size)
-  for path, site in ghost.items():
-    sq[site.leaf] = ghost_norms.batched_dot_sq_norms(site, acts[path], g_ghost[path] * size)
+  for path, site in sites.items():
+    sq[site.leaf] = _site_sq_norms(site, p_leaves[site.leaf], acts[path], g_sites[path] * size)
   return head, grads, jax.tree.unflatten(p_def, sq)

@@ -1,4 +1,4 @@
-"""Per-example contribution norms of a matmul weight without materialising per-example gradients.
+"""Per-example contribution norms of matmul and convolution weights, without per-example grads.
 
 For `out = dot_general(a, W)` the per-example gradient of `W` is `A_iᵀ G_i`, with `A_i` the
 activation rearranged to [batch dims, free dims, contracting dims] and `G_i` the output cotangent
@@ -77,3 +77,27 @@ def materialised_sq_norms(per_example_grads: Array) -> Array:
   """[B] squared norms of materialised per-example gradients [B, *leaf]."""
   g = per_example_grads.astype(jnp.float32)
   return jnp.sum(jnp.square(g).reshape(g.shape[0], -1), axis=1)
+
+
+def conv_sq_norm(params: dict, kernel_shape: tuple[int, ...], lhs: Array, cot: Array) -> Array:
+  """Squared norm of one example's kernel gradient for `conv_general_dilated(lhs, kernel)`.
+
+  The kernel gradient is `Pᵀ G` with `P` the input patches (one row per output position) and `G`
+  the output cotangent; the patch-feature order does not change the norm. Needs
+  `feature_group_count == batch_group_count == 1` (see `conv_supported`)."""
+  dn = params["dimension_numbers"]
+  filter_shape = [kernel_shape[d] for d in dn.rhs_spec[2:]]
+  patches = jax.lax.conv_general_dilated_patches(
+      lhs, filter_shape, params["window_strides"], params["padding"],
+      lhs_dilation=params["lhs_dilation"], rhs_dilation=params["rhs_dilation"],
+      dimension_numbers=dn, precision=jax.lax.Precision.HIGHEST)
+  feature = dn.out_spec[1]
+  p = jnp.moveaxis(patches, feature, -1).astype(jnp.float32)
+  g = jnp.moveaxis(cot, feature, -1).astype(jnp.float32)
+  p, g = p.reshape(-1, p.shape[-1]), g.reshape(-1, g.shape[-1])
+  return jnp.sum(jnp.square(jnp.matmul(p.T, g, precision=jax.lax.Precision.HIGHEST)))
+
+
+def conv_supported(params: dict) -> bool:
+  """True when `conv_sq_norm` applies (no grouped or batch-grouped convolution)."""
+  return params.get("feature_group_count", 1) == 1 and params.get("batch_group_count", 1) == 1

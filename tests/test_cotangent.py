@@ -13,7 +13,7 @@ from flax import nnx
 from hypothesis import given, strategies as st
 
 from aqgov import ghost_norms
-from aqgov.cotangent import check_supported, cotangent_value_and_grad
+from aqgov.cotangent import check_supported, cotangent_value_and_grad, norm_methods
 from aqgov.errors import BatchCouplingError, RoutingError, UnsupportedPrimitiveError
 
 B = 4
@@ -432,14 +432,55 @@ def _norm_forms(act_shape, w_shape, dims, param_is_rhs):
   return forms
 
 
-def test_norms_use_the_ghost_form_for_single_use_matmuls():
+@pytest.mark.parametrize("dims,strides,padding,lhs_dil,rhs_dil", [
+    (("NHWC", "HWIO", "NHWC"), (1, 1), ((1, 1), (1, 1)), (1, 1), (1, 1)),
+    (("NCHW", "OIHW", "NCHW"), (2, 1), ((0, 1), (2, 0)), (1, 1), (2, 1)),
+    (("NHWC", "OIHW", "NCHW"), (1, 2), ((1, 0), (0, 0)), (2, 1), (1, 1)),
+])
+@given(seed=seeds)
+def test_convolution_patch_norm_agrees_with_the_materialised_kernel_gradient(
+    dims, strides, padding, lhs_dil, rhs_dil, seed):
+  got, expected = _conv_forms(dims, strides, padding, lhs_dil, rhs_dil)(jax.random.key(seed % 1000))
+  np.testing.assert_allclose(got, expected, rtol=1e-5)
+
+
+@functools.lru_cache(maxsize=None)
+def _conv_forms(dims, strides, padding, lhs_dil, rhs_dil):
+  """jit(key) -> (ghost_norms.conv_sq_norm, ||materialised kernel gradient||²) for one example."""
+  lhs_shape = {"NHWC": (1, 7, 6, 3), "NCHW": (1, 3, 7, 6)}[dims[0]]
+  kernel_shape = {"HWIO": (3, 2, 3, 4), "OIHW": (4, 3, 3, 2)}[dims[1]]
+
+  @jax.jit
+  def forms(key):
+    k1, k2, k3 = jax.random.split(key, 3)
+    lhs = jax.random.normal(k1, lhs_shape)
+    conv = lambda k: jax.lax.conv_general_dilated(
+        lhs, k, strides, padding, lhs_dil, rhs_dil, dimension_numbers=dims)
+    kernel = jax.random.normal(k2, kernel_shape)
+    out, vjp = jax.vjp(conv, kernel)
+    cot = jax.random.normal(k3, out.shape)
+    params = jax.make_jaxpr(conv)(kernel).jaxpr.eqns[-1].params
+    return (ghost_norms.conv_sq_norm(params, kernel_shape, lhs, cot),
+            jnp.sum(jnp.square(vjp(cot)[0])))
+  return forms
+
+
+def test_norms_avoid_per_example_gradients_for_single_use_matmuls_and_convolutions():
   params, batch = mlp_setup(0)
-  weights = random_weights(params, 1)
-  _, _, sq = _cotangent(mlp_loss, False, True)(params, batch, weights)
-  _, _, _, ref_sq = brute_force(mlp_loss, params, batch, weights)
-  assert_tree_close(sq, ref_sq, 1e-4)
-  for leaf in jax.tree.leaves(sq):
-    assert leaf.shape == (B,)
+  example = jax.tree.map(lambda b: b[0], batch)
+  methods = norm_methods(mlp_loss, params, example)
+  assert methods["out"] == "ghost"
+  assert all(layer["w"] == "ghost" for layer in methods["layers"])
+  assert all(layer["b"] == "vjp" for layer in methods["layers"])  # the add's own VJP
+  params, batch = conv_setup(0)
+  methods = norm_methods(conv_loss, params, jax.tree.map(lambda b: b[0], batch))
+  assert methods["k1"] == methods["k2"] == "patches"
+
+
+def test_tied_weights_have_their_per_example_gradients_materialised():
+  params, batch = attention_setup(0, tied=True)
+  methods = norm_methods(_tied_attention, params, jax.tree.map(lambda b: b[0], batch))
+  assert methods["emb"] == "materialised"
 
 
 # --- frameworks ------------------------------------------------------------------------------
