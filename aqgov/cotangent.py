@@ -14,7 +14,9 @@ multiplied by `w_i[l]` to the others. The rewritten per-example function is vmap
 with the parameters unbatched, so each example's cotangent into a parameter is scaled *before*
 vmap's transpose sums it over the batch; the cotangent flowing back to earlier layers is untouched.
 The value is unchanged; the parameter-side op's forward value is dead code and its transpose is
-the one the plain step computes anyway, so the cost is one elementwise multiply per use.
+the one the plain step computes anyway, so the cost is one elementwise multiply per use. For a
+matmul or convolution, which is linear in `a`, the weight scales `a` instead of the output
+cotangent when `a` is not larger (`op(sg(a)·w_i, p)`): the multiply fuses into the forward pass.
 
 Scaling the parameter leaf itself inside the vmapped function is exact too, but it batches the
 parameter: every example gets its own copy and every matmul becomes a batched one (measured
@@ -282,8 +284,8 @@ def _join_fwd(y_a, y_ps, ws):
 
 
 def _join_bwd(ws, ct):
-  return ct, tuple((ct * w.astype(ct.dtype)).astype(ct.dtype) for w in ws), tuple(
-      jnp.zeros_like(w) for w in ws)
+  scaled = tuple(ct if w is None else (ct * w.astype(ct.dtype)).astype(ct.dtype) for w in ws)
+  return ct, scaled, tuple(None if w is None else jnp.zeros_like(w) for w in ws)
 
 
 _join.defvjp(_join_fwd, _join_bwd)
@@ -427,21 +429,43 @@ def _emit(closed, env: _Env, path: tuple | None) -> list:
   return list(closed.jaxpr.outvars)
 
 
+def _scaled_operand(eqn, ins) -> int | None:
+  """The example-dependent operand of a matmul/convolution when it is not larger than the output.
+
+  The op is linear in it, so `op(w·a, p)` carries the weight into p's cotangent as `w·ct` would,
+  at the cost of scaling the smaller tensor (in the forward pass, where it fuses)."""
+  if eqn.primitive.name not in ("dot_general", "conv_general_dilated") or len(ins) != 2:
+    return None
+  ex = [j for j, k in enumerate(ins) if k.ex]
+  if len(ex) != 1 or not _is_param(ins[1 - ex[0]]):
+    return None
+  aval, out = eqn.invars[ex[0]].aval, eqn.outvars[0].aval
+  small = math.prod(aval.shape) <= math.prod(out.shape)
+  return ex[0] if small and _inexact(aval) else None
+
+
 def _emit_mixing(eqn, env: _Env, ins, kinds, path):
   """`join(op(a, sg(p)), [op(sg(a), p_l)], [w_l])` for a first-order or custom-rule equation."""
   vals = [env.read(a) for a in eqn.invars]
   y_a = _bind(eqn, [_sg(v) if _is_param(k) else v for v, k in zip(vals, ins)])
   leaves = sorted(frozenset().union(*(k.leaves for k in ins if _is_param(k))))
-  y_ps = []
+  scaled_pos = _scaled_operand(eqn, ins)
+  side = [_sg(v) if k.ex else v for v, k in zip(vals, ins)]
+  y_ps, ws = [], []
   for leaf in leaves:
-    args = [_sg(v) if k.ex else env.iso(a, leaf) if k.leaves else v
-            for a, v, k in zip(eqn.invars, vals, ins)]
-    y_ps.append(_bind(eqn, args))
-  if path is not None and path in env.ctx.site_probes:
-    site, probe = env.ctx.site_probes[path]
-    env.ctx.site_acts[path] = [_sg(v) for j, v in enumerate(vals) if j != site.param_pos]
-    y_ps[0] = [y_ps[0][0] + probe.astype(y_ps[0][0].dtype)]
-  ws = tuple(env.ctx.weights[leaf] for leaf in leaves)
+    args = [env.iso(a, leaf) if _is_param(k) else v for a, v, k in zip(eqn.invars, side, ins)]
+    w = env.ctx.weights[leaf]
+    if scaled_pos is not None:
+      args[scaled_pos] = args[scaled_pos] * w.astype(args[scaled_pos].dtype)
+      w = None
+    if path is not None and path in env.ctx.site_probes:  # a site has exactly one leaf
+      site, probe = env.ctx.site_probes[path]
+      env.ctx.site_acts[path] = [v for j, v in enumerate(args) if j != site.param_pos]
+      y_ps.append([_bind(eqn, args)[0] + probe.astype(eqn.outvars[0].aval.dtype)])
+    else:
+      y_ps.append(_bind(eqn, args))
+    ws.append(w)
+  ws = tuple(ws)
   outs = []
   for j, (v, k) in enumerate(zip(eqn.outvars, kinds)):
     if k.ex and _inexact(v.aval):
