@@ -57,6 +57,7 @@ from aqgov.policy import (
     verify_policy,
     write_signed_policy,
 )
+from aqgov.cotangent import cotangent_value_and_grad, norm_methods
 from aqgov.grads import routed_value_and_grad
 from aqgov.routing import route, routed, strict
 from aqgov import entropy
