@@ -266,7 +266,18 @@ def _while_kinds(eqn, ins):
   if any(k.leaves for k in ins):
     raise _unsupported("while", " (a while_loop whose inputs depend on parameters is not "
                        "reverse-differentiable)")
-  return [_Kind(any(k.ex for k in ins), frozenset())] * len(eqn.outvars)
+  p = eqn.params
+  nc, nb = p["cond_nconsts"], p["body_nconsts"]
+  cond_consts, body_consts, carry = ins[:nc], ins[nc:nc + nb], _strip(ins[nc + nb:])
+  while True:  # as vmap batches it: a carry is batched if the body makes it so, or all are if
+    pred = _analyze(p["cond_jaxpr"], cond_consts + carry)[0]  # the predicate is batched
+    if pred.ex:
+      return [_Kind(True, frozenset())] * len(carry)
+    outs = _analyze(p["body_jaxpr"], body_consts + carry)
+    new = [_union([c, o]) for c, o in zip(carry, outs)]
+    if new == carry:
+      return carry
+    carry = new
 
 
 # ---------------------------------------------------------------------------------------------

@@ -344,6 +344,22 @@ def test_cond_on_the_example_matches_brute_force(seed):
   check_against_brute_force(cond_loss, params, batch, random_weights(params, seed))
 
 
+def while_loss_without_params(p, ex):
+  # the loop sees the example in one carry only; the other carry stays example-independent
+  acc, _, growth = jax.lax.while_loop(
+      lambda c: c[1] < 3, lambda c: (c[0] + ex["x"], c[1] + 1, c[2] * 2.0),
+      (jnp.zeros(3), 0, jnp.ones(3)))
+  return jnp.sum(growth @ p["w"]) + jnp.sum(jnp.tanh(acc @ p["w"]))
+
+
+@given(seed=seeds)
+def test_while_loop_outside_the_parameters_matches_brute_force(seed):
+  k = keys(seed % 1000, 2)
+  params = {"w": normal(k[0], 3, 3)}
+  batch = {"x": jax.random.normal(k[1], (B, 3))}
+  check_against_brute_force(while_loss_without_params, params, batch, random_weights(params, seed))
+
+
 def param_terms_loss(p, ex):
   norm = jnp.sum(jnp.square(p["a"] @ p["b"]))         # depends on parameters only
   return jnp.sum(jnp.square(ex["x"] @ p["a"])) + 0.1 * norm
