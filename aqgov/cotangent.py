@@ -51,6 +51,7 @@ _COLLECTIVES = frozenset({
     "psum", "pmax", "pmin", "pmean", "all_gather", "all_to_all", "ppermute", "axis_index",
     "psum_scatter", "reduce_scatter", "pbroadcast", "ragged_all_to_all", "psum_invariant",
     "all_gather_invariant", "pgather"})
+_PER_OPERAND = frozenset({"optimization_barrier"})  # identity on each operand separately
 _FALLBACK = "the per_example strategy will be used"
 
 
@@ -195,6 +196,8 @@ def _eqn_kinds(eqn, ins: list[_Kind], uses: _Uses | None, path: tuple | None) ->
   n_out = len(eqn.outvars)
   if name == "stop_gradient":
     return [_Kind(ins[0].ex, frozenset())]
+  if name in _PER_OPERAND:
+    return _strip(ins)
   if name in _INLINE:
     inner_path = path if _mixes(ins) else None
     return _analyze(_inner_jaxpr(eqn), ins, uses if _mixes(ins) else None, inner_path)
@@ -429,7 +432,7 @@ def _emit(closed, env: _Env, path: tuple | None) -> list:
       outs, kinds = _emit_cond(eqn, env, ins)
     else:
       kinds = _eqn_kinds(eqn, ins, None, sub)
-      if _mixes(ins):
+      if _mixes(ins) and name not in _PER_OPERAND:
         outs = _emit_mixing(eqn, env, ins, kinds, sub)
       else:
         outs = _bind(eqn, [env.read(a) for a in eqn.invars])

@@ -360,6 +360,19 @@ def test_while_loop_outside_the_parameters_matches_brute_force(seed):
   check_against_brute_force(while_loss_without_params, params, batch, random_weights(params, seed))
 
 
+def barrier_loss(p, ex):
+  w, x = jax.lax.optimization_barrier((p["w"], ex["x"]))  # identity on each operand separately
+  return jnp.sum(jnp.tanh(x @ w))
+
+
+@given(seed=seeds)
+def test_optimization_barrier_over_parameters_and_example_matches_brute_force(seed):
+  k = keys(seed % 1000, 2)
+  params = {"w": normal(k[0], 3, 3)}
+  batch = {"x": jax.random.normal(k[1], (B, 3))}
+  check_against_brute_force(barrier_loss, params, batch, random_weights(params, seed))
+
+
 def param_terms_loss(p, ex):
   norm = jnp.sum(jnp.square(p["a"] @ p["b"]))         # depends on parameters only
   return jnp.sum(jnp.square(ex["x"] @ p["a"])) + 0.1 * norm
