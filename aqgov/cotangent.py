@@ -118,6 +118,9 @@ def _unsupported(name: str, why: str) -> UnsupportedPrimitiveError:
 
 def _check_eqn(eqn) -> None:
   name = eqn.primitive.name
+  if name not in _INLINE | _REMAT | _WHOLE | {"scan", "cond", "while"} and (
+      any(True for _ in jcore.jaxprs_in_params(eqn.params))):
+    raise _unsupported(name, "")
   axes = eqn.params.get("axes", ())
   named_axes = isinstance(axes, tuple) and any(not isinstance(a, int) for a in axes)
   if name in _COLLECTIVES or "axis_name" in eqn.params or named_axes:
@@ -125,9 +128,6 @@ def _check_eqn(eqn) -> None:
         f"the loss uses the collective `{name}` over a named axis, which mixes examples; "
         "per-example routing would be wrong: compute batch statistics outside the loss "
         "(e.g. BatchNorm in inference mode) or make the loss depend on one example only")
-  if name not in _INLINE | _REMAT | _WHOLE | {"scan", "cond", "while"} and (
-      any(True for _ in jcore.jaxprs_in_params(eqn.params))):
-    raise _unsupported(name, "")
 
 
 def _closed(eqn, key: str):
@@ -289,7 +289,8 @@ def _while_kinds(eqn, ins):
 
 @jax.custom_vjp
 def _join(y_a, y_ps, ws):
-  """Identity in `y_a`; backward gives `y_a` the cotangent and each `y_ps[k]` cotangent * ws[k]."""
+  """Identity in `y_a`; backward gives `y_a` the cotangent and each `y_ps[k]` cotangent * ws[k]
+  (the cotangent unchanged where ws[k] is None: the weight already rides on an operand)."""
   return y_a
 
 
