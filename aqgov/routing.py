@@ -7,8 +7,8 @@ batch's label arrays, and returns
     g_leaf = (1/B) * sum_i w_i[leaf] * u_i[leaf]
 
 where `w = compiled.leaf_weights(labels)`. A weight leaf is shaped [B] (whole-leaf groups) or
-[B, *s] with `s` aligned with the leading axes of the parameter (a slice of a leaf, e.g. one
-attention head); `broadcast_weight` pads it with trailing unit axes, so both work unchanged.
+[B, *s] with `s` broadcastable to the parameter's shape (a slice of a leaf, e.g. one attention
+head: [B, H, 1, 1]); both work unchanged.
 
 `strict(compiled)` is the companion placed after the optimizer: it zeroes the update of every
 parameter (or slice) that no example of the batch reached with a positive weight.
@@ -28,13 +28,18 @@ PyTree = Any
 
 
 def broadcast_weight(weight: jax.Array, target: jax.Array) -> jax.Array:
-  """`weight` [B, *s] with trailing unit axes added so it broadcasts against `target` [B, ...]."""
+  """`weight` [B, *s] reshaped to [B, 1, ..., 1, *s] so it broadcasts against `target` [B, *shape].
+
+  `s` must broadcast to the parameter's `shape` by NumPy rules (aligned at the trailing axes): a
+  whole-leaf weight is [B]; one weight per attention head of a [H, d, d_head] kernel is
+  [B, H, 1, 1].
+  """
   extra = target.ndim - weight.ndim
   if extra < 0:
     raise RoutingError(
         f"a routing weight of shape {weight.shape} has more axes than the update {target.shape} it "
-        "scales; weights must be [B] or [B, *s] with s aligned with the parameter's leading axes")
-  return weight.reshape(weight.shape + (1,) * extra)
+        "scales; weights must be [B] or [B, *s] with s broadcastable to the parameter's shape")
+  return weight.reshape(weight.shape[:1] + (1,) * extra + weight.shape[1:])
 
 
 def _check_batch(weight: jax.Array, update: jax.Array) -> None:
@@ -154,8 +159,7 @@ def strict(compiled) -> optax.GradientTransformationExtraArgs:
     del params, extra_args
     hit = reached(compiled.leaf_weights(_labels_or_raise(labels, "strict")))
 
-    def mask(h, u):
-      h = h.reshape(h.shape + (1,) * (u.ndim - h.ndim))
+    def mask(h, u):  # h: bool [*s], broadcastable to the parameter's shape
       return jnp.where(h, u, jnp.zeros_like(u))
 
     return _map_weights(mask, hit, updates), state

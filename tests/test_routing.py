@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,7 +15,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import aqgov
 from aqgov.errors import RoutingError
-from aqgov.routing import aggregate, reached
+from aqgov.routing import reached
 import routed_models as rm
 
 pytestmark = pytest.mark.filterwarnings("ignore::aqgov.UncoveredParametersWarning")
@@ -176,18 +178,32 @@ def test_route_refuses_updates_of_another_parameter_tree():
     aqgov.route(compiled).update(unbatched, optax.EmptyState(), labels=labels)
 
 
+class SliceWeights(NamedTuple):
+  """Stands in for a CompiledPolicy with sub-leaf groups, which compile_policy cannot build yet."""
+
+  weights: Any
+
+  def leaf_weights(self, labels):
+    del labels
+    return self.weights
+
+
 @given(heads=st.integers(1, 3), data=st.data())
-def test_aggregate_broadcasts_weights_for_slices_of_a_leaf(heads, data):
-  # A future group that is a slice of a leaf (one attention head) gets weights [B, H, 1, 1] or
-  # [B, H]; both broadcast over the leaf's trailing axes.
+def test_route_and_strict_broadcast_weights_for_slices_of_a_leaf(heads, data):
+  # A group that is a slice of a leaf gets a weight block broadcastable to the leaf:
+  # [B, H, 1, 1] for one weight per attention head of a [H, 3, 2] kernel, [B, 2] per column.
   n = data.draw(st.integers(1, 4), label="batch")
   rng = np.random.default_rng(data.draw(st.integers(0, 2**16), label="seed"))
   updates = rng.normal(size=(n, heads, 3, 2)).astype(np.float32)
-  w = rng.choice([0.0, 0.5, 1.0], size=(n, heads)).astype(np.float32)
-  want = sum(w[i][:, None, None] * updates[i] for i in range(n)) / n
-  for weight in (w, w[:, :, None, None]):
-    got = aggregate({"attn": jnp.asarray(weight)}, {"attn": jnp.asarray(updates)})["attn"]
-    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+  for shape in [(n, heads, 1, 1), (n, 2), (n,)]:
+    w = rng.choice([0.0, 0.5, 1.0], size=shape).astype(np.float32)
+    per_example = w.reshape(shape[:1] + (1,) * (4 - len(shape)) + shape[1:])
+    compiled = SliceWeights({"attn": jnp.asarray(w)})
+    got, _ = aqgov.route(compiled).update({"attn": jnp.asarray(updates)}, optax.EmptyState(), labels={})
+    np.testing.assert_allclose(got["attn"], np.sum(per_example * updates, axis=0) / n, rtol=1e-6, atol=1e-7)
+    masked, _ = aqgov.strict(compiled).update({"attn": jnp.asarray(updates[0])}, optax.EmptyState(), labels={})
+    reached_any = np.any(per_example > 0, axis=0)
+    np.testing.assert_array_equal(masked["attn"], np.where(reached_any, updates[0], 0.0))
 
 
 MESHES = {
