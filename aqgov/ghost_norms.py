@@ -9,6 +9,7 @@ per batch dim; when the free axis is long the direct product is cheaper and is u
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import NamedTuple
 
@@ -79,22 +80,37 @@ def materialised_sq_norms(per_example_grads: Array) -> Array:
   return jnp.sum(jnp.square(g).reshape(g.shape[0], -1), axis=1)
 
 
+def _patches(params: dict, kernel_shape: tuple[int, ...], lhs: Array) -> Array:
+  """[positions, taps * C] input patches of a convolution, by strided slices (no arithmetic)."""
+  dn = params["dimension_numbers"]
+  nsp = len(dn.lhs_spec) - 2
+  x = jnp.transpose(lhs, (dn.lhs_spec[0], *dn.lhs_spec[2:], dn.lhs_spec[1]))  # N, spatial.., C
+  zero = jnp.zeros((), x.dtype)
+  config = [(0, 0, 0)] + [(lo, hi, d - 1) for (lo, hi), d in
+                          zip(params["padding"], params["lhs_dilation"])] + [(0, 0, 0)]
+  x = jax.lax.pad(x, zero, config)
+  filt = [kernel_shape[d] for d in dn.rhs_spec[2:]]
+  rhs_dil, strides = params["rhs_dilation"], params["window_strides"]
+  out_sp = [(x.shape[1 + i] - (filt[i] - 1) * rhs_dil[i] - 1) // strides[i] + 1 for i in range(nsp)]
+  taps = []
+  for offset in itertools.product(*(range(f) for f in filt)):
+    start = [0] + [o * d for o, d in zip(offset, rhs_dil)] + [0]
+    limit = [x.shape[0]] + [s + (n - 1) * st + 1 for s, n, st in zip(start[1:], out_sp, strides)]
+    taps.append(jax.lax.slice(x, start, limit + [x.shape[-1]], [1, *strides, 1]))
+  p = jnp.stack(taps, axis=-2)  # N, out spatial.., taps, C
+  return p.reshape(-1, p.shape[-2] * p.shape[-1])
+
+
 def conv_sq_norm(params: dict, kernel_shape: tuple[int, ...], lhs: Array, cot: Array) -> Array:
   """Squared norm of one example's kernel gradient for `conv_general_dilated(lhs, kernel)`.
 
   The kernel gradient is `Pᵀ G` with `P` the input patches (one row per output position) and `G`
-  the output cotangent; the patch-feature order does not change the norm. Needs
+  the output cotangent; the order of patch features does not change the norm. Needs
   `feature_group_count == batch_group_count == 1` (see `conv_supported`)."""
   dn = params["dimension_numbers"]
-  filter_shape = [kernel_shape[d] for d in dn.rhs_spec[2:]]
-  patches = jax.lax.conv_general_dilated_patches(
-      lhs, filter_shape, params["window_strides"], params["padding"],
-      lhs_dilation=params["lhs_dilation"], rhs_dilation=params["rhs_dilation"],
-      dimension_numbers=dn, precision=jax.lax.Precision.HIGHEST)
-  feature = dn.out_spec[1]
-  p = jnp.moveaxis(patches, feature, -1).astype(jnp.float32)
-  g = jnp.moveaxis(cot, feature, -1).astype(jnp.float32)
-  p, g = p.reshape(-1, p.shape[-1]), g.reshape(-1, g.shape[-1])
+  p = _patches(params, kernel_shape, lhs).astype(jnp.float32)
+  g = jnp.transpose(cot, (dn.out_spec[0], *dn.out_spec[2:], dn.out_spec[1]))
+  g = g.reshape(-1, g.shape[-1]).astype(jnp.float32)
   return jnp.sum(jnp.square(jnp.matmul(p.T, g, precision=jax.lax.Precision.HIGHEST)))
 
 
