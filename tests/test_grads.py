@@ -113,7 +113,8 @@ def test_routed_value_and_grad_equals_brute_force_with_aux_and_norms(strategy, s
   want, want_norms = rm.brute_force(model.loss, LM_COMPILED, params, batch, labels)
   want_aux = jax.vmap(lm_loss_with_aux, (None, 0))(params, batch)[1]
   np.testing.assert_allclose(loss, mean_loss(model.loss, params, batch), rtol=1e-5)
-  np.testing.assert_allclose(aux, want_aux, rtol=1e-5, atol=1e-6)
+  # float32 rounding differs between programs; compare against the representation's scale
+  np.testing.assert_allclose(aux, want_aux, rtol=1e-5, atol=1e-5 * float(np.max(np.abs(want_aux))))
   rm.assert_matches(LM_COMPILED, grads, want)
   assert norms.shape == (rm.B, LM_COMPILED.num_groups)
   assert_norms(norms, want_norms)
