@@ -32,6 +32,7 @@ named axis raise `BatchCouplingError`, since they mix examples.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -122,7 +123,7 @@ def _check_eqn(eqn) -> None:
       any(True for _ in jcore.jaxprs_in_params(eqn.params))):
     raise _unsupported(name, "")
   axes = eqn.params.get("axes", ())
-  named_axes = isinstance(axes, tuple) and any(not isinstance(a, int) for a in axes)
+  named_axes = isinstance(axes, tuple) and any(not isinstance(a, numbers.Integral) for a in axes)
   if name in _COLLECTIVES or "axis_name" in eqn.params or named_axes:
     raise BatchCouplingError(
         f"the loss uses the collective `{name}` over a named axis, which mixes examples; "

@@ -232,6 +232,24 @@ def test_tied_embedding_and_output_projection_matches_brute_force(seed):
   check_against_brute_force(_tied_attention, params, batch, random_weights(params, seed))
 
 
+def library_attention_loss(p, ex):
+  q, k, v = (jnp.einsum("td,dhk->thk", ex["x"], p[name]) for name in ("q", "k", "v"))
+  att = jax.nn.dot_product_attention(q, k, v, is_causal=True).reshape(ex["x"].shape)
+  g = p["g"] / jnp.linalg.norm(p["g"], axis=0, keepdims=True)  # weight normalisation
+  h = jax.nn.silu(att @ g.T)
+  pooled = jax.lax.reduce_window(ex["x"] * p["s"], -jnp.inf, jax.lax.max, (2, 1), (1, 1), "VALID")
+  return jnp.sum(jax.nn.softplus(h)) + jnp.sum(pooled)
+
+
+@given(seed=seeds)
+def test_library_attention_weight_normalisation_and_pooling_match_brute_force(seed):
+  k = keys(seed % 1000, 6)
+  params = {"q": normal(k[0], 8, 2, 4), "k": normal(k[1], 8, 2, 4), "v": normal(k[2], 8, 2, 4),
+            "g": normal(k[3], 4, 8), "s": normal(k[4], 8)}
+  batch = {"x": jax.random.normal(k[5], (B, 5, 8))}
+  check_against_brute_force(library_attention_loss, params, batch, random_weights(params, seed))
+
+
 def lora_loss(p, ex):
   w = p["w0"] + p["a"] @ p["b"]          # parameter-only subgraph mixing two leaves
   return jnp.sum(jnp.square(jnp.tanh(ex["x"] @ w) - ex["y"])) + 0.01 * jnp.sum(jnp.square(p["a"]))
