@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 
 from aqgov import canonical, merkle, signing
 from aqgov.errors import CredentialError, SignatureError, TaxonomyError
+from aqgov.files import atomic_write
 from aqgov.keys import SigningKey, TrustStore
 from aqgov.taxonomy import Taxonomy
 
@@ -338,24 +339,7 @@ def verify_manifest(manifest: Manifest, trust: TrustStore,
 
 def write_manifest(manifest: Manifest, path: str | os.PathLike) -> Path:
   """Write the manifest atomically (temporary file, fsync, rename): never a half-written file."""
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-  try:
-    with open(tmp, "wb") as fh:
-      fh.write(manifest.to_bytes())
-      fh.flush()
-      os.fsync(fh.fileno())
-    os.replace(tmp, path)
-  finally:
-    if tmp.exists():
-      tmp.unlink()
-  dir_fd = os.open(path.parent, os.O_RDONLY)
-  try:
-    os.fsync(dir_fd)
-  finally:
-    os.close(dir_fd)
-  return path
+  return atomic_write(path, manifest.to_bytes())
 
 
 def read_manifest(path: str | os.PathLike) -> Manifest:

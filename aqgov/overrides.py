@@ -23,7 +23,7 @@ from aqgov import signing
 from aqgov.entropy import METRICS
 from aqgov.errors import OverrideError, SignatureError
 from aqgov.keys import SigningKey, TrustStore
-from aqgov.policy import atomic_write
+from aqgov.files import atomic_write
 
 KIND = "entropy-override"
 FORMAT = "aqgov.entropy-override/1"

@@ -42,13 +42,13 @@ from __future__ import annotations
 import math
 import os
 import re
-import tempfile
 import tomllib
 from pathlib import Path
 from typing import Any, Iterable, Mapping, NamedTuple, Sequence, Union
 
 from aqgov import canonical, expressions, paths, signing
 from aqgov.errors import PolicyError, SignatureError
+from aqgov.files import atomic_write
 from aqgov.keys import SigningKey, TrustStore
 from aqgov.signing import SignedDocument
 from aqgov.taxonomy import read_text
@@ -422,23 +422,6 @@ def verify_policy(signed: SignedDocument, trust: TrustStore, min_signers: int = 
 def signers(signed: SignedDocument) -> tuple[str, ...]:
   """Names recorded on the signatures (unverified)."""
   return tuple(s.signer for s in signed.signatures)
-
-
-def atomic_write(path: str | os.PathLike, data: bytes) -> Path:
-  """Write `data` to `path` through a temporary file and a rename: never a half-written file."""
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as fh:
-      fh.write(data)
-      fh.flush()
-      os.fsync(fh.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    Path(tmp).unlink(missing_ok=True)
-    raise
-  return path
 
 
 def write_signed_policy(signed: SignedDocument, path: str | os.PathLike) -> Path:

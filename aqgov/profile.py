@@ -39,7 +39,7 @@ from aqgov.entropy import METRICS, PER_HEAD_METRICS
 from aqgov.errors import ProfileError, SignatureError
 from aqgov.keys import SigningKey, TrustStore
 from aqgov.paths import glob_match
-from aqgov.policy import atomic_write
+from aqgov.files import atomic_write
 from aqgov.taxonomy import read_text
 
 FORMAT = "aqgov.entropy-profile/1"

@@ -43,6 +43,7 @@ from typing import Any, NamedTuple
 
 from aqgov import merkle, signing
 from aqgov.errors import LineageError, SignatureError
+from aqgov.files import fsync_dir
 from aqgov.keys import SigningKey, TrustStore
 from aqgov.lineage import record as rec
 from aqgov.lineage.summary import StepSummary
@@ -347,14 +348,6 @@ def head_payload(run_id: str, head: LogHead, prev_head: str | None, time_s: floa
           "time": time.time() if time_s is None else float(time_s)}
 
 
-def _fsync_dir(path: Path) -> None:
-  fd = os.open(path, os.O_RDONLY)
-  try:
-    os.fsync(fd)
-  finally:
-    os.close(fd)
-
-
 def _write_all(fd: int, data: bytes) -> None:
   view = memoryview(data)
   while view:
@@ -393,7 +386,7 @@ class _Appender:
     _write_all(fd, _HEADER.pack(magic, first))
     if self.fsync != "never":
       os.fsync(fd)
-      _fsync_dir(path.parent)
+      fsync_dir(path.parent)
     return fd
 
   def _rotate(self) -> None:

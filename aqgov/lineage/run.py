@@ -30,6 +30,7 @@ import jax
 from aqgov import canonical, keys as keylib, signing
 from aqgov.credentials import Example, as_example, content_hash
 from aqgov.errors import CheckpointError, GovernanceEscalation, LineageError
+from aqgov.files import atomic_write
 from aqgov.keys import PublicKey, SigningKey, TrustStore
 from aqgov.lineage import history as hist, log, record as rec
 from aqgov.lineage.checkpoint import Checkpoints
@@ -69,7 +70,7 @@ def _copy_documents(docs: Iterable[Document], into: Path, root: Path) -> list[re
   for d in docs:
     doc, data = _as_document(d)
     path = into / f"{doc.id}.signed"
-    path.write_bytes(data)
+    atomic_write(path, data)
     refs.append(rec.DocRef(doc.kind, doc.id, rec.record_hash(data).hex(), path.relative_to(root).as_posix()))
   return refs
 
@@ -78,7 +79,7 @@ def _write_public(key: PublicKey, into: Path) -> None:
   path = into / f"{key.name}.pub"
   if path.exists() and keylib.load_public_key(path).key_id != key.key_id:
     path = into / f"{key.name}-{key.key_id[:12]}.pub"
-  path.write_text(keylib.public_key_json(key))
+  atomic_write(path, keylib.public_key_json(key).encode())
 
 
 def _find_key(layout: RunLayout, key_id: str) -> SigningKey:
