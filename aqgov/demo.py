@@ -24,18 +24,17 @@ from rich.console import Console
 from rich.table import Table
 
 from aqgov import keys as keylib
-from aqgov import sample, tiny_lm
-from aqgov.admission import Admission, AdmittedBatch
-from aqgov.compiled import CompiledPolicy, compile_policy, explain_table
+from aqgov import sample
+from aqgov.admission import Admission
+from aqgov.compiled import CompiledPolicy, explain_table
 from aqgov.credentials import Example, issue_manifest, read_manifest, write_manifest
 from aqgov.enforce import decode_events
 from aqgov.errors import GovernanceEscalation
 from aqgov.keys import SigningKey, TrustStore
 from aqgov.lineage import GovernedRun, verify_lineage
 from aqgov.loader import governed_batches
-from aqgov.policy import Policy, read_signed_policy, sign_policy, verify_policy, write_signed_policy
+from aqgov.policy import Policy, sign_policy, write_signed_policy
 from aqgov.profile import EntropyProfile, sign_profile, write_signed_profile
-from aqgov.taxonomy import LabelSpace
 
 PROFILE_SIGNER = "acme-data"
 POLICY_SIGNERS = {"acme-routing": "acme-data", "eu-office": "eu-office"}

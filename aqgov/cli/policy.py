@@ -9,11 +9,8 @@ from rich.console import Console
 from rich.table import Table
 
 from aqgov import compiled as compiledlib
-from aqgov import keys as keylib
 from aqgov import policy as policylib
-from aqgov.errors import SignatureError
-from aqgov.keys import TrustStore
-from aqgov.signing import SignedDocument
+from aqgov.cli.signed import DocumentKind, add_sign_and_verify
 from aqgov.taxonomy import Taxonomy
 
 
@@ -22,42 +19,8 @@ def policy() -> None:
   """Sign, verify and explain routing policies."""
 
 
-def _read_signable(path: str) -> policylib.Policy | SignedDocument:
-  """A signed policy as it is (to add a signature), or a policy from TOML."""
-  try:
-    return policylib.read_signed_policy(path)
-  except SignatureError:
-    return policylib.Policy.from_toml(path)
-
-
-@policy.command("sign")
-@click.argument("policy_path", type=click.Path(exists=True, dir_okay=False))
-@click.option("--key", "key_path", required=True, type=click.Path(dir_okay=False), help="The signer's private .key.")
-@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="Signed policy file to write.")
-def sign(policy_path: str, key_path: str, out_path: str) -> None:
-  """Sign POLICY (TOML, or an already signed file, which gains another signer) into OUT."""
-  key = keylib.load_signing_key(key_path)
-  signed = policylib.sign_policy(_read_signable(policy_path), key)
-  policylib.write_signed_policy(signed, out_path)
-  pol = policylib.Policy.from_dict(signed.payload)
-  click.echo(f"signed {out_path}: policy {pol.name!r} id {signed.id}")
-  click.echo(f"  signers: {', '.join(policylib.signers(signed))}")
-
-
-@policy.command("verify")
-@click.argument("signed_path", type=click.Path(exists=True, dir_okay=False))
-@click.option("--trust", "trust_paths", multiple=True, required=True, type=click.Path(dir_okay=False),
-              help="A trusted signer's .pub (repeatable).")
-@click.option("--min-signers", default=1, show_default=True, type=click.IntRange(min=1),
-              help="How many trusted signatures are required.")
-def verify(signed_path: str, trust_paths: tuple[str, ...], min_signers: int) -> None:
-  """Verify SIGNED's signatures against the trusted keys; exit 1 unless enough verify."""
-  signed = policylib.read_signed_policy(signed_path)
-  trust = TrustStore.from_paths(trust_paths)
-  pol = policylib.verify_policy(signed, trust, min_signers=min_signers)
-  names = [trust.get(s.key_id).name for s in signed.signatures if s.key_id in trust]
-  click.echo(f"ok {signed_path}: policy {pol.name!r} id {pol.id}")
-  click.echo(f"  signed by {', '.join(names)} ({len(names)} trusted, {min_signers} required)")
+add_sign_and_verify(policy, DocumentKind(
+    "policy", policylib.Policy.from_toml, policylib.read_signed_policy, policylib.write_signed_policy, policylib.sign_policy, policylib.verify_policy))
 
 
 @policy.command("explain")

@@ -7,9 +7,8 @@ import click
 from aqgov import keys as keylib
 from aqgov import overrides as overridelib
 from aqgov import profile as profilelib
-from aqgov.errors import SignatureError
+from aqgov.cli.signed import DocumentKind, add_sign_and_verify
 from aqgov.keys import TrustStore
-from aqgov.signing import SignedDocument
 
 
 @click.group()
@@ -17,45 +16,8 @@ def profile() -> None:
   """Sign, verify and identify entropy profiles."""
 
 
-def _read_signable(path: str) -> profilelib.EntropyProfile | SignedDocument:
-  """A signed profile as it is (to add a signature), or a profile from TOML."""
-  try:
-    return profilelib.read_signed_profile(path)
-  except SignatureError:
-    return profilelib.EntropyProfile.from_toml(path)
-
-
-def _signers(doc: SignedDocument) -> str:
-  return ", ".join(s.signer for s in doc.signatures)
-
-
-@profile.command("sign")
-@click.argument("profile_path", type=click.Path(exists=True, dir_okay=False))
-@click.option("--key", "key_path", required=True, type=click.Path(dir_okay=False), help="The signer's private .key.")
-@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="Signed profile file to write.")
-def sign(profile_path: str, key_path: str, out_path: str) -> None:
-  """Sign PROFILE (TOML, or an already signed file, which gains another signer) into OUT."""
-  key = keylib.load_signing_key(key_path)
-  signed = profilelib.sign_profile(_read_signable(profile_path), key)
-  profilelib.write_signed_profile(signed, out_path)
-  click.echo(f"signed {out_path}: entropy profile {signed.payload['name']!r} id {signed.id}")
-  click.echo(f"  signers: {_signers(signed)}")
-
-
-@profile.command("verify")
-@click.argument("signed_path", type=click.Path(exists=True, dir_okay=False))
-@click.option("--trust", "trust_paths", multiple=True, required=True, type=click.Path(dir_okay=False),
-              help="A trusted signer's .pub (repeatable).")
-@click.option("--min-signers", default=1, show_default=True, type=click.IntRange(min=1),
-              help="How many trusted signatures are required.")
-def verify(signed_path: str, trust_paths: tuple[str, ...], min_signers: int) -> None:
-  """Verify SIGNED's signatures against the trusted keys; exit 1 unless enough verify."""
-  signed = profilelib.read_signed_profile(signed_path)
-  trust = TrustStore.from_paths(trust_paths)
-  prof = profilelib.verify_profile(signed, trust, min_signers=min_signers)
-  names = [trust.get(s.key_id).name for s in signed.signatures if s.key_id in trust]
-  click.echo(f"ok {signed_path}: entropy profile {prof.name!r} id {prof.id}")
-  click.echo(f"  signed by {', '.join(names)} ({len(names)} trusted, {min_signers} required)")
+add_sign_and_verify(profile, DocumentKind(
+    "entropy profile", profilelib.EntropyProfile.from_toml, profilelib.read_signed_profile, profilelib.write_signed_profile, profilelib.sign_profile, profilelib.verify_profile))
 
 
 @profile.command("id")
