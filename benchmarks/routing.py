@@ -6,9 +6,10 @@
 Every step is jitted and includes `optax.adam`. The plain step is `value_and_grad` of the mean
 per-example loss (vmapped) plus the update; the routed steps replace the gradient with
 `routed_value_and_grad(..., strategy)` under a three-class, three-group policy. Time: median
-wall-clock of `--reps` rounds after one warm-up call, with `block_until_ready`; each round runs
-every step twice and times the second call, so load drifting on a shared machine affects all
-steps alike and no step pays for caches left cold by another. Memory: XLA's
+wall-clock per call over `--reps` rounds, with `block_until_ready`; each round runs every step
+(one untimed call, then enough timed calls to make the plain step's share at least 0.1 s), so load
+drifting on a shared machine affects all steps alike and no step pays for caches left cold by
+another. Memory: XLA's
 compiled memory analysis of the whole step (`jit(step).lower(...).compile().memory_analysis()`),
 argument + output + temp bytes: the buffers the step needs at its peak, as planned by the compiler.
 """
@@ -16,6 +17,7 @@ argument + output + temp bytes: the buffers the step needs at its peak, as plann
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import sys
@@ -149,21 +151,27 @@ class Measure(NamedTuple):
 
 def measure(named_steps: dict[str, Callable], args: tuple, reps: int) -> dict[str, Measure]:
   """Compile every step, then time them round-robin so that load drifting on a shared machine
-  affects all of them alike. In a round each step runs twice and the second call is timed, so no
-  step pays for the caches its predecessor left cold."""
+  affects all of them alike. In a round each step runs once untimed (so no step pays for caches
+  another left cold), then `calls` times back to back, timed together; `calls` makes the plain
+  step's share of a round at least 0.1 s, so fast steps are not timed at the clock's noise floor."""
   compiled, peak = {}, {}
   for name, step in named_steps.items():
     compiled[name] = jax.jit(step).lower(*args).compile()
     mem = compiled[name].memory_analysis()
     peak[name] = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
     jax.block_until_ready(compiled[name](*args))  # warm-up
+  start = time.perf_counter()
+  jax.block_until_ready(compiled["plain"](*args))
+  calls = max(1, math.ceil(0.1 / (time.perf_counter() - start)))
   times: dict[str, list[float]] = {name: [] for name in named_steps}
   for _ in range(reps):
     for name, fn in compiled.items():
-      jax.block_until_ready(fn(*args))  # untimed: caches warm for this step, not the previous one
-      start = time.perf_counter()
       jax.block_until_ready(fn(*args))
-      times[name].append(time.perf_counter() - start)
+      start = time.perf_counter()
+      for _ in range(calls):
+        out = fn(*args)
+      jax.block_until_ready(out)
+      times[name].append((time.perf_counter() - start) / calls)
   return {name: Measure(statistics.median(times[name]), min(times[name]), peak[name]) for name in named_steps}
 
 
@@ -228,12 +236,12 @@ def table(rows) -> str:
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true", help="tiny shapes: a smoke run, not a measurement")
-  parser.add_argument("--reps", type=int, default=None, help="timed calls per step (median); default 10, quick 2")
+  parser.add_argument("--reps", type=int, default=None, help="timing rounds (median and best reported); default 10, quick 2")
   args = parser.parse_args(argv)
   reps = args.reps or (2 if args.quick else 10)
   warnings.simplefilter("default")
   print(f"backend: {jax.default_backend()} ({jax.devices()[0].device_kind}), {os.cpu_count()} CPU cores, "
-        f"jax {jax.__version__}, optax {optax.__version__}; median of {reps} interleaved rounds after warm-up; "
+        f"jax {jax.__version__}, optax {optax.__version__}; median (and best) of {reps} interleaved rounds; "
         "memory = XLA compiled memory analysis (argument + output + temp bytes) of the jitted step.")
   print("Ratios are routed / plain (value_and_grad of the mean loss + optax.adam), same run; time "
         "cells give the ratio of medians and, in parentheses, of the fastest rounds.\n")
