@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, NamedTuple, Sequence, Union
 
 from aqgov import canonical, expressions, paths, signing
-from aqgov.errors import PolicyError, SignatureError
+from aqgov.errors import PolicyError
 from aqgov.files import atomic_write
 from aqgov.keys import SigningKey, TrustStore
 from aqgov.signing import SignedDocument
@@ -433,11 +433,7 @@ def write_signed_policy(signed: SignedDocument, path: str | os.PathLike) -> Path
 
 def read_signed_policy(path: str | os.PathLike) -> SignedDocument:
   """Read a signed policy file (signatures are not checked here: use `verify_policy`)."""
-  try:
-    data = Path(path).read_bytes()
-  except OSError as exc:
-    raise PolicyError(f"cannot read signed policy {path}: {exc}") from None
-  return SignedDocument.from_bytes(data, kind=KIND)
+  return SignedDocument.from_bytes(signing.read_bytes(path, PolicyError, "signed policy"), kind=KIND)
 
 
 def read_policy(path: str | os.PathLike) -> Policy:
@@ -445,16 +441,5 @@ def read_policy(path: str | os.PathLike) -> Policy:
 
   Use `verify_policy(read_signed_policy(path), trust)` wherever the policy governs training.
   """
-  try:
-    data = Path(path).read_bytes()
-  except OSError as exc:
-    raise PolicyError(f"cannot read policy {path}: {exc}") from None
-  try:
-    return _policy_of(SignedDocument.from_bytes(data, kind=KIND))
-  except SignatureError:
-    pass
-  try:
-    text = data.decode("utf-8")
-  except UnicodeDecodeError:
-    raise PolicyError(f"{path} is neither a signed routing policy nor TOML text") from None
-  return Policy.from_toml(text)
+  doc = signing.read_signed_or_text(path, KIND, PolicyError, "routing policy")
+  return _policy_of(doc) if isinstance(doc, SignedDocument) else Policy.from_toml(doc)

@@ -36,7 +36,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from aqgov import canonical, signing
 from aqgov.entropy import METRICS, PER_HEAD_METRICS
-from aqgov.errors import ProfileError, SignatureError
+from aqgov.errors import ProfileError
 from aqgov.keys import SigningKey, TrustStore
 from aqgov.paths import glob_match
 from aqgov.files import atomic_write
@@ -426,11 +426,7 @@ def write_profile(profile: EntropyProfile, path: str | os.PathLike) -> Path:
 
 def read_signed_profile(path: str | os.PathLike) -> signing.SignedDocument:
   """Read a signed profile file (signatures are not checked here: use `verify_profile`)."""
-  try:
-    data = Path(path).read_bytes()
-  except OSError as exc:
-    raise ProfileError(f"cannot read signed entropy profile {path}: {exc}") from None
-  return signing.SignedDocument.from_bytes(data, kind=KIND)
+  return signing.SignedDocument.from_bytes(signing.read_bytes(path, ProfileError, "signed entropy profile"), kind=KIND)
 
 
 def read_profile(path: str | os.PathLike) -> EntropyProfile:
@@ -438,16 +434,5 @@ def read_profile(path: str | os.PathLike) -> EntropyProfile:
 
   Use `verify_profile(read_signed_profile(path), trust)` wherever the profile governs training.
   """
-  try:
-    data = Path(path).read_bytes()
-  except OSError as exc:
-    raise ProfileError(f"cannot read entropy profile {path}: {exc}") from None
-  try:
-    return profile_of(signing.SignedDocument.from_bytes(data, kind=KIND))
-  except SignatureError:
-    pass
-  try:
-    data.decode("utf-8")
-  except UnicodeDecodeError:
-    raise ProfileError(f"{path} is neither a signed entropy profile nor TOML text") from None
-  return EntropyProfile.from_toml(Path(path))
+  doc = signing.read_signed_or_text(path, KIND, ProfileError, "entropy profile")
+  return profile_of(doc) if isinstance(doc, signing.SignedDocument) else EntropyProfile.from_toml(doc)

@@ -101,3 +101,24 @@ def verify(doc: SignedDocument, trust: TrustStore, *, min_signers: int = 1) -> t
         f"{doc.kind} {doc.id[:16]}... has {len(signers)} trusted signature(s), needs {min_signers}{hint}; "
         "pass the signer's .pub with --trust if you trust it")
   return tuple(signers)
+
+
+def read_bytes(path, error: type[Exception], what: str) -> bytes:
+  """The bytes of `path`, or `error` saying which `what` could not be read."""
+  try:
+    with open(path, "rb") as fh:
+      return fh.read()
+  except OSError as exc:
+    raise error(f"cannot read {what} {path}: {exc}") from None
+
+
+def read_signed_or_text(path, kind: str, error: type[Exception], what: str) -> SignedDocument | str:
+  """A signed document of `kind` from `path`, or else the file's UTF-8 text (e.g. TOML) to parse."""
+  data = read_bytes(path, error, what)
+  try:
+    return SignedDocument.from_bytes(data, kind=kind)
+  except SignatureError:
+    try:
+      return data.decode("utf-8")
+    except UnicodeDecodeError:
+      raise error(f"{path} is neither a signed {what} nor TOML text") from None
