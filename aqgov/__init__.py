@@ -14,6 +14,7 @@ from aqgov.errors import (
     GovernanceEscalation,
     KeyFileError,
     LineageError,
+    NonFiniteError,
     OverrideError,
     PolicyError,
     ProfileError,

@@ -40,6 +40,10 @@ class RoutingError(AqgovError):
   """Routed gradients cannot be computed with the requested strategy."""
 
 
+class NonFiniteError(RoutingError):
+  """The loss or a routed gradient is NaN or infinite: the step was not applied."""
+
+
 class UnsupportedPrimitiveError(RoutingError):
   """The cotangent strategy met a construct it cannot transform."""
 

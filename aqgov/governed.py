@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +37,7 @@ from aqgov.compiled import CompiledPolicy, compile_policy
 from aqgov.credentials import Example, read_manifest
 from aqgov.enforce import check_escalation, enforce, enforce_state
 from aqgov.entropy import measure
-from aqgov.errors import GovernanceEscalation, OverrideError, PolicyError
+from aqgov.errors import GovernanceEscalation, NonFiniteError, OverrideError, PolicyError
 from aqgov.grads import routed_value_and_grad
 from aqgov.keys import TrustStore
 from aqgov.lineage.log import LogReader
@@ -47,6 +47,16 @@ from aqgov.overrides import Override, read_override, verify_override
 from aqgov.policy import read_signed_policy, verify_policy
 from aqgov.profile import EntropyProfile, read_signed_profile, verify_profile
 from aqgov.routing import strict as strict_transform
+
+class GovernanceState(NamedTuple):
+  """Governance state a governed step carries besides the optimizer's (checkpointed with it).
+
+  nonfinite: bool [G] — groups whose routed gradient (or the loss) was NaN/inf at the last step,
+    which was therefore not applied.
+  """
+
+  nonfinite: jax.Array
+
 
 StepFn = Callable[[TrainState, Any, Mapping[str, jax.Array]], tuple[TrainState, StepSummary]]
 
@@ -61,6 +71,15 @@ def governed_optimizer(optimizer: optax.GradientTransformation, compiled: Compil
   if strict:
     tx = optax.chain(tx, strict_transform(compiled))
   return tx
+
+
+def group_finite(grads: Any, loss: jax.Array, compiled: CompiledPolicy) -> jax.Array:
+  """bool [G]: every entry of the group's routed gradient, and the loss, is finite."""
+  finite = [jnp.all(jnp.isfinite(g)) for g in jax.tree_util.tree_leaves(grads)]
+  per_group = jnp.ones((compiled.num_groups,), bool)
+  for leaf_ok, g in zip(finite, compiled.leaf_group):
+    per_group = per_group.at[g].set(per_group[g] & leaf_ok)
+  return per_group & jnp.isfinite(loss)
 
 
 def governed_step(loss_fn: Callable, compiled: CompiledPolicy, optimizer: optax.GradientTransformation, *,
@@ -85,15 +104,20 @@ def governed_step(loss_fn: Callable, compiled: CompiledPolicy, optimizer: optax.
     # enforcement numbers steps like the lineage: the step being taken is state.step + 1
     extra = {"measurements": measurements, "step": state.step + 1} if governed else {}
     updates, opt_state = tx.update(grads, state.opt_state, state.params, labels=labels, **extra)
-    params = optax.apply_updates(state.params, updates)
+    # fail closed: a NaN/inf gradient or loss is never applied, not even to the finite groups
+    finite = group_finite(grads, loss, compiled)
+    ok = jnp.all(finite)
+    params = jax.tree.map(lambda new, old: jnp.where(ok, new, old), optax.apply_updates(state.params, updates),
+                          state.params)
+    opt_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), opt_state, state.opt_state)
     escalated = enforce_state(opt_state).escalated if governed else jnp.zeros((), bool)
-    number = jnp.where(escalated, state.step, state.step + 1).astype(jnp.int32)
+    number = jnp.where(escalated | ~ok, state.step, state.step + 1).astype(jnp.int32)
     summary = summarize(
         step=number, example_index=batch["index"], route_class=compiled.route_class(labels),
         weights=compiled.group_weights(labels), contribution_norms=norms, loss=loss, params=params,
         leaf_group=compiled.leaf_group, key=fingerprint_seed, measurements=measurements,
         events=enforce_state(opt_state).events if governed else ())
-    return TrainState(number, params, opt_state, state.governance), summary
+    return TrainState(number, params, opt_state, GovernanceState(~finite)), summary
 
   return tx, step
 
@@ -157,11 +181,12 @@ class GovernedTask:
     self.optimizer, step = governed_step(
         loss_fn, self.compiled, optimizer, profile=self.profile, has_aux=True, strategy=strategy, strict=strict,
         overrides=[*overrides, *run_overrides(run_dir, self.trust)], fingerprint_seed=seed, microbatch=microbatch)
-    self._step = jax.jit(step)
+    self.step_without_checks = jax.jit(step)
 
   def init(self) -> TrainState:
     params = self._init_params()
-    return TrainState(jnp.zeros((), jnp.int32), params, self.optimizer.init(params), ())
+    governance = GovernanceState(jnp.zeros((self.compiled.num_groups,), bool))
+    return TrainState(jnp.zeros((), jnp.int32), params, self.optimizer.init(params), governance)
 
   def make_batch(self, examples: Sequence[Example]) -> tuple[dict, dict]:
     """Admit `examples` against the run's manifests: labels come only from verified credentials."""
@@ -169,7 +194,15 @@ class GovernedTask:
     return {"inputs": admitted.inputs, "index": np.arange(len(admitted.ids), dtype=np.int32)}, admitted.labels
 
   def step(self, state: TrainState, batch: Any, labels: Any) -> tuple[TrainState, StepSummary]:
-    new_state, summary = self._step(state, batch, labels)
+    """`step_without_checks`, then raise for a non-finite step or an escalation (host side)."""
+    new_state, summary = self.step_without_checks(state, batch, labels)
+    nonfinite = np.asarray(jax.device_get(new_state.governance.nonfinite))
+    if nonfinite.any():
+      groups = ", ".join(g for g, bad in zip(self.group_names, nonfinite) if bad)
+      raise NonFiniteError(
+          f"step {int(jax.device_get(state.step)) + 1}: the loss or the routed gradient of group(s) {groups} is "
+          "NaN/inf, so the step was not applied (parameters and optimizer state are unchanged). Check this "
+          "batch's examples and the learning rate; the run stays resumable from its last checkpoint.")
     if self.profile is not None:
       try:
         check_escalation(new_state.opt_state, self.profile, self.compiled)

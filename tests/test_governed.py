@@ -1,14 +1,20 @@
 """A governed run: labels come from credentials, steps are routed and bounded, escalations resume by override."""
 
 import datetime as dt
+import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
-from aqgov import sample
+from aqgov import sample, tiny_lm
+from aqgov.credentials import Example, issue_manifest, write_manifest
+from aqgov.governed import GovernedTask
+from aqgov.keys import public_key_json
 from aqgov.demo import create_authorities
-from aqgov.errors import AdmissionError, GovernanceEscalation
+from aqgov.errors import AdmissionError, GovernanceEscalation, NonFiniteError
 from aqgov.lineage import GovernedRun, verify_lineage
 from aqgov.keys import TrustStore
 from aqgov.overrides import issue_override, write_override
@@ -87,3 +93,42 @@ def test_an_escalation_stops_before_the_update_and_an_override_in_the_run_direct
     resumed.step(examples)  # the token names step 1 only
   resumed.abandon()
   verify_lineage(tmp_path / "run", TrustStore.from_paths(sorted((tmp_path / "run" / "keys").glob("*.pub"))))
+
+
+def poisoned_loss(params, tokens):
+  """The sample model's loss, with a NaN head gradient for examples starting with '!'."""
+  loss, aux = tiny_lm.example_loss(params, tokens, tiny_lm.Config(**CONFIG), with_aux=True)
+  bias = params["head"]["bias"][0]
+  # d/db sqrt(0 * b) is NaN while the value stays 0: a finite loss with a NaN head gradient
+  return loss + jnp.sqrt(jnp.where(tokens[0] == ord("!"), 0.0 * bias, 1.0)), aux
+
+
+CONFIG = {k: v for k, v in SMALL.items() if k != "seed"}
+
+
+def test_a_nan_gradient_is_never_applied_and_the_step_says_which_groups(tmp_path, authorities):
+  acme, eu = authorities.keys["acme-data"], authorities.keys["eu-office"]
+  examples = [Example("ok-0", b"Plain text that trains.", None), Example("bad-0", b"!Text that poisons.", None)]
+  labels = {"license_class": "public-domain", "sensitivity_tier": 0, "jurisdictions": ["US"], "source": "web"}
+  run_dir = tmp_path / "run"
+  write_manifest(issue_manifest(acme, sample.taxonomies()["acme-data"], [e._replace(labels=labels) for e in examples]),
+                 run_dir / "manifests" / "acme.signed")
+  (run_dir / "policies").mkdir()
+  shutil.copy(authorities.policies[0], run_dir / "policies")  # acme-routing: acme-data's fields only
+  (run_dir / "keys").mkdir()
+  for key in (acme, eu):
+    (run_dir / "keys" / f"{key.name}.pub").write_text(public_key_json(key.public))
+  task = GovernedTask(run_dir, loss_fn=poisoned_loss,
+                      init_params=lambda: tiny_lm.init(jax.random.PRNGKey(0), tiny_lm.Config(**CONFIG)),
+                      make_inputs=lambda ex: tiny_lm.encode_text(ex.content, tiny_lm.Config(**CONFIG)),
+                      optimizer=optax.adam(1e-2))
+  state = task.init()
+  state, _ = task.step(state, *task.make_batch(examples[:1]))
+  assert int(state.step) == 1
+  with pytest.raises(NonFiniteError, match=r"group\(s\) head is NaN") as failed:
+    task.step(state, *task.make_batch(examples))
+  assert "not applied" in str(failed.value)
+  held, _ = task.step_without_checks(state, *task.make_batch(examples))
+  assert int(held.step) == 1
+  jax.tree.map(np.testing.assert_array_equal, held.params, state.params)
+  jax.tree.map(np.testing.assert_array_equal, held.opt_state, state.opt_state)
