@@ -12,6 +12,7 @@ mode 0600, and the documents they signed) are in `OUT/authorities/`.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import shutil
 import tempfile
@@ -109,6 +110,37 @@ def explain_rich(compiled: CompiledPolicy, reached: np.ndarray | None = None) ->
   return table
 
 
+def train(run: GovernedRun, batches, steps: int, console: Console) -> tuple[np.ndarray, list, str | None]:
+  """Run `steps` governed steps; route-class counts, governance events and any escalation message."""
+  task = run.task
+  reached = np.zeros(len(task.compiled.class_names), np.int64)
+  events, last_kinds = [], set()
+  try:
+    for _ in range(steps):
+      batch = next(batches)
+      s = jax.device_get(run.step([Example(i, c, None) for i, c in zip(batch.ids, batch.content)]))
+      np.add.at(reached, np.asarray(s.route_class), 1)
+      step_events = decode_events(s.events, task.profile, task.compiled)
+      events += step_events
+      kinds = {(e.group, e.metric, e.action) for e in step_events}
+      if int(s.step) % 5 == 0 or kinds != last_kinds:
+        console.print(f"   step {int(s.step):3d}  loss {float(s.loss):.3f}" +
+                      "".join(f"\n     event: {e.describe()}" for e in step_events if kinds != last_kinds))
+      last_kinds = kinds
+  except GovernanceEscalation as exc:
+    console.print(f"[red]   escalation[/red]: {exc}")
+    run.abandon()
+    return reached, events, str(exc)
+  run.close()
+  return reached, events, None
+
+
+def reaching_classes(compiled: CompiledPolicy, reached: np.ndarray) -> dict[str, list[str]]:
+  """Per group, the route classes that trained examples took and that give the group a positive weight."""
+  return {name: [compiled.class_names[c] for c in np.flatnonzero(reached) if compiled.table[c, g] > 0]
+          for g, name in enumerate(compiled.group_names)}
+
+
 def run(out: str | Path, *, steps: int = 20, batch_size: int = 16, seed: int = 0,
         console: Console | None = None) -> dict:
   """Run the demo into `out` (must be empty or absent); returns a summary dict."""
@@ -130,50 +162,23 @@ def run(out: str | Path, *, steps: int = 20, batch_size: int = 16, seed: int = 0
 
   task = run.task
   loader = Admission(auth.trust, [read_manifest(p) for p in auth.manifests], on_reject="collect")
-  rejected = [r for r in loader.admit(incoming_examples()).rejected]
-  console.print(f"[bold]2. admission[/bold]: {len(incoming_examples()) - len(rejected)} admitted, "
+  incoming = incoming_examples()
+  rejected = list(loader.admit(incoming).rejected)
+  console.print(f"[bold]2. admission[/bold]: {len(incoming) - len(rejected)} admitted, "
                 f"{len(rejected)} refused")
   for r in rejected:
     console.print(f"   refused {r.example_id}: {r.reason}")
 
   console.print("[bold]3. policy[/bold]: groups " + ", ".join(task.compiled.group_names))
 
-  batches = itertools.cycle(list(governed_batches(incoming_examples(), loader, batch_size, drop_remainder=True)))
-  reached = np.zeros(len(task.compiled.class_names), np.int64)
-  events, escalation, last_kinds = [], None, set()
+  batches = itertools.cycle(list(governed_batches(incoming, loader, batch_size, drop_remainder=True)))
   console.print(f"[bold]4. training[/bold] {steps} governed steps of {batch_size} examples "
                 f"(routed, entropy-bounded, recorded)")
-  try:
-    for _ in range(steps):
-      batch = next(batches)
-      summary = run.step([Example(i, c, None) for i, c in zip(batch.ids, batch.content)])
-      s = jax.device_get(summary)
-      np.add.at(reached, np.asarray(s.route_class), 1)
-      step_events = decode_events(s.events, task.profile, task.compiled)
-      events += step_events
-      kinds = {(e.group, e.metric, e.action) for e in step_events}
-      if int(s.step) % 5 == 0 or kinds != last_kinds:
-        console.print(f"   step {int(s.step):3d}  loss {float(s.loss):.3f}" +
-                      "".join(f"\n     event: {e.describe()}" for e in step_events if kinds != last_kinds))
-      last_kinds = kinds
-  except GovernanceEscalation as exc:
-    escalation = str(exc)
-    console.print(f"[red]   escalation[/red]: {exc}")
-    run.abandon()
-  else:
-    run.close()
-
+  reached, events, escalation = train(run, batches, steps, console)
   console.print(explain_rich(task.compiled, reached))
-  weights = task.compiled.table
-  for g, name in enumerate(task.compiled.group_names):
-    classes = [task.compiled.class_names[c] for c in range(len(reached)) if reached[c] and weights[c, g] > 0]
-    console.print(f"   {name:8s} shaped by {int(sum(reached[c] for c in range(len(reached)) if weights[c, g] > 0))} "
-                  f"example-steps from {len(classes)} route class(es)")
-
-  counts: dict = {}
-  for e in events:
-    counts[(e.group, e.metric, e.action)] = counts.get((e.group, e.metric, e.action), 0) + 1
-  for (group, metric, action), n in sorted(counts.items()):
+  for name, classes in reaching_classes(task.compiled, reached).items():
+    console.print(f"   {name} was shaped by: {', '.join(classes) or 'no example'}")
+  for (group, metric, action), n in sorted(collections.Counter((e.group, e.metric, e.action) for e in events).items()):
     console.print(f"   governance: {metric}/{group} out of bounds on {n} step(s) -> {action}")
 
   report = verify_lineage(out, TrustStore.from_paths(sorted((out / "keys").glob("*.pub"))))
@@ -181,6 +186,6 @@ def run(out: str | Path, *, steps: int = 20, batch_size: int = 16, seed: int = 0
                 f"{report.heads} signed heads, closed={report.closed}")
   console.print(f"   check it:  aqgov lineage verify {out} --trust {out}/keys/*.pub\n"
                 f"   attest it: aqgov lineage export {out} --intoto {out}/attestation.intoto.json")
-  return {"admitted": len(incoming_examples()) - len(rejected), "rejected": [(r.example_id, str(r.reason)) for r in rejected],
+  return {"admitted": len(incoming) - len(rejected), "rejected": [(r.example_id, str(r.reason)) for r in rejected],
           "policy_ids": task.compiled.policy_ids, "groups": task.compiled.group_names, "reached": reached.tolist(),
           "events": [e._asdict() for e in events], "escalation": escalation, "records": report.size}
