@@ -7,37 +7,13 @@ import operator
 
 from hypothesis import strategies as st
 
+from aqgov import sample
 from aqgov.expressions import And, Bool, Compare, Member, Not, Or, parse, to_text
 from aqgov.policy import Policy, Rule
 from aqgov.taxonomy import LabelSpace, Taxonomy
 
-ACME_TOML = """
-[authority]
-name = "acme-data"
-[fields.license_class]
-type = "enum"
-values = ["public-domain", "cc-by", "proprietary", "unknown"]
-[fields.sensitivity_tier]
-type = "int"
-min = 0
-max = 3
-[fields.jurisdictions]
-type = "flags"
-values = ["EU", "US", "UK"]
-[fields.source]
-type = "string"
-"""
-
-EU_TOML = """
-[authority]
-name = "eu-office"
-[fields.lawful_basis]
-type = "enum"
-values = ["consent", "contract", "legitimate-interest", "none"]
-[fields.personal_data]
-type = "enum"
-values = ["yes", "no"]
-"""
+ACME_TOML = sample.taxonomy_path("acme-data").read_text()  # the issue's taxonomy, shipped as sample data
+EU_TOML = sample.taxonomy_path("eu-office").read_text()
 
 ACME = Taxonomy.from_toml(ACME_TOML)
 EU = Taxonomy.from_toml(EU_TOML)

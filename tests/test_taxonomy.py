@@ -13,22 +13,7 @@ from aqgov import sample
 from aqgov.errors import TaxonomyError
 from aqgov.taxonomy import CREDENTIALED, Field, LabelSpace, Taxonomy, string_code
 
-ACME = """
-[authority]
-name = "acme-data"
-[fields.license_class]
-type = "enum"
-values = ["public-domain", "cc-by", "proprietary", "unknown"]
-[fields.sensitivity_tier]
-type = "int"
-min = 0
-max = 3
-[fields.jurisdictions]
-type = "flags"
-values = ["EU", "US", "UK"]
-[fields.source]
-type = "string"
-"""
+ACME = sample.taxonomy_path("acme-data").read_text()  # exactly the taxonomy TOML of the format spec
 
 OWNER = """
 [authority]
