@@ -41,6 +41,7 @@ from jax.extend import core as jcore
 
 from aqgov import ghost_norms
 from aqgov.errors import BatchCouplingError, RoutingError, UnsupportedPrimitiveError
+from aqgov.routing import unsigned_zeros
 
 PyTree = Any
 _sg = jax.lax.stop_gradient
@@ -828,7 +829,7 @@ def _run(plan: _Plan, p_leaves, p_def, b_leaves, weights, size, has_aux, with_no
       total, argnums=(0, 1, 2), has_aux=True)(diff_vals, probes, gprobes)
   grads = [_zero_grad(p) for p in p_leaves]
   for i, g in zip(diff, g_diff):
-    grads[i] = g
+    grads[i] = unsigned_zeros(g)
   grads = jax.tree.unflatten(p_def, grads)
   head = loss
   if has_aux:

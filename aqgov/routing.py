@@ -50,6 +50,12 @@ def _check_batch(weight: jax.Array, update: jax.Array) -> None:
         "(e.g. jax.vmap(jax.grad(loss), (None, 0))) and the labels of the same batch")
 
 
+def unsigned_zeros(x: jax.Array) -> jax.Array:
+  """`x` with -0.0 made +0.0, so an excluded example (weight 0) cannot flip the sign of a zero sum:
+  its contribution leaves the routed gradient bitwise unchanged, not merely equal."""
+  return jnp.where(x == 0, jnp.zeros_like(x), x)
+
+
 def _weighted_sum_leaf(weight: jax.Array, update: jax.Array) -> jax.Array:
   _check_batch(weight, update)
   if weight.ndim == 1:  # a contraction over the batch axis: far faster than multiply-then-sum
@@ -57,7 +63,7 @@ def _weighted_sum_leaf(weight: jax.Array, update: jax.Array) -> jax.Array:
                         out_sharding=_contracted_sharding(update))
   else:
     out = jnp.sum(broadcast_weight(weight, update).astype(update.dtype) * update, axis=0)
-  return out.astype(update.dtype)
+  return unsigned_zeros(out.astype(update.dtype))
 
 
 def _contracted_sharding(update: jax.Array):
