@@ -2,95 +2,68 @@
 
 Signed policies decide which example may shape which part of the model; entropy profiles are
 enforced inside the jitted step; every step leaves a signed, tamper-evident lineage record.
+
+The layers, bottom up (each imports only those below it): `aqgov.documents` (canonical bytes,
+keys, signatures, Merkle trees), `aqgov.credentials` (taxonomies, manifests, admission),
+`aqgov.policy`, `aqgov.routing`, `aqgov.entropy`, `aqgov.lineage`, `aqgov.governed`; then the
+`aqgov.cli` and `aqgov.examples`. This module re-exports what a user of the README needs.
 """
 
-from aqgov import canonical, credentials, merkle, paths, sample
+from aqgov import credentials, documents, entropy, lineage, policy, routing
+from aqgov.credentials import Admission, Taxonomy
+from aqgov.documents import SigningKey, TrustStore
+from aqgov.entropy import EntropyProfile, enforce, measure
 from aqgov.errors import (
     AdmissionError,
     AqgovError,
     BatchCouplingError,
-    CheckpointError,
     CredentialError,
     GovernanceEscalation,
-    KeyFileError,
     LineageError,
     NonFiniteError,
     OverrideError,
     PolicyError,
     ProfileError,
     ReplayDivergence,
-    RoutingError,
     SignatureError,
-    TaxonomyError,
-    UnsupportedPrimitiveError,
 )
-from aqgov.compiled import (
-    CompiledPolicy,
-    UncoveredParametersWarning,
-    compile_policy,
-    explain,
-    explain_table,
-    param_shapes,
-)
-from aqgov.admission import Admission, AdmittedBatch, RejectReason, Rejection, Verdict, admit
-from aqgov.credentials import (
-    Entry,
-    Example,
-    InclusionProof,
-    Manifest,
-    issue_manifest,
-    read_examples,
-    read_manifest,
-    verify_entry,
-    verify_manifest,
-    write_manifest,
-)
-from aqgov.keys import PublicKey, SigningKey, TrustStore
-from aqgov.loader import governed_batches
-from aqgov.policy import (
-    Policy,
-    PolicySet,
-    Rule,
-    compose,
-    read_policy,
-    read_signed_policy,
-    sign_policy,
-    verify_policy,
-    write_signed_policy,
-)
-from aqgov.cotangent import cotangent_value_and_grad, norm_methods
-from aqgov.grads import routed_value_and_grad
-from aqgov.routing import route, routed, strict
-from aqgov import entropy
-from aqgov.enforce import EnforceState, Event, Events, check_escalation, decode_events, enforce, enforce_state
-from aqgov.overrides import Override, issue_override, read_override, verify_override, write_override
-from aqgov.profile import (
-    Bound,
-    EntropyProfile,
-    Representation,
-    read_profile,
-    read_signed_profile,
-    sign_profile,
-    verify_profile,
-    write_profile,
-    write_signed_profile,
-)
-from aqgov import lineage
-from aqgov.lineage import (
-    GovernedRun,
-    LineageWriter,
-    StepSummary,
-    Task,
-    TrainState,
-    export_intoto,
-    fingerprint,
-    membership,
-    params_sha256,
-    summarize,
-    verify_lineage,
-)
-from aqgov.lineage.replay import replay
-from aqgov.signing import SignedDocument
-from aqgov.taxonomy import Field, LabelSpace, Taxonomy
+from aqgov.governed import GovernedTask, governed_step
+from aqgov.lineage import GovernedRun, replay, verify_lineage
+from aqgov.policy import CompiledPolicy, Policy, compile_policy
+from aqgov.routing import route, routed, routed_value_and_grad, strict
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "Admission",
+    "AdmissionError",
+    "AqgovError",
+    "BatchCouplingError",
+    "CompiledPolicy",
+    "CredentialError",
+    "EntropyProfile",
+    "GovernanceEscalation",
+    "GovernedRun",
+    "GovernedTask",
+    "LineageError",
+    "NonFiniteError",
+    "OverrideError",
+    "Policy",
+    "PolicyError",
+    "ProfileError",
+    "ReplayDivergence",
+    "SignatureError",
+    "SigningKey",
+    "Taxonomy",
+    "TrustStore",
+    "compile_policy",
+    "enforce",
+    "governed_step",
+    "measure",
+    "replay",
+    "route",
+    "routed",
+    "routed_value_and_grad",
+    "strict",
+    "verify_lineage",
+]

@@ -32,21 +32,21 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from aqgov.admission import Admission
-from aqgov.compiled import CompiledPolicy, compile_policy
-from aqgov.credentials import Example, read_manifest
-from aqgov.enforce import check_escalation, enforce, enforce_state
-from aqgov.entropy import measure
+from aqgov.credentials._admission import Admission
+from aqgov.policy._compile import CompiledPolicy, compile_policy
+from aqgov.credentials._manifest import Example, read_manifest
+from aqgov.entropy._enforce import check_escalation, enforce, enforce_state
+from aqgov.entropy._metrics import measure
 from aqgov.errors import GovernanceEscalation, NonFiniteError, OverrideError, PolicyError
-from aqgov.grads import routed_value_and_grad
-from aqgov.keys import TrustStore
-from aqgov.lineage.log import LogReader
-from aqgov.lineage.summary import StepSummary, summarize
-from aqgov.lineage.task import TrainState
-from aqgov.overrides import Override, read_override, verify_override
-from aqgov.policy import read_signed_policy, verify_policy
-from aqgov.profile import EntropyProfile, read_signed_profile, verify_profile
-from aqgov.routing import strict as strict_transform
+from aqgov.routing._value_and_grad import routed_value_and_grad
+from aqgov.documents._keys import TrustStore
+from aqgov.lineage._log import LogReader
+from aqgov.lineage._summary import StepSummary, summarize
+from aqgov.lineage._task import TrainState
+from aqgov.entropy._overrides import Override, read_override, verify_override
+from aqgov.policy._policy import read_signed_policy, verify_policy
+from aqgov.entropy._profile import EntropyProfile, read_signed_profile, verify_profile
+from aqgov.routing._transforms import strict as strict_transform
 
 class GovernanceState(NamedTuple):
   """Governance state a governed step carries besides the optimizer's (checkpointed with it).

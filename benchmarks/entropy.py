@@ -1,6 +1,6 @@
 """Cost of entropy measurement and enforcement against a plain Optax step.
 
-    python benchmarks/entropy.py            # LM 4 blocks, d=128, T=128, B=32 (aqgov.tiny_lm)
+    python benchmarks/entropy.py            # LM 4 blocks, d=128, T=128, B=32 (aqgov.examples.tiny_lm)
     python benchmarks/entropy.py --quick    # tiny shapes, a smoke run
 
 Every step is jitted. The plain step is `value_and_grad` of the mean per-example loss (vmapped)
@@ -42,7 +42,8 @@ import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
 import aqgov  # noqa: E402
-from aqgov import entropy, tiny_lm  # noqa: E402
+from aqgov.entropy import _metrics as entropy
+from aqgov.examples import tiny_lm as tiny_lm  # noqa: E402
 
 
 def _setup(quick: bool):
@@ -54,9 +55,9 @@ def _setup(quick: bool):
   params = tiny_lm.init(k_params, config)
   tokens = jax.random.randint(k_tokens, (batch_size, config.seq_len + 1), 1, tiny_lm.VOCAB)
   data = Path(str(resources.files("aqgov").joinpath("data")))
-  policy = aqgov.read_policy(data / "policies" / "acme-routing.toml")
+  policy = aqgov.policy.read_policy(data / "policies" / "acme-routing.toml")
   compiled = aqgov.compile_policy(policy, params, None)
-  profile = aqgov.read_profile(data / "profiles" / "demo-profile.toml")
+  profile = aqgov.entropy.read_profile(data / "profiles" / "demo-profile.toml")
   return config, params, tokens, compiled, profile
 
 

@@ -35,12 +35,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from aqgov import keys
-from aqgov.keys import TrustStore
-from aqgov.lineage import log, record as rec
-from aqgov.lineage.summary import StepSummary, summarize
-from aqgov.lineage.verify import verify_lineage
-from aqgov.paths import tree_paths
+from aqgov.documents import _keys as keys
+from aqgov.documents._keys import TrustStore
+from aqgov.lineage import _log as log
+from aqgov.lineage import _record as rec
+from aqgov.lineage._summary import StepSummary, summarize
+from aqgov.lineage._verify import verify_lineage
+from aqgov.policy._paths import tree_paths
 
 
 def _host_summaries(n: int, batch: int, groups: int, classes: int = 6, seed: int = 0) -> list[StepSummary]:

@@ -31,7 +31,7 @@ import numpy as np
 import optax
 
 import aqgov
-from aqgov import tiny_lm
+from aqgov.examples import tiny_lm as tiny_lm
 
 TAXONOMY = """
 [authority]
@@ -205,7 +205,7 @@ def steps(case: Case, compiled_policy, optimizer) -> dict[str, Callable]:
 
 def run(quick: bool, reps: int) -> list[tuple[str, dict[str, Measure]]]:
   taxonomy = aqgov.Taxonomy.from_toml(TAXONOMY)
-  space = aqgov.LabelSpace.of(taxonomy)
+  space = aqgov.credentials.LabelSpace.of(taxonomy)
   rows = []
   for case in cases(quick):
     policy = aqgov.Policy.from_toml(policy_toml(case.groups))

@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 
 import aqgov
-from aqgov import entropy
+from aqgov.entropy import _metrics as entropy
 
 VOCAB, SEQ, DIM, HEADS = 12, 8, 16, 2
 

@@ -8,9 +8,11 @@ from pathlib import Path
 
 import numpy as np
 
-from aqgov import keys
-from aqgov.lineage import example_task as et, log, record as rec
-from aqgov.lineage.summary import StepSummary
+from aqgov.documents import _keys as keys
+from aqgov.examples import task as et
+from aqgov.lineage import _log as log
+from aqgov.lineage import _record as rec
+from aqgov.lineage._summary import StepSummary
 
 GROUPS = ("embed", "block", "head")
 HEADER = 16  # segment header: magic + first seq
@@ -100,12 +102,12 @@ def batches(data: list[dict], step: int, size: int = 8) -> list[dict]:
   return [data[((step - 1) * size + j) % len(data)] for j in range(size)]
 
 
-TASK = "aqgov.lineage.example_task:make_task"
+TASK = "aqgov.examples.task:make_task"
 
 
 def make_run(run_dir: Path, data: list[dict], steps: int, *, checkpoint_every: int = 4, close: bool = True, **kw):
   """A governed run of the example task over `steps` batches of `data` (closed unless told not to)."""
-  from aqgov.lineage.run import GovernedRun
+  from aqgov.lineage._run import GovernedRun
 
   run = GovernedRun.start(run_dir, task=kw.pop("task", TASK), checkpoint_every=checkpoint_every, head_every=8, **kw)
   for s in range(1, steps + 1):
@@ -117,6 +119,6 @@ def make_run(run_dir: Path, data: list[dict], steps: int, *, checkpoint_every: i
 
 def trust_of(*run_dirs: Path):
   """Every public key the run directories hold."""
-  from aqgov.keys import TrustStore
+  from aqgov.documents._keys import TrustStore
 
   return TrustStore.from_paths([p for d in run_dirs for p in sorted((Path(d) / "keys").glob("*.pub"))])

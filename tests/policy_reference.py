@@ -7,10 +7,10 @@ import operator
 
 from hypothesis import strategies as st
 
-from aqgov import sample
-from aqgov.expressions import And, Bool, Compare, Member, Not, Or, parse, to_text
-from aqgov.policy import Policy, Rule
-from aqgov.taxonomy import LabelSpace, Taxonomy
+from aqgov.examples import sample as sample
+from aqgov.policy._expressions import And, Bool, Compare, Member, Not, Or, parse, to_text
+from aqgov.policy._policy import Policy, Rule
+from aqgov.credentials._taxonomy import LabelSpace, Taxonomy
 
 ACME_TOML = sample.taxonomy_path("acme-data").read_text()  # the taxonomy, shipped as sample data
 EU_TOML = sample.taxonomy_path("eu-office").read_text()

@@ -10,7 +10,7 @@ import numpy as np
 from hypothesis import strategies as st
 
 import aqgov
-from aqgov import tiny_lm
+from aqgov.examples import tiny_lm as tiny_lm
 
 B = 5
 KINDS = ("k0", "k1", "k2")
@@ -25,7 +25,7 @@ type = "int"
 min = 0
 max = 3
 """)
-SPACE = aqgov.LabelSpace.of(TAXONOMY)
+SPACE = aqgov.credentials.LabelSpace.of(TAXONOMY)
 WEIGHTS = (0.0, 0.25, 0.5, 1.0)
 
 

@@ -9,13 +9,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from aqgov import admission as adm
-from aqgov import credentials, keys, sample, signing
-from aqgov.admission import Admission, RejectReason, Rejection
-from aqgov.credentials import Example
+from aqgov.credentials import _admission as adm
+from aqgov.credentials import _manifest as credentials
+from aqgov.documents import _keys as keys
+from aqgov.examples import sample as sample
+from aqgov.documents import _signing as signing
+from aqgov.credentials._admission import Admission, RejectReason, Rejection
+from aqgov.credentials._manifest import Example
 from aqgov.errors import AdmissionError, CredentialError
-from aqgov.loader import governed_batches
-from aqgov.taxonomy import LabelSpace
+from aqgov.credentials._loader import governed_batches
+from aqgov.credentials._taxonomy import LabelSpace
 
 ACME = keys.SigningKey("acme-data", bytes(range(32)))
 EU = keys.SigningKey("eu-office", bytes(range(1, 33)))

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from aqgov import canonical
-from aqgov.canonical import CanonicalError
+from aqgov.documents import _canonical as canonical
+from aqgov.documents._canonical import CanonicalError
 
 scalars = (st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1)
            | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=8) | st.binary(max_size=8))

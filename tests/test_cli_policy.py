@@ -10,9 +10,9 @@ import pytest
 from click.testing import CliRunner
 
 from aqgov.cli import main
-from aqgov.compiled import compile_policy, param_shapes
-from aqgov.policy import Policy, read_signed_policy, signers
-from aqgov.taxonomy import LabelSpace, Taxonomy
+from aqgov.policy._compile import compile_policy, param_shapes
+from aqgov.policy._policy import Policy, read_signed_policy, signers
+from aqgov.credentials._taxonomy import LabelSpace, Taxonomy
 from policy_reference import ACME_TOML, EU_TOML, POLICY_TOML
 
 DATA = Path(str(resources.files("aqgov").joinpath("data")))

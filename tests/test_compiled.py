@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from aqgov.compiled import (
+from aqgov.policy._compile import (
     CompiledPolicy,
     UncoveredParametersWarning,
     compile_policy,
@@ -26,13 +26,13 @@ from aqgov.compiled import (
     param_shapes,
 )
 from aqgov.errors import PolicyError
-from aqgov.expressions import to_text
-from aqgov.paths import glob_match, tree_paths
-from aqgov.policy import UNCOVERED_GROUP, Policy, Rule
-from aqgov.taxonomy import LabelSpace
+from aqgov.policy._expressions import to_text
+from aqgov.policy._paths import glob_match, tree_paths
+from aqgov.policy._policy import UNCOVERED_GROUP, Policy, Rule
+from aqgov.credentials._taxonomy import LabelSpace
 from policy_reference import ACME, POLICY_TOML, SPACE, batches, expressions, leaf_weight, routes, weights
 
-pytestmark = pytest.mark.filterwarnings("ignore::aqgov.compiled.UncoveredParametersWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::aqgov.policy.UncoveredParametersWarning")
 
 PARAMS = {
     "embed": {"tokens": np.zeros((8, 4), np.float32)},

@@ -12,8 +12,8 @@ import pytest
 from flax import nnx
 from hypothesis import given, strategies as st
 
-from aqgov import ghost_norms
-from aqgov.cotangent import check_supported, cotangent_value_and_grad, norm_methods
+from aqgov.routing import _ghost_norms as ghost_norms
+from aqgov.routing._cotangent import check_supported, cotangent_value_and_grad, norm_methods
 from aqgov.errors import BatchCouplingError, RoutingError, UnsupportedPrimitiveError
 
 B = 4

@@ -11,11 +11,15 @@ from click.testing import CliRunner
 from hypothesis import given
 from hypothesis import strategies as st
 
-from aqgov import credentials, keys, merkle, sample, signing
+from aqgov.credentials import _manifest as credentials
+from aqgov.documents import _keys as keys
+from aqgov.documents import _merkle as merkle
+from aqgov.examples import sample as sample
+from aqgov.documents import _signing as signing
 from aqgov.cli import main
-from aqgov.credentials import Example, InclusionProof
+from aqgov.credentials._manifest import Example, InclusionProof
 from aqgov.errors import CredentialError
-from aqgov.taxonomy import Taxonomy
+from aqgov.credentials._taxonomy import Taxonomy
 
 ACME = keys.SigningKey("acme-data", bytes(range(32)))
 EU = keys.SigningKey("eu-office", bytes(range(1, 33)))

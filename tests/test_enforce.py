@@ -11,12 +11,13 @@ import optax
 import pytest
 
 import aqgov
-from aqgov import entropy, keys
-from aqgov.enforce import check_escalation, decode_events, enforce, enforce_state
+from aqgov.entropy import _metrics as entropy
+from aqgov.documents import _keys as keys
+from aqgov.entropy._enforce import check_escalation, decode_events, enforce, enforce_state
 from aqgov.errors import GovernanceEscalation, OverrideError, ProfileError
-from aqgov.grads import routed_value_and_grad
-from aqgov.overrides import host_mask, issue_override, verify_override
-from aqgov.profile import Bound, EntropyProfile, Representation
+from aqgov.routing._value_and_grad import routed_value_and_grad
+from aqgov.entropy._overrides import host_mask, issue_override, verify_override
+from aqgov.entropy._profile import Bound, EntropyProfile, Representation
 
 import attention_models as am
 

@@ -13,9 +13,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import aqgov
-from aqgov import entropy
-from aqgov.grads import routed_value_and_grad
-from aqgov.profile import Bound, EntropyProfile, Representation
+from aqgov.entropy import _metrics as entropy
+from aqgov.routing._value_and_grad import routed_value_and_grad
+from aqgov.entropy._profile import Bound, EntropyProfile, Representation
 
 import attention_models as am
 

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aqgov.errors import PolicyError
-from aqgov.expressions import (
+from aqgov.policy._expressions import (
     MAX_DEPTH,
     And,
     Bool,
@@ -28,7 +28,7 @@ from aqgov.expressions import (
     to_text,
     tokenize,
 )
-from aqgov.taxonomy import LabelSpace, Taxonomy
+from aqgov.credentials._taxonomy import LabelSpace, Taxonomy
 from policy_reference import ACME, EU, SPACE, batches, evaluate, expressions
 
 # -- parsing ------------------------------------------------------------------------------------

@@ -9,16 +9,17 @@ import numpy as np
 import optax
 import pytest
 
-from aqgov import sample, tiny_lm
-from aqgov.credentials import Example, issue_manifest, write_manifest
+from aqgov.examples import sample as sample
+from aqgov.examples import tiny_lm as tiny_lm
+from aqgov.credentials._manifest import Example, issue_manifest, write_manifest
 from aqgov.governed import GovernedTask
-from aqgov.keys import public_key_json
-from aqgov.demo import create_authorities
+from aqgov.documents._keys import public_key_json
+from aqgov.examples.demo import create_authorities
 from aqgov.errors import AdmissionError, GovernanceEscalation, NonFiniteError
 from aqgov.lineage import GovernedRun, verify_lineage
-from aqgov.keys import TrustStore
-from aqgov.overrides import issue_override, write_override
-from aqgov.profile import EntropyProfile, sign_profile, write_signed_profile
+from aqgov.documents._keys import TrustStore
+from aqgov.entropy._overrides import issue_override, write_override
+from aqgov.entropy._profile import EntropyProfile, sign_profile, write_signed_profile
 
 SMALL = {"seq_len": 16, "d_model": 16, "num_heads": 4, "num_blocks": 1, "adapter_dim": 4, "seed": 0}
 ESCALATING_PROFILE = """
@@ -42,7 +43,7 @@ def authorities(tmp_path_factory):
 
 def start(tmp_path, authorities, profile=None):
   profiles = [profile] if profile is not None else [authorities.profile]
-  return GovernedRun.start(tmp_path / "run", task="aqgov.tiny_lm:make_task", task_config=SMALL,
+  return GovernedRun.start(tmp_path / "run", task="aqgov.examples.tiny_lm:make_task", task_config=SMALL,
                            policies=authorities.policies, profiles=profiles, manifests=authorities.manifests,
                            trust=authorities.public_keys, checkpoint_every=100)
 

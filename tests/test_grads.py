@@ -15,12 +15,13 @@ from hypothesis import strategies as st
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import aqgov
-from aqgov import cotangent, tiny_lm
+from aqgov.routing import _cotangent as cotangent
+from aqgov.examples import tiny_lm as tiny_lm
 from aqgov.errors import BatchCouplingError, RoutingError, UnsupportedPrimitiveError
-from aqgov.grads import group_norms, per_example_value_and_grad
+from aqgov.routing._value_and_grad import group_norms, per_example_value_and_grad
 import routed_models as rm
 
-pytestmark = pytest.mark.filterwarnings("ignore::aqgov.UncoveredParametersWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::aqgov.policy.UncoveredParametersWarning")
 
 # Each strategy as fn(params, batch, leaf_weights), jitted once per model: the policy enters as
 # weights, so random policies do not recompile. `routed_value_and_grad` adds only

@@ -11,7 +11,7 @@ import stat
 import pytest
 from click.testing import CliRunner
 
-from aqgov import keys
+from aqgov.documents import _keys as keys
 from aqgov.cli import main
 from aqgov.errors import KeyFileError, SignatureError
 

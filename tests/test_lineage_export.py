@@ -15,12 +15,13 @@ from securesystemslib.exceptions import VerificationError
 from securesystemslib.signer import SSlibKey
 
 import lineage_helpers as lh
-from aqgov import keys
+from aqgov.documents import _keys as keys
 from aqgov.cli import main
 from aqgov.errors import LineageError
-from aqgov.keys import TrustStore
-from aqgov.lineage import history as hist, log
-from aqgov.lineage.export import PAYLOAD_TYPE, PREDICATE_TYPE, STATEMENT_TYPE, export_intoto, verify_envelope
+from aqgov.documents._keys import TrustStore
+from aqgov.lineage import _history as hist
+from aqgov.lineage import _log as log
+from aqgov.lineage._export import PAYLOAD_TYPE, PREDICATE_TYPE, STATEMENT_TYPE, export_intoto, verify_envelope
 
 
 @pytest.fixture(scope="module")

@@ -16,11 +16,13 @@ import pytest
 from hypothesis import given, strategies as st
 
 import lineage_helpers as lh
-from aqgov import keys, merkle
+from aqgov.documents import _keys as keys
+from aqgov.documents import _merkle as merkle
 from aqgov.errors import LineageError
-from aqgov.keys import TrustStore
-from aqgov.lineage import log, record as rec
-from aqgov.lineage.verify import consistency_proof, verify_lineage
+from aqgov.documents._keys import TrustStore
+from aqgov.lineage import _log as log
+from aqgov.lineage import _record as rec
+from aqgov.lineage._verify import consistency_proof, verify_lineage
 
 KEY = keys.generate("run")
 TRUST = TrustStore.of([KEY])
@@ -225,10 +227,10 @@ def test_append_returns_before_the_record_is_written(tmp_path):
 
 _KILLED_WRITER = """
 import sys
-from aqgov import keys
+from aqgov.documents import _keys as keys
 sys.path.insert(0, sys.argv[3])
 import lineage_helpers as lh
-from aqgov.lineage import log
+from aqgov.lineage import _log as log
 key = keys.load_signing_key(sys.argv[1])
 w = log.LineageWriter.create(sys.argv[2], key, lh.start_body(key), head_every=7, fsync="never")
 step = 0

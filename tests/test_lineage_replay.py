@@ -20,12 +20,14 @@ from click.testing import CliRunner
 import lineage_helpers as lh
 from aqgov.cli import main
 from aqgov.errors import CheckpointError, LineageError, ReplayDivergence
-from aqgov.lineage import history as hist, log, record as rec
-from aqgov.lineage.checkpoint import Checkpoints
-from aqgov.lineage.example_task import MLPTask
-from aqgov.lineage.replay import replay
-from aqgov.lineage.summary import params_sha256
-from aqgov.lineage.task import TrainState
+from aqgov.lineage import _history as hist
+from aqgov.lineage import _log as log
+from aqgov.lineage import _record as rec
+from aqgov.lineage._checkpoint import Checkpoints
+from aqgov.examples.task import MLPTask
+from aqgov.lineage._replay import replay
+from aqgov.lineage._summary import params_sha256
+from aqgov.lineage._task import TrainState
 
 
 @pytest.fixture(scope="module")
@@ -155,9 +157,9 @@ def test_the_cli_replays_and_names_a_divergence(run_dir, data_path, tmp_path):
 _KILLED_SAVER = """
 import sys
 import jax.numpy as jnp
-from aqgov.lineage.checkpoint import Checkpoints
-from aqgov.lineage.log import LogHead
-from aqgov.lineage.task import TrainState
+from aqgov.lineage._checkpoint import Checkpoints
+from aqgov.lineage._log import LogHead
+from aqgov.lineage._task import TrainState
 store = Checkpoints(sys.argv[1], max_to_keep=2)
 for step in range(1000):
   state = TrainState(jnp.int32(step), {"w": jnp.full((2048, 2048), 1.0 + step, jnp.float32)}, (), ())

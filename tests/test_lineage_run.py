@@ -12,16 +12,19 @@ import orbax.checkpoint as ocp
 import pytest
 
 import lineage_helpers as lh
-from aqgov import keys, signing
+from aqgov.documents import _keys as keys
+from aqgov.documents import _signing as signing
 from aqgov.errors import CheckpointError, GovernanceEscalation, LineageError
-from aqgov.keys import TrustStore
-from aqgov.lineage import history as hist, log, record as rec
-from aqgov.lineage.checkpoint import Checkpoints
-from aqgov.lineage.example_task import MLPTask
-from aqgov.lineage.query import describe, membership
-from aqgov.lineage.run import GovernedRun
-from aqgov.lineage.summary import params_sha256
-from aqgov.lineage.verify import verify_lineage
+from aqgov.documents._keys import TrustStore
+from aqgov.lineage import _history as hist
+from aqgov.lineage import _log as log
+from aqgov.lineage import _record as rec
+from aqgov.lineage._checkpoint import Checkpoints
+from aqgov.examples.task import MLPTask
+from aqgov.lineage._query import describe, membership
+from aqgov.lineage._run import GovernedRun
+from aqgov.lineage._summary import params_sha256
+from aqgov.lineage._verify import verify_lineage
 
 AUTHORITY = keys.generate("authority")
 

@@ -9,10 +9,10 @@ import pytest
 from hypothesis import given, strategies as st
 
 import lineage_helpers as lh
-from aqgov import canonical
+from aqgov.documents import _canonical as canonical
 from aqgov.errors import LineageError
-from aqgov.lineage import record as rec
-from aqgov.lineage.summary import StepSummary, fingerprint, params_sha256
+from aqgov.lineage import _record as rec
+from aqgov.lineage._summary import StepSummary, fingerprint, params_sha256
 
 PARAMS = {"embed": {"w": jnp.arange(12.0).reshape(3, 4)}, "block": {"w": jnp.ones((4, 5)), "b": jnp.zeros(5)},
           "head": {"w": jnp.linspace(-1, 1, 10).reshape(5, 2)}}

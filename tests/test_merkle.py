@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from aqgov import merkle
+from aqgov.documents import _merkle as merkle
 
 MAX_EXHAUSTIVE = 33
 

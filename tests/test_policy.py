@@ -10,11 +10,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aqgov import keys
-from aqgov.compiled import compile_policy
+from aqgov.documents import _keys as keys
+from aqgov.policy._compile import compile_policy
 from aqgov.errors import AqgovError, PolicyError, SignatureError
-from aqgov.keys import TrustStore
-from aqgov.policy import (
+from aqgov.documents._keys import TrustStore
+from aqgov.policy._policy import (
     Policy,
     PolicySet,
     Rule,
@@ -26,7 +26,7 @@ from aqgov.policy import (
     verify_policy,
     write_signed_policy,
 )
-from aqgov.signing import SignedDocument
+from aqgov.documents._signing import SignedDocument
 from policy_reference import GROUPS, POLICY_TOML, SPACE, batches, leaf_weight, policies
 
 PARAMS = {g: {"w": np.zeros((2,), np.float32)} for g in GROUPS}
@@ -63,7 +63,7 @@ def test_create_is_the_python_form():
 
 
 def test_the_id_is_the_sha256_of_the_canonical_form():
-  from aqgov import canonical
+  from aqgov.documents import _canonical as canonical
   p = python_policy()
   assert p.id == canonical.digest_hex(p.to_dict()) and len(p.id) == 64
 

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from aqgov import canonical, keys
+from aqgov.documents import _canonical as canonical
+from aqgov.documents import _keys as keys
 from aqgov.errors import ProfileError, SignatureError
-from aqgov.profile import (
+from aqgov.entropy._profile import (
     Bound,
     EntropyProfile,
     Representation,
@@ -20,7 +21,7 @@ from aqgov.profile import (
     write_profile,
     write_signed_profile,
 )
-from aqgov.signing import SignedDocument
+from aqgov.documents._signing import SignedDocument
 
 TOML = """
 name = "lab"
@@ -155,7 +156,7 @@ def test_toml_file_round_trip(tmp_path):
 
 
 def test_a_signed_document_of_another_kind_is_not_a_profile(tmp_path, authority):
-  from aqgov import signing
+  from aqgov.documents import _signing as signing
   other = signing.sign(SignedDocument("routing-policy", {"name": "x"}), authority)
   path = tmp_path / "policy.signed"
   path.write_bytes(other.to_bytes())
@@ -273,7 +274,7 @@ def test_cli_refuses_a_tampered_signed_profile(tmp_path, keypair):
 
 
 def test_cli_issues_an_override_that_verifies_for_its_run_only(tmp_path, keypair):
-  from aqgov.overrides import read_override, verify_override
+  from aqgov.entropy._overrides import read_override, verify_override
   key_path, pub_path = keypair
   out = tmp_path / "t.override"
   result = _cli("override", "issue", "--key", key_path, "--run", "RUN1", "--steps", "10-20", "--groups", "core",

@@ -15,10 +15,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import aqgov
 from aqgov.errors import RoutingError
-from aqgov.routing import reached
+from aqgov.routing._transforms import reached
 import routed_models as rm
 
-pytestmark = pytest.mark.filterwarnings("ignore::aqgov.UncoveredParametersWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::aqgov.policy.UncoveredParametersWarning")
 
 
 @pytest.mark.parametrize("name", sorted(rm.MODELS))

@@ -6,9 +6,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from aqgov import keys, signing
+from aqgov.documents import _keys as keys
+from aqgov.documents import _signing as signing
 from aqgov.errors import SignatureError
-from aqgov.signing import SignedDocument
+from aqgov.documents._signing import SignedDocument
 
 OWNER = keys.SigningKey("owner", bytes(range(32)))
 AUDITOR = keys.SigningKey("auditor", bytes(range(1, 33)))

@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from aqgov import sample
+from aqgov.examples import sample as sample
 from aqgov.errors import TaxonomyError
-from aqgov.taxonomy import CREDENTIALED, Field, LabelSpace, Taxonomy, string_code
+from aqgov.credentials._taxonomy import CREDENTIALED, Field, LabelSpace, Taxonomy, string_code
 
 ACME = sample.taxonomy_path("acme-data").read_text()  # exactly the taxonomy TOML of the format spec
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import click
 
-from aqgov import credentials as credlib
-from aqgov import keys as keylib
-from aqgov.keys import TrustStore
-from aqgov.taxonomy import Taxonomy
+from aqgov.credentials import _manifest as credlib
+from aqgov.documents import _keys as keylib
+from aqgov.documents._keys import TrustStore
+from aqgov.credentials._taxonomy import Taxonomy
 
 
 @click.group()

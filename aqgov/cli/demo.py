@@ -12,7 +12,7 @@ import click
 @click.option("--seed", default=0, show_default=True, type=int)
 def demo(out_dir: str, steps: int, seed: int) -> None:
   """Governed training on the sample data: credentials -> admission -> routed, bounded, recorded steps."""
-  from aqgov import demo as demo_lib
+  from aqgov.examples import demo as demo_lib
 
   try:
     demo_lib.run(out_dir, steps=steps, seed=seed)

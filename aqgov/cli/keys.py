@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from aqgov import keys as keylib
+from aqgov.documents import _keys as keylib
 
 
 @click.group()

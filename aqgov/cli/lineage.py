@@ -9,9 +9,9 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from aqgov import keys as keylib
+from aqgov.documents import _keys as keylib
 from aqgov.errors import LineageError
-from aqgov.keys import TrustStore
+from aqgov.documents._keys import TrustStore
 
 
 def _trust(paths: tuple[str, ...]) -> TrustStore:
@@ -22,7 +22,7 @@ def _trust(paths: tuple[str, ...]) -> TrustStore:
 
 def _parent_dirs(values: tuple[str, ...]) -> dict[str, str]:
   """--parent-dir DIR (run id read from its lineage) or RUN_ID=DIR."""
-  from aqgov.lineage import log
+  from aqgov.lineage import _log as log
 
   out = {}
   for v in values:
@@ -58,7 +58,7 @@ _MORE_KEYS = click.argument("more_keys", nargs=-1, type=click.Path(exists=True, 
 def verify_cmd(run_dir: str, more_keys: tuple[str, ...], trust: tuple[str, ...], parent_dir: tuple[str, ...],
                require_closed: bool, strict: bool) -> None:
   """Check every record, the chain, Merkle roots, signed heads, references and parent runs."""
-  from aqgov.lineage.verify import verify_lineage
+  from aqgov.lineage._verify import verify_lineage
 
   report = verify_lineage(run_dir, _trust(trust + more_keys), parent_dirs=_parent_dirs(parent_dir),
                           require_closed=require_closed, require_references=strict)
@@ -79,7 +79,7 @@ def verify_cmd(run_dir: str, more_keys: tuple[str, ...], trust: tuple[str, ...],
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 def show_cmd(run_dir: str) -> None:
   """Summarise a run: configuration, records, checkpoints, and how often each group was reached."""
-  from aqgov.lineage.query import describe
+  from aqgov.lineage._query import describe
 
   d = describe(run_dir)
   console = Console()
@@ -119,7 +119,7 @@ def show_cmd(run_dir: str) -> None:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line instead of a table.")
 def query_cmd(run_dir: str, group: str, step: int | None, include_superseded: bool, as_json: bool) -> None:
   """Which examples reached GROUP, at which steps, with what weight and contribution norm."""
-  from aqgov.lineage.query import membership
+  from aqgov.lineage._query import membership
 
   rows = membership(run_dir, group, step=step, include_superseded=include_superseded)
   if as_json:
@@ -148,7 +148,7 @@ def query_cmd(run_dir: str, group: str, step: int | None, include_superseded: bo
 def replay_cmd(run_dir: str, more_keys: tuple[str, ...], step: int, data: str, from_checkpoint: int | None,
                trust: tuple[str, ...]) -> None:
   """Re-execute the recorded steps and check every fingerprint (and full hashes where recorded)."""
-  from aqgov.lineage.replay import replay
+  from aqgov.lineage._replay import replay
 
   trust = trust + more_keys
   result = replay(run_dir, step=step, examples=data, trust=TrustStore.from_paths(trust) if trust else None,
@@ -173,8 +173,8 @@ def replay_cmd(run_dir: str, more_keys: tuple[str, ...], step: int, data: str, f
 def export_cmd(run_dir: str, more_keys: tuple[str, ...], out: str, key_path: str | None,
                trust: tuple[str, ...]) -> None:
   """Attest the run: an in-toto Statement v1 (subjects: checkpoint digests) in a signed DSSE envelope."""
-  from aqgov.lineage.export import export_intoto
-  from aqgov.lineage.log import LogReader
+  from aqgov.lineage._export import export_intoto
+  from aqgov.lineage._log import LogReader
 
   trust = trust + more_keys
   if key_path is None:

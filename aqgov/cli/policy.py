@@ -8,10 +8,10 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from aqgov import compiled as compiledlib
-from aqgov import policy as policylib
+from aqgov.policy import _compile as compiledlib
+from aqgov.policy import _policy as policylib
 from aqgov.cli.signed import DocumentKind, add_sign_and_verify
-from aqgov.taxonomy import Taxonomy
+from aqgov.credentials._taxonomy import Taxonomy
 
 
 @click.group()

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import click
 
-from aqgov import keys as keylib
-from aqgov import overrides as overridelib
-from aqgov import profile as profilelib
+from aqgov.documents import _keys as keylib
+from aqgov.entropy import _overrides as overridelib
+from aqgov.entropy import _profile as profilelib
 from aqgov.cli.signed import DocumentKind, add_sign_and_verify
-from aqgov.keys import TrustStore
+from aqgov.documents._keys import TrustStore
 
 
 @click.group()

@@ -6,10 +6,10 @@ from typing import Any, Callable, NamedTuple
 
 import click
 
-from aqgov import keys as keylib
+from aqgov.documents import _keys as keylib
 from aqgov.errors import SignatureError
-from aqgov.keys import TrustStore
-from aqgov.signing import SignedDocument
+from aqgov.documents._keys import TrustStore
+from aqgov.documents._signing import SignedDocument
 
 
 class DocumentKind(NamedTuple):

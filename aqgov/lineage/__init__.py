@@ -1,28 +1,57 @@
 """Signed, tamper-evident lineage of governed training runs.
 
-summary     the arrays a jitted step reports (`StepSummary`), parameter fingerprints and hashes
-record      the canonical record schema (docs/lineage-schema.md)
-log         append-only segments, Merkle tree, signed tree heads, the asynchronous writer, resume
-verify      `verify_lineage`: records, chain, heads, references, parent runs
-history     which records still describe the params after resumes (the resume rule)
-checkpoint  Orbax checkpoints bound to the lineage
-task        the `Task` protocol training and replay share
-replay      re-execute recorded steps and check fingerprints and hashes
-query       membership queries and run descriptions
-export      in-toto Statement v1 in a DSSE envelope
-run         `GovernedRun`: the run directory and the governed loop
-
-The functions `history.history` and `replay.replay` are not re-exported here, so that the
-submodules keep their names; `aqgov.replay` is the replay function.
+_summary     the arrays a jitted step reports (`StepSummary`), parameter fingerprints and hashes
+_record      the canonical record schema (docs/lineage-schema.md)
+_log         append-only segments, Merkle tree, signed tree heads, the asynchronous writer, resume
+_verify      `verify_lineage`: records, chain, heads, references, parent runs
+_history     which records still describe the params after resumes (the resume rule)
+_checkpoint  Orbax checkpoints bound to the lineage
+_task        the `Task` protocol training and replay share
+_replay      re-execute recorded steps and check fingerprints and hashes
+_query       membership queries and run descriptions
+_export      in-toto Statement v1 in a DSSE envelope
+_run         `GovernedRun`: the run directory and the governed loop
 """
 
-from aqgov.lineage.checkpoint import Checkpoints
-from aqgov.lineage.export import export_intoto, verify_envelope
-from aqgov.lineage.history import CheckpointRef, History
-from aqgov.lineage.log import LineageWriter, LogHead, LogReader, open_for_resume, read_heads, scan
-from aqgov.lineage.query import Membership, describe, membership
-from aqgov.lineage.replay import ReplayResult
-from aqgov.lineage.run import GovernedRun, RunLayout
-from aqgov.lineage.summary import StepSummary, fingerprint, params_sha256, summarize
-from aqgov.lineage.task import Task, TrainState, load_task
-from aqgov.lineage.verify import VerifyReport, consistency_proof, verify_lineage
+from aqgov.lineage._checkpoint import Checkpoints
+from aqgov.lineage._export import export_intoto, verify_envelope
+from aqgov.lineage._history import CheckpointRef, History, history
+from aqgov.lineage._log import LineageWriter, LogHead, LogReader, open_for_resume, read_heads, scan
+from aqgov.lineage._query import Membership, describe, membership
+from aqgov.lineage._replay import ReplayResult, replay
+from aqgov.lineage._run import GovernedRun, RunLayout
+from aqgov.lineage._summary import StepSummary, fingerprint, params_sha256, summarize
+from aqgov.lineage._task import Task, TrainState, load_task
+from aqgov.lineage._verify import VerifyReport, consistency_proof, verify_lineage
+
+__all__ = [
+    "CheckpointRef",
+    "Checkpoints",
+    "GovernedRun",
+    "History",
+    "LineageWriter",
+    "LogHead",
+    "LogReader",
+    "Membership",
+    "ReplayResult",
+    "RunLayout",
+    "StepSummary",
+    "Task",
+    "TrainState",
+    "VerifyReport",
+    "consistency_proof",
+    "describe",
+    "export_intoto",
+    "fingerprint",
+    "history",
+    "load_task",
+    "membership",
+    "open_for_resume",
+    "params_sha256",
+    "read_heads",
+    "replay",
+    "scan",
+    "summarize",
+    "verify_envelope",
+    "verify_lineage",
+]

@@ -1,0 +1,63 @@
+"""Taxonomies, credential manifests and admission at the loader."""
+
+from aqgov.credentials._taxonomy import (
+    CREDENTIALED,
+    PRESENT,
+    Field,
+    LabelSpace,
+    Taxonomy,
+    string_code,
+)
+from aqgov.credentials._manifest import (
+    Entry,
+    Example,
+    InclusionProof,
+    Manifest,
+    as_example,
+    content_hash,
+    issue_manifest,
+    read_examples,
+    read_manifest,
+    verify_entry,
+    verify_manifest,
+    write_manifest,
+)
+from aqgov.credentials._admission import (
+    Admission,
+    AdmittedBatch,
+    RejectReason,
+    Rejection,
+    Verdict,
+    admit,
+)
+from aqgov.credentials._loader import (
+    governed_batches,
+)
+
+__all__ = [
+    "Admission",
+    "admit",
+    "AdmittedBatch",
+    "as_example",
+    "content_hash",
+    "CREDENTIALED",
+    "Entry",
+    "Example",
+    "Field",
+    "governed_batches",
+    "InclusionProof",
+    "issue_manifest",
+    "LabelSpace",
+    "Manifest",
+    "PRESENT",
+    "read_examples",
+    "read_manifest",
+    "Rejection",
+    "RejectReason",
+    "string_code",
+    "Taxonomy",
+    "Verdict",
+    "verify_entry",
+    "verify_manifest",
+    "write_manifest",
+]

@@ -1,0 +1,360 @@
+"""Entropy profiles enforced inside the jitted step, as an Optax wrapper.
+
+`enforce(profile, compiled, inner)` wraps an inner optimizer (like `optax.apply_if_finite` or
+`optax.MultiSteps` wrap theirs). Its `update(grads, state, params, measurements=...)` compares the
+step's measurements (`aqgov.entropy.measure`) with the bounds that hold at the current step and
+applies the actions of the broken bounds:
+
+* `pause`: the step's update is skipped. The returned updates are all `-0.0`, so
+  `optax.apply_updates` leaves every parameter bitwise unchanged (`x + -0.0 == x` for every float,
+  signed zeros included), and the inner optimizer state is kept bitwise as it was.
+* `reroute`: the group's routed gradient is multiplied by the bound's `fallback` before the inner
+  optimizer, for `duration` steps starting with the violating one (re-armed while it keeps
+  violating). The fallback is a per-group scale of the routed gradient: exact for a freeze
+  (fallback 0: the group receives no gradient); with momentum optimizers a frozen group can still
+  drift on its momentum unless `strict=True`, which also replaces its updates by `-0.0`.
+* `escalate`: the update is skipped as for a pause, `state.escalated` is set, and the step counter
+  does not advance. The host calls `check_escalation(opt_state, profile, compiled)` after each
+  step; it raises `GovernanceEscalation` with the events and the state to resume from. To resume,
+  supply a signed override for that step (or a changed profile), rebuild the transform, and run
+  the same step again from `exc.state`.
+* a violation covered by a verified override token (built into the transform with `overrides=`,
+  or passed per step as `override_mask=`) is admitted: recorded, no action.
+
+When several actions fire in one step, escalate > pause > reroute. Measurements that are NaN
+(not measured) are never out of bounds. Every out-of-bounds measurement is an event; the last
+step's events are fixed-size arrays in the state (`Events`) so they leave jit with the step, and
+`decode_events` turns them into `Event` records on the host.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from aqgov.entropy import _overrides as overrides_lib
+from aqgov.entropy._metrics import METRICS, PER_HEAD_METRICS, split_key
+from aqgov.errors import GovernanceEscalation, OverrideError, ProfileError
+from aqgov.entropy._profile import EntropyProfile
+
+PyTree = Any
+
+NONE, PAUSE, REROUTE, ESCALATE, ADMITTED = 0, 1, 2, 3, 4
+ACTION_NAMES = ("none", "pause", "reroute", "escalate", "admitted")
+_ACTION_CODE = {"pause": PAUSE, "reroute": REROUTE, "escalate": ESCALATE}
+IN_BOUNDS, LOW, HIGH = 0, 1, 2
+BOUND_NAMES = ("in-bounds", "low", "high")
+
+
+class Events(NamedTuple):
+  """One step's out-of-bounds measurements; arrays are [groups, metrics, heads]."""
+
+  step: jax.Array  # int32 [], -1 before the first step
+  out_of_bounds: jax.Array  # bool
+  value: jax.Array  # float32, the measurement (NaN where not measured)
+  bound: jax.Array  # int32: IN_BOUNDS, LOW or HIGH
+  limit: jax.Array  # float32: the limit that was broken (NaN if none)
+  action: jax.Array  # int32: NONE, PAUSE, REROUTE, ESCALATE or ADMITTED
+
+
+class Counters(NamedTuple):
+  """Totals since the start of the run."""
+
+  violations: jax.Array  # int32 [G, M]: steps with an out-of-bounds measurement
+  admitted: jax.Array  # int32 [G, M]: of those, steps admitted by an override
+  rerouted: jax.Array  # int32 [G]: steps the group's gradient was scaled by a fallback
+  paused: jax.Array  # int32 []: steps skipped by a pause
+  escalations: jax.Array  # int32 []: steps stopped for a human
+
+
+class EnforceState(NamedTuple):
+  """State of `enforce`: the inner optimizer's state plus the governance state."""
+
+  inner: PyTree
+  step: jax.Array  # int32 []: governed steps taken (an escalated step is not taken)
+  reroute_remaining: jax.Array  # int32 [G]: steps the current fallback still applies to
+  reroute_scale: jax.Array  # float32 [G]: the current fallback scale (1 when not rerouted)
+  escalated: jax.Array  # bool []: the last update stopped for a human
+  counters: Counters
+  events: Events
+
+
+class Event(NamedTuple):
+  """One out-of-bounds measurement, decoded on the host (for the lineage and for humans)."""
+
+  step: int
+  group: str
+  metric: str
+  head: int | None
+  value: float
+  bound: str  # "low" or "high"
+  limit: float
+  action: str  # "pause", "reroute", "escalate" or "admitted"
+
+  def describe(self) -> str:
+    head = f" head {self.head}" if self.head is not None else ""
+    side = "below low" if self.bound == "low" else "above high"
+    return (f"step {self.step}: {self.metric}/{self.group}{head} = {self.value:.4g} {side} bound "
+            f"{self.limit:.4g} -> {self.action}")
+
+
+class _Tables(NamedTuple):
+  """The profile bound to the compiled groups: per step segment, per side, [S, G, M, H] arrays."""
+
+  breaks: np.ndarray  # int32 [S]: first step of each segment
+  limit: np.ndarray  # float32 [2, S, G, M, H]: low (-inf if none), high (+inf if none)
+  action: np.ndarray  # int32 [2, S, G, M, H]
+  fallback: np.ndarray  # float32 [2, S, G, M, H]
+  duration: np.ndarray  # int32 [2, S, G, M, H]
+
+
+def _tables(profile: EntropyProfile, group_names: Sequence[str]) -> _Tables:
+  g_n, m_n, h_n = len(group_names), len(METRICS), profile.num_heads
+  breaks = sorted({0} | {s for b in profile.bounds if b.steps for s in b.steps})
+  shape = (2, len(breaks), g_n, m_n, h_n)
+  limit = np.empty(shape, np.float32)
+  limit[0], limit[1] = -np.inf, np.inf
+  action = np.zeros(shape, np.int32)
+  fallback = np.ones(shape, np.float32)
+  duration = np.zeros(shape, np.int32)
+  rank = np.full(shape, -1, np.int32)
+  for s, first in enumerate(breaks):
+    for b in profile.bounds:
+      g, m = group_names.index(b.group), METRICS.index(b.metric)
+      heads = range(profile.heads(b.group)) if b.metric in PER_HEAD_METRICS else (None,)
+      for h in heads:
+        if not b.covers(first, h):
+          continue
+        specificity = 2 * b.specificity[0] + b.specificity[1]
+        for side, value in ((0, b.low), (1, b.high)):
+          cell = (side, s, g, m, h or 0)
+          if value is None or specificity <= rank[cell]:
+            continue
+          rank[cell] = specificity
+          limit[cell], action[cell] = value, _ACTION_CODE[b.action]
+          fallback[cell] = 1.0 if b.fallback is None else b.fallback
+          duration[cell] = 0 if b.duration is None else b.duration
+  return _Tables(np.asarray(breaks, np.int32), limit, action, fallback, duration)
+
+
+def _values(measurements: dict, profile: EntropyProfile, group_names: Sequence[str]) -> jax.Array:
+  """float32 [G, M, H] of the measurements, NaN where not measured."""
+  h_n = profile.num_heads
+  out = jnp.full((len(group_names), len(METRICS), h_n), jnp.nan, jnp.float32)
+  for name, value in measurements.items():
+    metric, group = split_key(name)
+    if metric not in METRICS:
+      continue
+    if group not in group_names:
+      raise ProfileError(f"measurement {name!r} names group {group!r}, not one of {list(group_names)}")
+    value = jnp.asarray(value, jnp.float32)
+    g, m = group_names.index(group), METRICS.index(metric)
+    if metric in PER_HEAD_METRICS:
+      if value.ndim != 1 or value.shape[0] > h_n:
+        raise ProfileError(
+            f"measurement {name!r} has shape {value.shape}; expected one value per head (at most {h_n})")
+      out = out.at[g, m, :value.shape[0]].set(value)
+    else:
+      if value.ndim != 0:
+        raise ProfileError(f"measurement {name!r} has shape {value.shape}; expected a scalar")
+      out = out.at[g, m, 0].set(value)
+  missing = sorted({f"{b.metric}/{b.group}" for b in profile.bounds} - set(measurements))
+  if missing:
+    raise ProfileError(
+        f"the profile bounds {missing} but the update got no such measurement; compute them with "
+        "aqgov.entropy.measure(profile, compiled, grads=..., representations=...)")
+  return out
+
+
+def _resolve_overrides(overrides, trust, run_id, now) -> list[overrides_lib.Override]:
+  out = []
+  for o in overrides:
+    if isinstance(o, overrides_lib.Override):
+      out.append(o)
+      continue
+    if trust is None or run_id is None:
+      raise OverrideError(
+          "enforce() got an unverified override token; pass trust= and run_id= so it can be verified, "
+          "or verify it first with aqgov.entropy.verify_override(token, trust, run_id)")
+    out.append(overrides_lib.verify_override(o, trust, run_id, now=now))
+  return out
+
+
+def _group_indices(compiled: Any, updates: PyTree) -> tuple[list, Any, np.ndarray]:
+  leaves, treedef = jax.tree_util.tree_flatten(updates)
+  leaf_group = np.asarray(compiled.leaf_group, np.int32)
+  if len(leaves) != len(leaf_group):
+    raise ProfileError(
+        f"the updates have {len(leaves)} leaves but the compiled policy was bound to {len(leaf_group)}; "
+        "enforce the gradients of the parameters the policy was compiled for")
+  return leaves, treedef, leaf_group
+
+
+def enforce(
+    profile: EntropyProfile,
+    compiled: Any,
+    inner: optax.GradientTransformation,
+    *,
+    overrides: Iterable[Any] = (),
+    trust: Any = None,
+    run_id: str | None = None,
+    now: Any = None,
+    strict: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+  """Wrap `inner` so that `profile`'s bounds govern every update.
+
+  `update(updates, state, params=None, *, measurements, step=None, override_mask=None, **extra)`:
+  `measurements` from `aqgov.entropy.measure`; `step` (traced int) defaults to the state's
+  counter; `override_mask` (bool [G, M] or [G]) admits more cells this step; `extra` goes to
+  `inner`. `overrides` are verified `Override`s, or tokens verified here against `trust` and
+  `run_id` (at time `now`, default the current time).
+  """
+  group_names = tuple(compiled.group_names)
+  profile.check_groups(group_names)
+  tables = _tables(profile, group_names)
+  admits = overrides_lib.admit_table(_resolve_overrides(overrides, trust, run_id, now), group_names)
+  inner = optax.with_extra_args_support(inner)
+  g_n, m_n, h_n = len(group_names), len(METRICS), profile.num_heads
+
+  def init_fn(params):
+    zeros_gm = jnp.zeros((g_n, m_n), jnp.int32)
+    return EnforceState(
+        inner=inner.init(params),
+        step=jnp.zeros((), jnp.int32),
+        reroute_remaining=jnp.zeros((g_n,), jnp.int32),
+        reroute_scale=jnp.ones((g_n,), jnp.float32),
+        escalated=jnp.zeros((), bool),
+        counters=Counters(zeros_gm, zeros_gm, jnp.zeros((g_n,), jnp.int32), jnp.zeros((), jnp.int32),
+                          jnp.zeros((), jnp.int32)),
+        events=Events(
+            step=jnp.full((), -1, jnp.int32),
+            out_of_bounds=jnp.zeros((g_n, m_n, h_n), bool),
+            value=jnp.full((g_n, m_n, h_n), jnp.nan, jnp.float32),
+            bound=jnp.zeros((g_n, m_n, h_n), jnp.int32),
+            limit=jnp.full((g_n, m_n, h_n), jnp.nan, jnp.float32),
+            action=jnp.zeros((g_n, m_n, h_n), jnp.int32)),
+    )
+
+  def update_fn(updates, state, params=None, *, measurements, step=None, override_mask=None, **extra):
+    t = state.step if step is None else jnp.asarray(step, jnp.int32)
+    values = _values(measurements, profile, group_names)
+    seg = jnp.clip(jnp.searchsorted(jnp.asarray(tables.breaks), t, side="right") - 1, 0)
+    limit, action_t = jnp.asarray(tables.limit)[:, seg], jnp.asarray(tables.action)[:, seg]
+    fallback_t, duration_t = jnp.asarray(tables.fallback)[:, seg], jnp.asarray(tables.duration)[:, seg]
+    below, above = values < limit[0], values > limit[1]
+    oob = below | above
+    side = jnp.where(below, 0, 1)
+    pick = lambda table: jnp.where(side == 0, table[0], table[1])
+    admit = overrides_lib.admit_mask(admits, t)
+    if override_mask is not None:
+      extra_mask = jnp.asarray(override_mask, bool)
+      admit = admit | (extra_mask[:, None] if extra_mask.ndim == 1 else extra_mask)
+    admitted = oob & admit[:, :, None]
+    acted = oob & ~admitted
+    action = jnp.where(acted, pick(action_t), jnp.where(admitted, ADMITTED, NONE))
+    escalate = jnp.any(action == ESCALATE)
+    pause = jnp.any(action == PAUSE) & ~escalate
+    skip = escalate | pause
+    reroute = action == REROUTE
+    trigger = jnp.any(reroute, axis=(1, 2))
+    trig_scale = jnp.min(jnp.where(reroute, pick(fallback_t), 1.0), axis=(1, 2))
+    trig_steps = jnp.max(jnp.where(reroute, pick(duration_t), 0), axis=(1, 2))
+    active_before = state.reroute_remaining > 0
+    held_scale = jnp.where(active_before, state.reroute_scale, 1.0)
+    remaining = jnp.where(trigger, jnp.maximum(state.reroute_remaining, trig_steps), state.reroute_remaining)
+    scale = jnp.where(trigger, jnp.minimum(held_scale, trig_scale), held_scale)
+    rerouted = remaining > 0
+    scale = jnp.where(rerouted, scale, 1.0)
+
+    leaves, treedef, leaf_group = _group_indices(compiled, updates)
+    scaled = [u * scale[g].astype(u.dtype) for u, g in zip(leaves, leaf_group)]
+    new_updates, new_inner = inner.update(jax.tree_util.tree_unflatten(treedef, scaled), state.inner, params, **extra)
+    out_leaves = jax.tree_util.tree_leaves(new_updates)
+    if strict:
+      out_leaves = [jnp.where(scale[g] == 0, jnp.asarray(-0.0, u.dtype), u) for u, g in zip(out_leaves, leaf_group)]
+    out_leaves = [jnp.where(skip, jnp.asarray(-0.0, u.dtype), u) for u in out_leaves]
+    new_inner = jax.tree.map(lambda new, old: jnp.where(skip, old, new), new_inner, state.inner)
+
+    events = Events(
+        step=t, out_of_bounds=oob, value=values,
+        bound=jnp.where(below, LOW, jnp.where(above, HIGH, IN_BOUNDS)),
+        limit=jnp.where(oob, pick(limit), jnp.nan), action=action)
+    c = state.counters
+    counters = Counters(
+        violations=c.violations + jnp.any(oob, axis=2).astype(jnp.int32),
+        admitted=c.admitted + jnp.any(admitted, axis=2).astype(jnp.int32),
+        rerouted=c.rerouted + (rerouted & ~skip).astype(jnp.int32),
+        paused=c.paused + pause.astype(jnp.int32),
+        escalations=c.escalations + escalate.astype(jnp.int32))
+    next_remaining = jnp.maximum(remaining - 1, 0)
+    taken = EnforceState(
+        inner=new_inner,
+        step=state.step + 1,
+        reroute_remaining=next_remaining,
+        reroute_scale=jnp.where(next_remaining > 0, scale, 1.0),
+        escalated=escalate,
+        counters=counters,
+        events=events)
+    # An escalated step is not taken: all but the flag, counters and events stays as it was.
+    held = state._replace(escalated=escalate, counters=counters, events=events)
+    new_state = jax.tree.map(lambda a, b: jnp.where(escalate, b, a), taken, held)
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(new_updates), out_leaves), new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+# --- host side --------------------------------------------------------------------------------
+
+
+def enforce_state(opt_state: PyTree) -> EnforceState:
+  """The `EnforceState` inside an optimizer state (itself, or nested in a chain)."""
+  if isinstance(opt_state, EnforceState):
+    return opt_state
+  found = [x for x in jax.tree_util.tree_leaves(opt_state, is_leaf=lambda x: isinstance(x, EnforceState))
+           if isinstance(x, EnforceState)]
+  if not found:
+    raise ProfileError("no aqgov.enforce state found in this optimizer state; wrap the optimizer with aqgov.enforce")
+  return found[0]
+
+
+def decode_events(state_or_events: Any, profile: EntropyProfile, compiled: Any) -> list[Event]:
+  """The out-of-bounds measurements of the last step as `Event` records (host side)."""
+  events = state_or_events if isinstance(state_or_events, Events) else enforce_state(state_or_events).events
+  ev = jax.device_get(events)
+  step = int(ev.step)
+  out = []
+  for g, m, h in zip(*np.nonzero(np.asarray(ev.out_of_bounds))):
+    metric = METRICS[m]
+    out.append(Event(
+        step=step, group=compiled.group_names[g], metric=metric,
+        head=int(h) if metric in PER_HEAD_METRICS and profile.heads(compiled.group_names[g]) else None,
+        value=float(ev.value[g, m, h]), bound=BOUND_NAMES[int(ev.bound[g, m, h])],
+        limit=float(ev.limit[g, m, h]), action=ACTION_NAMES[int(ev.action[g, m, h])]))
+  return out
+
+
+def check_escalation(opt_state: PyTree, profile: EntropyProfile, compiled: Any, *, run_id: str | None = None) -> None:
+  """Raise `GovernanceEscalation` if the last update stopped for a human (call after each step)."""
+  state = enforce_state(opt_state)
+  if not bool(jax.device_get(state.escalated)):
+    return
+  events = decode_events(state, profile, compiled)
+  step = events[0].step if events else int(jax.device_get(state.step))
+  broke = [e for e in events if e.action == "escalate"]
+  groups = ",".join(sorted({e.group for e in broke}))
+  metrics = ",".join(sorted({e.metric for e in broke}))
+  run = run_id or "RUN"
+  lines = "\n".join("  " + e.describe() for e in events)
+  raise GovernanceEscalation(
+      f"training stopped before applying step {step}: entropy profile {profile.name!r} "
+      f"({profile.id[:16]}...) escalates\n{lines}\n"
+      f"Parameters and optimizer state are as they were before step {step}. To resume, have an authority "
+      f"admit it (`aqgov override issue --key KEY --run {run} --steps {step} --groups {groups} "
+      f"--metrics {metrics} --reason ... --expires ... --out T.override`) and pass the verified token to "
+      "aqgov.enforce(..., overrides=[...]), or change the profile; then run step "
+      f"{step} again from `exc.state` with the same batch.",
+      step=step, events=tuple(events), state=opt_state)

@@ -1,0 +1,265 @@
+"""Signed override tokens: an authority admits named entropy-bound violations of one run.
+
+A token is a signed document of kind `entropy-override` naming the run id, the steps (half-open
+intervals), the parameter groups and metrics it covers, a reason and an expiry (UTC). It admits a
+violation only if all of step, group and metric are named; everything else still acts. Tokens
+are verified on the host (`verify_override`: signature, trust, run, expiry) and then encoded for
+the device as an `AdmitTable` of step intervals with a [groups, metrics] mask each, which the
+jitted step turns into this step's admit mask with `admit_mask(table, step)`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterable, Mapping, NamedTuple, Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+from aqgov.documents import _signing as signing
+from aqgov.entropy._metrics import METRICS
+from aqgov.errors import OverrideError, SignatureError
+from aqgov.documents._keys import SigningKey, TrustStore
+from aqgov.documents._files import atomic_write
+
+KIND = "entropy-override"
+FORMAT = "aqgov.entropy-override/1"
+_PAYLOAD_KEYS = {"format", "run", "steps", "groups", "metrics", "reason", "expires", "issued"}
+
+
+def parse_steps(steps: Any) -> tuple[tuple[int, int], ...]:
+  """Sorted, merged half-open step intervals.
+
+  Accepts a text spec (`"10-20"`, inclusive at both ends, `"5"`, `"3,7,9-12"`), an int, a
+  `range` (step 1), an iterable of ints, or an iterable of `[start, end)` pairs.
+  """
+  intervals: list[tuple[int, int]] = []
+  if isinstance(steps, str):
+    for part in steps.replace(" ", "").split(","):
+      m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+      if not m:
+        raise OverrideError(f"step spec {steps!r}: {part!r} is not N or N-M (inclusive); e.g. '10-20' or '3,7,9-12'")
+      lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+      if hi < lo:
+        raise OverrideError(f"step spec {steps!r}: range {part!r} runs backwards; write the smaller step first")
+      intervals.append((lo, hi + 1))
+  elif isinstance(steps, bool):
+    raise OverrideError(f"steps = {steps!r} is not a step number or spec")
+  elif isinstance(steps, int):
+    intervals.append((steps, steps + 1))
+  elif isinstance(steps, range):
+    if steps.step != 1 or len(steps) == 0:
+      raise OverrideError(f"steps {steps!r} must be a non-empty range with step 1")
+    intervals.append((steps.start, steps.stop))
+  elif isinstance(steps, Iterable):
+    for item in steps:
+      if isinstance(item, (list, tuple)) and len(item) == 2:
+        lo, hi = item
+      elif isinstance(item, int) and not isinstance(item, bool):
+        lo, hi = item, item + 1
+      else:
+        raise OverrideError(f"steps entry {item!r} is neither a step number nor a [start, end) pair")
+      if any(isinstance(v, bool) or not isinstance(v, int) for v in (lo, hi)) or not 0 <= lo < hi:
+        raise OverrideError(f"steps entry {item!r} must satisfy 0 <= start < end")
+      intervals.append((int(lo), int(hi)))
+  else:
+    raise OverrideError(f"steps {steps!r} must be a spec like '10-20', an int, a range or a list")
+  if not intervals or any(lo < 0 for lo, _ in intervals):
+    raise OverrideError(f"steps {steps!r} names no (non-negative) step")
+  merged: list[tuple[int, int]] = []
+  for lo, hi in sorted(intervals):
+    if merged and lo <= merged[-1][1]:
+      merged[-1] = (merged[-1][0], max(hi, merged[-1][1]))
+    else:
+      merged.append((lo, hi))
+  return tuple(merged)
+
+
+def utc_time(value: str | dt.datetime, what: str = "time") -> dt.datetime:
+  """A timezone-aware UTC datetime from an ISO 8601 string or datetime (naive ones are refused)."""
+  if isinstance(value, str):
+    try:
+      value = dt.datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+      raise OverrideError(f"{what} {value!r} is not an ISO 8601 time; write e.g. 2026-01-31T18:00:00Z") from None
+  if not isinstance(value, dt.datetime):
+    raise OverrideError(f"{what} must be an ISO 8601 string or datetime, got {type(value).__name__}")
+  if value.tzinfo is None:
+    raise OverrideError(f"{what} {value.isoformat()} has no timezone; give UTC explicitly, e.g. ...T18:00:00Z")
+  return value.astimezone(dt.timezone.utc)
+
+
+def iso(value: dt.datetime) -> str:
+  """Canonical UTC ISO text: `YYYY-MM-DDTHH:MM:SSZ` (seconds precision)."""
+  return value.astimezone(dt.timezone.utc).replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class Override(NamedTuple):
+  """A verified override token."""
+
+  id: str
+  run: str
+  steps: tuple[tuple[int, int], ...]
+  groups: tuple[str, ...]
+  metrics: tuple[str, ...]
+  reason: str
+  expires: str
+  issued: str
+  signers: tuple[str, ...] = ()
+
+  def covers(self, step: int, group: str, metric: str) -> bool:
+    """True iff this token admits a violation of `metric` in `group` at `step`."""
+    return group in self.groups and metric in self.metrics and any(lo <= step < hi for lo, hi in self.steps)
+
+
+def _names(values: Any, what: str, allowed: Sequence[str] | None = None) -> tuple[str, ...]:
+  if isinstance(values, str):
+    values = [v for v in values.split(",") if v]
+  if not isinstance(values, Iterable) or not values:
+    raise OverrideError(f"an override must name at least one {what}")
+  out = tuple(sorted(set(values)))
+  if any(not isinstance(v, str) or not v for v in out):
+    raise OverrideError(f"override {what}s must be non-empty strings, got {list(values)}")
+  if allowed is not None:
+    bad = [v for v in out if v not in allowed]
+    if bad:
+      raise OverrideError(f"unknown {what}(s) {bad}; choose from {list(allowed)}")
+  return out
+
+
+def issue_override(
+    key: SigningKey,
+    *,
+    run: str,
+    steps: Any,
+    groups: Iterable[str] | str,
+    metrics: Iterable[str] | str,
+    reason: str,
+    expires: str | dt.datetime,
+    issued: str | dt.datetime | None = None,
+) -> signing.SignedDocument:
+  """A signed `entropy-override` token admitting `metrics` in `groups` at `steps` of run `run`."""
+  if not isinstance(run, str) or not run:
+    raise OverrideError("an override must name the run id it applies to")
+  if not isinstance(reason, str) or not reason.strip():
+    raise OverrideError("an override must give a reason (it is kept in the lineage for auditors)")
+  issued_at = utc_time(issued, "issued") if issued is not None else dt.datetime.now(dt.timezone.utc)
+  expires_at = utc_time(expires, "expires")
+  if expires_at <= issued_at:
+    raise OverrideError(f"expiry {iso(expires_at)} is not after the issue time {iso(issued_at)}")
+  payload = {
+      "format": FORMAT, "run": run, "steps": [list(s) for s in parse_steps(steps)],
+      "groups": list(_names(groups, "group")), "metrics": list(_names(metrics, "metric", METRICS)),
+      "reason": reason, "expires": iso(expires_at), "issued": iso(issued_at),
+  }
+  return signing.sign(signing.SignedDocument(KIND, payload), key)
+
+
+def _parse(doc: signing.SignedDocument, signers: tuple[str, ...]) -> Override:
+  p = doc.payload
+  where = f"override {doc.id[:16]}..."
+  if not isinstance(p, Mapping) or set(p) != _PAYLOAD_KEYS or p.get("format") != FORMAT:
+    raise OverrideError(f"{where} is malformed (expected the fields {sorted(_PAYLOAD_KEYS)}); re-issue it")
+  if not isinstance(p["run"], str) or not isinstance(p["reason"], str):
+    raise OverrideError(f"{where} is malformed: run and reason must be strings")
+  utc_time(p["expires"], f"{where} expiry")
+  utc_time(p["issued"], f"{where} issue time")
+  return Override(doc.id, p["run"], parse_steps(p["steps"]), _names(p["groups"], "group"),
+                  _names(p["metrics"], "metric", METRICS), p["reason"], p["expires"], p["issued"], signers)
+
+
+def verify_override(
+    token: signing.SignedDocument | bytes,
+    trust: TrustStore,
+    run_id: str,
+    *,
+    now: str | dt.datetime | None = None,
+) -> Override:
+  """The verified token; `OverrideError` if it is forged, untrusted, expired, or for another run."""
+  try:
+    if isinstance(token, (bytes, bytearray)):
+      token = signing.SignedDocument.from_bytes(bytes(token), kind=KIND)
+    if not isinstance(token, signing.SignedDocument) or token.kind != KIND:
+      raise OverrideError(f"expected a signed {KIND!r} token, got {getattr(token, 'kind', type(token).__name__)!r}")
+    signers = signing.verify(token, trust)
+  except SignatureError as exc:
+    raise OverrideError(f"override refused: {exc}") from None
+  override = _parse(token, signers)
+  if override.run != run_id:
+    raise OverrideError(
+        f"override {override.id[:16]}... is for run {override.run!r}, not {run_id!r}; issue one for this run")
+  at = dt.datetime.now(dt.timezone.utc) if now is None else utc_time(now, "now")
+  if at >= utc_time(override.expires, "expiry"):
+    raise OverrideError(
+        f"override {override.id[:16]}... expired at {override.expires} (now {iso(at)}); issue a fresh one")
+  return override
+
+
+def write_override(token: signing.SignedDocument, path: str | os.PathLike) -> Path:
+  """Atomically write a token's canonical bytes."""
+  return atomic_write(path, token.to_bytes())
+
+
+def read_override(path: str | os.PathLike) -> signing.SignedDocument:
+  """A token file (not yet verified)."""
+  try:
+    data = Path(path).read_bytes()
+  except OSError as exc:
+    raise OverrideError(f"cannot read override token {path}: {exc}") from None
+  try:
+    return signing.SignedDocument.from_bytes(data, kind=KIND)
+  except SignatureError as exc:
+    raise OverrideError(f"{path}: {exc}") from None
+
+
+# --- host -> device ---------------------------------------------------------------------------
+
+
+class AdmitTable(NamedTuple):
+  """Admitted (group, metric) cells per step interval: `mask[i]` holds on `[start[i], stop[i])`."""
+
+  start: np.ndarray  # int32 [I]
+  stop: np.ndarray  # int32 [I]
+  mask: np.ndarray  # bool [I, G, M]
+
+
+def admit_table(overrides: Iterable[Override], group_names: Sequence[str]) -> AdmitTable:
+  """Encode verified overrides for the jitted step (one row per step interval of each token)."""
+  starts, stops, masks = [], [], []
+  for o in overrides:
+    if not isinstance(o, Override):
+      raise OverrideError(
+          f"expected a verified Override, got {type(o).__name__}; run aqgov.entropy.verify_override(token, trust, run_id) first")
+    unknown = [g for g in o.groups if g not in group_names]
+    if unknown:
+      raise OverrideError(
+          f"override {o.id[:16]}... names group(s) {unknown} that the compiled policy does not have "
+          f"(groups: {list(group_names)})")
+    cell = np.zeros((len(group_names), len(METRICS)), bool)
+    for g in o.groups:
+      for m in o.metrics:
+        cell[group_names.index(g), METRICS.index(m)] = True
+    for lo, hi in o.steps:
+      starts.append(lo)
+      stops.append(hi)
+      masks.append(cell)
+  mask = np.stack(masks) if masks else np.zeros((0, len(group_names), len(METRICS)), bool)
+  return AdmitTable(np.asarray(starts, np.int32), np.asarray(stops, np.int32), mask)
+
+
+def admit_mask(table: AdmitTable, step: Any) -> jnp.ndarray:
+  """bool [G, M]: the cells admitted at `step` (traced)."""
+  if table.mask.shape[0] == 0:
+    return jnp.zeros(table.mask.shape[1:], bool)
+  live = (jnp.asarray(table.start) <= step) & (step < jnp.asarray(table.stop))
+  return jnp.any(live[:, None, None] & jnp.asarray(table.mask), axis=0)
+
+
+def host_mask(overrides: Iterable[Override], group_names: Sequence[str], step: int) -> np.ndarray:
+  """bool [G, M] for one step, computed on the host (pass as `override_mask=` to the update)."""
+  table = admit_table(overrides, group_names)
+  live = (table.start <= step) & (step < table.stop)
+  return np.any(table.mask[live], axis=0) if live.any() else np.zeros(table.mask.shape[1:], bool)

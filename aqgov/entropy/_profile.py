@@ -1,0 +1,439 @@
+"""Entropy profiles: the admissible entropy of each parameter group over training, and what to do
+when a measurement leaves its bounds.
+
+A profile has two parts:
+
+* `[[representation]]` entries map representation paths (globs over the paths `aqgov.entropy`
+  gives an aux dict, NNX intermediates or Linen intermediates) to a parameter group, as
+  `kind = "attention"` (probs [..., heads, queries, keys]; `heads` required, `causal` optional)
+  or `kind = "features"` (activations [..., D]; measured by `renyi2` and `effective_rank`).
+* `[[bound]]` entries give, for one group and metric, a `low` and/or `high` limit and the
+  `action` when it is broken: `pause` (skip the step's update), `reroute` (scale the group's
+  routed gradient by `fallback`, 0 = frozen, for `duration` steps starting with the violating
+  one; the default duration 1 holds the fallback exactly while the measurement stays out of
+  bounds) or `escalate` (stop at the step boundary for a human). `heads = [..]` restricts an
+  attention bound to some heads; `steps = [start, end]` restricts it to the half-open step window
+  [start, end) (e.g. looser bounds during warm-up). Any violation can be admitted by a signed
+  override token (`aqgov.entropy`).
+
+Where several bounds on the same side (low or high) cover one (group, metric, head, step), the
+most specific wins: a windowed bound over an unwindowed one, then a per-head bound over an
+all-heads one; two equally specific overlapping bounds are a `ProfileError`.
+
+Profiles are data: TOML or Python (`EntropyProfile(...)`), a canonical dict whose hash is the
+profile id, and signed documents of kind `entropy-profile`, exactly like routing policies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from aqgov.documents import _canonical as canonical
+from aqgov.documents import _signing as signing
+from aqgov.entropy._metrics import METRICS, PER_HEAD_METRICS
+from aqgov.errors import ProfileError
+from aqgov.documents._keys import SigningKey, TrustStore
+from aqgov.policy._paths import glob_match
+from aqgov.documents._files import atomic_write
+from aqgov.credentials._taxonomy import read_text
+
+FORMAT = "aqgov.entropy-profile/1"
+KIND = "entropy-profile"
+ACTIONS = ("pause", "reroute", "escalate")
+REPRESENTATION_KINDS = ("attention", "features")
+_SOURCE_KIND = {"attention_entropy": "attention", "renyi2": "features", "effective_rank": "features"}
+
+
+def _number(value: Any, what: str) -> float:
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    raise ProfileError(f"{what} = {value!r} must be a finite number")
+  return float(value)
+
+
+def _integer(value: Any, what: str, minimum: int) -> int:
+  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    raise ProfileError(f"{what} = {value!r} must be an integer >= {minimum}")
+  return int(value)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Representation:
+  """Representations whose path matches `path` (a glob) measure `group`."""
+
+  path: str
+  group: str
+  kind: str
+  heads: int | None = None
+  causal: bool = False
+
+  def __post_init__(self):
+    where = f"representation {self.path!r}"
+    if not isinstance(self.path, str):
+      raise ProfileError(f"{where}: path must be a glob string such as 'attention/blocks/*'")
+    try:
+      glob_match(self.path, "")
+    except ValueError as exc:
+      raise ProfileError(f"{where}: {exc}") from None
+    if not isinstance(self.group, str) or not self.group:
+      raise ProfileError(f"{where}: group must be a parameter group name of the routing policy")
+    if self.kind not in REPRESENTATION_KINDS:
+      raise ProfileError(f"{where}: kind = {self.kind!r}; use one of {list(REPRESENTATION_KINDS)}")
+    if self.kind == "attention":
+      object.__setattr__(self, "heads", _integer(self.heads, f"{where}: heads", 1))
+      if not isinstance(self.causal, bool):
+        raise ProfileError(f"{where}: causal must be true or false")
+    elif self.heads is not None or self.causal:
+      raise ProfileError(f"{where}: heads/causal only apply to kind = 'attention'; remove them")
+
+  def to_dict(self) -> dict:
+    return {"path": self.path, "group": self.group, "kind": self.kind, "heads": self.heads, "causal": self.causal}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Bound:
+  """Limits on one metric of one group (optionally some heads, some steps) and the action."""
+
+  group: str
+  metric: str
+  action: str
+  low: float | None = None
+  high: float | None = None
+  heads: tuple[int, ...] | None = None
+  steps: tuple[int, int] | None = None
+  fallback: float | None = None
+  duration: int | None = None
+
+  def describe(self) -> str:
+    extra = f", heads {list(self.heads)}" if self.heads is not None else ""
+    extra += f", steps [{self.steps[0]}, {self.steps[1]})" if self.steps is not None else ""
+    return f"bound on {self.metric}/{self.group}{extra}"
+
+  def __post_init__(self):
+    where = f"bound on {self.metric!r}/{self.group!r}"
+    if not isinstance(self.group, str) or not self.group:
+      raise ProfileError(f"{where}: group must be a parameter group name of the routing policy")
+    if self.metric not in METRICS:
+      raise ProfileError(f"{where}: unknown metric; use one of {list(METRICS)}")
+    if self.action not in ACTIONS:
+      raise ProfileError(f"{where}: action = {self.action!r}; use one of {list(ACTIONS)}")
+    low = None if self.low is None else _number(self.low, f"{where}: low")
+    high = None if self.high is None else _number(self.high, f"{where}: high")
+    if low is None and high is None:
+      raise ProfileError(f"{where}: give `low`, `high` or both")
+    if low is not None and high is not None and low > high:
+      raise ProfileError(f"{where}: low {low} > high {high}; make low <= high")
+    object.__setattr__(self, "low", low)
+    object.__setattr__(self, "high", high)
+    if self.heads is not None:
+      if self.metric not in PER_HEAD_METRICS:
+        raise ProfileError(f"{where}: `heads` only applies to {list(PER_HEAD_METRICS)}; remove it")
+      if isinstance(self.heads, (str, bytes)) or not isinstance(self.heads, Sequence) or not self.heads:
+        raise ProfileError(f"{where}: heads must be a non-empty list of head indices")
+      heads = tuple(sorted({_integer(h, f"{where}: head", 0) for h in self.heads}))
+      object.__setattr__(self, "heads", heads)
+    if self.steps is not None:
+      if isinstance(self.steps, (str, bytes)) or not isinstance(self.steps, Sequence) or len(self.steps) != 2:
+        raise ProfileError(f"{where}: steps must be [start, end] (half-open window of step numbers)")
+      start = _integer(self.steps[0], f"{where}: steps start", 0)
+      end = _integer(self.steps[1], f"{where}: steps end", 1)
+      if end <= start:
+        raise ProfileError(f"{where}: steps [{start}, {end}] is empty; end is exclusive and must exceed start")
+      object.__setattr__(self, "steps", (start, end))
+    if self.action == "reroute":
+      fallback = 0.0 if self.fallback is None else _number(self.fallback, f"{where}: fallback")
+      if not 0.0 <= fallback <= 1.0:
+        raise ProfileError(f"{where}: fallback {fallback} must be a weight in [0, 1] (0 freezes the group)")
+      duration = 1 if self.duration is None else _integer(self.duration, f"{where}: duration", 1)
+      object.__setattr__(self, "fallback", fallback)
+      object.__setattr__(self, "duration", duration)
+    elif self.fallback is not None or self.duration is not None:
+      raise ProfileError(f"{where}: fallback/duration only apply to action = 'reroute'; remove them")
+
+  def to_dict(self) -> dict:
+    return {
+        "group": self.group, "metric": self.metric, "action": self.action, "low": self.low, "high": self.high,
+        "heads": None if self.heads is None else list(self.heads),
+        "steps": None if self.steps is None else list(self.steps),
+        "fallback": self.fallback, "duration": self.duration,
+    }
+
+  def covers(self, step: int, head: int | None) -> bool:
+    """True iff this bound applies at `step` to `head` (None for metrics without heads)."""
+    in_window = self.steps is None or self.steps[0] <= step < self.steps[1]
+    return in_window and (self.heads is None or head in self.heads)
+
+  @property
+  def specificity(self) -> tuple[bool, bool]:
+    return (self.steps is not None, self.heads is not None)
+
+
+def _overlap(a: Bound, b: Bound) -> bool:
+  if a.steps is not None and b.steps is not None and (a.steps[1] <= b.steps[0] or b.steps[1] <= a.steps[0]):
+    return False
+  if a.heads is not None and b.heads is not None and not set(a.heads) & set(b.heads):
+    return False
+  return True
+
+
+def _sorted_unique(items: Iterable[Any], what: str) -> tuple:
+  keyed = {}
+  for item in items:
+    k = canonical.encode(item.to_dict())
+    if k in keyed:
+      raise ProfileError(f"{what} {item.to_dict()} appears twice; remove the duplicate")
+    keyed[k] = item
+  return tuple(keyed[k] for k in sorted(keyed))
+
+
+@dataclasses.dataclass(frozen=True)
+class EntropyProfile:
+  """A validated entropy profile. Build from Python, `from_toml`, `from_dict` or a signed document."""
+
+  name: str
+  representations: tuple[Representation, ...] = ()
+  bounds: tuple[Bound, ...] = ()
+  description: str = ""
+
+  def __post_init__(self):
+    if not isinstance(self.name, str) or not self.name:
+      raise ProfileError("an entropy profile needs a non-empty name")
+    if not isinstance(self.description, str):
+      raise ProfileError("profile description must be a string")
+    for r in self.representations:
+      if not isinstance(r, Representation):
+        raise ProfileError(f"representations must be aqgov.entropy.Representation entries, got {type(r).__name__}")
+    for b in self.bounds:
+      if not isinstance(b, Bound):
+        raise ProfileError(f"bounds must be aqgov.entropy.Bound entries, got {type(b).__name__}")
+    object.__setattr__(self, "representations", _sorted_unique(self.representations, "representation"))
+    object.__setattr__(self, "bounds", _sorted_unique(self.bounds, "bound"))
+    heads: dict[str, int] = {}
+    for r in self.representations:
+      if r.kind == "attention":
+        if heads.setdefault(r.group, r.heads) != r.heads:
+          raise ProfileError(
+              f"group {r.group!r} has attention representations with {heads[r.group]} and {r.heads} heads; "
+              "per-head bounds need one head count per group (split them into separate groups)")
+    kinds = {(r.group, r.kind) for r in self.representations}
+    for b in self.bounds:
+      need = _SOURCE_KIND.get(b.metric)
+      if need is not None and (b.group, need) not in kinds:
+        raise ProfileError(
+            f"{b.describe()}: no [[representation]] of kind {need!r} feeds group {b.group!r}; add one "
+            "that names the representation to measure")
+      if b.heads is not None and max(b.heads) >= heads[b.group]:
+        raise ProfileError(
+            f"{b.describe()}: head {max(b.heads)} does not exist; group {b.group!r} has {heads[b.group]} heads")
+    for i, a in enumerate(self.bounds):
+      for b in self.bounds[i + 1:]:
+        if (a.group, a.metric, a.specificity) != (b.group, b.metric, b.specificity) or not _overlap(a, b):
+          continue
+        for side in ("low", "high"):
+          if getattr(a, side) is not None and getattr(b, side) is not None:
+            raise ProfileError(
+                f"{a.describe()} and {b.describe()} both set `{side}` for the same steps and heads; "
+                "narrow one with `steps`/`heads` or merge them")
+
+  # -- queries -----------------------------------------------------------------------------
+
+  @property
+  def groups(self) -> tuple[str, ...]:
+    """Groups the profile names, sorted."""
+    return tuple(sorted({r.group for r in self.representations} | {b.group for b in self.bounds}))
+
+  def heads(self, group: str) -> int:
+    """Number of attention heads declared for `group` (0 if it has no attention representation)."""
+    return next((r.heads for r in self.representations if r.kind == "attention" and r.group == group), 0)
+
+  @property
+  def num_heads(self) -> int:
+    """Size of the head axis of event arrays: the most heads of any group, at least 1."""
+    return max([1] + [r.heads for r in self.representations if r.kind == "attention"])
+
+  def check_groups(self, group_names: Sequence[str]) -> None:
+    """Raise `ProfileError` if the profile names a group the compiled policy does not have."""
+    unknown = [g for g in self.groups if g not in group_names]
+    if unknown:
+      raise ProfileError(
+          f"entropy profile {self.name!r} names group(s) {unknown} that the compiled policy does not have "
+          f"(its groups: {list(group_names)}); rename them in the profile or add them to the policy")
+
+  # -- canonical form, id, TOML --------------------------------------------------------------
+
+  def to_dict(self) -> dict:
+    return {
+        "format": FORMAT, "name": self.name, "description": self.description,
+        "representations": [r.to_dict() for r in self.representations],
+        "bounds": [b.to_dict() for b in self.bounds],
+    }
+
+  @property
+  def id(self) -> str:
+    """Hex SHA-256 of the canonical form."""
+    return canonical.digest_hex(self.to_dict())
+
+  @classmethod
+  def from_dict(cls, doc: Mapping[str, Any], *, where: str = "entropy profile") -> "EntropyProfile":
+    """Parse the canonical dict (or the TOML document) form; `ProfileError` names what and where."""
+    if not isinstance(doc, Mapping):
+      raise ProfileError(f"{where}: expected a table/map, got {type(doc).__name__}")
+    allowed = {"format", "name", "description", "representations", "representation", "bounds", "bound"}
+    _no_unknown(doc, allowed, where)
+    if doc.get("format", FORMAT) != FORMAT:
+      raise ProfileError(f"{where}: format {doc.get('format')!r} is not {FORMAT!r}")
+    reps = _entries(doc, "representation", where)
+    bounds = _entries(doc, "bound", where)
+    rep_keys = {f.name for f in dataclasses.fields(Representation)}
+    bound_keys = {f.name for f in dataclasses.fields(Bound)}
+    parsed_reps, parsed_bounds = [], []
+    for i, entry in enumerate(reps):
+      at = f"{where}: [[representation]] #{i + 1}"
+      _no_unknown(entry, rep_keys, at)
+      parsed_reps.append(_build(Representation, {k: v for k, v in entry.items() if v is not None}, at))
+    for i, entry in enumerate(bounds):
+      at = f"{where}: [[bound]] #{i + 1}"
+      _no_unknown(entry, bound_keys, at)
+      parsed_bounds.append(_build(Bound, {k: v for k, v in entry.items() if v is not None}, at))
+    try:
+      return cls(name=doc.get("name", ""), representations=tuple(parsed_reps), bounds=tuple(parsed_bounds),
+                 description=doc.get("description", ""))
+    except ProfileError as exc:
+      raise ProfileError(f"{where}: {exc}") from None
+
+  @classmethod
+  def from_toml(cls, text_or_path: str | os.PathLike) -> "EntropyProfile":
+    """Parse TOML text or a TOML file."""
+    where = str(text_or_path) if isinstance(text_or_path, os.PathLike) or "\n" not in str(text_or_path) else "profile TOML"
+    try:
+      text = read_text(text_or_path)
+    except OSError as exc:
+      raise ProfileError(f"cannot read entropy profile {text_or_path}: {exc}") from None
+    try:
+      doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+      raise ProfileError(f"{where}: not valid TOML ({exc}); fix the syntax at that line") from None
+    return cls.from_dict(doc, where=where)
+
+  def to_toml(self) -> str:
+    """TOML text that `from_toml` reads back to an equal profile."""
+    lines = [f"format = {_toml(FORMAT)}", f"name = {_toml(self.name)}"]
+    if self.description:
+      lines.append(f"description = {_toml(self.description)}")
+    for table, entries in (("representation", self.representations), ("bound", self.bounds)):
+      for entry in entries:
+        lines += ["", f"[[{table}]]"]
+        for k, v in entry.to_dict().items():
+          if v is not None and not (k == "causal" and v is False):
+            lines.append(f"{k} = {_toml(v)}")
+    return "\n".join(lines) + "\n"
+
+  # -- signing -------------------------------------------------------------------------------
+
+  def to_document(self) -> signing.SignedDocument:
+    """An unsigned `entropy-profile` document whose id is the profile id."""
+    return signing.SignedDocument(KIND, self.to_dict())
+
+
+def _toml(value: Any) -> str:
+  if isinstance(value, bool):
+    return "true" if value else "false"
+  if isinstance(value, str):
+    return json.dumps(value, ensure_ascii=False)
+  if isinstance(value, (list, tuple)):
+    return "[" + ", ".join(_toml(v) for v in value) + "]"
+  return repr(value)
+
+
+def _no_unknown(entry: Any, allowed: set[str], where: str) -> None:
+  if not isinstance(entry, Mapping):
+    raise ProfileError(f"{where}: expected a table, got {type(entry).__name__}")
+  unknown = sorted(set(entry) - allowed)
+  if unknown:
+    raise ProfileError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+
+
+def _entries(doc: Mapping[str, Any], name: str, where: str) -> list:
+  if name in doc and name + "s" in doc:
+    raise ProfileError(f"{where}: give either [[{name}]] tables or a `{name}s` list, not both")
+  entries = doc.get(name, doc.get(name + "s", []))
+  if not isinstance(entries, list):
+    raise ProfileError(f"{where}: `{name}` must be an array of tables ([[{name}]])")
+  return entries
+
+
+def _build(cls, fields: dict, where: str):
+  try:
+    return cls(**fields)
+  except ProfileError as exc:
+    raise ProfileError(f"{where}: {exc}") from None
+  except TypeError as exc:
+    raise ProfileError(f"{where}: {exc}") from None
+
+
+# --- signed documents and files ---------------------------------------------------------------
+
+
+def sign_profile(profile: EntropyProfile | signing.SignedDocument, key: SigningKey) -> signing.SignedDocument:
+  """A signed entropy-profile document; signing a signed one adds (or renews) `key`'s signature."""
+  if isinstance(profile, signing.SignedDocument):
+    profile_of(profile)
+    return signing.sign(profile, key)
+  if not isinstance(profile, EntropyProfile):
+    raise ProfileError(f"sign_profile expects an EntropyProfile or a signed profile, got {type(profile).__name__}")
+  return signing.sign(profile.to_document(), key)
+
+
+def profile_of(doc: signing.SignedDocument) -> EntropyProfile:
+  """The profile inside a document, checked to be in canonical form (signatures not checked)."""
+  if doc.kind != KIND:
+    raise ProfileError(f"expected a signed {KIND!r} document, got {doc.kind!r}")
+  profile = EntropyProfile.from_dict(doc.payload, where=f"signed profile {doc.id[:16]}...")
+  if profile.id != doc.id:
+    raise ProfileError(
+        f"signed profile {doc.id[:16]}... is not in canonical form (re-reads as {profile.id[:16]}...); "
+        "re-create it with `aqgov profile sign`")
+  return profile
+
+
+def verify_profile(signed: signing.SignedDocument, trust: TrustStore, min_signers: int = 1) -> EntropyProfile:
+  """The profile in `signed` once at least `min_signers` trusted signatures verify.
+
+  Raises `SignatureError` when unsigned, forged, altered or signed only by untrusted keys (as
+  `verify_policy` does), and `ProfileError` when the payload is not a valid profile.
+  """
+  if not isinstance(signed, signing.SignedDocument) or signed.kind != KIND:
+    raise ProfileError("verify_profile expects a signed entropy-profile document; read it with read_signed_profile")
+  signing.verify(signed, trust, min_signers=min_signers)
+  return profile_of(signed)
+
+
+def write_signed_profile(signed: signing.SignedDocument, path: str | os.PathLike) -> Path:
+  """Write a signed profile atomically (never a half-written file)."""
+  if signed.kind != KIND:
+    raise ProfileError(f"refusing to write a {signed.kind!r} document as a signed entropy profile")
+  return atomic_write(path, signed.to_bytes())
+
+
+def write_profile(profile: EntropyProfile, path: str | os.PathLike) -> Path:
+  """Write a profile's TOML form atomically."""
+  return atomic_write(path, profile.to_toml().encode("utf-8"))
+
+
+def read_signed_profile(path: str | os.PathLike) -> signing.SignedDocument:
+  """Read a signed profile file (signatures are not checked here: use `verify_profile`)."""
+  return signing.SignedDocument.from_bytes(signing.read_bytes(path, ProfileError, "signed entropy profile"), kind=KIND)
+
+
+def read_profile(path: str | os.PathLike) -> EntropyProfile:
+  """A profile from a TOML file or a signed file, WITHOUT checking signatures (for inspection).
+
+  Use `verify_profile(read_signed_profile(path), trust)` wherever the profile governs training.
+  """
+  doc = signing.read_signed_or_text(path, KIND, ProfileError, "entropy profile")
+  return profile_of(doc) if isinstance(doc, signing.SignedDocument) else EntropyProfile.from_toml(doc)

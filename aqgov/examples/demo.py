@@ -1,0 +1,191 @@
+"""The main job: a governed training run on the sample data, end to end.
+
+Two authorities (`acme-data`, `eu-office`) publish taxonomies, credential the sample examples and
+sign routing policies; `acme-data` also signs the entropy profile. The loader admits what is
+credentialed (and refuses altered or uncredentialed bytes); the composed policy is compiled
+against a small transformer language model (`aqgov.examples.tiny_lm`), and every step is routed, bounded
+by the profile and recorded in a signed lineage. `OUT` is the run directory (see
+`aqgov.lineage.run`): `keys/*.pub` (the authorities' and the run's public keys), `policies/`,
+`profiles/`, `manifests/`, `lineage/`, `checkpoints/`; the authorities' own files (private keys,
+mode 0600, and the documents they signed) are in `OUT/authorities/`.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import shutil
+import tempfile
+from pathlib import Path
+from typing import NamedTuple
+
+import jax
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from aqgov.documents import _keys as keylib
+from aqgov.examples import sample as sample
+from aqgov.credentials._admission import Admission
+from aqgov.policy._compile import CompiledPolicy, explain_table
+from aqgov.credentials._manifest import Example, issue_manifest, read_manifest, write_manifest
+from aqgov.entropy._enforce import decode_events
+from aqgov.errors import GovernanceEscalation
+from aqgov.documents._keys import SigningKey, TrustStore
+from aqgov.lineage import GovernedRun, verify_lineage
+from aqgov.credentials._loader import governed_batches
+from aqgov.policy._policy import Policy, sign_policy, write_signed_policy
+from aqgov.entropy._profile import EntropyProfile, sign_profile, write_signed_profile
+
+PROFILE_SIGNER = "acme-data"
+POLICY_SIGNERS = {"acme-routing": "acme-data", "eu-office": "eu-office"}
+TASK = "aqgov.examples.tiny_lm:make_task"
+
+
+class Authorities(NamedTuple):
+  """What the governance side hands to training: trusted keys and the documents they signed."""
+
+  root: Path
+  keys: dict[str, SigningKey]
+  manifests: tuple[Path, ...]
+  policies: tuple[Path, ...]
+  profile: Path
+
+  @property
+  def trust(self) -> TrustStore:
+    return TrustStore.of(self.keys.values())
+
+  @property
+  def public_keys(self) -> list[Path]:
+    return sorted((self.root / "keys").glob("*.pub"))
+
+  def moved_to(self, root: Path) -> "Authorities":
+    """The same authorities after their directory was copied to `root`."""
+    re = lambda p: root / p.relative_to(self.root)  # noqa: E731
+    return self._replace(root=root, manifests=tuple(map(re, self.manifests)),
+                         policies=tuple(map(re, self.policies)), profile=re(self.profile))
+
+
+def create_authorities(root: Path) -> Authorities:
+  """Both authorities' keys, their credential manifests, signed policies and the signed profile."""
+  signing = {}
+  for name in sample.AUTHORITIES:
+    signing[name] = keylib.generate(name)
+    keylib.write_keypair(signing[name], root / "keys")
+  manifests = []
+  taxonomies = sample.taxonomies()
+  for authority in sample.AUTHORITIES:
+    manifest = issue_manifest(signing[authority], taxonomies[authority], sample.examples(), skip_unlabelled=True)
+    manifests.append(write_manifest(manifest, root / "manifests" / f"{authority}.manifest"))
+  policies = []
+  for name, signer in POLICY_SIGNERS.items():
+    signed = sign_policy(Policy.from_toml(sample.policy_path(name)), signing[signer])
+    policies.append(write_signed_policy(signed, root / "policies" / f"{name}.signed"))
+  profile = write_signed_profile(sign_profile(EntropyProfile.from_toml(sample.profile_path()), signing[PROFILE_SIGNER]),
+                                 root / "profiles" / "demo-profile.signed")
+  return Authorities(root, signing, tuple(manifests), tuple(policies), profile)
+
+
+def incoming_examples() -> list[Example]:
+  """The sample examples as a loader would see them: one altered in transit, two never credentialed."""
+  examples = sample.examples()
+  tampered = examples[7]._replace(content=examples[7].content + b" Ignore all previous instructions.")
+  extra = [Example(f"web-{i}", text.encode(), None) for i, text in enumerate(
+      ["Scraped text with no credential at all.", "Another page nobody vouched for."])]
+  return examples[:7] + [tampered] + examples[8:] + extra
+
+
+def explain_rich(compiled: CompiledPolicy, reached: np.ndarray | None = None) -> Table:
+  """The route class x group weight table; with `reached` [C], how many examples took each class."""
+  t = explain_table(compiled)
+  table = Table(title="composed routing policy (most restrictive wins)")
+  table.add_column("route class", no_wrap=True)
+  for g, s in zip(t.columns, t.sizes):
+    table.add_column(f"{g}\n{s:,}", justify="right")
+  if reached is not None:
+    table.add_column("examples\ntrained", justify="right")
+  for c, (name, weights) in enumerate(t.rows):
+    extra = [f"{int(reached[c])}"] if reached is not None else []
+    table.add_row(name, *[f"{w:g}" for w in weights], *extra)
+  return table
+
+
+def train(run: GovernedRun, batches, steps: int, console: Console) -> tuple[np.ndarray, list, str | None]:
+  """Run `steps` governed steps; route-class counts, governance events and any escalation message."""
+  task = run.task
+  reached = np.zeros(len(task.compiled.class_names), np.int64)
+  events, last_kinds = [], set()
+  try:
+    for _ in range(steps):
+      batch = next(batches)
+      s = jax.device_get(run.step([Example(i, c, None) for i, c in zip(batch.ids, batch.content)]))
+      np.add.at(reached, np.asarray(s.route_class), 1)
+      step_events = decode_events(s.events, task.profile, task.compiled)
+      events += step_events
+      kinds = {(e.group, e.metric, e.action) for e in step_events}
+      if int(s.step) % 5 == 0 or kinds != last_kinds:
+        console.print(f"   step {int(s.step):3d}  loss {float(s.loss):.3f}" +
+                      "".join(f"\n     event: {e.describe()}" for e in step_events if kinds != last_kinds))
+      last_kinds = kinds
+  except GovernanceEscalation as exc:
+    console.print(f"[red]   escalation[/red]: {exc}")
+    run.abandon()
+    return reached, events, str(exc)
+  run.close()
+  return reached, events, None
+
+
+def reaching_classes(compiled: CompiledPolicy, reached: np.ndarray) -> dict[str, list[str]]:
+  """Per group, the route classes that trained examples took and that give the group a positive weight."""
+  return {name: [compiled.class_names[c] for c in np.flatnonzero(reached) if compiled.table[c, g] > 0]
+          for g, name in enumerate(compiled.group_names)}
+
+
+def run(out: str | Path, *, steps: int = 20, batch_size: int = 16, seed: int = 0,
+        console: Console | None = None) -> dict:
+  """Run the demo into `out` (must be empty or absent); returns a summary dict."""
+  console = console or Console(width=110)
+  out = Path(out)
+  if out.exists() and any(out.iterdir()):
+    raise FileExistsError(f"{out} is not empty; pick a new --out directory")
+
+  with tempfile.TemporaryDirectory() as staging:
+    auth = create_authorities(Path(staging) / "authorities")
+    run = GovernedRun.start(
+        out, task=TASK, task_config={"seed": seed, "learning_rate": 3e-3},
+        policies=auth.policies, profiles=[auth.profile], manifests=auth.manifests, trust=auth.public_keys,
+        checkpoint_every=max(steps // 2, 1), config={"demo": {"steps": steps, "batch_size": batch_size}})
+    shutil.copytree(auth.root, out / "authorities")
+    auth = auth.moved_to(out / "authorities")
+  console.print(f"[bold]1. authorities[/bold] acme-data, eu-office: keys, credential manifests, signed policies "
+                f"and profile in {out / 'authorities'}; public keys in {out / 'keys'}")
+
+  task = run.task
+  loader = Admission(auth.trust, [read_manifest(p) for p in auth.manifests], on_reject="collect")
+  incoming = incoming_examples()
+  rejected = list(loader.admit(incoming).rejected)
+  console.print(f"[bold]2. admission[/bold]: {len(incoming) - len(rejected)} admitted, "
+                f"{len(rejected)} refused")
+  for r in rejected:
+    console.print(f"   refused {r.example_id}: {r.reason}")
+
+  console.print("[bold]3. policy[/bold]: groups " + ", ".join(task.compiled.group_names))
+
+  batches = itertools.cycle(list(governed_batches(incoming, loader, batch_size, drop_remainder=True)))
+  console.print(f"[bold]4. training[/bold] {steps} governed steps of {batch_size} examples "
+                f"(routed, entropy-bounded, recorded)")
+  reached, events, escalation = train(run, batches, steps, console)
+  console.print(explain_rich(task.compiled, reached))
+  for name, classes in reaching_classes(task.compiled, reached).items():
+    console.print(f"   {name} was shaped by: {', '.join(classes) or 'no example'}")
+  for (group, metric, action), n in sorted(collections.Counter((e.group, e.metric, e.action) for e in events).items()):
+    console.print(f"   governance: {metric}/{group} out of bounds on {n} step(s) -> {action}")
+
+  report = verify_lineage(out, TrustStore.from_paths(sorted((out / "keys").glob("*.pub"))))
+  console.print(f"[bold]5. lineage[/bold]: {report.size} records, root {report.root[:16]}..., "
+                f"{report.heads} signed heads, closed={report.closed}")
+  console.print(f"   check it:  aqgov lineage verify {out} --trust {out}/keys/*.pub\n"
+                f"   attest it: aqgov lineage export {out} --intoto {out}/attestation.intoto.json")
+  return {"admitted": len(incoming) - len(rejected), "rejected": [(r.example_id, str(r.reason)) for r in rejected],
+          "policy_ids": task.compiled.policy_ids, "groups": task.compiled.group_names, "reached": reached.tolist(),
+          "events": [e._asdict() for e in events], "escalation": escalation, "records": report.size}

@@ -1,0 +1,91 @@
+"""Orbax checkpoints of a governed run, bound to its lineage.
+
+Each checkpoint directory `checkpoints/<step>/` holds two Orbax items: `state` (the `TrainState`:
+params, optimizer state, governance state) and `lineage` (JSON: run id, step, and the log head
+— size, Merkle root, last record hash — at the moment the checkpoint was taken).
+
+Orbax writes a checkpoint into a temporary directory and renames it into place only when every
+item is complete, so an interrupted write never shows up among `steps()`. On top of that, a
+checkpoint counts for a governed run only when the lineage holds a "checkpoint" record for it,
+written after the save returned, with the SHA-256 of the saved params; `restore` recomputes that
+hash and refuses a checkpoint whose params differ (see `aqgov.lineage.run` for the resume rule).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import NamedTuple
+
+import jax
+import orbax.checkpoint as ocp
+
+from aqgov.errors import CheckpointError
+from aqgov.lineage._log import LogHead
+from aqgov.lineage._summary import params_sha256
+from aqgov.lineage._task import TrainState
+
+
+class Restored(NamedTuple):
+  """A restored checkpoint: the state, the log head it was taken at, and its params hash."""
+
+  state: TrainState
+  head: LogHead
+  run_id: str
+  params_sha256: str
+
+
+class Checkpoints:
+  """Save and restore `TrainState` checkpoints (synchronously: a checkpoint record may only be
+  written once the checkpoint is complete)."""
+
+  def __init__(self, directory: str | os.PathLike, *, max_to_keep: int | None = None):
+    self.directory = Path(directory).absolute()
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False,
+                                           cleanup_tmp_directories=True)
+    self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "lineage"))
+
+  def steps(self) -> tuple[int, ...]:
+    """Steps of the complete checkpoints on disk, ascending."""
+    self._manager.reload()
+    return tuple(sorted(self._manager.all_steps()))
+
+  def path(self, step: int) -> Path:
+    return self.directory / str(int(step))
+
+  def save(self, state: TrainState, head: LogHead, run_id: str) -> Path:
+    """Write a checkpoint of `state` at `state.step`, recording the log `head`; returns its path."""
+    step = int(jax.device_get(state.step))
+    if step in self.steps():
+      raise CheckpointError(f"a checkpoint for step {step} already exists in {self.directory}; a resumed run "
+                            "deletes checkpoints it supersedes before saving again")
+    lineage = {"run_id": run_id, "step": step, **head.to_wire()}
+    try:
+      self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                       lineage=ocp.args.JsonSave(lineage)))
+      self._manager.wait_until_finished()
+    except Exception as exc:
+      raise CheckpointError(f"saving the checkpoint for step {step} in {self.directory} failed ({exc}); "
+                            "no checkpoint record was written, so it will not be trusted") from exc
+    return self.path(step)
+
+  def restore(self, step: int, template: TrainState) -> Restored:
+    """The checkpoint at `step`, restored into the structure (and shardings) of `template`."""
+    if step not in self.steps():
+      raise CheckpointError(f"no complete checkpoint for step {step} in {self.directory} (have {list(self.steps())})")
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
+    try:
+      out = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                                lineage=ocp.args.JsonRestore()))
+    except Exception as exc:
+      raise CheckpointError(f"checkpoint {self.path(step)} cannot be restored ({type(exc).__name__}: {exc}); "
+                            "it is damaged or was written for a different model") from None
+    state = out.state if isinstance(out.state, TrainState) else TrainState(*out.state)
+    lineage = out.lineage
+    return Restored(state, LogHead.from_wire(lineage), str(lineage["run_id"]), params_sha256(state.params))
+
+  def delete(self, step: int) -> None:
+    self._manager.delete(int(step))
+
+  def close(self) -> None:
+    self._manager.close()

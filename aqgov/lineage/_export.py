@@ -1,0 +1,110 @@
+"""in-toto attestation of a run: a Statement v1 in a DSSE envelope signed with Ed25519.
+
+The statement's subjects are the run's checkpoints (name `<run id>/checkpoints/<step>/params`,
+digest: the SHA-256 of the params as `aqgov.lineage.summary.params_sha256` computes it). The
+predicate (type `PREDICATE_TYPE`) binds them to the lineage: the last signed tree head (id, size,
+Merkle root, last record hash, signer key id), the policy, profile and credential manifest ids the
+run started under, the task reference and the parent run's head. Any DSSE verifier can check the
+envelope: payloadType "application/vnd.in-toto+json", signature over
+`PAE(payloadType, payload)` (`aqgov.documents.pae`), keyid = the aqgov key id (hex SHA-256 of the
+raw Ed25519 public key).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from aqgov.documents import _signing as signing
+from aqgov.errors import LineageError
+from aqgov.documents._keys import PublicKey, SigningKey, TrustStore, load_public_key
+from aqgov.lineage import _history as hist
+from aqgov.lineage import _log as log
+from aqgov.lineage._verify import VerifyReport, lineage_dir, verify_lineage
+
+STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
+PREDICATE_TYPE = "https://aqgov.dev/attestation/lineage/v1"
+PAYLOAD_TYPE = "application/vnd.in-toto+json"
+
+
+def statement(run_dir: str | os.PathLike, report: VerifyReport) -> dict:
+  """The in-toto Statement for a verified run (`report` from `verify_lineage`)."""
+  _, ldir = lineage_dir(run_dir)
+  scan, history = hist.load(ldir)
+  heads, _ = log.read_heads(ldir)
+  if not heads:
+    raise LineageError(f"{ldir} has no signed tree head to attest")
+  head = heads[-1]
+  size = int(head.payload["size"])
+  start = scan.bodies[0]
+  checkpoints = [c for c in history.checkpoints if c.index < size]
+  subjects = [{"name": f"{report.run_id}/checkpoints/{c.step}/params", "digest": {"sha256": c.params_sha256}}
+              for c in checkpoints]
+  if not subjects:
+    raise LineageError("the signed part of the log records no checkpoint: there is nothing to name as a subject")
+  predicate = {
+      "run_id": report.run_id,
+      "head": {"id": head.id, "size": size, "root": head.payload["root"],
+               "last_record": head.payload["last_record"], "signer": start["signer"], "time": head.payload["time"]},
+      "merkle_root": head.payload["root"],
+      "size": size,
+      "closed": report.closed and size == report.size,
+      "policies": [p["id"] for p in start["policies"]],
+      "profiles": [p["id"] for p in start["profiles"]],
+      "credential_manifests": [{"id": m["id"], "sha256": m["sha256"]} for m in start["manifests"]],
+      "trust": list(start["trust"]),
+      "task": start["config"].get("task"),
+      "parent": start.get("parent"),
+      "checkpoints": [{"step": c.step, "params_sha256": c.params_sha256, "record": c.index, "path": c.path}
+                      for c in checkpoints],
+  }
+  return {"_type": STATEMENT_TYPE, "subject": subjects, "predicateType": PREDICATE_TYPE, "predicate": predicate}
+
+
+def envelope(payload: bytes, key: SigningKey) -> dict:
+  """A DSSE envelope around `payload`, signed by `key` over PAE(PAYLOAD_TYPE, payload)."""
+  sig = key.sign(signing.pae(PAYLOAD_TYPE, payload))
+  return {"payload": base64.b64encode(payload).decode(), "payloadType": PAYLOAD_TYPE,
+          "signatures": [{"keyid": key.key_id, "sig": base64.b64encode(sig).decode()}]}
+
+
+def recorded_trust(run_dir: str | os.PathLike, key: SigningKey) -> TrustStore:
+  """`key` plus the public keys in the run's keys/ that its run-start record says it trusted."""
+  first = next(iter(log.LogReader(lineage_dir(run_dir)[1])), None)
+  trusted = set(first.body.get("trust", ())) if first is not None else set()
+  pubs = [load_public_key(p) for p in sorted((Path(run_dir) / "keys").glob("*.pub"))]
+  return TrustStore.of([key, *(k for k in pubs if k.key_id in trusted)])
+
+
+def export_intoto(run_dir: str | os.PathLike, key: SigningKey, *, trust: TrustStore | None = None) -> dict:
+  """Verify the run (against `trust`, by default `recorded_trust`) and attest it.
+
+  Returns the DSSE envelope as a JSON-ready dict.
+  """
+  report = verify_lineage(run_dir, trust if trust is not None else recorded_trust(run_dir, key))
+  payload = json.dumps(statement(run_dir, report), sort_keys=True, separators=(",", ":")).encode("utf-8")
+  return envelope(payload, key)
+
+
+def verify_envelope(env: dict, trust: TrustStore) -> dict:
+  """The statement inside `env` if a trusted key signed it (aqgov's own check; any DSSE verifier works)."""
+  try:
+    payload = base64.b64decode(env["payload"], validate=True)
+    if env["payloadType"] != PAYLOAD_TYPE:
+      raise LineageError(f"payloadType is {env['payloadType']!r}, expected {PAYLOAD_TYPE!r}")
+    message = signing.pae(env["payloadType"], payload)
+    good = [s for s in env["signatures"] if s["keyid"] in trust
+            and trust.get(s["keyid"]).verify(message, base64.b64decode(s["sig"], validate=True))]
+  except (KeyError, TypeError, ValueError) as exc:
+    raise LineageError(f"not a DSSE envelope ({exc})") from None
+  if not good:
+    raise LineageError("no trusted key signed this envelope (or it was altered after signing)")
+  return json.loads(payload)
+
+
+def public_key_for_dsse(key: PublicKey) -> dict[str, Any]:
+  """The key as DSSE/securesystemslib tooling describes it (keytype, scheme, hex public key)."""
+  return {"keyid": key.key_id, "keytype": "ed25519", "scheme": "ed25519", "keyval": {"public": key.raw.hex()}}

@@ -1,0 +1,106 @@
+"""Questions an auditor asks of a lineage: which examples reached a group, and what a run did.
+
+Membership: an example *reached* group g at a step when its weight in g was positive there; the
+contribution norm says how much of its gradient actually arrived (`|| w_i[g] * grad_g L_i ||`).
+Only effective records count unless `include_superseded` (see `aqgov.lineage.history`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from typing import NamedTuple
+
+from aqgov.errors import LineageError
+from aqgov.lineage import _history as hist
+from aqgov.lineage import _log as log
+from aqgov.lineage import _record as rec
+from aqgov.lineage._verify import lineage_dir
+
+
+class Membership(NamedTuple):
+  """One example reaching one group at one step."""
+
+  step: int
+  record: int
+  example_id: str
+  route_class: int
+  weight: float
+  contribution_norm: float
+  superseded: bool
+
+
+def membership(run_dir: str | os.PathLike, group: str, *, step: int | None = None,
+               include_superseded: bool = False) -> list[Membership]:
+  """Every (step, example) whose weight in `group` was positive, in log order."""
+  _, ldir = lineage_dir(run_dir)
+  scan, history = hist.load(ldir)
+  groups = list(scan.bodies[0]["groups"])
+  if group not in groups:
+    raise LineageError(f"group {group!r} is not one of this run's groups: {', '.join(groups)}")
+  g = groups.index(group)
+  out = []
+  for index, _, body in log.records(ldir, kinds=(rec.STEP,)):
+    superseded = not history.effective(index)
+    if (superseded and not include_superseded) or (step is not None and int(body["step"]) != step):
+      continue
+    view = rec.view_step(body)
+    ids = view.row_ids
+    for r in range(view.weights.shape[0]):
+      w = float(view.weights[r, g])
+      if w > 0:
+        out.append(Membership(view.step, index, ids[r], int(view.route_class[r]), w,
+                              float(view.contribution_norms[r, g]), superseded))
+  return out
+
+
+class RunDescription(NamedTuple):
+  """What `aqgov lineage show` prints."""
+
+  run_id: str
+  start: dict
+  size: int
+  heads: int
+  signed_size: int
+  closed: bool
+  status: str | None
+  steps: int
+  last_step: int
+  last_loss: float | None
+  examples: int
+  checkpoints: tuple[hist.CheckpointRef, ...]
+  resumes: int
+  kinds: dict[str, int]
+  group_reach: dict[str, int]
+  group_norm: dict[str, float]
+  torn_bytes: int
+
+
+def describe(run_dir: str | os.PathLike) -> RunDescription:
+  """Summary of a run from its lineage (structure checked, signatures not: use verify for that)."""
+  _, ldir = lineage_dir(run_dir)
+  scan, history = hist.load(ldir)
+  start = scan.bodies[0]
+  groups = list(start["groups"])
+  heads, _ = log.read_heads(ldir)
+  steps, last_step, last_loss, seen = 0, 0, None, set()
+  reach, norm = Counter(), Counter()
+  for index, _, body in log.records(ldir, kinds=(rec.STEP,)):
+    if not history.effective(index):
+      continue
+    view = rec.view_step(body)
+    steps, last_step, last_loss = steps + 1, view.step, view.loss
+    seen.update(view.row_ids)
+    for gi, name in enumerate(groups):
+      reach[name] += int((view.weights[:, gi] > 0).sum())
+      norm[name] += float(view.contribution_norms[:, gi].sum())
+  ends = scan.of_kind(rec.RUN_END)
+  closed = scan.kinds[-1] == rec.RUN_END
+  return RunDescription(
+      run_id=start["run_id"], start=start, size=scan.size, heads=len(heads),
+      signed_size=int(heads[-1].payload["size"]) if heads else 0, closed=closed,
+      status=ends[-1][1]["status"] if ends and closed else None, steps=steps, last_step=last_step,
+      last_loss=last_loss, examples=len(seen), checkpoints=history.checkpoints,
+      resumes=len(scan.of_kind(rec.RUN_RESUME)), kinds=dict(Counter(scan.kinds)),
+      group_reach={g: reach[g] for g in groups}, group_norm={g: norm[g] for g in groups},
+      torn_bytes=scan.torn.nbytes if scan.torn else 0)

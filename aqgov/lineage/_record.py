@@ -1,0 +1,430 @@
+"""Lineage records: canonical msgpack envelopes, each naming its predecessor's hash.
+
+A record is the canonical msgpack (`aqgov.documents`) of
+
+    {"v": 1, "seq": i, "kind": str, "prev": <32-byte hash of record i-1>, "body": <bytes>}
+
+where `body` is itself the canonical msgpack of the kind's body map. The record hash is SHA-256
+of the record bytes; record 0 (always "run-start") has `prev` = 32 zero bytes. Nesting the body as
+bytes lets a verifier check a million records by hashing them and decoding five small fields each,
+without materialising any body it does not need. Arrays inside bodies are `{"dtype", "shape",
+"data"}` maps with raw little-endian C-order bytes, so float32 values survive exactly.
+The full field list of every kind is in docs/lineage-schema.md.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import sys
+import time
+from collections.abc import Collection, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import msgpack
+import numpy as np
+
+from aqgov.documents import _canonical as canonical
+from aqgov.policy import _paths as paths
+from aqgov.errors import LineageError
+from aqgov.lineage._summary import StepSummary
+
+VERSION = 1
+GENESIS = bytes(32)
+
+RUN_START = "run-start"
+STEP = "step"
+CHECKPOINT = "checkpoint"
+EVENT = "event"
+ESCALATION = "escalation"
+OVERRIDE = "override"
+RUN_RESUME = "run-resume"
+RUN_END = "run-end"
+KINDS = (RUN_START, STEP, CHECKPOINT, EVENT, ESCALATION, OVERRIDE, RUN_RESUME, RUN_END)
+
+
+class Record(NamedTuple):
+  """One decoded record envelope; `body_bytes` is decoded on demand by `body`."""
+
+  seq: int
+  kind: str
+  prev: bytes
+  body_bytes: bytes
+  hash: bytes
+
+  @property
+  def body(self) -> dict:
+    return decode_body(self.body_bytes, self.seq)
+
+
+def encode_record(seq: int, kind: str, prev: bytes, body: Mapping[str, Any] | bytes) -> bytes:
+  """Canonical bytes of a record envelope around `body` (a map, or its canonical bytes)."""
+  if kind not in KINDS:
+    raise LineageError(f"unknown record kind {kind!r}; expected one of {', '.join(KINDS)}")
+  if len(prev) != 32:
+    raise LineageError(f"prev must be a 32-byte hash, got {len(prev)} bytes")
+  return canonical.encode({"v": VERSION, "seq": int(seq), "kind": kind, "prev": bytes(prev),
+                           "body": body if isinstance(body, bytes) else canonical.encode(dict(body))})
+
+
+def record_hash(data: bytes) -> bytes:
+  return hashlib.sha256(data).digest()
+
+
+_ENVELOPE_HEAD = b"\x85\xa4body"  # canonical envelopes start with a 5-map whose first key is "body"
+_BIN_HEADERS = {0xC4: 1, 0xC5: 2, 0xC6: 4}
+
+
+def _split_envelope(data) -> tuple[dict, int, int] | None:
+  """(the other four fields, body start, body end) of a canonically laid out envelope, found
+  without copying the body; None for any other layout (the general decoder then decides)."""
+  view = memoryview(data)
+  if len(view) < 8 or view[:6] != _ENVELOPE_HEAD or view[6] not in _BIN_HEADERS:
+    return None
+  width = _BIN_HEADERS[view[6]]
+  start = 7 + width
+  end = start + int.from_bytes(view[7:start], "big")
+  if end > len(view):
+    return None
+  try:
+    tail = msgpack.unpackb(b"\x84" + view[end:].tobytes(), raw=False, strict_map_key=True)
+  except Exception:
+    return None
+  return tail, start, end
+
+
+def decode_record(data, index: int, *, digest: bytes | None = None,
+                  bodies: Collection[str] | None = None) -> Record:
+  """The envelope of record bytes `data` expected at position `index` (fields checked, body kept raw).
+
+  `digest` is the record hash when the caller has already computed it. Bodies of kinds outside
+  `bodies` (when given) are not copied out (`body_bytes` is empty): verifying a long log then costs
+  little more than hashing it."""
+  split = _split_envelope(data)
+  if split is not None:
+    env, start, end = split
+    keep = bodies is None or env.get("kind") in bodies
+    env["body"] = bytes(memoryview(data)[start:end]) if keep else b""
+  else:
+    try:
+      env = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except Exception as exc:
+      raise LineageError(f"record {index}: not valid msgpack ({exc}); the record was altered", index=index) from None
+  if not isinstance(env, dict) or set(env) != {"v", "seq", "kind", "prev", "body"}:
+    raise LineageError(f"record {index}: not a lineage record envelope (fields v, seq, kind, prev, body)", index=index)
+  if env["v"] != VERSION:
+    raise LineageError(f"record {index}: schema version {env['v']!r}, this aqgov reads version {VERSION}; "
+                       "upgrade aqgov to verify this log", index=index)
+  if env["kind"] not in KINDS or not isinstance(env["prev"], bytes) or not isinstance(env["body"], bytes) \
+     or not isinstance(env["seq"], int) or len(env["prev"]) != 32:
+    raise LineageError(f"record {index}: malformed envelope (kind {env['kind']!r})", index=index)
+  return Record(env["seq"], env["kind"], env["prev"], env["body"], digest or record_hash(data))
+
+
+def decode_body(body_bytes: bytes, index: int | None = None) -> dict:
+  try:
+    body = canonical.decode(body_bytes)
+  except canonical.CanonicalError as exc:
+    raise LineageError(f"record {index}: body is not canonical msgpack ({exc})", index=index) from None
+  if not isinstance(body, dict):
+    raise LineageError(f"record {index}: body is not a map", index=index)
+  return body
+
+
+# ---- arrays -------------------------------------------------------------------------------------
+
+_LITTLE = sys.byteorder == "little"
+
+
+def array_to_wire(a: Any) -> dict:
+  """`{"dtype", "shape", "data"}` with raw little-endian C-order bytes."""
+  arr = np.asarray(a)
+  dt = arr.dtype
+  if _LITTLE and dt.byteorder != ">":
+    data = arr.tobytes()  # C order, native = little-endian
+  else:
+    data = np.ascontiguousarray(arr, dtype=dt.newbyteorder("<")).tobytes()
+  return {"data": data, "dtype": _dtype_name(dt), "shape": list(arr.shape)}  # keys in canonical order
+
+
+@functools.lru_cache(maxsize=64)
+def _dtype_name(dt: np.dtype) -> str:
+  return dt.name
+
+
+def array_from_wire(w: Mapping[str, Any]) -> np.ndarray:
+  dtype = np.dtype(w["dtype"]).newbyteorder("<")
+  return np.frombuffer(w["data"], dtype=dtype).reshape(w["shape"]).astype(dtype.newbyteorder("="))
+
+
+_INDEX_DTYPES = ((255, np.dtype(np.uint8)), (65535, np.dtype(np.uint16)), (2**32 - 1, np.dtype(np.uint32)))
+
+
+def _index_dtype(max_value: int) -> np.dtype:
+  """The smallest unsigned dtype holding 0..max_value (int64 beyond uint32)."""
+  return next((dt for limit, dt in _INDEX_DTYPES if max_value <= limit), np.dtype(np.int64))
+
+
+def weights_to_wire(weights: np.ndarray, route_class: np.ndarray) -> dict:
+  """[B, G] weights as `{"by_class": [C, G]}` when every row equals its route class's row (the
+  usual case: weights come from the policy table), else `{"full": [B, G]}`. Lossless either way;
+  rows of classes absent from the batch are zero."""
+  if weights.shape[0] and route_class.min() >= 0 and route_class.max() < 65536:
+    by_class = np.zeros((int(route_class.max()) + 1, weights.shape[1]), weights.dtype)
+    by_class[route_class] = weights  # rows of one class agree iff the round trip below is exact
+    if (by_class[route_class] == weights).all():
+      return {"by_class": array_to_wire(by_class)}
+  return {"full": array_to_wire(weights)}
+
+
+def weights_from_wire(w: Mapping[str, Any], route_class: np.ndarray) -> np.ndarray:
+  if "by_class" in w:
+    return array_from_wire(w["by_class"])[route_class]
+  return array_from_wire(w["full"])
+
+
+def to_host(tree: Any) -> Any:
+  """`tree` with numpy leaves. Transfers from accelerators start together; CPU arrays are read
+  in place (much cheaper than `jax.device_get`, which matters on the writer thread)."""
+  leaves, treedef = jax.tree_util.tree_flatten(tree)
+  device = next((x for x in leaves if isinstance(x, jax.Array)), None)
+  if device is not None and any(d.platform != "cpu" for d in device.devices()):
+    for x in leaves:
+      if isinstance(x, jax.Array):
+        x.copy_to_host_async()
+  return jax.tree_util.tree_unflatten(treedef, [np.asarray(x) for x in leaves])
+
+
+def _tree_to_wire(tree: Any) -> dict:
+  if isinstance(tree, Mapping):
+    items = [(str(k), v) for k, v in tree.items()]
+  else:
+    with_path, _ = jax.tree_util.tree_flatten_with_path(tree)
+    items = [(paths.path_string(kp) or "value", v) for kp, v in with_path]
+  return {k: array_to_wire(v) for k, v in sorted(items, key=lambda kv: kv[0])}
+
+
+# ---- bodies -------------------------------------------------------------------------------------
+
+def _join_ids(ids: Sequence[str], step: int) -> bytes:
+  joined = "\x00".join(ids)
+  if ids and (joined.count("\x00") != len(ids) - 1 or "\x00\x00" in joined or joined.startswith("\x00")
+              or joined.endswith("\x00") or not joined):
+    bad = next(i for i in ids if not i or "\x00" in i)
+    raise LineageError(f"step {step}: example id {bad!r} is empty or contains NUL; ids must be non-empty text")
+  return joined.encode("utf-8")
+
+
+def _split_ids(data: bytes) -> tuple[str, ...]:
+  return tuple(data.decode("utf-8").split("\x00")) if data else ()
+
+
+def step_body(summary: StepSummary, example_ids: Sequence[str], example_sha256: Sequence[bytes | str] | None = None,
+              time_s: float | None = None) -> dict:
+  """Body of a "step" record from a host copy of the summary and the host-side id list of the batch.
+
+  `example_ids` is recorded whole and in order (replay hands the same list to `make_batch`); the
+  per-row arrays keep only real rows (`example_index >= 0`), and `rows` (omitted when it is
+  0, 1, ..., n-1) maps them to positions in `example_ids`. An id no row refers to was given to the
+  step but left out of the batch (for instance not admitted). `example_sha256` (one per id, 32
+  bytes or hex) is the content hash of each example. Ids are stored NUL-joined and weights as
+  a per-class table when they follow the route classes: both keep the record small and cheap
+  to hash.
+  """
+  s = to_host(summary)
+  step = int(s.step)
+  index = np.asarray(s.example_index, np.int64)
+  keep = index >= 0
+  every = bool(keep.all())
+  rows = index[keep]
+  if rows.size and (rows.max() >= len(example_ids)):
+    raise LineageError(f"step {step}: example_index {int(rows.max())} outside the {len(example_ids)} "
+                       "host ids given; pass the id list the batch was built from")
+  route_class = np.asarray(s.route_class).astype(np.int64)
+  weights = np.asarray(s.weights, np.float32)
+  norms = np.asarray(s.contribution_norms, np.float32)
+  if not every:
+    route_class, weights, norms = route_class[keep], weights[keep], norms[keep]
+  body = {
+      "step": step,
+      "time": time.time() if time_s is None else float(time_s),
+      "example_ids": _join_ids(example_ids, step),
+      "route_class": array_to_wire(route_class.astype(_index_dtype(int(route_class.max(initial=0))))),
+      "weights": weights_to_wire(weights, route_class),
+      "contribution_norms": array_to_wire(norms),
+      "loss": float(np.asarray(s.loss, np.float64)),
+      "fingerprint": array_to_wire(np.asarray(s.fingerprint, np.float32)),
+      "measurements": _tree_to_wire(s.measurements),
+      "events": _tree_to_wire(s.events),
+  }
+  if not (rows.size == len(example_ids) and np.array_equal(rows, np.arange(rows.size))):
+    body["rows"] = array_to_wire(rows.astype(_index_dtype(max(len(example_ids) - 1, 0))))
+  if example_sha256 is not None:
+    try:
+      joined = b"".join(example_sha256)
+    except TypeError:  # hex strings
+      joined = b"".join(d if isinstance(d, bytes) else bytes.fromhex(d) for d in example_sha256)
+    if len(joined) != 32 * len(example_ids):
+      raise LineageError(f"step {step}: example_sha256 must hold one 32-byte SHA-256 per example id")
+    body["example_sha256"] = joined
+  return dict(sorted(body.items()))  # sorted keys and builtin types only: see encode_step_body
+
+
+def encode_step_body(body: Mapping[str, Any]) -> bytes:
+  """Canonical bytes of a `step_body` result, without the generic normalisation pass.
+
+  `step_body` builds maps with sorted string keys and only builtin values (int, float, str,
+  bytes, lists), so plain msgpack already yields the canonical bytes (readers re-check with
+  `aqgov.documents.decode`); this saves most of the writer thread's time per record.
+  """
+  return msgpack.packb(body, use_bin_type=True, use_single_float=False)
+
+
+class StepView(NamedTuple):
+  """A decoded "step" body as arrays; per-row arrays have one entry per batch row."""
+
+  step: int
+  example_ids: tuple[str, ...]
+  example_sha256: tuple[str, ...] | None
+  rows: np.ndarray
+  route_class: np.ndarray
+  weights: np.ndarray
+  contribution_norms: np.ndarray
+  loss: float
+  fingerprint: np.ndarray
+  measurements: dict[str, np.ndarray]
+  events: dict[str, np.ndarray]
+
+  @property
+  def row_ids(self) -> tuple[str, ...]:
+    """The example id of each batch row."""
+    return tuple(self.example_ids[i] for i in self.rows)
+
+  @property
+  def left_out(self) -> tuple[str, ...]:
+    """Ids given to the step that no batch row refers to (not admitted, or dropped by the task)."""
+    used = set(int(i) for i in self.rows)
+    return tuple(e for i, e in enumerate(self.example_ids) if i not in used)
+
+
+def view_step(body: Mapping[str, Any]) -> StepView:
+  sha = body.get("example_sha256")
+  route_class = array_from_wire(body["route_class"]).astype(np.int32)
+  ids = _split_ids(body["example_ids"])
+  rows = array_from_wire(body["rows"]).astype(np.int64) if "rows" in body else np.arange(len(ids))
+  return StepView(
+      step=int(body["step"]),
+      example_ids=ids,
+      example_sha256=None if sha is None else tuple(sha[i:i + 32].hex() for i in range(0, len(sha), 32)),
+      rows=rows,
+      route_class=route_class,
+      weights=weights_from_wire(body["weights"], route_class),
+      contribution_norms=array_from_wire(body["contribution_norms"]),
+      loss=float(body["loss"]),
+      fingerprint=array_from_wire(body["fingerprint"]),
+      measurements={k: array_from_wire(v) for k, v in body["measurements"].items()},
+      events={k: array_from_wire(v) for k, v in body["events"].items()},
+  )
+
+
+class DocRef(NamedTuple):
+  """A signed document copied into the run directory: its kind, id, file digest and relative path."""
+
+  kind: str
+  id: str
+  sha256: str
+  file: str
+
+  def to_wire(self) -> dict:
+    return self._asdict()
+
+
+class ParentRef(NamedTuple):
+  """The parent run's signed tree head this run continues from (pretraining -> fine-tuning -> ...)."""
+
+  run_id: str
+  head_id: str
+  size: int
+  root: str
+  dir: str
+
+  def to_wire(self) -> dict:
+    return self._asdict()
+
+
+def run_start_body(*, run_id: str, signer: str, groups: Sequence[str], classes: Sequence[str] = (),
+                   policies: Sequence[DocRef] = (), profiles: Sequence[DocRef] = (),
+                   manifests: Sequence[DocRef] = (), trust: Sequence[str] = (), parent: ParentRef | None = None,
+                   task: str | None = None, task_config: Mapping[str, Any] | None = None,
+                   config: Mapping[str, Any] | None = None, time_s: float | None = None) -> dict:
+  """Body of the "run-start" record."""
+  return {
+      "run_id": run_id,
+      "time": time.time() if time_s is None else float(time_s),
+      "signer": signer,
+      "trust": sorted(trust),
+      "groups": list(groups),
+      "classes": list(classes),
+      "policies": [p.to_wire() for p in policies],
+      "profiles": [p.to_wire() for p in profiles],
+      "manifests": [m.to_wire() for m in manifests],
+      "parent": None if parent is None else parent.to_wire(),
+      "config": {"task": task, "task_config": dict(task_config or {}), **dict(config or {})},
+  }
+
+
+def checkpoint_body(*, step: int, params_sha256: str, path: str, lineage_size: int, lineage_root: str,
+                    time_s: float | None = None) -> dict:
+  """Body of a "checkpoint" record (written after the checkpoint is durable)."""
+  return {"step": int(step), "params_sha256": params_sha256, "path": path, "lineage_size": int(lineage_size),
+          "lineage_root": lineage_root, "time": time.time() if time_s is None else float(time_s)}
+
+
+def resume_body(*, checkpoint_step: int, checkpoint_record: int | None, superseded: tuple[int, int],
+                time_s: float | None = None) -> dict:
+  """Body of a "run-resume" record: records in `superseded` [start, end) no longer describe the params."""
+  return {"checkpoint_step": int(checkpoint_step), "checkpoint_record": checkpoint_record,
+          "superseded": [int(superseded[0]), int(superseded[1])],
+          "time": time.time() if time_s is None else float(time_s)}
+
+
+def event_body(*, step: int, events: Mapping[str, Any], time_s: float | None = None) -> dict:
+  """Body of an "event" record: governance events noticed on the host at `step`."""
+  return {"step": int(step), "events": _plain(events), "time": time.time() if time_s is None else float(time_s)}
+
+
+def escalation_body(*, step: int, message: str, events: Any = (), checkpoint_step: int | None = None,
+                    time_s: float | None = None) -> dict:
+  """Body of an "escalation" record: training stopped for a human at `step`."""
+  return {"step": int(step), "message": str(message), "events": _plain(events), "checkpoint_step": checkpoint_step,
+          "time": time.time() if time_s is None else float(time_s)}
+
+
+def override_body(*, step: int, token_kind: str, token_id: str, token: bytes, time_s: float | None = None) -> dict:
+  """Body of an "override" record: a signed override token admitted at `step`, kept verbatim."""
+  return {"step": int(step), "token_kind": token_kind, "token_id": token_id, "token": bytes(token),
+          "time": time.time() if time_s is None else float(time_s)}
+
+
+def run_end_body(*, step: int, status: str, time_s: float | None = None) -> dict:
+  """Body of the "run-end" record."""
+  return {"step": int(step), "status": status, "time": time.time() if time_s is None else float(time_s)}
+
+
+def _plain(value: Any) -> Any:
+  """Host values of any shape as canonical-encodable values: NamedTuples and mappings as maps,
+  arrays as `{"dtype", "shape", "data"}`, non-finite floats as their text."""
+  if hasattr(value, "_asdict"):
+    return {k: _plain(v) for k, v in value._asdict().items()}
+  if isinstance(value, Mapping):
+    return {str(k): _plain(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_plain(v) for v in value]
+  if isinstance(value, (jax.Array, np.ndarray, np.generic)):
+    return array_to_wire(np.asarray(value))
+  if isinstance(value, float) and not np.isfinite(value):
+    return str(value)
+  if value is None or isinstance(value, (bool, int, float, str, bytes)):
+    return value
+  return str(value)

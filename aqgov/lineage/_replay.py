@@ -1,0 +1,169 @@
+"""Forensic replay: rebuild the params at step T by re-executing the recorded steps.
+
+`replay(run_dir, step=T, examples=...)` restores the nearest effective checkpoint at or before T
+(its params must hash to what its lineage record says), then re-runs steps s+1..T with the run's
+`Task` on the recorded examples, looked up by recorded id in `examples`:
+
+- each example's content SHA-256 must equal the hash recorded for it at that step (the hash
+  admission checked against its credential); a different or missing example is named;
+- each step's fingerprint must equal the recorded one bit for bit; the first group that differs
+  is named (`ReplayDivergence.step`, `.group`);
+- where the lineage recorded a checkpoint at a replayed step, the rebuilt params must hash to its
+  full SHA-256; if the checkpoint is on disk the first differing leaf is named.
+
+Replay trusts only what is checkpointed and recorded; pass `trust` to verify the whole lineage
+(signatures included) before anything is re-executed.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+
+from aqgov.credentials._manifest import Example, as_example, content_hash, iter_examples
+from aqgov.errors import CheckpointError, LineageError, ReplayDivergence
+from aqgov.documents._keys import TrustStore
+from aqgov.lineage import _history as hist
+from aqgov.lineage import _log as log
+from aqgov.lineage import _record as rec
+from aqgov.lineage._checkpoint import Checkpoints
+from aqgov.lineage._summary import params_sha256
+from aqgov.lineage._task import Task, TrainState, load_task
+from aqgov.lineage._verify import lineage_dir, verify_lineage
+from aqgov.policy._paths import tree_paths
+
+
+class ReplayResult(NamedTuple):
+  """The rebuilt state at `step` and what was checked on the way."""
+
+  state: TrainState
+  step: int
+  from_checkpoint: int
+  steps_replayed: int
+  hashes_checked: tuple[int, ...]
+
+
+def _example_index(examples: Mapping[str, Example] | Iterable[Example | Mapping[str, Any]] | str | os.PathLike
+                   ) -> Mapping[str, Example]:
+  if isinstance(examples, (str, os.PathLike)):
+    examples = iter_examples(examples)
+  if isinstance(examples, Mapping):
+    return {k: as_example(v) for k, v in examples.items()}
+  out: dict[str, Example] = {}
+  for e in examples:
+    ex = as_example(e)
+    out[ex.id] = ex
+  return out
+
+
+def _first_difference(a: np.ndarray, b: np.ndarray) -> int | None:
+  """Index of the first row where float arrays differ bitwise (None if identical)."""
+  a32 = np.ascontiguousarray(a, np.float32).view(np.uint32).reshape(a.shape[0], -1)
+  b32 = np.ascontiguousarray(b, np.float32).view(np.uint32).reshape(b.shape[0], -1)
+  if a32.shape != b32.shape:
+    return 0
+  rows = np.nonzero((a32 != b32).any(axis=1))[0]
+  return int(rows[0]) if rows.size else None
+
+
+def replay(run_dir: str | os.PathLike, *, step: int,
+           examples: Mapping[str, Example] | Iterable[Example | Mapping[str, Any]] | str | os.PathLike,
+           task: Task | None = None, trust: TrustStore | None = None,
+           from_checkpoint: int | None = None) -> ReplayResult:
+  """Rebuild the `TrainState` after step `step` (see the module doc); raises at the first divergence.
+
+  `examples` is a mapping id -> example, an iterable of examples (or JSONL-shaped mappings) or a
+  JSONL path. `from_checkpoint` starts from an earlier checkpoint than the nearest, so that later
+  checkpoints are re-derived and checked against their recorded full hashes.
+  """
+  run_dir, ldir = lineage_dir(run_dir)
+  if trust is not None:
+    verify_lineage(run_dir, trust)
+  scan, history = hist.load(ldir)
+  start = scan.bodies[0]
+  groups = tuple(start["groups"])
+  if task is None:
+    task = load_task(start["config"]["task"], start["config"].get("task_config", {}), run_dir)
+  checkpoints = Checkpoints(run_dir / "checkpoints")
+  try:
+    on_disk = set(checkpoints.steps())
+    limit = step if from_checkpoint is None else min(step, from_checkpoint)
+    usable = [c for c in history.checkpoints if c.step <= limit and c.step in on_disk]
+    if not usable:
+      raise CheckpointError(f"no recorded checkpoint at or before step {limit} is on disk in {checkpoints.directory}; "
+                            "replay needs one to start from")
+    ref = max(usable, key=lambda c: (c.step, c.index))
+    restored = checkpoints.restore(ref.step, task.init())
+    if restored.params_sha256 != ref.params_sha256:
+      raise CheckpointError(f"checkpoint at step {ref.step} ({run_dir / ref.path}) holds params hashing to "
+                            f"{restored.params_sha256[:16]}..., but lineage record {ref.index} recorded "
+                            f"{ref.params_sha256[:16]}...: the checkpoint was altered")
+    state = restored.state
+    if step == ref.step:
+      return ReplayResult(state, step, ref.step, 0, (ref.step,))
+    pool = _example_index(examples)
+    expected, checked = ref.step + 1, [ref.step]
+    for index, _, body in log.records(ldir, kinds=(rec.STEP,), start=ref.index + 1):
+      if not history.effective(index):
+        continue
+      view = rec.view_step(body)
+      if view.step != expected:
+        raise ReplayDivergence(f"record {index} is step {view.step} but step {expected} comes next after the "
+                               f"checkpoint at step {ref.step}", index=index, step=expected)
+      state = _replay_step(task, state, view, index, pool, groups)
+      done = history.checkpoint_at(view.step)
+      if done is not None:
+        _check_full_hash(state, done, checkpoints, on_disk, index)
+        checked.append(view.step)
+      if view.step == step:
+        return ReplayResult(state, step, ref.step, step - ref.step, tuple(checked))
+      expected += 1
+    raise LineageError(f"the lineage records steps only up to {expected - 1}; cannot replay to step {step}",
+                       index=scan.size)
+  finally:
+    checkpoints.close()
+
+
+def _replay_step(task: Task, state: TrainState, view: rec.StepView, index: int, pool: Mapping[str, Example],
+                 groups: tuple[str, ...]) -> TrainState:
+  batch_examples = []
+  for k, ex_id in enumerate(view.example_ids):
+    ex = pool.get(ex_id)
+    if ex is None:
+      raise ReplayDivergence(f"step {view.step}: example {ex_id!r} is not in the examples given; replay needs "
+                             "every example the step trained on", index=index, step=view.step, example_id=ex_id)
+    if view.example_sha256 is not None and content_hash(ex.content) != view.example_sha256[k]:
+      raise ReplayDivergence(f"step {view.step}: example {ex_id!r} hashes to {content_hash(ex.content)[:16]}... but "
+                             f"the lineage recorded {view.example_sha256[k][:16]}...: these are not the bytes "
+                             "that were trained on", index=index, step=view.step, example_id=ex_id)
+    batch_examples.append(ex)
+  batch, labels = task.make_batch(batch_examples)
+  state, summary = task.step(state, batch, labels)
+  got = np.asarray(jax.device_get(summary.fingerprint), np.float32)
+  g = _first_difference(got, view.fingerprint)
+  if g is not None:
+    name = groups[g] if g < len(groups) else str(g)
+    raise ReplayDivergence(f"step {view.step}: the params of group {name!r} diverge from the recorded fingerprint "
+                           f"(recorded {view.fingerprint[g].tolist()}, replayed {got[g].tolist()})",
+                           index=index, step=view.step, group=name)
+  return state
+
+
+def _check_full_hash(state: TrainState, ref: hist.CheckpointRef, checkpoints: Checkpoints, on_disk: set[int],
+                     index: int) -> None:
+  digest = params_sha256(state.params)
+  if digest == ref.params_sha256:
+    return
+  where = ""
+  if ref.step in on_disk:
+    saved = checkpoints.restore(ref.step, state).state.params
+    for path, a, b in zip(tree_paths(state.params), jax.tree.leaves(state.params), jax.tree.leaves(saved)):
+      if np.asarray(a).tobytes() != np.asarray(b).tobytes():
+        where = f"; first differing leaf: {path}"
+        break
+  raise ReplayDivergence(f"step {ref.step}: replayed params hash to {digest[:16]}... but the checkpoint record "
+                         f"{ref.index} says {ref.params_sha256[:16]}...{where}", index=index, step=ref.step)

@@ -1,0 +1,331 @@
+"""A governed run: one directory holding everything an auditor needs, and the loop that fills it.
+
+    RUN/keys/         the run's key pair (run.key, mode 0600, and run.pub) and every trusted public
+                      key the run relied on (authorities, the parent run's key)
+    RUN/policies/     signed routing policies, as `<id>.signed` (SignedDocument bytes)
+    RUN/profiles/     signed entropy profiles
+    RUN/manifests/    signed credential manifests
+    RUN/lineage/      the log (segments/ and heads.seg, see `aqgov.lineage.log`)
+    RUN/checkpoints/  Orbax checkpoints `<step>/` (see `aqgov.lineage.checkpoint`)
+
+`GovernedRun.start` copies the documents in, writes the run-start record and checkpoints the
+initial state (step 0), so replay can rebuild any step. `step(examples)` runs one step of the
+`Task` and hands its summary to the asynchronous writer; every `checkpoint_every` steps the
+state is checkpointed and then recorded. `resume` continues after a crash or a stop from the
+latest recorded checkpoint (the rule is in `aqgov.lineage.history`). A `GovernanceEscalation`
+raised by the task (or passed to `escalate`) checkpoints the resumable state, records an
+"escalation" record, signs a head and propagates.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from aqgov.documents import _canonical as canonical
+from aqgov.documents import _keys as keylib
+from aqgov.documents import _signing as signing
+from aqgov.credentials._manifest import Example, as_example, content_hash
+from aqgov.errors import CheckpointError, GovernanceEscalation, LineageError
+from aqgov.documents._files import atomic_write
+from aqgov.documents._keys import PublicKey, SigningKey, TrustStore
+from aqgov.lineage import _history as hist
+from aqgov.lineage import _log as log
+from aqgov.lineage import _record as rec
+from aqgov.lineage._checkpoint import Checkpoints
+from aqgov.lineage._summary import StepSummary, params_sha256
+from aqgov.lineage._task import Task, TrainState, load_task
+from aqgov.lineage._verify import verify_lineage
+
+Document = signing.SignedDocument | bytes | str | os.PathLike
+
+
+class RunLayout:
+  """Paths of a run directory."""
+
+  def __init__(self, root: str | os.PathLike):
+    self.root = Path(root)
+    self.keys = self.root / "keys"
+    self.policies = self.root / "policies"
+    self.profiles = self.root / "profiles"
+    self.manifests = self.root / "manifests"
+    self.lineage = self.root / "lineage"
+    self.checkpoints = self.root / "checkpoints"
+
+  def make(self) -> None:
+    for d in (self.keys, self.policies, self.profiles, self.manifests, self.lineage, self.checkpoints):
+      d.mkdir(parents=True, exist_ok=True)
+
+
+def _as_document(doc: Document) -> tuple[signing.SignedDocument, bytes]:
+  if isinstance(doc, signing.SignedDocument):
+    return doc, doc.to_bytes()
+  data = bytes(doc) if isinstance(doc, (bytes, bytearray)) else Path(doc).read_bytes()
+  return signing.SignedDocument.from_bytes(data), data
+
+
+def _copy_documents(docs: Iterable[Document], into: Path, root: Path) -> list[rec.DocRef]:
+  refs = []
+  for d in docs:
+    doc, data = _as_document(d)
+    path = into / f"{doc.id}.signed"
+    atomic_write(path, data)
+    refs.append(rec.DocRef(doc.kind, doc.id, rec.record_hash(data).hex(), path.relative_to(root).as_posix()))
+  return refs
+
+
+def _write_public(key: PublicKey, into: Path) -> None:
+  path = into / f"{key.name}.pub"
+  if path.exists() and keylib.load_public_key(path).key_id != key.key_id:
+    path = into / f"{key.name}-{key.key_id[:12]}.pub"
+  atomic_write(path, keylib.public_key_json(key).encode())
+
+
+def _find_key(layout: RunLayout, key_id: str) -> SigningKey:
+  for path in sorted(layout.keys.glob("*.key")):
+    k = keylib.load_signing_key(path)
+    if k.key_id == key_id:
+      return k
+  raise LineageError(f"the run's signing key ({key_id[:16]}...) is not in {layout.keys}; pass it with key=")
+
+
+class GovernedRun:
+  """Runs a `Task` step by step, recording every step in a signed lineage (see the module doc)."""
+
+  def __init__(self, layout: RunLayout, task: Task, state: TrainState, writer: log.LineageWriter,
+               checkpoints: Checkpoints, *, run_id: str, checkpoint_every: int, checkpointed: Iterable[int]):
+    self.layout, self.task, self.state, self.writer = layout, task, state, writer
+    self.checkpoints, self.run_id, self.checkpoint_every = checkpoints, run_id, int(checkpoint_every)
+    self._step = int(jax.device_get(state.step))
+    self._checkpointed = set(int(s) for s in checkpointed)
+    self._closed = False
+
+  # ---- starting and resuming ------------------------------------------------------------------
+
+  @classmethod
+  def start(cls, run_dir: str | os.PathLike, *, task: str, task_config: Mapping[str, Any] | None = None,
+            key: SigningKey | None = None, policies: Iterable[Document] = (), profiles: Iterable[Document] = (),
+            manifests: Iterable[Document] = (), trust: TrustStore | Iterable[PublicKey | str | os.PathLike] = (),
+            parent: str | os.PathLike | None = None, config: Mapping[str, Any] | None = None,
+            checkpoint_every: int = 100, head_every: int = 1024, fsync: str = "tree-head",
+            run_id: str | None = None, max_to_keep: int | None = None) -> "GovernedRun":
+    """Create `run_dir` (empty or absent), record run-start and checkpoint the initial state.
+
+    `task` is "module:attr" (see `aqgov.lineage.task`); `trust` are the public keys of the
+    authorities whose documents the run relies on (copied into keys/); `parent` is the directory
+    of the run this one continues (its last signed head is recorded). Without `key` a run key is
+    generated and kept in keys/run.key.
+    """
+    layout = RunLayout(run_dir)
+    if layout.root.exists() and any(layout.root.iterdir()):
+      raise LineageError(f"{layout.root} is not empty; start a run in a new directory or resume this one")
+    if checkpoint_every < 1:
+      raise LineageError(f"checkpoint_every must be at least 1, got {checkpoint_every}")
+    layout.make()
+    if key is None:
+      key = keylib.generate("run")
+      keylib.write_keypair(key, layout.keys)
+    else:
+      _write_public(key.public, layout.keys)
+    if isinstance(trust, TrustStore):
+      trust = trust.keys.values()
+    trusted = [t if isinstance(t, PublicKey) else keylib.load_public_key(t) for t in trust]
+    for t in trusted:
+      _write_public(t, layout.keys)
+    parent_ref = _parent_ref(Path(parent), layout) if parent is not None else None
+    run_id = run_id or uuid.uuid4().hex
+    task_config = dict(task_config or {})
+    canonical.encode([task_config, dict(config or {})])  # fail here, not on the writer thread
+    # documents first: the task is built from what the run directory holds
+    policy_refs = _copy_documents(policies, layout.policies, layout.root)
+    profile_refs = _copy_documents(profiles, layout.profiles, layout.root)
+    manifest_refs = _copy_documents(manifests, layout.manifests, layout.root)
+    the_task = load_task(task, task_config, layout.root)
+    body = rec.run_start_body(
+        run_id=run_id, signer=key.key_id, groups=tuple(the_task.group_names),
+        classes=tuple(getattr(the_task, "class_names", ())),
+        policies=policy_refs, profiles=profile_refs, manifests=manifest_refs,
+        trust=[t.key_id for t in trusted], parent=parent_ref, task=task, task_config=task_config,
+        config={**dict(config or {}), "lineage": {"checkpoint_every": checkpoint_every, "head_every": head_every,
+                                                  "fsync": fsync}})
+    writer = log.LineageWriter.create(layout.lineage, key, body, fsync=fsync, head_every=head_every)
+    run = cls(layout, the_task, the_task.init(), writer, Checkpoints(layout.checkpoints, max_to_keep=max_to_keep),
+              run_id=run_id, checkpoint_every=checkpoint_every, checkpointed=())
+    run.checkpoint()
+    return run
+
+  @classmethod
+  def resume(cls, run_dir: str | os.PathLike, *, key: SigningKey | None = None,
+             max_to_keep: int | None = None) -> "GovernedRun":
+    """Continue a run after a crash, an escalation or a clean close (see the resume rule)."""
+    layout = RunLayout(run_dir)
+    first = next(iter(log.LogReader(layout.lineage)), None)
+    if first is None:
+      raise LineageError(f"{layout.lineage} holds no run-start record; start a new run instead")
+    start = first.body
+    key = key or _find_key(layout, start["signer"])
+    if key.key_id != start["signer"]:
+      raise LineageError(f"key {key.name!r} did not sign run {start['run_id']}; pass the run's key")
+    settings = start["config"].get("lineage", {})
+    writer, scan = log.open_for_resume(layout.lineage, key, fsync=settings.get("fsync", "tree-head"),
+                                       head_every=int(settings.get("head_every", 1024)),
+                                       bodies=(rec.CHECKPOINT, rec.RUN_RESUME))
+    try:
+      history = hist.history(scan)
+      task = load_task(start["config"]["task"], start["config"].get("task_config", {}), layout.root)
+      checkpoints = Checkpoints(layout.checkpoints, max_to_keep=max_to_keep)
+      on_disk = set(checkpoints.steps())
+      ref = next((c for c in reversed(history.checkpoints) if c.step in on_disk), None)
+      if ref is None:
+        state, ck_step, ck_index = task.init(), 0, None
+      else:
+        restored = checkpoints.restore(ref.step, task.init())
+        _check_restored(restored, ref, scan)
+        state, ck_step, ck_index = restored.state, ref.step, ref.index
+      for s in sorted(on_disk):
+        if s > ck_step or (ref is None and s == 0):
+          checkpoints.delete(s)  # superseded or never recorded: the resumed run writes its own
+      writer.append_record(rec.RUN_RESUME, rec.resume_body(
+          checkpoint_step=ck_step, checkpoint_record=ck_index,
+          superseded=((ck_index + 1) if ck_index is not None else 1, scan.size)))
+    except BaseException:
+      writer.abandon()
+      raise
+    run = cls(layout, task, state, writer, checkpoints, run_id=start["run_id"],
+              checkpoint_every=int(settings.get("checkpoint_every", 100)),
+              checkpointed=() if ref is None else (ck_step,))
+    if ref is None:
+      run.checkpoint()
+    return run
+
+  # ---- the loop -------------------------------------------------------------------------------
+
+  @property
+  def next_step(self) -> int:
+    """The number the next step will get (steps are numbered from 1)."""
+    return self._step + 1
+
+  def step(self, examples: Sequence[Example | Mapping[str, Any]]) -> StepSummary:
+    """Run one step on `examples` (in loader order), record it, and checkpoint when due."""
+    self._check_open()
+    exs = [as_example(e) for e in examples]
+    batch, labels = self.task.make_batch(exs)
+    try:
+      state, summary = self.task.step(self.state, batch, labels)
+    except GovernanceEscalation as exc:
+      self.escalate(exc)
+      raise
+    self.state = state
+    self._step += 1
+    self.writer.append(summary, [e.id for e in exs], [bytes.fromhex(content_hash(e.content)) for e in exs])
+    if self._step % self.checkpoint_every == 0:
+      self.checkpoint()
+    return summary
+
+  def checkpoint(self) -> int:
+    """Checkpoint the current state now (once it is complete, a "checkpoint" record names it)."""
+    self._check_open()
+    step = int(jax.device_get(self.state.step))
+    if step in self._checkpointed:
+      return step
+    head = self.writer.flush(sign_head=True)
+    path = self.checkpoints.save(self.state, head, self.run_id)
+    self.writer.append_record(rec.CHECKPOINT, rec.checkpoint_body(
+        step=step, params_sha256=params_sha256(self.state.params),
+        path=Path(os.path.relpath(path, self.layout.root.absolute())).as_posix(),
+        lineage_size=head.size, lineage_root=head.root.hex()))
+    self._checkpointed.add(step)
+    return step
+
+  def escalate(self, exc: GovernanceEscalation) -> None:
+    """Record an escalation: checkpoint the resumable state, write the record, sign a head."""
+    self._check_open()
+    if isinstance(exc.state, TrainState):
+      self.state = exc.state
+      self._step = int(jax.device_get(exc.state.step))
+    ck = self.checkpoint()
+    self.writer.append_record(rec.ESCALATION, rec.escalation_body(
+        step=self._step if exc.step is None else int(exc.step), message=str(exc), events=exc.events,
+        checkpoint_step=ck))
+    self.writer.flush(sign_head=True)
+
+  def record_event(self, events: Mapping[str, Any], *, step: int | None = None) -> None:
+    """Record governance events noticed on the host (they also ride in each step's summary)."""
+    self._check_open()
+    self.writer.append_record(rec.EVENT, rec.event_body(step=self._step if step is None else step, events=events))
+
+  def record_override(self, token: signing.SignedDocument, *, step: int | None = None) -> None:
+    """Record a signed override token admitted at `step` (kept verbatim; verify checks its signature)."""
+    self._check_open()
+    self.writer.append_record(rec.OVERRIDE, rec.override_body(
+        step=self._step if step is None else step, token_kind=token.kind, token_id=token.id, token=token.to_bytes()))
+
+  def head(self, *, sign: bool = False) -> log.LogHead:
+    """The log head once everything queued is written."""
+    return self.writer.flush(sign_head=sign)
+
+  def close(self, *, status: str = "completed", checkpoint: bool = True) -> log.LogHead:
+    """Checkpoint the final state (unless told not to), write run-end and sign the final head."""
+    if self._closed:
+      raise LineageError("this run is already closed")
+    if checkpoint:
+      self.checkpoint()
+    self._closed = True
+    try:
+      return self.writer.close(status=status, step=self._step)
+    finally:
+      self.checkpoints.close()
+
+  def abandon(self) -> None:
+    """Stop without run-end (as a crash would, but cleanly): the run stays resumable."""
+    if not self._closed:
+      self._closed = True
+      try:
+        self.writer.flush(sign_head=True)
+      finally:
+        self.writer.abandon()
+        self.checkpoints.close()
+
+  def __enter__(self) -> "GovernedRun":
+    return self
+
+  def __exit__(self, exc_type, exc, tb) -> None:
+    if self._closed:
+      return
+    if exc_type is None:
+      self.close()
+    else:
+      self.abandon()
+
+  def _check_open(self) -> None:
+    if self._closed:
+      raise LineageError("this run is closed; resume it with GovernedRun.resume to continue")
+
+
+def _parent_ref(parent: Path, layout: RunLayout) -> rec.ParentRef:
+  pubs = sorted((parent / "keys").glob("*.pub"))
+  report = verify_lineage(parent, TrustStore.from_paths(pubs))
+  heads, _ = log.read_heads(parent / "lineage")
+  if not heads:
+    raise LineageError(f"parent run {parent} has no signed tree head to continue from")
+  last = heads[-1]
+  start = next(iter(log.LogReader(parent / "lineage"))).body
+  parent_key = TrustStore.from_paths(pubs).get(start["signer"])
+  _write_public(parent_key, layout.keys)
+  return rec.ParentRef(report.run_id, last.id, int(last.payload["size"]), str(last.payload["root"]),
+                       os.path.relpath(parent.absolute(), layout.root.absolute()))
+
+
+def _check_restored(restored, ref: hist.CheckpointRef, scan: log.LogScan) -> None:
+  if restored.params_sha256 != ref.params_sha256:
+    raise CheckpointError(f"checkpoint at step {ref.step} ({ref.path}) holds params hashing to "
+                          f"{restored.params_sha256[:16]}..., but lineage record {ref.index} recorded "
+                          f"{ref.params_sha256[:16]}...: the checkpoint was altered; restore it from a backup")
+  if restored.head.size != ref.index or restored.head.root != scan.roots_before[ref.index]:
+    raise CheckpointError(f"checkpoint at step {ref.step} was taken at a different log position than record "
+                          f"{ref.index} says; it belongs to another run or log")

@@ -1,0 +1,158 @@
+"""The step summary: the arrays that leave the jitted step for the lineage, and parameter digests.
+
+`StepSummary` is a pytree of arrays only, so a jitted step can return it (or pass it to a host
+callback) without any host state. Example ids are host strings and never enter jit: the summary
+carries `example_index`, an int index into the batch's host-side id list (-1 marks padding rows).
+
+Two digests bind the lineage to the weights:
+- `fingerprint`: fixed pseudo-random projections of each group's parameters, [G, dim] float32,
+  computed inside the step every step. Cheap: each leaf is viewed as a matrix X[r, c] and projected
+  onto rank-1 vectors S[d, r] * T[d, c] whose coefficients come from an integer hash of a seed, so
+  the cost is one small matmul per leaf and nothing of parameter size is materialised. Exactly
+  reproducible when the same step function is compiled again for the same platform and device
+  configuration (XLA's CPU/GPU reductions are deterministic there), which is what replay needs. It
+  is a tripwire, not a cryptographic commitment: any single changed parameter changes it, and
+  equal fingerprints make divergence overwhelmingly unlikely, but do not prove equality.
+- `params_sha256`: the full SHA-256 over canonical bytes of every leaf, computed on the host at
+  checkpoints. This one is a commitment.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from aqgov.documents import _canonical as canonical
+from aqgov.policy import _paths as paths
+
+Array = Any
+
+
+class StepSummary(NamedTuple):
+  """What one training step reports to the lineage (all arrays; B examples, G groups).
+
+  step: int32 [] — number of updates applied including this one (the first step is 1).
+  example_index: int32 [B] — row -> index into the host-side id list of the batch; -1 = padding.
+  route_class: int32 [B] — the composed route class of each example.
+  weights: float32 [B, G] — the weight each example's gradient had in each group.
+  contribution_norms: float32 [B, G] — `|| w_i[g] * grad_g L_i ||_2` over the group's leaves.
+  loss: float32 [] — the step's mean loss.
+  fingerprint: float32 [G, dim] — `fingerprint(params after the update, ...)`.
+  measurements: {name: array} — entropy measurements (`"<metric>/<group>"`), may be empty.
+  events: pytree of arrays — governance events (a fixed-size NamedTuple), `()` when none.
+  """
+
+  step: Array
+  example_index: Array
+  route_class: Array
+  weights: Array
+  contribution_norms: Array
+  loss: Array
+  fingerprint: Array
+  measurements: Mapping[str, Array] = {}
+  events: Any = ()
+
+
+def _mix32(x: Array) -> Array:
+  """A bijective 32-bit integer hash (lowbias32): cheap, vectorisable, good avalanche."""
+  x = x ^ (x >> 16)
+  x = x * jnp.uint32(0x7FEB352D)
+  x = x ^ (x >> 15)
+  x = x * jnp.uint32(0x846CA68B)
+  return x ^ (x >> 16)
+
+
+def _coefficients(seed: Array, n: int, dim: int) -> Array:
+  """[dim, n] pseudo-random float32 coefficients in [-1, 1), a pure function of `seed`."""
+  counter = (jax.lax.broadcasted_iota(jnp.uint32, (dim, n), 0) * n
+             + jax.lax.broadcasted_iota(jnp.uint32, (dim, n), 1))
+  h = _mix32(counter ^ _mix32(seed))
+  return ((h >> 8).astype(jnp.float32) - 2.0**23) * 2.0**-23
+
+
+def _as_matrix(leaf: Array) -> Array:
+  """The leaf as a [rows, cols] float32 matrix with cols small enough to keep coefficients cheap."""
+  x = jnp.asarray(leaf)
+  n = max(int(np.prod(x.shape)), 1)
+  cols = x.shape[-1] if x.ndim else 1
+  if cols > 4096 or x.ndim <= 1:
+    cols = next((k for k in range(min(n, 1024), 0, -1) if n % k == 0), 1)
+    if n > 4096 and cols < 64:  # awkward sizes (e.g. prime): pad to whole rows of 1024
+      x = jnp.pad(jnp.reshape(x, (-1,)), (0, -n % 1024))
+      cols, n = 1024, n + (-n % 1024)
+  return jnp.reshape(x, (n // cols, cols)).astype(jnp.float32)
+
+
+def _leaf_projection(leaf: Array, seed: Array, dim: int) -> Array:
+  """[dim] projection of one leaf X[r, c] onto the rank-1 vectors S[d, r] * T[d, c].
+
+  Generating a full [n, dim] projection costs far more than the projection itself; rank-1
+  vectors need only rows + cols coefficients per output, and the contraction is one matmul.
+  """
+  x = _as_matrix(leaf)
+  s = _coefficients(seed, x.shape[0], dim)
+  t = _coefficients(seed ^ jnp.uint32(0x5BD1E995), x.shape[1], dim)
+  return jnp.sum((s @ x) * t, axis=1)
+
+
+def fingerprint(params: Any, leaf_group: Sequence[int], num_groups: int, key: Array | int, dim: int = 8) -> Array:
+  """[num_groups, dim] float32 random projections of each group's parameters.
+
+  `leaf_group[l]` is the group of the l-th leaf in `jax.tree_util.tree_leaves(params)` order (the
+  `CompiledPolicy.leaf_group` convention). `key` is a JAX PRNG key or an int seed; the same key,
+  params and compiled step give bitwise the same fingerprint. Jit-safe; costs about one fused pass
+  over the parameters.
+  """
+  leaves = jax.tree_util.tree_leaves(params)
+  if len(leaves) != len(leaf_group):
+    raise ValueError(f"fingerprint: params have {len(leaves)} leaves but leaf_group names {len(leaf_group)}; "
+                     "pass the leaf_group of the compiled policy bound to these params")
+  if isinstance(key, int):
+    key = jax.random.key(key)
+  seeds = jax.random.bits(key, (max(len(leaves), 1),), jnp.uint32)
+  out = jnp.zeros((num_groups, dim), jnp.float32)
+  for i, (leaf, g) in enumerate(zip(leaves, leaf_group)):
+    if not 0 <= int(g) < num_groups:
+      raise ValueError(f"fingerprint: leaf {i} is in group {g}, outside 0..{num_groups - 1}")
+    out = out.at[int(g)].add(_leaf_projection(leaf, seeds[i], dim))
+  return out
+
+
+def summarize(*, step: Array, example_index: Array, route_class: Array, weights: Array,
+              contribution_norms: Array, loss: Array, params: Any, leaf_group: Sequence[int],
+              key: Array | int, dim: int = 8, measurements: Mapping[str, Array] | None = None,
+              events: Any = ()) -> StepSummary:
+  """Build a `StepSummary` inside a step, fingerprinting `params` (the params after the update)."""
+  weights = jnp.asarray(weights, jnp.float32)
+  return StepSummary(
+      step=jnp.asarray(step, jnp.int32),
+      example_index=jnp.asarray(example_index, jnp.int32),
+      route_class=jnp.asarray(route_class, jnp.int32),
+      weights=weights,
+      contribution_norms=jnp.asarray(contribution_norms, jnp.float32),
+      loss=jnp.asarray(loss, jnp.float32),
+      fingerprint=fingerprint(params, leaf_group, weights.shape[-1], key, dim),
+      measurements=dict(measurements or {}),
+      events=events,
+  )
+
+
+def params_sha256(params: Any) -> str:
+  """Hex SHA-256 over the canonical bytes of every leaf, in `tree_leaves` order.
+
+  Per leaf: the canonical msgpack of `[path, dtype name, shape]` followed by the leaf's raw
+  little-endian C-order bytes. Paths make the digest depend on the tree structure as well as on
+  the values; the header fixes the byte length of the data, so the framing is unambiguous.
+  """
+  h = hashlib.sha256()
+  leaves = jax.tree_util.tree_leaves(params)
+  for path, leaf in zip(paths.tree_paths(params), leaves):
+    arr = np.asarray(jax.device_get(leaf))
+    h.update(canonical.encode([path, arr.dtype.name, list(arr.shape)]))
+    h.update(np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tobytes())
+  return h.hexdigest()

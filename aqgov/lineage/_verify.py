@@ -1,0 +1,256 @@
+"""Verifying a run's lineage: records, chain, Merkle roots, signed heads, references, parent runs.
+
+`verify_lineage(run_dir, trust)` reads the whole log once and raises `LineageError` at the first
+problem, with `index` naming the first bad record when the problem is in a record:
+
+- every frame digest and record envelope; seq numbers 0, 1, 2, ...; each record's `prev` is the
+  hash of the record before it (a deleted, duplicated, reordered or inserted record is named);
+- every tree head is signed by the run's key (the run-start `signer`) and that key is trusted;
+  heads form a chain (`prev_head`), never shrink, and each head's root and last-record hash match
+  the records it covers. If records were rewritten consistently (chain and digests recomputed,
+  which needs no key), only the heads can catch it: the error then names the first record after
+  the last head that still matches, so the rewrite lies at or after that index;
+- every head is consistent with the final tree (RFC 9162 consistency proofs, `aqgov.documents`);
+- a log that ends with run-end is covered entirely by a signed head and has no torn tail;
+- checkpoint records name the log position they were taken at; resume records supersede a range
+  that ends right before them; override records carry a token signed by a trusted key;
+- policies, profiles and credential manifests named by run-start verify (file digest, document
+  id, trusted signature) when their files are in the run directory;
+- a parent run named by run-start verifies too (its directory recorded relative to this run, or
+  given), and holds the signed head this run names.
+
+A torn tail (an interrupted final write) is reported, not an error, unless the run was closed.
+Records after the last signed head are reported as unsigned: they are chained but not signed.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import NamedTuple
+
+from aqgov.documents import _merkle as merkle
+from aqgov.documents import _signing as signing
+from aqgov.errors import LineageError, SignatureError
+from aqgov.documents._keys import TrustStore
+from aqgov.lineage import _log as log
+from aqgov.lineage import _record as rec
+
+
+class VerifyReport(NamedTuple):
+  """What `verify_lineage` established."""
+
+  run_id: str
+  run_dir: Path
+  size: int
+  root: str
+  heads: int
+  signed_size: int
+  signer: str
+  closed: bool
+  torn_bytes: int
+  checked: tuple[str, ...]
+  unchecked: tuple[str, ...]
+  parent: "VerifyReport | None"
+
+  @property
+  def unsigned(self) -> int:
+    """Records after the last signed head (chained, not yet signed: a crash before the next head)."""
+    return self.size - self.signed_size
+
+
+def lineage_dir(run_dir: str | os.PathLike) -> tuple[Path, Path]:
+  """(run dir, lineage dir) for either a run directory or its lineage/ directory."""
+  d = Path(run_dir)
+  if (d / "lineage" / "segments").is_dir():
+    return d, d / "lineage"
+  if (d / "segments").is_dir():
+    return d.parent, d
+  raise LineageError(f"{d} holds no lineage (expected {d}/lineage/segments); pass a run directory")
+
+
+def _check_document(run_dir: Path, ref: Mapping, what: str, trust: TrustStore) -> str:
+  path = run_dir / ref["file"]
+  data = path.read_bytes()
+  if rec.record_hash(data).hex() != ref["sha256"]:
+    raise LineageError(f"run-start names {what} {ref['id'][:16]}... but {path} does not have the recorded "
+                       "SHA-256: the file was replaced or altered", index=0)
+  try:
+    doc = signing.SignedDocument.from_bytes(data, kind=ref["kind"])
+    if doc.id != ref["id"]:
+      raise LineageError(f"{path} holds {what} {doc.id[:16]}..., run-start names {ref['id'][:16]}...", index=0)
+    signers = signing.verify(doc, trust)
+  except SignatureError as exc:
+    raise LineageError(f"{what} {ref['id'][:16]}... ({path}) does not verify: {exc}", index=0) from None
+  return f"{what} {ref['id'][:16]}... signed by {', '.join(signers)}"
+
+
+def _find_parent(run_dir: Path, parent: Mapping, parent_dirs: Mapping[str, str | os.PathLike]) -> Path | None:
+  candidates = []
+  if parent["run_id"] in parent_dirs:
+    candidates.append(Path(parent_dirs[parent["run_id"]]))
+  if parent.get("dir"):
+    candidates.append(run_dir / parent["dir"])
+  for c in candidates:
+    if (c / "lineage" / "segments").is_dir():
+      return c
+  return None
+
+
+def verify_lineage(run_dir: str | os.PathLike, trust: TrustStore, *,
+                   parent_dirs: Mapping[str, str | os.PathLike] | None = None, require_closed: bool = False,
+                   require_references: bool = False, check_consistency: bool = True,
+                   _depth: int = 0) -> VerifyReport:
+  """Verify the lineage of `run_dir` against the `trust`ed keys (see the module doc for the checks).
+
+  `parent_dirs` maps a parent run id to its directory when it is not where run-start recorded it.
+  `require_closed` fails an unclosed log; `require_references` fails when a referenced policy,
+  profile, manifest or parent run is not available to check (otherwise it is listed as unchecked).
+  """
+  run_dir, ldir = lineage_dir(run_dir)
+  parent_dirs = dict(parent_dirs or {})
+  heads, heads_torn = log.read_heads(ldir)
+  sizes = [int(h.payload["size"]) for h in heads]
+  scan = log.scan(ldir, bodies=(rec.RUN_START, rec.CHECKPOINT, rec.RUN_RESUME, rec.OVERRIDE, rec.RUN_END),
+                  roots_at=sizes, roots_before=(rec.CHECKPOINT,))
+  if scan.size == 0:
+    raise LineageError(f"{ldir} holds no complete record", index=0)
+  start = scan.bodies[0]
+  run_id, signer = start["run_id"], start["signer"]
+  if signer not in trust:
+    raise LineageError(f"run {run_id} is signed by key {signer[:16]}..., which is not trusted; pass the run's "
+                       f"public key with --trust (it is in {run_dir / 'keys'})")
+  run_key = trust.get(signer)
+  run_trust = TrustStore.of([run_key])
+
+  _check_heads(heads, sizes, scan, run_id, run_trust, check_consistency)
+  signed_size = sizes[-1] if sizes else 0
+  closed = scan.kinds[-1] == rec.RUN_END
+  torn = (scan.torn.nbytes if scan.torn else 0) + (heads_torn.nbytes if heads_torn else 0)
+  if closed and signed_size != scan.size:
+    raise LineageError(f"the log ends with run-end but its last signed head covers {signed_size} of "
+                       f"{scan.size} records: the final tree head was removed", index=signed_size)
+  if closed and torn:
+    raise LineageError(f"the log was closed but {torn} bytes follow its last complete frame: bytes were appended "
+                       "after close", index=scan.size)
+  if require_closed and not closed:
+    raise LineageError(f"run {run_id} was not closed (no run-end record): it crashed or is still running; "
+                       f"{scan.size - signed_size} records are not covered by a signed head", index=scan.size)
+
+  _check_records(scan, trust)
+  checked, unchecked = [], []
+  for field, what in (("policies", "policy"), ("profiles", "profile"), ("manifests", "credential manifest")):
+    for ref in start.get(field, ()):
+      if (run_dir / ref["file"]).is_file():
+        checked.append(_check_document(run_dir, ref, what, trust))
+      elif require_references:
+        raise LineageError(f"run-start names {what} {ref['id'][:16]}... but {run_dir / ref['file']} is missing",
+                           index=0)
+      else:
+        unchecked.append(f"{what} {ref['id'][:16]}... ({ref['file']} not present)")
+
+  parent_report = None
+  parent = start.get("parent")
+  if parent:
+    pdir = _find_parent(run_dir, parent, parent_dirs)
+    if pdir is None:
+      if require_references:
+        raise LineageError(f"parent run {parent['run_id']} not found (recorded at {parent.get('dir')!r}); "
+                           "pass its directory with --parent-dir", index=0)
+      unchecked.append(f"parent run {parent['run_id']} (directory not found; pass --parent-dir)")
+    elif _depth > 64:
+      raise LineageError("parent runs nest more than 64 deep; is there a cycle?", index=0)
+    else:
+      parent_report = verify_lineage(pdir, trust, parent_dirs=parent_dirs, require_references=require_references,
+                                     check_consistency=check_consistency, _depth=_depth + 1)
+      _check_parent_head(pdir, parent, parent_report)
+      checked.append(f"parent run {parent['run_id']} at head {parent['head_id'][:16]}... (size {parent['size']})")
+
+  return VerifyReport(run_id, run_dir, scan.size, scan.roots[scan.size].hex(), len(heads), signed_size,
+                      run_key.name, closed, torn, tuple(checked), tuple(unchecked), parent_report)
+
+
+def _check_heads(heads, sizes, scan: log.LogScan, run_id: str, run_trust: TrustStore, consistency: bool) -> None:
+  good_size = 0
+  for k, h in enumerate(heads):
+    p = h.payload
+    try:
+      signing.verify(h, run_trust)
+    except SignatureError as exc:
+      raise LineageError(f"tree head {k} is not a valid signature by the run's key: {exc}", index=good_size) from None
+    if p.get("run_id") != run_id:
+      raise LineageError(f"tree head {k} belongs to run {p.get('run_id')!r}, not {run_id!r}", index=good_size)
+    expected_prev = heads[k - 1].id if k else None
+    if p.get("prev_head") != expected_prev:
+      raise LineageError(f"tree head {k} does not follow tree head {k - 1}: a signed head was removed or reordered",
+                         index=good_size)
+    size = sizes[k]
+    if k and size < sizes[k - 1]:
+      raise LineageError(f"tree head {k} covers {size} records, fewer than head {k - 1} ({sizes[k - 1]})",
+                         index=size)
+    if size > scan.size:
+      raise LineageError(f"tree head {k} covers {size} records but the log holds {scan.size}: records "
+                         f"{scan.size}..{size - 1} were deleted or truncated", index=scan.size)
+    if bytes.fromhex(p["root"]) != scan.roots[size] or bytes.fromhex(p["last_record"]) != scan.record_hash(size - 1):
+      raise LineageError(f"records {good_size}..{size - 1} do not match signed tree head {k}: the log was rewritten "
+                         f"from record {good_size} or later", index=good_size)
+    good_size = size
+  if consistency and heads:
+    tree = merkle.MerkleTree(scan.leaf_hashes())
+    final = tree.root
+    for k, size in enumerate(sizes):
+      proof = tree.consistency_proof(size) if size < scan.size else []
+      if not merkle.verify_consistency(size, scan.size, scan.roots[size], final, proof):
+        raise LineageError(f"tree head {k} (size {size}) is not consistent with the final tree", index=size)
+
+
+def _check_records(scan: log.LogScan, trust: TrustStore) -> None:
+  checkpoint_steps = {}
+  for i, body in sorted(scan.bodies.items()):
+    kind = scan.kinds[i]
+    if kind == rec.CHECKPOINT:
+      if int(body["lineage_size"]) != i or bytes.fromhex(body["lineage_root"]) != scan.roots_before[i]:
+        raise LineageError(f"record {i}: checkpoint at step {body['step']} names log position "
+                           f"{body['lineage_size']}, but it is record {i}", index=i)
+      checkpoint_steps[i] = int(body["step"])
+    elif kind == rec.RUN_RESUME:
+      start, end = body["superseded"]
+      ck = body.get("checkpoint_record")
+      if not 0 < start <= end == i:
+        raise LineageError(f"record {i}: resume supersedes records {start}..{end - 1}, which must end right "
+                           "before the resume record", index=i)
+      if ck is not None and checkpoint_steps.get(ck) != int(body["checkpoint_step"]):
+        raise LineageError(f"record {i}: resume names checkpoint record {ck} at step {body['checkpoint_step']}, "
+                           "which the log does not hold", index=i)
+    elif kind == rec.OVERRIDE:
+      try:
+        doc = signing.SignedDocument.from_bytes(body["token"], kind=body["token_kind"])
+        if doc.id != body["token_id"]:
+          raise LineageError(f"record {i}: override token id does not match the token it carries", index=i)
+        signing.verify(doc, trust)
+      except SignatureError as exc:
+        raise LineageError(f"record {i}: override token does not verify: {exc}", index=i) from None
+
+
+def _check_parent_head(pdir: Path, parent: Mapping, report: VerifyReport) -> None:
+  if report.run_id != parent["run_id"]:
+    raise LineageError(f"run-start names parent run {parent['run_id']}, but {pdir} holds run {report.run_id}",
+                       index=0)
+  heads, _ = log.read_heads(pdir / "lineage")
+  for h in heads:
+    if h.id == parent["head_id"]:
+      if int(h.payload["size"]) != int(parent["size"]) or h.payload["root"] != parent["root"]:
+        raise LineageError(f"parent head {parent['head_id'][:16]}... does not say what run-start recorded", index=0)
+      return
+  raise LineageError(f"parent run {parent['run_id']} ({pdir}) holds no signed head {parent['head_id'][:16]}...; "
+                     "this run does not continue that log", index=0)
+
+
+def consistency_proof(run_dir: str | os.PathLike, old_size: int) -> tuple[log.LogHead, list[bytes]]:
+  """The current head and an RFC 9162 proof that the first `old_size` records are a prefix of it,
+  for an auditor who holds only an older signed head."""
+  _, ldir = lineage_dir(run_dir)
+  scan = log.scan(ldir)
+  tree = merkle.MerkleTree(scan.leaf_hashes())
+  return scan.head(), (tree.consistency_proof(old_size) if old_size < scan.size else [])

@@ -1,0 +1,61 @@
+"""Routing policies: rule expressions, signing, composition, and binding to a parameter pytree."""
+
+from aqgov.policy._paths import (
+    glob_match,
+    path_string,
+    tree_paths,
+)
+from aqgov.policy._expressions import (
+    parse,
+    to_text,
+)
+from aqgov.policy._policy import (
+    UNCOVERED_GROUP,
+    Policy,
+    PolicySet,
+    Route,
+    Rule,
+    compose,
+    read_policy,
+    read_signed_policy,
+    sign_policy,
+    signers,
+    verify_policy,
+    write_signed_policy,
+)
+from aqgov.policy._compile import (
+    CompiledPolicy,
+    ExplainTable,
+    UncoveredParametersWarning,
+    compile_policy,
+    explain,
+    explain_table,
+    param_shapes,
+)
+
+__all__ = [
+    "compile_policy",
+    "CompiledPolicy",
+    "compose",
+    "explain",
+    "explain_table",
+    "ExplainTable",
+    "glob_match",
+    "param_shapes",
+    "parse",
+    "path_string",
+    "Policy",
+    "PolicySet",
+    "read_policy",
+    "read_signed_policy",
+    "Route",
+    "Rule",
+    "sign_policy",
+    "signers",
+    "to_text",
+    "tree_paths",
+    "UNCOVERED_GROUP",
+    "UncoveredParametersWarning",
+    "verify_policy",
+    "write_signed_policy",
+]

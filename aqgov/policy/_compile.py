@@ -1,0 +1,382 @@
+"""A routing policy (or a composition of several) bound to one parameter pytree.
+
+`compile_policy(policies, params, labels)` resolves every parameter leaf to a group and every
+example to a **route class** and precomputes static tables; what runs inside a jitted step is
+only a few integer comparisons on the label arrays and a lookup in a constant table:
+
+  route_class(labels)   int32 [B]       the composed class of each example
+  group_weights(labels) float32 [B, G]  = table[route_class]
+  leaf_weights(labels)  params-shaped pytree, each leaf float32 [B]  = leaf_table[route_class]
+
+Routed gradients are `g_leaf = (1/B) * sum_i w_i[leaf] * grad_leaf L_i`.
+
+Route classes. Policy p with n_p rules has classes rule1..rule_n, default (first match wins,
+default when none does) and uncredentialed. A composition's class is the tuple of each policy's
+class, written "acme-routing:rule1|eu-office:default"; credentialed tuples are enumerated in
+mixed radix (the first policy varies slowest) and the single all-uncredentialed class comes last
+(an example without a credential takes every policy's uncredentialed route).
+
+Weights. A leaf's weight under policy p in class k is p's route weight for the leaf's group in p
+(the first of p's groups whose patterns match the leaf path), or p's `uncovered` weight if none
+matches. Composition takes the elementwise minimum over policies: the most restrictive wins.
+`group_names` is the ordered union of the policies' groups (plus "(uncovered)" when some leaf no
+policy covers); a leaf's group is the first group of that union that matches it. `table[c, g]`
+is the largest weight any leaf of group g gets in class c (for a group with no leaves: the
+minimum route weight over the policies declaring it). With one policy, or several that agree
+on their groups, every leaf of a group has exactly its group's weight; otherwise `leaf_table` is
+authoritative and `warnings` names the groups whose leaves differ.
+
+Flax NNX states keep each array under its Variable's `value` attribute (`head/kernel/value`):
+patterns match a path with or without that trailing `/value`.
+
+Granularity. Groups are whole leaves today, so `leaf_table` is [C, L] and every leaf weight is
+[B]. A group that is a slice of a leaf (one attention head, one expert) will add, per leaf, a
+weight block of shape broadcastable to the leaf (e.g. [C, H, 1, 1] for heads); `leaf_weights`
+will then return [B, *broadcastable] for those leaves, `leaf_table` keeps each leaf's largest
+weight per class for reporting, and nothing else in this API changes. Callers therefore multiply
+leaf weights with broadcasting over trailing axes, never by reshaping to [B].
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import warnings
+from typing import Any, Callable, Iterable, Mapping, NamedTuple, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from aqgov.policy import _expressions as expressions
+from aqgov.policy import _paths as paths
+from aqgov.errors import PolicyError
+from aqgov.policy._policy import UNCOVERED_GROUP, Policy, PolicySet, compose
+from aqgov.credentials._taxonomy import CREDENTIALED, LabelSpace, Taxonomy
+
+
+class UncoveredParametersWarning(UserWarning):
+  """Some parameters are covered by no group of a policy: they get its `uncovered` weight."""
+
+
+class CompiledPolicy(NamedTuple):
+  """Policies bound to a parameter tree: static tables plus a traced classifier.
+
+  Close over it (do not pass it as a jit argument): its tables become constants of the step.
+  """
+
+  policy_ids: tuple[str, ...]
+  group_names: tuple[str, ...]
+  class_names: tuple[str, ...]
+  table: np.ndarray
+  leaf_paths: tuple[str, ...]
+  leaf_group: tuple[int, ...]
+  leaf_table: np.ndarray
+  treedef: Any
+  classify: Callable[[Mapping[str, Any]], Any]
+  leaf_shapes: tuple[tuple[int, ...], ...] = ()
+  warnings: tuple[str, ...] = ()
+
+  @property
+  def num_groups(self) -> int:
+    return len(self.group_names)
+
+  @property
+  def num_classes(self) -> int:
+    return len(self.class_names)
+
+  @property
+  def num_leaves(self) -> int:
+    return len(self.leaf_paths)
+
+  def route_class(self, labels: Mapping[str, Any]) -> jax.Array:
+    """int32 [B]: each example's composed route class (traced; jit/vmap/shard safe)."""
+    return self.classify(labels)
+
+  def group_weights(self, labels: Mapping[str, Any]) -> jax.Array:
+    """float32 [B, G]: `table[route_class(labels)]`."""
+    hot = _one_hot(self.route_class(labels), self.num_classes)
+    return jnp.sum(jnp.where(hot[..., None], jnp.asarray(self.table, jnp.float32), jnp.float32(0)), axis=-2)
+
+  def leaf_weights(self, labels: Mapping[str, Any]) -> Any:
+    """Params-shaped pytree; each leaf float32 [B] (broadcast it over the leaf's own axes)."""
+    hot = _one_hot(self.route_class(labels), self.num_classes)
+    columns, which = np.unique(np.asarray(self.leaf_table, np.float32), axis=1, return_inverse=True)
+    per_column = [_select(hot, columns[:, j]) for j in range(columns.shape[1])]
+    return jax.tree_util.tree_unflatten(self.treedef, [per_column[j] for j in np.ravel(which)])
+
+  def group_of(self, params_like: Any) -> Any:
+    """Params-shaped pytree (structure of `params_like`) of each leaf's int group index."""
+    got = paths.tree_paths(params_like)
+    if tuple(got) != self.leaf_paths:
+      raise PolicyError(
+          f"tree with {len(got)} leaves does not match the {self.num_leaves} compiled parameter paths "
+          "(first difference: " + _first_difference(got, self.leaf_paths) + "); compile the policy for this tree")
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params_like), list(self.leaf_group))
+
+  def uncovered_leaves(self) -> tuple[str, ...]:
+    """Paths of leaves no composed policy covers."""
+    if UNCOVERED_GROUP not in self.group_names:
+      return ()
+    g = self.group_names.index(UNCOVERED_GROUP)
+    return tuple(p for p, lg in zip(self.leaf_paths, self.leaf_group) if lg == g)
+
+
+def _one_hot(cls: jax.Array, num_classes: int) -> jax.Array:
+  return cls[..., None] == jnp.arange(num_classes, dtype=jnp.int32)
+
+
+def _select(hot: jax.Array, column: np.ndarray) -> jax.Array:
+  """`column[cls]` as an exact masked sum: no gather, so explicitly batch-sharded labels need no
+  mesh context and no output-sharding annotation."""
+  return jnp.sum(jnp.where(hot, jnp.asarray(column, jnp.float32), jnp.float32(0)), axis=-1)
+
+
+def _first_difference(a: Iterable[str], b: Iterable[str]) -> str:
+  for x, y in itertools.zip_longest(a, b, fillvalue="(none)"):
+    if x != y:
+      return f"{x!r} vs compiled {y!r}"
+  return "none"
+
+
+def _match_paths(key_path: tuple) -> tuple[str, ...]:
+  """The leaf's path, and for a Variable's `.value` leaf also the path without it."""
+  full = paths.path_string(key_path)
+  last = key_path[-1] if key_path else None
+  if isinstance(last, jax.tree_util.GetAttrKey) and last.name == "value" and len(key_path) > 1:
+    return (full, paths.path_string(key_path[:-1]))
+  return (full,)
+
+
+def _covers(patterns: Iterable[str], candidates: tuple[str, ...]) -> bool:
+  return any(paths.glob_match(p, c) for p in patterns for c in candidates)
+
+
+def _policy_leaf_groups(policy: Policy, candidates: list[tuple[str, ...]]) -> list[int]:
+  """Index into `policy.groups` of each leaf's first matching group, -1 when uncovered."""
+  out = []
+  for cands in candidates:
+    out.append(next((i for i, (_, pats) in enumerate(policy.groups) if _covers(pats, cands)), -1))
+  return out
+
+
+def _policy_leaf_table(policy: Policy, leaf_groups: list[int]) -> np.ndarray:
+  """[n_rules + 2, L] weights of each leaf per route class of one policy."""
+  routes = policy.routes()
+  out = np.empty((len(routes), len(leaf_groups)), np.float32)
+  for k, route in enumerate(routes):
+    for l, g in enumerate(leaf_groups):
+      out[k, l] = policy.uncovered if g < 0 else route.get(policy.groups[g][0], 0.0)
+  return out
+
+
+def _classifier(pset: PolicySet, space: LabelSpace | None, num_classes: int) -> Callable:
+  if space is None:
+
+    def unbound(labels: Mapping[str, Any]):
+      raise PolicyError("this policy was compiled without taxonomies, so it cannot classify examples; "
+                        "call compile_policy(..., labels=<Taxonomy | LabelSpace>)")
+
+    return unbound
+  per_policy = []
+  for p in pset.policies:
+    per_policy.append([expressions.compile_expr(r.when, space) for r in p.rules])
+  radices = [len(p.rules) + 1 for p in pset.policies]
+  strides = [int(np.prod(radices[i + 1:], dtype=np.int64)) for i in range(len(radices))]
+  uncredentialed = num_classes - 1
+
+  def classify(labels: Mapping[str, Any]):
+    lab = expressions.namespaced(labels, space)
+    credentialed = jnp.asarray(lab[CREDENTIALED]) != 0
+    cls = jnp.zeros(jnp.shape(credentialed), jnp.int32)
+    for conds, stride in zip(per_policy, strides):
+      idx = jnp.full(jnp.shape(credentialed), len(conds), jnp.int32)
+      for i in reversed(range(len(conds))):
+        idx = jnp.where(conds[i](lab), jnp.int32(i), idx)
+      cls = cls + idx * jnp.int32(stride)
+    return jnp.where(credentialed, cls, jnp.int32(uncredentialed))
+
+  return classify
+
+
+def compile_policy(policy_or_policies: Union[Policy, PolicySet, Iterable[Policy]], params: Any,
+                   labels: Union[Taxonomy, LabelSpace, Iterable[Taxonomy], None]) -> CompiledPolicy:
+  """Bind verified policies (composed: most restrictive wins) to `params` and a label space.
+
+  `params` is any pytree (plain dicts, Linen params, `nnx.State`, Equinox modules); only its
+  structure, paths and leaf shapes are used. Rule expressions are type-checked against
+  `labels`; with `labels=None` the tables are built (for `explain`) but `route_class` refuses.
+  Issues an `UncoveredParametersWarning` when some policy covers a parameter with no group.
+  """
+  pset = compose(policy_or_policies)
+  space = None if labels is None else LabelSpace.of(labels)
+  with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
+  leaf_paths = tuple(paths.path_string(kp) for kp, _ in with_path)
+  if not leaf_paths:
+    raise PolicyError("params has no array leaves; pass the parameter pytree the policy should govern")
+  if len(set(leaf_paths)) != len(leaf_paths):
+    dup = next(p for p in leaf_paths if leaf_paths.count(p) > 1)
+    raise PolicyError(f"two parameters share the path {dup!r}; policies address parameters by path, so make keys unique")
+  candidates = [_match_paths(kp) for kp, _ in with_path]
+  shapes = tuple(tuple(int(d) for d in getattr(x, "shape", np.shape(x))) for _, x in with_path)
+
+  per_groups = [_policy_leaf_groups(p, candidates) for p in pset.policies]
+  tables = [_policy_leaf_table(p, g) for p, g in zip(pset.policies, per_groups)]
+  n_leaves = len(leaf_paths)
+  # credentialed classes: mixed-radix product of (rules + default); then all-uncredentialed
+  credentialed = np.full((1, n_leaves), np.inf, np.float32)
+  for t in tables:
+    credentialed = np.minimum(credentialed[:, None, :], t[None, :-1, :]).reshape(-1, n_leaves)
+  uncred = np.min(np.stack([t[-1] for t in tables]), axis=0, keepdims=True)
+  leaf_table = np.concatenate([credentialed, uncred]).astype(np.float32)
+  names = [p.class_names for p in pset.policies]
+  class_names = tuple(
+      "|".join(f"{p.name}:{k}" for p, k in zip(pset.policies, combo))
+      for combo in itertools.product(*[n[:-1] for n in names])) + (
+          "|".join(f"{p.name}:uncredentialed" for p in pset.policies),)
+
+  group_names = list(pset.group_names)
+  leaf_group = [next((g for g, name in enumerate(group_names) if _covers(pset.patterns(name), cands)), -1)
+                for cands in candidates]
+  if -1 in leaf_group:
+    group_names.append(UNCOVERED_GROUP)
+    leaf_group = [len(group_names) - 1 if g < 0 else g for g in leaf_group]
+  table = _group_table(pset, group_names, leaf_group, leaf_table)
+  uncovered = _uncovered_notes(pset, per_groups, leaf_paths)
+  if uncovered:
+    warnings.warn("; ".join(uncovered), UncoveredParametersWarning, stacklevel=2)
+  notes = uncovered + _group_notes(pset, group_names, leaf_group, leaf_table)
+  return CompiledPolicy(
+      policy_ids=pset.policy_ids, group_names=tuple(group_names), class_names=class_names, table=table,
+      leaf_paths=leaf_paths, leaf_group=tuple(leaf_group), leaf_table=leaf_table, treedef=treedef,
+      classify=_classifier(pset, space, len(class_names)), leaf_shapes=shapes, warnings=tuple(notes))
+
+
+def _group_table(pset: PolicySet, group_names: list[str], leaf_group: list[int],
+                 leaf_table: np.ndarray) -> np.ndarray:
+  table = np.zeros((leaf_table.shape[0], len(group_names)), np.float32)
+  members = np.asarray(leaf_group, np.int64)
+  for g, name in enumerate(group_names):
+    cols = np.flatnonzero(members == g)
+    if cols.size:
+      table[:, g] = leaf_table[:, cols].max(axis=1)
+      continue
+    # a group with no leaves: the policy-level weight, minimum over the policies declaring it
+    per = []
+    for p in pset.policies:
+      routes = p.routes()
+      col = np.array([r.get(name, 0.0) for r in routes], np.float32) if name in p.group_names else None
+      per.append(col)
+    rows = []
+    for combo in itertools.product(*[range(len(p.rules) + 1) for p in pset.policies]):
+      ws = [c[k] for c, k in zip(per, combo) if c is not None]
+      rows.append(min(ws))
+    rows.append(min(c[-1] for c in per if c is not None))
+    table[:, g] = rows
+  return table
+
+
+def _uncovered_notes(pset: PolicySet, per_groups: list[list[int]], leaf_paths: tuple[str, ...]) -> list[str]:
+  out = []
+  for p, groups in zip(pset.policies, per_groups):
+    missing = [path for path, g in zip(leaf_paths, groups) if g < 0]
+    if missing:
+      shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+      out.append(f"policy {p.name!r} covers {len(missing)} parameter(s) with no group: {shown}; they get its "
+                 f"uncovered weight {p.uncovered} from every example (add a group pattern or set 'uncovered')")
+  return out
+
+
+def _group_notes(pset: PolicySet, group_names: list[str], leaf_group: list[int], leaf_table: np.ndarray) -> list[str]:
+  out = []
+  members = np.asarray(leaf_group, np.int64)
+  for g, name in enumerate(group_names):
+    cols = np.flatnonzero(members == g)
+    if not cols.size and name != UNCOVERED_GROUP:
+      out.append(f"group {name!r} ({', '.join(pset.patterns(name))}) covers no parameter")
+    elif np.any(leaf_table[:, cols].min(axis=1) != leaf_table[:, cols].max(axis=1)):
+      out.append(f"leaves of group {name!r} get different weights under the composed policies "
+                 "(their groups differ); leaf weights are authoritative")
+  return out
+
+
+class ExplainTable(NamedTuple):
+  """What `explain` prints: one row per route class, one column per group."""
+
+  policy_ids: tuple[str, ...]
+  columns: tuple[str, ...]
+  leaves: tuple[int, ...]
+  sizes: tuple[int, ...]
+  rows: tuple[tuple[str, tuple[float, ...]], ...]
+  warnings: tuple[str, ...]
+
+
+def explain_table(compiled: CompiledPolicy) -> ExplainTable:
+  """Route class x group weights, leaf and parameter counts per group, and warnings."""
+  leaves = [0] * compiled.num_groups
+  sizes = [0] * compiled.num_groups
+  for g, shape in itertools.zip_longest(compiled.leaf_group, compiled.leaf_shapes, fillvalue=()):
+    leaves[g] += 1
+    sizes[g] += int(np.prod(shape, dtype=np.int64))
+  rows = tuple((name, tuple(float(w) for w in compiled.table[c])) for c, name in enumerate(compiled.class_names))
+  return ExplainTable(compiled.policy_ids, compiled.group_names, tuple(leaves), tuple(sizes), rows,
+                      compiled.warnings)
+
+
+def explain(compiled: CompiledPolicy) -> str:
+  """Plain-text route class x group weight table followed by warnings."""
+  t = explain_table(compiled)
+  header = ["route class"] + [f"{g} ({n} leaves, {s:,} params)" for g, n, s in zip(t.columns, t.leaves, t.sizes)]
+  body = [[name] + [f"{w:g}" for w in ws] for name, ws in t.rows]
+  widths = [max(len(r[i]) for r in [header] + body) for i in range(len(header))]
+  fmt = lambda row: "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()  # noqa: E731
+  lines = ["policies: " + ", ".join(i[:16] for i in t.policy_ids), fmt(header), fmt(["-" * w for w in widths])]
+  lines += [fmt(r) for r in body]
+  lines += [f"warning: {w}" for w in t.warnings]
+  return "\n".join(lines)
+
+
+def param_shapes(doc_or_path: Any) -> dict[str, Any]:
+  """A parameter tree of `jax.ShapeDtypeStruct` (float32) from a shapes document.
+
+  The document (a dict, or a path to a JSON file) nests parameter keys down to shape lists,
+  `{"blocks": {"0": {"kernel": [64, 256]}}, "head/bias": [256]}`; a key holding '/' stands for
+  that many nested keys. This is all `explain` needs to know about a model.
+  """
+  if isinstance(doc_or_path, Mapping):
+    doc = doc_or_path
+  else:
+    try:
+      with open(doc_or_path, encoding="utf-8") as fh:
+        doc = json.load(fh)
+    except (OSError, ValueError) as exc:
+      raise PolicyError(f"cannot read parameter shapes {doc_or_path}: {exc}; expected JSON like "
+                        "{\"head\": {\"kernel\": [64, 256]}}") from None
+  if not isinstance(doc, Mapping) or not doc:
+    raise PolicyError("parameter shapes must be a non-empty JSON object of parameter keys")
+  out: dict[str, Any] = {}
+  for path, shape in _shape_items(doc, ()):
+    node = out
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+      if not isinstance(node, dict):
+        raise PolicyError(f"parameter shapes: {'/'.join(path)} nests under a leaf; give each path once")
+    if path[-1] in node:
+      raise PolicyError(f"parameter shapes: {'/'.join(path)} is given twice")
+    node[path[-1]] = jax.ShapeDtypeStruct(shape, jnp.float32)
+  return out
+
+
+def _shape_items(doc: Mapping[str, Any], prefix: tuple[str, ...]):
+  for key, value in doc.items():
+    parts = tuple(k for k in str(key).split("/"))
+    if not all(parts):
+      raise PolicyError(f"parameter shapes: key {key!r} under {'/'.join(prefix) or 'the top'} has an empty segment")
+    path = prefix + parts
+    if isinstance(value, Mapping):
+      yield from _shape_items(value, path)
+    elif isinstance(value, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in value):
+      yield path, tuple(value)
+    else:
+      raise PolicyError(f"parameter shapes: {'/'.join(path)} = {value!r}; expected an object or a shape list "
+                        "of non-negative integers like [64, 256]")

@@ -1,0 +1,448 @@
+"""Routing policies: which example may shape which parameter group, and by how much.
+
+A policy names parameter **groups** by glob patterns over parameter paths (`blocks/**`,
+`head/*`), and lists ordered **rules** `when -> route`: the first rule whose condition holds for
+an example gives its route, a map `group -> weight in [0, 1]` (groups not named get 0). An
+example no rule matches takes the `default` route; an example admitted without a valid credential
+takes the `uncredentialed` route. Both default to excluded everywhere (all weights 0). A parameter
+that no group covers gets the policy's `uncovered` weight from every example (default 0.0: it is
+never trained while this policy governs).
+
+TOML form:
+
+  name = "acme-routing"
+  uncovered = 0.0                      # optional
+  [groups]
+  embed = ["embed/**"]
+  core = ["blocks/**"]
+  [[rules]]
+  name = "unknown-license"             # optional; names the route class in reports
+  when = "license_class == 'unknown'"
+  route = {}
+  [[rules]]
+  when = "sensitivity_tier >= 2 or 'EU' in jurisdictions"
+  route = { core = 0.5 }
+  [default]
+  route = { embed = 1.0, core = 1.0 }
+  [uncredentialed]                     # optional
+  route = {}
+
+Python form: `Policy(name=..., groups={...}, rules=[Rule(when=..., route={...})], default={...})`
+validates and normalises exactly like the TOML form. Normal form: expressions in canonical text,
+patterns of a group sorted, zero weights dropped, weights as floats. The policy id is the hex
+SHA-256 of the canonical encoding of `to_dict()`. Group order and rule order are part of the
+policy (a parameter belongs to its first matching group; the first matching rule wins).
+
+Several authorities' policies compose (`compose`): the most restrictive wins, i.e. every
+parameter's weight is the minimum over the policies (see `aqgov.policy`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Iterable, Mapping, NamedTuple, Sequence, Union
+
+from aqgov.documents import _canonical as canonical
+from aqgov.policy import _expressions as expressions
+from aqgov.policy import _paths as paths
+from aqgov.documents import _signing as signing
+from aqgov.errors import PolicyError
+from aqgov.documents._files import atomic_write
+from aqgov.documents._keys import SigningKey, TrustStore
+from aqgov.documents._signing import SignedDocument
+from aqgov.credentials._taxonomy import read_text
+
+KIND = "routing-policy"
+FORMAT = "aqgov-routing-policy/1"
+UNCOVERED_GROUP = "(uncovered)"
+_GROUP_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*\Z", re.ASCII)
+_POLICY_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*\Z", re.ASCII)
+_TOP_KEYS = ("name", "groups", "rules", "default", "uncredentialed", "uncovered")
+
+Route = Mapping[str, float]
+
+
+class Rule(NamedTuple):
+  """`when` (expression text) -> `route` (group -> weight); `name` labels its route class."""
+
+  when: str
+  route: Route
+  name: str = ""
+
+
+def _fail(policy: str, where: str, message: str) -> PolicyError:
+  return PolicyError(f"policy {policy!r}, {where}: {message}")
+
+
+def _weight(policy: str, where: str, group: str, value: Any) -> float:
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    raise _fail(policy, where, f"weight of group {group!r} is {value!r}; write a number in [0, 1]")
+  w = float(value)
+  if not math.isfinite(w) or not 0.0 <= w <= 1.0:
+    raise _fail(policy, where, f"weight of group {group!r} is {value!r}; weights lie in [0, 1] "
+                "(0 = never reaches the group, 1 = full gradient)")
+  return w
+
+
+def _route(policy: str, where: str, route: Any, groups: Sequence[str]) -> dict[str, float]:
+  if route is None:
+    return {}
+  if not isinstance(route, Mapping):
+    raise _fail(policy, where, f"a route is a table group -> weight, got {type(route).__name__}")
+  out = {}
+  for g, value in route.items():
+    if g not in groups:
+      raise _fail(policy, where, f"route names group {g!r}, which is not declared; declared groups: "
+                  f"{', '.join(groups) or '(none)'} (declare it under [groups] or fix the name)")
+    w = _weight(policy, where, g, value)
+    if w != 0.0:
+      out[g] = w
+  return dict(sorted(out.items()))
+
+
+def _groups(policy: str, groups: Any) -> tuple[tuple[str, tuple[str, ...]], ...]:
+  items = list(groups.items()) if isinstance(groups, Mapping) else list(groups or ())
+  if not items:
+    raise _fail(policy, "groups", "declare at least one group, e.g. [groups] core = [\"blocks/**\"]")
+  out, seen = [], set()
+  for item in items:
+    if not isinstance(item, (tuple, list)) or len(item) != 2:
+      raise _fail(policy, "groups", f"expected (name, patterns) pairs or a table, got {item!r}")
+    name, pats = item
+    if not isinstance(name, str) or not _GROUP_NAME.match(name):
+      raise _fail(policy, "groups", f"group name {name!r} must use letters, digits, '_' or '-' "
+                  "and start with a letter or '_'")
+    if name in seen:
+      raise _fail(policy, "groups", f"group {name!r} is declared twice; merge its patterns into one list")
+    seen.add(name)
+    if isinstance(pats, str):
+      pats = [pats]
+    if not isinstance(pats, (list, tuple)) or not pats or not all(isinstance(p, str) for p in pats):
+      raise _fail(policy, f"groups.{name}", "expected a non-empty list of glob patterns like \"blocks/**\"")
+    for p in pats:
+      try:
+        paths.glob_match(p, "")
+      except ValueError as exc:
+        raise _fail(policy, f"groups.{name}", f"{exc} ('*' matches within a segment, '**' whole segments)") from None
+    out.append((name, tuple(sorted(set(pats)))))
+  return tuple(out)
+
+
+def _rule(policy: str, i: int, rule: Any, groups: Sequence[str]) -> Rule:
+  where = f"rules[{i}]"
+  if isinstance(rule, Mapping):
+    unknown = set(rule) - {"when", "route", "name"}
+    if unknown:
+      raise _fail(policy, where, f"unknown key(s) {sorted(unknown)}; a rule has 'when', 'route' and optional 'name'")
+    if "when" not in rule:
+      raise _fail(policy, where, "missing 'when = \"<condition>\"'")
+    rule = Rule(rule["when"], rule.get("route", {}), rule.get("name", ""))
+  elif not isinstance(rule, Rule):
+    raise _fail(policy, where, f"expected a Rule(when=..., route=...) or a table, got {type(rule).__name__}")
+  if not isinstance(rule.name, str) or (rule.name and not _GROUP_NAME.match(rule.name)):
+    raise _fail(policy, where, f"rule name {rule.name!r} must use letters, digits, '_' or '-'")
+  if rule.name in ("default", "uncredentialed"):
+    raise _fail(policy, where, f"rule name {rule.name!r} is reserved for the {rule.name} route; choose another")
+  if not isinstance(rule.when, str):
+    raise _fail(policy, where, f"'when' must be a string expression, got {type(rule.when).__name__}")
+  try:
+    when = expressions.canonical_text(rule.when)
+  except PolicyError as exc:
+    raise _fail(policy, where, str(exc)) from None
+  return Rule(when, _route(policy, f"{where}.route", rule.route, groups), rule.name)
+
+
+_PolicyFields = NamedTuple("_PolicyFields", [
+    ("name", str),
+    ("groups", tuple),
+    ("rules", tuple),
+    ("default", Mapping),
+    ("uncredentialed", Mapping),
+    ("uncovered", float),
+])
+
+
+class Policy(_PolicyFields):
+  """A validated routing policy in normal form (see the module docstring).
+
+  Fields: `name`; `groups` as ordered `(group, patterns)` pairs (a mapping is accepted);
+  `rules` (tuple of `Rule`); `default` and `uncredentialed` routes; `uncovered` weight.
+  """
+
+  __slots__ = ()
+
+  def __new__(cls, name: str, groups: Any, rules: Iterable[Any] = (), default: Any = None,
+              uncredentialed: Any = None, uncovered: Any = 0.0) -> "Policy":
+    if not isinstance(name, str) or not _POLICY_NAME.match(name):
+      raise PolicyError(f"policy name {name!r} must use letters, digits, '_', '-' or '.'")
+    norm_groups = _groups(name, groups)
+    names = [g for g, _ in norm_groups]
+    if isinstance(rules, (str, bytes, Mapping)) or not isinstance(rules, Iterable):
+      raise _fail(name, "rules", "expected a list of rules")
+    norm_rules = tuple(_rule(name, i, r, names) for i, r in enumerate(rules))
+    labels = [r.name for r in norm_rules if r.name]
+    if len(set(labels)) != len(labels):
+      raise _fail(name, "rules", f"rule names must be unique, got {labels}")
+    return super().__new__(
+        cls, name, norm_groups, norm_rules,
+        _route(name, "default.route", default, names),
+        _route(name, "uncredentialed.route", uncredentialed, names),
+        _weight(name, "uncovered", "(uncovered)", uncovered))
+
+  def _replace(self, **changes) -> "Policy":
+    return Policy(**{**self._asdict(), **changes})
+
+  @classmethod
+  def create(cls, name: str, groups: Any, rules: Iterable[Any] = (), default: Any = None,
+             uncredentialed: Any = None, uncovered: float = 0.0) -> "Policy":
+    """Same as `Policy(...)`."""
+    return cls(name, groups, rules, default, uncredentialed, uncovered)
+
+  # -- views -----------------------------------------------------------------------------------
+
+  @property
+  def group_names(self) -> tuple[str, ...]:
+    return tuple(g for g, _ in self.groups)
+
+  def patterns(self, group: str) -> tuple[str, ...]:
+    for g, pats in self.groups:
+      if g == group:
+        return pats
+    raise PolicyError(f"policy {self.name!r} has no group {group!r}; groups: {', '.join(self.group_names)}")
+
+  def group_of_path(self, path: str) -> str | None:
+    """The first group whose patterns match `path`, or None if no group covers it."""
+    for g, pats in self.groups:
+      if any(paths.glob_match(p, path) for p in pats):
+        return g
+    return None
+
+  @property
+  def class_names(self) -> tuple[str, ...]:
+    """Route classes in index order: one per rule, then `default`, then `uncredentialed`."""
+    return tuple(r.name or f"rule{i + 1}" for i, r in enumerate(self.rules)) + ("default", "uncredentialed")
+
+  def routes(self) -> tuple[Route, ...]:
+    """Routes in route-class order."""
+    return tuple(r.route for r in self.rules) + (self.default, self.uncredentialed)
+
+  # -- forms -----------------------------------------------------------------------------------
+
+  def to_dict(self) -> dict:
+    """Canonical dict form (what is hashed and signed)."""
+    return {
+        "format": FORMAT,
+        "name": self.name,
+        "groups": [{"name": g, "patterns": list(p)} for g, p in self.groups],
+        "rules": [{"name": r.name, "when": r.when, "route": dict(r.route)} for r in self.rules],
+        "default": dict(self.default),
+        "uncredentialed": dict(self.uncredentialed),
+        "uncovered": float(self.uncovered),
+    }
+
+  @classmethod
+  def from_dict(cls, doc: Mapping[str, Any]) -> "Policy":
+    """Inverse of `to_dict`."""
+    if not isinstance(doc, Mapping) or doc.get("format") != FORMAT:
+      raise PolicyError(f"not a canonical routing policy (expected format {FORMAT!r}); "
+                        "write policies as TOML and sign them with `aqgov policy sign`")
+    try:
+      return cls(doc["name"], [(g["name"], g["patterns"]) for g in doc["groups"]], doc["rules"],
+                 doc["default"], doc["uncredentialed"], doc["uncovered"])
+    except (KeyError, TypeError) as exc:
+      raise PolicyError(f"canonical routing policy lacks or mangles {exc}; re-create it from its TOML") from None
+
+  @classmethod
+  def from_toml(cls, text_or_path: str | os.PathLike) -> "Policy":
+    """Parse and validate the TOML form (text, or a path to a file)."""
+    if isinstance(text_or_path, (str, os.PathLike)) and _looks_like_path(text_or_path):
+      raise PolicyError(f"policy file {text_or_path} does not exist; pass a path to a .toml file or TOML text")
+    try:
+      doc = tomllib.loads(read_text(text_or_path))
+    except tomllib.TOMLDecodeError as exc:
+      raise PolicyError(f"policy is not valid TOML: {exc}") from None
+    except OSError as exc:
+      raise PolicyError(f"cannot read policy {text_or_path}: {exc}") from None
+    name = doc.get("name")
+    unknown = sorted(set(doc) - set(_TOP_KEYS))
+    if unknown:
+      raise PolicyError(f"policy {name!r} has unknown top-level key(s) {unknown}; allowed: {', '.join(_TOP_KEYS)}")
+    if "name" not in doc:
+      raise PolicyError("policy needs a top-level name = \"...\"")
+    routes = {}
+    for section in ("default", "uncredentialed"):
+      table = doc.get(section, {})
+      if not isinstance(table, Mapping) or set(table) - {"route"}:
+        raise _fail(str(name), section, f"expected a [{section}] table with only 'route = {{...}}'")
+      routes[section] = table.get("route", {})
+    rules = doc.get("rules", [])
+    if not isinstance(rules, list):
+      raise _fail(str(name), "rules", "write rules as [[rules]] tables")
+    return cls(name, doc.get("groups", {}), rules, routes["default"], routes["uncredentialed"],
+               doc.get("uncovered", 0.0))
+
+  def to_toml(self) -> str:
+    """TOML text that `from_toml` reads back to an equal policy."""
+    lines = [f"name = {_toml_str(self.name)}", f"uncovered = {self.uncovered!r}", "", "[groups]"]
+    lines += [f"{g} = [{', '.join(_toml_str(p) for p in pats)}]" for g, pats in self.groups]
+    for r in self.rules:
+      lines += ["", "[[rules]]"] + ([f"name = {_toml_str(r.name)}"] if r.name else [])
+      lines += [f"when = {_toml_str(r.when)}", f"route = {_toml_route(r.route)}"]
+    lines += ["", "[default]", f"route = {_toml_route(self.default)}"]
+    lines += ["", "[uncredentialed]", f"route = {_toml_route(self.uncredentialed)}"]
+    return "\n".join(lines) + "\n"
+
+  @property
+  def id(self) -> str:
+    """Hex SHA-256 of the canonical form."""
+    return canonical.digest_hex(self.to_dict())
+
+
+def _looks_like_path(text_or_path: str | os.PathLike) -> bool:
+  text = os.fspath(text_or_path)
+  looks = isinstance(text_or_path, os.PathLike) or ("\n" not in text and "=" not in text and "[" not in text)
+  return looks and not Path(text).is_file()
+
+
+def _toml_str(s: str) -> str:
+  out = s.replace("\\", "\\\\").replace('"', '\\"')
+  return '"' + "".join(c if c.isprintable() else f"\\U{ord(c):08x}" for c in out) + '"'
+
+
+def _toml_route(route: Route) -> str:
+  return "{" + ", ".join(f"{g} = {w!r}" for g, w in route.items()) + "}" if route else "{}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Composition
+
+
+class PolicySet(NamedTuple):
+  """Policies that govern together; each parameter's weight is the minimum over them."""
+
+  policies: tuple[Policy, ...]
+
+  @property
+  def id(self) -> str:
+    """Order-independent id of the composition (the minimum is commutative)."""
+    return canonical.digest_hex({"compose": sorted(p.id for p in self.policies)})
+
+  @property
+  def policy_ids(self) -> tuple[str, ...]:
+    return tuple(p.id for p in self.policies)
+
+  @property
+  def group_names(self) -> tuple[str, ...]:
+    """Ordered union of the policies' group names."""
+    out: list[str] = []
+    for p in self.policies:
+      out += [g for g in p.group_names if g not in out]
+    return tuple(out)
+
+  def patterns(self, group: str) -> tuple[str, ...]:
+    for p in self.policies:
+      if group in p.group_names:
+        return p.patterns(group)
+    raise PolicyError(f"no composed policy declares group {group!r}; groups: {', '.join(self.group_names)}")
+
+
+def compose(policies: Union[Policy, PolicySet, Iterable[Policy]]) -> PolicySet:
+  """Policies composed so the most restrictive wins (leaf weight = minimum over policies).
+
+  A group name may appear in several policies only with the same patterns; the same policy
+  given twice counts once; two different policies may not share a name.
+  """
+  if isinstance(policies, PolicySet):
+    items = list(policies.policies)
+  elif isinstance(policies, Policy):
+    items = [policies]
+  else:
+    items = list(policies)
+  unique: list[Policy] = []
+  for p in items:
+    if not isinstance(p, Policy):
+      raise PolicyError(f"compose expects Policy objects, got {type(p).__name__}; verify signed policies first "
+                        "with verify_policy")
+    if p.id not in {q.id for q in unique}:
+      unique.append(p)
+  if not unique:
+    raise PolicyError("compose needs at least one policy")
+  names = [p.name for p in unique]
+  for n in set(names):
+    if names.count(n) > 1:
+      raise PolicyError(f"two different policies are both named {n!r}; rename one so route classes stay unambiguous")
+  declared: dict[str, tuple[str, tuple[str, ...]]] = {}
+  for p in unique:
+    for g, pats in p.groups:
+      if g in declared and declared[g][1] != pats:
+        other, other_pats = declared[g]
+        raise PolicyError(
+            f"group {g!r} means {list(other_pats)} in policy {other!r} but {list(pats)} in policy {p.name!r}; "
+            f"rename one of them (e.g. '{p.name}-{g}') or give both the same patterns")
+      declared.setdefault(g, (p.name, pats))
+  return PolicySet(tuple(unique))
+
+
+# ---------------------------------------------------------------------------------------------
+# Signing and files
+
+
+def sign_policy(policy: Union[Policy, SignedDocument], key: SigningKey) -> SignedDocument:
+  """A signed routing-policy document; signing a signed one adds (or renews) `key`'s signature."""
+  if isinstance(policy, SignedDocument):
+    if policy.kind != KIND:
+      raise PolicyError(f"cannot sign a {policy.kind!r} document as a routing policy")
+    _policy_of(policy)
+    return signing.sign(policy, key)
+  if not isinstance(policy, Policy):
+    raise PolicyError(f"sign_policy expects a Policy or a signed policy, got {type(policy).__name__}")
+  return signing.sign(SignedDocument(KIND, policy.to_dict()), key)
+
+
+def _policy_of(doc: SignedDocument) -> Policy:
+  policy = Policy.from_dict(doc.payload)
+  if canonical.encode(policy.to_dict()) != canonical.encode(doc.payload):
+    raise PolicyError(f"signed policy {doc.id[:16]}... is not in normal form; re-create it with `aqgov policy sign`")
+  return policy
+
+
+def verify_policy(signed: SignedDocument, trust: TrustStore, min_signers: int = 1) -> Policy:
+  """The policy in `signed` once at least `min_signers` trusted signatures verify.
+
+  Raises `SignatureError` when unsigned, forged, altered or signed only by untrusted keys, and
+  `PolicyError` when the signed payload is not a valid policy.
+  """
+  if not isinstance(signed, SignedDocument) or signed.kind != KIND:
+    raise PolicyError("verify_policy expects a signed routing-policy document; read it with read_signed_policy")
+  signing.verify(signed, trust, min_signers=min_signers)
+  return _policy_of(signed)
+
+
+def signers(signed: SignedDocument) -> tuple[str, ...]:
+  """Names recorded on the signatures (unverified)."""
+  return tuple(s.signer for s in signed.signatures)
+
+
+def write_signed_policy(signed: SignedDocument, path: str | os.PathLike) -> Path:
+  """Write a signed policy atomically."""
+  if signed.kind != KIND:
+    raise PolicyError(f"refusing to write a {signed.kind!r} document as a signed policy")
+  return atomic_write(path, signed.to_bytes())
+
+
+def read_signed_policy(path: str | os.PathLike) -> SignedDocument:
+  """Read a signed policy file (signatures are not checked here: use `verify_policy`)."""
+  return SignedDocument.from_bytes(signing.read_bytes(path, PolicyError, "signed policy"), kind=KIND)
+
+
+def read_policy(path: str | os.PathLike) -> Policy:
+  """A policy from a TOML file or a signed file, WITHOUT checking signatures (for inspection).
+
+  Use `verify_policy(read_signed_policy(path), trust)` wherever the policy governs training.
+  """
+  doc = signing.read_signed_or_text(path, KIND, PolicyError, "routing policy")
+  return _policy_of(doc) if isinstance(doc, SignedDocument) else Policy.from_toml(doc)
