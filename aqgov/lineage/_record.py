@@ -244,8 +244,10 @@ def step_body(summary: StepSummary, example_ids: Sequence[str], example_sha256: 
   route_class = np.asarray(s.route_class).astype(np.int64)
   weights = np.asarray(s.weights, np.float32)
   norms = np.asarray(s.contribution_norms, np.float32)
+  seen = None if s.seen is None else np.asarray(s.seen, bool)
   if not every:
     route_class, weights, norms = route_class[keep], weights[keep], norms[keep]
+    seen = None if seen is None else seen[keep]
   body = {
       "step": step,
       "time": time.time() if time_s is None else float(time_s),
@@ -258,6 +260,8 @@ def step_body(summary: StepSummary, example_ids: Sequence[str], example_sha256: 
       "measurements": _tree_to_wire(s.measurements),
       "events": _tree_to_wire(s.events),
   }
+  if seen is not None and not seen.all():
+    body["hidden"] = weights_to_wire((~seen).astype(np.uint8), route_class)
   if not (rows.size == len(example_ids) and np.array_equal(rows, np.arange(rows.size))):
     body["rows"] = array_to_wire(rows.astype(_index_dtype(max(len(example_ids) - 1, 0))))
   if example_sha256 is not None:
@@ -295,6 +299,7 @@ class StepView(NamedTuple):
   fingerprint: np.ndarray
   measurements: dict[str, np.ndarray]
   events: dict[str, np.ndarray]
+  seen: np.ndarray | None = None   # bool [B, G]; groups each row saw in its forward pass
 
   @property
   def row_ids(self) -> tuple[str, ...]:
@@ -325,6 +330,8 @@ def view_step(body: Mapping[str, Any]) -> StepView:
       fingerprint=array_from_wire(body["fingerprint"]),
       measurements={k: array_from_wire(v) for k, v in body["measurements"].items()},
       events={k: array_from_wire(v) for k, v in body["events"].items()},
+      seen=(np.ones((len(rows), np.shape(array_from_wire(body["fingerprint"]))[0]), bool) if "hidden" not in body
+            else weights_from_wire(body["hidden"], route_class) == 0),
   )
 
 

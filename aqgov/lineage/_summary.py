@@ -45,6 +45,8 @@ class StepSummary(NamedTuple):
   fingerprint: float32 [G, dim] — `fingerprint(params after the update, ...)`.
   measurements: {name: array} — entropy measurements (`"<metric>/<group>"`), may be empty.
   events: pytree of arrays — governance events (a fixed-size NamedTuple), `()` when none.
+  seen: bool [B, G] or None — which groups each example saw in its forward pass (None: all;
+    see `visible = "routed"` groups in aqgov.policy).
   """
 
   step: Array
@@ -56,6 +58,7 @@ class StepSummary(NamedTuple):
   fingerprint: Array
   measurements: Mapping[str, Array] = {}
   events: Any = ()
+  seen: Any = None
 
 
 def _mix32(x: Array) -> Array:
@@ -126,7 +129,7 @@ def fingerprint(params: Any, leaf_group: Sequence[int], num_groups: int, key: Ar
 def summarize(*, step: Array, example_index: Array, route_class: Array, weights: Array,
               contribution_norms: Array, loss: Array, params: Any, leaf_group: Sequence[int],
               key: Array | int, dim: int = 8, measurements: Mapping[str, Array] | None = None,
-              events: Any = ()) -> StepSummary:
+              events: Any = (), seen: Array | None = None) -> StepSummary:
   """Build a `StepSummary` inside a step, fingerprinting `params` (the params after the update)."""
   weights = jnp.asarray(weights, jnp.float32)
   return StepSummary(
@@ -139,6 +142,7 @@ def summarize(*, step: Array, example_index: Array, route_class: Array, weights:
       fingerprint=fingerprint(params, leaf_group, weights.shape[-1], key, dim),
       measurements=dict(measurements or {}),
       events=events,
+      seen=None if seen is None else jnp.asarray(seen, bool),
   )
 
 

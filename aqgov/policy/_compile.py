@@ -355,6 +355,13 @@ class ExplainTable(NamedTuple):
   sizes: tuple[int, ...]
   rows: tuple[tuple[str, tuple[float, ...]], ...]
   warnings: tuple[str, ...]
+  hidden: tuple[tuple[bool, ...], ...] = ()   # per row: the group acts as zero for the class
+
+  def cells(self) -> tuple[tuple[str, ...], ...]:
+    """Per row, each group's weight as printed: `0.5`, or `0 unseen` for a hidden group."""
+    hidden = self.hidden or tuple((False,) * len(self.columns) for _ in self.rows)
+    return tuple(tuple(f"{w:g}" + (" unseen" if h else "") for w, h in zip(ws, hs))
+                 for (_, ws), hs in zip(self.rows, hidden))
 
 
 def explain_table(compiled: CompiledPolicy) -> ExplainTable:
@@ -365,19 +372,22 @@ def explain_table(compiled: CompiledPolicy) -> ExplainTable:
     leaves[g] += 1
     sizes[g] += int(np.prod(shape, dtype=np.int64))
   rows = tuple((name, tuple(float(w) for w in compiled.table[c])) for c, name in enumerate(compiled.class_names))
+  hidden = tuple(tuple(bool(h) for h in row) for row in compiled.hidden_table)
   return ExplainTable(compiled.policy_ids, compiled.group_names, tuple(leaves), tuple(sizes), rows,
-                      compiled.warnings)
+                      compiled.warnings, hidden)
 
 
 def explain(compiled: CompiledPolicy) -> str:
   """Plain-text route class x group weight table followed by warnings."""
   t = explain_table(compiled)
   header = ["route class"] + [f"{g} ({n} leaves, {s:,} params)" for g, n, s in zip(t.columns, t.leaves, t.sizes)]
-  body = [[name] + [f"{w:g}" for w in ws] for name, ws in t.rows]
+  body = [[name, *cells] for (name, _), cells in zip(t.rows, t.cells())]
   widths = [max(len(r[i]) for r in [header] + body) for i in range(len(header))]
   fmt = lambda row: "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()  # noqa: E731
   lines = ["policies: " + ", ".join(i[:16] for i in t.policy_ids), fmt(header), fmt(["-" * w for w in widths])]
   lines += [fmt(r) for r in body]
+  if any(any(hs) for hs in t.hidden):
+    lines.append("unseen: the group acts as zero in the forward pass of the class's examples (visible = \"routed\")")
   lines += [f"warning: {w}" for w in t.warnings]
   return "\n".join(lines)
 
