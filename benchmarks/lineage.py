@@ -37,7 +37,7 @@ import optax
 
 from aqgov.documents import _keys as keys
 from aqgov.documents._keys import TrustStore
-from aqgov.lineage import _log as log
+from aqgov.lineage._writer import LineageWriter
 from aqgov.lineage import _record as rec
 from aqgov.lineage._summary import StepSummary, summarize
 from aqgov.lineage._verify import verify_lineage
@@ -64,7 +64,7 @@ def bench_write_verify(records: int, batch: int, groups: int, directory: Path) -
   digests = [os.urandom(32) for _ in range(batch)]
   start = rec.run_start_body(run_id="bench", signer=key.key_id, groups=[f"g{g}" for g in range(groups)])
   t0 = time.perf_counter()
-  writer = log.LineageWriter.create(directory / "lineage", key, start, head_every=1024)
+  writer = LineageWriter.create(directory / "lineage", key, start, head_every=1024)
   for s in range(records):
     writer.append(summaries[s % len(summaries)]._replace(step=np.int32(s + 1)), ids, digests)
   writer.close()
@@ -152,7 +152,7 @@ def bench_overhead(batch: int, groups: int, steps: int, repeats: int, directory:
       writer = None
       if name == "writer":
         start = rec.run_start_body(run_id=f"overhead{r}", signer=key.key_id, groups=[f"g{g}" for g in range(groups)])
-        writer = log.LineageWriter.create(directory / f"overhead{r}", key, start, head_every=1024)
+        writer = LineageWriter.create(directory / f"overhead{r}", key, start, head_every=1024)
       c0, t0 = time.process_time(), time.perf_counter()
       run_plain() if name == "plain" else run_governed(writer)
       wall[name].append(time.perf_counter() - t0)

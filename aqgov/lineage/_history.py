@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import NamedTuple
 
-from aqgov.lineage import _log as log
+from aqgov.lineage import _scan as logscan
 from aqgov.lineage import _record as rec
 
 
@@ -46,7 +46,7 @@ class History(NamedTuple):
     return found[-1] if found else None
 
 
-def history(scan: log.LogScan) -> History:
+def history(scan: logscan.LogScan) -> History:
   """History from a scan that decoded the "checkpoint" and "run-resume" bodies."""
   superseded = tuple((int(b["superseded"][0]), int(b["superseded"][1])) for _, b in scan.of_kind(rec.RUN_RESUME)
                      if b["superseded"][0] < b["superseded"][1])
@@ -62,8 +62,8 @@ def checkpoint_ref(index: int, body: Mapping) -> CheckpointRef:
                        int(body["lineage_size"]), str(body["lineage_root"]))
 
 
-def load(lineage_dir) -> tuple[log.LogScan, History]:
+def load(lineage_dir) -> tuple[logscan.LogScan, History]:
   """Scan a lineage directory (checking its chain) and compute its history."""
-  scan = log.scan(lineage_dir, bodies=(rec.RUN_START, rec.CHECKPOINT, rec.RUN_RESUME, rec.RUN_END),
+  scan = logscan.scan(lineage_dir, bodies=(rec.RUN_START, rec.CHECKPOINT, rec.RUN_RESUME, rec.RUN_END),
                   roots_before=(rec.CHECKPOINT,))
   return scan, history(scan)

@@ -28,7 +28,7 @@ from aqgov.credentials._manifest import Example, as_example, content_hash, iter_
 from aqgov.errors import CheckpointError, LineageError, ReplayDivergence
 from aqgov.documents._keys import TrustStore
 from aqgov.lineage import _history as hist
-from aqgov.lineage import _log as log
+from aqgov.lineage._segments import records
 from aqgov.lineage import _record as rec
 from aqgov.lineage._checkpoint import Checkpoints
 from aqgov.lineage._summary import params_sha256
@@ -107,7 +107,7 @@ def replay(run_dir: str | os.PathLike, *, step: int,
       return ReplayResult(state, step, ref.step, 0, (ref.step,))
     pool = _example_index(examples)
     expected, checked = ref.step + 1, [ref.step]
-    for index, _, body in log.records(ldir, kinds=(rec.STEP,), start=ref.index + 1):
+    for index, _, body in records(ldir, kinds=(rec.STEP,), start=ref.index + 1):
       if not history.effective(index):
         continue
       view = rec.view_step(body)
