@@ -10,11 +10,11 @@ import numpy as np
 
 from aqgov.documents import _keys as keys
 from aqgov.examples import task as et
+from aqgov.lineage import _record as rec
 from aqgov.lineage import _segments as segments
 from aqgov.lineage._heads import LogHead
-from aqgov.lineage._writer import LineageWriter
-from aqgov.lineage import _record as rec
 from aqgov.lineage._summary import StepSummary
+from aqgov.lineage._writer import LineageWriter
 
 GROUPS = ("embed", "block", "head")
 HEADER = 16  # segment header: magic + first seq
@@ -78,7 +78,7 @@ def payload(frame: bytes) -> bytes:
 
 def first_difference(original: list[bytes], tampered: list[bytes]) -> int:
   """The first position where two frame sequences differ."""
-  for i, (a, b) in enumerate(zip(original, tampered)):
+  for i, (a, b) in enumerate(zip(original, tampered, strict=False)):
     if a != b:
       return i
   return min(len(original), len(tampered))

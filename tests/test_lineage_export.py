@@ -14,14 +14,21 @@ from securesystemslib.dsse import Envelope
 from securesystemslib.exceptions import VerificationError
 from securesystemslib.signer import SSlibKey
 
-import lineage_helpers as lh
-from aqgov.documents import _keys as keys
 from aqgov.cli import main
-from aqgov.errors import LineageError
+from aqgov.documents import _keys as keys
 from aqgov.documents._keys import TrustStore
+from aqgov.errors import LineageError
 from aqgov.lineage import _history as hist
+from aqgov.lineage._export import (
+  PAYLOAD_TYPE,
+  PREDICATE_TYPE,
+  STATEMENT_TYPE,
+  export_intoto,
+  verify_envelope,
+)
 from aqgov.lineage._heads import read_heads
-from aqgov.lineage._export import PAYLOAD_TYPE, PREDICATE_TYPE, STATEMENT_TYPE, export_intoto, verify_envelope
+
+import lineage_helpers as lh
 
 
 @pytest.fixture(scope="module")

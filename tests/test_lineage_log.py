@@ -13,19 +13,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
-import lineage_helpers as lh
 from aqgov.documents import _keys as keys
 from aqgov.documents import _merkle as merkle
-from aqgov.errors import LineageError
 from aqgov.documents._keys import TrustStore
-from aqgov.lineage import _segments as segments
-from aqgov.lineage import _scan as logscan
-from aqgov.lineage._heads import read_heads
-from aqgov.lineage._writer import FSYNC_POLICIES, LineageWriter, open_for_resume
+from aqgov.errors import LineageError
 from aqgov.lineage import _record as rec
+from aqgov.lineage import _scan as logscan
+from aqgov.lineage import _segments as segments
+from aqgov.lineage._heads import read_heads
 from aqgov.lineage._verify import consistency_proof, verify_lineage
+from aqgov.lineage._writer import FSYNC_POLICIES, LineageWriter, open_for_resume
+
+import lineage_helpers as lh
 
 KEY = keys.generate("run")
 TRUST = TrustStore.of([KEY])
@@ -69,7 +71,7 @@ def test_records_chain_and_merkle_root_match_an_independent_recomputation(closed
   records = list(segments.LogReader(closed_log))
   assert [r.seq for r in records] == list(range(STEPS + 2))
   assert records[0].prev == rec.GENESIS
-  assert all(b.prev == a.hash for a, b in zip(records, records[1:]))
+  assert all(b.prev == a.hash for a, b in zip(records, records[1:], strict=False))
   heads, _ = read_heads(closed_log)
   leaves = [merkle.leaf_hash(r.hash) for r in records]
   assert heads[-1].payload["root"] == merkle.root_from_leaf_hashes(leaves).hex()

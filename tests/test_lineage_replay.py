@@ -17,17 +17,18 @@ import orbax.checkpoint as ocp
 import pytest
 from click.testing import CliRunner
 
-import lineage_helpers as lh
 from aqgov.cli import main
 from aqgov.errors import CheckpointError, LineageError, ReplayDivergence
-from aqgov.lineage import _history as hist
-from aqgov.lineage import _segments as segments
-from aqgov.lineage import _record as rec
-from aqgov.lineage._checkpoint import Checkpoints
 from aqgov.examples.task import MLPTask
+from aqgov.lineage import _history as hist
+from aqgov.lineage import _record as rec
+from aqgov.lineage import _segments as segments
+from aqgov.lineage._checkpoint import Checkpoints
 from aqgov.lineage._replay import replay
 from aqgov.lineage._summary import params_sha256
 from aqgov.lineage._task import TrainState
+
+import lineage_helpers as lh
 
 
 @pytest.fixture(scope="module")

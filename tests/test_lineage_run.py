@@ -11,21 +11,22 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-import lineage_helpers as lh
 from aqgov.documents import _keys as keys
 from aqgov.documents import _signing as signing
-from aqgov.errors import CheckpointError, GovernanceEscalation, LineageError
 from aqgov.documents._keys import TrustStore
-from aqgov.lineage import _history as hist
-from aqgov.lineage import _segments as segments
-from aqgov.lineage._heads import LogHead
-from aqgov.lineage import _record as rec
-from aqgov.lineage._checkpoint import Checkpoints
+from aqgov.errors import CheckpointError, GovernanceEscalation, LineageError
 from aqgov.examples.task import MLPTask
+from aqgov.lineage import _history as hist
+from aqgov.lineage import _record as rec
+from aqgov.lineage import _segments as segments
+from aqgov.lineage._checkpoint import Checkpoints
+from aqgov.lineage._heads import LogHead
 from aqgov.lineage._query import describe, membership
 from aqgov.lineage._run import GovernedRun
 from aqgov.lineage._summary import params_sha256
 from aqgov.lineage._verify import verify_lineage
+
+import lineage_helpers as lh
 
 AUTHORITY = keys.generate("authority")
 

@@ -19,8 +19,8 @@ _run         `GovernedRun`: the run directory and the governed loop
 
 from aqgov.lineage._checkpoint import Checkpoints
 from aqgov.lineage._export import export_intoto, verify_envelope
-from aqgov.lineage._history import CheckpointRef, History, history
 from aqgov.lineage._heads import LogHead, read_heads
+from aqgov.lineage._history import CheckpointRef, History, history
 from aqgov.lineage._query import Membership, describe, membership
 from aqgov.lineage._replay import ReplayResult, replay
 from aqgov.lineage._run import GovernedRun, RunLayout

@@ -16,11 +16,10 @@ import base64
 import json
 import os
 from pathlib import Path
-from typing import Any
 
 from aqgov.documents import _signing as signing
+from aqgov.documents._keys import SigningKey, TrustStore, load_public_key
 from aqgov.errors import LineageError
-from aqgov.documents._keys import PublicKey, SigningKey, TrustStore, load_public_key
 from aqgov.lineage import _history as hist
 from aqgov.lineage._heads import read_heads
 from aqgov.lineage._segments import LogReader
@@ -104,8 +103,3 @@ def verify_envelope(env: dict, trust: TrustStore) -> dict:
   if not good:
     raise LineageError("no trusted key signed this envelope (or it was altered after signing)")
   return json.loads(payload)
-
-
-def public_key_for_dsse(key: PublicKey) -> dict[str, Any]:
-  """The key as DSSE/securesystemslib tooling describes it (keytype, scheme, hex public key)."""
-  return {"keyid": key.key_id, "keytype": "ed25519", "scheme": "ed25519", "keyval": {"public": key.raw.hex()}}

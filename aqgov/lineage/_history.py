@@ -12,11 +12,12 @@ Replay, queries and exports use only effective records (not inside any supersede
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import NamedTuple
 
-from aqgov.lineage import _scan as logscan
 from aqgov.lineage import _record as rec
+from aqgov.lineage import _scan as logscan
 
 
 class CheckpointRef(NamedTuple):
@@ -62,7 +63,7 @@ def checkpoint_ref(index: int, body: Mapping) -> CheckpointRef:
                        int(body["lineage_size"]), str(body["lineage_root"]))
 
 
-def load(lineage_dir) -> tuple[logscan.LogScan, History]:
+def load(lineage_dir: str | os.PathLike) -> tuple[logscan.LogScan, History]:
   """Scan a lineage directory (checking its chain) and compute its history."""
   scan = logscan.scan(lineage_dir, bodies=(rec.RUN_START, rec.CHECKPOINT, rec.RUN_RESUME, rec.RUN_END),
                   roots_before=(rec.CHECKPOINT,))

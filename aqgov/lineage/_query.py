@@ -13,9 +13,9 @@ from typing import NamedTuple
 
 from aqgov.errors import LineageError
 from aqgov.lineage import _history as hist
+from aqgov.lineage import _record as rec
 from aqgov.lineage._heads import read_heads
 from aqgov.lineage._segments import records
-from aqgov.lineage import _record as rec
 from aqgov.lineage._verify import lineage_dir
 
 

@@ -113,7 +113,7 @@ def frames(data: Buffer, path: Path, what: str, first_index: int, may_tear: bool
   index = first_index
   for k, chunk in enumerate(chunks):
     digests = futures[k].result() if futures is not None else _digests(view, chunk)
-    for off, digest in zip(chunk, digests):
+    for off, digest in zip(chunk, digests, strict=True):
       n = _LEN.unpack_from(view, off)[0]
       if digest != view[off + _LEN.size + n: off + _LEN.size + n + _DIGEST]:
         raise LineageError(f"{what} {index}: bytes do not match their frame digest ({path.name} at byte {off}); "

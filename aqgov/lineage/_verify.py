@@ -32,11 +32,11 @@ from typing import NamedTuple
 
 from aqgov.documents import _merkle as merkle
 from aqgov.documents import _signing as signing
-from aqgov.errors import LineageError, SignatureError
 from aqgov.documents._keys import TrustStore
+from aqgov.errors import LineageError, SignatureError
+from aqgov.lineage import _record as rec
 from aqgov.lineage import _scan as logscan
 from aqgov.lineage._heads import LogHead, read_heads
-from aqgov.lineage import _record as rec
 
 
 class VerifyReport(NamedTuple):
@@ -53,7 +53,7 @@ class VerifyReport(NamedTuple):
   torn_bytes: int
   checked: tuple[str, ...]
   unchecked: tuple[str, ...]
-  parent: "VerifyReport | None"
+  parent: VerifyReport | None
 
   @property
   def unsigned(self) -> int:

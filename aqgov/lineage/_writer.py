@@ -30,7 +30,14 @@ from aqgov.errors import LineageError, SignatureError
 from aqgov.lineage import _record as rec
 from aqgov.lineage._heads import HEAD_KIND, LogHead, head_payload, read_heads
 from aqgov.lineage._scan import LogScan, scan
-from aqgov.lineage._segments import HEADER, HEADS_MAGIC, SEGMENT_MAGIC, frame, segment_name, write_all
+from aqgov.lineage._segments import (
+  HEADER,
+  HEADS_MAGIC,
+  SEGMENT_MAGIC,
+  frame,
+  segment_name,
+  write_all,
+)
 from aqgov.lineage._summary import StepSummary
 
 FSYNC_POLICIES = ("always", "tree-head", "never")
@@ -145,7 +152,7 @@ class LineageWriter:
   @classmethod
   def create(cls, lineage_dir: str | os.PathLike, key: SigningKey, run_start: Mapping[str, Any], *,
              fsync: str = "tree-head", head_every: int = 1024, segment_bytes: int = 64 << 20,
-             queue_size: int = 64) -> "LineageWriter":
+             queue_size: int = 64) -> LineageWriter:
     """Start a new log in `lineage_dir` (which must hold none) with `run_start` as record 0."""
     d = Path(lineage_dir)
     if (d / "segments").exists() and any((d / "segments").iterdir()):
