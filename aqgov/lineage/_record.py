@@ -19,16 +19,21 @@ import hashlib
 import sys
 import time
 from collections.abc import Collection, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import msgpack
 import numpy as np
 
 from aqgov.documents import _canonical as canonical
-from aqgov.policy import _paths as paths
 from aqgov.errors import LineageError
-from aqgov.lineage._summary import StepSummary
+from aqgov.lineage._summary import PyTree, StepSummary
+from aqgov.policy import _paths as paths
+
+if TYPE_CHECKING:
+  from jax.typing import ArrayLike
+
+  from aqgov.entropy import Event
 
 VERSION = 1
 GENESIS = bytes(32)
@@ -94,7 +99,7 @@ def _split_envelope(data) -> tuple[dict, int, int] | None:
   return tail, start, end
 
 
-def decode_record(data, index: int, *, digest: bytes | None = None,
+def decode_record(data: bytes | memoryview, index: int, *, digest: bytes | None = None,
                   bodies: Collection[str] | None = None) -> Record:
   """The envelope of record bytes `data` expected at position `index` (fields checked, body kept raw).
 
@@ -137,7 +142,7 @@ def decode_body(body_bytes: bytes, index: int | None = None) -> dict:
 _LITTLE = sys.byteorder == "little"
 
 
-def array_to_wire(a: Any) -> dict:
+def array_to_wire(a: ArrayLike) -> dict:
   """`{"dtype", "shape", "data"}` with raw little-endian C-order bytes."""
   arr = np.asarray(a)
   dt = arr.dtype
@@ -184,7 +189,7 @@ def weights_from_wire(w: Mapping[str, Any], route_class: np.ndarray) -> np.ndarr
   return array_from_wire(w["full"])
 
 
-def to_host(tree: Any) -> Any:
+def to_host(tree: PyTree) -> PyTree:
   """`tree` with numpy leaves. Transfers from accelerators start together; CPU arrays are read
   in place (much cheaper than `jax.device_get`, which matters on the writer thread)."""
   leaves, treedef = jax.tree_util.tree_flatten(tree)
@@ -401,7 +406,7 @@ def event_body(*, step: int, events: Mapping[str, Any], time_s: float | None = N
   return {"step": int(step), "events": _plain(events), "time": time.time() if time_s is None else float(time_s)}
 
 
-def escalation_body(*, step: int, message: str, events: Any = (), checkpoint_step: int | None = None,
+def escalation_body(*, step: int, message: str, events: Sequence[Event] = (), checkpoint_step: int | None = None,
                     time_s: float | None = None) -> dict:
   """Body of an "escalation" record: training stopped for a human at `step`."""
   return {"step": int(step), "message": str(message), "events": _plain(events), "checkpoint_step": checkpoint_step,

@@ -48,7 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from aqgov.policy import _expressions as expressions
+from aqgov.policy import _conditions as expressions
 from aqgov.policy import _paths as paths
 from aqgov.errors import PolicyError
 from aqgov.policy._policy import UNCOVERED_GROUP, Policy, PolicySet, compose
