@@ -169,12 +169,12 @@ def test_an_escalation_is_checkpointed_recorded_and_resumable(tmp_path, data):
 
 
 def _policy(name: str, key: keys.SigningKey) -> signing.SignedDocument:
-  return signing.sign(signing.SignedDocument("routing-policy", {"name": name, "rules": []}), key)
+  return signing.add_signature(signing.SignedDocument("routing-policy", {"name": name, "rules": []}), key)
 
 
 def test_policies_and_manifests_named_at_start_are_copied_and_verified(tmp_path, data):
   d = tmp_path / "run"
-  manifest = signing.sign(signing.SignedDocument("credential-manifest", {"authority": "a", "entries": []}), AUTHORITY)
+  manifest = signing.add_signature(signing.SignedDocument("credential-manifest", {"authority": "a", "entries": []}), AUTHORITY)
   lh.make_run(d, data, 1, policies=[_policy("p", AUTHORITY)], manifests=[manifest], trust=[AUTHORITY.public])
   report = verify_lineage(d, lh.trust_of(d))
   assert len(report.checked) == 2 and not report.unchecked
@@ -202,7 +202,7 @@ def test_an_altered_or_missing_referenced_document_is_reported(tmp_path, data):
 def test_override_tokens_are_kept_verbatim_and_must_verify(tmp_path, data):
   d = tmp_path / "run"
   run = lh.make_run(d, data, 2, close=False, trust=[AUTHORITY.public])
-  token = signing.sign(signing.SignedDocument("override", {"steps": [3], "groups": ["head"], "reason": "r"}),
+  token = signing.add_signature(signing.SignedDocument("override", {"steps": [3], "groups": ["head"], "reason": "r"}),
                        AUTHORITY)
   run.record_override(token)
   run.close()

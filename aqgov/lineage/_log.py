@@ -43,15 +43,26 @@ from typing import Any, NamedTuple
 
 from aqgov.documents import _merkle as merkle
 from aqgov.documents import _signing as signing
+from aqgov.documents._document_type import DocumentType, register, sign, verify
 from aqgov.errors import LineageError, SignatureError
 from aqgov.documents._files import fsync_dir
-from aqgov.documents._keys import SigningKey, TrustStore
+from aqgov.documents._keys import RUN, PublicKey, SigningKey, TrustStore
 from aqgov.lineage import _record as rec
 from aqgov.lineage._summary import StepSummary
 
 SEGMENT_MAGIC = b"AQGOVLG1"
 HEADS_MAGIC = b"AQGOVHD1"
 HEAD_KIND = "lineage-tree-head"
+# Signed tree heads are the only documents a run key signs.
+HEAD: DocumentType[dict] = register(DocumentType(
+    name="lineage-head", kind=HEAD_KIND, noun="lineage tree head", to_payload=dict, from_payload=dict,
+    signer_roles=(RUN,), error=LineageError))
+
+
+def run_trust(key: PublicKey | SigningKey) -> TrustStore:
+  """A trust store holding only the run's key, in the run role (whatever its file records)."""
+  public = key.public if isinstance(key, SigningKey) else key
+  return TrustStore.of([public._replace(roles=(RUN,))])
 FSYNC_POLICIES = ("always", "tree-head", "never")
 MAX_FRAME = 1 << 28
 
@@ -423,8 +434,7 @@ class _Appender:
   def sign_head(self) -> signing.SignedDocument:
     if self.fsync != "never" and self._seg_fd is not None:
       os.fsync(self._seg_fd)
-    doc = signing.sign(signing.SignedDocument(HEAD_KIND, head_payload(self.run_id, self.head(), self.prev_head)),
-                       self.key)
+    doc = sign(HEAD, head_payload(self.run_id, self.head(), self.prev_head), self.key)
     _write_all(self._heads_fd, frame(doc.to_bytes()))
     if self.fsync != "never":
       os.fsync(self._heads_fd)
@@ -604,10 +614,10 @@ def open_for_resume(lineage_dir: str | os.PathLike, key: SigningKey, *, fsync: s
   heads, heads_torn = read_heads(d)
   sizes = [int(h.payload["size"]) for h in heads]
   log = scan(d, bodies=(rec.RUN_START, *bodies), roots_at=sizes, roots_before=(rec.CHECKPOINT,))
-  trust = TrustStore.of([key])
+  trust = run_trust(key)
   for k, h in enumerate(heads):
     try:
-      signing.verify(h, trust)
+      verify(HEAD, h, trust)
     except SignatureError as exc:
       raise LineageError(f"tree head {k} is not signed by this run's key: {exc}") from None
     size = sizes[k]
