@@ -14,7 +14,7 @@ import pytest
 import lineage_helpers as lh
 from aqgov.documents import _keys as keys
 from aqgov.documents import _signing as signing
-from aqgov.errors import CheckpointError, GovernanceEscalation, LineageError
+from aqgov.errors import CheckpointError, GovernanceEscalation, LineageError, SignatureError
 from aqgov.documents._keys import TrustStore
 from aqgov.lineage import _history as hist
 from aqgov.lineage import _log as log
@@ -266,3 +266,19 @@ def test_resume_with_no_recorded_checkpoint_on_disk_restarts_from_the_initial_st
   assert history.superseded == ((1, 5),) and [c.step for c in history.checkpoints] == [0, 3]
   old, new = [s for i, s in _steps(d) if not history.effective(i)], [s for i, s in _steps(d) if history.effective(i)]
   assert old == new == [1, 2, 3]
+
+
+def test_the_run_key_is_recorded_in_the_run_role_and_cannot_sign_documents(tmp_path, data):
+  from aqgov.documents._document_type import verify
+  from aqgov.policy._policy import POLICY, Policy
+  d = tmp_path / "run"
+  lh.make_run(d, data, 1, trust=[AUTHORITY.public])
+  run_pub = keys.load_public_key(d / "keys" / "run.pub")
+  assert run_pub.roles == ("run",)
+  policy = Policy("p", {"all": ["**"]}, default={"all": 1.0})
+  trust = keys.TrustStore.from_paths(sorted((d / "keys").glob("*.pub")))
+  with pytest.raises(SignatureError, match="only authority or governance keys"):
+    verify(POLICY, signing.add_signature(signing.SignedDocument("routing-policy", policy.to_dict()),
+                                         keys.load_signing_key(d / "keys" / "run.key")), trust)
+  assert verify(POLICY, signing.add_signature(signing.SignedDocument("routing-policy", policy.to_dict()), AUTHORITY),
+                trust) == policy

@@ -121,3 +121,22 @@ def test_pae_follows_dsse_v1():
 def test_garbage_bytes_are_not_a_signed_document():
   with pytest.raises(SignatureError, match="not a signed aqgov document"):
     SignedDocument.from_bytes(b"\x93\x01\x02\x03")
+
+
+def test_document_types_are_registered_by_name_and_kind():
+  from aqgov.documents import document_type
+  from aqgov.entropy import OVERRIDE, PROFILE
+  from aqgov.credentials import MANIFEST
+  from aqgov.policy import POLICY
+  for t in (POLICY, PROFILE, OVERRIDE, MANIFEST):
+    assert document_type(t.name) is t and document_type(t.kind) is t
+  assert "run" not in POLICY.signer_roles + PROFILE.signer_roles + OVERRIDE.signer_roles + MANIFEST.signer_roles
+  with pytest.raises(LookupError, match="registered"):
+    document_type("no-such-type")
+
+
+def test_a_trust_store_without_roles_treats_keys_as_authorities_except_the_run_key():
+  from aqgov.documents import generate
+  owner, run = generate("owner"), generate("run")
+  trust = keys.TrustStore.of([owner, run])
+  assert trust.roles(owner.key_id) == ("authority",) and trust.roles(run.key_id) == ("run",)
