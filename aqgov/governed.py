@@ -34,7 +34,8 @@ import optax
 
 from aqgov.credentials._admission import Admission
 from aqgov.policy._compile import CompiledPolicy, compile_policy
-from aqgov.credentials._manifest import Example, read_manifest
+from aqgov.credentials._manifest import MANIFEST, Example
+from aqgov.documents._document_type import DocumentType, read, verify
 from aqgov.entropy._enforce import check_escalation, enforce, enforce_state
 from aqgov.entropy._metrics import measure
 from aqgov.errors import GovernanceEscalation, NonFiniteError, OverrideError, PolicyError
@@ -43,9 +44,9 @@ from aqgov.documents._keys import TrustStore
 from aqgov.lineage._log import LogReader
 from aqgov.lineage._summary import StepSummary, summarize
 from aqgov.lineage._task import TrainState
-from aqgov.entropy._overrides import Override, read_override, verify_override
-from aqgov.policy._policy import read_signed_policy, verify_policy
-from aqgov.entropy._profile import EntropyProfile, read_signed_profile, verify_profile
+from aqgov.entropy._overrides import OVERRIDE, Override, admit_override
+from aqgov.policy._policy import POLICY
+from aqgov.entropy._profile import PROFILE, EntropyProfile
 from aqgov.routing._transforms import strict as strict_transform
 
 class GovernanceState(NamedTuple):
@@ -123,8 +124,8 @@ def governed_step(loss_fn: Callable, compiled: CompiledPolicy, optimizer: optax.
   return tx, step
 
 
-def _verified(paths: Sequence[Path], read, verify, trust: TrustStore) -> list:
-  return [verify(read(p), trust) for p in paths]
+def _verified(doc_type: DocumentType, paths: Sequence[Path], trust: TrustStore) -> list:
+  return [verify(doc_type, read(doc_type, p), trust) for p in paths]
 
 
 def run_overrides(run_dir: Path, trust: TrustStore) -> list[Override]:
@@ -139,8 +140,8 @@ def run_overrides(run_dir: Path, trust: TrustStore) -> list[Override]:
   recorded = {r.body["token_id"] for r in records if r.kind == "override"}
   out = []
   for path in paths:
-    token = read_override(path)
-    out.append(verify_override(token, trust, run_id, now=token.payload.get("issued") if token.id in recorded else None))
+    token = read(OVERRIDE, path)
+    out.append(admit_override(token, trust, run_id, now=token.payload.get("issued") if token.id in recorded else None))
   return out
 
 
@@ -165,15 +166,14 @@ class GovernedTask:
                overrides: Sequence[Any] = ()):
     run_dir = Path(run_dir)
     self.trust = TrustStore.from_paths(sorted((run_dir / "keys").glob("*.pub")))
-    policies = _verified(sorted((run_dir / "policies").glob("*.signed")), read_signed_policy, verify_policy, self.trust)
+    policies = _verified(POLICY, sorted((run_dir / "policies").glob("*.signed")), self.trust)
     if not policies:
       raise PolicyError(f"{run_dir / 'policies'} holds no signed policy; a governed run needs at least one")
-    profiles = _verified(sorted((run_dir / "profiles").glob("*.signed")), read_signed_profile, verify_profile,
-                         self.trust)
+    profiles = _verified(PROFILE, sorted((run_dir / "profiles").glob("*.signed")), self.trust)
     if len(profiles) > 1:
       raise PolicyError(f"{run_dir / 'profiles'} holds {len(profiles)} profiles; a run is bounded by one")
     self.profile = profiles[0] if profiles else None
-    manifests = [read_manifest(p) for p in sorted((run_dir / "manifests").glob("*.signed"))]
+    manifests = [read(MANIFEST, p) for p in sorted((run_dir / "manifests").glob("*.signed"))]
     self.admission = Admission(self.trust, manifests, on_reject="raise")
     self._init_params, self._make_inputs = init_params, make_inputs
     self.compiled = compile_policy(policies, jax.eval_shape(init_params), self.admission.label_space)

@@ -55,9 +55,9 @@ def _setup(quick: bool):
   params = tiny_lm.init(k_params, config)
   tokens = jax.random.randint(k_tokens, (batch_size, config.seq_len + 1), 1, tiny_lm.VOCAB)
   data = Path(str(resources.files("aqgov").joinpath("data")))
-  policy = aqgov.policy.read_policy(data / "policies" / "acme-routing.toml")
+  policy = aqgov.Policy.read(data / "policies" / "acme-routing.toml")
   compiled = aqgov.compile_policy(policy, params, None)
-  profile = aqgov.entropy.read_profile(data / "profiles" / "demo-profile.toml")
+  profile = aqgov.EntropyProfile.read(data / "profiles" / "demo-profile.toml")
   return config, params, tokens, compiled, profile
 
 

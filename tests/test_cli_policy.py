@@ -11,7 +11,8 @@ from click.testing import CliRunner
 
 from aqgov.cli import main
 from aqgov.policy._compile import compile_policy, param_shapes
-from aqgov.policy._policy import Policy, read_signed_policy, signers
+from aqgov.documents._document_type import read
+from aqgov.policy._policy import POLICY, Policy
 from aqgov.credentials._taxonomy import LabelSpace, Taxonomy
 from policy_reference import ACME_TOML, EU_TOML, POLICY_TOML
 
@@ -48,7 +49,7 @@ def test_sign_writes_a_signed_policy_that_verifies(workdir):
 def test_signing_a_signed_file_adds_a_signer(workdir):
   run("policy", "sign", workdir / "p.toml", "--key", workdir / "keys/alice.key", "--out", workdir / "p.signed")
   run("policy", "sign", workdir / "p.signed", "--key", workdir / "keys/bob.key", "--out", workdir / "p.signed")
-  assert signers(read_signed_policy(workdir / "p.signed")) == ("alice", "bob")
+  assert read(POLICY, workdir / "p.signed").signers == ("alice", "bob")
   out = run("policy", "verify", workdir / "p.signed", "--trust", workdir / "keys/alice.pub",
             "--trust", workdir / "keys/bob.pub", "--min-signers", "2")
   assert out.exit_code == 0 and "2 trusted, 2 required" in out.output
@@ -120,13 +121,13 @@ def test_explain_reports_an_ill_typed_condition(workdir):
 @pytest.mark.parametrize("name", sorted(SAMPLE_POLICIES))
 def test_sample_policies_compile_against_the_sample_model_and_taxonomies(name):
   space = LabelSpace.of([Taxonomy.from_toml(ACME_TOML), Taxonomy.from_toml(EU_TOML)])
-  compiled = compile_policy(Policy.from_toml(SAMPLE_POLICIES[name]), param_shapes(DATA / "params_shapes.json"), space)
+  compiled = compile_policy(Policy.read(SAMPLE_POLICIES[name]), param_shapes(DATA / "params_shapes.json"), space)
   assert compiled.group_names == ("embed", "core", "adapter", "head") and compiled.uncovered_leaves() == ()
 
 
 def test_eu_office_policy_is_restrictive_for_personal_data():
   space = LabelSpace.of([Taxonomy.from_toml(EU_TOML)])
-  compiled = compile_policy(Policy.from_toml(SAMPLE_POLICIES["eu-office"]), param_shapes(DATA / "params_shapes.json"),
+  compiled = compile_policy(Policy.read(SAMPLE_POLICIES["eu-office"]), param_shapes(DATA / "params_shapes.json"),
                             space)
   labels = space.encode([{"eu-office": {"lawful_basis": b, "personal_data": "yes"}} for b in
                          ("none", "consent", "contract")] + [{"eu-office": {"lawful_basis": "none", "personal_data": "no"}}, {}])

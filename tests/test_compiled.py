@@ -9,6 +9,7 @@ from typing import NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
 import numpy as np
 import pytest
 from flax import nnx
@@ -130,7 +131,7 @@ def test_composed_classes_enumerate_each_policys_class_with_uncredentialed_last(
 
 def test_uncovered_leaves_form_the_last_group_and_get_the_uncovered_weight():
   for uncovered in (0.0, 0.5):
-    compiled = compile_policy(POLICY._replace(uncovered=uncovered), PARAMS, SPACE)
+    compiled = compile_policy(dataclasses.replace(POLICY, uncovered=uncovered), PARAMS, SPACE)
     assert compiled.group_names[-1] == UNCOVERED_GROUP
     assert compiled.uncovered_leaves() == ("final_norm/scale",)
     col = compiled.leaf_paths.index("final_norm/scale")

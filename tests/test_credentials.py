@@ -17,7 +17,8 @@ from aqgov.documents import _merkle as merkle
 from aqgov.examples import sample as sample
 from aqgov.documents import _signing as signing
 from aqgov.cli import main
-from aqgov.credentials._manifest import Example, InclusionProof
+from aqgov.credentials._manifest import MANIFEST, Example, InclusionProof, Manifest, check_examples
+from aqgov.documents._document_type import read, verify, write
 from aqgov.errors import CredentialError
 from aqgov.credentials._taxonomy import Taxonomy
 
@@ -25,6 +26,14 @@ ACME = keys.SigningKey("acme-data", bytes(range(32)))
 EU = keys.SigningKey("eu-office", bytes(range(1, 33)))
 TAXONOMIES = sample.taxonomies()
 TRUST = keys.TrustStore.of([ACME, EU])
+
+
+def verified(manifest: Manifest, trust: keys.TrustStore, examples_to_check=None) -> tuple[str, ...]:
+  """Verify the manifest (and, given examples, their hashes); the names of its trusted signers."""
+  verify(MANIFEST, manifest.document, trust)
+  if examples_to_check is not None:
+    check_examples(manifest, examples_to_check)
+  return tuple(s.signer for s in manifest.document.signatures if s.key_id in trust)
 
 
 def acme_labels(i: int) -> dict:
@@ -55,7 +64,7 @@ def flip(data: bytes, pos: int, mask: int) -> bytes:
 
 def test_an_issued_manifest_verifies_with_its_examples():
   manifest = issue()
-  assert credentials.verify_manifest(manifest, TRUST, examples()) == ("acme-data",)
+  assert verified(manifest, TRUST, examples()) == ("acme-data",)
   assert manifest.size == 9 and manifest.authority == "acme-data"
   assert manifest.taxonomy == TAXONOMIES["acme-data"] and manifest.taxonomy_id == TAXONOMIES["acme-data"].id
 
@@ -78,18 +87,18 @@ def test_manifest_bytes_do_not_depend_on_example_order():
 
 
 def test_file_round_trip_preserves_the_manifest(tmp_path):
-  path = credentials.write_manifest(issue(), tmp_path / "sub" / "acme.manifest")
-  back = credentials.read_manifest(path)
+  path = write(MANIFEST, issue().document, tmp_path / "sub" / "acme.manifest")
+  back = Manifest(read(MANIFEST, path))
   assert back.to_bytes() == issue().to_bytes()
-  credentials.verify_manifest(back, TRUST, examples())
+  verified(back, TRUST, examples())
   assert os.listdir(path.parent) == ["acme.manifest"]
 
 
 def test_writing_replaces_an_existing_manifest_whole(tmp_path):
   path = tmp_path / "m.manifest"
-  credentials.write_manifest(issue(20), path)
-  credentials.write_manifest(issue(3), path)
-  assert credentials.read_manifest(path).size == 3
+  write(MANIFEST, issue(20).document, path)
+  write(MANIFEST, issue(3).document, path)
+  assert Manifest(read(MANIFEST, path)).size == 3
   assert os.listdir(tmp_path) == ["m.manifest"]
 
 
@@ -119,18 +128,18 @@ def test_labels_keyed_by_authority_pick_the_issuers_entry_and_skip_the_rest():
 
 def test_verify_refuses_an_untrusted_key():
   with pytest.raises(CredentialError, match="untrusted keys: acme-data"):
-    credentials.verify_manifest(issue(), keys.TrustStore.of([EU]))
+    verified(issue(), keys.TrustStore.of([EU]))
 
 
 def test_verify_refuses_a_trusted_key_of_another_authority():
   impostor = keys.SigningKey("eu-office", EU.seed)
-  doc = signing.sign(signing.SignedDocument(credentials.KIND, issue().document.payload), impostor)
+  doc = signing.add_signature(signing.SignedDocument(credentials.KIND, issue().document.payload), impostor)
   with pytest.raises(CredentialError, match="by none named 'acme-data'"):
-    credentials.verify_manifest(credentials.Manifest(doc), TRUST)
+    verified(credentials.Manifest(doc), TRUST)
 
 
 def resigned(payload: dict) -> credentials.Manifest:
-  return credentials.Manifest(signing.sign(signing.SignedDocument(credentials.KIND, payload), ACME))
+  return credentials.Manifest(signing.add_signature(signing.SignedDocument(credentials.KIND, payload), ACME))
 
 
 def resigned_with_entries(entries: list[dict]) -> credentials.Manifest:
@@ -142,40 +151,40 @@ def resigned_with_entries(entries: list[dict]) -> credentials.Manifest:
 def test_verify_names_a_duplicate_entry_even_when_properly_signed():
   entries = issue(3).document.payload["entries"]
   with pytest.raises(CredentialError, match="entry 'ex-1' appears twice"):
-    credentials.verify_manifest(resigned_with_entries(entries + [entries[1]]), TRUST)
+    verified(resigned_with_entries(entries + [entries[1]]), TRUST)
 
 
 def test_verify_names_an_entry_with_labels_the_taxonomy_refuses():
   entries = [dict(e) for e in issue(3).document.payload["entries"]]
   entries[2]["labels"] = dict(entries[2]["labels"], license_class="gpl")
   with pytest.raises(CredentialError, match="entry 'ex-2' has invalid labels.*'gpl'"):
-    credentials.verify_manifest(resigned_with_entries(entries), TRUST)
+    verified(resigned_with_entries(entries), TRUST)
 
 
 def test_verify_names_an_entry_with_a_malformed_hash():
   entries = [dict(e) for e in issue(3).document.payload["entries"]]
   entries[0]["sha256"] = "XYZ"
   with pytest.raises(CredentialError, match="entry 'ex-0' has a malformed sha256"):
-    credentials.verify_manifest(resigned_with_entries(entries), TRUST)
+    verified(resigned_with_entries(entries), TRUST)
 
 
 def test_verify_refuses_a_root_that_does_not_match_the_entries():
   payload = dict(issue(3).document.payload, root="00" * 32)
   with pytest.raises(CredentialError, match="Merkle root does not match"):
-    credentials.verify_manifest(resigned(payload), TRUST)
+    verified(resigned(payload), TRUST)
 
 
 def test_verify_names_an_example_whose_bytes_changed():
   changed = examples()
   changed[5] = changed[5]._replace(content=b"example text number 5, edited")
   with pytest.raises(CredentialError, match="entry 'ex-5' binds content sha256"):
-    credentials.verify_manifest(issue(), TRUST, changed)
+    verified(issue(), TRUST, changed)
 
 
 def test_verify_names_an_example_missing_from_the_manifest():
   extra = examples() + [Example("ex-new", b"new", acme_labels(0))]
   with pytest.raises(CredentialError, match="example 'ex-new' is missing"):
-    credentials.verify_manifest(issue(), TRUST, extra)
+    verified(issue(), TRUST, extra)
 
 
 @pytest.fixture(scope="module")
@@ -185,7 +194,7 @@ def manifest_bytes() -> bytes:
 
 def refused(data: bytes) -> bool:
   try:
-    credentials.verify_manifest(credentials.Manifest.from_bytes(data), TRUST)
+    verified(credentials.Manifest.from_bytes(data), TRUST)
   except CredentialError:
     return True
   return False
@@ -202,19 +211,19 @@ def test_every_single_bit_flip_of_a_manifest_file_fails_verification(tmp_path, m
   for pos in range(len(manifest_bytes)):
     path.write_bytes(flip(manifest_bytes, pos, 0x80 >> (pos % 8)))
     with pytest.raises(CredentialError):
-      credentials.verify_manifest(credentials.read_manifest(path), TRUST)
+      verify(MANIFEST, read(MANIFEST, path), TRUST)
 
 
 def test_truncated_or_foreign_files_are_refused(tmp_path, manifest_bytes):
   path = tmp_path / "m.manifest"
   path.write_bytes(manifest_bytes[:-7])
   with pytest.raises(CredentialError, match="m.manifest"):
-    credentials.read_manifest(path)
-  path.write_bytes(signing.sign(signing.SignedDocument("policy", {"a": 1}), ACME).to_bytes())
+    Manifest(read(MANIFEST, path))
+  path.write_bytes(signing.add_signature(signing.SignedDocument("policy", {"a": 1}), ACME).to_bytes())
   with pytest.raises(CredentialError, match="expected a signed 'credential-manifest'"):
-    credentials.read_manifest(path)
+    Manifest(read(MANIFEST, path))
   with pytest.raises(CredentialError, match="does not exist"):
-    credentials.read_manifest(tmp_path / "absent.manifest")
+    Manifest(read(MANIFEST, tmp_path / "absent.manifest"))
 
 
 # --- inclusion proofs -----------------------------------------------------------------------------
@@ -314,7 +323,7 @@ def test_cli_issue_skips_examples_without_the_authoritys_labels(authority_dir):
   result = cli("credentials", "issue", "--key", keydir / "eu-office.key", "--taxonomy",
                sample.taxonomy_path("eu-office"), "--examples", sample.examples_path(), "--out", out)
   assert result.exit_code == 0, result.output
-  size = credentials.read_manifest(out).size
+  size = Manifest(read(MANIFEST, out)).size
   assert f"{size} credential(s)" in result.output and f"skipped {240 - size} example(s)" in result.output
   result = cli("credentials", "verify", out, "--trust", keydir / "eu-office.pub", "--examples", sample.examples_path())
   assert result.exit_code == 0, result.output
@@ -362,7 +371,7 @@ def test_cli_issue_refuses_a_key_of_another_authority(authority_dir):
 
 
 def test_sample_paths_name_the_shipped_files():
-  eu = Taxonomy.from_toml(sample.taxonomy_path("eu-office"))
+  eu = Taxonomy.read(sample.taxonomy_path("eu-office"))
   assert [f.name for f in eu.fields] == ["lawful_basis", "personal_data"]
   assert sample.examples_path().name == "examples.jsonl" and sample.examples_path().is_file()
   with pytest.raises(ValueError, match="sample authorities"):

@@ -16,7 +16,8 @@ from aqgov.documents import _keys as keys
 from aqgov.entropy._enforce import check_escalation, decode_events, enforce, enforce_state
 from aqgov.errors import GovernanceEscalation, OverrideError, ProfileError
 from aqgov.routing._value_and_grad import routed_value_and_grad
-from aqgov.entropy._overrides import host_mask, issue_override, verify_override
+from aqgov.documents._document_type import sign
+from aqgov.entropy._overrides import OVERRIDE, Override, admit_override, host_mask
 from aqgov.entropy._profile import Bound, EntropyProfile, Representation
 
 import attention_models as am
@@ -239,11 +240,11 @@ def _token(key, **changes):
   fields = dict(run=RUN, steps="1-2", groups=["core"], metrics=["attention_entropy"], reason="known warm-up dip",
                 expires=LATER, issued=NOW)
   fields.update(changes)
-  return issue_override(key, **fields)
+  return sign(OVERRIDE, Override.create(**fields), key)
 
 
 def test_verified_override_names_run_steps_groups_metrics(authority):
-  o = verify_override(_token(authority), keys.TrustStore.of([authority]), RUN, now=NOW)
+  o = admit_override(_token(authority), keys.TrustStore.of([authority]), RUN, now=NOW)
   assert (o.run, o.steps, o.groups, o.metrics, o.signers) == (
       RUN, ((1, 3),), ("core",), ("attention_entropy",), ("safety-officer",))
   assert o.covers(2, "core", "attention_entropy") and not o.covers(3, "core", "attention_entropy")
@@ -253,22 +254,22 @@ def test_forged_override_is_refused(authority):
   token = _token(authority)
   forged = token._replace(payload=dict(token.payload, groups=["core", "head"]))
   with pytest.raises(OverrideError, match="does not verify"):
-    verify_override(forged, keys.TrustStore.of([authority]), RUN, now=NOW)
+    admit_override(forged, keys.TrustStore.of([authority]), RUN, now=NOW)
 
 
 def test_untrusted_override_is_refused(authority):
   with pytest.raises(OverrideError, match="trusted"):
-    verify_override(_token(keys.generate("intern")), keys.TrustStore.of([authority]), RUN, now=NOW)
+    admit_override(_token(keys.generate("intern")), keys.TrustStore.of([authority]), RUN, now=NOW)
 
 
 def test_expired_override_is_refused(authority):
   with pytest.raises(OverrideError, match="expired"):
-    verify_override(_token(authority), keys.TrustStore.of([authority]), RUN, now="2026-03-03T00:00:00Z")
+    admit_override(_token(authority), keys.TrustStore.of([authority]), RUN, now="2026-03-03T00:00:00Z")
 
 
 def test_override_for_another_run_is_refused(authority):
   with pytest.raises(OverrideError, match="run-7"):
-    verify_override(_token(authority), keys.TrustStore.of([authority]), "run-8", now=NOW)
+    admit_override(_token(authority), keys.TrustStore.of([authority]), "run-8", now=NOW)
 
 
 def test_enforce_verifies_raw_tokens_and_refuses_without_trust(authority):
@@ -295,7 +296,7 @@ def test_override_admits_only_the_steps_groups_and_metrics_it_names(authority):
 
 
 def test_a_per_step_host_mask_admits_like_a_built_in_override(authority):
-  override = verify_override(_token(authority), keys.TrustStore.of([authority]), RUN, now=NOW)
+  override = admit_override(_token(authority), keys.TrustStore.of([authority]), RUN, now=NOW)
   profile = _profile(Bound(group="core", metric="attention_entropy", low=0.3, action="pause"))
   tx = enforce(profile, _compiled(), optax.sgd(1.0))
   state = tx.init(_params())
@@ -410,7 +411,7 @@ def test_escalate_stops_then_resumes_under_an_override_linen(authority):
 
   # Resume: the same state, the same step, now admitted by a signed override for step k only.
   token = _token(authority, steps=str(k), expires="2999-01-01T00:00:00Z")
-  override = verify_override(token, keys.TrustStore.of([authority]), RUN)
+  override = admit_override(token, keys.TrustStore.of([authority]), RUN)
   compiled, trace = _collapse_run("linen", profile, steps=2, overrides=[override], state=exc.state,
                                   params=params_before, stop_on_escalation=False)
   resumed, after = trace[0][1], trace[1][1]

@@ -11,15 +11,16 @@ import pytest
 
 from aqgov.examples import sample as sample
 from aqgov.examples import tiny_lm as tiny_lm
-from aqgov.credentials._manifest import Example, issue_manifest, write_manifest
+from aqgov.credentials._manifest import MANIFEST, Example, issue_manifest
+from aqgov.documents._document_type import sign, write
 from aqgov.governed import GovernedTask
 from aqgov.documents._keys import public_key_json
 from aqgov.examples.demo import create_authorities
 from aqgov.errors import AdmissionError, GovernanceEscalation, NonFiniteError
 from aqgov.lineage import GovernedRun, verify_lineage
 from aqgov.documents._keys import TrustStore
-from aqgov.entropy._overrides import issue_override, write_override
-from aqgov.entropy._profile import EntropyProfile, sign_profile, write_signed_profile
+from aqgov.entropy._overrides import OVERRIDE, Override
+from aqgov.entropy._profile import PROFILE, EntropyProfile
 
 SMALL = {"seq_len": 16, "d_model": 16, "num_heads": 4, "num_blocks": 1, "adapter_dim": 4, "seed": 0}
 ESCALATING_PROFILE = """
@@ -72,8 +73,8 @@ def test_each_step_reports_the_policy_weights_and_is_numbered_from_one(tmp_path,
 
 def test_an_escalation_stops_before_the_update_and_an_override_in_the_run_directory_resumes(tmp_path, authorities):
   acme = authorities.keys["acme-data"]
-  profile = write_signed_profile(sign_profile(EntropyProfile.from_toml(ESCALATING_PROFILE), acme),
-                                 tmp_path / "stop.signed")
+  profile = write(PROFILE, sign(PROFILE, EntropyProfile.from_toml(ESCALATING_PROFILE), acme),
+                  tmp_path / "stop.signed")
   run = start(tmp_path, authorities, profile)
   run_id, before = run.run_id, jax.device_get(run.state.params)
   examples = sample.examples()[:8]
@@ -84,9 +85,9 @@ def test_an_escalation_stops_before_the_update_and_an_override_in_the_run_direct
   run.abandon()
 
   expires = dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=1)
-  token = issue_override(acme, run=run_id, steps="1", groups="adapter", metrics="effective_rank",
-                         reason="adapter rank bound is a test threshold", expires=expires)
-  write_override(token, tmp_path / "run" / "overrides" / "step1.override")
+  token = sign(OVERRIDE, Override.create(run=run_id, steps="1", groups="adapter", metrics="effective_rank",
+                                        reason="adapter rank bound is a test threshold", expires=expires), acme)
+  write(OVERRIDE, token, tmp_path / "run" / "overrides" / "step1.override")
   resumed = GovernedRun.resume(tmp_path / "run")
   resumed.record_override(token, step=1)
   assert int(jax.device_get(resumed.step(examples).step)) == 1
@@ -112,8 +113,9 @@ def test_a_nan_gradient_is_never_applied_and_the_step_says_which_groups(tmp_path
   examples = [Example("ok-0", b"Plain text that trains.", None), Example("bad-0", b"!Text that poisons.", None)]
   labels = {"license_class": "public-domain", "sensitivity_tier": 0, "jurisdictions": ["US"], "source": "web"}
   run_dir = tmp_path / "run"
-  write_manifest(issue_manifest(acme, sample.taxonomies()["acme-data"], [e._replace(labels=labels) for e in examples]),
-                 run_dir / "manifests" / "acme.signed")
+  write(MANIFEST, issue_manifest(acme, sample.taxonomies()["acme-data"],
+                                 [e._replace(labels=labels) for e in examples]).document,
+        run_dir / "manifests" / "acme.signed")
   (run_dir / "policies").mkdir()
   shutil.copy(authorities.policies[0], run_dir / "policies")  # acme-routing: acme-data's fields only
   (run_dir / "keys").mkdir()

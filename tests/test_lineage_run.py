@@ -14,7 +14,7 @@ import pytest
 from aqgov.documents import _keys as keys
 from aqgov.documents import _signing as signing
 from aqgov.documents._keys import TrustStore
-from aqgov.errors import CheckpointError, GovernanceEscalation, LineageError
+from aqgov.errors import CheckpointError, GovernanceEscalation, LineageError, SignatureError
 from aqgov.examples.task import MLPTask
 from aqgov.lineage import _history as hist
 from aqgov.lineage import _record as rec
@@ -171,12 +171,12 @@ def test_an_escalation_is_checkpointed_recorded_and_resumable(tmp_path, data):
 
 
 def _policy(name: str, key: keys.SigningKey) -> signing.SignedDocument:
-  return signing.sign(signing.SignedDocument("routing-policy", {"name": name, "rules": []}), key)
+  return signing.add_signature(signing.SignedDocument("routing-policy", {"name": name, "rules": []}), key)
 
 
 def test_policies_and_manifests_named_at_start_are_copied_and_verified(tmp_path, data):
   d = tmp_path / "run"
-  manifest = signing.sign(signing.SignedDocument("credential-manifest", {"authority": "a", "entries": []}), AUTHORITY)
+  manifest = signing.add_signature(signing.SignedDocument("credential-manifest", {"authority": "a", "entries": []}), AUTHORITY)
   lh.make_run(d, data, 1, policies=[_policy("p", AUTHORITY)], manifests=[manifest], trust=[AUTHORITY.public])
   report = verify_lineage(d, lh.trust_of(d))
   assert len(report.checked) == 2 and not report.unchecked
@@ -204,7 +204,7 @@ def test_an_altered_or_missing_referenced_document_is_reported(tmp_path, data):
 def test_override_tokens_are_kept_verbatim_and_must_verify(tmp_path, data):
   d = tmp_path / "run"
   run = lh.make_run(d, data, 2, close=False, trust=[AUTHORITY.public])
-  token = signing.sign(signing.SignedDocument("override", {"steps": [3], "groups": ["head"], "reason": "r"}),
+  token = signing.add_signature(signing.SignedDocument("override", {"steps": [3], "groups": ["head"], "reason": "r"}),
                        AUTHORITY)
   run.record_override(token)
   run.close()
@@ -268,3 +268,19 @@ def test_resume_with_no_recorded_checkpoint_on_disk_restarts_from_the_initial_st
   assert history.superseded == ((1, 5),) and [c.step for c in history.checkpoints] == [0, 3]
   old, new = [s for i, s in _steps(d) if not history.effective(i)], [s for i, s in _steps(d) if history.effective(i)]
   assert old == new == [1, 2, 3]
+
+
+def test_the_run_key_is_recorded_in_the_run_role_and_cannot_sign_documents(tmp_path, data):
+  from aqgov.documents._document_type import verify
+  from aqgov.policy._policy import POLICY, Policy
+  d = tmp_path / "run"
+  lh.make_run(d, data, 1, trust=[AUTHORITY.public])
+  run_pub = keys.load_public_key(d / "keys" / "run.pub")
+  assert run_pub.roles == ("run",)
+  policy = Policy("p", {"all": ["**"]}, default={"all": 1.0})
+  trust = keys.TrustStore.from_paths(sorted((d / "keys").glob("*.pub")))
+  with pytest.raises(SignatureError, match="only authority or governance keys"):
+    verify(POLICY, signing.add_signature(signing.SignedDocument("routing-policy", policy.to_dict()),
+                                         keys.load_signing_key(d / "keys" / "run.key")), trust)
+  assert verify(POLICY, signing.add_signature(signing.SignedDocument("routing-policy", policy.to_dict()), AUTHORITY),
+                trust) == policy

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 
@@ -14,17 +15,13 @@ from aqgov.documents import _keys as keys
 from aqgov.policy._compile import compile_policy
 from aqgov.errors import AqgovError, PolicyError, SignatureError
 from aqgov.documents._keys import TrustStore
+from aqgov.documents._document_type import load, read, sign, verify, write
 from aqgov.policy._policy import (
+    POLICY,
     Policy,
     PolicySet,
     Rule,
     compose,
-    read_policy,
-    read_signed_policy,
-    sign_policy,
-    signers,
-    verify_policy,
-    write_signed_policy,
 )
 from aqgov.documents._signing import SignedDocument
 from policy_reference import GROUPS, POLICY_TOML, SPACE, batches, leaf_weight, policies
@@ -86,7 +83,7 @@ def test_the_id_depends_on_rule_order_and_group_order():
 
 def test_the_id_changes_with_any_weight():
   p = python_policy()
-  assert p._replace(default={"embed": 1.0, "core": 0.5, "head": 1.0}).id != p.id
+  assert dataclasses.replace(p, default={"embed": 1.0, "core": 0.5, "head": 1.0}).id != p.id
 
 
 @given(policies())
@@ -148,63 +145,72 @@ def test_invalid_policies_raise_policy_errors_saying_where_and_what_to_do(kwargs
     ("name = 'p'\n[groups]\ncore = ['x/**']\n[[rules]]\nwhen = 'true'\nroutes = {}", "unknown key"),
     ("name = 'p'\n[groups]\ncore = ['x/**']\n[default]\nroute = {}\nweight = 1", "only 'route"),
     ("name = 'p'\n[groups\n", "not valid TOML"),
-    ("no/such/policy.toml", "does not exist"),
 ])
 def test_invalid_toml_raises_policy_errors(text, message):
   with pytest.raises(PolicyError, match=message):
     Policy.from_toml(text)
 
 
-def test_from_toml_reads_a_path(tmp_path):
+def test_read_reads_a_path(tmp_path):
   path = tmp_path / "p.toml"
   path.write_text(POLICY_TOML)
-  assert Policy.from_toml(path) == Policy.from_toml(str(path)) == python_policy()
+  assert Policy.read(path) == Policy.read(str(path)) == python_policy()
+
+
+def test_a_missing_policy_file_is_a_policy_error_saying_so():
+  with pytest.raises(PolicyError, match="does not exist"):
+    Policy.read("no/such/policy.toml")
+
+
+def test_from_toml_takes_only_text(tmp_path):
+  with pytest.raises(PolicyError, match="Policy.read"):
+    Policy.from_toml(tmp_path / "p.toml")
 
 
 # -- signing and files -----------------------------------------------------------------------------
 
 
 def test_signed_policy_verifies_to_the_same_policy():
-  signed = sign_policy(python_policy(), ALICE)
+  signed = sign(POLICY, python_policy(), ALICE)
   assert signed.kind == "routing-policy" and signed.id == python_policy().id
-  assert verify_policy(signed, TrustStore.of([ALICE])) == python_policy()
+  assert verify(POLICY, signed, TrustStore.of([ALICE])) == python_policy()
 
 
 def test_an_untrusted_signer_is_refused():
-  signed = sign_policy(python_policy(), ALICE)
+  signed = sign(POLICY, python_policy(), ALICE)
   with pytest.raises(SignatureError, match="untrusted"):
-    verify_policy(signed, TrustStore.of([BOB]))
+    verify(POLICY, signed, TrustStore.of([BOB]))
 
 
 def test_an_unsigned_policy_is_refused():
   with pytest.raises(SignatureError, match="no signature"):
-    verify_policy(SignedDocument("routing-policy", python_policy().to_dict()), TrustStore.of([ALICE]))
+    verify(POLICY, SignedDocument("routing-policy", python_policy().to_dict()), TrustStore.of([ALICE]))
 
 
 def test_re_signing_adds_a_signer_and_min_signers_counts_them():
-  once = sign_policy(python_policy(), ALICE)
-  twice = sign_policy(once, BOB)
-  assert signers(twice) == ("alice", "bob") and twice.id == once.id
-  verify_policy(twice, TrustStore.of([ALICE, BOB]), min_signers=2)
+  once = sign(POLICY, python_policy(), ALICE)
+  twice = sign(POLICY, once, BOB)
+  assert twice.signers == ("alice", "bob") and twice.id == once.id
+  verify(POLICY, twice, TrustStore.of([ALICE, BOB]), min_signers=2)
   with pytest.raises(SignatureError, match="needs 2"):
-    verify_policy(once, TrustStore.of([ALICE, BOB]), min_signers=2)
-  assert signers(sign_policy(twice, ALICE)) == ("bob", "alice")
+    verify(POLICY, once, TrustStore.of([ALICE, BOB]), min_signers=2)
+  assert sign(POLICY, twice, ALICE).signers == ("bob", "alice")
 
 
 def test_a_signed_payload_that_is_not_in_normal_form_is_refused():
   payload = python_policy().to_dict()
   payload["rules"][0]["when"] = "license_class=='unknown'"
   with pytest.raises(PolicyError, match="normal form"):
-    verify_policy(sign_policy(SignedDocument("routing-policy", payload), ALICE), TrustStore.of([ALICE]))
+    verify(POLICY, sign(POLICY, SignedDocument("routing-policy", payload), ALICE), TrustStore.of([ALICE]))
 
 
 def test_a_signed_document_of_another_kind_is_not_a_policy():
   other = SignedDocument("entropy-profile", python_policy().to_dict())
   with pytest.raises(PolicyError):
-    verify_policy(other, TrustStore.of([ALICE]))
+    verify(POLICY, other, TrustStore.of([ALICE]))
 
 
-SIGNED_BYTES = sign_policy(python_policy(), ALICE).to_bytes()
+SIGNED_BYTES = sign(POLICY, python_policy(), ALICE).to_bytes()
 
 
 @settings(max_examples=60)
@@ -213,28 +219,28 @@ def test_any_flipped_byte_of_a_signed_policy_fails_verification(index, flip):
   data = bytearray(SIGNED_BYTES)
   data[index] ^= flip
   with pytest.raises(AqgovError):
-    verify_policy(SignedDocument.from_bytes(bytes(data), kind="routing-policy"), TrustStore.of([ALICE]))
+    verify(POLICY, SignedDocument.from_bytes(bytes(data), kind="routing-policy"), TrustStore.of([ALICE]))
 
 
 def test_signed_policy_files_round_trip_and_leave_no_temporary_files(tmp_path):
   path = tmp_path / "sub" / "p.signed"
-  write_signed_policy(sign_policy(python_policy(), ALICE), path)
+  write(POLICY, sign(POLICY, python_policy(), ALICE), path)
   assert os.listdir(path.parent) == ["p.signed"]
-  assert verify_policy(read_signed_policy(path), TrustStore.of([ALICE])) == python_policy()
+  assert verify(POLICY, read(POLICY, path), TrustStore.of([ALICE])) == python_policy()
 
 
 def test_read_policy_reads_toml_and_signed_files_to_the_same_policy(tmp_path):
   (tmp_path / "p.toml").write_text(POLICY_TOML)
-  write_signed_policy(sign_policy(python_policy(), ALICE), tmp_path / "p.signed")
-  assert read_policy(tmp_path / "p.toml").id == read_policy(tmp_path / "p.signed").id == python_policy().id
+  write(POLICY, sign(POLICY, python_policy(), ALICE), tmp_path / "p.signed")
+  assert load(POLICY, tmp_path / "p.toml").id == load(POLICY, tmp_path / "p.signed").id == python_policy().id
 
 
 def test_reading_garbage_as_a_policy_raises_a_policy_error(tmp_path):
   (tmp_path / "junk").write_bytes(b"\x93\xff\x00")
   with pytest.raises(PolicyError):
-    read_policy(tmp_path / "junk")
+    load(POLICY, tmp_path / "junk")
   with pytest.raises(PolicyError):
-    read_policy(tmp_path / "missing")
+    load(POLICY, tmp_path / "missing")
 
 
 # -- composition -----------------------------------------------------------------------------------
@@ -296,7 +302,7 @@ def test_an_example_no_rule_matches_takes_the_default_route():
 
 
 def test_the_default_route_defaults_to_excluded_everywhere():
-  (w,) = weights_of(python_policy()._replace(default={}), [acme()])
+  (w,) = weights_of(dataclasses.replace(python_policy(), default={}), [acme()])
   assert set(w.values()) == {0.0}
 
 
@@ -306,5 +312,26 @@ def test_uncredentialed_examples_are_excluded_everywhere_by_default():
 
 
 def test_uncredentialed_examples_take_the_uncredentialed_route_when_given():
-  (w,) = weights_of(python_policy()._replace(uncredentialed={"adapter": 0.25}), [None])
+  (w,) = weights_of(dataclasses.replace(python_policy(), uncredentialed={"adapter": 0.25}), [None])
   assert w == {"embed": 0.0, "core": 0.0, "adapter": 0.25, "head": 0.0}
+
+
+# -- signer roles ----------------------------------------------------------------------------------
+
+
+def test_a_run_key_never_verifies_as_a_policy_signer():
+  for run_key in (keys.generate("run"), keys.generate("trainer", roles=("run",))):
+    with pytest.raises(SignatureError, match="only authority or governance keys"):
+      verify(POLICY, sign(POLICY, python_policy(), run_key), TrustStore.of([run_key]))
+
+
+def test_a_governance_key_may_sign_a_policy():
+  steward = keys.generate("steward", roles=("governance",))
+  assert verify(POLICY, sign(POLICY, python_policy(), steward), TrustStore.of([steward])) == python_policy()
+
+
+def test_roles_are_kept_in_key_files(tmp_path):
+  _, pub = keys.write_keypair(keys.generate("runner", roles=("run",)), tmp_path)
+  assert keys.load_public_key(pub).roles == ("run",)
+  assert keys.load_signing_key(tmp_path / "runner.key").roles == ("run",)
+  assert TrustStore.from_paths([pub]).roles(keys.load_public_key(pub).key_id) == ("run",)

@@ -10,16 +10,13 @@ import pytest
 from aqgov.documents import _canonical as canonical
 from aqgov.documents import _keys as keys
 from aqgov.errors import ProfileError, SignatureError
+from aqgov.documents._document_type import load, read, sign, verify, write
+from aqgov.documents._files import atomic_write
 from aqgov.entropy._profile import (
+    PROFILE,
     Bound,
     EntropyProfile,
     Representation,
-    read_profile,
-    read_signed_profile,
-    sign_profile,
-    verify_profile,
-    write_profile,
-    write_signed_profile,
 )
 from aqgov.documents._signing import SignedDocument
 
@@ -122,51 +119,56 @@ def test_reroute_defaults_are_explicit_in_the_canonical_form():
 
 
 def test_signed_profile_verifies_and_yields_the_profile(authority):
-  signed = sign_profile(python_form(), authority)
+  signed = sign(PROFILE, python_form(), authority)
   assert signed.kind == "entropy-profile" and signed.id == python_form().id
-  assert verify_profile(signed, keys.TrustStore.of([authority])) == python_form()
+  assert verify(PROFILE, signed, keys.TrustStore.of([authority])) == python_form()
 
 
 def test_tampered_profile_fails_verification(authority):
-  signed = sign_profile(python_form(), authority)
+  signed = sign(PROFILE, python_form(), authority)
   payload = dict(signed.payload)
   payload["bounds"] = [dict(b, low=0.0) if b["low"] is not None else b for b in payload["bounds"]]
   with pytest.raises(SignatureError, match="does not verify"):
-    verify_profile(signed._replace(payload=payload), keys.TrustStore.of([authority]))
+    verify(PROFILE, signed._replace(payload=payload), keys.TrustStore.of([authority]))
 
 
 def test_untrusted_or_unsigned_profile_fails_verification(authority):
   stranger = keys.generate("stranger")
   with pytest.raises(SignatureError, match="trusted"):
-    verify_profile(sign_profile(python_form(), stranger), keys.TrustStore.of([authority]))
+    verify(PROFILE, sign(PROFILE, python_form(), stranger), keys.TrustStore.of([authority]))
   with pytest.raises(SignatureError, match="no signature"):
-    verify_profile(python_form().to_document(), keys.TrustStore.of([authority]))
+    verify(PROFILE, SignedDocument("entropy-profile", python_form().to_dict()), keys.TrustStore.of([authority]))
 
 
 def test_signed_profile_survives_a_file_round_trip(tmp_path, authority):
-  path = write_signed_profile(sign_profile(python_form(), authority), tmp_path / "lab.profile")
-  assert verify_profile(read_signed_profile(path), keys.TrustStore.of([authority])) == python_form()
-  assert read_profile(path) == python_form()
+  path = write(PROFILE, sign(PROFILE, python_form(), authority), tmp_path / "lab.profile")
+  assert verify(PROFILE, read(PROFILE, path), keys.TrustStore.of([authority])) == python_form()
+  assert load(PROFILE, path) == python_form()
   assert [p.name for p in tmp_path.iterdir()] == ["lab.profile"]
 
 
 def test_toml_file_round_trip(tmp_path):
-  path = write_profile(python_form(), tmp_path / "lab.toml")
-  assert read_profile(path) == python_form()
+  path = atomic_write(tmp_path / "lab.toml", python_form().to_toml().encode())
+  assert EntropyProfile.read(path) == load(PROFILE, path) == python_form()
+
+
+def test_a_missing_profile_file_is_a_profile_error_saying_so(tmp_path):
+  with pytest.raises(ProfileError, match="does not exist"):
+    EntropyProfile.read(tmp_path / "absent.toml")
 
 
 def test_a_signed_document_of_another_kind_is_not_a_profile(tmp_path, authority):
   from aqgov.documents import _signing as signing
-  other = signing.sign(SignedDocument("routing-policy", {"name": "x"}), authority)
+  other = signing.add_signature(SignedDocument("routing-policy", {"name": "x"}), authority)
   path = tmp_path / "policy.signed"
   path.write_bytes(other.to_bytes())
   with pytest.raises(SignatureError, match="entropy-profile"):
-    read_signed_profile(path)
+    read(PROFILE, path)
 
 
 def test_sample_demo_profile_loads():
   path = Path(str(resources.files("aqgov").joinpath("data", "profiles", "demo-profile.toml")))
-  profile = read_profile(path)
+  profile = EntropyProfile.read(path)
   assert set(profile.groups) == {"embed", "core", "adapter", "head"}
   assert profile.heads("core") == 4
 
@@ -265,7 +267,7 @@ def test_cli_signs_verifies_and_identifies_a_profile(tmp_path, keypair):
 
 def test_cli_refuses_a_tampered_signed_profile(tmp_path, keypair):
   key_path, pub_path = keypair
-  doc = sign_profile(python_form(), keys.load_signing_key(key_path))
+  doc = sign(PROFILE, python_form(), keys.load_signing_key(key_path))
   tampered = doc._replace(payload=dict(doc.payload, name="other"))
   path = tmp_path / "bad.profile"
   path.write_bytes(tampered.to_bytes())
@@ -274,14 +276,14 @@ def test_cli_refuses_a_tampered_signed_profile(tmp_path, keypair):
 
 
 def test_cli_issues_an_override_that_verifies_for_its_run_only(tmp_path, keypair):
-  from aqgov.entropy._overrides import read_override, verify_override
+  from aqgov.entropy._overrides import OVERRIDE, admit_override
   key_path, pub_path = keypair
   out = tmp_path / "t.override"
   result = _cli("override", "issue", "--key", key_path, "--run", "RUN1", "--steps", "10-20", "--groups", "core",
                 "--metrics", "attention_entropy", "--reason", "warm-up dip", "--expires", "2999-01-01T00:00:00Z",
                 "--out", out)
   assert result.exit_code == 0, result.output
-  o = verify_override(read_override(out), keys.TrustStore.from_paths([pub_path]), "RUN1")
+  o = admit_override(read(OVERRIDE, out), keys.TrustStore.from_paths([pub_path]), "RUN1")
   assert o.steps == ((10, 21),) and o.groups == ("core",) and o.metrics == ("attention_entropy",)
   assert _cli("override", "verify", out, "--trust", pub_path, "--run", "RUN1").exit_code == 0
   refused = _cli("override", "verify", out, "--trust", pub_path, "--run", "RUN2")

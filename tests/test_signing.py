@@ -25,13 +25,13 @@ payloads = st.dictionaries(
 def signed(payload, *signers, kind="policy") -> SignedDocument:
   doc = SignedDocument(kind, payload)
   for key in signers:
-    doc = signing.sign(doc, key)
+    doc = signing.add_signature(doc, key)
   return doc
 
 
 def fails_verification(data: bytes, kind: str, trust=TRUST) -> bool:
   try:
-    signing.verify(SignedDocument.from_bytes(data, kind=kind), trust)
+    signing.verify_signatures(SignedDocument.from_bytes(data, kind=kind), trust)
   except SignatureError:
     return True
   return False
@@ -42,7 +42,7 @@ def test_a_signed_document_round_trips_through_bytes_and_verifies(payload):
   doc = signed(payload, OWNER)
   back = SignedDocument.from_bytes(doc.to_bytes(), kind="policy")
   assert back == doc
-  assert signing.verify(back, TRUST) == ("owner",)
+  assert signing.verify_signatures(back, TRUST) == ("owner",)
 
 
 @given(payloads, st.data())
@@ -65,25 +65,25 @@ def test_every_single_byte_flip_of_one_document_fails_verification():
 def test_a_changed_payload_value_fails_verification():
   doc = signed({"weight": 1}, OWNER)
   with pytest.raises(SignatureError, match="does not verify"):
-    signing.verify(doc._replace(payload={"weight": 0}), TRUST)
+    signing.verify_signatures(doc._replace(payload={"weight": 0}), TRUST)
 
 
 def test_an_untrusted_key_is_refused():
   doc = signed({"a": 1}, STRANGER)
   with pytest.raises(SignatureError, match="untrusted keys: stranger"):
-    signing.verify(doc, TRUST)
+    signing.verify_signatures(doc, TRUST)
 
 
 def test_an_unsigned_document_is_refused():
   with pytest.raises(SignatureError, match="carries no signature"):
-    signing.verify(SignedDocument("policy", {"a": 1}), TRUST)
+    signing.verify_signatures(SignedDocument("policy", {"a": 1}), TRUST)
 
 
 def test_a_signature_for_one_kind_never_verifies_as_another():
   policy = signed({"a": 1}, OWNER, kind="policy")
   as_profile = SignedDocument("entropy-profile", policy.payload, policy.signatures)
   with pytest.raises(SignatureError, match="does not verify"):
-    signing.verify(as_profile, TRUST)
+    signing.verify_signatures(as_profile, TRUST)
 
 
 def test_reading_bytes_of_the_wrong_kind_is_refused():
@@ -96,20 +96,20 @@ def test_a_renamed_signer_is_refused():
   doc = signed({"a": 1}, OWNER)
   renamed = doc._replace(signatures=(doc.signatures[0]._replace(signer="auditor"),))
   with pytest.raises(SignatureError, match="names signer 'auditor'"):
-    signing.verify(renamed, TRUST)
+    signing.verify_signatures(renamed, TRUST)
 
 
 def test_min_signers_counts_only_trusted_valid_signatures():
   doc = signed({"a": 1}, OWNER, STRANGER)
-  assert signing.verify(doc, TRUST) == ("owner",)
+  assert signing.verify_signatures(doc, TRUST) == ("owner",)
   with pytest.raises(SignatureError, match="needs 2"):
-    signing.verify(doc, TRUST, min_signers=2)
-  assert sorted(signing.verify(signing.sign(doc, AUDITOR), TRUST, min_signers=2)) == ["auditor", "owner"]
+    signing.verify_signatures(doc, TRUST, min_signers=2)
+  assert sorted(signing.verify_signatures(signing.add_signature(doc, AUDITOR), TRUST, min_signers=2)) == ["auditor", "owner"]
 
 
 def test_signing_again_with_the_same_key_replaces_its_signature_and_keeps_the_id():
   doc = signed({"a": 1}, OWNER)
-  again = signing.sign(doc, OWNER)
+  again = signing.add_signature(doc, OWNER)
   assert len(again.signatures) == 1
   assert again.id == doc.id == SignedDocument("policy", {"a": 1}).id
 
@@ -121,3 +121,22 @@ def test_pae_follows_dsse_v1():
 def test_garbage_bytes_are_not_a_signed_document():
   with pytest.raises(SignatureError, match="not a signed aqgov document"):
     SignedDocument.from_bytes(b"\x93\x01\x02\x03")
+
+
+def test_document_types_are_registered_by_name_and_kind():
+  from aqgov.documents import document_type
+  from aqgov.entropy import OVERRIDE, PROFILE
+  from aqgov.credentials import MANIFEST
+  from aqgov.policy import POLICY
+  for t in (POLICY, PROFILE, OVERRIDE, MANIFEST):
+    assert document_type(t.name) is t and document_type(t.kind) is t
+  assert "run" not in POLICY.signer_roles + PROFILE.signer_roles + OVERRIDE.signer_roles + MANIFEST.signer_roles
+  with pytest.raises(LookupError, match="registered"):
+    document_type("no-such-type")
+
+
+def test_a_trust_store_without_roles_treats_keys_as_authorities_except_the_run_key():
+  from aqgov.documents import generate
+  owner, run = generate("owner"), generate("run")
+  trust = keys.TrustStore.of([owner, run])
+  assert trust.roles(owner.key_id) == ("authority",) and trust.roles(run.key_id) == ("run",)

@@ -106,10 +106,12 @@ def test_malformed_taxonomies_are_refused_with_a_reason(toml, message):
     Taxonomy.from_toml(toml)
 
 
-def test_from_toml_reads_a_path(tmp_path):
+def test_read_reads_a_path(tmp_path):
   path = tmp_path / "acme.toml"
   path.write_text(ACME)
-  assert Taxonomy.from_toml(path) == Taxonomy.from_toml(str(path)) == Taxonomy.from_toml(ACME)
+  assert Taxonomy.read(path) == Taxonomy.read(str(path)) == Taxonomy.from_toml(ACME)
+  with pytest.raises(TaxonomyError, match="does not exist"):
+    Taxonomy.read(path.with_name("absent.toml"))
 
 
 identifiers = st.from_regex(r"[a-z][a-z0-9_]{0,7}", fullmatch=True)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import click
 
+from aqgov import documents
 from aqgov.credentials import _manifest as credlib
+from aqgov.credentials._manifest import MANIFEST
 from aqgov.documents import _keys as keylib
 from aqgov.documents._keys import TrustStore
 from aqgov.credentials._taxonomy import Taxonomy
@@ -27,10 +29,10 @@ def issue(key_path: str, taxonomy_path: str, examples_path: str, out_path: str) 
   authority are skipped and counted.
   """
   key = keylib.load_signing_key(key_path)
-  taxonomy = Taxonomy.from_toml(taxonomy_path)
+  taxonomy = Taxonomy.read(taxonomy_path)
   examples = credlib.read_examples(examples_path)
   manifest = credlib.issue_manifest(key, taxonomy, examples, skip_unlabelled=True)
-  credlib.write_manifest(manifest, out_path)
+  documents.write(MANIFEST, manifest.document, out_path)
   skipped = len(examples) - manifest.size
   click.echo(f"issued {out_path}: {manifest.size} credential(s) by {taxonomy.authority!r}"
              + (f", skipped {skipped} example(s) without {taxonomy.authority!r} labels" if skipped else ""))
@@ -46,9 +48,13 @@ def issue(key_path: str, taxonomy_path: str, examples_path: str, out_path: str) 
               help="Examples JSONL whose content hashes must match the manifest.")
 def verify(manifest_path: str, trust_paths: tuple[str, ...], examples_path: str | None) -> None:
   """Verify MANIFEST's signature, Merkle root, labels and (optionally) example hashes."""
-  manifest = credlib.read_manifest(manifest_path)
+  signed = documents.read(MANIFEST, manifest_path)
+  trust = TrustStore.from_paths(trust_paths)
   examples = credlib.read_examples(examples_path) if examples_path else None
-  signers = credlib.verify_manifest(manifest, TrustStore.from_paths(trust_paths), examples)
+  manifest = documents.verify(MANIFEST, signed, trust)
+  if examples is not None:
+    credlib.check_examples(manifest, examples)
+  signers = [trust.get(s.key_id).name for s in signed.signatures if s.key_id in trust]
   click.echo(f"ok {manifest_path}: {manifest.size} credential(s) by {manifest.authority!r}, "
              f"signed by {', '.join(signers)}")
   click.echo(f"  merkle root {manifest.root.hex()}")

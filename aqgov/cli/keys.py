@@ -15,9 +15,11 @@ def keys() -> None:
 @keys.command("new")
 @click.argument("name")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Directory for NAME.key and NAME.pub.")
-def new(name: str, out_dir: str) -> None:
+@click.option("--role", "roles", multiple=True, type=click.Choice(keylib.ROLES),
+              help="What the key may sign (repeatable; default: authority, or run for a key named 'run').")
+def new(name: str, out_dir: str, roles: tuple[str, ...]) -> None:
   """Write OUT/NAME.key (private, mode 0600) and OUT/NAME.pub."""
-  key = keylib.generate(name)
+  key = keylib.generate(name, roles=roles)
   key_path, pub_path = keylib.write_keypair(key, out_dir)
   click.echo(f"wrote {pub_path} (key id {key.key_id}) and private key {key_path} (mode 0600)")
 

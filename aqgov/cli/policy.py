@@ -8,9 +8,10 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from aqgov import documents
 from aqgov.policy import _compile as compiledlib
-from aqgov.policy import _policy as policylib
-from aqgov.cli.signed import DocumentKind, add_sign_and_verify
+from aqgov.policy._policy import POLICY
+from aqgov.cli.signed import add_sign_and_verify
 from aqgov.credentials._taxonomy import Taxonomy
 
 
@@ -19,8 +20,7 @@ def policy() -> None:
   """Sign, verify and explain routing policies."""
 
 
-add_sign_and_verify(policy, DocumentKind(
-    "policy", policylib.Policy.from_toml, policylib.read_signed_policy, policylib.write_signed_policy, policylib.sign_policy, policylib.verify_policy))
+add_sign_and_verify(policy, POLICY.name)
 
 
 @policy.command("explain")
@@ -37,8 +37,8 @@ def explain(policy_paths: tuple[str, ...], params_path: str, taxonomy_paths: tup
   verify`). Warns about parameters no group covers: they get the policy's `uncovered` weight
   (0 unless the policy sets it), i.e. by default they are never trained.
   """
-  policies = [policylib.read_policy(p) for p in policy_paths]
-  taxonomies = [Taxonomy.from_toml(t) for t in taxonomy_paths] or None
+  policies = [documents.load(POLICY, p) for p in policy_paths]
+  taxonomies = [Taxonomy.read(t) for t in taxonomy_paths] or None
   with warnings.catch_warnings():
     warnings.simplefilter("ignore", compiledlib.UncoveredParametersWarning)
     bound = compiledlib.compile_policy(policies, compiledlib.param_shapes(params_path), taxonomies)
@@ -64,4 +64,4 @@ def explain(policy_paths: tuple[str, ...], params_path: str, taxonomy_paths: tup
 @click.argument("policy_path", type=click.Path(exists=True, dir_okay=False))
 def show_id(policy_path: str) -> None:
   """Print POLICY's id (SHA-256 of its canonical form); the same for its TOML and signed files."""
-  click.echo(policylib.read_policy(policy_path).id)
+  click.echo(documents.load(POLICY, policy_path).id)

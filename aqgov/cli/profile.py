@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import click
 
+from aqgov import documents
 from aqgov.documents import _keys as keylib
-from aqgov.entropy import _overrides as overridelib
-from aqgov.entropy import _profile as profilelib
-from aqgov.cli.signed import DocumentKind, add_sign_and_verify
+from aqgov.entropy._overrides import OVERRIDE, Override, admit_override
+from aqgov.entropy._profile import PROFILE
+from aqgov.cli.signed import add_sign_and_verify
 from aqgov.documents._keys import TrustStore
 
 
@@ -16,15 +17,14 @@ def profile() -> None:
   """Sign, verify and identify entropy profiles."""
 
 
-add_sign_and_verify(profile, DocumentKind(
-    "entropy profile", profilelib.EntropyProfile.from_toml, profilelib.read_signed_profile, profilelib.write_signed_profile, profilelib.sign_profile, profilelib.verify_profile))
+add_sign_and_verify(profile, PROFILE.name)
 
 
 @profile.command("id")
 @click.argument("profile_path", type=click.Path(exists=True, dir_okay=False))
 def show_id(profile_path: str) -> None:
   """Print PROFILE's id (SHA-256 of its canonical form); the same for its TOML and signed files."""
-  click.echo(profilelib.read_profile(profile_path).id)
+  click.echo(documents.load(PROFILE, profile_path).id)
 
 
 @click.group()
@@ -45,9 +45,9 @@ def issue(key_path: str, run_id: str, steps: str, groups: str, metrics: str, rea
           out_path: str) -> None:
   """Sign an override token admitting METRICS in GROUPS at STEPS of RUN."""
   key = keylib.load_signing_key(key_path)
-  token = overridelib.issue_override(key, run=run_id, steps=steps, groups=groups, metrics=metrics, reason=reason,
-                                     expires=expires)
-  overridelib.write_override(token, out_path)
+  token = documents.sign(OVERRIDE, Override.create(run=run_id, steps=steps, groups=groups, metrics=metrics,
+                                                    reason=reason, expires=expires), key)
+  documents.write(OVERRIDE, token, out_path)
   spans = ", ".join(f"{a}-{b - 1}" if b - a > 1 else str(a) for a, b in token.payload["steps"])
   click.echo(f"wrote {out_path}: override {token.id[:16]}... for run {run_id!r}, steps {spans}, "
              f"groups {', '.join(token.payload['groups'])}, metrics {', '.join(token.payload['metrics'])}, "
@@ -61,6 +61,6 @@ def issue(key_path: str, run_id: str, steps: str, groups: str, metrics: str, rea
 @click.option("--run", "run_id", required=True, help="Id of the run the override must name.")
 def verify_token(token_path: str, trust_paths: tuple[str, ...], run_id: str) -> None:
   """Verify TOKEN (signature, trust, run, expiry); exit 1 if it is refused."""
-  o = overridelib.verify_override(overridelib.read_override(token_path), TrustStore.from_paths(trust_paths), run_id)
+  o = admit_override(documents.read(OVERRIDE, token_path), TrustStore.from_paths(trust_paths), run_id)
   click.echo(f"ok {token_path}: override {o.id[:16]}... by {', '.join(o.signers)} for run {o.run!r}, "
              f"groups {', '.join(o.groups)}, metrics {', '.join(o.metrics)}, expires {o.expires}: {o.reason}")

@@ -1,38 +1,17 @@
-"""`sign` and `verify` subcommands shared by every kind of signed governance document."""
+"""`sign` and `verify` subcommands shared by every registered type of signed governance document."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
-
 import click
 
+from aqgov import documents
 from aqgov.documents import _keys as keylib
-from aqgov.errors import SignatureError
 from aqgov.documents._keys import TrustStore
-from aqgov.documents._signing import SignedDocument
 
 
-class DocumentKind(NamedTuple):
-  """How one kind of signed document is read, parsed, signed, verified and written."""
-
-  noun: str                                              # "policy", "entropy profile"
-  from_toml: Callable[[str], Any]                        # TOML path -> document object
-  read_signed: Callable[[str], SignedDocument]
-  write_signed: Callable[[SignedDocument, str], Any]
-  sign: Callable[[Any, keylib.SigningKey], SignedDocument]
-  verify: Callable[..., Any]                             # (signed, trust, min_signers=) -> document object
-
-
-def _read_signable(kind: DocumentKind, path: str) -> Any:
-  """A signed file as it is (to add a signature), or the document from TOML."""
-  try:
-    return kind.read_signed(path)
-  except SignatureError:
-    return kind.from_toml(path)
-
-
-def add_sign_and_verify(group: click.Group, kind: DocumentKind) -> None:
-  """Register `group sign DOC --key K --out F` and `group verify F --trust P [...]`."""
+def add_sign_and_verify(group: click.Group, type_name: str) -> None:
+  """Register `group sign DOC --key K --out F` and `group verify F --trust P [...]` for a document type."""
+  doc_type = documents.document_type(type_name)
 
   @group.command("sign")
   @click.argument("doc_path", type=click.Path(exists=True, dir_okay=False))
@@ -40,10 +19,10 @@ def add_sign_and_verify(group: click.Group, kind: DocumentKind) -> None:
   @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="Signed file to write.")
   def sign(doc_path: str, key_path: str, out_path: str) -> None:
     """Sign DOC (TOML, or an already signed file, which gains another signer) into OUT."""
-    signed = kind.sign(_read_signable(kind, doc_path), keylib.load_signing_key(key_path))
-    kind.write_signed(signed, out_path)
-    click.echo(f"signed {out_path}: {kind.noun} {signed.payload.get('name')!r} id {signed.id}")
-    click.echo(f"  signers: {', '.join(s.signer for s in signed.signatures)}")
+    signed = documents.sign(doc_type, documents.read_any(doc_type, doc_path), keylib.load_signing_key(key_path))
+    documents.write(doc_type, signed, out_path)
+    click.echo(f"signed {out_path}: {doc_type.noun} {signed.payload.get('name')!r} id {signed.id}")
+    click.echo(f"  signers: {', '.join(signed.signers)}")
 
   @group.command("verify")
   @click.argument("signed_path", type=click.Path(exists=True, dir_okay=False))
@@ -53,9 +32,9 @@ def add_sign_and_verify(group: click.Group, kind: DocumentKind) -> None:
                 help="How many trusted signatures are required.")
   def verify(signed_path: str, trust_paths: tuple[str, ...], min_signers: int) -> None:
     """Verify SIGNED's signatures against the trusted keys; exit 1 unless enough verify."""
-    signed = kind.read_signed(signed_path)
+    signed = documents.read(doc_type, signed_path)
     trust = TrustStore.from_paths(trust_paths)
-    doc = kind.verify(signed, trust, min_signers=min_signers)
+    doc = documents.verify(doc_type, signed, trust, min_signers=min_signers)
     names = [trust.get(s.key_id).name for s in signed.signatures if s.key_id in trust]
-    click.echo(f"ok {signed_path}: {kind.noun} {doc.name!r} id {doc.id}")
+    click.echo(f"ok {signed_path}: {doc_type.noun} {doc.name!r} id {doc.id}")
     click.echo(f"  signed by {', '.join(names)} ({len(names)} trusted, {min_signers} required)")

@@ -19,9 +19,12 @@ import jax
 import numpy as np
 
 from aqgov.documents import _canonical as canonical
-from aqgov.credentials._manifest import Entry, Example, Manifest, as_example, content_hash, trusted_for_authority, verify_manifest
-from aqgov.errors import AdmissionError, CredentialError
+from aqgov.credentials._manifest import (MANIFEST, Entry, Example, Manifest, as_example, content_hash,
+                                        trusted_for_authority)
+from aqgov.documents._document_type import verify
 from aqgov.documents._keys import TrustStore
+from aqgov.documents._signing import SignedDocument
+from aqgov.errors import AdmissionError, CredentialError
 from aqgov.credentials._taxonomy import LabelSpace, Taxonomy
 
 
@@ -91,7 +94,7 @@ def _index_manifests(manifests: Sequence[Manifest], trust: TrustStore):
       reason, message = RejectReason.UNTRUSTED_KEY, f"no trusted key named {m.authority!r} signed it"
     else:
       try:
-        verify_manifest(m, trust)
+        verify(MANIFEST, m.document, trust)
         reason, message = None, ""
       except CredentialError as exc:
         reason, message = RejectReason.FORGED_MANIFEST, str(exc)
@@ -119,8 +122,9 @@ class Admission:
 
   Args:
     trust: authority keys whose manifests count.
-    manifests: credential manifests; each is verified once, here. Manifests that fail (forged,
-      corrupt, untrusted) contribute no labels; they only explain rejections.
+    manifests: credential manifests (or their signed documents); each is verified once, here.
+      Manifests that fail (forged, corrupt, untrusted) contribute no labels; they only explain
+      rejections.
     admit_uncredentialed: admit examples with no valid credential as uncredentialed (labels None).
     require: authorities that must have credentialed an example for it to count as credentialed.
     on_reject: "raise" (AdmissionError at the first rejected example) or "collect".
@@ -128,13 +132,13 @@ class Admission:
       the trusted manifests' taxonomies, ordered by authority name.
   """
 
-  def __init__(self, trust: TrustStore, manifests: Iterable[Manifest], *, admit_uncredentialed: bool = False,
+  def __init__(self, trust: TrustStore, manifests: Iterable[Manifest | SignedDocument], *, admit_uncredentialed: bool = False,
                require: Sequence[str] = (), on_reject: Literal["raise", "collect"] = "raise",
                label_space: LabelSpace | None = None):
     if on_reject not in ("raise", "collect"):
       raise ValueError(f"on_reject must be 'raise' or 'collect', got {on_reject!r}")
     self.trust = trust
-    self.manifests = tuple(manifests)
+    self.manifests = tuple(Manifest(m) if isinstance(m, SignedDocument) else m for m in manifests)
     self.admit_uncredentialed = admit_uncredentialed
     self.on_reject = on_reject
     self._index, taxonomies, self._bad, self.problems = _index_manifests(self.manifests, trust)

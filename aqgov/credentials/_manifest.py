@@ -1,7 +1,8 @@
 """Credential manifests: an authority's signed statement binding examples to labels.
 
 An entry binds an example id and the SHA-256 of the example's content bytes to labels under the
-authority's taxonomy. The manifest is one `SignedDocument` of kind "credential-manifest" whose
+authority's taxonomy. The manifest is one `SignedDocument` of type `MANIFEST` (kind
+"credential-manifest", read, written and verified with `aqgov.documents`) whose
 payload holds the authority's name, its taxonomy (canonical dict and id), the RFC 9162 Merkle root
 over the entries' canonical bytes, the entry count and the entries. One signature covers it all;
 the root lets a single entry be proven to a third party with an O(log n) inclusion proof, without
@@ -23,9 +24,9 @@ from typing import Any, NamedTuple
 from aqgov.documents import _canonical as canonical
 from aqgov.documents import _merkle as merkle
 from aqgov.documents import _signing as signing
+from aqgov.documents._document_type import DocumentType, register, sign
+from aqgov.documents._keys import AUTHORITY, SigningKey, TrustStore
 from aqgov.errors import CredentialError, SignatureError, TaxonomyError
-from aqgov.documents._files import atomic_write
-from aqgov.documents._keys import SigningKey, TrustStore
 from aqgov.credentials._taxonomy import Taxonomy
 
 KIND = "credential-manifest"
@@ -166,7 +167,10 @@ def _entry_from(obj: Any, index: int) -> Entry:
 
 
 class Manifest:
-  """A parsed (not yet verified) credential manifest. Use `verify_manifest` before trusting it."""
+  """A parsed view of a (not yet verified) credential manifest document.
+
+  Use `aqgov.documents.verify(MANIFEST, manifest.document, trust)` before trusting it.
+  """
 
   def __init__(self, document: signing.SignedDocument):
     if document.kind != KIND:
@@ -280,7 +284,7 @@ def issue_manifest(key: SigningKey, taxonomy: Taxonomy, examples: Iterable[Examp
       "size": len(ordered),
       "entries": [e.to_dict() for e in ordered],
   }
-  return Manifest(signing.sign(signing.SignedDocument(KIND, payload), key))
+  return Manifest(sign(MANIFEST, Manifest(signing.SignedDocument(KIND, payload)), key))
 
 
 def trusted_for_authority(manifest: Manifest, trust: TrustStore) -> bool:
@@ -289,24 +293,9 @@ def trusted_for_authority(manifest: Manifest, trust: TrustStore) -> bool:
              for s in manifest.document.signatures)
 
 
-def verify_manifest(manifest: Manifest, trust: TrustStore,
-                    examples: Iterable[Example | Mapping[str, Any]] | None = None) -> tuple[str, ...]:
-  """Check a manifest completely; return the names of its trusted signers.
-
-  Raises `CredentialError` naming the first problem: a signature that does not verify, no trusted
-  key of the manifest's authority, a taxonomy or Merkle root that does not match, an entry with a
-  duplicate id or labels the taxonomy does not allow. With `examples`, each example labelled for
-  this authority (or carrying no per-authority labels) must have an entry whose hash matches its bytes.
-  """
+def _check_structure(manifest: Manifest) -> Manifest:
+  """`manifest`, once its taxonomy, size, Merkle root and entries are consistent."""
   what = f"credential manifest of {manifest.authority!r}"
-  try:
-    signers = signing.verify(manifest.document, trust)
-  except SignatureError as exc:
-    raise CredentialError(f"{what}: {exc}") from None
-  if not trusted_for_authority(manifest, trust):
-    raise CredentialError(
-        f"{what} is signed by trusted key(s) {list(signers)} but by none named {manifest.authority!r}: "
-        f"only the authority's own key may issue its credentials; trust {manifest.authority}.pub")
   taxonomy = manifest.taxonomy
   if taxonomy.authority != manifest.authority or taxonomy.id != manifest.taxonomy_id:
     raise CredentialError(f"{what}: the embedded taxonomy does not match its recorded authority or id")
@@ -325,7 +314,32 @@ def verify_manifest(manifest: Manifest, trust: TrustStore,
       taxonomy.encode_one(e.labels)
     except TaxonomyError as exc:
       raise CredentialError(f"{what}: entry {e.id!r} has invalid labels: {exc}") from None
-  for n, record in enumerate(examples or ()):
+  return manifest
+
+
+def _issued_by_authority(manifest: Manifest, signers: tuple[str, ...]) -> Manifest:
+  if manifest.authority not in signers:
+    raise CredentialError(
+        f"credential manifest of {manifest.authority!r} is signed by trusted key(s) {list(signers)} but by none "
+        f"named {manifest.authority!r}: only the authority's own key may issue its credentials; trust "
+        f"{manifest.authority}.pub")
+  return manifest
+
+
+MANIFEST: DocumentType[Manifest] = register(DocumentType(
+    name="manifest", kind=KIND, noun="credential manifest", to_payload=lambda m: m.document.payload,
+    from_payload=lambda payload: _check_structure(Manifest(signing.SignedDocument(KIND, payload))),
+    signer_roles=(AUTHORITY,), error=CredentialError, refused=CredentialError, on_verified=_issued_by_authority))
+
+
+def check_examples(manifest: Manifest, examples: Iterable[Example | Mapping[str, Any]]) -> None:
+  """Raise `CredentialError` unless every example this authority should cover has an entry matching its bytes.
+
+  An example is expected when it carries labels for the manifest's authority or no per-authority
+  labels at all; the entry's content hash must match the example's bytes.
+  """
+  what = f"credential manifest of {manifest.authority!r}"
+  for n, record in enumerate(examples):
     ex = as_example(record, f"example #{n}")
     if not expects_credential(ex, manifest.authority):
       continue
@@ -336,22 +350,3 @@ def verify_manifest(manifest: Manifest, trust: TrustStore,
       raise CredentialError(
           f"{what}: entry {ex.id!r} binds content sha256 {manifest.entry(ex.id).sha256[:16]}... but the example's "
           f"bytes hash to {digest[:16]}...; the example was altered after it was credentialed")
-  return signers
-
-
-def write_manifest(manifest: Manifest, path: str | os.PathLike) -> Path:
-  """Write the manifest atomically (temporary file, fsync, rename): never a half-written file."""
-  return atomic_write(path, manifest.to_bytes())
-
-
-def read_manifest(path: str | os.PathLike) -> Manifest:
-  """Parse a manifest file (structure only; call `verify_manifest` before trusting it)."""
-  path = Path(path)
-  try:
-    data = path.read_bytes()
-  except FileNotFoundError:
-    raise CredentialError(f"manifest file {path} does not exist") from None
-  try:
-    return Manifest.from_bytes(data)
-  except CredentialError as exc:
-    raise CredentialError(f"{path}: {exc}") from None

@@ -14,16 +14,16 @@ A `LabelSpace` joins several authorities' taxonomies; its arrays are namespaced
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import tomllib
-from pathlib import Path
 from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
 import jax.numpy as jnp
 import numpy as np
 
 from aqgov.documents import _canonical as canonical
+from aqgov.documents._files import read_text
+from aqgov.documents._toml import dumps_toml
 from aqgov.errors import TaxonomyError
 
 FIELD_KINDS = ("enum", "int", "flags", "string")
@@ -35,15 +35,6 @@ PRESENT = "@present"
 def string_code(text: str) -> int:
   """Stable 31-bit code of a free-string label."""
   return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:4], "big") & 0x7FFFFFFF
-
-
-def read_text(text_or_path: str | os.PathLike) -> str:
-  """TOML text given either inline or as a path to a file."""
-  if isinstance(text_or_path, os.PathLike):
-    return Path(text_or_path).read_text()
-  if "\n" not in text_or_path and "=" not in text_or_path and Path(text_or_path).is_file():
-    return Path(text_or_path).read_text()
-  return text_or_path
 
 
 class Field(NamedTuple):
@@ -151,25 +142,30 @@ class Taxonomy(NamedTuple):
     return cls(auth["name"], tuple(_parse_field(n, s) for n, s in fields.items()))
 
   @classmethod
-  def from_toml(cls, text_or_path: str | os.PathLike) -> "Taxonomy":
+  def from_toml(cls, text: str) -> "Taxonomy":
+    """Parse the TOML form from `text` (read a file with `Taxonomy.read`)."""
+    if not isinstance(text, str):
+      raise TaxonomyError(f"Taxonomy.from_toml takes TOML text, got {type(text).__name__}; read a file with "
+                          "Taxonomy.read")
     try:
-      doc = tomllib.loads(read_text(text_or_path))
+      doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
       raise TaxonomyError(f"taxonomy is not valid TOML: {exc}") from None
     return cls.from_dict(doc)
+
+  @classmethod
+  def read(cls, path: str | os.PathLike) -> "Taxonomy":
+    """Parse the TOML file at `path`."""
+    return cls.from_toml(read_text(path, TaxonomyError, "taxonomy"))
 
   def to_dict(self) -> dict:
     return {"authority": {"name": self.authority}, "fields": {f.name: f.to_dict() for f in self.fields}}
 
   def to_toml(self) -> str:
-    lines = ["[authority]", f"name = {_toml_str(self.authority)}"]
-    for f in self.fields:
-      lines += ["", f"[fields.{f.name}]", f"type = {_toml_str(f.kind)}"]
-      if f.values:
-        lines.append("values = [" + ", ".join(_toml_str(v) for v in f.values) + "]")
-      if f.kind == "int":
-        lines += [f"min = {f.min}", f"max = {f.max}"]
-    return "\n".join(lines) + "\n"
+    """TOML text that `from_toml` reads back to an equal taxonomy."""
+    fields = {f.name: {"type": f.kind, **({"values": list(f.values)} if f.values else {}),
+                       **({"min": f.min, "max": f.max} if f.kind == "int" else {})} for f in self.fields}
+    return dumps_toml({"authority": {"name": self.authority}, "fields": fields})
 
   @property
   def id(self) -> str:
@@ -204,11 +200,6 @@ class Taxonomy(NamedTuple):
   def encode(self, labels_list: Sequence[Mapping[str, Any]]) -> dict[str, jnp.ndarray]:
     """Int32 arrays of shape [B], one per field, from a batch of label dicts."""
     return {k: jnp.asarray(v) for k, v in self.encode_numpy(labels_list).items()}
-
-
-def _toml_str(s: str) -> str:
-  """A TOML basic string (JSON string escapes are a subset of TOML's)."""
-  return json.dumps(s, ensure_ascii=False)
 
 
 class LabelSpace(NamedTuple):

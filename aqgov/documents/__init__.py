@@ -1,4 +1,5 @@
-"""Canonical bytes, keys, signatures and Merkle trees: what every signed artefact is made of."""
+"""Canonical bytes, keys, signatures, Merkle trees and signed document types: what every signed
+artefact is made of."""
 
 from aqgov.documents._canonical import (
     CanonicalError,
@@ -9,13 +10,19 @@ from aqgov.documents._canonical import (
 )
 from aqgov.documents._files import (
     atomic_write,
+    read_bytes,
+    read_text,
 )
 from aqgov.documents._keys import (
+    AUTHORITY,
+    GOVERNANCE,
+    RUN,
     PublicKey,
     SigningKey,
     TrustStore,
     generate,
     key_id,
+    key_roles,
     load_public_key,
     load_signing_key,
     public_key_json,
@@ -33,37 +40,75 @@ from aqgov.documents._merkle import (
 from aqgov.documents._signing import (
     Signature,
     SignedDocument,
+    add_signature,
     pae,
+    verify_signatures,
+)
+from aqgov.documents._document_type import (
+    DocumentType,
+    document_type,
+    load,
+    payload_of,
+    read,
+    read_any,
+    register,
     sign,
+    signer_roles,
     verify,
+    write,
+)
+from aqgov.documents._toml import (
+    InlineTable,
+    dumps_toml,
+    toml_value,
 )
 
 __all__ = [
+    "add_signature",
     "atomic_write",
+    "AUTHORITY",
     "CanonicalError",
     "CompactRange",
     "decode",
     "digest_hex",
+    "document_type",
+    "DocumentType",
+    "dumps_toml",
     "encode",
     "generate",
+    "GOVERNANCE",
+    "InlineTable",
     "key_id",
+    "key_roles",
     "leaf_hash",
+    "load",
     "load_public_key",
     "load_signing_key",
     "MerkleTree",
     "node_hash",
     "pae",
+    "payload_of",
     "public_key_json",
     "PublicKey",
+    "read",
+    "read_any",
+    "read_bytes",
+    "read_text",
+    "register",
     "root",
+    "RUN",
     "sha256",
     "sign",
     "Signature",
     "SignedDocument",
+    "signer_roles",
     "SigningKey",
+    "toml_value",
     "TrustStore",
     "verify",
     "verify_consistency",
     "verify_inclusion",
+    "verify_signatures",
+    "write",
     "write_keypair",
 ]

@@ -1,4 +1,4 @@
-"""Atomic file writes: a reader sees the old file or the whole new one, never a half-written one."""
+"""Files: atomic writes (a reader sees the old file or the whole new one) and reads with typed errors."""
 
 from __future__ import annotations
 
@@ -32,3 +32,21 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> Path:
     raise
   fsync_dir(path.parent)
   return path
+
+
+def read_bytes(path: str | os.PathLike, error: type[Exception], what: str) -> bytes:
+  """The bytes of `path`, or `error` saying that the `what` file does not exist or cannot be read."""
+  try:
+    return Path(path).read_bytes()
+  except FileNotFoundError:
+    raise error(f"{what} file {path} does not exist") from None
+  except OSError as exc:
+    raise error(f"cannot read {what} file {path}: {exc}") from None
+
+
+def read_text(path: str | os.PathLike, error: type[Exception], what: str) -> str:
+  """The UTF-8 text of `path` (see `read_bytes`)."""
+  try:
+    return read_bytes(path, error, what).decode("utf-8")
+  except UnicodeDecodeError:
+    raise error(f"{what} file {path} is not UTF-8 text") from None

@@ -2,6 +2,11 @@
 
 A key id is the hex SHA-256 of the 32 raw public-key bytes. Private keys live in `NAME.key`
 (mode 0600, never printed); public keys in `NAME.pub`. Both are small JSON documents.
+
+Roles say what a key may sign (each document type names the roles allowed to sign it): an
+`authority` issues credentials and governance documents, a `governance` key signs policies,
+profiles and overrides only, and a `run` key signs only its own lineage heads. A key file without
+roles is an authority, except a key named "run", which is a run key.
 """
 
 from __future__ import annotations
@@ -20,6 +25,21 @@ import nacl.signing
 from aqgov.errors import KeyFileError, SignatureError
 
 KEY_TYPE = "ed25519"
+AUTHORITY = "authority"
+GOVERNANCE = "governance"
+RUN = "run"
+ROLES = (AUTHORITY, GOVERNANCE, RUN)
+
+
+def key_roles(name: str, roles: Iterable[str] = ()) -> tuple[str, ...]:
+  """The roles of a key: those recorded, else `run` for a key named "run" and `authority` otherwise."""
+  roles = tuple(sorted(set(roles)))
+  unknown = [r for r in roles if r not in ROLES]
+  if unknown:
+    raise KeyFileError(f"unknown key role(s) {unknown}; roles are {', '.join(ROLES)}")
+  if roles:
+    return roles
+  return (RUN,) if name == RUN else (AUTHORITY,)
 
 
 def key_id(public_key: bytes) -> str:
@@ -28,10 +48,11 @@ def key_id(public_key: bytes) -> str:
 
 
 class PublicKey(NamedTuple):
-  """A named Ed25519 verify key."""
+  """A named Ed25519 verify key; `roles` as recorded in its file (see `key_roles`)."""
 
   name: str
   raw: bytes
+  roles: tuple[str, ...] = ()
 
   @property
   def key_id(self) -> str:
@@ -51,13 +72,14 @@ class SigningKey(NamedTuple):
 
   name: str
   seed: bytes
+  roles: tuple[str, ...] = ()
 
   def __repr__(self) -> str:
     return f"SigningKey(name={self.name!r}, key_id={self.public.key_id[:16]}...)"
 
   @property
   def public(self) -> PublicKey:
-    return PublicKey(self.name, bytes(nacl.signing.SigningKey(self.seed).verify_key))
+    return PublicKey(self.name, bytes(nacl.signing.SigningKey(self.seed).verify_key), self.roles)
 
   @property
   def key_id(self) -> str:
@@ -68,16 +90,22 @@ class SigningKey(NamedTuple):
     return nacl.signing.SigningKey(self.seed).sign(message).signature
 
 
-def generate(name: str) -> SigningKey:
-  """A fresh random signing key called `name`."""
+def generate(name: str, roles: Iterable[str] = ()) -> SigningKey:
+  """A fresh random signing key called `name`, with `roles` (none recorded: see `key_roles`)."""
   if not name or "/" in name or name.startswith("."):
     raise KeyFileError(f"key name {name!r} is not usable as a file name; use letters, digits, '-' or '_'")
-  return SigningKey(name, bytes(nacl.signing.SigningKey.generate()._seed))  # noqa: SLF001
+  roles = tuple(sorted(set(roles)))
+  key_roles(name, roles)
+  return SigningKey(name, bytes(nacl.signing.SigningKey.generate()._seed), roles)  # noqa: SLF001
+
+
+def _with_roles(doc: dict, roles: tuple[str, ...]) -> dict:
+  return {**doc, "roles": list(roles)} if roles else doc
 
 
 def public_key_json(key: PublicKey) -> str:
-  return json.dumps({"name": key.name, "type": KEY_TYPE, "key_id": key.key_id,
-                     "public": base64.b64encode(key.raw).decode()}, indent=2) + "\n"
+  return json.dumps(_with_roles({"name": key.name, "type": KEY_TYPE, "key_id": key.key_id,
+                                 "public": base64.b64encode(key.raw).decode()}, key.roles), indent=2) + "\n"
 
 
 def write_keypair(key: SigningKey, out_dir: str | os.PathLike) -> tuple[Path, Path]:
@@ -87,7 +115,8 @@ def write_keypair(key: SigningKey, out_dir: str | os.PathLike) -> tuple[Path, Pa
   key_path, pub_path = out / f"{key.name}.key", out / f"{key.name}.pub"
   if key_path.exists():
     raise KeyFileError(f"{key_path} already exists; refusing to overwrite a private key (choose another name or directory)")
-  body = json.dumps({"name": key.name, "type": KEY_TYPE, "seed": base64.b64encode(key.seed).decode()}) + "\n"
+  body = json.dumps(_with_roles({"name": key.name, "type": KEY_TYPE, "seed": base64.b64encode(key.seed).decode()},
+                                key.roles)) + "\n"
   fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
   with os.fdopen(fd, "w") as fh:
     fh.write(body)
@@ -108,6 +137,17 @@ def _read_json(path: Path, what: str) -> dict:
   return doc
 
 
+def _roles_of(doc: dict, path: Path, what: str) -> tuple[str, ...]:
+  roles = doc.get("roles", [])
+  if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
+    raise KeyFileError(f"{what} {path}: 'roles' must be a list of role names")
+  try:
+    key_roles(str(doc.get("name", path.stem)), roles)
+  except KeyFileError as exc:
+    raise KeyFileError(f"{what} {path}: {exc}") from None
+  return tuple(sorted(set(roles)))
+
+
 def load_signing_key(path: str | os.PathLike) -> SigningKey:
   """Read a `.key` file; refuses files readable by group or others."""
   path = Path(path)
@@ -121,7 +161,7 @@ def load_signing_key(path: str | os.PathLike) -> SigningKey:
     raise KeyFileError(f"private key {path} has no valid 'seed'") from None
   if len(seed) != 32:
     raise KeyFileError(f"private key {path} seed must be 32 bytes, got {len(seed)}")
-  return SigningKey(str(doc.get("name", path.stem)), seed)
+  return SigningKey(str(doc.get("name", path.stem)), seed, _roles_of(doc, path, "private key"))
 
 
 def load_public_key(path: str | os.PathLike) -> PublicKey:
@@ -136,7 +176,7 @@ def load_public_key(path: str | os.PathLike) -> PublicKey:
     raise KeyFileError(f"public key {path} must hold 32 bytes, got {len(raw)}")
   if "key_id" in doc and doc["key_id"] != key_id(raw):
     raise KeyFileError(f"public key {path}: recorded key_id does not match the key bytes (file altered?)")
-  return PublicKey(str(doc.get("name", path.stem)), raw)
+  return PublicKey(str(doc.get("name", path.stem)), raw, _roles_of(doc, path, "public key"))
 
 
 class TrustStore(NamedTuple):
@@ -162,6 +202,11 @@ class TrustStore(NamedTuple):
     except KeyError:
       raise SignatureError(
           f"key {kid[:16]}... is not in the trust store; add its .pub with --trust if you trust it") from None
+
+  def roles(self, kid: str) -> tuple[str, ...]:
+    """What the trusted key `kid` may sign (see `key_roles`)."""
+    key = self.get(kid)
+    return key_roles(key.name, key.roles)
 
   def by_name(self, name: str) -> PublicKey:
     for k in self.keys.values():

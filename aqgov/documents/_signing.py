@@ -8,7 +8,7 @@ the hex SHA-256 of the canonical payload: signatures can be added without changi
 
 from __future__ import annotations
 
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Mapping, NamedTuple, Sequence
 
 from aqgov.documents import _canonical as canonical
 from aqgov.errors import SignatureError
@@ -38,6 +38,11 @@ class SignedDocument(NamedTuple):
   def id(self) -> str:
     return canonical.digest_hex(self.payload)
 
+  @property
+  def signers(self) -> tuple[str, ...]:
+    """Signer names recorded on the signatures (unverified: `verify_signatures` checks them)."""
+    return tuple(s.signer for s in self.signatures)
+
   def signed_bytes(self) -> bytes:
     return pae("aqgov/" + self.kind, canonical.encode(self.payload))
 
@@ -65,18 +70,20 @@ class SignedDocument(NamedTuple):
     return out
 
 
-def sign(doc: SignedDocument, key: SigningKey) -> SignedDocument:
+def add_signature(doc: SignedDocument, key: SigningKey) -> SignedDocument:
   """`doc` with `key`'s signature added (replacing an earlier one by the same key)."""
   sig = Signature(key.key_id, key.name, key.sign(doc.signed_bytes()))
   others = tuple(s for s in doc.signatures if s.key_id != key.key_id)
   return doc._replace(signatures=others + (sig,))
 
 
-def verify(doc: SignedDocument, trust: TrustStore, *, min_signers: int = 1) -> tuple[str, ...]:
+def verify_signatures(doc: SignedDocument, trust: TrustStore, *, min_signers: int = 1,
+                      roles: Sequence[str] | None = None) -> tuple[str, ...]:
   """Names of the trusted keys whose signatures verify; raises unless at least `min_signers`.
 
   Any signature that does not verify raises (a forged or tampered document is never half-trusted);
-  signatures by keys outside the trust store are ignored, but do not count.
+  signatures by keys outside the trust store are ignored, but do not count. With `roles`, a
+  trusted signer holding none of them is refused (a run key never signs a policy).
   """
   if not doc.signatures:
     raise SignatureError(f"{doc.kind} {doc.id[:16]}... carries no signature; sign it with `aqgov ... sign --key`")
@@ -86,39 +93,23 @@ def verify(doc: SignedDocument, trust: TrustStore, *, min_signers: int = 1) -> t
     if s.key_id not in trust:
       untrusted.append(s.signer or s.key_id[:16])
       continue
-    if not trust.get(s.key_id).verify(message, s.sig):
+    key = trust.get(s.key_id)
+    if not key.verify(message, s.sig):
       raise SignatureError(
-          f"signature by {trust.get(s.key_id).name!r} on {doc.kind} {doc.id[:16]}... does not verify: "
+          f"signature by {key.name!r} on {doc.kind} {doc.id[:16]}... does not verify: "
           "the document was altered after signing or the signature is forged")
-    if s.signer != trust.get(s.key_id).name:
+    if s.signer != key.name:
       raise SignatureError(
           f"signature on {doc.kind} {doc.id[:16]}... names signer {s.signer!r} but its key is trusted as "
-          f"{trust.get(s.key_id).name!r}: the document was altered after signing")
-    signers.append(trust.get(s.key_id).name)
+          f"{key.name!r}: the document was altered after signing")
+    if roles is not None and not set(trust.roles(s.key_id)) & set(roles):
+      raise SignatureError(
+          f"{doc.kind} {doc.id[:16]}... is signed by {key.name!r}, a {'/'.join(trust.roles(s.key_id))} key; "
+          f"only {' or '.join(roles)} keys may sign a {doc.kind} document")
+    signers.append(key.name)
   if len(signers) < min_signers:
     hint = f" (signed only by untrusted keys: {', '.join(untrusted)})" if untrusted else ""
     raise SignatureError(
         f"{doc.kind} {doc.id[:16]}... has {len(signers)} trusted signature(s), needs {min_signers}{hint}; "
         "pass the signer's .pub with --trust if you trust it")
   return tuple(signers)
-
-
-def read_bytes(path, error: type[Exception], what: str) -> bytes:
-  """The bytes of `path`, or `error` saying which `what` could not be read."""
-  try:
-    with open(path, "rb") as fh:
-      return fh.read()
-  except OSError as exc:
-    raise error(f"cannot read {what} {path}: {exc}") from None
-
-
-def read_signed_or_text(path, kind: str, error: type[Exception], what: str) -> SignedDocument | str:
-  """A signed document of `kind` from `path`, or else the file's UTF-8 text (e.g. TOML) to parse."""
-  data = read_bytes(path, error, what)
-  try:
-    return SignedDocument.from_bytes(data, kind=kind)
-  except SignatureError:
-    try:
-      return data.decode("utf-8")
-    except UnicodeDecodeError:
-      raise error(f"{path} is neither a signed {what} nor TOML text") from None

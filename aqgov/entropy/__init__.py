@@ -1,4 +1,5 @@
-"""Entropy metrics, profiles, enforcement inside the step, and signed overrides."""
+"""Entropy metrics, profiles (`PROFILE` documents), enforcement inside the step, and signed overrides
+(`OVERRIDE` documents)."""
 
 from aqgov.entropy._metrics import (
     METRICS,
@@ -12,15 +13,10 @@ from aqgov.entropy._metrics import (
     renyi2,
 )
 from aqgov.entropy._profile import (
+    PROFILE,
     Bound,
     EntropyProfile,
     Representation,
-    read_profile,
-    read_signed_profile,
-    sign_profile,
-    verify_profile,
-    write_profile,
-    write_signed_profile,
 )
 from aqgov.entropy._enforce import (
     EnforceState,
@@ -32,15 +28,14 @@ from aqgov.entropy._enforce import (
     enforce_state,
 )
 from aqgov.entropy._overrides import (
+    OVERRIDE,
     Override,
+    admit_override,
     host_mask,
-    issue_override,
-    read_override,
-    verify_override,
-    write_override,
 )
 
 __all__ = [
+    "admit_override",
     "attention_entropy",
     "Bound",
     "check_escalation",
@@ -57,19 +52,11 @@ __all__ = [
     "from_nnx",
     "gradient_entropy",
     "host_mask",
-    "issue_override",
     "measure",
     "METRICS",
     "Override",
-    "read_override",
-    "read_profile",
-    "read_signed_profile",
+    "OVERRIDE",
+    "PROFILE",
     "renyi2",
     "Representation",
-    "sign_profile",
-    "verify_override",
-    "verify_profile",
-    "write_override",
-    "write_profile",
-    "write_signed_profile",
 ]

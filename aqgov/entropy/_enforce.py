@@ -179,8 +179,8 @@ def _resolve_overrides(overrides, trust, run_id, now) -> list[overrides_lib.Over
     if trust is None or run_id is None:
       raise OverrideError(
           "enforce() got an unverified override token; pass trust= and run_id= so it can be verified, "
-          "or verify it first with aqgov.entropy.verify_override(token, trust, run_id)")
-    out.append(overrides_lib.verify_override(o, trust, run_id, now=now))
+          "or verify it first with aqgov.entropy.admit_override(token, trust, run_id)")
+    out.append(overrides_lib.admit_override(o, trust, run_id, now=now))
   return out
 
 

@@ -1,29 +1,30 @@
 """Signed override tokens: an authority admits named entropy-bound violations of one run.
 
-A token is a signed document of kind `entropy-override` naming the run id, the steps (half-open
-intervals), the parameter groups and metrics it covers, a reason and an expiry (UTC). It admits a
-violation only if all of step, group and metric are named; everything else still acts. Tokens
-are verified on the host (`verify_override`: signature, trust, run, expiry) and then encoded for
-the device as an `AdmitTable` of step intervals with a [groups, metrics] mask each, which the
-jitted step turns into this step's admit mask with `admit_mask(table, step)`.
+A token is a signed document of type `OVERRIDE` (kind `entropy-override`) naming the run id, the
+steps (half-open intervals), the parameter groups and metrics it covers, a reason and an expiry
+(UTC). It admits a violation only if all of step, group and metric are named; everything else
+still acts. An authority writes one with `sign(OVERRIDE, Override.create(...), key)`. Tokens are
+verified on the host (`admit_override`: signature, trust, run, expiry) and then encoded for the
+device as an `AdmitTable` of step intervals with a [groups, metrics] mask each, which the jitted
+step turns into this step's admit mask with `admit_mask(table, step)`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
-import os
 import re
-from pathlib import Path
 from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
 import jax.numpy as jnp
 import numpy as np
 
-from aqgov.documents import _signing as signing
+from aqgov.documents import _canonical as canonical
+from aqgov.documents._document_type import DocumentType, register, verify
+from aqgov.documents._keys import TrustStore
+from aqgov.documents._signing import SignedDocument
 from aqgov.entropy._metrics import METRICS
-from aqgov.errors import OverrideError, SignatureError
-from aqgov.documents._keys import SigningKey, TrustStore
-from aqgov.documents._files import atomic_write
+from aqgov.errors import OverrideError
 
 KIND = "entropy-override"
 FORMAT = "aqgov.entropy-override/1"
@@ -97,24 +98,6 @@ def iso(value: dt.datetime) -> str:
   return value.astimezone(dt.timezone.utc).replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-class Override(NamedTuple):
-  """A verified override token."""
-
-  id: str
-  run: str
-  steps: tuple[tuple[int, int], ...]
-  groups: tuple[str, ...]
-  metrics: tuple[str, ...]
-  reason: str
-  expires: str
-  issued: str
-  signers: tuple[str, ...] = ()
-
-  def covers(self, step: int, group: str, metric: str) -> bool:
-    """True iff this token admits a violation of `metric` in `group` at `step`."""
-    return group in self.groups and metric in self.metrics and any(lo <= step < hi for lo, hi in self.steps)
-
-
 def _names(values: Any, what: str, allowed: Sequence[str] | None = None) -> tuple[str, ...]:
   if isinstance(values, str):
     values = [v for v in values.split(",") if v]
@@ -130,64 +113,81 @@ def _names(values: Any, what: str, allowed: Sequence[str] | None = None) -> tupl
   return out
 
 
-def issue_override(
-    key: SigningKey,
-    *,
-    run: str,
-    steps: Any,
-    groups: Iterable[str] | str,
-    metrics: Iterable[str] | str,
-    reason: str,
-    expires: str | dt.datetime,
-    issued: str | dt.datetime | None = None,
-) -> signing.SignedDocument:
-  """A signed `entropy-override` token admitting `metrics` in `groups` at `steps` of run `run`."""
-  if not isinstance(run, str) or not run:
-    raise OverrideError("an override must name the run id it applies to")
-  if not isinstance(reason, str) or not reason.strip():
-    raise OverrideError("an override must give a reason (it is kept in the lineage for auditors)")
-  issued_at = utc_time(issued, "issued") if issued is not None else dt.datetime.now(dt.timezone.utc)
-  expires_at = utc_time(expires, "expires")
-  if expires_at <= issued_at:
-    raise OverrideError(f"expiry {iso(expires_at)} is not after the issue time {iso(issued_at)}")
-  payload = {
-      "format": FORMAT, "run": run, "steps": [list(s) for s in parse_steps(steps)],
-      "groups": list(_names(groups, "group")), "metrics": list(_names(metrics, "metric", METRICS)),
-      "reason": reason, "expires": iso(expires_at), "issued": iso(issued_at),
-  }
-  return signing.sign(signing.SignedDocument(KIND, payload), key)
+@dataclasses.dataclass(frozen=True)
+class Override:
+  """An override token's content; `signers` are the trusted keys that signed it, once verified."""
+
+  run: str
+  steps: tuple[tuple[int, int], ...]
+  groups: tuple[str, ...]
+  metrics: tuple[str, ...]
+  reason: str
+  expires: str
+  issued: str
+  signers: tuple[str, ...] = ()
+
+  def __post_init__(self):
+    if not isinstance(self.run, str) or not self.run:
+      raise OverrideError("an override must name the run id it applies to")
+    if not isinstance(self.reason, str) or not self.reason.strip():
+      raise OverrideError("an override must give a reason (it is kept in the lineage for auditors)")
+    object.__setattr__(self, "steps", parse_steps(self.steps))
+    object.__setattr__(self, "groups", _names(self.groups, "group"))
+    object.__setattr__(self, "metrics", _names(self.metrics, "metric", METRICS))
+    issued, expires = utc_time(self.issued, "issued"), utc_time(self.expires, "expires")
+    if expires <= issued:
+      raise OverrideError(f"expiry {iso(expires)} is not after the issue time {iso(issued)}")
+    object.__setattr__(self, "issued", iso(issued))
+    object.__setattr__(self, "expires", iso(expires))
+    object.__setattr__(self, "signers", tuple(self.signers))
+
+  @classmethod
+  def create(cls, *, run: str, steps: Any, groups: Iterable[str] | str, metrics: Iterable[str] | str, reason: str,
+             expires: str | dt.datetime, issued: str | dt.datetime | None = None) -> "Override":
+    """An override admitting `metrics` in `groups` at `steps` of run `run`, issued now unless `issued`."""
+    return cls(run=run, steps=steps, groups=groups, metrics=metrics, reason=reason, expires=expires,
+               issued=dt.datetime.now(dt.timezone.utc) if issued is None else issued)
+
+  @property
+  def id(self) -> str:
+    """The token id: hex SHA-256 of the canonical payload (the signed document's id)."""
+    return canonical.digest_hex(self.to_payload())
+
+  def to_payload(self) -> dict:
+    return {"format": FORMAT, "run": self.run, "steps": [list(s) for s in self.steps],
+            "groups": list(self.groups), "metrics": list(self.metrics), "reason": self.reason,
+            "expires": self.expires, "issued": self.issued}
+
+  @classmethod
+  def from_payload(cls, p: Mapping[str, Any]) -> "Override":
+    where = f"override {canonical.digest_hex(p)[:16]}..." if isinstance(p, Mapping) else "override"
+    if not isinstance(p, Mapping) or set(p) != _PAYLOAD_KEYS or p.get("format") != FORMAT:
+      raise OverrideError(f"{where} is malformed (expected the fields {sorted(_PAYLOAD_KEYS)}); re-issue it")
+    if not isinstance(p["run"], str) or not isinstance(p["reason"], str):
+      raise OverrideError(f"{where} is malformed: run and reason must be strings")
+    return cls(run=p["run"], steps=p["steps"], groups=p["groups"], metrics=p["metrics"], reason=p["reason"],
+               expires=p["expires"], issued=p["issued"])
+
+  def covers(self, step: int, group: str, metric: str) -> bool:
+    """True iff this token admits a violation of `metric` in `group` at `step`."""
+    return group in self.groups and metric in self.metrics and any(lo <= step < hi for lo, hi in self.steps)
 
 
-def _parse(doc: signing.SignedDocument, signers: tuple[str, ...]) -> Override:
-  p = doc.payload
-  where = f"override {doc.id[:16]}..."
-  if not isinstance(p, Mapping) or set(p) != _PAYLOAD_KEYS or p.get("format") != FORMAT:
-    raise OverrideError(f"{where} is malformed (expected the fields {sorted(_PAYLOAD_KEYS)}); re-issue it")
-  if not isinstance(p["run"], str) or not isinstance(p["reason"], str):
-    raise OverrideError(f"{where} is malformed: run and reason must be strings")
-  utc_time(p["expires"], f"{where} expiry")
-  utc_time(p["issued"], f"{where} issue time")
-  return Override(doc.id, p["run"], parse_steps(p["steps"]), _names(p["groups"], "group"),
-                  _names(p["metrics"], "metric", METRICS), p["reason"], p["expires"], p["issued"], signers)
+OVERRIDE: DocumentType[Override] = register(DocumentType(
+    name="override", kind=KIND, noun="override", to_payload=Override.to_payload, from_payload=Override.from_payload,
+    error=OverrideError, refused=OverrideError,
+    on_verified=lambda o, signers: dataclasses.replace(o, signers=signers)))
 
 
-def verify_override(
-    token: signing.SignedDocument | bytes,
-    trust: TrustStore,
-    run_id: str,
-    *,
-    now: str | dt.datetime | None = None,
-) -> Override:
+def admit_override(token: SignedDocument | bytes, trust: TrustStore, run_id: str, *,
+                   now: str | dt.datetime | None = None) -> Override:
   """The verified token; `OverrideError` if it is forged, untrusted, expired, or for another run."""
-  try:
-    if isinstance(token, (bytes, bytearray)):
-      token = signing.SignedDocument.from_bytes(bytes(token), kind=KIND)
-    if not isinstance(token, signing.SignedDocument) or token.kind != KIND:
-      raise OverrideError(f"expected a signed {KIND!r} token, got {getattr(token, 'kind', type(token).__name__)!r}")
-    signers = signing.verify(token, trust)
-  except SignatureError as exc:
-    raise OverrideError(f"override refused: {exc}") from None
-  override = _parse(token, signers)
+  if isinstance(token, (bytes, bytearray)):
+    try:
+      token = SignedDocument.from_bytes(bytes(token), kind=KIND)
+    except Exception as exc:
+      raise OverrideError(f"override refused: {exc}") from None
+  override = verify(OVERRIDE, token, trust)
   if override.run != run_id:
     raise OverrideError(
         f"override {override.id[:16]}... is for run {override.run!r}, not {run_id!r}; issue one for this run")
@@ -196,23 +196,6 @@ def verify_override(
     raise OverrideError(
         f"override {override.id[:16]}... expired at {override.expires} (now {iso(at)}); issue a fresh one")
   return override
-
-
-def write_override(token: signing.SignedDocument, path: str | os.PathLike) -> Path:
-  """Atomically write a token's canonical bytes."""
-  return atomic_write(path, token.to_bytes())
-
-
-def read_override(path: str | os.PathLike) -> signing.SignedDocument:
-  """A token file (not yet verified)."""
-  try:
-    data = Path(path).read_bytes()
-  except OSError as exc:
-    raise OverrideError(f"cannot read override token {path}: {exc}") from None
-  try:
-    return signing.SignedDocument.from_bytes(data, kind=KIND)
-  except SignatureError as exc:
-    raise OverrideError(f"{path}: {exc}") from None
 
 
 # --- host -> device ---------------------------------------------------------------------------
@@ -232,7 +215,7 @@ def admit_table(overrides: Iterable[Override], group_names: Sequence[str]) -> Ad
   for o in overrides:
     if not isinstance(o, Override):
       raise OverrideError(
-          f"expected a verified Override, got {type(o).__name__}; run aqgov.entropy.verify_override(token, trust, run_id) first")
+          f"expected a verified Override, got {type(o).__name__}; run aqgov.entropy.admit_override(token, trust, run_id) first")
     unknown = [g for g in o.groups if g not in group_names]
     if unknown:
       raise OverrideError(

@@ -20,28 +20,27 @@ Where several bounds on the same side (low or high) cover one (group, metric, he
 most specific wins: a windowed bound over an unwindowed one, then a per-head bound over an
 all-heads one; two equally specific overlapping bounds are a `ProfileError`.
 
-Profiles are data: TOML or Python (`EntropyProfile(...)`), a canonical dict whose hash is the
-profile id, and signed documents of kind `entropy-profile`, exactly like routing policies.
+Profiles are data: TOML (`EntropyProfile.from_toml(text)`, `EntropyProfile.read(path)`) or Python
+(`EntropyProfile(...)`), a canonical dict whose hash is the profile id, and signed documents of
+type `PROFILE` (kind `entropy-profile`), signed and verified with `aqgov.documents` exactly like
+routing policies.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import tomllib
-from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from aqgov.documents import _canonical as canonical
-from aqgov.documents import _signing as signing
+from aqgov.documents._document_type import DocumentType, register
+from aqgov.documents._files import read_text
+from aqgov.documents._toml import dumps_toml
 from aqgov.entropy._metrics import METRICS, PER_HEAD_METRICS
 from aqgov.errors import ProfileError
-from aqgov.documents._keys import SigningKey, TrustStore
 from aqgov.policy._paths import glob_match
-from aqgov.documents._files import atomic_write
-from aqgov.credentials._taxonomy import read_text
 
 FORMAT = "aqgov.entropy-profile/1"
 KIND = "entropy-profile"
@@ -307,47 +306,32 @@ class EntropyProfile:
       raise ProfileError(f"{where}: {exc}") from None
 
   @classmethod
-  def from_toml(cls, text_or_path: str | os.PathLike) -> "EntropyProfile":
-    """Parse TOML text or a TOML file."""
-    where = str(text_or_path) if isinstance(text_or_path, os.PathLike) or "\n" not in str(text_or_path) else "profile TOML"
-    try:
-      text = read_text(text_or_path)
-    except OSError as exc:
-      raise ProfileError(f"cannot read entropy profile {text_or_path}: {exc}") from None
+  def from_toml(cls, text: str, *, where: str = "profile TOML") -> "EntropyProfile":
+    """Parse TOML text (read a file with `EntropyProfile.read`)."""
+    if not isinstance(text, str):
+      raise ProfileError(f"EntropyProfile.from_toml takes TOML text, got {type(text).__name__}; read a file "
+                         "with EntropyProfile.read")
     try:
       doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
       raise ProfileError(f"{where}: not valid TOML ({exc}); fix the syntax at that line") from None
     return cls.from_dict(doc, where=where)
 
+  @classmethod
+  def read(cls, path: str | os.PathLike) -> "EntropyProfile":
+    """Parse the TOML file at `path`."""
+    return cls.from_toml(read_text(path, ProfileError, "entropy profile"), where=str(path))
+
   def to_toml(self) -> str:
     """TOML text that `from_toml` reads back to an equal profile."""
-    lines = [f"format = {_toml(FORMAT)}", f"name = {_toml(self.name)}"]
+    doc: dict[str, Any] = {"format": FORMAT, "name": self.name}
     if self.description:
-      lines.append(f"description = {_toml(self.description)}")
+      doc["description"] = self.description
     for table, entries in (("representation", self.representations), ("bound", self.bounds)):
-      for entry in entries:
-        lines += ["", f"[[{table}]]"]
-        for k, v in entry.to_dict().items():
-          if v is not None and not (k == "causal" and v is False):
-            lines.append(f"{k} = {_toml(v)}")
-    return "\n".join(lines) + "\n"
-
-  # -- signing -------------------------------------------------------------------------------
-
-  def to_document(self) -> signing.SignedDocument:
-    """An unsigned `entropy-profile` document whose id is the profile id."""
-    return signing.SignedDocument(KIND, self.to_dict())
-
-
-def _toml(value: Any) -> str:
-  if isinstance(value, bool):
-    return "true" if value else "false"
-  if isinstance(value, str):
-    return json.dumps(value, ensure_ascii=False)
-  if isinstance(value, (list, tuple)):
-    return "[" + ", ".join(_toml(v) for v in value) + "]"
-  return repr(value)
+      if entries:
+        doc[table] = [{k: v for k, v in e.to_dict().items() if v is not None and not (k == "causal" and v is False)}
+                      for e in entries]
+    return dumps_toml(doc)
 
 
 def _no_unknown(entry: Any, allowed: set[str], where: str) -> None:
@@ -376,64 +360,13 @@ def _build(cls, fields: dict, where: str):
     raise ProfileError(f"{where}: {exc}") from None
 
 
-# --- signed documents and files ---------------------------------------------------------------
+# --- signed documents ------------------------------------------------------------------------
 
 
-def sign_profile(profile: EntropyProfile | signing.SignedDocument, key: SigningKey) -> signing.SignedDocument:
-  """A signed entropy-profile document; signing a signed one adds (or renews) `key`'s signature."""
-  if isinstance(profile, signing.SignedDocument):
-    profile_of(profile)
-    return signing.sign(profile, key)
-  if not isinstance(profile, EntropyProfile):
-    raise ProfileError(f"sign_profile expects an EntropyProfile or a signed profile, got {type(profile).__name__}")
-  return signing.sign(profile.to_document(), key)
+def _from_payload(payload: Mapping[str, Any]) -> EntropyProfile:
+  return EntropyProfile.from_dict(payload, where=f"signed profile {canonical.digest_hex(payload)[:16]}...")
 
 
-def profile_of(doc: signing.SignedDocument) -> EntropyProfile:
-  """The profile inside a document, checked to be in canonical form (signatures not checked)."""
-  if doc.kind != KIND:
-    raise ProfileError(f"expected a signed {KIND!r} document, got {doc.kind!r}")
-  profile = EntropyProfile.from_dict(doc.payload, where=f"signed profile {doc.id[:16]}...")
-  if profile.id != doc.id:
-    raise ProfileError(
-        f"signed profile {doc.id[:16]}... is not in canonical form (re-reads as {profile.id[:16]}...); "
-        "re-create it with `aqgov profile sign`")
-  return profile
-
-
-def verify_profile(signed: signing.SignedDocument, trust: TrustStore, min_signers: int = 1) -> EntropyProfile:
-  """The profile in `signed` once at least `min_signers` trusted signatures verify.
-
-  Raises `SignatureError` when unsigned, forged, altered or signed only by untrusted keys (as
-  `verify_policy` does), and `ProfileError` when the payload is not a valid profile.
-  """
-  if not isinstance(signed, signing.SignedDocument) or signed.kind != KIND:
-    raise ProfileError("verify_profile expects a signed entropy-profile document; read it with read_signed_profile")
-  signing.verify(signed, trust, min_signers=min_signers)
-  return profile_of(signed)
-
-
-def write_signed_profile(signed: signing.SignedDocument, path: str | os.PathLike) -> Path:
-  """Write a signed profile atomically (never a half-written file)."""
-  if signed.kind != KIND:
-    raise ProfileError(f"refusing to write a {signed.kind!r} document as a signed entropy profile")
-  return atomic_write(path, signed.to_bytes())
-
-
-def write_profile(profile: EntropyProfile, path: str | os.PathLike) -> Path:
-  """Write a profile's TOML form atomically."""
-  return atomic_write(path, profile.to_toml().encode("utf-8"))
-
-
-def read_signed_profile(path: str | os.PathLike) -> signing.SignedDocument:
-  """Read a signed profile file (signatures are not checked here: use `verify_profile`)."""
-  return signing.SignedDocument.from_bytes(signing.read_bytes(path, ProfileError, "signed entropy profile"), kind=KIND)
-
-
-def read_profile(path: str | os.PathLike) -> EntropyProfile:
-  """A profile from a TOML file or a signed file, WITHOUT checking signatures (for inspection).
-
-  Use `verify_profile(read_signed_profile(path), trust)` wherever the profile governs training.
-  """
-  doc = signing.read_signed_or_text(path, KIND, ProfileError, "entropy profile")
-  return profile_of(doc) if isinstance(doc, signing.SignedDocument) else EntropyProfile.from_toml(doc)
+PROFILE: DocumentType[EntropyProfile] = register(DocumentType(
+    name="profile", kind=KIND, noun="entropy profile", to_payload=EntropyProfile.to_dict,
+    from_payload=_from_payload, error=ProfileError, from_text=EntropyProfile.from_toml))

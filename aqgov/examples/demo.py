@@ -28,14 +28,15 @@ from aqgov.documents import _keys as keylib
 from aqgov.examples import sample as sample
 from aqgov.credentials._admission import Admission
 from aqgov.policy._compile import CompiledPolicy, explain_table
-from aqgov.credentials._manifest import Example, issue_manifest, read_manifest, write_manifest
+from aqgov.credentials._manifest import MANIFEST, Example, issue_manifest
+from aqgov.documents._document_type import read, sign, write
 from aqgov.entropy._enforce import decode_events
 from aqgov.errors import GovernanceEscalation
 from aqgov.documents._keys import SigningKey, TrustStore
 from aqgov.lineage import GovernedRun, verify_lineage
 from aqgov.credentials._loader import governed_batches
-from aqgov.policy._policy import Policy, sign_policy, write_signed_policy
-from aqgov.entropy._profile import EntropyProfile, sign_profile, write_signed_profile
+from aqgov.policy._policy import POLICY, Policy
+from aqgov.entropy._profile import PROFILE, EntropyProfile
 
 PROFILE_SIGNER = "acme-data"
 POLICY_SIGNERS = {"acme-routing": "acme-data", "eu-office": "eu-office"}
@@ -76,13 +77,13 @@ def create_authorities(root: Path) -> Authorities:
   taxonomies = sample.taxonomies()
   for authority in sample.AUTHORITIES:
     manifest = issue_manifest(signing[authority], taxonomies[authority], sample.examples(), skip_unlabelled=True)
-    manifests.append(write_manifest(manifest, root / "manifests" / f"{authority}.manifest"))
+    manifests.append(write(MANIFEST, manifest.document, root / "manifests" / f"{authority}.manifest"))
   policies = []
   for name, signer in POLICY_SIGNERS.items():
-    signed = sign_policy(Policy.from_toml(sample.policy_path(name)), signing[signer])
-    policies.append(write_signed_policy(signed, root / "policies" / f"{name}.signed"))
-  profile = write_signed_profile(sign_profile(EntropyProfile.from_toml(sample.profile_path()), signing[PROFILE_SIGNER]),
-                                 root / "profiles" / "demo-profile.signed")
+    signed = sign(POLICY, Policy.read(sample.policy_path(name)), signing[signer])
+    policies.append(write(POLICY, signed, root / "policies" / f"{name}.signed"))
+  profile = write(PROFILE, sign(PROFILE, EntropyProfile.read(sample.profile_path()), signing[PROFILE_SIGNER]),
+                  root / "profiles" / "demo-profile.signed")
   return Authorities(root, signing, tuple(manifests), tuple(policies), profile)
 
 
@@ -161,7 +162,7 @@ def run(out: str | Path, *, steps: int = 20, batch_size: int = 16, seed: int = 0
                 f"and profile in {out / 'authorities'}; public keys in {out / 'keys'}")
 
   task = run.task
-  loader = Admission(auth.trust, [read_manifest(p) for p in auth.manifests], on_reject="collect")
+  loader = Admission(auth.trust, [read(MANIFEST, p) for p in auth.manifests], on_reject="collect")
   incoming = incoming_examples()
   rejected = list(loader.admit(incoming).rejected)
   console.print(f"[bold]2. admission[/bold]: {len(incoming) - len(rejected)} admitted, "

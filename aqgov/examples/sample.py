@@ -40,7 +40,7 @@ def examples_path() -> Path:
 
 def taxonomies() -> dict[str, Taxonomy]:
   """The sample authorities' parsed taxonomies."""
-  return {a: Taxonomy.from_toml(p) for a, p in taxonomy_paths().items()}
+  return {a: Taxonomy.read(p) for a, p in taxonomy_paths().items()}
 
 
 def examples() -> list[Example]:

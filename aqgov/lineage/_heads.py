@@ -15,10 +15,22 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from aqgov.documents import _signing as signing
+from aqgov.documents._document_type import DocumentType, register
+from aqgov.documents._keys import RUN, PublicKey, SigningKey, TrustStore
 from aqgov.errors import LineageError, SignatureError
 from aqgov.lineage._segments import HEADS_MAGIC, TornTail, frames, read_header
 
 HEAD_KIND = "lineage-tree-head"
+# Signed tree heads are the only documents a run key signs.
+HEAD: DocumentType[dict] = register(DocumentType(
+    name="lineage-head", kind=HEAD_KIND, noun="lineage tree head", to_payload=dict, from_payload=dict,
+    signer_roles=(RUN,), error=LineageError))
+
+
+def run_trust(key: PublicKey | SigningKey) -> TrustStore:
+  """A trust store holding only the run's key, in the run role (whatever its file records)."""
+  public = key.public if isinstance(key, SigningKey) else key
+  return TrustStore.of([public._replace(roles=(RUN,))])
 
 
 class LogHead(NamedTuple):

@@ -6,12 +6,13 @@ _heads     `LogHead` and the signed tree heads in `heads.seg`
 _writer    the asynchronous `LineageWriter` and `open_for_resume`
 """
 
-from aqgov.lineage._heads import LogHead, read_heads
+from aqgov.lineage._heads import HEAD, LogHead, read_heads, run_trust
 from aqgov.lineage._scan import LogScan, scan
 from aqgov.lineage._segments import LogReader, records
 from aqgov.lineage._writer import LineageWriter, open_for_resume
 
 __all__ = [
+  "HEAD",
   "LineageWriter",
   "LogHead",
   "LogReader",
@@ -19,5 +20,6 @@ __all__ = [
   "open_for_resume",
   "read_heads",
   "records",
+  "run_trust",
   "scan",
 ]

@@ -119,7 +119,8 @@ class GovernedRun:
     `task` is "module:attr" (see `aqgov.lineage.task`); `trust` are the public keys of the
     authorities whose documents the run relies on (copied into keys/); `parent` is the directory
     of the run this one continues (its last signed head is recorded). Without `key` a run key is
-    generated and kept in keys/run.key.
+    generated and kept in keys/run.key; keys/ records the run key in the run role, so it never
+    verifies as the signer of a policy, profile, override or manifest.
     """
     layout = RunLayout(run_dir)
     if layout.root.exists() and any(layout.root.iterdir()):
@@ -127,16 +128,17 @@ class GovernedRun:
     if checkpoint_every < 1:
       raise LineageError(f"checkpoint_every must be at least 1, got {checkpoint_every}")
     layout.make()
-    if key is None:
-      key = keylib.generate("run")
-      keylib.write_keypair(key, layout.keys)
-    else:
-      _write_public(key.public, layout.keys)
     if isinstance(trust, TrustStore):
       trust = trust.keys.values()
     trusted = [t if isinstance(t, PublicKey) else keylib.load_public_key(t) for t in trust]
     for t in trusted:
       _write_public(t, layout.keys)
+    # the run key is written last, in the run role: it may sign lineage heads and nothing else
+    if key is None:
+      key = keylib.generate(keylib.RUN, roles=(keylib.RUN,))
+      keylib.write_keypair(key, layout.keys)
+    else:
+      _write_public(key.public._replace(roles=(keylib.RUN,)), layout.keys)
     parent_ref = _parent_ref(Path(parent), layout) if parent is not None else None
     run_id = run_id or uuid.uuid4().hex
     task_config = dict(task_config or {})

@@ -30,10 +30,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import NamedTuple
 
+from aqgov.credentials import _manifest  # noqa: F401  (registers the document types checked here)
 from aqgov.documents import _merkle as merkle
 from aqgov.documents import _signing as signing
+from aqgov.documents._document_type import signer_roles, verify
 from aqgov.documents._keys import TrustStore
+from aqgov.entropy import _overrides, _profile  # noqa: F401  (register the document types checked here)
 from aqgov.errors import LineageError, SignatureError
+from aqgov.policy import _policy  # noqa: F401
+from aqgov.lineage import _heads as log
 from aqgov.lineage import _record as rec
 from aqgov.lineage import _scan as logscan
 from aqgov.lineage._heads import LogHead, read_heads
@@ -81,7 +86,7 @@ def _check_document(run_dir: Path, ref: Mapping, what: str, trust: TrustStore) -
     doc = signing.SignedDocument.from_bytes(data, kind=ref["kind"])
     if doc.id != ref["id"]:
       raise LineageError(f"{path} holds {what} {doc.id[:16]}..., run-start names {ref['id'][:16]}...", index=0)
-    signers = signing.verify(doc, trust)
+    signers = signing.verify_signatures(doc, trust, roles=signer_roles(doc.kind))
   except SignatureError as exc:
     raise LineageError(f"{what} {ref['id'][:16]}... ({path}) does not verify: {exc}", index=0) from None
   return f"{what} {ref['id'][:16]}... signed by {', '.join(signers)}"
@@ -123,7 +128,7 @@ def verify_lineage(run_dir: str | os.PathLike, trust: TrustStore, *,
     raise LineageError(f"run {run_id} is signed by key {signer[:16]}..., which is not trusted; pass the run's "
                        f"public key with --trust (it is in {run_dir / 'keys'})")
   run_key = trust.get(signer)
-  run_trust = TrustStore.of([run_key])
+  run_trust = log.run_trust(run_key)
 
   _check_heads(heads, sizes, scan, run_id, run_trust, check_consistency)
   signed_size = sizes[-1] if sizes else 0
@@ -177,7 +182,7 @@ def _check_heads(heads, sizes, scan: logscan.LogScan, run_id: str, run_trust: Tr
   for k, h in enumerate(heads):
     p = h.payload
     try:
-      signing.verify(h, run_trust)
+      verify(log.HEAD, h, run_trust)
     except SignatureError as exc:
       raise LineageError(f"tree head {k} is not a valid signature by the run's key: {exc}", index=good_size) from None
     if p.get("run_id") != run_id:
@@ -229,7 +234,7 @@ def _check_records(scan: logscan.LogScan, trust: TrustStore) -> None:
         doc = signing.SignedDocument.from_bytes(body["token"], kind=body["token_kind"])
         if doc.id != body["token_id"]:
           raise LineageError(f"record {i}: override token id does not match the token it carries", index=i)
-        signing.verify(doc, trust)
+        signing.verify_signatures(doc, trust, roles=signer_roles(doc.kind))
       except SignatureError as exc:
         raise LineageError(f"record {i}: override token does not verify: {exc}", index=i) from None
 

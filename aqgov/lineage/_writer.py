@@ -28,7 +28,8 @@ from aqgov.documents._files import fsync_dir
 from aqgov.documents._keys import SigningKey, TrustStore
 from aqgov.errors import LineageError, SignatureError
 from aqgov.lineage import _record as rec
-from aqgov.lineage._heads import HEAD_KIND, LogHead, head_payload, read_heads
+from aqgov.documents._document_type import sign, verify
+from aqgov.lineage._heads import HEAD, LogHead, head_payload, read_heads, run_trust
 from aqgov.lineage._scan import LogScan, scan
 from aqgov.lineage._segments import (
   HEADER,
@@ -110,8 +111,7 @@ class _Appender:
   def sign_head(self) -> signing.SignedDocument:
     if self.fsync != "never" and self._seg_fd is not None:
       os.fsync(self._seg_fd)
-    doc = signing.sign(signing.SignedDocument(HEAD_KIND, head_payload(self.run_id, self.head(), self.prev_head)),
-                       self.key)
+    doc = sign(HEAD, head_payload(self.run_id, self.head(), self.prev_head), self.key)
     write_all(self._heads_fd, frame(doc.to_bytes()))
     if self.fsync != "never":
       os.fsync(self._heads_fd)
@@ -291,10 +291,10 @@ def open_for_resume(lineage_dir: str | os.PathLike, key: SigningKey, *, fsync: s
   heads, heads_torn = read_heads(d)
   sizes = [int(h.payload["size"]) for h in heads]
   log = scan(d, bodies=(rec.RUN_START, *bodies), roots_at=sizes, roots_before=(rec.CHECKPOINT,))
-  trust = TrustStore.of([key])
+  trust = run_trust(key)
   for k, h in enumerate(heads):
     try:
-      signing.verify(h, trust)
+      verify(HEAD, h, trust)
     except SignatureError as exc:
       raise LineageError(f"tree head {k} is not signed by this run's key: {exc}") from None
     size = sizes[k]

@@ -1,4 +1,4 @@
-"""Routing policies: rule expressions, signing, composition, and binding to a parameter pytree."""
+"""Routing policies: rule expressions, the `POLICY` document type, composition, and binding to a parameter pytree."""
 
 from aqgov.policy._paths import (
     glob_match,
@@ -10,18 +10,13 @@ from aqgov.policy._expressions import (
     to_text,
 )
 from aqgov.policy._policy import (
+    POLICY,
     UNCOVERED_GROUP,
     Policy,
     PolicySet,
     Route,
     Rule,
     compose,
-    read_policy,
-    read_signed_policy,
-    sign_policy,
-    signers,
-    verify_policy,
-    write_signed_policy,
 )
 from aqgov.policy._compile import (
     CompiledPolicy,
@@ -45,17 +40,12 @@ __all__ = [
     "parse",
     "path_string",
     "Policy",
+    "POLICY",
     "PolicySet",
-    "read_policy",
-    "read_signed_policy",
     "Route",
     "Rule",
-    "sign_policy",
-    "signers",
     "to_text",
     "tree_paths",
     "UNCOVERED_GROUP",
     "UncoveredParametersWarning",
-    "verify_policy",
-    "write_signed_policy",
 ]

@@ -39,6 +39,7 @@ leaf weights with broadcasting over trailing axes, never by reshaping to [B].
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import warnings
@@ -59,10 +60,12 @@ class UncoveredParametersWarning(UserWarning):
   """Some parameters are covered by no group of a policy: they get its `uncovered` weight."""
 
 
-class CompiledPolicy(NamedTuple):
+@dataclasses.dataclass(frozen=True, eq=False)
+class CompiledPolicy:
   """Policies bound to a parameter tree: static tables plus a traced classifier.
 
-  Close over it (do not pass it as a jit argument): its tables become constants of the step.
+  Close over it (it is not a pytree, so it cannot be passed as a jit argument): its tables become
+  constants of the step.
   """
 
   policy_ids: tuple[str, ...]

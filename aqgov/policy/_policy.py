@@ -36,33 +36,34 @@ the model from coming to depend on a group it may not train, so that zeroing the
 deployment is exactly the model every unrouted example trained (docs/efficacy.md).
 
 Python form: `Policy(name=..., groups={...}, rules=[Rule(when=..., route={...})], default={...})`
-validates and normalises exactly like the TOML form. Normal form: expressions in canonical text,
+validates and normalises exactly like the TOML form (`Policy.from_toml(text)`, `Policy.read(path)`). Normal form: expressions in canonical text,
 patterns of a group sorted, zero weights dropped, weights as floats. The policy id is the hex
 SHA-256 of the canonical encoding of `to_dict()`. Group order and rule order are part of the
 policy (a parameter belongs to its first matching group; the first matching rule wins).
 
 Several authorities' policies compose (`compose`): the most restrictive wins, i.e. every
 parameter's weight is the minimum over the policies (see `aqgov.policy`).
+
+Signed policies are documents of type `POLICY` (kind "routing-policy"): sign, verify, read and
+write them with `aqgov.documents.sign(POLICY, policy, key)` and friends.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
 import tomllib
-from pathlib import Path
 from typing import Any, Iterable, Mapping, NamedTuple, Sequence, Union
 
 from aqgov.documents import _canonical as canonical
+from aqgov.documents._document_type import DocumentType, register
+from aqgov.documents._files import read_text
+from aqgov.documents._toml import InlineTable, dumps_toml
 from aqgov.policy import _expressions as expressions
 from aqgov.policy import _paths as paths
-from aqgov.documents import _signing as signing
 from aqgov.errors import PolicyError
-from aqgov.documents._files import atomic_write
-from aqgov.documents._keys import SigningKey, TrustStore
-from aqgov.documents._signing import SignedDocument
-from aqgov.credentials._taxonomy import read_text
 
 KIND = "routing-policy"
 FORMAT = "aqgov-routing-policy/1"
@@ -184,53 +185,47 @@ def _rule(policy: str, i: int, rule: Any, groups: Sequence[str]) -> Rule:
   return Rule(when, _route(policy, f"{where}.route", rule.route, groups), rule.name)
 
 
-_PolicyFields = NamedTuple("_PolicyFields", [
-    ("name", str),
-    ("groups", tuple),
-    ("rules", tuple),
-    ("default", Mapping),
-    ("uncredentialed", Mapping),
-    ("uncovered", float),
-    ("routed_visibility", tuple),
-])
-
-
-class Policy(_PolicyFields):
+@dataclasses.dataclass(frozen=True)
+class Policy:
   """A validated routing policy in normal form (see the module docstring).
 
   Fields: `name`; `groups` as ordered `(group, patterns)` pairs (a mapping is accepted, and a
   group may be given as `{"patterns": [...], "visible": "routed"}`); `rules` (tuple of `Rule`);
   `default` and `uncredentialed` routes; `uncovered` weight; `routed_visibility`, the groups
-  declared `visible = "routed"` (in declaration order).
+  declared `visible = "routed"` (in declaration order; merged with those the group tables declare).
+  `dataclasses.replace(policy, ...)` validates the changed policy again.
   """
 
-  __slots__ = ()
+  name: str
+  groups: Any
+  rules: Iterable[Any] = ()
+  default: Any = None
+  uncredentialed: Any = None
+  uncovered: Any = 0.0
+  routed_visibility: Iterable[str] = ()
 
-  def __new__(cls, name: str, groups: Any, rules: Iterable[Any] = (), default: Any = None,
-              uncredentialed: Any = None, uncovered: Any = 0.0, routed_visibility: Iterable[str] = ()) -> "Policy":
+  def __post_init__(self):
+    name = self.name
     if not isinstance(name, str) or not _POLICY_NAME.match(name):
       raise PolicyError(f"policy name {name!r} must use letters, digits, '_', '-' or '.'")
-    norm_groups, routed = _groups(name, groups)
+    norm_groups, routed = _groups(name, self.groups)
     names = [g for g, _ in norm_groups]
+    declared = set(routed) | set(self.routed_visibility)
+    if declared - set(names):
+      raise _fail(name, "groups", f"routed_visibility names undeclared group(s) {sorted(declared - set(names))}")
+    rules = self.rules
     if isinstance(rules, (str, bytes, Mapping)) or not isinstance(rules, Iterable):
       raise _fail(name, "rules", "expected a list of rules")
     norm_rules = tuple(_rule(name, i, r, names) for i, r in enumerate(rules))
-    extra = [g for g in routed_visibility if g not in routed]
-    unknown = [g for g in extra if g not in names]
-    if unknown:
-      raise _fail(name, "groups", f"routed_visibility names undeclared group(s) {unknown}")
-    routed = tuple(g for g in names if g in set(routed) | set(extra))
     labels = [r.name for r in norm_rules if r.name]
     if len(set(labels)) != len(labels):
       raise _fail(name, "rules", f"rule names must be unique, got {labels}")
-    return super().__new__(
-        cls, name, norm_groups, norm_rules,
-        _route(name, "default.route", default, names),
-        _route(name, "uncredentialed.route", uncredentialed, names),
-        _weight(name, "uncovered", "(uncovered)", uncovered), routed)
-
-  def _replace(self, **changes) -> "Policy":
-    return Policy(**{**self._asdict(), **changes})
+    object.__setattr__(self, "groups", norm_groups)
+    object.__setattr__(self, "rules", norm_rules)
+    object.__setattr__(self, "default", _route(name, "default.route", self.default, names))
+    object.__setattr__(self, "uncredentialed", _route(name, "uncredentialed.route", self.uncredentialed, names))
+    object.__setattr__(self, "uncovered", _weight(name, "uncovered", "(uncovered)", self.uncovered))
+    object.__setattr__(self, "routed_visibility", tuple(g for g in names if g in declared))
 
   @classmethod
   def create(cls, name: str, groups: Any, rules: Iterable[Any] = (), default: Any = None,
@@ -296,16 +291,14 @@ class Policy(_PolicyFields):
       raise PolicyError(f"canonical routing policy lacks or mangles {exc}; re-create it from its TOML") from None
 
   @classmethod
-  def from_toml(cls, text_or_path: str | os.PathLike) -> "Policy":
-    """Parse and validate the TOML form (text, or a path to a file)."""
-    if isinstance(text_or_path, (str, os.PathLike)) and _looks_like_path(text_or_path):
-      raise PolicyError(f"policy file {text_or_path} does not exist; pass a path to a .toml file or TOML text")
+  def from_toml(cls, text: str) -> "Policy":
+    """Parse and validate the TOML form from `text` (read a file with `Policy.read`)."""
+    if not isinstance(text, str):
+      raise PolicyError(f"Policy.from_toml takes TOML text, got {type(text).__name__}; read a file with Policy.read")
     try:
-      doc = tomllib.loads(read_text(text_or_path))
+      doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
       raise PolicyError(f"policy is not valid TOML: {exc}") from None
-    except OSError as exc:
-      raise PolicyError(f"cannot read policy {text_or_path}: {exc}") from None
     name = doc.get("name")
     unknown = sorted(set(doc) - set(_TOP_KEYS))
     if unknown:
@@ -324,39 +317,27 @@ class Policy(_PolicyFields):
     return cls(name, doc.get("groups", {}), rules, routes["default"], routes["uncredentialed"],
                doc.get("uncovered", 0.0))
 
+  @classmethod
+  def read(cls, path: str | os.PathLike) -> "Policy":
+    """Parse and validate the TOML file at `path`."""
+    return cls.from_toml(read_text(path, PolicyError, "policy"))
+
   def to_toml(self) -> str:
     """TOML text that `from_toml` reads back to an equal policy."""
-    lines = [f"name = {_toml_str(self.name)}", f"uncovered = {self.uncovered!r}", "", "[groups]"]
-    for g, pats in self.groups:
-      listed = f"[{', '.join(_toml_str(p) for p in pats)}]"
-      lines.append(f"{g} = {{ patterns = {listed}, visible = \"routed\" }}" if g in self.routed_visibility
-                   else f"{g} = {listed}")
-    for r in self.rules:
-      lines += ["", "[[rules]]"] + ([f"name = {_toml_str(r.name)}"] if r.name else [])
-      lines += [f"when = {_toml_str(r.when)}", f"route = {_toml_route(r.route)}"]
-    lines += ["", "[default]", f"route = {_toml_route(self.default)}"]
-    lines += ["", "[uncredentialed]", f"route = {_toml_route(self.uncredentialed)}"]
-    return "\n".join(lines) + "\n"
+    rules = [{**({"name": r.name} if r.name else {}), "when": r.when, "route": InlineTable(r.route)}
+             for r in self.rules]
+    return dumps_toml({
+        "name": self.name, "uncovered": self.uncovered, "groups": {
+            g: InlineTable({"patterns": list(p), "visible": "routed"}) if g in self.routed_visibility else list(p)
+            for g, p in self.groups},
+        "rules": rules, "default": {"route": InlineTable(self.default)},
+        "uncredentialed": {"route": InlineTable(self.uncredentialed)},
+    })
 
   @property
   def id(self) -> str:
     """Hex SHA-256 of the canonical form."""
     return canonical.digest_hex(self.to_dict())
-
-
-def _looks_like_path(text_or_path: str | os.PathLike) -> bool:
-  text = os.fspath(text_or_path)
-  looks = isinstance(text_or_path, os.PathLike) or ("\n" not in text and "=" not in text and "[" not in text)
-  return looks and not Path(text).is_file()
-
-
-def _toml_str(s: str) -> str:
-  out = s.replace("\\", "\\\\").replace('"', '\\"')
-  return '"' + "".join(c if c.isprintable() else f"\\U{ord(c):08x}" for c in out) + '"'
-
-
-def _toml_route(route: Route) -> str:
-  return "{" + ", ".join(f"{g} = {w!r}" for g, w in route.items()) + "}" if route else "{}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -408,7 +389,7 @@ def compose(policies: Union[Policy, PolicySet, Iterable[Policy]]) -> PolicySet:
   for p in items:
     if not isinstance(p, Policy):
       raise PolicyError(f"compose expects Policy objects, got {type(p).__name__}; verify signed policies first "
-                        "with verify_policy")
+                        "with aqgov.documents.verify(POLICY, signed, trust)")
     if p.id not in {q.id for q in unique}:
       unique.append(p)
   if not unique:
@@ -430,61 +411,9 @@ def compose(policies: Union[Policy, PolicySet, Iterable[Policy]]) -> PolicySet:
 
 
 # ---------------------------------------------------------------------------------------------
-# Signing and files
+# Signed documents
 
 
-def sign_policy(policy: Union[Policy, SignedDocument], key: SigningKey) -> SignedDocument:
-  """A signed routing-policy document; signing a signed one adds (or renews) `key`'s signature."""
-  if isinstance(policy, SignedDocument):
-    if policy.kind != KIND:
-      raise PolicyError(f"cannot sign a {policy.kind!r} document as a routing policy")
-    _policy_of(policy)
-    return signing.sign(policy, key)
-  if not isinstance(policy, Policy):
-    raise PolicyError(f"sign_policy expects a Policy or a signed policy, got {type(policy).__name__}")
-  return signing.sign(SignedDocument(KIND, policy.to_dict()), key)
-
-
-def _policy_of(doc: SignedDocument) -> Policy:
-  policy = Policy.from_dict(doc.payload)
-  if canonical.encode(policy.to_dict()) != canonical.encode(doc.payload):
-    raise PolicyError(f"signed policy {doc.id[:16]}... is not in normal form; re-create it with `aqgov policy sign`")
-  return policy
-
-
-def verify_policy(signed: SignedDocument, trust: TrustStore, min_signers: int = 1) -> Policy:
-  """The policy in `signed` once at least `min_signers` trusted signatures verify.
-
-  Raises `SignatureError` when unsigned, forged, altered or signed only by untrusted keys, and
-  `PolicyError` when the signed payload is not a valid policy.
-  """
-  if not isinstance(signed, SignedDocument) or signed.kind != KIND:
-    raise PolicyError("verify_policy expects a signed routing-policy document; read it with read_signed_policy")
-  signing.verify(signed, trust, min_signers=min_signers)
-  return _policy_of(signed)
-
-
-def signers(signed: SignedDocument) -> tuple[str, ...]:
-  """Names recorded on the signatures (unverified)."""
-  return tuple(s.signer for s in signed.signatures)
-
-
-def write_signed_policy(signed: SignedDocument, path: str | os.PathLike) -> Path:
-  """Write a signed policy atomically."""
-  if signed.kind != KIND:
-    raise PolicyError(f"refusing to write a {signed.kind!r} document as a signed policy")
-  return atomic_write(path, signed.to_bytes())
-
-
-def read_signed_policy(path: str | os.PathLike) -> SignedDocument:
-  """Read a signed policy file (signatures are not checked here: use `verify_policy`)."""
-  return SignedDocument.from_bytes(signing.read_bytes(path, PolicyError, "signed policy"), kind=KIND)
-
-
-def read_policy(path: str | os.PathLike) -> Policy:
-  """A policy from a TOML file or a signed file, WITHOUT checking signatures (for inspection).
-
-  Use `verify_policy(read_signed_policy(path), trust)` wherever the policy governs training.
-  """
-  doc = signing.read_signed_or_text(path, KIND, PolicyError, "routing policy")
-  return _policy_of(doc) if isinstance(doc, SignedDocument) else Policy.from_toml(doc)
+POLICY: DocumentType[Policy] = register(DocumentType(
+    name="policy", kind=KIND, noun="routing policy", to_payload=Policy.to_dict, from_payload=Policy.from_dict,
+    error=PolicyError, from_text=Policy.from_toml))
