@@ -1,4 +1,4 @@
-"""Canonical bytes, keys, signatures and Merkle trees: what every signed artefact is made of."""
+"""Canonical bytes, keys, signatures, signed notes and Merkle trees: what every signed artefact is made of."""
 
 from aqgov.documents._canonical import (
     CanonicalError,
@@ -30,6 +30,24 @@ from aqgov.documents._merkle import (
     verify_consistency,
     verify_inclusion,
 )
+from aqgov.documents._note import (
+    COSIGNATURE_V1,
+    ED25519,
+    Checkpoint,
+    Note,
+    NoteKey,
+    NoteSignature,
+    cosign,
+    cosignature_time,
+    key_hash,
+    note_key,
+    parse_checkpoint,
+    parse_note,
+    parse_signature_lines,
+    parse_verifier_key,
+    sign_note,
+    verify_note,
+)
 from aqgov.documents._signing import (
     Signature,
     SignedDocument,
@@ -41,6 +59,22 @@ from aqgov.documents._signing import (
 __all__ = [
     "atomic_write",
     "CanonicalError",
+    "Checkpoint",
+    "COSIGNATURE_V1",
+    "cosign",
+    "cosignature_time",
+    "ED25519",
+    "key_hash",
+    "Note",
+    "note_key",
+    "NoteKey",
+    "NoteSignature",
+    "parse_checkpoint",
+    "parse_note",
+    "parse_signature_lines",
+    "parse_verifier_key",
+    "sign_note",
+    "verify_note",
     "CompactRange",
     "decode",
     "digest_hex",

@@ -9,7 +9,8 @@ root or proof.
 from __future__ import annotations
 
 import hashlib
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 HASH_SIZE = 32
 EMPTY_ROOT = hashlib.sha256(b"").digest()
@@ -196,7 +197,7 @@ class CompactRange(NamedTuple):
   size: int = 0
   peaks: tuple[bytes, ...] = ()
 
-  def append(self, leaf_h: bytes) -> "CompactRange":
+  def append(self, leaf_h: bytes) -> CompactRange:
     peaks, size, h = list(self.peaks), self.size, leaf_h
     while size & 1:
       h = node_hash(peaks.pop(), h)

@@ -4,14 +4,17 @@ _segments  framed segment files and `LogReader`, which checks every record as it
 _scan      `scan`: one pass over a log for record hashes, Merkle roots and chosen bodies
 _heads     `LogHead` and the signed tree heads in `heads.seg`
 _writer    the asynchronous `LineageWriter` and `open_for_resume`
+_cosign    witnesses the writer submits signed heads to (`WitnessRef`, `as_witness`)
 """
 
+from aqgov.lineage._cosign import WitnessRef, as_witness
 from aqgov.lineage._heads import LogHead, read_heads
 from aqgov.lineage._scan import LogScan, scan
 from aqgov.lineage._segments import LogReader, records
 from aqgov.lineage._writer import LineageWriter, open_for_resume
 
 __all__ = [
+  "as_witness",
   "LineageWriter",
   "LogHead",
   "LogReader",
@@ -20,4 +23,5 @@ __all__ = [
   "read_heads",
   "records",
   "scan",
+  "WitnessRef",
 ]
