@@ -312,3 +312,20 @@ def test_witness_serve_cli_parses_its_logs(tmp_path):
   assert _log_entry(f"{ORIGIN}={k.verifier_key}") == (origin, k)
   out = CliRunner().invoke(main, ["witness", "vkey", str(pub), "--name", ORIGIN, "--log"])
   assert out.output.strip() == k.verifier_key
+
+
+def test_a_governed_run_is_witnessed_and_its_resume_keeps_the_recorded_witnesses(setup):
+  from aqgov.lineage._run import GovernedRun
+
+  from lineage_helpers import batches, examples_file, make_run, trust_of
+
+  run_key, witness, server, tmp_path = setup
+  data = examples_file(tmp_path / "examples.jsonl")
+  run = tmp_path / "governed"
+  make_run(run, data, 3, key=run_key, run_id="run-1", witnesses=[(server.url, witness.note_key.verifier_key)])
+  assert verify_lineage(run, trust_of(run), witnesses=[witness.note_key]).witnessed == (witness.name,)
+  resumed = GovernedRun.resume(run, key=run_key)
+  resumed.step(batches(data, resumed.next_step))
+  head = resumed.close()
+  assert witness.state(ORIGIN) == (head.size, head.root)
+  assert verify_lineage(run, trust_of(run), witnesses=[witness.note_key]).size == head.size
