@@ -17,6 +17,10 @@ class SignatureError(AqgovError):
   """A signature does not verify, or its key is not trusted."""
 
 
+class NoteError(SignatureError):
+  """A signed note, checkpoint or cosignature is malformed, or carries no valid signature by a known key."""
+
+
 class TaxonomyError(AqgovError):
   """A taxonomy is malformed, or labels do not fit it."""
 
@@ -94,6 +98,15 @@ class ReplayDivergence(LineageError):
     self.step = step
     self.group = group
     self.example_id = example_id
+
+
+class WitnessError(LineageError):
+  """A witness refused a checkpoint, could not be reached, or did not cosign; `status` is its HTTP status."""
+
+  def __init__(self, message: str, *, status: int | None = None, size: int | None = None):
+    super().__init__(message)
+    self.status = status
+    self.size = size
 
 
 class CheckpointError(AqgovError):

@@ -50,3 +50,7 @@ from aqgov.cli import profile as _profile  # noqa: E402
 
 main.add_command(_profile.profile)
 main.add_command(_profile.override)
+
+from aqgov.cli import witness as _witness  # noqa: E402
+
+main.add_command(_witness.witness)

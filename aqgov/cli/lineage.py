@@ -55,13 +55,18 @@ _MORE_KEYS = click.argument("more_keys", nargs=-1, type=click.Path(exists=True, 
 @click.option("--parent-dir", multiple=True, help="Directory of a parent run (or RUN_ID=DIR) not where recorded.")
 @click.option("--require-closed", is_flag=True, help="Fail unless the run ended with a signed run-end.")
 @click.option("--strict", is_flag=True, help="Fail when a referenced document or parent run is not present.")
+@click.option("--witness", "witnesses", multiple=True,
+              help="A witness that must have cosigned the final head: its verifier key (NAME+HASH+KEY) or .pub "
+                   "file. Repeatable; implies --require-closed.")
 def verify_cmd(run_dir: str, more_keys: tuple[str, ...], trust: tuple[str, ...], parent_dir: tuple[str, ...],
-               require_closed: bool, strict: bool) -> None:
-  """Check every record, the chain, Merkle roots, signed heads, references and parent runs."""
+               require_closed: bool, strict: bool, witnesses: tuple[str, ...]) -> None:
+  """Check every record, the chain, Merkle roots, signed heads, references, parent runs and witnesses."""
   from aqgov.lineage._verify import verify_lineage
 
   report = verify_lineage(run_dir, _trust(trust + more_keys), parent_dirs=_parent_dirs(parent_dir),
-                          require_closed=require_closed, require_references=strict)
+                          require_closed=require_closed, require_references=strict, witnesses=witnesses)
+  if report.witnessed:
+    click.echo(f"OK final head (size {report.size}) cosigned by witness(es) {', '.join(report.witnessed)}")
   r = report
   while r is not None:
     state = "closed" if r.closed else f"open, {r.unsigned} unsigned record(s) after the last head"

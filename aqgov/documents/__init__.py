@@ -1,5 +1,5 @@
-"""Canonical bytes, keys, signatures, Merkle trees and signed document types: what every signed
-artefact is made of."""
+"""Canonical bytes, keys, signatures, signed notes, Merkle trees and signed document types: what
+every signed artefact is made of."""
 
 from aqgov.documents._canonical import (
     CanonicalError,
@@ -37,6 +37,24 @@ from aqgov.documents._merkle import (
     verify_consistency,
     verify_inclusion,
 )
+from aqgov.documents._note import (
+    COSIGNATURE_V1,
+    ED25519,
+    Checkpoint,
+    Note,
+    NoteKey,
+    NoteSignature,
+    cosign,
+    cosignature_time,
+    key_hash,
+    note_key,
+    parse_checkpoint,
+    parse_note,
+    parse_signature_lines,
+    parse_verifier_key,
+    sign_note,
+    verify_note,
+)
 from aqgov.documents._signing import (
     Signature,
     SignedDocument,
@@ -68,6 +86,22 @@ __all__ = [
     "atomic_write",
     "AUTHORITY",
     "CanonicalError",
+    "Checkpoint",
+    "COSIGNATURE_V1",
+    "cosign",
+    "cosignature_time",
+    "ED25519",
+    "key_hash",
+    "Note",
+    "note_key",
+    "NoteKey",
+    "NoteSignature",
+    "parse_checkpoint",
+    "parse_note",
+    "parse_signature_lines",
+    "parse_verifier_key",
+    "sign_note",
+    "verify_note",
     "CompactRange",
     "decode",
     "digest_hex",

@@ -1,15 +1,18 @@
 """RFC 9162 (Certificate Transparency v2) Merkle trees: roots, inclusion and consistency proofs.
 
 Leaf hash `SHA-256(0x00 || data)`, interior `SHA-256(0x01 || left || right)`, the empty tree
-hashes to `SHA-256("")`. A tree of n leaves splits at the largest power of two below n; building
-levels bottom-up and promoting an unpaired last node gives exactly that tree.
+hashes to `SHA-256("")`. A tree of n leaves splits at the largest power of two below n, so its
+left part is always a complete subtree: storing the complete subtrees is enough to rebuild any
+root or proof.
 """
 
 from __future__ import annotations
 
 import hashlib
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
+HASH_SIZE = 32
 EMPTY_ROOT = hashlib.sha256(b"").digest()
 
 
@@ -21,22 +24,9 @@ def node_hash(left: bytes, right: bytes) -> bytes:
   return hashlib.sha256(b"\x01" + left + right).digest()
 
 
-def _levels(leaf_hashes: Sequence[bytes]) -> list[list[bytes]]:
-  levels = [list(leaf_hashes)]
-  while len(levels[-1]) > 1:
-    prev = levels[-1]
-    nxt = [node_hash(prev[i], prev[i + 1]) for i in range(0, len(prev) - 1, 2)]
-    if len(prev) % 2:
-      nxt.append(prev[-1])
-    levels.append(nxt)
-  return levels
-
-
 def root_from_leaf_hashes(leaf_hashes: Sequence[bytes]) -> bytes:
   """MTH over already-hashed leaves."""
-  if not leaf_hashes:
-    return EMPTY_ROOT
-  return _levels(leaf_hashes)[-1][0]
+  return MerkleTree(leaf_hashes).root
 
 
 def root(leaves: Sequence[bytes]) -> bytes:
@@ -45,43 +35,89 @@ def root(leaves: Sequence[bytes]) -> bytes:
 
 
 class MerkleTree:
-  """A fixed tree over leaf hashes, answering proofs in O(log n) after O(n) construction."""
+  """A tree over leaf hashes that grows by `append` and answers proofs for any size it has held.
 
-  def __init__(self, leaf_hashes: Sequence[bytes]):
+  It stores only complete aligned subtrees (level h holds the roots of leaves
+  `[i * 2^h, (i + 1) * 2^h)`, 32 bytes each, about 64 bytes per leaf in all), so any subtree hash,
+  and so any root, inclusion or consistency proof at a size up to `size`, takes O(log^2 n).
+  """
+
+  def __init__(self, leaf_hashes: Sequence[bytes] = ()):
+    if not _hashes(*leaf_hashes):
+      raise ValueError(f"leaf hashes are {HASH_SIZE} bytes each")
     self.size = len(leaf_hashes)
-    self._levels = _levels(leaf_hashes) if leaf_hashes else [[]]
+    self._levels: list[bytearray] = []
+    level = [bytes(h) for h in leaf_hashes]
+    while True:
+      self._levels.append(bytearray(b"".join(level)))
+      if len(level) < 2:
+        break
+      level = [node_hash(level[i], level[i + 1]) for i in range(0, len(level) - 1, 2)]
 
-  @property
-  def root(self) -> bytes:
-    return self._levels[-1][0] if self.size else EMPTY_ROOT
+  def append(self, leaf_h: bytes) -> None:
+    """Add one leaf hash at the right edge."""
+    if len(leaf_h) != HASH_SIZE:
+      raise ValueError(f"a leaf hash is {HASH_SIZE} bytes, got {len(leaf_h)}")
+    self._levels[0] += leaf_h
+    self.size += 1
+    n, h = self.size, 0
+    while n % 2 == 0:  # the new leaf completes a subtree at level h + 1
+      level = self._levels[h]
+      if len(self._levels) == h + 1:
+        self._levels.append(bytearray())
+      self._levels[h + 1] += node_hash(bytes(level[-2 * HASH_SIZE:-HASH_SIZE]), bytes(level[-HASH_SIZE:]))
+      n //= 2
+      h += 1
+
+  def _node(self, h: int, i: int) -> bytes:
+    return bytes(self._levels[h][i * HASH_SIZE:(i + 1) * HASH_SIZE])
 
   def _subtree(self, lo: int, hi: int) -> bytes:
-    """MTH(D[lo:hi]) for ranges the RFC recursion produces (aligned, or ending at a tree edge)."""
+    """MTH(D[lo:hi]) for the ranges RFC 9162's recursion produces (lo aligned to the split)."""
     n = hi - lo
-    if n == 1:
-      return self._levels[0][lo]
-    h = (n - 1).bit_length()  # smallest height whose span covers n
-    if lo % (1 << h) == 0 and (n == (1 << h) or hi == self.size):
-      return self._levels[h][lo >> h]
+    if n & (n - 1) == 0 and lo % n == 0:
+      return self._node(n.bit_length() - 1, lo // n)
     k = 1 << ((n - 1).bit_length() - 1)
     return node_hash(self._subtree(lo, lo + k), self._subtree(lo + k, hi))
 
-  def inclusion_proof(self, index: int) -> list[bytes]:
-    """Audit path for leaf `index` (RFC 9162 2.1.3.1), ordered leaf to root."""
-    if not 0 <= index < self.size:
-      raise IndexError(f"leaf {index} outside tree of size {self.size}")
-    path, i = [], index
-    for level in self._levels[:-1]:
-      sibling = i ^ 1
-      if sibling < len(level):
-        path.append(level[sibling])
-      i >>= 1
-    return path
+  def _size(self, size: int | None) -> int:
+    if size is None:
+      return self.size
+    if not 0 <= size <= self.size:
+      raise IndexError(f"tree size {size} not in 0..{self.size}")
+    return size
 
-  def consistency_proof(self, old_size: int) -> list[bytes]:
-    """Proof that the first `old_size` leaves are a prefix of this tree (RFC 9162 2.1.4.1)."""
-    if not 0 < old_size <= self.size:
-      raise IndexError(f"old size {old_size} not in 1..{self.size}")
+  def root_at(self, size: int | None = None) -> bytes:
+    """MTH of the first `size` leaves (all of them by default)."""
+    size = self._size(size)
+    return self._subtree(0, size) if size else EMPTY_ROOT
+
+  @property
+  def root(self) -> bytes:
+    return self.root_at()
+
+  def inclusion_proof(self, index: int, size: int | None = None) -> list[bytes]:
+    """Audit path for leaf `index` in the tree of `size` leaves (RFC 9162 2.1.3.1), leaf to root."""
+    size = self._size(size)
+    if not 0 <= index < size:
+      raise IndexError(f"leaf {index} outside tree of size {size}")
+
+    def path(m: int, lo: int, hi: int) -> list[bytes]:
+      n = hi - lo
+      if n == 1:
+        return []
+      k = 1 << ((n - 1).bit_length() - 1)
+      if m < k:
+        return path(m, lo, lo + k) + [self._subtree(lo + k, hi)]
+      return path(m - k, lo + k, hi) + [self._subtree(lo, lo + k)]
+
+    return path(index, 0, size)
+
+  def consistency_proof(self, old_size: int, size: int | None = None) -> list[bytes]:
+    """Proof that the first `old_size` leaves are a prefix of the first `size` (RFC 9162 2.1.4.1)."""
+    size = self._size(size)
+    if not 0 < old_size <= size:
+      raise IndexError(f"old size {old_size} not in 1..{size}")
 
     def subproof(m: int, lo: int, hi: int, complete: bool) -> list[bytes]:
       n = hi - lo
@@ -92,12 +128,16 @@ class MerkleTree:
         return subproof(m, lo, lo + k, complete) + [self._subtree(lo + k, hi)]
       return subproof(m - k, lo + k, hi, False) + [self._subtree(lo, lo + k)]
 
-    return subproof(old_size, 0, self.size, True)
+    return subproof(old_size, 0, size, True)
+
+
+def _hashes(*hs: bytes) -> bool:
+  return all(isinstance(h, (bytes, bytearray)) and len(h) == HASH_SIZE for h in hs)
 
 
 def verify_inclusion(leaf_h: bytes, index: int, size: int, path: Sequence[bytes], expected_root: bytes) -> bool:
-  """RFC 9162 2.1.3.2."""
-  if not 0 <= index < size:
+  """RFC 9162 2.1.3.2. Every hash must be 32 bytes."""
+  if not 0 <= index < size or not _hashes(leaf_h, expected_root, *path):
     return False
   fn, sn, r = index, size - 1, leaf_h
   for p in path:
@@ -117,11 +157,13 @@ def verify_inclusion(leaf_h: bytes, index: int, size: int, path: Sequence[bytes]
 
 
 def verify_consistency(old_size: int, new_size: int, old_root: bytes, new_root: bytes, proof: Sequence[bytes]) -> bool:
-  """RFC 9162 2.1.4.2."""
+  """RFC 9162 2.1.4.2. Equal sizes need an empty proof and equal roots; otherwise every hash is 32 bytes."""
   if not 0 < old_size <= new_size:
     return False
   if old_size == new_size:
     return not proof and old_root == new_root
+  if not _hashes(old_root, new_root, *proof):
+    return False
   path = list(proof)
   if old_size & (old_size - 1) == 0:  # power of two: old root is the first node
     path.insert(0, old_root)
@@ -155,7 +197,7 @@ class CompactRange(NamedTuple):
   size: int = 0
   peaks: tuple[bytes, ...] = ()
 
-  def append(self, leaf_h: bytes) -> "CompactRange":
+  def append(self, leaf_h: bytes) -> CompactRange:
     peaks, size, h = list(self.peaks), self.size, leaf_h
     while size & 1:
       h = node_hash(peaks.pop(), h)

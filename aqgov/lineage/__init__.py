@@ -6,6 +6,8 @@ _segments    framed segment files and `LogReader`, which checks every record it 
 _scan        `scan`: one pass for record hashes, Merkle roots and chosen bodies
 _heads       `LogHead` and the signed tree heads
 _writer      the asynchronous `LineageWriter` and `open_for_resume`
+_witness     a C2SP tlog witness (`Witness`, `WitnessServer`)
+_cosign      signed heads as checkpoints submitted to witnesses, and their cosignatures checked
 _log         the log's names in one module (for the run)
 _verify      `verify_lineage`: records, chain, heads, references, parent runs
 _history     which records still describe the params after resumes (the resume rule)
@@ -18,6 +20,7 @@ _run         `GovernedRun`: the run directory and the governed loop
 """
 
 from aqgov.lineage._checkpoint import Checkpoints
+from aqgov.lineage._cosign import WitnessRef, check_witnessed, cosign_final_head, origin_of, submit
 from aqgov.lineage._export import export_intoto, verify_envelope
 from aqgov.lineage._heads import LogHead, read_heads
 from aqgov.lineage._history import CheckpointRef, History, history
@@ -29,6 +32,7 @@ from aqgov.lineage._segments import LogReader
 from aqgov.lineage._summary import StepSummary, fingerprint, params_sha256, summarize
 from aqgov.lineage._task import Task, TrainState, load_task
 from aqgov.lineage._verify import VerifyReport, consistency_proof, verify_lineage
+from aqgov.lineage._witness import Witness, WitnessServer
 from aqgov.lineage._writer import LineageWriter, open_for_resume
 
 __all__ = [
@@ -46,6 +50,11 @@ __all__ = [
     "Task",
     "TrainState",
     "VerifyReport",
+    "Witness",
+    "WitnessRef",
+    "WitnessServer",
+    "check_witnessed",
+    "cosign_final_head",
     "consistency_proof",
     "describe",
     "export_intoto",
@@ -53,11 +62,13 @@ __all__ = [
     "history",
     "load_task",
     "membership",
+    "origin_of",
     "open_for_resume",
     "params_sha256",
     "read_heads",
     "replay",
     "scan",
+    "submit",
     "summarize",
     "verify_envelope",
     "verify_lineage",

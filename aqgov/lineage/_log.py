@@ -4,8 +4,10 @@ _segments  framed segment files and `LogReader`, which checks every record as it
 _scan      `scan`: one pass over a log for record hashes, Merkle roots and chosen bodies
 _heads     `LogHead` and the signed tree heads in `heads.seg`
 _writer    the asynchronous `LineageWriter` and `open_for_resume`
+_cosign    witnesses the writer submits signed heads to (`WitnessRef`, `as_witness`)
 """
 
+from aqgov.lineage._cosign import WitnessRef, as_witness
 from aqgov.lineage._heads import HEAD, LogHead, read_heads, run_trust
 from aqgov.lineage._scan import LogScan, scan
 from aqgov.lineage._segments import LogReader, records
@@ -13,6 +15,7 @@ from aqgov.lineage._writer import LineageWriter, open_for_resume
 
 __all__ = [
   "HEAD",
+  "as_witness",
   "LineageWriter",
   "LogHead",
   "LogReader",
@@ -22,4 +25,5 @@ __all__ = [
   "records",
   "run_trust",
   "scan",
+  "WitnessRef",
 ]

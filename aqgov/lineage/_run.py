@@ -113,14 +113,17 @@ class GovernedRun:
             manifests: Iterable[Document] = (), trust: TrustStore | Iterable[PublicKey | str | os.PathLike] = (),
             parent: str | os.PathLike | None = None, config: Mapping[str, Any] | None = None,
             checkpoint_every: int = 100, head_every: int = 1024, fsync: str = "tree-head",
-            run_id: str | None = None, max_to_keep: int | None = None) -> "GovernedRun":
+            run_id: str | None = None, max_to_keep: int | None = None,
+            witnesses: Sequence[tuple[str, Any]] = ()) -> "GovernedRun":
     """Create `run_dir` (empty or absent), record run-start and checkpoint the initial state.
 
     `task` is "module:attr" (see `aqgov.lineage.task`); `trust` are the public keys of the
     authorities whose documents the run relies on (copied into keys/); `parent` is the directory
     of the run this one continues (its last signed head is recorded). Without `key` a run key is
     generated and kept in keys/run.key; keys/ records the run key in the run role, so it never
-    verifies as the signer of a policy, profile, override or manifest.
+    verifies as the signer of a policy, profile, override or manifest. `witnesses` are (url,
+    witness key) pairs: each signed head is submitted to them for a cosignature, and `close` fails
+    unless all cosign the final one.
     """
     layout = RunLayout(run_dir)
     if layout.root.exists() and any(layout.root.iterdir()):
@@ -141,6 +144,7 @@ class GovernedRun:
       _write_public(key.public._replace(roles=(keylib.RUN,)), layout.keys)
     parent_ref = _parent_ref(Path(parent), layout) if parent is not None else None
     run_id = run_id or uuid.uuid4().hex
+    witness_refs = [log.as_witness(w) for w in witnesses]
     task_config = dict(task_config or {})
     canonical.encode([task_config, dict(config or {})])  # fail here, not on the writer thread
     # documents first: the task is built from what the run directory holds
@@ -154,8 +158,11 @@ class GovernedRun:
         policies=policy_refs, profiles=profile_refs, manifests=manifest_refs,
         trust=[t.key_id for t in trusted], parent=parent_ref, task=task, task_config=task_config,
         config={**dict(config or {}), "lineage": {"checkpoint_every": checkpoint_every, "head_every": head_every,
-                                                  "fsync": fsync}})
-    writer = log.LineageWriter.create(layout.lineage, key, body, fsync=fsync, head_every=head_every)
+                                                  "fsync": fsync,
+                                                  **({"witnesses": [w.to_wire() for w in witness_refs]}
+                                                     if witness_refs else {})}})
+    writer = log.LineageWriter.create(layout.lineage, key, body, fsync=fsync, head_every=head_every,
+                                      witnesses=witness_refs)
     run = cls(layout, the_task, the_task.init(), writer, Checkpoints(layout.checkpoints, max_to_keep=max_to_keep),
               run_id=run_id, checkpoint_every=checkpoint_every, checkpointed=())
     run.checkpoint()
@@ -163,8 +170,10 @@ class GovernedRun:
 
   @classmethod
   def resume(cls, run_dir: str | os.PathLike, *, key: SigningKey | None = None,
-             max_to_keep: int | None = None) -> "GovernedRun":
-    """Continue a run after a crash, an escalation or a clean close (see the resume rule)."""
+             max_to_keep: int | None = None, witnesses: Sequence[tuple[str, Any]] | None = None) -> "GovernedRun":
+    """Continue a run after a crash, an escalation or a clean close (see the resume rule).
+
+    `witnesses` default to those run-start recorded."""
     layout = RunLayout(run_dir)
     first = next(iter(log.LogReader(layout.lineage)), None)
     if first is None:
@@ -176,7 +185,9 @@ class GovernedRun:
     settings = start["config"].get("lineage", {})
     writer, scan = log.open_for_resume(layout.lineage, key, fsync=settings.get("fsync", "tree-head"),
                                        head_every=int(settings.get("head_every", 1024)),
-                                       bodies=(rec.CHECKPOINT, rec.RUN_RESUME))
+                                       bodies=(rec.CHECKPOINT, rec.RUN_RESUME),
+                                       witnesses=[log.WitnessRef.from_wire(w) for w in settings.get("witnesses", ())]
+                                       if witnesses is None else witnesses)
     try:
       history = hist.history(scan)
       task = load_task(start["config"]["task"], start["config"].get("task_config", {}), layout.root)

@@ -17,7 +17,10 @@ problem, with `index` naming the first bad record when the problem is in a recor
 - policies, profiles and credential manifests named by run-start verify (file digest, document
   id, trusted signature) when their files are in the run directory;
 - a parent run named by run-start verifies too (its directory recorded relative to this run, or
-  given), and holds the signed head this run names.
+  given), and holds the signed head this run names;
+- with `witnesses`, the log is closed and each witness cosigned its final head (the checkpoint in
+  `lineage/cosignatures/<size>.note` names exactly the final size and root), so a log re-signed
+  with the run key, or cut back, after the witnesses saw it is caught.
 
 A torn tail (an interrupted final write) is reported, not an error, unless the run was closed.
 Records after the last signed head are reported as unsigned: they are chained but not signed.
@@ -26,7 +29,7 @@ Records after the last signed head are reported as unsigned: they are chained bu
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -41,6 +44,7 @@ from aqgov.policy import _policy  # noqa: F401
 from aqgov.lineage import _heads as log
 from aqgov.lineage import _record as rec
 from aqgov.lineage import _scan as logscan
+from aqgov.lineage._cosign import check_witnessed, cosigner_key
 from aqgov.lineage._heads import LogHead, read_heads
 
 
@@ -59,6 +63,7 @@ class VerifyReport(NamedTuple):
   checked: tuple[str, ...]
   unchecked: tuple[str, ...]
   parent: VerifyReport | None
+  witnessed: tuple[str, ...] = ()
 
   @property
   def unsigned(self) -> int:
@@ -107,12 +112,14 @@ def _find_parent(run_dir: Path, parent: Mapping, parent_dirs: Mapping[str, str |
 def verify_lineage(run_dir: str | os.PathLike, trust: TrustStore, *,
                    parent_dirs: Mapping[str, str | os.PathLike] | None = None, require_closed: bool = False,
                    require_references: bool = False, check_consistency: bool = True,
-                   _depth: int = 0) -> VerifyReport:
+                   witnesses: Sequence = (), _depth: int = 0) -> VerifyReport:
   """Verify the lineage of `run_dir` against the `trust`ed keys (see the module doc for the checks).
 
   `parent_dirs` maps a parent run id to its directory when it is not where run-start recorded it.
   `require_closed` fails an unclosed log; `require_references` fails when a referenced policy,
   profile, manifest or parent run is not available to check (otherwise it is listed as unchecked).
+  `witnesses` (public keys, `.pub` paths or verifier-key strings) must each have cosigned the final
+  head of a closed log.
   """
   run_dir, ldir = lineage_dir(run_dir)
   parent_dirs = dict(parent_dirs or {})
@@ -144,6 +151,13 @@ def verify_lineage(run_dir: str | os.PathLike, trust: TrustStore, *,
     raise LineageError(f"run {run_id} was not closed (no run-end record): it crashed or is still running; "
                        f"{scan.size - signed_size} records are not covered by a signed head", index=scan.size)
 
+  witnessed: tuple[str, ...] = ()
+  if witnesses:
+    if not closed:
+      raise LineageError(f"run {run_id} is not closed: checked against witnesses, a log must end with run-end, "
+                         "since a log cut back to an earlier cosigned head looks just like a crashed one; resume "
+                         "and close the run, or verify without witnesses", index=scan.size)
+    witnessed = check_witnessed(ldir, run_id, scan.head(), run_key, [cosigner_key(w) for w in witnesses])
   _check_records(scan, trust)
   checked, unchecked = [], []
   for field, what in (("policies", "policy"), ("profiles", "profile"), ("manifests", "credential manifest")):
@@ -174,7 +188,7 @@ def verify_lineage(run_dir: str | os.PathLike, trust: TrustStore, *,
       checked.append(f"parent run {parent['run_id']} at head {parent['head_id'][:16]}... (size {parent['size']})")
 
   return VerifyReport(run_id, run_dir, scan.size, scan.roots[scan.size].hex(), len(heads), signed_size,
-                      run_key.name, closed, torn, tuple(checked), tuple(unchecked), parent_report)
+                      run_key.name, closed, torn, tuple(checked), tuple(unchecked), parent_report, witnessed)
 
 
 def _check_heads(heads, sizes, scan: logscan.LogScan, run_id: str, run_trust: TrustStore, consistency: bool) -> None:

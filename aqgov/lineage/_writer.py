@@ -29,6 +29,7 @@ from aqgov.documents._keys import SigningKey, TrustStore
 from aqgov.errors import LineageError, SignatureError
 from aqgov.lineage import _record as rec
 from aqgov.documents._document_type import sign, verify
+from aqgov.lineage._cosign import Publisher, as_witness
 from aqgov.lineage._heads import HEAD, LogHead, head_payload, read_heads, run_trust
 from aqgov.lineage._scan import LogScan, scan
 from aqgov.lineage._segments import (
@@ -59,6 +60,7 @@ class _Appender:
     self.fsync, self.head_every, self.segment_bytes = fsync, head_every, segment_bytes
     self.since_head = 0
     self.head_size = -1
+    self.witness: Publisher | None = None  # submits signed heads to witnesses, when the run names any
     (self.dir / "segments").mkdir(parents=True, exist_ok=True)
     self._seg_fd: int | None = None
     self._seg_bytes = 0
@@ -102,7 +104,10 @@ class _Appender:
     digest = rec.record_hash(data)
     self.size += 1
     self.last_hash = digest
-    self.compact = self.compact.append(merkle.leaf_hash(digest))
+    leaf = merkle.leaf_hash(digest)
+    self.compact = self.compact.append(leaf)
+    if self.witness is not None:
+      self.witness.add_leaf(leaf)
     self.since_head += 1
     if self.since_head >= self.head_every:
       self.sign_head()
@@ -118,9 +123,13 @@ class _Appender:
     self.prev_head = doc.id
     self.since_head = 0
     self.head_size = self.size
+    if self.witness is not None:
+      self.witness.publish(self.head())
     return doc
 
   def close(self) -> None:
+    if self.witness is not None:
+      self.witness.stop()
     for fd in (self._seg_fd, self._heads_fd):
       if fd is not None:
         os.close(fd)
@@ -152,14 +161,21 @@ class LineageWriter:
   @classmethod
   def create(cls, lineage_dir: str | os.PathLike, key: SigningKey, run_start: Mapping[str, Any], *,
              fsync: str = "tree-head", head_every: int = 1024, segment_bytes: int = 64 << 20,
-             queue_size: int = 64) -> LineageWriter:
-    """Start a new log in `lineage_dir` (which must hold none) with `run_start` as record 0."""
+             queue_size: int = 64, witnesses: Sequence = (), witness_timeout: float = 10.0) -> LineageWriter:
+    """Start a new log in `lineage_dir` (which must hold none) with `run_start` as record 0.
+
+    `witnesses` are `(url, key)` pairs (see `aqgov.lineage.cosign`): every signed head is submitted
+    to each of them, and `close` fails unless each cosigned the final head.
+    """
     d = Path(lineage_dir)
     if (d / "segments").exists() and any((d / "segments").iterdir()):
       raise LineageError(f"{d} already holds a lineage; resume it with open_for_resume or choose a new directory")
+    refs = [as_witness(w) for w in witnesses]
     d.mkdir(parents=True, exist_ok=True)
     app = _Appender(d, key, str(run_start["run_id"]), size=0, last_hash=rec.GENESIS, compact=merkle.CompactRange(),
                     prev_head=None, fsync=fsync, head_every=head_every, segment_bytes=segment_bytes)
+    if refs:
+      app.witness = Publisher(d, key, app.run_id, refs, timeout=witness_timeout)
     app.append(rec.RUN_START, run_start)
     app.sign_head()
     return cls(app, queue_size=queue_size)
@@ -242,7 +258,10 @@ class LineageWriter:
     return self._cpu_s
 
   def close(self, *, status: str = "completed", step: int | None = None) -> LogHead:
-    """Write the run-end record, sign the final head, close the files and stop the thread."""
+    """Write the run-end record, sign the final head, close the files and stop the thread.
+
+    With witnesses, raises `WitnessError` (after closing) unless each cosigned the final head.
+    """
     def op():
       self._app.append(rec.RUN_END, rec.run_end_body(step=self._last_step if step is None else step, status=status))
       if self._app.head_size != self._app.size:
@@ -255,6 +274,8 @@ class LineageWriter:
       self._queue.put(_STOP)
       self._thread.join()
       self._app.close()
+    if self._app.witness is not None:
+      self._app.witness.finish(head)
     return head
 
   def abandon(self) -> None:
@@ -277,7 +298,8 @@ class _Done:
 
 def open_for_resume(lineage_dir: str | os.PathLike, key: SigningKey, *, fsync: str = "tree-head",
                     head_every: int = 1024, segment_bytes: int = 64 << 20, queue_size: int = 64,
-                    bodies: Sequence[str] = ()) -> tuple[LineageWriter, LogScan]:
+                    bodies: Sequence[str] = (), witnesses: Sequence = (),
+                    witness_timeout: float = 10.0) -> tuple[LineageWriter, LogScan]:
   """Reopen a log for appending after a crash or a clean stop.
 
   Checks every record (frame digests, chain, seq) and every tree head (signature by `key`, root and
@@ -286,6 +308,7 @@ def open_for_resume(lineage_dir: str | os.PathLike, key: SigningKey, *, fsync: s
   prev = the hash of the last one, so there is no gap and no duplicate. Raises `LineageError` if
   anything other than a torn tail is wrong (verify the log to see exactly what). The returned scan
   holds the bodies of the kinds in `bodies` (and run-start) and the root before each checkpoint.
+  `witnesses` are submitted each head from now on, as in `LineageWriter.create`.
   """
   d = Path(lineage_dir)
   heads, heads_torn = read_heads(d)
@@ -312,9 +335,12 @@ def open_for_resume(lineage_dir: str | os.PathLike, key: SigningKey, *, fsync: s
   if log.size == 0:
     raise LineageError(f"{d} holds no complete record (not even run-start); start a new run instead")
   start = log.bodies[0]
+  refs = [as_witness(w) for w in witnesses]
   app = _Appender(d, key, str(start["run_id"]), size=log.size, last_hash=log.record_hash(log.size - 1),
                   compact=log.compact, prev_head=heads[-1].id if heads else None, fsync=fsync,
                   head_every=head_every, segment_bytes=segment_bytes)
+  if refs:
+    app.witness = Publisher(d, key, app.run_id, refs, log.leaf_hashes(), timeout=witness_timeout)
   if heads:
     app.head_size = sizes[-1]
   return LineageWriter(app, queue_size=queue_size), log
