@@ -166,6 +166,8 @@ def _trace(grad_fn: Callable, params: PyTree, example: PyTree, found: list[str])
     with linen.intercept_methods(watch):
       return jax.make_jaxpr(grad_fn)(_abstract(params), _abstract(example)), None
   except NameError as exc:  # an unbound axis name: the loss expects to run over a batch axis
+    if not jc.unbound_axis(exc):
+      raise
     return None, exc
   except Exception:  # noqa: BLE001 - a coupled layer may fail to trace; report it first
     if not found and not (watch and watch.found):

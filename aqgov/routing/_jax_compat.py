@@ -120,6 +120,11 @@ def collectives(jaxpr) -> list[str]:
   return out
 
 
+def unbound_axis(exc: BaseException) -> bool:
+  """Whether `exc` is JAX's error for a collective over an axis name no transform binds."""
+  return isinstance(exc, NameError) and "axis name" in str(exc)
+
+
 class ScanParams(NamedTuple):
   num_consts: int
   num_carry: int

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from aqgov.errors import BatchCouplingError, RoutingError
 from aqgov.routing import _ghost_norms as ghost_norms
+from aqgov.routing import _jax_compat as jc
 from aqgov.routing._analysis import CONST, Kind, Uses, analyze, inexact, is_param
 
 
@@ -41,7 +42,7 @@ def trace(loss_fn: Callable, p_leaves, p_def, ex_structs, ex_def):
     closed, shape = jax.make_jaxpr(flat, return_shape=True)(
         [struct(p) for p in p_leaves], list(ex_structs))
   except NameError as e:
-    if "axis name" not in str(e):
+    if not jc.unbound_axis(e):
       raise
     raise BatchCouplingError(
         f"the loss uses a collective over a named axis ({e}); that mixes examples, so "
