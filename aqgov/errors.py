@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class AqgovError(Exception):
   """Base class of every error aqgov raises on purpose."""
@@ -65,9 +67,14 @@ class OverrideError(AqgovError):
 
 
 class GovernanceEscalation(AqgovError):
-  """Training stopped at a step boundary for a human; the state to resume from is attached."""
+  """Training stopped at a step boundary for a human; the state to resume from is attached.
 
-  def __init__(self, message: str, *, step: int | None = None, events: tuple = (), state=None):
+  `events` are the entropy `Event`s that escalated; `state` is the pytree to resume from (the
+  optax state, or the governed `TrainState`). Both are typed loosely: errors sit below every layer.
+  """
+
+  def __init__(self, message: str, *, step: int | None = None, events: tuple[Any, ...] = (),
+               state: Any = None):
     super().__init__(message)
     self.step = step
     self.events = events

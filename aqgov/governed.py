@@ -116,7 +116,8 @@ def governed_step(loss_fn: Callable, compiled: CompiledPolicy, optimizer: optax.
         step=number, example_index=batch["index"], route_class=compiled.route_class(labels),
         weights=compiled.group_weights(labels), contribution_norms=norms, loss=loss, params=params,
         leaf_group=compiled.leaf_group, key=fingerprint_seed, measurements=measurements,
-        events=enforce_state(opt_state).events if governed else ())
+        events=enforce_state(opt_state).events if governed else (),
+        seen=compiled.group_visibility(labels) if compiled.has_visibility else None)
     return TrainState(number, params, opt_state, GovernanceState(~finite)), summary
 
   return tx, step

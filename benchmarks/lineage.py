@@ -37,10 +37,10 @@ import optax
 
 from aqgov.documents import _keys as keys
 from aqgov.documents._keys import TrustStore
-from aqgov.lineage import _log as log
 from aqgov.lineage import _record as rec
 from aqgov.lineage._summary import StepSummary, summarize
 from aqgov.lineage._verify import verify_lineage
+from aqgov.lineage._writer import LineageWriter
 from aqgov.policy._paths import tree_paths
 
 
@@ -64,7 +64,7 @@ def bench_write_verify(records: int, batch: int, groups: int, directory: Path) -
   digests = [os.urandom(32) for _ in range(batch)]
   start = rec.run_start_body(run_id="bench", signer=key.key_id, groups=[f"g{g}" for g in range(groups)])
   t0 = time.perf_counter()
-  writer = log.LineageWriter.create(directory / "lineage", key, start, head_every=1024)
+  writer = LineageWriter.create(directory / "lineage", key, start, head_every=1024)
   for s in range(records):
     writer.append(summaries[s % len(summaries)]._replace(step=np.int32(s + 1)), ids, digests)
   writer.close()
@@ -102,7 +102,7 @@ def _mlp(batch: int, groups: int, width: int = 256):
     return optax.apply_updates(p, u), o, loss
 
   def governed(p, o, x, y, rc, step):
-    (_, per), g = jax.value_and_grad(lambda p: (jnp.mean(l := losses(p, x, y)), l), has_aux=True)(p)
+    (_, per), g = jax.value_and_grad(lambda p: (jnp.mean(per_example := losses(p, x, y)), per_example), has_aux=True)(p)
     u, o = opt.update(g, o, p)
     p = optax.apply_updates(p, u)
     w = table[rc]
@@ -152,7 +152,7 @@ def bench_overhead(batch: int, groups: int, steps: int, repeats: int, directory:
       writer = None
       if name == "writer":
         start = rec.run_start_body(run_id=f"overhead{r}", signer=key.key_id, groups=[f"g{g}" for g in range(groups)])
-        writer = log.LineageWriter.create(directory / f"overhead{r}", key, start, head_every=1024)
+        writer = LineageWriter.create(directory / f"overhead{r}", key, start, head_every=1024)
       c0, t0 = time.process_time(), time.perf_counter()
       run_plain() if name == "plain" else run_governed(writer)
       wall[name].append(time.perf_counter() - t0)
@@ -164,7 +164,7 @@ def bench_overhead(batch: int, groups: int, steps: int, repeats: int, directory:
       cpu[name].append(time.process_time() - c0)
 
   def pct(d, a, b):
-    return 100 * (statistics.median(x / y for x, y in zip(d[a], d[b])) - 1)
+    return 100 * (statistics.median(x / y for x, y in zip(d[a], d[b], strict=True)) - 1)
 
   step_s = statistics.median(wall["summary"]) / steps
   return {"step_ms": statistics.median(wall["plain"]) / steps * 1e3,

@@ -5,7 +5,9 @@
 
 Every step is jitted and includes `optax.adam`. The plain step is `value_and_grad` of the mean
 per-example loss (vmapped) plus the update; the routed steps replace the gradient with
-`routed_value_and_grad(..., strategy)` under a three-class, three-group policy. Time: median
+`routed_value_and_grad(..., strategy)` under a three-class, three-group policy; the visibility
+step uses the same policy with every group but the first declared `visible = "routed"` (restricted
+examples see only the first group: the others act as zero in their forward pass). Time: median
 wall-clock per call over `--reps` rounds, with `block_until_ready`; each round runs every step
 (one untimed call, then enough timed calls to make the plain step's share at least 0.1 s), so load
 drifting on a shared machine affects all steps alike and no step pays for caches left cold by
@@ -42,11 +44,14 @@ values = ["open", "licensed", "restricted"]
 """
 
 
-def policy_toml(groups: dict[str, list[str]]) -> str:
-  """Open data reaches every group, licensed data all but the last, restricted only the first."""
+def policy_toml(groups: dict[str, list[str]], visibility: bool = False) -> str:
+  """Open data reaches every group, licensed data all but the last, restricted only the first;
+  with `visibility`, groups after the first are seen only by the examples routed to them."""
   names = list(groups)
   lines = ['name = "bench-routing"', "[groups]"]
-  lines += [f"{g} = {patterns!r}".replace("'", '"') for g, patterns in groups.items()]
+  for i, (g, patterns) in enumerate(groups.items()):
+    listed = f"{patterns!r}".replace("'", '"')
+    lines.append(f'{g} = {{ patterns = {listed}, visible = "routed" }}' if visibility and i else f"{g} = {listed}")
   lines += ["[[rules]]", "when = \"source == 'licensed'\"",
             "route = {" + ", ".join(f"{g} = 0.5" for g in names[:-1]) + "}"]
   lines += ["[[rules]]", "when = \"source == 'restricted'\"", "route = {" + f"{names[0]} = 1.0" + "}"]
@@ -175,7 +180,7 @@ def measure(named_steps: dict[str, Callable], args: tuple, reps: int) -> dict[st
   return {name: Measure(statistics.median(times[name]), min(times[name]), peak[name]) for name in named_steps}
 
 
-def steps(case: Case, compiled_policy, optimizer) -> dict[str, Callable]:
+def steps(case: Case, compiled_policy, hiding_policy, optimizer) -> dict[str, Callable]:
   """The jittable steps compared: (params, opt_state, batch, labels) -> (loss, params, opt_state)."""
 
   def apply(grads, params, opt_state):
@@ -188,8 +193,8 @@ def steps(case: Case, compiled_policy, optimizer) -> dict[str, Callable]:
     loss, grads = jax.value_and_grad(mean_loss)(params)
     return (loss, *apply(grads, params, opt_state))
 
-  def routed(strategy: str, with_norms: bool):
-    fn = aqgov.routed_value_and_grad(case.loss, compiled_policy, strategy, with_norms=with_norms)
+  def routed(strategy: str, with_norms: bool, policy=compiled_policy):
+    fn = aqgov.routed_value_and_grad(case.loss, policy, strategy, with_norms=with_norms)
 
     def step(params, opt_state, batch, labels):
       out = fn(params, batch, labels)
@@ -200,7 +205,8 @@ def steps(case: Case, compiled_policy, optimizer) -> dict[str, Callable]:
     return step
 
   return {"plain": plain, "per_example": routed("per_example", False),
-          "cotangent": routed("cotangent", False), "cotangent+norms": routed("cotangent", True)}
+          "cotangent": routed("cotangent", False), "cotangent+norms": routed("cotangent", True),
+          "cotangent+visibility": routed("cotangent", False, hiding_policy)}
 
 
 def run(quick: bool, reps: int) -> list[tuple[str, dict[str, Measure]]]:
@@ -210,17 +216,19 @@ def run(quick: bool, reps: int) -> list[tuple[str, dict[str, Measure]]]:
   for case in cases(quick):
     policy = aqgov.Policy.from_toml(policy_toml(case.groups))
     compiled_policy = aqgov.compile_policy(policy, case.params, taxonomy)
+    hiding = aqgov.compile_policy(aqgov.Policy.from_toml(policy_toml(case.groups, visibility=True)),
+                                  case.params, taxonomy)
     optimizer = optax.adam(1e-3)
     batch_size = jax.tree.leaves(case.batch)[0].shape[0]
     args = (case.params, optimizer.init(case.params), case.batch, labels_for(space, batch_size))
-    results = measure(steps(case, compiled_policy, optimizer), args, reps)
+    results = measure(steps(case, compiled_policy, hiding, optimizer), args, reps)
     rows.append((case.name, results))
     print(f"measured {case.name}", file=sys.stderr, flush=True)
   return rows
 
 
 def table(rows) -> str:
-  routed = ["per_example", "cotangent", "cotangent+norms"]
+  routed = ["per_example", "cotangent", "cotangent+norms", "cotangent+visibility"]
   head = (["model", "plain step", "plain peak"] + [f"{r} time" for r in routed]
           + [f"{r} mem" for r in routed])
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

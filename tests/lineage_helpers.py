@@ -10,9 +10,11 @@ import numpy as np
 
 from aqgov.documents import _keys as keys
 from aqgov.examples import task as et
-from aqgov.lineage import _log as log
 from aqgov.lineage import _record as rec
+from aqgov.lineage import _segments as segments
+from aqgov.lineage._heads import LogHead
 from aqgov.lineage._summary import StepSummary
+from aqgov.lineage._writer import LineageWriter
 
 GROUPS = ("embed", "block", "head")
 HEADER = 16  # segment header: magic + first seq
@@ -41,9 +43,9 @@ def start_body(key: keys.SigningKey, run_id: str = "run-1") -> dict:
 
 
 def write_log(lineage_dir: Path, key: keys.SigningKey, steps: int, *, head_every: int = 5, close: bool = True,
-              fsync: str = "never", segment_bytes: int = 64 << 20, run_id: str = "run-1") -> log.LogHead:
+              fsync: str = "never", segment_bytes: int = 64 << 20, run_id: str = "run-1") -> LogHead:
   """A log of run-start + `steps` step records (+ run-end when closed)."""
-  w = log.LineageWriter.create(lineage_dir, key, start_body(key, run_id), head_every=head_every, fsync=fsync,
+  w = LineageWriter.create(lineage_dir, key, start_body(key, run_id), head_every=head_every, fsync=fsync,
                                segment_bytes=segment_bytes)
   for s in range(1, steps + 1):
     w.append(summary(s), ids(s), digests(s))
@@ -76,7 +78,7 @@ def payload(frame: bytes) -> bytes:
 
 def first_difference(original: list[bytes], tampered: list[bytes]) -> int:
   """The first position where two frame sequences differ."""
-  for i, (a, b) in enumerate(zip(original, tampered)):
+  for i, (a, b) in enumerate(zip(original, tampered, strict=False)):
     if a != b:
       return i
   return min(len(original), len(tampered))
@@ -85,7 +87,7 @@ def first_difference(original: list[bytes], tampered: list[bytes]) -> int:
 def forge(seq: int, prev: bytes, step: int) -> bytes:
   """A well-formed step record frame that was never written by the run."""
   body = rec.encode_step_body(rec.step_body(summary(step, seed=7), ids(step), digests(step)))
-  return log.frame(rec.encode_record(seq, rec.STEP, prev, body))
+  return segments.frame(rec.encode_record(seq, rec.STEP, prev, body))
 
 
 def examples_file(path: Path, n: int = 48, seed: int = 0) -> list[dict]:

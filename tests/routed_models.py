@@ -140,9 +140,10 @@ def _route(draw, groups) -> str:
 
 
 @st.composite
-def policy_tomls(draw, segments: tuple[str, ...], name: str = "p") -> str:
+def policy_tomls(draw, segments: tuple[str, ...], name: str = "p", visibility: bool = False) -> str:
   """A random policy over `segments`: random grouping (some segments maybe uncovered), one rule
-  per kind with random group weights, and a random default route."""
+  per kind with random group weights, and a random default route; with `visibility`, each group
+  is declared `visible = "routed"` at random."""
   n_groups = draw(st.integers(1, len(segments)))
   owner = [draw(st.integers(0 if k == 0 else -1, n_groups - 1)) for k in range(len(segments))]
   groups = {f"{name}_g{j}": [f"{s}/**" for s, o in zip(segments, owner) if o == j] for j in range(n_groups)}
@@ -151,7 +152,10 @@ def policy_tomls(draw, segments: tuple[str, ...], name: str = "p") -> str:
   if draw(st.booleans()):
     lines.append(f"uncovered = {draw(st.sampled_from(WEIGHTS))}")
   lines.append("[groups]")
-  lines += [f"{g} = [" + ", ".join(f'"{p}"' for p in pats) + "]" for g, pats in groups.items()]
+  for g, pats in groups.items():
+    listed = "[" + ", ".join(f'"{p}"' for p in pats) + "]"
+    routed = visibility and draw(st.booleans())
+    lines.append(f'{g} = {{ patterns = {listed}, visible = "routed" }}' if routed else f"{g} = {listed}")
   for kind in draw(st.lists(st.sampled_from(KINDS), unique=True)):
     lines += ["[[rules]]", f"when = \"kind == '{kind}'\"", f"route = {_route(draw, groups)}"]
   if draw(st.booleans()):
@@ -187,14 +191,24 @@ def example_grad(loss: Callable) -> Callable:
   return _GRADS[loss]
 
 
+def seen_params(compiled, params, labels, i: int):
+  """Example i's parameters: every leaf it may not see explicitly set to zero."""
+  if compiled.leaf_hidden is None:
+    return params
+  hidden = compiled.leaf_hidden[int(compiled.route_class(labels)[i])]
+  leaves, treedef = jax.tree.flatten(params)
+  return jax.tree.unflatten(treedef, [jnp.zeros_like(p) if h else p for p, h in zip(leaves, hidden)])
+
+
 def brute_force(loss: Callable, compiled, params, batch, labels) -> tuple[Any, np.ndarray]:
-  """Python loop over examples in float64: the routed mean gradient and the [B, G] norms."""
+  """Python loop over examples in float64: the routed mean gradient and the [B, G] norms. Each
+  example's gradient is taken at its own parameters, with the groups it may not see zeroed."""
   weights = jax.tree.map(np.asarray, compiled.leaf_weights(labels))
   n = jax.tree.leaves(batch)[0].shape[0]
   total = jax.tree.map(lambda p: np.zeros(np.shape(p), np.float64), params)
   norms = np.zeros((n, len(compiled.group_names)))
   for i in range(n):
-    g = example_grad(loss)(params, jax.tree.map(lambda x: x[i], batch))
+    g = example_grad(loss)(seen_params(compiled, params, labels, i), jax.tree.map(lambda x: x[i], batch))
     contrib = jax.tree.map(lambda w, gi: w[i] * np.asarray(gi, np.float64), weights, g)
     total = jax.tree.map(np.add, total, contrib)
     for leaf, group in zip(jax.tree.leaves(contrib), compiled.leaf_group):
@@ -232,13 +246,14 @@ def per_example_grads(loss: Callable) -> Callable:
   return _PER_EXAMPLE[loss]
 
 
-def draw_case(data, model: Model, n: int = B, policies: int | None = None):
+def draw_case(data, model: Model, n: int = B, policies: int | None = None, visibility: bool = False):
   """(params, batch, compiled policy, labels) for one hypothesis draw."""
   seed = data.draw(st.integers(0, 2**16), label="seed")
   params = model.init(jax.random.key(seed))
   batch = model.batch(jax.random.key(seed + 1), n)
   count = policies or data.draw(st.integers(1, 2), label="policies")
-  tomls = [data.draw(policy_tomls(model.segments, f"p{k}"), label=f"policy {k}") for k in range(count)]
+  tomls = [data.draw(policy_tomls(model.segments, f"p{k}", visibility), label=f"policy {k}")
+           for k in range(count)]
   compiled = compiled_policy(tomls, params)
   labels = SPACE.encode(data.draw(label_lists(n), label="labels"))
   return params, batch, compiled, labels

@@ -20,7 +20,8 @@ def test_routing_benchmark_quick_run_prints_its_table():
   lines = result.stdout.splitlines()
   header = next(line for line in lines if line.startswith("| model |"))
   for column in ("plain step", "per_example time", "cotangent time", "cotangent+norms time",
-                 "per_example mem", "cotangent mem", "cotangent+norms mem"):
+                 "cotangent+visibility time", "per_example mem", "cotangent mem", "cotangent+norms mem",
+                 "cotangent+visibility mem"):
     assert f"| {column} |" in header
   rows = [line for line in lines if line.startswith(("| MLP", "| CNN", "| LM"))]
   assert len(rows) == 3

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aqgov.errors import PolicyError
+from aqgov.policy._conditions import check, compile_expr
 from aqgov.policy._expressions import (
     MAX_DEPTH,
     And,
@@ -21,8 +22,6 @@ from aqgov.policy._expressions import (
     Not,
     Or,
     canonical_text,
-    check,
-    compile_expr,
     fields,
     parse,
     to_text,

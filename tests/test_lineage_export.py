@@ -14,14 +14,21 @@ from securesystemslib.dsse import Envelope
 from securesystemslib.exceptions import VerificationError
 from securesystemslib.signer import SSlibKey
 
-import lineage_helpers as lh
-from aqgov.documents import _keys as keys
 from aqgov.cli import main
-from aqgov.errors import LineageError
+from aqgov.documents import _keys as keys
 from aqgov.documents._keys import TrustStore
+from aqgov.errors import LineageError
 from aqgov.lineage import _history as hist
-from aqgov.lineage import _log as log
-from aqgov.lineage._export import PAYLOAD_TYPE, PREDICATE_TYPE, STATEMENT_TYPE, export_intoto, verify_envelope
+from aqgov.lineage._export import (
+  PAYLOAD_TYPE,
+  PREDICATE_TYPE,
+  STATEMENT_TYPE,
+  export_intoto,
+  verify_envelope,
+)
+from aqgov.lineage._heads import read_heads
+
+import lineage_helpers as lh
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +65,7 @@ def test_subjects_are_the_checkpoint_digests_and_the_predicate_names_the_signed_
   statement = verify_envelope(export_intoto(run_dir, run_key), TrustStore.of([run_key]))
   _, history = hist.load(run_dir / "lineage")
   assert [s["digest"]["sha256"] for s in statement["subject"]] == [c.params_sha256 for c in history.checkpoints]
-  heads, _ = log.read_heads(run_dir / "lineage")
+  heads, _ = read_heads(run_dir / "lineage")
   p = statement["predicate"]
   assert p["head"]["id"] == heads[-1].id and p["merkle_root"] == heads[-1].payload["root"] and p["closed"]
   assert p["task"] == lh.TASK and p["parent"] is None

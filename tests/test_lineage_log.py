@@ -13,16 +13,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
-import lineage_helpers as lh
 from aqgov.documents import _keys as keys
 from aqgov.documents import _merkle as merkle
-from aqgov.errors import LineageError
 from aqgov.documents._keys import TrustStore
-from aqgov.lineage import _log as log
+from aqgov.errors import LineageError
 from aqgov.lineage import _record as rec
+from aqgov.lineage import _scan as logscan
+from aqgov.lineage import _segments as segments
+from aqgov.lineage._heads import read_heads
 from aqgov.lineage._verify import consistency_proof, verify_lineage
+from aqgov.lineage._writer import FSYNC_POLICIES, LineageWriter, open_for_resume
+
+import lineage_helpers as lh
 
 KEY = keys.generate("run")
 TRUST = TrustStore.of([KEY])
@@ -63,17 +68,17 @@ def test_a_closed_log_verifies_with_every_record_signed(closed_log):
 
 
 def test_records_chain_and_merkle_root_match_an_independent_recomputation(closed_log):
-  records = list(log.LogReader(closed_log))
+  records = list(segments.LogReader(closed_log))
   assert [r.seq for r in records] == list(range(STEPS + 2))
   assert records[0].prev == rec.GENESIS
-  assert all(b.prev == a.hash for a, b in zip(records, records[1:]))
-  heads, _ = log.read_heads(closed_log)
+  assert all(b.prev == a.hash for a, b in zip(records, records[1:], strict=False))
+  heads, _ = read_heads(closed_log)
   leaves = [merkle.leaf_hash(r.hash) for r in records]
   assert heads[-1].payload["root"] == merkle.root_from_leaf_hashes(leaves).hex()
 
 
 def test_step_records_keep_what_the_summary_said(closed_log):
-  bodies = [(i, b) for i, k, b in log.records(closed_log, kinds=(rec.STEP,))]
+  bodies = [(i, b) for i, k, b in segments.records(closed_log, kinds=(rec.STEP,))]
   view = rec.view_step(bodies[2][1])
   s = lh.summary(3)
   assert view.step == 3 and view.example_ids == tuple(lh.ids(3))
@@ -84,7 +89,7 @@ def test_step_records_keep_what_the_summary_said(closed_log):
 
 
 def test_every_signed_head_is_consistent_with_the_final_tree(closed_log):
-  heads, _ = log.read_heads(closed_log)
+  heads, _ = read_heads(closed_log)
   head, proof = consistency_proof(closed_log.parent, int(heads[1].payload["size"]))
   assert merkle.verify_consistency(int(heads[1].payload["size"]), head.size, bytes.fromhex(heads[1].payload["root"]),
                                    head.root, proof)
@@ -137,7 +142,7 @@ def test_a_consistently_rewritten_chain_is_caught_by_the_signed_heads(closed_log
     if records[i].kind == rec.STEP and i == at:
       body["loss"] = 123.0
     data = rec.encode_record(i, records[i].kind, prev, body)
-    rebuilt.append(log.frame(data))
+    rebuilt.append(segments.frame(data))
     prev = rec.record_hash(data)
   err = _tampered_error(closed_log, header + b"".join(rebuilt))
   assert 6 <= err.index <= at
@@ -168,12 +173,12 @@ def test_a_torn_final_frame_verifies_up_to_the_last_complete_record_and_resumes_
     (copy / "segments" / seg.name).write_bytes(seg.read_bytes()[:-cut])
     report = verify_lineage(copy, TRUST)
     assert report.size == len(frames) - 1 and report.torn_bytes == len(frames[-1]) - cut
-    writer, scan = log.open_for_resume(copy, KEY)
+    writer, scan = open_for_resume(copy, KEY)
     assert scan.size == len(frames) - 1
     writer.append(lh.summary(6), lh.ids(6), lh.digests(6))
     writer.close()
     report = verify_lineage(copy, TRUST)
-    steps = [b["step"] for _, _, b in log.records(copy, kinds=(rec.STEP,))]
+    steps = [b["step"] for _, _, b in segments.records(copy, kinds=(rec.STEP,))]
     assert report.closed and report.torn_bytes == 0 and steps == [1, 2, 3, 4, 5, 6]
 
 
@@ -182,7 +187,7 @@ def test_a_torn_tail_in_a_closed_log_is_an_error(closed_log):
   assert err.index == STEPS + 1
 
 
-@pytest.mark.parametrize("fsync", log.FSYNC_POLICIES)
+@pytest.mark.parametrize("fsync", FSYNC_POLICIES)
 def test_every_fsync_policy_writes_a_verifiable_log(tmp_path, fsync):
   lh.write_log(tmp_path / "lineage", KEY, 3, fsync=fsync, head_every=2)
   assert verify_lineage(tmp_path, TRUST).closed
@@ -190,7 +195,7 @@ def test_every_fsync_policy_writes_a_verifiable_log(tmp_path, fsync):
 
 def test_an_unknown_fsync_policy_is_refused(tmp_path):
   with pytest.raises(LineageError, match="fsync policy"):
-    log.LineageWriter.create(tmp_path / "lineage", KEY, lh.start_body(KEY), fsync="sometimes")
+    LineageWriter.create(tmp_path / "lineage", KEY, lh.start_body(KEY), fsync="sometimes")
 
 
 def test_segments_rotate_and_a_missing_segment_is_named(tmp_path):
@@ -204,7 +209,7 @@ def test_segments_rotate_and_a_missing_segment_is_named(tmp_path):
 
 
 def test_a_writer_error_surfaces_on_the_next_call_and_the_log_stays_intact(tmp_path):
-  w = log.LineageWriter.create(tmp_path / "lineage", KEY, lh.start_body(KEY))
+  w = LineageWriter.create(tmp_path / "lineage", KEY, lh.start_body(KEY))
   w.append(lh.summary(1), lh.ids(1)[:2])  # summary rows point at 4 ids
   with pytest.raises(LineageError, match="example_index"):
     w.flush()
@@ -213,13 +218,13 @@ def test_a_writer_error_surfaces_on_the_next_call_and_the_log_stays_intact(tmp_p
 
 
 def test_append_returns_before_the_record_is_written(tmp_path):
-  w = log.LineageWriter.create(tmp_path / "lineage", KEY, lh.start_body(KEY))
+  w = LineageWriter.create(tmp_path / "lineage", KEY, lh.start_body(KEY))
   gate = threading.Event()
   w._submit(gate.wait)  # hold the writer thread
   t0 = time.perf_counter()
   w.append(lh.summary(1), lh.ids(1), lh.digests(1))
   elapsed = time.perf_counter() - t0
-  assert log.scan(tmp_path / "lineage").size == 1
+  assert logscan.scan(tmp_path / "lineage").size == 1
   gate.set()
   assert w.flush().size == 2 and elapsed < 1.0
   w.close()
@@ -230,9 +235,9 @@ import sys
 from aqgov.documents import _keys as keys
 sys.path.insert(0, sys.argv[3])
 import lineage_helpers as lh
-from aqgov.lineage import _log as log
+from aqgov.lineage._writer import LineageWriter
 key = keys.load_signing_key(sys.argv[1])
-w = log.LineageWriter.create(sys.argv[2], key, lh.start_body(key), head_every=7, fsync="never")
+w = LineageWriter.create(sys.argv[2], key, lh.start_body(key), head_every=7, fsync="never")
 step = 0
 while True:
   step += 1
@@ -257,12 +262,12 @@ def test_a_writer_killed_mid_write_leaves_a_log_that_verifies_and_resumes_withou
     proc.wait()
   report = verify_lineage(tmp_path, TrustStore.from_paths([pub_path]))
   assert report.size >= 51 and not report.closed
-  writer, scan = log.open_for_resume(lineage_dir, KEY)
-  last = max(b["step"] for _, _, b in log.records(lineage_dir, kinds=(rec.STEP,)))
+  writer, scan = open_for_resume(lineage_dir, KEY)
+  last = max(b["step"] for _, _, b in segments.records(lineage_dir, kinds=(rec.STEP,)))
   for step in range(last + 1, last + 4):
     writer.append(lh.summary(step, batch=64), lh.ids(step, 64), lh.digests(step, 64))
   writer.close()
   after = verify_lineage(tmp_path, TrustStore.from_paths([pub_path]))
-  steps = [b["step"] for _, _, b in log.records(lineage_dir, kinds=(rec.STEP,))]
+  steps = [b["step"] for _, _, b in segments.records(lineage_dir, kinds=(rec.STEP,))]
   assert after.closed and after.size == scan.size + 4 and after.torn_bytes == 0
   assert steps == list(range(1, last + 4))

@@ -17,17 +17,18 @@ import orbax.checkpoint as ocp
 import pytest
 from click.testing import CliRunner
 
-import lineage_helpers as lh
 from aqgov.cli import main
 from aqgov.errors import CheckpointError, LineageError, ReplayDivergence
-from aqgov.lineage import _history as hist
-from aqgov.lineage import _log as log
-from aqgov.lineage import _record as rec
-from aqgov.lineage._checkpoint import Checkpoints
 from aqgov.examples.task import MLPTask
+from aqgov.lineage import _history as hist
+from aqgov.lineage import _record as rec
+from aqgov.lineage import _segments as segments
+from aqgov.lineage._checkpoint import Checkpoints
 from aqgov.lineage._replay import replay
 from aqgov.lineage._summary import params_sha256
 from aqgov.lineage._task import TrainState
+
+import lineage_helpers as lh
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +62,7 @@ def test_replay_starts_from_the_nearest_checkpoint_and_reaches_steps_between_che
 
 
 def test_an_example_whose_bytes_changed_is_named(run_dir, data_path, tmp_path):
-  view = next(rec.view_step(b) for _, _, b in log.records(run_dir / "lineage", kinds=(rec.STEP,)) if b["step"] == 6)
+  view = next(rec.view_step(b) for _, _, b in segments.records(run_dir / "lineage", kinds=(rec.STEP,)) if b["step"] == 6)
   victim = view.example_ids[3]
   records = [json.loads(line) for line in data_path.read_text().splitlines()]
   for r in records:
@@ -73,7 +74,7 @@ def test_an_example_whose_bytes_changed_is_named(run_dir, data_path, tmp_path):
 
 
 def test_a_missing_example_is_named(run_dir, data_path):
-  view = next(rec.view_step(b) for _, _, b in log.records(run_dir / "lineage", kinds=(rec.STEP,)) if b["step"] == 5)
+  view = next(rec.view_step(b) for _, _, b in segments.records(run_dir / "lineage", kinds=(rec.STEP,)) if b["step"] == 5)
   records = [json.loads(line) for line in data_path.read_text().splitlines() if view.example_ids[0] not in line]
   with pytest.raises(ReplayDivergence, match="not in the examples") as info:
     replay(run_dir, step=5, examples=records)
@@ -84,7 +85,7 @@ def test_a_different_step_function_is_named_at_the_first_step_and_group_that_div
   # route 2 trained only "hidden"; giving it half a weight in "head" first changes "head", at the
   # first replayed step that has a route-2 example
   task = MLPTask({"routes": [[1.0, 1.0], [0.0, 1.0], [1.0, 0.5]]})
-  views = [rec.view_step(b) for _, _, b in log.records(run_dir / "lineage", kinds=(rec.STEP,))]
+  views = [rec.view_step(b) for _, _, b in segments.records(run_dir / "lineage", kinds=(rec.STEP,))]
   first = next(v.step for v in views if v.step > 4 and (v.route_class == 2).any())
   with pytest.raises(ReplayDivergence, match="diverge") as info:
     replay(run_dir, step=9, examples=data_path, task=task, from_checkpoint=4)
@@ -123,7 +124,7 @@ def _rewrite_record(run_dir: Path, index: int, change) -> None:
     if i == index:
       change(body)
     data = rec.encode_record(i, r.kind, prev, body)
-    out.append(log.frame(data))
+    out.append(segments.frame(data))
     prev = rec.record_hash(data)
   seg.write_bytes(header + b"".join(out))
 
@@ -158,7 +159,7 @@ _KILLED_SAVER = """
 import sys
 import jax.numpy as jnp
 from aqgov.lineage._checkpoint import Checkpoints
-from aqgov.lineage._log import LogHead
+from aqgov.lineage._heads import LogHead
 from aqgov.lineage._task import TrainState
 store = Checkpoints(sys.argv[1], max_to_keep=2)
 for step in range(1000):

@@ -11,20 +11,22 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-import lineage_helpers as lh
 from aqgov.documents import _keys as keys
 from aqgov.documents import _signing as signing
-from aqgov.errors import CheckpointError, GovernanceEscalation, LineageError
 from aqgov.documents._keys import TrustStore
-from aqgov.lineage import _history as hist
-from aqgov.lineage import _log as log
-from aqgov.lineage import _record as rec
-from aqgov.lineage._checkpoint import Checkpoints
+from aqgov.errors import CheckpointError, GovernanceEscalation, LineageError
 from aqgov.examples.task import MLPTask
+from aqgov.lineage import _history as hist
+from aqgov.lineage import _record as rec
+from aqgov.lineage import _segments as segments
+from aqgov.lineage._checkpoint import Checkpoints
+from aqgov.lineage._heads import LogHead
 from aqgov.lineage._query import describe, membership
 from aqgov.lineage._run import GovernedRun
 from aqgov.lineage._summary import params_sha256
 from aqgov.lineage._verify import verify_lineage
+
+import lineage_helpers as lh
 
 AUTHORITY = keys.generate("authority")
 
@@ -42,7 +44,7 @@ def finished(tmp_path_factory, data) -> Path:
 
 
 def _steps(run_dir: Path) -> list[tuple[int, int]]:
-  return [(i, b["step"]) for i, _, b in log.records(run_dir / "lineage", kinds=(rec.STEP,))]
+  return [(i, b["step"]) for i, _, b in segments.records(run_dir / "lineage", kinds=(rec.STEP,))]
 
 
 def test_a_governed_run_leaves_a_closed_verifiable_run_directory(finished):
@@ -68,7 +70,7 @@ def test_checkpoint_records_carry_the_full_params_hash_of_what_was_saved(finishe
 def test_checkpoints_round_trip_params_optimizer_and_governance_state(tmp_path):
   task = MLPTask({})
   state = task.init()._replace(governance={"reroute": jnp.arange(3), "key": jax.random.key_data(jax.random.key(1))})
-  head = log.LogHead(7, bytes(range(32)), bytes(32))
+  head = LogHead(7, bytes(range(32)), bytes(32))
   store = Checkpoints(tmp_path / "checkpoints")
   store.save(state, head, "run-x")
   restored = store.restore(0, state)
@@ -81,7 +83,7 @@ def test_checkpoints_round_trip_params_optimizer_and_governance_state(tmp_path):
 
 def test_queries_name_the_examples_that_reached_a_group(finished):
   rows = membership(finished, "head", step=3)
-  view = next(rec.view_step(b) for _, _, b in log.records(finished / "lineage", kinds=(rec.STEP,)) if b["step"] == 3)
+  view = next(rec.view_step(b) for _, _, b in segments.records(finished / "lineage", kinds=(rec.STEP,)) if b["step"] == 3)
   expected = [view.row_ids[r] for r in range(len(view.row_ids)) if view.weights[r, 1] > 0]
   assert [m.example_id for m in rows] == expected and all(m.weight > 0 and m.step == 3 for m in rows)
   with pytest.raises(LineageError, match="not one of this run's groups"):
@@ -104,7 +106,7 @@ def test_resume_after_a_crash_supersedes_lost_steps_and_continues_the_chain(tmp_
   assert report.closed and history.superseded == ((lost, lost + 1),)
   effective = [s for i, s in _steps(d) if history.effective(i)]
   assert effective == list(range(1, 11))
-  old, new = [rec.view_step(b) for i, _, b in log.records(d / "lineage", kinds=(rec.STEP,)) if b["step"] == 7]
+  old, new = [rec.view_step(b) for i, _, b in segments.records(d / "lineage", kinds=(rec.STEP,)) if b["step"] == 7]
   np.testing.assert_array_equal(old.fingerprint, new.fingerprint)  # the lost step, redone, is bitwise the same
   reached = membership(d, "head", step=7)
   assert len(membership(d, "head", step=7, include_superseded=True)) == 2 * len(reached)
@@ -160,7 +162,7 @@ def test_an_escalation_is_checkpointed_recorded_and_resumable(tmp_path, data):
   scan, _ = hist.load(d / "lineage")
   assert list(scan.kinds) == [rec.RUN_START, rec.CHECKPOINT, rec.STEP, rec.STEP, rec.CHECKPOINT, rec.ESCALATION,
                               rec.RUN_END]
-  esc = next(b for i, _, b in log.records(d / "lineage", kinds=(rec.ESCALATION,)))
+  esc = next(b for i, _, b in segments.records(d / "lineage", kinds=(rec.ESCALATION,)))
   assert esc["step"] == 3 and esc["checkpoint_step"] == 2 and "entropy" in esc["message"]
   assert verify_lineage(d, lh.trust_of(d)).closed
   resumed = GovernedRun.resume(d)
@@ -178,7 +180,7 @@ def test_policies_and_manifests_named_at_start_are_copied_and_verified(tmp_path,
   lh.make_run(d, data, 1, policies=[_policy("p", AUTHORITY)], manifests=[manifest], trust=[AUTHORITY.public])
   report = verify_lineage(d, lh.trust_of(d))
   assert len(report.checked) == 2 and not report.unchecked
-  start = next(iter(log.LogReader(d / "lineage"))).body
+  start = next(iter(segments.LogReader(d / "lineage"))).body
   assert start["manifests"][0]["id"] == manifest.id and start["trust"] == [AUTHORITY.key_id]
 
 
@@ -209,7 +211,7 @@ def test_override_tokens_are_kept_verbatim_and_must_verify(tmp_path, data):
   assert verify_lineage(d, lh.trust_of(d)).closed
   with pytest.raises(LineageError, match="override token") as info:
     verify_lineage(d, TrustStore.of([keys.load_public_key(d / "keys" / "run.pub")]))
-  assert info.value.index == next(i for i, k, _ in log.records(d / "lineage") if k == rec.OVERRIDE)
+  assert info.value.index == next(i for i, k, _ in segments.records(d / "lineage") if k == rec.OVERRIDE)
 
 
 def test_a_child_run_names_its_parents_signed_head_and_verify_follows_the_chain(tmp_path, finished, data):

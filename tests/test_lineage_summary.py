@@ -6,13 +6,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
-import lineage_helpers as lh
 from aqgov.documents import _canonical as canonical
 from aqgov.errors import LineageError
 from aqgov.lineage import _record as rec
 from aqgov.lineage._summary import StepSummary, fingerprint, params_sha256
+
+import lineage_helpers as lh
 
 PARAMS = {"embed": {"w": jnp.arange(12.0).reshape(3, 4)}, "block": {"w": jnp.ones((4, 5)), "b": jnp.zeros(5)},
           "head": {"w": jnp.linspace(-1, 1, 10).reshape(5, 2)}}

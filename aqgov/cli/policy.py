@@ -51,8 +51,8 @@ def explain(policy_paths: tuple[str, ...], params_path: str, taxonomy_paths: tup
   table.add_column("route class", no_wrap=True, min_width=name_width)
   for g, n, s in zip(t.columns, t.leaves, t.sizes):
     table.add_column(f"{g}\n{n} leaves\n{s:,} params", justify="right")
-  for name, ws in t.rows:
-    table.add_row(name, *[f"{w:g}" for w in ws])
+  for (name, _), cells in zip(t.rows, t.cells()):
+    table.add_row(name, *cells)
   console.print(table)
   if taxonomies is None:
     console.print("note: conditions were parsed but not type-checked; pass --taxonomy to check them", highlight=False)

@@ -104,9 +104,9 @@ def explain_rich(compiled: CompiledPolicy, reached: np.ndarray | None = None) ->
     table.add_column(f"{g}\n{s:,}", justify="right")
   if reached is not None:
     table.add_column("examples\ntrained", justify="right")
-  for c, (name, weights) in enumerate(t.rows):
+  for c, ((name, _), cells) in enumerate(zip(t.rows, t.cells())):
     extra = [f"{int(reached[c])}"] if reached is not None else []
-    table.add_row(name, *[f"{w:g}" for w in weights], *extra)
+    table.add_row(name, *cells, *extra)
   return table
 
 

@@ -2,7 +2,11 @@
 
 _summary     the arrays a jitted step reports (`StepSummary`), parameter fingerprints and hashes
 _record      the canonical record schema (docs/lineage-schema.md)
-_log         append-only segments, Merkle tree, signed tree heads, the asynchronous writer, resume
+_segments    framed segment files and `LogReader`, which checks every record it reads
+_scan        `scan`: one pass for record hashes, Merkle roots and chosen bodies
+_heads       `LogHead` and the signed tree heads
+_writer      the asynchronous `LineageWriter` and `open_for_resume`
+_log         the log's names in one module (for the run)
 _verify      `verify_lineage`: records, chain, heads, references, parent runs
 _history     which records still describe the params after resumes (the resume rule)
 _checkpoint  Orbax checkpoints bound to the lineage
@@ -15,14 +19,17 @@ _run         `GovernedRun`: the run directory and the governed loop
 
 from aqgov.lineage._checkpoint import Checkpoints
 from aqgov.lineage._export import export_intoto, verify_envelope
+from aqgov.lineage._heads import LogHead, read_heads
 from aqgov.lineage._history import CheckpointRef, History, history
-from aqgov.lineage._log import LineageWriter, LogHead, LogReader, open_for_resume, read_heads, scan
 from aqgov.lineage._query import Membership, describe, membership
 from aqgov.lineage._replay import ReplayResult, replay
 from aqgov.lineage._run import GovernedRun, RunLayout
+from aqgov.lineage._scan import scan
+from aqgov.lineage._segments import LogReader
 from aqgov.lineage._summary import StepSummary, fingerprint, params_sha256, summarize
 from aqgov.lineage._task import Task, TrainState, load_task
 from aqgov.lineage._verify import VerifyReport, consistency_proof, verify_lineage
+from aqgov.lineage._writer import LineageWriter, open_for_resume
 
 __all__ = [
     "CheckpointRef",

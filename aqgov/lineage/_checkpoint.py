@@ -21,7 +21,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from aqgov.errors import CheckpointError
-from aqgov.lineage._log import LogHead
+from aqgov.lineage._heads import LogHead
 from aqgov.lineage._summary import params_sha256
 from aqgov.lineage._task import TrainState
 

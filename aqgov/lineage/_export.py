@@ -16,13 +16,13 @@ import base64
 import json
 import os
 from pathlib import Path
-from typing import Any
 
 from aqgov.documents import _signing as signing
+from aqgov.documents._keys import SigningKey, TrustStore, load_public_key
 from aqgov.errors import LineageError
-from aqgov.documents._keys import PublicKey, SigningKey, TrustStore, load_public_key
 from aqgov.lineage import _history as hist
-from aqgov.lineage import _log as log
+from aqgov.lineage._heads import read_heads
+from aqgov.lineage._segments import LogReader
 from aqgov.lineage._verify import VerifyReport, lineage_dir, verify_lineage
 
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
@@ -34,7 +34,7 @@ def statement(run_dir: str | os.PathLike, report: VerifyReport) -> dict:
   """The in-toto Statement for a verified run (`report` from `verify_lineage`)."""
   _, ldir = lineage_dir(run_dir)
   scan, history = hist.load(ldir)
-  heads, _ = log.read_heads(ldir)
+  heads, _ = read_heads(ldir)
   if not heads:
     raise LineageError(f"{ldir} has no signed tree head to attest")
   head = heads[-1]
@@ -73,7 +73,7 @@ def envelope(payload: bytes, key: SigningKey) -> dict:
 
 def recorded_trust(run_dir: str | os.PathLike, key: SigningKey) -> TrustStore:
   """`key` plus the public keys in the run's keys/ that its run-start record says it trusted."""
-  first = next(iter(log.LogReader(lineage_dir(run_dir)[1])), None)
+  first = next(iter(LogReader(lineage_dir(run_dir)[1])), None)
   trusted = set(first.body.get("trust", ())) if first is not None else set()
   pubs = [load_public_key(p) for p in sorted((Path(run_dir) / "keys").glob("*.pub"))]
   return TrustStore.of([key, *(k for k in pubs if k.key_id in trusted)])
@@ -103,8 +103,3 @@ def verify_envelope(env: dict, trust: TrustStore) -> dict:
   if not good:
     raise LineageError("no trusted key signed this envelope (or it was altered after signing)")
   return json.loads(payload)
-
-
-def public_key_for_dsse(key: PublicKey) -> dict[str, Any]:
-  """The key as DSSE/securesystemslib tooling describes it (keytype, scheme, hex public key)."""
-  return {"keyid": key.key_id, "keytype": "ed25519", "scheme": "ed25519", "keyval": {"public": key.raw.hex()}}

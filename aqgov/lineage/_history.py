@@ -12,11 +12,12 @@ Replay, queries and exports use only effective records (not inside any supersede
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import NamedTuple
 
-from aqgov.lineage import _log as log
 from aqgov.lineage import _record as rec
+from aqgov.lineage import _scan as logscan
 
 
 class CheckpointRef(NamedTuple):
@@ -46,7 +47,7 @@ class History(NamedTuple):
     return found[-1] if found else None
 
 
-def history(scan: log.LogScan) -> History:
+def history(scan: logscan.LogScan) -> History:
   """History from a scan that decoded the "checkpoint" and "run-resume" bodies."""
   superseded = tuple((int(b["superseded"][0]), int(b["superseded"][1])) for _, b in scan.of_kind(rec.RUN_RESUME)
                      if b["superseded"][0] < b["superseded"][1])
@@ -62,8 +63,8 @@ def checkpoint_ref(index: int, body: Mapping) -> CheckpointRef:
                        int(body["lineage_size"]), str(body["lineage_root"]))
 
 
-def load(lineage_dir) -> tuple[log.LogScan, History]:
+def load(lineage_dir: str | os.PathLike) -> tuple[logscan.LogScan, History]:
   """Scan a lineage directory (checking its chain) and compute its history."""
-  scan = log.scan(lineage_dir, bodies=(rec.RUN_START, rec.CHECKPOINT, rec.RUN_RESUME, rec.RUN_END),
+  scan = logscan.scan(lineage_dir, bodies=(rec.RUN_START, rec.CHECKPOINT, rec.RUN_RESUME, rec.RUN_END),
                   roots_before=(rec.CHECKPOINT,))
   return scan, history(scan)

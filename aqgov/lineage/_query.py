@@ -13,8 +13,9 @@ from typing import NamedTuple
 
 from aqgov.errors import LineageError
 from aqgov.lineage import _history as hist
-from aqgov.lineage import _log as log
 from aqgov.lineage import _record as rec
+from aqgov.lineage._heads import read_heads
+from aqgov.lineage._segments import records
 from aqgov.lineage._verify import lineage_dir
 
 
@@ -40,7 +41,7 @@ def membership(run_dir: str | os.PathLike, group: str, *, step: int | None = Non
     raise LineageError(f"group {group!r} is not one of this run's groups: {', '.join(groups)}")
   g = groups.index(group)
   out = []
-  for index, _, body in log.records(ldir, kinds=(rec.STEP,)):
+  for index, _, body in records(ldir, kinds=(rec.STEP,)):
     superseded = not history.effective(index)
     if (superseded and not include_superseded) or (step is not None and int(body["step"]) != step):
       continue
@@ -82,10 +83,10 @@ def describe(run_dir: str | os.PathLike) -> RunDescription:
   scan, history = hist.load(ldir)
   start = scan.bodies[0]
   groups = list(start["groups"])
-  heads, _ = log.read_heads(ldir)
+  heads, _ = read_heads(ldir)
   steps, last_step, last_loss, seen = 0, 0, None, set()
   reach, norm = Counter(), Counter()
-  for index, _, body in log.records(ldir, kinds=(rec.STEP,)):
+  for index, _, body in records(ldir, kinds=(rec.STEP,)):
     if not history.effective(index):
       continue
     view = rec.view_step(body)

@@ -19,16 +19,21 @@ import hashlib
 import sys
 import time
 from collections.abc import Collection, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import msgpack
 import numpy as np
 
 from aqgov.documents import _canonical as canonical
-from aqgov.policy import _paths as paths
 from aqgov.errors import LineageError
-from aqgov.lineage._summary import StepSummary
+from aqgov.lineage._summary import PyTree, StepSummary
+from aqgov.policy import _paths as paths
+
+if TYPE_CHECKING:
+  from jax.typing import ArrayLike
+
+  from aqgov.entropy import Event
 
 VERSION = 1
 GENESIS = bytes(32)
@@ -94,7 +99,7 @@ def _split_envelope(data) -> tuple[dict, int, int] | None:
   return tail, start, end
 
 
-def decode_record(data, index: int, *, digest: bytes | None = None,
+def decode_record(data: bytes | memoryview, index: int, *, digest: bytes | None = None,
                   bodies: Collection[str] | None = None) -> Record:
   """The envelope of record bytes `data` expected at position `index` (fields checked, body kept raw).
 
@@ -137,7 +142,7 @@ def decode_body(body_bytes: bytes, index: int | None = None) -> dict:
 _LITTLE = sys.byteorder == "little"
 
 
-def array_to_wire(a: Any) -> dict:
+def array_to_wire(a: ArrayLike) -> dict:
   """`{"dtype", "shape", "data"}` with raw little-endian C-order bytes."""
   arr = np.asarray(a)
   dt = arr.dtype
@@ -184,7 +189,7 @@ def weights_from_wire(w: Mapping[str, Any], route_class: np.ndarray) -> np.ndarr
   return array_from_wire(w["full"])
 
 
-def to_host(tree: Any) -> Any:
+def to_host(tree: PyTree) -> PyTree:
   """`tree` with numpy leaves. Transfers from accelerators start together; CPU arrays are read
   in place (much cheaper than `jax.device_get`, which matters on the writer thread)."""
   leaves, treedef = jax.tree_util.tree_flatten(tree)
@@ -244,8 +249,10 @@ def step_body(summary: StepSummary, example_ids: Sequence[str], example_sha256: 
   route_class = np.asarray(s.route_class).astype(np.int64)
   weights = np.asarray(s.weights, np.float32)
   norms = np.asarray(s.contribution_norms, np.float32)
+  seen = None if s.seen is None else np.asarray(s.seen, bool)
   if not every:
     route_class, weights, norms = route_class[keep], weights[keep], norms[keep]
+    seen = None if seen is None else seen[keep]
   body = {
       "step": step,
       "time": time.time() if time_s is None else float(time_s),
@@ -258,6 +265,8 @@ def step_body(summary: StepSummary, example_ids: Sequence[str], example_sha256: 
       "measurements": _tree_to_wire(s.measurements),
       "events": _tree_to_wire(s.events),
   }
+  if seen is not None and not seen.all():
+    body["hidden"] = weights_to_wire((~seen).astype(np.uint8), route_class)
   if not (rows.size == len(example_ids) and np.array_equal(rows, np.arange(rows.size))):
     body["rows"] = array_to_wire(rows.astype(_index_dtype(max(len(example_ids) - 1, 0))))
   if example_sha256 is not None:
@@ -295,6 +304,7 @@ class StepView(NamedTuple):
   fingerprint: np.ndarray
   measurements: dict[str, np.ndarray]
   events: dict[str, np.ndarray]
+  seen: np.ndarray | None = None   # bool [B, G]; groups each row saw in its forward pass
 
   @property
   def row_ids(self) -> tuple[str, ...]:
@@ -325,6 +335,8 @@ def view_step(body: Mapping[str, Any]) -> StepView:
       fingerprint=array_from_wire(body["fingerprint"]),
       measurements={k: array_from_wire(v) for k, v in body["measurements"].items()},
       events={k: array_from_wire(v) for k, v in body["events"].items()},
+      seen=(np.ones((len(rows), np.shape(array_from_wire(body["fingerprint"]))[0]), bool) if "hidden" not in body
+            else weights_from_wire(body["hidden"], route_class) == 0),
   )
 
 
@@ -394,7 +406,7 @@ def event_body(*, step: int, events: Mapping[str, Any], time_s: float | None = N
   return {"step": int(step), "events": _plain(events), "time": time.time() if time_s is None else float(time_s)}
 
 
-def escalation_body(*, step: int, message: str, events: Any = (), checkpoint_step: int | None = None,
+def escalation_body(*, step: int, message: str, events: Sequence[Event] = (), checkpoint_step: int | None = None,
                     time_s: float | None = None) -> dict:
   """Body of an "escalation" record: training stopped for a human at `step`."""
   return {"step": int(step), "message": str(message), "events": _plain(events), "checkpoint_step": checkpoint_step,

@@ -25,12 +25,12 @@ import jax
 import numpy as np
 
 from aqgov.credentials._manifest import Example, as_example, content_hash, iter_examples
-from aqgov.errors import CheckpointError, LineageError, ReplayDivergence
 from aqgov.documents._keys import TrustStore
+from aqgov.errors import CheckpointError, LineageError, ReplayDivergence
 from aqgov.lineage import _history as hist
-from aqgov.lineage import _log as log
 from aqgov.lineage import _record as rec
 from aqgov.lineage._checkpoint import Checkpoints
+from aqgov.lineage._segments import records
 from aqgov.lineage._summary import params_sha256
 from aqgov.lineage._task import Task, TrainState, load_task
 from aqgov.lineage._verify import lineage_dir, verify_lineage
@@ -107,7 +107,7 @@ def replay(run_dir: str | os.PathLike, *, step: int,
       return ReplayResult(state, step, ref.step, 0, (ref.step,))
     pool = _example_index(examples)
     expected, checked = ref.step + 1, [ref.step]
-    for index, _, body in log.records(ldir, kinds=(rec.STEP,), start=ref.index + 1):
+    for index, _, body in records(ldir, kinds=(rec.STEP,), start=ref.index + 1):
       if not history.effective(index):
         continue
       view = rec.view_step(body)
@@ -161,7 +161,7 @@ def _check_full_hash(state: TrainState, ref: hist.CheckpointRef, checkpoints: Ch
   where = ""
   if ref.step in on_disk:
     saved = checkpoints.restore(ref.step, state).state.params
-    for path, a, b in zip(tree_paths(state.params), jax.tree.leaves(state.params), jax.tree.leaves(saved)):
+    for path, a, b in zip(tree_paths(state.params), jax.tree.leaves(state.params), jax.tree.leaves(saved), strict=True):
       if np.asarray(a).tobytes() != np.asarray(b).tobytes():
         where = f"; first differing leaf: {path}"
         break

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +30,11 @@ import numpy as np
 from aqgov.documents import _canonical as canonical
 from aqgov.policy import _paths as paths
 
-Array = Any
+if TYPE_CHECKING:
+  from aqgov.entropy import Events
+
+Array = jax.Array | np.ndarray  # on the device in the step, on the host once fetched
+PyTree = Any  # a JAX pytree of arrays (parameters, optimizer state, a batch)
 
 
 class StepSummary(NamedTuple):
@@ -45,6 +49,8 @@ class StepSummary(NamedTuple):
   fingerprint: float32 [G, dim] — `fingerprint(params after the update, ...)`.
   measurements: {name: array} — entropy measurements (`"<metric>/<group>"`), may be empty.
   events: pytree of arrays — governance events (a fixed-size NamedTuple), `()` when none.
+  seen: bool [B, G] or None — which groups each example saw in its forward pass (None: all;
+    see `visible = "routed"` groups in aqgov.policy).
   """
 
   step: Array
@@ -55,7 +61,8 @@ class StepSummary(NamedTuple):
   loss: Array
   fingerprint: Array
   measurements: Mapping[str, Array] = {}
-  events: Any = ()
+  events: Events | tuple[()] = ()
+  seen: Array | None = None
 
 
 def _mix32(x: Array) -> Array:
@@ -100,7 +107,7 @@ def _leaf_projection(leaf: Array, seed: Array, dim: int) -> Array:
   return jnp.sum((s @ x) * t, axis=1)
 
 
-def fingerprint(params: Any, leaf_group: Sequence[int], num_groups: int, key: Array | int, dim: int = 8) -> Array:
+def fingerprint(params: PyTree, leaf_group: Sequence[int], num_groups: int, key: Array | int, dim: int = 8) -> Array:
   """[num_groups, dim] float32 random projections of each group's parameters.
 
   `leaf_group[l]` is the group of the l-th leaf in `jax.tree_util.tree_leaves(params)` order (the
@@ -116,7 +123,7 @@ def fingerprint(params: Any, leaf_group: Sequence[int], num_groups: int, key: Ar
     key = jax.random.key(key)
   seeds = jax.random.bits(key, (max(len(leaves), 1),), jnp.uint32)
   out = jnp.zeros((num_groups, dim), jnp.float32)
-  for i, (leaf, g) in enumerate(zip(leaves, leaf_group)):
+  for i, (leaf, g) in enumerate(zip(leaves, leaf_group, strict=True)):
     if not 0 <= int(g) < num_groups:
       raise ValueError(f"fingerprint: leaf {i} is in group {g}, outside 0..{num_groups - 1}")
     out = out.at[int(g)].add(_leaf_projection(leaf, seeds[i], dim))
@@ -124,9 +131,9 @@ def fingerprint(params: Any, leaf_group: Sequence[int], num_groups: int, key: Ar
 
 
 def summarize(*, step: Array, example_index: Array, route_class: Array, weights: Array,
-              contribution_norms: Array, loss: Array, params: Any, leaf_group: Sequence[int],
+              contribution_norms: Array, loss: Array, params: PyTree, leaf_group: Sequence[int],
               key: Array | int, dim: int = 8, measurements: Mapping[str, Array] | None = None,
-              events: Any = ()) -> StepSummary:
+              events: Events | tuple[()] = (), seen: Array | None = None) -> StepSummary:
   """Build a `StepSummary` inside a step, fingerprinting `params` (the params after the update)."""
   weights = jnp.asarray(weights, jnp.float32)
   return StepSummary(
@@ -139,10 +146,11 @@ def summarize(*, step: Array, example_index: Array, route_class: Array, weights:
       fingerprint=fingerprint(params, leaf_group, weights.shape[-1], key, dim),
       measurements=dict(measurements or {}),
       events=events,
+      seen=None if seen is None else jnp.asarray(seen, bool),
   )
 
 
-def params_sha256(params: Any) -> str:
+def params_sha256(params: PyTree) -> str:
   """Hex SHA-256 over the canonical bytes of every leaf, in `tree_leaves` order.
 
   Per leaf: the canonical msgpack of `[path, dtype name, shape]` followed by the leaf's raw
@@ -151,7 +159,7 @@ def params_sha256(params: Any) -> str:
   """
   h = hashlib.sha256()
   leaves = jax.tree_util.tree_leaves(params)
-  for path, leaf in zip(paths.tree_paths(params), leaves):
+  for path, leaf in zip(paths.tree_paths(params), leaves, strict=True):
     arr = np.asarray(jax.device_get(leaf))
     h.update(canonical.encode([path, arr.dtype.name, list(arr.shape)]))
     h.update(np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tobytes())

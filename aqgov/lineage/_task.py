@@ -27,7 +27,7 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 from aqgov.credentials._manifest import Example
 from aqgov.errors import LineageError
-from aqgov.lineage._summary import StepSummary
+from aqgov.lineage._summary import Array, PyTree, StepSummary
 
 
 class TrainState(NamedTuple):
@@ -39,10 +39,10 @@ class TrainState(NamedTuple):
   governance: any pytree of arrays — enforcement state, reroute tables, PRNG key data, ...
   """
 
-  step: Any
-  params: Any
-  opt_state: Any
-  governance: Any = ()
+  step: Array
+  params: PyTree
+  opt_state: PyTree
+  governance: PyTree = ()
 
 
 @runtime_checkable
@@ -53,9 +53,9 @@ class Task(Protocol):
 
   def init(self) -> TrainState: ...
 
-  def make_batch(self, examples: Sequence[Example]) -> tuple[Any, Any]: ...
+  def make_batch(self, examples: Sequence[Example]) -> tuple[PyTree, Mapping[str, Array]]: ...
 
-  def step(self, state: TrainState, batch: Any, labels: Any) -> tuple[TrainState, StepSummary]: ...
+  def step(self, state: TrainState, batch: PyTree, labels: Mapping[str, Array]) -> tuple[TrainState, StepSummary]: ...
 
 
 def load_task(ref: str, config: Mapping[str, Any], run_dir: str | os.PathLike) -> Task:

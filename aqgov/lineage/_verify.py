@@ -32,10 +32,11 @@ from typing import NamedTuple
 
 from aqgov.documents import _merkle as merkle
 from aqgov.documents import _signing as signing
-from aqgov.errors import LineageError, SignatureError
 from aqgov.documents._keys import TrustStore
-from aqgov.lineage import _log as log
+from aqgov.errors import LineageError, SignatureError
 from aqgov.lineage import _record as rec
+from aqgov.lineage import _scan as logscan
+from aqgov.lineage._heads import LogHead, read_heads
 
 
 class VerifyReport(NamedTuple):
@@ -52,7 +53,7 @@ class VerifyReport(NamedTuple):
   torn_bytes: int
   checked: tuple[str, ...]
   unchecked: tuple[str, ...]
-  parent: "VerifyReport | None"
+  parent: VerifyReport | None
 
   @property
   def unsigned(self) -> int:
@@ -110,9 +111,9 @@ def verify_lineage(run_dir: str | os.PathLike, trust: TrustStore, *,
   """
   run_dir, ldir = lineage_dir(run_dir)
   parent_dirs = dict(parent_dirs or {})
-  heads, heads_torn = log.read_heads(ldir)
+  heads, heads_torn = read_heads(ldir)
   sizes = [int(h.payload["size"]) for h in heads]
-  scan = log.scan(ldir, bodies=(rec.RUN_START, rec.CHECKPOINT, rec.RUN_RESUME, rec.OVERRIDE, rec.RUN_END),
+  scan = logscan.scan(ldir, bodies=(rec.RUN_START, rec.CHECKPOINT, rec.RUN_RESUME, rec.OVERRIDE, rec.RUN_END),
                   roots_at=sizes, roots_before=(rec.CHECKPOINT,))
   if scan.size == 0:
     raise LineageError(f"{ldir} holds no complete record", index=0)
@@ -171,7 +172,7 @@ def verify_lineage(run_dir: str | os.PathLike, trust: TrustStore, *,
                       run_key.name, closed, torn, tuple(checked), tuple(unchecked), parent_report)
 
 
-def _check_heads(heads, sizes, scan: log.LogScan, run_id: str, run_trust: TrustStore, consistency: bool) -> None:
+def _check_heads(heads, sizes, scan: logscan.LogScan, run_id: str, run_trust: TrustStore, consistency: bool) -> None:
   good_size = 0
   for k, h in enumerate(heads):
     p = h.payload
@@ -205,7 +206,7 @@ def _check_heads(heads, sizes, scan: log.LogScan, run_id: str, run_trust: TrustS
         raise LineageError(f"tree head {k} (size {size}) is not consistent with the final tree", index=size)
 
 
-def _check_records(scan: log.LogScan, trust: TrustStore) -> None:
+def _check_records(scan: logscan.LogScan, trust: TrustStore) -> None:
   checkpoint_steps = {}
   for i, body in sorted(scan.bodies.items()):
     kind = scan.kinds[i]
@@ -237,7 +238,7 @@ def _check_parent_head(pdir: Path, parent: Mapping, report: VerifyReport) -> Non
   if report.run_id != parent["run_id"]:
     raise LineageError(f"run-start names parent run {parent['run_id']}, but {pdir} holds run {report.run_id}",
                        index=0)
-  heads, _ = log.read_heads(pdir / "lineage")
+  heads, _ = read_heads(pdir / "lineage")
   for h in heads:
     if h.id == parent["head_id"]:
       if int(h.payload["size"]) != int(parent["size"]) or h.payload["root"] != parent["root"]:
@@ -247,10 +248,10 @@ def _check_parent_head(pdir: Path, parent: Mapping, report: VerifyReport) -> Non
                      "this run does not continue that log", index=0)
 
 
-def consistency_proof(run_dir: str | os.PathLike, old_size: int) -> tuple[log.LogHead, list[bytes]]:
+def consistency_proof(run_dir: str | os.PathLike, old_size: int) -> tuple[LogHead, list[bytes]]:
   """The current head and an RFC 9162 proof that the first `old_size` records are a prefix of it,
   for an auditor who holds only an older signed head."""
   _, ldir = lineage_dir(run_dir)
-  scan = log.scan(ldir)
+  scan = logscan.scan(ldir)
   tree = merkle.MerkleTree(scan.leaf_hashes())
   return scan.head(), (tree.consistency_proof(old_size) if old_size < scan.size else [])

@@ -82,8 +82,10 @@ class Uses:
 
   def __init__(self):
     self.by_leaf: dict[int, list[tuple[tuple | None, Site | None]]] = {}
+    self.operands: list[tuple[tuple | None, frozenset]] = []   # parameter leaves of each use
 
   def add(self, path: tuple | None, leaves, site: Site | None = None) -> None:
+    self.operands.append((path, frozenset(leaves)))
     for leaf in leaves:
       self.by_leaf.setdefault(leaf, []).append((path, site))
 
@@ -234,3 +236,20 @@ def _while_kinds(eqn, ins):
     if new == carry:
       return carry
     carry = new
+
+
+def check_visibility(uses: Uses, vis_key: tuple) -> None:
+  """Refuse uses of hidden leaves that emission cannot mask exactly: a value computed from leaves
+  of different visibility, or a use inside scan/cond/while/remat (or a loss of hidden leaves alone)."""
+  if not any(k is not None for k in vis_key):
+    return
+  for path, leaves in uses.operands:
+    keys = {vis_key[leaf] for leaf in leaves}
+    if keys == {None}:
+      continue
+    if len(keys) > 1:
+      raise unsupported("visibility", " for a value computed from parameters of groups with different "
+                        "visibility (e.g. a hidden adapter's weight times a shared one)")
+    if path is None:
+      raise unsupported("visibility", " inside scan, cond, while or remat, or for a loss that depends "
+                        "on hidden parameters alone")

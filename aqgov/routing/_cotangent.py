@@ -23,6 +23,10 @@ parameter: every example gets its own copy and every matmul becomes a batched on
 hundreds of times slower than the plain step on an MLP). It is used only for leaves whose weight
 varies *within* the leaf (a slice such as one attention head): `sg(p) + w_i ⊙ (p - sg(p))`.
 
+Forward visibility: a leaf hidden from an example (a `visible = "routed"` group it is not routed
+to) acts as zero in that example's forward pass; each use of it is masked per example (see
+`_emission`), and uses that cannot be masked exactly raise `UnsupportedPrimitiveError`.
+
 The transformation recurses into nested `jit`, `checkpoint`/`remat`, `scan` and `cond`; custom
 JVP/VJP calls are handled whole, honouring their rules. Anything else that contains a jaxpr raises
 `UnsupportedPrimitiveError` so callers can fall back to per-example gradients; collectives over a
@@ -44,7 +48,7 @@ import jax.numpy as jnp
 from aqgov.errors import RoutingError
 from aqgov.routing import _jax_compat as jc
 from aqgov.routing import _norms as norms
-from aqgov.routing._analysis import Uses, analyze, is_param
+from aqgov.routing._analysis import Uses, analyze, check_visibility, is_param
 from aqgov.routing._emission import Ctx, Env, emit
 from aqgov.routing._plan import Plan, in_kinds, make_plan, per_example_weights, struct, trace
 from aqgov.routing._transforms import unsigned_zeros
@@ -53,13 +57,20 @@ PyTree = Any
 _sg = jax.lax.stop_gradient
 
 
-def check_supported(loss_fn: Callable, params: PyTree, example: PyTree) -> None:
+def check_supported(loss_fn: Callable, params: PyTree, example: PyTree, *,
+                    visibility: PyTree | None = None) -> None:
   """Raise `UnsupportedPrimitiveError` / `BatchCouplingError` if the cotangent strategy cannot
-  transform `loss_fn(params, example)` (one example, no batch axis); return None if it can."""
+  transform `loss_fn(params, example)` (one example, no batch axis); return None if it can.
+
+  `visibility` is as for `cotangent_value_and_grad` (leaves None or per-example bool arrays)."""
   p_leaves, p_def = jax.tree.flatten(params)
   ex_leaves, ex_def = jax.tree.flatten(example)
   closed, _ = trace(loss_fn, p_leaves, p_def, [struct(x) for x in ex_leaves], ex_def)
-  analyze(closed, in_kinds(p_leaves, len(ex_leaves), frozenset()), Uses(), ())
+  uses = Uses()
+  outs = analyze(closed, in_kinds(p_leaves, len(ex_leaves), frozenset()), uses, ())
+  if is_param(outs[0]):
+    uses.add(None, outs[0].leaves)
+  check_visibility(uses, _visibility_keys(p_def, visibility)[0])
 
 
 def norm_methods(loss_fn: Callable, params: PyTree, example: PyTree, *,
@@ -77,10 +88,30 @@ def norm_methods(loss_fn: Callable, params: PyTree, example: PyTree, *,
   return jax.tree.unflatten(p_def, norms.methods(plan))
 
 
+def _visibility_keys(p_def, visibility: PyTree | None) -> tuple[tuple, list]:
+  """(leaf -> key or None, key -> per-example bool array): leaves sharing one array share a key."""
+  if visibility is None:
+    return (None,) * p_def.num_leaves, []
+  keys, arrays, index = [], [], {}
+  for v in p_def.flatten_up_to(visibility):
+    if v is None:
+      keys.append(None)
+      continue
+    if id(v) not in index:
+      index[id(v)] = len(arrays)
+      arrays.append(v)
+    keys.append(index[id(v)])
+  return tuple(keys), arrays
+
+
 def cotangent_value_and_grad(loss_fn: Callable, *, has_aux: bool = False,
                              with_norms: bool = False) -> Callable:
-  """`fn(params, batch, leaf_weights)` -> `(loss_mean, grads)` with
-  `grads_l = (1/B) Σ_i w_i[l] ∇_l loss_fn(params, example_i)`.
+  """`fn(params, batch, leaf_weights, visibility=None)` -> `(loss_mean, grads)` with
+  `grads_l = (1/B) Σ_i w_i[l] ∇_l loss_fn(params ⊙ seen_i, example_i)`.
+
+  `visibility` (optional) is params-shaped: a leaf is None (every example sees it) or a bool [B]
+  array, False where the leaf acts as zero in that example's forward pass; leaves given the same
+  array object share one visibility (one group), which lets a use combine them.
 
   `leaf_weights` is params-shaped; each leaf is [B] or [B, *shape broadcastable to the leaf].
   With `has_aux`, `loss_fn` returns `(loss, aux)` and the result is `((loss_mean, aux[B,...]),
@@ -90,7 +121,7 @@ def cotangent_value_and_grad(loss_fn: Callable, *, has_aux: bool = False,
   """
   cache: dict = {}
 
-  def fn(params, batch, leaf_weights):
+  def fn(params, batch, leaf_weights, visibility=None):
     p_leaves, p_def = jax.tree.flatten(params)
     b_leaves, b_def = jax.tree.flatten(batch)
     if not b_leaves:
@@ -104,13 +135,15 @@ def cotangent_value_and_grad(loss_fn: Callable, *, has_aux: bool = False,
     slice_leaves = frozenset(i for i, s in enumerate(slices) if s)
     ex_structs = tuple(jax.ShapeDtypeStruct(jnp.shape(b)[1:], jnp.result_type(b))
                        for b in b_leaves)
-    key = (p_def, tuple(struct(p) for p in p_leaves), b_def, ex_structs, slice_leaves, has_aux)
+    vis_key, seen = _visibility_keys(p_def, visibility)
+    key = (p_def, tuple(struct(p) for p in p_leaves), b_def, ex_structs, slice_leaves, has_aux, vis_key)
     plan = cache.get(key)
     if plan is None:
-      plan = make_plan(loss_fn, p_leaves, p_def, ex_structs, b_def, slice_leaves, has_aux)
+      plan = make_plan(loss_fn, p_leaves, p_def, ex_structs, b_def, slice_leaves, has_aux, vis_key)
       if not any(isinstance(c, jc.Tracer) for c in plan.closed.consts):
         cache[key] = plan
-    return _run(plan, p_leaves, p_def, b_leaves, weights, size, has_aux, with_norms)
+    seen = [jnp.broadcast_to(jnp.asarray(s, bool), (size,)) for s in seen]
+    return _run(plan, p_leaves, p_def, b_leaves, weights, size, has_aux, with_norms, seen)
 
   return fn
 
@@ -123,7 +156,7 @@ def _zero_grad(p):
 
 
 def _run(plan: Plan, p_leaves, p_def, b_leaves, weights, size: int, has_aux: bool,
-        with_norms: bool):
+        with_norms: bool, seen: list = ()):
   """`(loss_mean, grads)` (with `has_aux` `((loss_mean, aux), grads)`; with `with_norms` a
   trailing params-shaped pytree of [B] squared norms) for one batch under `plan`."""
   materialised = plan.materialised if with_norms else frozenset()
@@ -133,7 +166,7 @@ def _run(plan: Plan, p_leaves, p_def, b_leaves, weights, size: int, has_aux: boo
   gprobes = norms.site_probes(sites, size)
   n_p = plan.n_params
 
-  def per_example(diff_vals, probes_i, gprobes_i, ex_vals, w_i):
+  def per_example(diff_vals, probes_i, gprobes_i, ex_vals, w_i, seen_i):
     leaves = list(p_leaves)
     for i, v in zip(diff, diff_vals):
       leaves[i] = v
@@ -142,8 +175,11 @@ def _run(plan: Plan, p_leaves, p_def, b_leaves, weights, size: int, has_aux: boo
     for i in plan.slice_leaves:
       b = branch[i]
       values[i] = _sg(leaves[i]) + w_i[i].astype(b.dtype) * (b - _sg(b))
+      if plan.vis_key[i] is not None:  # a slice-weighted leaf is batched already: mask it directly
+        values[i] = jnp.where(seen_i[plan.vis_key[i]], values[i], jnp.zeros_like(values[i]))
     ctx = Ctx(weights=w_i, leaf_branch=branch, materialised=materialised,
-              site_probes={k: (sites[k], v) for k, v in gprobes_i.items()}, site_acts={})
+              site_probes={k: (sites[k], v) for k, v in gprobes_i.items()}, site_acts={},
+              vis_key=plan.vis_key, seen=dict(enumerate(seen_i)))
     env = Env(ctx)
     for v, val, k in zip(plan.closed.jaxpr.invars, values + list(ex_vals),
                          in_kinds(p_leaves, len(ex_vals), plan.slice_leaves)):
@@ -156,8 +192,8 @@ def _run(plan: Plan, p_leaves, p_def, b_leaves, weights, size: int, has_aux: boo
 
   def total(diff_vals, probes, gprobes):
     w_dict = {i: weights[i] for i in range(n_p)}
-    losses, (aux, acts) = jax.vmap(per_example, in_axes=(None, 0, 0, 0, 0))(
-        diff_vals, probes, gprobes, list(b_leaves), w_dict)
+    losses, (aux, acts) = jax.vmap(per_example, in_axes=(None, 0, 0, 0, 0, 0))(
+        diff_vals, probes, gprobes, list(b_leaves), w_dict, list(seen))
     return jnp.mean(losses), (aux, acts)
 
   diff_vals = [p_leaves[i] for i in diff]

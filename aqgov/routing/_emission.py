@@ -14,6 +14,14 @@ position (a scan carry, a branch output, the loss itself) is lifted: `sg(p) + Σ
 sg(p_l))`. Nested `jit`s are inlined; remat, `scan` and `cond` are re-emitted as themselves, their
 bodies evaluated the same way.
 
+Forward visibility. A leaf may be *hidden* from some examples (its group is `visible = "routed"`
+and the example's weight in it is 0): for them it acts as zero in the forward pass. At each use of
+such a leaf the output is `where(seen_i, op(a, p), op(a, p0))`, with `p0` the parameter side
+recomputed with the hidden leaves zeroed (parameter-only, so computed once, not per example). For
+a matmul, convolution or product of a leaf or of a linear view of it (reshape, transpose, cast,
+...), `op(a, 0) = 0`, so the output is just multiplied by `seen_i`. The plan refuses uses it cannot
+mask this way (`_analysis.check_visibility`).
+
 `emit` evaluates a jaxpr this way on the tracers of one example (under the caller's `vmap` and
 `grad`), given an `Env` holding its inputs and a `Ctx` with the example's weights.
 """
@@ -68,6 +76,8 @@ class Ctx(NamedTuple):
   materialised: frozenset  # leaves whose per-example gradient is materialised via a probe
   site_probes: dict        # inlining path -> (Site, zero probe added to its parameter side)
   site_acts: dict          # inlining path -> recorded non-parameter operands (output)
+  vis_key: tuple = ()      # leaf -> visibility key (None: seen by every example)
+  seen: dict = {}          # visibility key -> per-example bool: the example sees those leaves
 
 
 class Env:
@@ -80,6 +90,7 @@ class Env:
     self.producer: dict = {}
     self.links: dict = {}
     self.iso_memo: dict = {}
+    self.zero_memo: dict = {}
 
   def read(self, a):
     return jc.literal_value(a) if jc.is_literal(a) else self.vals[a]
@@ -124,6 +135,36 @@ class Env:
     self.iso_memo[a, leaf] = val
     return val
 
+  def zeroed(self, a) -> tuple:
+    """`a`'s value with its hidden leaves zeroed, and whether that value is exactly zero.
+
+    Only for parameter-only values whose leaves share one visibility (the plan refuses any other
+    use), so the result is a constant of the step."""
+    if jc.is_literal(a):
+      return jc.literal_value(a), False
+    kind = self.kinds[a]
+    if not kind.leaves:
+      return self.vals[a], False
+    if a in self.zero_memo:
+      return self.zero_memo[a]
+    if kind.raw is not None:
+      out = (jnp.zeros_like(self.vals[a]), True)
+    elif a in self.links:
+      env, b = self.links[a]
+      out = env.zeroed(b)
+    elif a in self.producer:
+      eqn = self.producer[a]
+      ins = [self.zeroed(b) for b in eqn.invars]
+      zero = _keeps_zero(eqn, [z for _, z in ins])
+      for v, o in zip(eqn.outvars, jc.bind(eqn, [v for v, _ in ins])):
+        if not jc.is_dropped(v):
+          self.zero_memo[v] = (o, zero)
+      return self.zero_memo[a]
+    else:
+      raise RoutingError("internal: no zeroed view of a parameter-derived value")
+    self.zero_memo[a] = out
+    return out
+
   def _iso_input(self, a, leaf):
     kind = self.kind(a)
     if kind.ex:
@@ -134,6 +175,8 @@ class Env:
     """A parameter-only value entering an example-dependent position: exact value, batched, with
     each leaf's cotangent scaled by its weight."""
     val = self.read(a)
+    if _visibility_key(self.ctx, self.kind(a).leaves) is not None:
+      raise RoutingError("internal: a hidden parameter reached an example-dependent position unmasked")
     out = _sg(val)
     for leaf in sorted(self.kind(a).leaves):
       view = self.iso(a, leaf)
@@ -205,7 +248,39 @@ def _scaled_operand(eqn, ins) -> int | None:
   return ex[0] if small and inexact(aval) else None
 
 
+def _keeps_zero(eqn, zero: list[bool]) -> bool:
+  """Whether `eqn`'s output is exactly zero given which of its inputs are."""
+  if jc.name(eqn) in jc.ZERO_ANNIHILATING:
+    return any(zero)
+  if jc.name(eqn) in jc.ZERO_PRESERVING:
+    return bool(zero) and zero[0]
+  return False
+
+
+def _visibility_key(ctx: Ctx, leaves):
+  """The one visibility key of `leaves` that may be hidden, or None if all are always seen."""
+  keys = {ctx.vis_key[leaf] for leaf in leaves if ctx.vis_key and ctx.vis_key[leaf] is not None}
+  if len(keys) > 1:
+    raise RoutingError("internal: a use mixes parameters of different visibility")
+  return next(iter(keys), None)
+
+
 def _emit_mixing(eqn, env: Env, ins, kinds, path):
+  """A mixing equation, masked per example where it uses parameters the example may not see."""
+  outs = _emit_scaled(eqn, env, ins, kinds, path)
+  key = _visibility_key(env.ctx, frozenset().union(*(k.leaves for k in ins if is_param(k))))
+  if key is None:
+    return outs
+  seen = env.ctx.seen[key]
+  zeroed = [env.zeroed(a) if is_param(k) else None for a, k in zip(eqn.invars, ins)]
+  if jc.name(eqn) in jc.ZERO_ANNIHILATING and any(z is not None and z[1] for z in zeroed):
+    return [o * seen.astype(o.dtype) if inexact(v.aval) else jnp.where(seen, o, jnp.zeros_like(o))
+            for o, v in zip(outs, eqn.outvars)]
+  unseen = jc.bind(eqn, [env.read(a) if z is None else z[0] for a, z in zip(eqn.invars, zeroed)])
+  return [jnp.where(seen, o, u) for o, u in zip(outs, unseen)]
+
+
+def _emit_scaled(eqn, env: Env, ins, kinds, path):
   """`join(op(a, sg(p)), [op(sg(a), p_l)], [w_l])` for a first-order or custom-rule equation."""
   vals = [env.read(a) for a in eqn.invars]
   y_a = jc.bind(eqn, [_sg(v) if is_param(k) else v for v, k in zip(vals, ins)])

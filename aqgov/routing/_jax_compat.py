@@ -31,6 +31,12 @@ STOP_GRADIENT = "stop_gradient"
 DOT_GENERAL = "dot_general"
 CONV = "conv_general_dilated"
 # Control flow whose sub-jaxprs the routing core handles itself.
+# Linear in each operand (a zero parameter side stays zero through them), and products (zero when
+# one operand is): what lets a hidden parameter's use be masked without recomputing it.
+ZERO_PRESERVING = frozenset({
+    "convert_element_type", "reshape", "transpose", "broadcast_in_dim", "squeeze", "expand_dims",
+    "slice", "dynamic_slice", "neg", "copy", "copy_p", "reduce_sum", "rev", "reduce_precision"})
+ZERO_ANNIHILATING = frozenset({"mul", DOT_GENERAL, CONV})
 STRUCTURED = INLINE | REMAT | WHOLE | {SCAN, COND, WHILE}
 
 # Primitives that communicate across a named (mapped) axis: inside a per-example loss they mix

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from aqgov.errors import BatchCouplingError, RoutingError
 from aqgov.routing import _ghost_norms as ghost_norms
 from aqgov.routing import _jax_compat as jc
-from aqgov.routing._analysis import CONST, Kind, Uses, analyze, inexact, is_param
+from aqgov.routing._analysis import CONST, Kind, Uses, analyze, check_visibility, inexact, is_param
 
 
 class Plan(NamedTuple):
@@ -28,6 +28,7 @@ class Plan(NamedTuple):
   diff_leaves: tuple            # indices of inexact parameter leaves
   sites: dict                   # inlining path -> Site (norms from operands + cotangent)
   materialised: frozenset       # leaves whose per-example gradients are materialised for norms
+  vis_key: tuple = ()           # leaf -> visibility key, None when every example sees it
 
 
 def struct(x) -> jax.ShapeDtypeStruct:
@@ -76,13 +77,15 @@ def _check_output(closed, out_tree, has_aux: bool) -> None:
 
 
 def make_plan(loss_fn: Callable, p_leaves, p_def, ex_structs, ex_def, slice_leaves,
-              has_aux: bool) -> Plan:
+              has_aux: bool, vis_key: tuple = ()) -> Plan:
   closed, out_tree = trace(loss_fn, p_leaves, p_def, ex_structs, ex_def)
   _check_output(closed, out_tree, has_aux)
   uses = Uses()
   outs = analyze(closed, in_kinds(p_leaves, len(ex_structs), slice_leaves), uses, ())
   if is_param(outs[0]):
     uses.add(None, outs[0].leaves)
+  vis_key = tuple(vis_key) or (None,) * len(p_leaves)
+  check_visibility(uses, vis_key)
   sites, materialised = {}, set(slice_leaves)
   for leaf, recorded in uses.by_leaf.items():
     path, site = recorded[0]
@@ -94,7 +97,7 @@ def make_plan(loss_fn: Callable, p_leaves, p_def, ex_structs, ex_def, slice_leav
   diff = tuple(i for i, p in enumerate(p_leaves)
                if jnp.issubdtype(jnp.result_type(p), jnp.inexact))
   return Plan(closed, out_tree, len(p_leaves), frozenset(slice_leaves), diff, sites,
-              frozenset(materialised))
+              frozenset(materialised), vis_key)
 
 
 def per_example_weights(w, leaf, batch: int) -> tuple[jax.Array, bool]:
