@@ -51,7 +51,11 @@ class NonFiniteError(RoutingError):
 
 
 class UnsupportedPrimitiveError(RoutingError):
-  """The cotangent strategy met a construct it cannot transform."""
+  """The cotangent strategy met a construct it cannot transform; `primitive` names it."""
+
+  def __init__(self, message: str, *, primitive: str | None = None):
+    super().__init__(message)
+    self.primitive = primitive
 
 
 class BatchCouplingError(RoutingError):

@@ -684,8 +684,9 @@ def linear_solve_loss(p, ex):
 def test_uncovered_construct_is_refused_naming_the_fallback(loss_fn, name):
   params = {"w": jnp.eye(3)}
   example = {"x": jnp.ones(3), "n": jnp.array(2)}
-  with pytest.raises(UnsupportedPrimitiveError, match=f"{name}.*per_example"):
+  with pytest.raises(UnsupportedPrimitiveError, match=f"{name}.*per_example") as info:
     check_supported(loss_fn, params, example)
+  assert info.value.primitive == name
   with pytest.raises(UnsupportedPrimitiveError):
     cotangent_value_and_grad(loss_fn)(params, jax.tree.map(lambda x: x[None], example),
                                       {"w": jnp.ones((1,))})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sys
 import warnings
 
 import jax
@@ -18,6 +19,7 @@ import aqgov
 from aqgov.routing import _cotangent as cotangent
 from aqgov.examples import tiny_lm as tiny_lm
 from aqgov.errors import BatchCouplingError, RoutingError, UnsupportedPrimitiveError
+from aqgov.routing._coupling import check_per_example
 from aqgov.routing._value_and_grad import group_norms, per_example_value_and_grad
 import routed_models as rm
 
@@ -347,3 +349,89 @@ def test_params_of_another_tree_are_refused():
   batch, labels = _inputs()
   with pytest.raises(RoutingError, match="structure the policy was compiled for"):
     aqgov.routed_value_and_grad(rm.MODELS["mlp"].loss, LM_COMPILED)(params, batch, labels)
+
+
+# -- how batch coupling is detected --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flavour", ["nnx", "linen"])
+def test_check_per_example_refuses_batchnorm_in_training_mode(flavour):
+  params, loss, _ = nnx_case("batch-train") if flavour == "nnx" else linen_case(True)
+  example = jax.tree.map(lambda x: x[0], _inputs()[0])
+  with pytest.raises(BatchCouplingError, match=f"flax.{flavour}.*training mode"):
+    check_per_example(loss, params, example)
+
+
+@pytest.mark.parametrize("flavour", ["nnx", "linen"])
+def test_check_per_example_accepts_batchnorm_in_eval_mode(flavour):
+  params, loss, _ = nnx_case("batch-eval") if flavour == "nnx" else linen_case(False)
+  example = jax.tree.map(lambda x: x[0], _inputs()[0])
+  assert check_per_example(loss, params, example) is None
+
+
+class LinenCallArgNet(linen.Module):
+  @linen.compact
+  def __call__(self, x, train: bool):
+    return linen.BatchNorm()(linen.Dense(6)(x), use_running_average=not train)
+
+
+def test_linen_batchnorm_put_in_training_mode_by_a_call_argument_is_refused():
+  variables = LinenCallArgNet().init(jax.random.key(0), jnp.ones((2, 4)), False)
+
+  def loss(p, ex):
+    out = LinenCallArgNet().apply({"params": p, "batch_stats": variables["batch_stats"]}, ex["x"],
+                                  True, mutable=["batch_stats"])[0]
+    return jnp.sum(out)
+
+  with pytest.raises(BatchCouplingError, match="training mode"):
+    check_per_example(loss, variables["params"], {"x": jnp.ones(4)})
+
+
+def test_nnx_module_closed_over_in_training_mode_is_refused():
+  model = NNXNet("batch-train", nnx.Rngs(0))
+  _, params, _ = nnx.split(model, nnx.Param, ...)
+
+  def loss(p, ex):
+    nnx.update(model, p)
+    return rm._xent(model(ex["x"]), ex["y"])
+
+  with pytest.raises(BatchCouplingError, match=r"flax.nnx BatchNorm at norm"):
+    check_per_example(loss, params, jax.tree.map(lambda x: x[0], _inputs()[0]))
+
+
+def test_psum_over_a_vmapped_axis_is_refused():
+  params = rm.MODELS["mlp"].init(jax.random.key(0))
+
+  def loss(p, ex):  # communicates over the axis the caller vmaps the per-example check over
+    return rm._mlp_loss(p, {"x": ex["x"] - jax.lax.psum(ex["x"], "outer"), "y": ex["y"]})
+
+  example = jax.tree.map(lambda x: x[:2], _inputs()[0])
+  with pytest.raises(BatchCouplingError, match=r"psum over \['outer'\]"):
+    jax.vmap(lambda ex: check_per_example(loss, params, ex) or 0.0, axis_name="outer")(example)
+
+
+@pytest.mark.parametrize("strategy", ["auto", "per_example"])
+def test_per_example_assertion_skips_the_checks(strategy):
+  params, loss, compiled = linen_case(True)  # one example's batch statistics: the user's call
+  batch, labels = _inputs()
+  fn = aqgov.routed_value_and_grad(loss, compiled, strategy, per_example=True)
+  _, grads = jax.jit(fn)(params, batch, labels)
+  assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+
+
+def test_routing_leaves_a_running_profiler_untouched():
+  params, loss, compiled = linen_case(False)
+  batch, labels = _inputs()
+  calls = []
+
+  def profiler(frame, event, arg):
+    calls.append(event)
+
+  previous = sys.getprofile()
+  sys.setprofile(profiler)
+  try:
+    aqgov.routed_value_and_grad(loss, compiled)(params, batch, labels)
+    assert sys.getprofile() is profiler
+  finally:
+    sys.setprofile(previous)
+  assert calls

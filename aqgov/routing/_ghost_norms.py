@@ -16,6 +16,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from aqgov.routing import _jax_compat as jc
+
 Array = jax.Array
 
 
@@ -80,17 +82,17 @@ def materialised_sq_norms(per_example_grads: Array) -> Array:
   return jnp.sum(jnp.square(g).reshape(g.shape[0], -1), axis=1)
 
 
-def _patches(params: dict, kernel_shape: tuple[int, ...], lhs: Array) -> Array:
+def _patches(params: jc.ConvParams, kernel_shape: tuple[int, ...], lhs: Array) -> Array:
   """[positions, taps * C] input patches of a convolution, by strided slices (no arithmetic)."""
-  dn = params["dimension_numbers"]
+  dn = params.dimension_numbers
   nsp = len(dn.lhs_spec) - 2
   x = jnp.transpose(lhs, (dn.lhs_spec[0], *dn.lhs_spec[2:], dn.lhs_spec[1]))  # N, spatial.., C
   zero = jnp.zeros((), x.dtype)
   config = [(0, 0, 0)] + [(lo, hi, d - 1) for (lo, hi), d in
-                          zip(params["padding"], params["lhs_dilation"])] + [(0, 0, 0)]
+                          zip(params.padding, params.lhs_dilation)] + [(0, 0, 0)]
   x = jax.lax.pad(x, zero, config)
   filt = [kernel_shape[d] for d in dn.rhs_spec[2:]]
-  rhs_dil, strides = params["rhs_dilation"], params["window_strides"]
+  rhs_dil, strides = params.rhs_dilation, params.window_strides
   out_sp = [(x.shape[1 + i] - (filt[i] - 1) * rhs_dil[i] - 1) // strides[i] + 1 for i in range(nsp)]
   taps = []
   for offset in itertools.product(*(range(f) for f in filt)):
@@ -106,9 +108,11 @@ def conv_sq_norm(params: dict, kernel_shape: tuple[int, ...], lhs: Array, cot: A
 
   The kernel gradient is `Pᵀ G` with `P` the input patches (one row per output position) and `G`
   the output cotangent; the order of patch features does not change the norm. Needs
-  `feature_group_count == batch_group_count == 1` (see `conv_supported`)."""
-  dn = params["dimension_numbers"]
-  p = _patches(params, kernel_shape, lhs).astype(jnp.float32)
+  `feature_group_count == batch_group_count == 1` (see `conv_supported`); `params` is the
+  equation's parameter dict."""
+  conv = jc.conv_params(params)
+  dn = conv.dimension_numbers
+  p = _patches(conv, kernel_shape, lhs).astype(jnp.float32)
   g = jnp.transpose(cot, (dn.out_spec[0], *dn.out_spec[2:], dn.out_spec[1]))
   g = g.reshape(-1, g.shape[-1]).astype(jnp.float32)
   return jnp.sum(jnp.square(jnp.matmul(p.T, g, precision=jax.lax.Precision.HIGHEST)))
@@ -116,4 +120,5 @@ def conv_sq_norm(params: dict, kernel_shape: tuple[int, ...], lhs: Array, cot: A
 
 def conv_supported(params: dict) -> bool:
   """True when `conv_sq_norm` applies (no grouped or batch-grouped convolution)."""
-  return params.get("feature_group_count", 1) == 1 and params.get("batch_group_count", 1) == 1
+  conv = jc.conv_params(params)
+  return conv.feature_group_count == 1 and conv.batch_group_count == 1

@@ -131,16 +131,12 @@ def route(compiled) -> optax.GradientTransformationExtraArgs:
     `strict(compiled)` to freeze such parameters for that step.
   """
 
-  def init_fn(params):
-    del params
-    return optax.EmptyState()
-
   def update_fn(updates, state, params=None, *, labels=None, **extra_args):
     del params, extra_args
     weights = compiled.leaf_weights(_labels_or_raise(labels, "route"))
     return aggregate(weights, updates), state
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(optax.init_empty_state, update_fn)
 
 
 def strict(compiled) -> optax.GradientTransformationExtraArgs:
@@ -157,10 +153,6 @@ def strict(compiled) -> optax.GradientTransformationExtraArgs:
     labels, **extra)` takes params-shaped updates.
   """
 
-  def init_fn(params):
-    del params
-    return optax.EmptyState()
-
   def update_fn(updates, state, params=None, *, labels=None, **extra_args):
     del params, extra_args
     hit = reached(compiled.leaf_weights(_labels_or_raise(labels, "strict")))
@@ -170,7 +162,7 @@ def strict(compiled) -> optax.GradientTransformationExtraArgs:
 
     return _map_weights(mask, hit, updates), state
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(optax.init_empty_state, update_fn)
 
 
 _strict = strict

@@ -10,115 +10,29 @@ the same result as `route(compiled)` applied to per-example gradients. Strategie
 - `"auto"`: `"cotangent"` when it covers every construct of the loss, else `"per_example"` with
   one warning line naming what is not covered.
 
-Both refuse batch-coupled losses (`BatchCouplingError`): BatchNorm in training mode, writes to
-Linen `batch_stats`, collectives over named axes. Per-example routing of such a loss would not be
-the gradient of the model being trained.
+Both refuse batch-coupled losses (`BatchCouplingError`, see `_coupling` for what is and is not
+detected): BatchNorm in training mode, writes to Linen `batch_stats`, collectives over named
+axes. Per-example routing of such a loss would not be the gradient of the model being trained.
+`per_example=True` asserts the loss is per-example and skips these checks.
 """
 
 from __future__ import annotations
 
-import inspect
-import re
-import sys
 import warnings
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.extend import core as jex_core
+import optax
 
-from aqgov.routing import _cotangent as cotangent
 from aqgov.errors import BatchCouplingError, RoutingError, UnsupportedPrimitiveError
+from aqgov.routing import _cotangent as cotangent
+from aqgov.routing._coupling import check_per_example
 from aqgov.routing._transforms import broadcast_weight, weighted_sum
 
 PyTree = Any
 STRATEGIES = ("auto", "per_example", "cotangent")
-
-# Primitives that communicate across a named (mapped) axis: inside a per-example loss they mix
-# examples (or shards of the batch) and break per-example semantics.
-COLLECTIVES = frozenset({
-    "psum", "pmax", "pmin", "ppermute", "pbroadcast", "all_gather", "all_gather_invariant",
-    "all_to_all", "ragged_all_to_all", "reduce_scatter", "axis_index", "psum_invariant",
-    "psend", "precv", "unreduced_psum",
-})
-
-_REMEDY = ("Per-example routing needs each example's loss to depend on that example alone. Use "
-           "BatchNorm with use_running_average=True for routed steps, or a per-example "
-           "normalisation (LayerNorm, GroupNorm, RMSNorm) instead.")
-
-
-# ---------------------------------------------------------------------------------------------
-# Batch-coupling detection
-
-
-class _CouplingWatch:
-  """A profile hook active while the per-example loss is traced once: it notes batch-coupled
-  layers (BatchNorm computing batch statistics, Linen writes to `batch_stats`) as they run."""
-
-  def __init__(self):
-    self.found: list[str] = []
-    self._codes = _coupling_codes()
-    self._previous = None
-
-  def _hook(self, frame, event, arg):
-    kind = self._codes.get(frame.f_code)
-    if kind is None:
-      return
-    if kind == "put_variable" and event == "call" and frame.f_locals.get("col") == "batch_stats":
-      self.found.append("a Linen module writes the 'batch_stats' collection")
-    elif kind != "put_variable" and event == "return":
-      if frame.f_locals.get("use_running_average") is False:
-        module = type(frame.f_locals.get("self")).__name__
-        self.found.append(f"{kind} {module} runs in training mode (use_running_average=False)")
-
-  def __enter__(self):
-    self._previous = sys.getprofile()
-    sys.setprofile(self._hook)
-    return self
-
-  def __exit__(self, *exc):
-    sys.setprofile(self._previous)
-    return False
-
-
-_CODES: dict | None = None
-
-
-def _coupling_codes() -> dict:
-  """Code objects of the Flax functions that reveal batch coupling, found once."""
-  global _CODES
-  if _CODES is None:
-    from flax import linen, nnx
-    from flax.core import scope
-
-    _CODES = {
-        inspect.unwrap(nnx.BatchNorm.__call__).__code__: "flax.nnx",
-        inspect.unwrap(linen.BatchNorm.__call__).__code__: "flax.linen",
-        inspect.unwrap(scope.Scope.put_variable).__code__: "put_variable",
-    }
-  return _CODES
-
-
-def _named_axes(params: dict) -> list[str]:
-  names = []
-  for key in ("axes", "axis_name"):
-    value = params.get(key)
-    values = value if isinstance(value, (tuple, list)) else (value,)
-    names += [str(v) for v in values if v is not None and not isinstance(v, int)]
-  return names
-
-
-def _collectives(jaxpr) -> list[str]:
-  """`primitive over axes` for every collective anywhere in `jaxpr` (recursing into sub-jaxprs)."""
-  out = []
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name in COLLECTIVES:
-      axes = _named_axes(eqn.params)
-      out.append(f"{eqn.primitive.name} over {axes}" if axes else eqn.primitive.name)
-  for sub in jex_core.subjaxprs(jaxpr):
-    out += _collectives(sub)
-  return out
 
 
 def _abstract(tree: PyTree) -> PyTree:
@@ -132,42 +46,6 @@ def example_spec(batch: PyTree) -> PyTree:
       raise RoutingError("every batch leaf needs a leading batch axis; got a scalar leaf")
     return jax.ShapeDtypeStruct(jnp.shape(x)[1:], jnp.result_type(x))
   return jax.tree.map(one, batch)
-
-
-def check_per_example(loss_fn: Callable, params: PyTree, example: PyTree, *,
-                      has_aux: bool = False) -> None:
-  """Raise `BatchCouplingError` when the per-example loss mixes examples.
-
-  Traces `value_and_grad(loss_fn)` once on abstract values (`params`, `example` may be arrays or
-  `jax.ShapeDtypeStruct`s) and refuses: BatchNorm in training mode (Flax NNX or Linen), writes to
-  Linen's `batch_stats` collection, and collectives over named axes (`psum`, `all_gather`, ...),
-  including ones whose axis is not bound because they expect a batch axis that per-example
-  evaluation does not have.
-  """
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=has_aux)
-  error = None
-  with _CouplingWatch() as watch:
-    try:
-      closed = jax.make_jaxpr(grad_fn)(_abstract(params), _abstract(example))
-    except NameError as exc:  # an unbound axis name: the loss expects to run over a batch axis
-      closed, error = None, exc
-    except Exception:  # noqa: BLE001 - a coupled layer may fail to trace; report it first
-      if not watch.found:
-        raise
-      closed = None
-  if watch.found:
-    raise BatchCouplingError(
-        f"the loss is batch-coupled: {'; '.join(dict.fromkeys(watch.found))}. Its statistics mix "
-        f"the examples of a batch, so per-example routed gradients would not hold. {_REMEDY}")
-  if error is not None:
-    raise BatchCouplingError(
-        f"the per-example loss uses a collective over a batch axis ({str(error).split('.')[0]}); a loss that "
-        f"communicates across examples cannot be routed per example. {_REMEDY}") from None
-  found = _collectives(closed.jaxpr)
-  if found:
-    raise BatchCouplingError(
-        f"the per-example loss communicates across a mapped axis ({', '.join(dict.fromkeys(found))});"
-        f" per-example routing would be wrong. {_REMEDY}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,15 +131,15 @@ def _microbatched(chunk, params, batch, leaf_weights, size: int, k: int):
   def body(acc, xs):
     examples, weights = xs
     out, sums, sq = chunk(params, examples, weights)
-    return jax.tree.map(jnp.add, acc, sums), (out, sq)
+    return optax.tree.add(acc, sums), (out, sq)
 
-  acc0 = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.result_type(p)), params)
+  acc0 = optax.tree.zeros_like(params)
   sums, (out, sq) = jax.lax.scan(body, acc0, (split(batch), split(leaf_weights)))
   out, sq = merge(out), merge(sq)
   if head < size:
     tail = lambda t: jax.tree.map(lambda x: x[head:], t)
     t_out, t_sums, t_sq = chunk(params, tail(batch), tail(leaf_weights))
-    sums = jax.tree.map(jnp.add, sums, t_sums)
+    sums = optax.tree.add(sums, t_sums)
     cat = lambda a, b: jax.tree.map(lambda x, y: jnp.concatenate([x, y]), a, b)
     out, sq = cat(out, t_out), cat(sq, t_sq)
   return out, sums, sq
@@ -287,7 +165,7 @@ class _Plan(NamedTuple):
 
 def routed_value_and_grad(loss_fn: Callable, compiled, strategy: str = "auto", *,
                           has_aux: bool = False, with_norms: bool = False,
-                          microbatch: int | None = None) -> Callable:
+                          microbatch: int | None = None, per_example: bool = False) -> Callable:
   """Routed gradients of the per-example `loss_fn(params, example)`.
 
   Args:
@@ -300,6 +178,9 @@ def routed_value_and_grad(loss_fn: Callable, compiled, strategy: str = "auto", *
       `|| w_i[g] * grad_g L_i ||_2` over each group's leaves.
     microbatch: examples per chunk of the `per_example` strategy (bounds its memory); not
       accepted with `strategy="cotangent"`, which never materialises per-example gradients.
+    per_example: "I assert the loss is per-example; skip the checks". The batch-coupling checks
+      (BatchNorm in training mode, `batch_stats` writes, collectives) are not run; a collective
+      the cotangent strategy cannot transform then makes `"auto"` use `"per_example"`.
 
   Returns:
     `fn(params, batch, labels)` returning `(mean_loss, grads)`; with `has_aux`
@@ -308,7 +189,8 @@ def routed_value_and_grad(loss_fn: Callable, compiled, strategy: str = "auto", *
     strategy it uses for these shapes.
 
   Raises:
-    BatchCouplingError: the loss mixes examples (never fallen back from).
+    BatchCouplingError: the loss mixes examples (never fallen back from); see
+      `aqgov.routing._coupling` for what is detected and what is not.
     UnsupportedPrimitiveError: `strategy="cotangent"` and the loss uses a construct it cannot
       transform (`"auto"` falls back to `"per_example"` instead).
   """
@@ -321,46 +203,25 @@ def routed_value_and_grad(loss_fn: Callable, compiled, strategy: str = "auto", *
     raise RoutingError(
         "microbatch bounds the memory of the per_example strategy; the cotangent strategy does not "
         "materialise per-example gradients. Drop microbatch or use strategy='per_example'/'auto'")
+  return _Routed(loss_fn, compiled, strategy, has_aux=has_aux, with_norms=with_norms,
+                 microbatch=microbatch, asserted=per_example)
 
-  per_example = per_example_value_and_grad(
-      loss_fn, has_aux=has_aux, with_norms=with_norms, microbatch=microbatch)
-  plans: dict[Any, _Plan] = {}
-  warned = []
-  cotangent_fn = []
 
-  def plan_for(params, batch) -> _Plan:
-    p_leaves, p_def = jax.tree.flatten(params)
-    b_leaves, b_def = jax.tree.flatten(batch)
-    key = (p_def, b_def, tuple((jnp.shape(x), jnp.result_type(x)) for x in p_leaves + b_leaves))
-    if key in plans:
-      return plans[key]
-    example = example_spec(batch)
-    check_per_example(loss_fn, params, example, has_aux=has_aux)
-    if strategy == "per_example":
-      plan = _Plan("per_example", "requested")
-    else:
-      try:
-        cotangent.check_supported(_loss_only(loss_fn, has_aux), _abstract(params), example,
-                                  visibility=_static_visibility(compiled))
-        plan = _Plan("cotangent", "supported")
-      except UnsupportedPrimitiveError as exc:
-        if strategy == "cotangent":
-          raise
-        plan = _Plan("per_example", _uncovered(exc))
-        if not warned:
-          warned.append(True)
-          warnings.warn(f"aqgov: cotangent routing does not cover {plan.reason}; using per_example",
-                        UserWarning, stacklevel=3)
-    plans[key] = plan
-    return plan
+class _Routed:
+  """The function `routed_value_and_grad` returns: plans a strategy once per shapes, then runs it."""
 
-  def cotangent_impl():
-    if not cotangent_fn:
-      cotangent_fn.append(cotangent.cotangent_value_and_grad(
-          loss_fn, has_aux=has_aux, with_norms=with_norms))
-    return cotangent_fn[0]
+  def __init__(self, loss_fn: Callable, compiled, strategy: str, *, has_aux: bool,
+               with_norms: bool, microbatch: int | None, asserted: bool):
+    self.loss_fn, self.compiled, self.requested = loss_fn, compiled, strategy
+    self.has_aux, self.with_norms, self.asserted = has_aux, with_norms, asserted
+    self.per_example = per_example_value_and_grad(
+        loss_fn, has_aux=has_aux, with_norms=with_norms, microbatch=microbatch)
+    self.plans: dict[Any, _Plan] = {}
+    self.warned = False
+    self._cotangent: Callable | None = None
 
-  def fn(params, batch, labels):
+  def __call__(self, params, batch, labels):
+    compiled = self.compiled
     if jax.tree.structure(params) != compiled.treedef:
       raise RoutingError(
           f"params do not have the structure the policy was compiled for:\n  compiled for: "
@@ -368,15 +229,51 @@ def routed_value_and_grad(loss_fn: Callable, compiled, strategy: str = "auto", *
           "parameter pytree you differentiate (aqgov.compile_policy(policy, params, taxonomy))")
     weights = compiled.leaf_weights(labels)
     visibility = compiled.leaf_visibility(labels) if compiled.has_visibility else None
-    impl = per_example if plan_for(params, batch).strategy == "per_example" else cotangent_impl()
+    impl = self.per_example if self.strategy(params, batch) == "per_example" else self.cotangent
     out = impl(params, batch, weights, visibility)
-    if with_norms:
+    if self.with_norms:
       head, grads, sq = out
       return head, grads, group_norms(compiled, sq)
     return out
 
-  fn.strategy = lambda params, batch: plan_for(params, batch).strategy
-  return fn
+  def strategy(self, params, batch) -> str:
+    """The strategy used for these shapes: "cotangent" or "per_example"."""
+    return self._plan(params, batch).strategy
+
+  @property
+  def cotangent(self) -> Callable:
+    if self._cotangent is None:
+      self._cotangent = cotangent.cotangent_value_and_grad(
+          self.loss_fn, has_aux=self.has_aux, with_norms=self.with_norms)
+    return self._cotangent
+
+  def _plan(self, params, batch) -> _Plan:
+    p_leaves, p_def = jax.tree.flatten(params)
+    b_leaves, b_def = jax.tree.flatten(batch)
+    key = (p_def, b_def, tuple((jnp.shape(x), jnp.result_type(x)) for x in p_leaves + b_leaves))
+    if key not in self.plans:
+      self.plans[key] = self._choose(params, example_spec(batch))
+    return self.plans[key]
+
+  def _choose(self, params, example) -> _Plan:
+    if not self.asserted:
+      check_per_example(self.loss_fn, params, example, has_aux=self.has_aux)
+    if self.requested == "per_example":
+      return _Plan("per_example", "requested")
+    try:
+      cotangent.check_supported(_loss_only(self.loss_fn, self.has_aux), _abstract(params), example,
+                                visibility=_static_visibility(self.compiled))
+      return _Plan("cotangent", "supported")
+    except (UnsupportedPrimitiveError, BatchCouplingError) as exc:
+      coupled = isinstance(exc, BatchCouplingError)
+      if self.requested == "cotangent" or (coupled and not self.asserted):
+        raise
+      plan = _Plan("per_example", "a collective over a named axis" if coupled else _uncovered(exc))
+    if not self.warned:
+      self.warned = True
+      warnings.warn(f"aqgov: cotangent routing does not cover {plan.reason}; using per_example",
+                    UserWarning, stacklevel=5)
+    return plan
 
 
 def _static_visibility(compiled) -> PyTree | None:
@@ -396,10 +293,6 @@ def _loss_only(loss_fn: Callable, has_aux: bool) -> Callable:
 
 def _uncovered(exc: UnsupportedPrimitiveError) -> str:
   """The construct named by an `UnsupportedPrimitiveError`, for the one-line fallback notice."""
-  name = getattr(exc, "primitive", None)
-  if name:
-    return str(name)
-  quoted = re.search(r"`([^`]+)`", str(exc))
-  if quoted:
-    return quoted.group(1)
+  if exc.primitive:
+    return exc.primitive
   return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
