@@ -33,8 +33,8 @@ def workdir(tmp_path):
   (tmp_path / "acme.toml").write_text(ACME_TOML)
   (tmp_path / "eu.toml").write_text(EU_TOML)
   (tmp_path / "shapes.json").write_text(json.dumps(
-      {"embed": {"tokens": [16, 4]}, "blocks/0/mlp": {"up": [4, 8]}, "head": {"kernel": [4, 16]},
-       "final_norm": {"scale": [4]}}))
+      {"embed": {"tokens": [16, 4]}, "blocks/0/mlp": {"up": [4, 8]}, "adapter": {"down": [4, 2]},
+       "head": {"kernel": [4, 16]}, "final_norm": {"scale": [4]}}))
   return tmp_path
 
 
@@ -95,7 +95,15 @@ def test_explain_prints_the_class_by_group_table_and_warns_about_uncovered_param
   for text in ("acme-routing:rule1", "acme-routing:default", "acme-routing:uncredentialed", "embed", "adapter",
                "(uncovered)", "final_norm/scale", "warning"):
     assert text in out.output
-  assert "group 'adapter' (adapter/**) covers no parameter" in out.output
+
+
+def test_explain_refuses_a_group_that_matches_no_parameter(workdir):
+  shapes = json.loads((workdir / "shapes.json").read_text())
+  del shapes["adapter"]
+  (workdir / "no-adapter.json").write_text(json.dumps(shapes))
+  out = run("policy", "explain", workdir / "p.toml", "--params", workdir / "no-adapter.json")
+  assert out.exit_code == 1
+  assert "group 'adapter' (adapter/**) of policy 'acme-routing' matches no parameter" in out.output
 
 
 def test_explain_composes_several_policies(workdir):

@@ -54,7 +54,9 @@ def random_policies(draw, prefix: str):
   groups = {f"{prefix}{i}": draw(st.lists(st.sampled_from(PATTERNS), min_size=1, max_size=2)) for i in range(n)}
   names = tuple(groups)
   rules = [Rule(to_text(draw(expressions)), draw(routes(names))) for _ in range(draw(st.integers(0, 3)))]
-  return Policy(prefix, groups, rules, draw(routes(names)), draw(routes(names)), draw(weights))
+  # groups may match nothing ("nothing/**"): declared optional, as such a policy must
+  return Policy(prefix, groups, rules, draw(routes(names)), draw(routes(names)), draw(weights),
+                optional_groups=names)
 
 
 policy_lists = st.lists(st.sampled_from("ab"), min_size=1, max_size=2, unique=True).flatmap(
@@ -152,11 +154,24 @@ def test_a_fully_covered_tree_has_no_uncovered_group():
 
 
 def test_groups_without_parameters_and_uneven_groups_are_reported():
-  other = Policy("eu", {"first": ["blocks/0/**"], "ghost": ["nothing/**"]}, default={"first": 1.0})
+  other = Policy("eu", {"first": ["blocks/0/**"], "ghost": {"patterns": ["nothing/**"], "optional": True}},
+                 default={"first": 1.0})
   compiled = compile_policy([POLICY, other], PARAMS, SPACE)
   text = " ".join(compiled.warnings)
   assert "group 'ghost' (nothing/**) covers no parameter" in text
   assert "leaves of group 'core' get different weights" in text
+
+
+def test_a_group_matching_no_parameter_is_an_error_unless_declared_optional():
+  other = Policy("eu", {"first": ["blocks/0/**"], "ghost": ["nothing/**"]}, default={"first": 1.0})
+  with pytest.raises(PolicyError, match="group 'ghost' .* matches no parameter .* optional = true"):
+    compile_policy([POLICY, other], PARAMS, SPACE)
+  optional = Policy.from_toml('name = "eu"\n[groups]\nfirst = ["blocks/0/**"]\n'
+                              'ghost = { patterns = ["nothing/**"], optional = true }\n'
+                              '[default]\nroute = { first = 1.0 }\n')
+  assert optional.optional_groups == ("ghost",) and Policy.from_toml(optional.to_toml()) == optional
+  assert Policy.from_dict(optional.to_dict()) == optional
+  compile_policy([POLICY, optional], PARAMS, SPACE)
 
 
 # -- tracing: jit, vmap, sharding ----------------------------------------------------------------------

@@ -435,3 +435,74 @@ def test_routing_leaves_a_running_profiler_untouched():
   finally:
     sys.setprofile(previous)
   assert calls
+
+
+def _clip_gradient(lo, hi):
+  """The JAX docs' `clip_gradient`: identity forward, cotangent clipped (not linear in it)."""
+  @jax.custom_vjp
+  def clip(x):
+    return x
+
+  clip.defvjp(lambda x: (x, None), lambda _, g: (jnp.clip(g, lo, hi),))
+  return clip
+
+
+def test_a_custom_rule_nonlinear_in_its_cotangent_sees_each_examples_own_cotangent():
+  clip = _clip_gradient(-0.1, 0.1)
+  model = rm.MODELS["mlp"]
+
+  def loss(p, ex):
+    return model.loss(p, {**ex, "x": clip(ex["x"])}) + jnp.sum(clip(ex["x"] @ p["l0"]["w"]) ** 2)
+
+  params = model.init(jax.random.key(0))
+  batch = model.batch(jax.random.key(1), rm.B)
+  compiled = rm.compiled_policy(['name = "p"\n[groups]\nall = ["**"]\n[default]\nroute = { all = 1.0 }\n'], params)
+  labels = rm.SPACE.encode([{"t": {"kind": "k0", "tier": 0}}] * rm.B)
+  want, _ = rm.brute_force(loss, compiled, params, batch, labels)
+  for strategy in ("per_example", "cotangent"):
+    _, grads = aqgov.routed_value_and_grad(loss, compiled, strategy)(params, batch, labels)
+    rm.assert_matches(compiled, grads, want)
+
+
+def test_an_example_routed_away_from_every_group_never_poisons_the_step():
+  w = jnp.abs(jax.random.normal(jax.random.key(2), (3, 4))) + 0.1
+  params = {"w": w, "v": jnp.ones((4,))}
+
+  def loss(p, ex):  # finite for an inf input (tanh saturates), but its gradient is NaN
+    return jnp.sum(jnp.tanh(ex["x"] @ p["w"]) * p["v"])
+
+  x = jax.random.normal(jax.random.key(3), (4, 3)).at[2, 0].set(jnp.inf)
+  policy = 'name = "p"\n[groups]\nall = ["**"]\n[[rules]]\nwhen = "kind == \'k1\'"\nroute = {}\n[default]\nroute = { all = 1.0 }\n'
+  compiled = rm.compiled_policy([policy], params)
+  labels = rm.SPACE.encode([{"t": {"kind": k, "tier": 0}} for k in ("k0", "k0", "k1", "k0")])
+  keep = jnp.array([0, 1, 3])
+  want = jax.tree.map(lambda g: g * 3 / 4, jax.grad(lambda p: jnp.mean(jax.vmap(loss, (None, 0))(p, {"x": x[keep]})))(params))
+  for strategy in ("per_example", "cotangent"):
+    loss_value, grads, norms = aqgov.routed_value_and_grad(loss, compiled, strategy, with_norms=True)(
+        params, {"x": x}, labels)
+    assert np.isfinite(float(loss_value))
+    for got, expected in zip(jax.tree.leaves(grads), jax.tree.leaves(want)):
+      np.testing.assert_allclose(got, expected, rtol=1e-5)
+    assert np.all(np.isfinite(norms)) and float(norms[2].max()) == 0.0
+
+
+def test_a_loss_that_is_not_a_scalar_is_refused_with_the_reason_by_every_strategy():
+  model = rm.MODELS["mlp"]
+  params = model.init(jax.random.key(0))
+  batch = model.batch(jax.random.key(1), rm.B)
+  compiled = rm.compiled_policy(['name = "p"\n[groups]\nall = ["**"]\n[default]\nroute = { all = 1.0 }\n'], params)
+  labels = rm.SPACE.encode([{"t": {"kind": "k0", "tier": 0}}] * rm.B)
+  for strategy in ("per_example", "cotangent", "auto"):
+    fn = aqgov.routed_value_and_grad(lambda p, ex: model.loss(p, ex)[None], compiled, strategy)
+    with pytest.raises(RoutingError, match="one float scalar per example"):
+      fn(params, batch, labels)
+
+
+def test_labels_for_another_batch_size_are_refused_naming_both_sizes():
+  model = rm.MODELS["mlp"]
+  params = model.init(jax.random.key(0))
+  batch = model.batch(jax.random.key(1), rm.B)
+  compiled = rm.compiled_policy(['name = "p"\n[groups]\nall = ["**"]\n[default]\nroute = { all = 1.0 }\n'], params)
+  labels = rm.SPACE.encode([{"t": {"kind": "k0", "tier": 0}}] * (rm.B + 1))
+  with pytest.raises(RoutingError, match=rf"labels describe \[{rm.B + 1}\] examples but the batch has {rm.B}"):
+    aqgov.routed_value_and_grad(model.loss, compiled)(params, batch, labels)

@@ -289,6 +289,7 @@ def compile_policy(policy_or_policies: Union[Policy, PolicySet, Iterable[Policy]
   if -1 in leaf_group:
     group_names.append(UNCOVERED_GROUP)
     leaf_group = [len(group_names) - 1 if g < 0 else g for g in leaf_group]
+  _refuse_empty_groups(pset, candidates, leaf_paths)
   table = _group_table(pset, group_names, leaf_group, leaf_table)
   uncovered = _uncovered_notes(pset, per_groups, leaf_paths)
   if uncovered:
@@ -323,6 +324,23 @@ def _group_table(pset: PolicySet, group_names: list[str], leaf_group: list[int],
     rows.append(min(c[-1] for c in per if c is not None))
     table[:, g] = rows
   return table
+
+
+def _refuse_empty_groups(pset: PolicySet, candidates: list[tuple[str, ...]],
+                        leaf_paths: tuple[str, ...]) -> None:
+  """A group whose patterns match no parameter path would route nothing and pass trivially:
+  refuse it unless every policy declaring it marks it `optional = true`."""
+  for name in pset.group_names:
+    if any(_covers(pset.patterns(name), cands) for cands in candidates):
+      continue
+    declaring = [p for p in pset.policies if name in p.group_names]
+    if all(name in p.optional_groups for p in declaring):
+      continue
+    shown = ", ".join(leaf_paths[:6]) + (", ..." if len(leaf_paths) > 6 else "")
+    raise PolicyError(
+        f"group {name!r} ({', '.join(pset.patterns(name))}) of policy {declaring[0].name!r} matches no "
+        f"parameter of this model (paths look like: {shown}); fix its patterns, or declare it "
+        f"`{name} = {{ patterns = [...], optional = true }}` if it may be absent")
 
 
 def _uncovered_notes(pset: PolicySet, per_groups: list[list[int]], leaf_paths: tuple[str, ...]) -> list[str]:

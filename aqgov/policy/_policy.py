@@ -114,27 +114,32 @@ def _route(policy: str, where: str, route: Any, groups: Sequence[str]) -> dict[s
   return dict(sorted(out.items()))
 
 
-def _group_spec(policy: str, name: str, spec: Any) -> tuple[Any, str]:
-  """(patterns, visibility) of one group declared as a pattern list or a table."""
+def _group_spec(policy: str, name: str, spec: Any) -> tuple[Any, str, bool]:
+  """(patterns, visibility, optional) of one group declared as a pattern list or a table."""
   if not isinstance(spec, Mapping):
-    return spec, "always"
-  unknown = set(spec) - {"patterns", "visible"}
+    return spec, "always", False
+  unknown = set(spec) - {"patterns", "visible", "optional"}
   if unknown:
     raise _fail(policy, f"groups.{name}", f"unknown key(s) {sorted(unknown)}; a group table has "
-                "'patterns' and optional 'visible'")
+                "'patterns' and optional 'visible' and 'optional'")
+  optional = spec.get("optional", False)
+  if not isinstance(optional, bool):
+    raise _fail(policy, f"groups.{name}", f"optional = {optional!r} must be true or false")
   visible = spec.get("visible", "always")
   if visible not in VISIBILITY:
     raise _fail(policy, f"groups.{name}", f"visible = {visible!r} is not one of {list(VISIBILITY)} "
                 "('routed': the group acts as zero for examples not routed to it)")
-  return spec.get("patterns"), visible
+  return spec.get("patterns"), visible, optional
 
 
-def _groups(policy: str, groups: Any) -> tuple[tuple[tuple[str, tuple[str, ...]], ...], tuple[str, ...]]:
-  """Normal form of the groups: ordered (name, patterns) pairs and the groups visible only when routed."""
+def _groups(policy: str, groups: Any) -> tuple[tuple[tuple[str, tuple[str, ...]], ...], tuple[str, ...],
+                                               tuple[str, ...]]:
+  """Normal form of the groups: ordered (name, patterns) pairs, the groups visible only when routed,
+  and the groups allowed to match no parameter."""
   items = list(groups.items()) if isinstance(groups, Mapping) else list(groups or ())
   if not items:
     raise _fail(policy, "groups", "declare at least one group, e.g. [groups] core = [\"blocks/**\"]")
-  out, seen, routed = [], set(), []
+  out, seen, routed, optional = [], set(), [], []
   for item in items:
     if not isinstance(item, (tuple, list)) or len(item) != 2:
       raise _fail(policy, "groups", f"expected (name, patterns) pairs or a table, got {item!r}")
@@ -145,9 +150,11 @@ def _groups(policy: str, groups: Any) -> tuple[tuple[tuple[str, tuple[str, ...]]
     if name in seen:
       raise _fail(policy, "groups", f"group {name!r} is declared twice; merge its patterns into one list")
     seen.add(name)
-    pats, visible = _group_spec(policy, name, pats)
+    pats, visible, may_be_empty = _group_spec(policy, name, pats)
     if visible == "routed":
       routed.append(name)
+    if may_be_empty:
+      optional.append(name)
     if isinstance(pats, str):
       pats = [pats]
     if not isinstance(pats, (list, tuple)) or not pats or not all(isinstance(p, str) for p in pats):
@@ -158,7 +165,7 @@ def _groups(policy: str, groups: Any) -> tuple[tuple[tuple[str, tuple[str, ...]]
       except ValueError as exc:
         raise _fail(policy, f"groups.{name}", f"{exc} ('*' matches within a segment, '**' whole segments)") from None
     out.append((name, tuple(sorted(set(pats)))))
-  return tuple(out), tuple(routed)
+  return tuple(out), tuple(routed), tuple(optional)
 
 
 def _rule(policy: str, i: int, rule: Any, groups: Sequence[str]) -> Rule:
@@ -192,7 +199,9 @@ class Policy:
   Fields: `name`; `groups` as ordered `(group, patterns)` pairs (a mapping is accepted, and a
   group may be given as `{"patterns": [...], "visible": "routed"}`); `rules` (tuple of `Rule`);
   `default` and `uncredentialed` routes; `uncovered` weight; `routed_visibility`, the groups
-  declared `visible = "routed"` (in declaration order; merged with those the group tables declare).
+  declared `visible = "routed"` (in declaration order; merged with those the group tables declare);
+  `optional_groups`, those declared `optional = true`: allowed to match no parameter (any other
+  group that matches nothing is an error when the policy is compiled).
   `dataclasses.replace(policy, ...)` validates the changed policy again.
   """
 
@@ -203,12 +212,13 @@ class Policy:
   uncredentialed: Any = None
   uncovered: Any = 0.0
   routed_visibility: Iterable[str] = ()
+  optional_groups: Iterable[str] = ()
 
   def __post_init__(self):
     name = self.name
     if not isinstance(name, str) or not _POLICY_NAME.match(name):
       raise PolicyError(f"policy name {name!r} must use letters, digits, '_', '-' or '.'")
-    norm_groups, routed = _groups(name, self.groups)
+    norm_groups, routed, optional = _groups(name, self.groups)
     names = [g for g, _ in norm_groups]
     declared = set(routed) | set(self.routed_visibility)
     if declared - set(names):
@@ -226,13 +236,23 @@ class Policy:
     object.__setattr__(self, "uncredentialed", _route(name, "uncredentialed.route", self.uncredentialed, names))
     object.__setattr__(self, "uncovered", _weight(name, "uncovered", "(uncovered)", self.uncovered))
     object.__setattr__(self, "routed_visibility", tuple(g for g in names if g in declared))
+    optional = set(optional) | set(self.optional_groups)
+    if optional - set(names):
+      raise _fail(name, "groups", f"optional_groups names undeclared group(s) {sorted(optional - set(names))}")
+    object.__setattr__(self, "optional_groups", tuple(g for g in names if g in optional))
+
+  def _group_options(self, group: str) -> dict[str, Any]:
+    """A group's non-default options as its table form writes them (absent when default, so ids
+    of policies without them do not change)."""
+    return {**({"visible": "routed"} if group in self.routed_visibility else {}),
+            **({"optional": True} if group in self.optional_groups else {})}
 
   @classmethod
   def create(cls, name: str, groups: Any, rules: Iterable[Any] = (), default: Any = None,
              uncredentialed: Any = None, uncovered: float = 0.0,
-             routed_visibility: Iterable[str] = ()) -> "Policy":
+             routed_visibility: Iterable[str] = (), optional_groups: Iterable[str] = ()) -> "Policy":
     """Same as `Policy(...)`."""
-    return cls(name, groups, rules, default, uncredentialed, uncovered, routed_visibility)
+    return cls(name, groups, rules, default, uncredentialed, uncovered, routed_visibility, optional_groups)
 
   # -- views -----------------------------------------------------------------------------------
 
@@ -269,8 +289,7 @@ class Policy:
     return {
         "format": FORMAT,
         "name": self.name,
-        "groups": [{"name": g, "patterns": list(p), **({"visible": "routed"} if g in self.routed_visibility else {})}
-                   for g, p in self.groups],
+        "groups": [{"name": g, "patterns": list(p), **self._group_options(g)} for g, p in self.groups],
         "rules": [{"name": r.name, "when": r.when, "route": dict(r.route)} for r in self.rules],
         "default": dict(self.default),
         "uncredentialed": dict(self.uncredentialed),
@@ -328,7 +347,7 @@ class Policy:
              for r in self.rules]
     return dumps_toml({
         "name": self.name, "uncovered": self.uncovered, "groups": {
-            g: InlineTable({"patterns": list(p), "visible": "routed"}) if g in self.routed_visibility else list(p)
+            g: InlineTable({"patterns": list(p), **self._group_options(g)}) if self._group_options(g) else list(p)
             for g, p in self.groups},
         "rules": rules, "default": {"route": InlineTable(self.default)},
         "uncredentialed": {"route": InlineTable(self.uncredentialed)},

@@ -49,7 +49,7 @@ from aqgov.errors import RoutingError
 from aqgov.routing import _jax_compat as jc
 from aqgov.routing import _norms as norms
 from aqgov.routing._analysis import Uses, analyze, check_visibility, is_param
-from aqgov.routing._emission import Ctx, Env, emit
+from aqgov.routing._emission import Ctx, Env, emit, weigh
 from aqgov.routing._plan import Plan, in_kinds, make_plan, per_example_weights, struct, trace
 from aqgov.routing._transforms import unsigned_zeros
 
@@ -174,7 +174,7 @@ def _run(plan: Plan, p_leaves, p_def, b_leaves, weights, size: int, has_aux: boo
     values = list(leaves)
     for i in plan.slice_leaves:
       b = branch[i]
-      values[i] = _sg(leaves[i]) + w_i[i].astype(b.dtype) * (b - _sg(b))
+      values[i] = _sg(leaves[i]) + weigh(b - _sg(b), w_i[i])
       if plan.vis_key[i] is not None:  # a slice-weighted leaf is batched already: mask it directly
         values[i] = jnp.where(seen_i[plan.vis_key[i]], values[i], jnp.zeros_like(values[i]))
     ctx = Ctx(weights=w_i, leaf_branch=branch, materialised=materialised,
@@ -194,14 +194,17 @@ def _run(plan: Plan, p_leaves, p_def, b_leaves, weights, size: int, has_aux: boo
     w_dict = {i: weights[i] for i in range(n_p)}
     losses, (aux, acts) = jax.vmap(per_example, in_axes=(None, 0, 0, 0, 0, 0))(
         diff_vals, probes, gprobes, list(b_leaves), w_dict, list(seen))
-    return jnp.mean(losses), (aux, acts)
+    # the sum, not the mean: each example's cotangent starts at 1, exactly as in brute force, so
+    # custom rules that are not linear in their cotangent (gradient clipping) see their own
+    return jnp.sum(losses), (aux, acts)
 
   diff_vals = [p_leaves[i] for i in diff]
-  (loss, (aux, acts)), (g_diff, g_probes, g_sites) = jax.value_and_grad(
+  (loss_sum, (aux, acts)), (g_diff, g_probes, g_sites) = jax.value_and_grad(
       total, argnums=(0, 1, 2), has_aux=True)(diff_vals, probes, gprobes)
+  loss = loss_sum / jnp.asarray(size, loss_sum.dtype)
   grads = [_zero_grad(p) for p in p_leaves]
   for i, g in zip(diff, g_diff):
-    grads[i] = unsigned_zeros(g)
+    grads[i] = unsigned_zeros(g / jnp.asarray(size, g.dtype))
   grads = jax.tree.unflatten(p_def, grads)
   head = loss
   if has_aux:

@@ -36,9 +36,10 @@ from aqgov.routing import _jax_compat as jc
 
 PyTree = Any
 
-REMEDY = ("Per-example routing needs each example's loss to depend on that example alone. Use "
-          "BatchNorm with use_running_average=True for routed steps, or a per-example "
-          "normalisation (LayerNorm, GroupNorm, RMSNorm) instead.")
+REMEDY = ("Per-example routing needs each example's loss to depend on that example alone. Run "
+          "BatchNorm in inference mode for routed steps (Flax: use_running_average=True; Equinox: "
+          "inference=True; Haiku: is_training=False), or use a per-example normalisation "
+          "(LayerNorm, GroupNorm, RMSNorm) instead.")
 _SEARCH_DEPTH = 3      # how many references deep the NNX search follows from the loss function
 _SEARCH_WIDTH = 256    # at most this many items of one container are looked at
 _SEARCH_LIMIT = 10_000  # at most this many objects are looked at in all

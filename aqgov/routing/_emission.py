@@ -57,8 +57,15 @@ def _join_fwd(y_a, y_ps, ws):
   return y_a, ws
 
 
+def weigh(x: jax.Array, w: jax.Array) -> jax.Array:
+  """`w * x`, but exactly zero where `w` is 0 (a select, not a multiply): an example routed away
+  from a parameter contributes nothing to it even when its own values are inf or NaN."""
+  w = jnp.asarray(w)
+  return jnp.where(w != 0, x * w.astype(x.dtype), jnp.zeros((), x.dtype)).astype(x.dtype)
+
+
 def _join_bwd(ws, ct):
-  scaled = tuple(ct if w is None else (ct * w.astype(ct.dtype)).astype(ct.dtype) for w in ws)
+  scaled = tuple(ct if w is None else weigh(ct, w) for w in ws)
   return ct, scaled, tuple(None if w is None else jnp.zeros_like(w) for w in ws)
 
 
@@ -180,8 +187,7 @@ class Env:
     out = _sg(val)
     for leaf in sorted(self.kind(a).leaves):
       view = self.iso(a, leaf)
-      w = self.ctx.weights[leaf].astype(val.dtype)
-      out = out + w * (view - _sg(view))
+      out = out + weigh(view - _sg(view), self.ctx.weights[leaf])
     return out
 
   def seed(self, v, val, kind: Kind, iso_vals: dict) -> None:
@@ -274,8 +280,7 @@ def _emit_mixing(eqn, env: Env, ins, kinds, path):
   seen = env.ctx.seen[key]
   zeroed = [env.zeroed(a) if is_param(k) else None for a, k in zip(eqn.invars, ins)]
   if jc.name(eqn) in jc.ZERO_ANNIHILATING and any(z is not None and z[1] for z in zeroed):
-    return [o * seen.astype(o.dtype) if inexact(v.aval) else jnp.where(seen, o, jnp.zeros_like(o))
-            for o, v in zip(outs, eqn.outvars)]
+    return [jnp.where(seen, o, jnp.zeros_like(o)) for o in outs]
   unseen = jc.bind(eqn, [env.read(a) if z is None else z[0] for a, z in zip(eqn.invars, zeroed)])
   return [jnp.where(seen, o, u) for o, u in zip(outs, unseen)]
 
@@ -292,7 +297,7 @@ def _emit_scaled(eqn, env: Env, ins, kinds, path):
     args = [env.iso(a, leaf) if is_param(k) else v for a, v, k in zip(eqn.invars, side, ins)]
     w = env.ctx.weights[leaf]
     if scaled_pos is not None:
-      args[scaled_pos] = args[scaled_pos] * w.astype(args[scaled_pos].dtype)
+      args[scaled_pos] = weigh(args[scaled_pos], w)
       w = None
     if path is not None and path in env.ctx.site_probes:  # a site has exactly one leaf
       site, probe = env.ctx.site_probes[path]

@@ -63,10 +63,10 @@ def sq_norms(sites: dict, p_leaves, size: int, g_probes: dict, g_sites: dict,
              acts: dict) -> list[jax.Array]:
   """Per leaf, float32 [B] squared contribution norms from the probes' gradients.
 
-  The probes' gradients are of the batch-mean loss, so they are scaled back by `size`."""
+  The probes' gradients are of the summed loss: each example's own, weighted."""
   sq = [jnp.zeros((size,), jnp.float32) for _ in p_leaves]
   for i, g in g_probes.items():
-    sq[i] = ghost_norms.materialised_sq_norms(g * size)
+    sq[i] = ghost_norms.materialised_sq_norms(g)
   for path, site in sites.items():
-    sq[site.leaf] = site_sq_norms(site, p_leaves[site.leaf], acts[path], g_sites[path] * size)
+    sq[site.leaf] = site_sq_norms(site, p_leaves[site.leaf], acts[path], g_sites[path])
   return sq

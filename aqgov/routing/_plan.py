@@ -64,16 +64,24 @@ def in_kinds(p_leaves, n_ex: int, slice_leaves) -> list[Kind]:
   return kinds + [Kind(True, frozenset())] * n_ex
 
 
-def _check_output(closed, out_tree, has_aux: bool) -> None:
-  loss_aval = closed.jaxpr.outvars[0].aval
+def check_output(out_shape: Any, has_aux: bool) -> None:
+  """Refuse a per-example loss that is not one float scalar (with `has_aux`: `(scalar, aux)`);
+  `out_shape` is the loss's output for one example, as `jax.eval_shape` gives it."""
+  out_tree = jax.tree.structure(out_shape)
+  leaves = jax.tree.leaves(out_shape)
   shaped = jax.tree.unflatten(out_tree, range(out_tree.num_leaves))
   well_formed = (isinstance(shaped, tuple) and len(shaped) == 2 and shaped[0] == 0) if has_aux \
       else out_tree.num_leaves == 1
-  if not well_formed or getattr(loss_aval, "shape", None) != () or not inexact(loss_aval):
+  loss = leaves[0] if leaves else None
+  if not well_formed or getattr(loss, "shape", None) != () or not inexact(loss):
     expected = "(scalar loss, aux pytree)" if has_aux else "one float scalar"
     raise RoutingError(
         f"loss_fn must return {expected} per example; got structure {out_tree} with first leaf "
-        f"{loss_aval}: reduce the loss over the example's own axes (tokens, pixels) inside loss_fn")
+        f"{loss}: reduce the loss over the example's own axes (tokens, pixels) inside loss_fn")
+
+
+def _check_output(closed, out_tree, has_aux: bool) -> None:
+  check_output(jax.tree.unflatten(out_tree, [v.aval for v in closed.jaxpr.outvars]), has_aux)
 
 
 def make_plan(loss_fn: Callable, p_leaves, p_def, ex_structs, ex_def, slice_leaves,

@@ -58,6 +58,8 @@ def unsigned_zeros(x: jax.Array) -> jax.Array:
 
 def _weighted_sum_leaf(weight: jax.Array, update: jax.Array) -> jax.Array:
   _check_batch(weight, update)
+  # select, not multiply: an example routed away (weight 0) adds exactly nothing, inf/NaN included
+  update = jnp.where(broadcast_weight(weight, update) != 0, update, jnp.zeros((), update.dtype))
   if weight.ndim == 1:  # a contraction over the batch axis: far faster than multiply-then-sum
     out = jnp.tensordot(weight.astype(update.dtype), update, axes=1,
                         out_sharding=_contracted_sharding(update))

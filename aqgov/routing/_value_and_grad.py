@@ -29,6 +29,7 @@ import optax
 from aqgov.errors import BatchCouplingError, RoutingError, UnsupportedPrimitiveError
 from aqgov.routing import _cotangent as cotangent
 from aqgov.routing._coupling import check_per_example
+from aqgov.routing._plan import check_output
 from aqgov.routing._transforms import broadcast_weight, weighted_sum
 
 PyTree = Any
@@ -55,7 +56,8 @@ def example_spec(batch: PyTree) -> PyTree:
 def _squared_norms(leaf_weights: PyTree, per_example: PyTree) -> PyTree:
   """Per leaf, float32 [B]: `|| w_i * g_i ||^2` over the leaf."""
   def one(w, g):
-    scaled = broadcast_weight(w, g).astype(jnp.float32) * g.astype(jnp.float32)
+    w = broadcast_weight(w, g)
+    scaled = jnp.where(w != 0, w.astype(jnp.float32) * g.astype(jnp.float32), jnp.float32(0))
     return jnp.sum(jnp.square(scaled), axis=tuple(range(1, g.ndim)))
   return jax.tree.map(one, leaf_weights, per_example)
 
@@ -227,6 +229,7 @@ class _Routed:
           f"params do not have the structure the policy was compiled for:\n  compiled for: "
           f"{compiled.treedef}\n  got: {jax.tree.structure(params)}\ncompile the policy with the "
           "parameter pytree you differentiate (aqgov.compile_policy(policy, params, taxonomy))")
+    _check_labels(labels, batch)
     weights = compiled.leaf_weights(labels)
     visibility = compiled.leaf_visibility(labels) if compiled.has_visibility else None
     impl = self.per_example if self.strategy(params, batch) == "per_example" else self.cotangent
@@ -256,6 +259,7 @@ class _Routed:
     return self.plans[key]
 
   def _choose(self, params, example) -> _Plan:
+    check_output(jax.eval_shape(self.loss_fn, _abstract(params), example), self.has_aux)
     if not self.asserted:
       check_per_example(self.loss_fn, params, example, has_aux=self.has_aux)
     if self.requested == "per_example":
@@ -274,6 +278,16 @@ class _Routed:
       warnings.warn(f"aqgov: cotangent routing does not cover {plan.reason}; using per_example",
                     UserWarning, stacklevel=5)
     return plan
+
+
+def _check_labels(labels, batch) -> None:
+  """Labels and batch must describe the same examples: one label row per batch row."""
+  sizes = {jnp.shape(x)[0] for x in jax.tree.leaves(labels) if jnp.ndim(x)}
+  batch_size = _batch_size(batch)
+  if sizes and sizes != {batch_size}:
+    raise RoutingError(
+        f"the labels describe {sorted(sizes)} examples but the batch has {batch_size}: pass the label "
+        "arrays admission produced for this batch (one row per example, in batch order)")
 
 
 def _static_visibility(compiled) -> PyTree | None:
