@@ -116,10 +116,12 @@ def make_step(variant: str, params: Any, config: lm.Config, learning_rate: float
 
 
 class Trained(NamedTuple):
-  """A trained model and the median wall-clock seconds of its timed steps."""
+  """A trained model, its jitted step and final optimizer state (for timing), and its data."""
 
   params: Any
-  step_seconds: float
+  step: Callable
+  opt_state: Any
+  data: np.ndarray
 
 
 def train(variant: str, setup: Setup, *, learning_rate: float = 3e-3) -> Trained:
@@ -127,14 +129,23 @@ def train(variant: str, setup: Setup, *, learning_rate: float = 3e-3) -> Trained
   params = lm.init(jax.random.PRNGKey(setup.seed), setup.config)
   step, opt_state = make_step(variant, params, setup.config, learning_rate)
   data = setup.stream.filtered if variant == "filtered" else setup.stream.tokens
-  times = []
   for s in range(data.shape[0]):
-    labels = {k: v[s] for k, v in setup.labels.items()}
-    start = time.perf_counter()
-    params, opt_state, value = step(params, opt_state, data[s], labels)
-    jax.block_until_ready(value)
-    times.append(time.perf_counter() - start)
-  return Trained(params, statistics.median(times[1:] or times))
+    params, opt_state, _ = step(params, opt_state, data[s], {k: v[s] for k, v in setup.labels.items()})
+  return Trained(jax.block_until_ready(params), step, opt_state, data)
+
+
+def step_seconds(models: dict[str, Trained], setup: Setup, *, rounds: int = 7, calls: int = 3) -> dict[str, float]:
+  """Median wall-clock seconds of one step per model, rounds interleaved across models so that load
+  drifting on a shared machine affects every model alike."""
+  times: dict[str, list[float]] = {name: [] for name in models}
+  labels = {k: v[0] for k, v in setup.labels.items()}
+  for _ in range(rounds):
+    for name, m in models.items():
+      for _ in range(calls):
+        start = time.perf_counter()
+        jax.block_until_ready(m.step(m.params, m.opt_state, m.data[0], labels))
+        times[name].append(time.perf_counter() - start)
+  return {name: statistics.median(t) for name, t in times.items()}
 
 
 @functools.partial(jax.jit, static_argnames="config")
@@ -229,16 +240,15 @@ def run_seed(seed: int, steps: int, *, candidates: int = 10_000, variants=VARIAN
   governed models; `tax` is relative to `filtered`; `step_ratio` to the first variant."""
   setup = make_setup(seed, steps, batch_size=batch_size, candidates=candidates, config=config)
   names = list(variants) + (["visibility-last"] if depth else [])
+  models = {name: train(name, setup) for name in names}
+  seconds = step_seconds(models, setup)
   rows: dict[str, dict[str, Any]] = {}
-  base = None
-  for name in names:
-    model = train(name, setup)
-    base = base or model.step_seconds
+  for name, model in models.items():
     for ablated in (False, True) if name != "filtered" else (False,):
       params = lm.ablate(model.params) if ablated else model.params
       governed = name not in ("control", "filtered")
       row = measure(params, setup, attack=attack and (name == "filtered" or (ablated and governed)), probe=depth)
-      row["step_ratio"] = model.step_seconds / base
+      row["step_ratio"] = seconds[name] / seconds[names[0]]
       rows[f"{name}, ablated" if ablated else name] = row
   if "filtered" in rows:
     for row in rows.values():
@@ -260,7 +270,7 @@ def claims(rows: dict[str, dict[str, Any]]) -> list[str]:
   return out
 
 
-def demo_claims(*, steps: int = 150, candidates: int = 1000, seed: int = 0) -> list[str]:
+def demo_claims(*, steps: int = 200, candidates: int = 500, seed: int = 0) -> list[str]:
   """A short efficacy run (control, filtered, visibility) for the demo: its claims as sentences."""
   rows = run_seed(seed, steps, candidates=candidates, variants=("control", "filtered", "visibility"), depth=False,
                   attack=False)
