@@ -76,6 +76,39 @@ class CompiledPolicy(NamedTuple):
   classify: Callable[[Mapping[str, Any]], Any]
   leaf_shapes: tuple[tuple[int, ...], ...] = ()
   warnings: tuple[str, ...] = ()
+  leaf_hidden: np.ndarray | None = None   # bool [C, L]: the leaf acts as zero for the class
+
+  @property
+  def has_visibility(self) -> bool:
+    """Whether some example may not see some parameter (a group declared `visible = "routed"`)."""
+    return self.leaf_hidden is not None and bool(np.any(self.leaf_hidden))
+
+  @property
+  def hidden_table(self) -> np.ndarray:
+    """bool [C, G]: the group acts as zero in the forward pass of examples of the class (some leaf
+    of it is hidden)."""
+    out = np.zeros((self.num_classes, self.num_groups), bool)
+    if self.leaf_hidden is not None:
+      for l, g in enumerate(self.leaf_group):
+        out[:, g] |= self.leaf_hidden[:, l]
+    return out
+
+  def group_visibility(self, labels: Mapping[str, Any]) -> jax.Array:
+    """bool [B, G]: which groups each example sees in its forward pass (`~hidden_table[class]`)."""
+    hot = _one_hot(self.route_class(labels), self.num_classes)
+    return ~jnp.any(hot[..., None] & jnp.asarray(self.hidden_table), axis=-2)
+
+  def leaf_visibility(self, labels: Mapping[str, Any]) -> Any:
+    """Params-shaped pytree: None for a leaf every example sees, else bool [B], False where the
+    leaf acts as zero in that example's forward pass. Leaves hidden from the same classes share
+    one array object (routing treats them as one visibility)."""
+    if not self.has_visibility:
+      return jax.tree_util.tree_unflatten(self.treedef, [None] * self.num_leaves)
+    hot = _one_hot(self.route_class(labels), self.num_classes)
+    columns, which = np.unique(self.leaf_hidden, axis=1, return_inverse=True)
+    per_column = [None if not columns[:, j].any() else ~jnp.any(hot & jnp.asarray(columns[:, j]), axis=-1)
+                  for j in range(columns.shape[1])]
+    return jax.tree_util.tree_unflatten(self.treedef, [per_column[j] for j in np.ravel(which)])
 
   @property
   def num_groups(self) -> int:
@@ -170,6 +203,12 @@ def _policy_leaf_table(policy: Policy, leaf_groups: list[int]) -> np.ndarray:
   return out
 
 
+def _policy_leaf_hidden(policy: Policy, leaf_groups: list[int], table: np.ndarray) -> np.ndarray:
+  """bool [n_rules + 2, L]: the leaf's group is `visible = "routed"` and the class's weight is 0."""
+  routed = np.array([g >= 0 and policy.groups[g][0] in policy.routed_visibility for g in leaf_groups], bool)
+  return routed[None, :] & (table == 0)
+
+
 def _classifier(pset: PolicySet, space: LabelSpace | None, num_classes: int) -> Callable:
   if space is None:
 
@@ -229,6 +268,12 @@ def compile_policy(policy_or_policies: Union[Policy, PolicySet, Iterable[Policy]
     credentialed = np.minimum(credentialed[:, None, :], t[None, :-1, :]).reshape(-1, n_leaves)
   uncred = np.min(np.stack([t[-1] for t in tables]), axis=0, keepdims=True)
   leaf_table = np.concatenate([credentialed, uncred]).astype(np.float32)
+  # hidden if any policy hides it: the most restrictive wins, enumerated like the weights
+  hiddens = [_policy_leaf_hidden(p, g, t) for p, g, t in zip(pset.policies, per_groups, tables)]
+  hidden = np.zeros((1, n_leaves), bool)
+  for h in hiddens:
+    hidden = (hidden[:, None, :] | h[None, :-1, :]).reshape(-1, n_leaves)
+  leaf_hidden = np.concatenate([hidden, np.any(np.stack([h[-1] for h in hiddens]), axis=0, keepdims=True)])
   names = [p.class_names for p in pset.policies]
   class_names = tuple(
       "|".join(f"{p.name}:{k}" for p, k in zip(pset.policies, combo))
@@ -249,7 +294,8 @@ def compile_policy(policy_or_policies: Union[Policy, PolicySet, Iterable[Policy]
   return CompiledPolicy(
       policy_ids=pset.policy_ids, group_names=tuple(group_names), class_names=class_names, table=table,
       leaf_paths=leaf_paths, leaf_group=tuple(leaf_group), leaf_table=leaf_table, treedef=treedef,
-      classify=_classifier(pset, space, len(class_names)), leaf_shapes=shapes, warnings=tuple(notes))
+      classify=_classifier(pset, space, len(class_names)), leaf_shapes=shapes, warnings=tuple(notes),
+      leaf_hidden=leaf_hidden)
 
 
 def _group_table(pset: PolicySet, group_names: list[str], leaf_group: list[int],

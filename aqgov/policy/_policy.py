@@ -15,6 +15,7 @@ TOML form:
   [groups]
   embed = ["embed/**"]
   core = ["blocks/**"]
+  adapter = { patterns = ["adapter/**"], visible = "routed" }   # optional visibility
   [[rules]]
   name = "unknown-license"             # optional; names the route class in reports
   when = "license_class == 'unknown'"
@@ -26,6 +27,13 @@ TOML form:
   route = { embed = 1.0, core = 1.0 }
   [uncredentialed]                     # optional
   route = {}
+
+Visibility. A group declared `visible = "routed"` is seen only by the examples routed to it: for
+every example whose weight in the group is 0, the group's parameters act as zero in that example's
+forward pass (the default, `visible = "always"`, lets every example's forward pass use them).
+Gradient routing alone confines what a group is *trained* by; visibility also keeps the rest of
+the model from coming to depend on a group it may not train, so that zeroing the group at
+deployment is exactly the model every unrouted example trained (docs/efficacy.md).
 
 Python form: `Policy(name=..., groups={...}, rules=[Rule(when=..., route={...})], default={...})`
 validates and normalises exactly like the TOML form. Normal form: expressions in canonical text,
@@ -62,6 +70,7 @@ UNCOVERED_GROUP = "(uncovered)"
 _GROUP_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*\Z", re.ASCII)
 _POLICY_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*\Z", re.ASCII)
 _TOP_KEYS = ("name", "groups", "rules", "default", "uncredentialed", "uncovered")
+VISIBILITY = ("always", "routed")
 
 Route = Mapping[str, float]
 
@@ -104,11 +113,27 @@ def _route(policy: str, where: str, route: Any, groups: Sequence[str]) -> dict[s
   return dict(sorted(out.items()))
 
 
-def _groups(policy: str, groups: Any) -> tuple[tuple[str, tuple[str, ...]], ...]:
+def _group_spec(policy: str, name: str, spec: Any) -> tuple[Any, str]:
+  """(patterns, visibility) of one group declared as a pattern list or a table."""
+  if not isinstance(spec, Mapping):
+    return spec, "always"
+  unknown = set(spec) - {"patterns", "visible"}
+  if unknown:
+    raise _fail(policy, f"groups.{name}", f"unknown key(s) {sorted(unknown)}; a group table has "
+                "'patterns' and optional 'visible'")
+  visible = spec.get("visible", "always")
+  if visible not in VISIBILITY:
+    raise _fail(policy, f"groups.{name}", f"visible = {visible!r} is not one of {list(VISIBILITY)} "
+                "('routed': the group acts as zero for examples not routed to it)")
+  return spec.get("patterns"), visible
+
+
+def _groups(policy: str, groups: Any) -> tuple[tuple[tuple[str, tuple[str, ...]], ...], tuple[str, ...]]:
+  """Normal form of the groups: ordered (name, patterns) pairs and the groups visible only when routed."""
   items = list(groups.items()) if isinstance(groups, Mapping) else list(groups or ())
   if not items:
     raise _fail(policy, "groups", "declare at least one group, e.g. [groups] core = [\"blocks/**\"]")
-  out, seen = [], set()
+  out, seen, routed = [], set(), []
   for item in items:
     if not isinstance(item, (tuple, list)) or len(item) != 2:
       raise _fail(policy, "groups", f"expected (name, patterns) pairs or a table, got {item!r}")
@@ -119,6 +144,9 @@ def _groups(policy: str, groups: Any) -> tuple[tuple[str, tuple[str, ...]], ...]
     if name in seen:
       raise _fail(policy, "groups", f"group {name!r} is declared twice; merge its patterns into one list")
     seen.add(name)
+    pats, visible = _group_spec(policy, name, pats)
+    if visible == "routed":
+      routed.append(name)
     if isinstance(pats, str):
       pats = [pats]
     if not isinstance(pats, (list, tuple)) or not pats or not all(isinstance(p, str) for p in pats):
@@ -129,7 +157,7 @@ def _groups(policy: str, groups: Any) -> tuple[tuple[str, tuple[str, ...]], ...]
       except ValueError as exc:
         raise _fail(policy, f"groups.{name}", f"{exc} ('*' matches within a segment, '**' whole segments)") from None
     out.append((name, tuple(sorted(set(pats)))))
-  return tuple(out)
+  return tuple(out), tuple(routed)
 
 
 def _rule(policy: str, i: int, rule: Any, groups: Sequence[str]) -> Rule:
@@ -163,27 +191,35 @@ _PolicyFields = NamedTuple("_PolicyFields", [
     ("default", Mapping),
     ("uncredentialed", Mapping),
     ("uncovered", float),
+    ("routed_visibility", tuple),
 ])
 
 
 class Policy(_PolicyFields):
   """A validated routing policy in normal form (see the module docstring).
 
-  Fields: `name`; `groups` as ordered `(group, patterns)` pairs (a mapping is accepted);
-  `rules` (tuple of `Rule`); `default` and `uncredentialed` routes; `uncovered` weight.
+  Fields: `name`; `groups` as ordered `(group, patterns)` pairs (a mapping is accepted, and a
+  group may be given as `{"patterns": [...], "visible": "routed"}`); `rules` (tuple of `Rule`);
+  `default` and `uncredentialed` routes; `uncovered` weight; `routed_visibility`, the groups
+  declared `visible = "routed"` (in declaration order).
   """
 
   __slots__ = ()
 
   def __new__(cls, name: str, groups: Any, rules: Iterable[Any] = (), default: Any = None,
-              uncredentialed: Any = None, uncovered: Any = 0.0) -> "Policy":
+              uncredentialed: Any = None, uncovered: Any = 0.0, routed_visibility: Iterable[str] = ()) -> "Policy":
     if not isinstance(name, str) or not _POLICY_NAME.match(name):
       raise PolicyError(f"policy name {name!r} must use letters, digits, '_', '-' or '.'")
-    norm_groups = _groups(name, groups)
+    norm_groups, routed = _groups(name, groups)
     names = [g for g, _ in norm_groups]
     if isinstance(rules, (str, bytes, Mapping)) or not isinstance(rules, Iterable):
       raise _fail(name, "rules", "expected a list of rules")
     norm_rules = tuple(_rule(name, i, r, names) for i, r in enumerate(rules))
+    extra = [g for g in routed_visibility if g not in routed]
+    unknown = [g for g in extra if g not in names]
+    if unknown:
+      raise _fail(name, "groups", f"routed_visibility names undeclared group(s) {unknown}")
+    routed = tuple(g for g in names if g in set(routed) | set(extra))
     labels = [r.name for r in norm_rules if r.name]
     if len(set(labels)) != len(labels):
       raise _fail(name, "rules", f"rule names must be unique, got {labels}")
@@ -191,16 +227,17 @@ class Policy(_PolicyFields):
         cls, name, norm_groups, norm_rules,
         _route(name, "default.route", default, names),
         _route(name, "uncredentialed.route", uncredentialed, names),
-        _weight(name, "uncovered", "(uncovered)", uncovered))
+        _weight(name, "uncovered", "(uncovered)", uncovered), routed)
 
   def _replace(self, **changes) -> "Policy":
     return Policy(**{**self._asdict(), **changes})
 
   @classmethod
   def create(cls, name: str, groups: Any, rules: Iterable[Any] = (), default: Any = None,
-             uncredentialed: Any = None, uncovered: float = 0.0) -> "Policy":
+             uncredentialed: Any = None, uncovered: float = 0.0,
+             routed_visibility: Iterable[str] = ()) -> "Policy":
     """Same as `Policy(...)`."""
-    return cls(name, groups, rules, default, uncredentialed, uncovered)
+    return cls(name, groups, rules, default, uncredentialed, uncovered, routed_visibility)
 
   # -- views -----------------------------------------------------------------------------------
 
@@ -237,7 +274,8 @@ class Policy(_PolicyFields):
     return {
         "format": FORMAT,
         "name": self.name,
-        "groups": [{"name": g, "patterns": list(p)} for g, p in self.groups],
+        "groups": [{"name": g, "patterns": list(p), **({"visible": "routed"} if g in self.routed_visibility else {})}
+                   for g, p in self.groups],
         "rules": [{"name": r.name, "when": r.when, "route": dict(r.route)} for r in self.rules],
         "default": dict(self.default),
         "uncredentialed": dict(self.uncredentialed),
@@ -251,7 +289,8 @@ class Policy(_PolicyFields):
       raise PolicyError(f"not a canonical routing policy (expected format {FORMAT!r}); "
                         "write policies as TOML and sign them with `aqgov policy sign`")
     try:
-      return cls(doc["name"], [(g["name"], g["patterns"]) for g in doc["groups"]], doc["rules"],
+      groups = [(g["name"], {k: v for k, v in g.items() if k != "name"}) for g in doc["groups"]]
+      return cls(doc["name"], groups, doc["rules"],
                  doc["default"], doc["uncredentialed"], doc["uncovered"])
     except (KeyError, TypeError) as exc:
       raise PolicyError(f"canonical routing policy lacks or mangles {exc}; re-create it from its TOML") from None
@@ -288,7 +327,10 @@ class Policy(_PolicyFields):
   def to_toml(self) -> str:
     """TOML text that `from_toml` reads back to an equal policy."""
     lines = [f"name = {_toml_str(self.name)}", f"uncovered = {self.uncovered!r}", "", "[groups]"]
-    lines += [f"{g} = [{', '.join(_toml_str(p) for p in pats)}]" for g, pats in self.groups]
+    for g, pats in self.groups:
+      listed = f"[{', '.join(_toml_str(p) for p in pats)}]"
+      lines.append(f"{g} = {{ patterns = {listed}, visible = \"routed\" }}" if g in self.routed_visibility
+                   else f"{g} = {listed}")
     for r in self.rules:
       lines += ["", "[[rules]]"] + ([f"name = {_toml_str(r.name)}"] if r.name else [])
       lines += [f"when = {_toml_str(r.when)}", f"route = {_toml_route(r.route)}"]

@@ -23,6 +23,15 @@ parameter: every example gets its own copy and every matmul becomes a batched on
 hundreds of times slower than the plain step on an MLP). It is used only for leaves whose weight
 varies *within* the leaf (a slice such as one attention head): `sg(p) + w_i ⊙ (p - sg(p))`.
 
+Forward visibility. A leaf may be *hidden* from some examples (its group is `visible = "routed"`
+and the example's weight in it is 0): for them the leaf acts as zero in the forward pass. At each
+use of such a leaf the output is `where(seen_i, op(a, p), op(a, p0))`, with `p0` the parameter-side
+value recomputed with the hidden leaves zeroed (parameter-only, so computed once, not per
+example). For a matmul, convolution or product of a leaf (or a linear view of it: reshape,
+transpose, cast, ...), `op(a, 0) = 0`, so the use's output is just multiplied by `seen_i`. A use
+that mixes hidden leaves with leaves of another visibility, or sits inside `scan`/`cond`/`remat`,
+raises `UnsupportedPrimitiveError` (the per_example strategy then zeroes the leaves per example).
+
 The transformation recurses into nested `jit`, `checkpoint`/`remat`, `scan` and `cond`; custom
 JVP/VJP calls are handled whole, honouring their rules. Anything else that contains a jaxpr raises
 `UnsupportedPrimitiveError` so callers can fall back to per-example gradients; collectives over a
@@ -105,8 +114,10 @@ class _Uses:
 
   def __init__(self):
     self.by_leaf: dict[int, list[tuple[tuple | None, _Site | None]]] = {}
+    self.operands: list[tuple[tuple | None, frozenset]] = []   # parameter leaves of each use
 
   def add(self, path: tuple | None, leaves, site=None) -> None:
+    self.operands.append((path, frozenset(leaves)))
     for leaf in leaves:
       self.by_leaf.setdefault(leaf, []).append((path, site))
 
@@ -324,6 +335,8 @@ class _Ctx(NamedTuple):
   materialised: frozenset  # leaves whose per-example gradient is materialised via a probe
   site_probes: dict        # inlining path -> (_Site, zero probe added to its parameter side)
   site_acts: dict          # inlining path -> recorded non-parameter operands (output)
+  vis_key: tuple = ()      # leaf -> visibility key (None: seen by every example)
+  seen: dict = {}          # visibility key -> per-example bool: the example sees those leaves
 
 
 class _Env:
@@ -336,6 +349,7 @@ class _Env:
     self.producer: dict = {}
     self.links: dict = {}
     self.iso_memo: dict = {}
+    self.zero_memo: dict = {}
 
   def read(self, a):
     return a.val if isinstance(a, jcore.Literal) else self.vals[a]
@@ -380,6 +394,37 @@ class _Env:
     self.iso_memo[a, leaf] = val
     return val
 
+  def zeroed(self, a) -> tuple[Any, bool]:
+    """`a`'s value with its hidden leaves zeroed, and whether that value is exactly zero.
+
+    Only for parameter-only values all of whose leaves share one visibility key (the plan
+    refuses any other use), so the result is a constant of the step."""
+    if isinstance(a, jcore.Literal):
+      return a.val, False
+    kind = self.kinds[a]
+    if not kind.leaves:
+      return self.vals[a], False
+    if a in self.zero_memo:
+      return self.zero_memo[a]
+    if kind.raw is not None:
+      out = (jnp.zeros_like(self.vals[a]), True)
+    elif a in self.links:
+      env, b = self.links[a]
+      out = env.zeroed(b)
+    elif a in self.producer:
+      eqn = self.producer[a]
+      ins = [self.zeroed(b) for b in eqn.invars]
+      vals = _bind(eqn, [v for v, _ in ins])
+      zero = _keeps_zero(eqn, [z for _, z in ins])
+      for v, o in zip(eqn.outvars, vals):
+        if not isinstance(v, jcore.DropVar):
+          self.zero_memo[v] = (o, zero)
+      return self.zero_memo[a]
+    else:
+      raise RoutingError("internal: no zeroed view of a parameter-derived value")
+    self.zero_memo[a] = out
+    return out
+
   def _iso_input(self, a, leaf):
     kind = self.kind(a)
     if kind.ex:
@@ -390,6 +435,8 @@ class _Env:
     """A parameter-only value entering an example-dependent position: exact value, batched, with
     each leaf's cotangent scaled by its weight."""
     val = self.read(a)
+    if _visibility_key(self.ctx, self.kind(a).leaves) is not None:
+      raise RoutingError("internal: a hidden parameter reached an example-dependent position unmasked")
     out = _sg(val)
     for leaf in sorted(self.kind(a).leaves):
       view = self.iso(a, leaf)
@@ -461,7 +508,48 @@ def _scaled_operand(eqn, ins) -> int | None:
   return ex[0] if small and _inexact(aval) else None
 
 
+# Linear in each operand, or zero when one operand is: a zero parameter side stays zero through them.
+_ZERO_PRESERVING = frozenset({
+    "convert_element_type", "reshape", "transpose", "broadcast_in_dim", "squeeze", "expand_dims",
+    "slice", "dynamic_slice", "neg", "copy", "copy_p", "reduce_sum", "rev", "reduce_precision"})
+_ZERO_ANNIHILATING = frozenset({"mul", "dot_general", "conv_general_dilated"})
+
+
+def _keeps_zero(eqn, zero: list[bool]) -> bool:
+  """Whether `eqn`'s output is exactly zero given which of its inputs are."""
+  name = eqn.primitive.name
+  if name in _ZERO_ANNIHILATING:
+    return any(zero)
+  if name in _ZERO_PRESERVING:
+    return bool(zero) and zero[0]
+  return False
+
+
+def _visibility_key(ctx: _Ctx, leaves) -> Any:
+  """The one visibility key of `leaves` that may be hidden, or None if all are always seen."""
+  keys = {ctx.vis_key[leaf] for leaf in leaves if ctx.vis_key and ctx.vis_key[leaf] is not None}
+  if len(keys) > 1:
+    raise RoutingError("internal: a use mixes parameters of different visibility")
+  return next(iter(keys), None)
+
+
 def _emit_mixing(eqn, env: _Env, ins, kinds, path):
+  """A mixing equation, masked per example where it uses parameters the example may not see."""
+  outs = _emit_scaled(eqn, env, ins, kinds, path)
+  leaves = frozenset().union(*(k.leaves for k in ins if _is_param(k)))
+  key = _visibility_key(env.ctx, leaves)
+  if key is None:
+    return outs
+  seen = env.ctx.seen[key]
+  zeroed = [env.zeroed(a) if _is_param(k) else None for a, k in zip(eqn.invars, ins)]
+  if eqn.primitive.name in _ZERO_ANNIHILATING and any(z is not None and z[1] for z in zeroed):
+    return [o * seen.astype(o.dtype) if _inexact(v.aval) else jnp.where(seen, o, jnp.zeros_like(o))
+            for o, v in zip(outs, eqn.outvars)]
+  unseen = _bind(eqn, [env.read(a) if z is None else z[0] for a, z in zip(eqn.invars, zeroed)])
+  return [jnp.where(seen, o, u) for o, u in zip(outs, unseen)]
+
+
+def _emit_scaled(eqn, env: _Env, ins, kinds, path):
   """`join(op(a, sg(p)), [op(sg(a), p_l)], [w_l])` for a first-order or custom-rule equation."""
   vals = [env.read(a) for a in eqn.invars]
   y_a = _bind(eqn, [_sg(v) if _is_param(k) else v for v, k in zip(vals, ins)])
@@ -614,6 +702,7 @@ class _Plan(NamedTuple):
   diff_leaves: tuple            # indices of inexact parameter leaves
   sites: dict                   # inlining path -> _Site (norms from operands + cotangent)
   materialised: frozenset       # leaves whose per-example gradients are materialised for norms
+  vis_key: tuple = ()           # leaf -> visibility key, None when every example sees it
 
 
 def _struct(x) -> jax.ShapeDtypeStruct:
@@ -647,7 +736,24 @@ def _in_kinds(p_leaves, n_ex: int, slice_leaves) -> list[_Kind]:
   return kinds + [_Kind(True, frozenset())] * n_ex
 
 
-def _make_plan(loss_fn, p_leaves, p_def, ex_structs, ex_def, slice_leaves, has_aux) -> _Plan:
+def _check_visibility(uses: _Uses, vis_key: tuple) -> None:
+  """Refuse uses of hidden leaves the emission cannot mask exactly (see the module doc)."""
+  if not any(k is not None for k in vis_key):
+    return
+  for path, leaves in uses.operands:
+    keys = {vis_key[leaf] for leaf in leaves}
+    if keys == {None}:
+      continue
+    if len(keys) > 1:
+      raise _unsupported("visibility", " for a value computed from parameters of groups with different "
+                         "visibility (e.g. a hidden adapter's weight times a shared one)")
+    if path is None:
+      raise _unsupported("visibility", " inside scan, cond, while or remat, or for a loss that depends "
+                         "on hidden parameters alone")
+
+
+def _make_plan(loss_fn, p_leaves, p_def, ex_structs, ex_def, slice_leaves, has_aux,
+               vis_key: tuple = ()) -> _Plan:
   closed, out_tree = _trace(loss_fn, p_leaves, p_def, ex_structs, ex_def)
   loss_aval = closed.jaxpr.outvars[0].aval
   shaped = jax.tree.unflatten(out_tree, range(out_tree.num_leaves))
@@ -662,6 +768,7 @@ def _make_plan(loss_fn, p_leaves, p_def, ex_structs, ex_def, slice_leaves, has_a
   outs = _analyze(closed, _in_kinds(p_leaves, len(ex_structs), slice_leaves), uses, ())
   if _is_param(outs[0]):
     uses.add(None, outs[0].leaves)
+  _check_visibility(uses, vis_key or (None,) * len(p_leaves))
   sites, materialised = {}, set(slice_leaves)
   for leaf, recorded in uses.by_leaf.items():
     path, site = recorded[0]
@@ -673,16 +780,23 @@ def _make_plan(loss_fn, p_leaves, p_def, ex_structs, ex_def, slice_leaves, has_a
   diff = tuple(i for i, p in enumerate(p_leaves)
                if jnp.issubdtype(jnp.result_type(p), jnp.inexact))
   return _Plan(closed, out_tree, len(p_leaves), frozenset(slice_leaves), diff, sites,
-               frozenset(materialised))
+               frozenset(materialised), tuple(vis_key) or (None,) * len(p_leaves))
 
 
-def check_supported(loss_fn: Callable, params: PyTree, example: PyTree) -> None:
+def check_supported(loss_fn: Callable, params: PyTree, example: PyTree, *,
+                    visibility: PyTree | None = None) -> None:
   """Raise `UnsupportedPrimitiveError` / `BatchCouplingError` if the cotangent strategy cannot
-  transform `loss_fn(params, example)` (one example, no batch axis); return None if it can."""
+  transform `loss_fn(params, example)` (one example, no batch axis); return None if it can.
+
+  `visibility` is as for `cotangent_value_and_grad` (leaves None or per-example bool arrays)."""
   p_leaves, p_def = jax.tree.flatten(params)
   ex_leaves, ex_def = jax.tree.flatten(example)
   closed, _ = _trace(loss_fn, p_leaves, p_def, [_struct(x) for x in ex_leaves], ex_def)
-  _analyze(closed, _in_kinds(p_leaves, len(ex_leaves), frozenset()), _Uses(), ())
+  uses = _Uses()
+  outs = _analyze(closed, _in_kinds(p_leaves, len(ex_leaves), frozenset()), uses, ())
+  if _is_param(outs[0]):
+    uses.add(None, outs[0].leaves)
+  _check_visibility(uses, _visibility_keys(p_def, visibility)[0])
 
 
 def norm_methods(loss_fn: Callable, params: PyTree, example: PyTree, *,
@@ -723,10 +837,32 @@ def _per_example_weights(w, leaf, batch: int) -> tuple[jax.Array, bool]:
   return w.reshape((batch,) + (1,) * (len(shape) - len(rest)) + rest), True
 
 
+def _visibility_keys(p_def, visibility: PyTree | None) -> tuple[tuple, list]:
+  """(leaf -> key or None, key -> per-example bool array): leaves sharing one array share a key."""
+  n = p_def.num_leaves
+  if visibility is None:
+    return (None,) * n, []
+  flat = p_def.flatten_up_to(visibility)
+  keys, arrays, index = [], [], {}
+  for v in flat:
+    if v is None:
+      keys.append(None)
+      continue
+    if id(v) not in index:
+      index[id(v)] = len(arrays)
+      arrays.append(v)
+    keys.append(index[id(v)])
+  return tuple(keys), arrays
+
+
 def cotangent_value_and_grad(loss_fn: Callable, *, has_aux: bool = False,
                              with_norms: bool = False) -> Callable:
-  """`fn(params, batch, leaf_weights)` -> `(loss_mean, grads)` with
-  `grads_l = (1/B) Σ_i w_i[l] ∇_l loss_fn(params, example_i)`.
+  """`fn(params, batch, leaf_weights, visibility=None)` -> `(loss_mean, grads)` with
+  `grads_l = (1/B) Σ_i w_i[l] ∇_l loss_fn(params ⊙ seen_i, example_i)`.
+
+  `visibility` (optional) is params-shaped: a leaf is None (every example sees it) or a bool [B]
+  array, False where the leaf acts as zero in that example's forward pass; leaves given the same
+  array object share a visibility (one group), which lets a use combine them.
 
   `leaf_weights` is params-shaped; each leaf is [B] or [B, *shape broadcastable to the leaf].
   With `has_aux`, `loss_fn` returns `(loss, aux)` and the result is `((loss_mean, aux[B,...]),
@@ -736,7 +872,7 @@ def cotangent_value_and_grad(loss_fn: Callable, *, has_aux: bool = False,
   """
   cache: dict = {}
 
-  def fn(params, batch, leaf_weights):
+  def fn(params, batch, leaf_weights, visibility=None):
     p_leaves, p_def = jax.tree.flatten(params)
     b_leaves, b_def = jax.tree.flatten(batch)
     if not b_leaves:
@@ -750,13 +886,15 @@ def cotangent_value_and_grad(loss_fn: Callable, *, has_aux: bool = False,
     slice_leaves = frozenset(i for i, s in enumerate(slices) if s)
     ex_structs = tuple(jax.ShapeDtypeStruct(jnp.shape(b)[1:], jnp.result_type(b))
                        for b in b_leaves)
-    key = (p_def, tuple(_struct(p) for p in p_leaves), b_def, ex_structs, slice_leaves, has_aux)
+    vis_key, seen = _visibility_keys(p_def, visibility)
+    key = (p_def, tuple(_struct(p) for p in p_leaves), b_def, ex_structs, slice_leaves, has_aux, vis_key)
     plan = cache.get(key)
     if plan is None:
-      plan = _make_plan(loss_fn, p_leaves, p_def, ex_structs, b_def, slice_leaves, has_aux)
+      plan = _make_plan(loss_fn, p_leaves, p_def, ex_structs, b_def, slice_leaves, has_aux, vis_key)
       if not any(isinstance(c, jax.core.Tracer) for c in plan.closed.consts):
         cache[key] = plan
-    return _run(plan, p_leaves, p_def, b_leaves, weights, size, has_aux, with_norms)
+    seen = [jnp.broadcast_to(jnp.asarray(s, bool), (size,)) for s in seen]
+    return _run(plan, p_leaves, p_def, b_leaves, weights, size, has_aux, with_norms, seen)
 
   return fn
 
@@ -788,7 +926,7 @@ def _zero_grad(p):
   return jnp.zeros_like(p)
 
 
-def _run(plan: _Plan, p_leaves, p_def, b_leaves, weights, size, has_aux, with_norms):
+def _run(plan: _Plan, p_leaves, p_def, b_leaves, weights, size, has_aux, with_norms, seen=()):
   materialised = plan.materialised if with_norms else frozenset()
   sites = plan.sites if with_norms else {}
   diff = plan.diff_leaves
@@ -797,7 +935,7 @@ def _run(plan: _Plan, p_leaves, p_def, b_leaves, weights, size, has_aux, with_no
   gprobes = {path: jnp.zeros((size,) + site.out_shape, jnp.float32) for path, site in sites.items()}
   n_p = plan.n_params
 
-  def per_example(diff_vals, probes_i, gprobes_i, ex_vals, w_i):
+  def per_example(diff_vals, probes_i, gprobes_i, ex_vals, w_i, seen_i):
     leaves = list(p_leaves)
     for i, v in zip(diff, diff_vals):
       leaves[i] = v
@@ -806,8 +944,11 @@ def _run(plan: _Plan, p_leaves, p_def, b_leaves, weights, size, has_aux, with_no
     for i in plan.slice_leaves:
       b = branch[i]
       values[i] = _sg(leaves[i]) + w_i[i].astype(b.dtype) * (b - _sg(b))
+      if plan.vis_key[i] is not None:  # a slice-weighted leaf is batched already: mask it directly
+        values[i] = jnp.where(seen_i[plan.vis_key[i]], values[i], jnp.zeros_like(values[i]))
     ctx = _Ctx(weights=w_i, leaf_branch=branch, materialised=materialised,
-               site_probes={k: (sites[k], v) for k, v in gprobes_i.items()}, site_acts={})
+               site_probes={k: (sites[k], v) for k, v in gprobes_i.items()}, site_acts={},
+               vis_key=plan.vis_key, seen=dict(enumerate(seen_i)))
     env = _Env(ctx)
     for v, val, k in zip(plan.closed.jaxpr.invars, values + list(ex_vals),
                          _in_kinds(p_leaves, len(ex_vals), plan.slice_leaves)):
@@ -820,8 +961,8 @@ def _run(plan: _Plan, p_leaves, p_def, b_leaves, weights, size, has_aux, with_no
 
   def total(diff_vals, probes, gprobes):
     w_dict = {i: weights[i] for i in range(n_p)}
-    losses, (aux, acts) = jax.vmap(per_example, in_axes=(None, 0, 0, 0, 0))(
-        diff_vals, probes, gprobes, list(b_leaves), w_dict)
+    losses, (aux, acts) = jax.vmap(per_example, in_axes=(None, 0, 0, 0, 0, 0))(
+        diff_vals, probes, gprobes, list(b_leaves), w_dict, list(seen))
     return jnp.mean(losses), (aux, acts)
 
   diff_vals = [p_leaves[i] for i in diff]

@@ -25,6 +25,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.extend import core as jex_core
 
 from aqgov.routing import _cotangent as cotangent
@@ -191,15 +192,30 @@ def _batch_size(batch: PyTree) -> int:
   return sizes.pop()
 
 
+def hide(params: PyTree, seen: PyTree) -> PyTree:
+  """`params` as one example sees them: a leaf whose `seen` is False acts as zero (`seen` is
+  params-shaped, None where the leaf is always seen, else a bool scalar)."""
+  p_leaves, p_def = jax.tree.flatten(params)
+  flags = p_def.flatten_up_to(seen)
+  return jax.tree.unflatten(p_def, [p if s is None or not jnp.issubdtype(jnp.result_type(p), jnp.inexact)
+                                    else jnp.where(s, p, jnp.zeros_like(p)) for p, s in zip(p_leaves, flags)])
+
+
 def per_example_value_and_grad(loss_fn: Callable, *, has_aux: bool = False,
                                with_norms: bool = False, microbatch: int | None = None) -> Callable:
-  """The reference strategy: `fn(params, batch, leaf_weights)`.
+  """The reference strategy: `fn(params, batch, leaf_weights, visibility=None)`.
 
+  With `visibility` (params-shaped; None or bool [B] per leaf, see `CompiledPolicy.leaf_visibility`)
+  each example's loss and gradient are taken at `hide(params, seen_i)`: its hidden leaves zeroed.
   Returns `(loss_mean, grads)` (`((loss_mean, aux[B, ...]), grads)` with `has_aux`), plus, with
   `with_norms`, a params-shaped pytree of float32 [B] squared norms `|| w_i * grad L_i ||^2` per
   leaf. `microbatch=k` bounds memory to k materialised per-example gradients.
   """
-  vg = jax.value_and_grad(loss_fn, has_aux=has_aux)
+  def seen_loss(params, example_seen):
+    example, seen = example_seen
+    return loss_fn(hide(params, seen), example)
+
+  vg = jax.value_and_grad(seen_loss, has_aux=has_aux)
 
   def chunk(params, examples, weights):
     out, grads = jax.vmap(vg, in_axes=(None, 0))(params, examples)
@@ -207,8 +223,13 @@ def per_example_value_and_grad(loss_fn: Callable, *, has_aux: bool = False,
     sq = _squared_norms(weights, grads) if with_norms else None
     return out, sums, sq
 
-  def fn(params, batch, leaf_weights):
+  def fn(params, batch, leaf_weights, visibility=None):
     size = _batch_size(batch)
+    p_def = jax.tree.structure(params)
+    flags = [None] * p_def.num_leaves if visibility is None else p_def.flatten_up_to(visibility)
+    # None stays a static leaf (no batch axis); flags become [B] arrays carried with the examples
+    flags = [None if s is None else jnp.broadcast_to(jnp.asarray(s, bool), (size,)) for s in flags]
+    batch = (batch, jax.tree.unflatten(p_def, flags))
     if microbatch is None or microbatch >= size:
       out, sums, sq = chunk(params, batch, leaf_weights)
     else:
@@ -319,7 +340,8 @@ def routed_value_and_grad(loss_fn: Callable, compiled, strategy: str = "auto", *
       plan = _Plan("per_example", "requested")
     else:
       try:
-        cotangent.check_supported(_loss_only(loss_fn, has_aux), _abstract(params), example)
+        cotangent.check_supported(_loss_only(loss_fn, has_aux), _abstract(params), example,
+                                  visibility=_static_visibility(compiled))
         plan = _Plan("cotangent", "supported")
       except UnsupportedPrimitiveError as exc:
         if strategy == "cotangent":
@@ -345,8 +367,9 @@ def routed_value_and_grad(loss_fn: Callable, compiled, strategy: str = "auto", *
           f"{compiled.treedef}\n  got: {jax.tree.structure(params)}\ncompile the policy with the "
           "parameter pytree you differentiate (aqgov.compile_policy(policy, params, taxonomy))")
     weights = compiled.leaf_weights(labels)
+    visibility = compiled.leaf_visibility(labels) if compiled.has_visibility else None
     impl = per_example if plan_for(params, batch).strategy == "per_example" else cotangent_impl()
-    out = impl(params, batch, weights)
+    out = impl(params, batch, weights, visibility)
     if with_norms:
       head, grads, sq = out
       return head, grads, group_norms(compiled, sq)
@@ -354,6 +377,15 @@ def routed_value_and_grad(loss_fn: Callable, compiled, strategy: str = "auto", *
 
   fn.strategy = lambda params, batch: plan_for(params, batch).strategy
   return fn
+
+
+def _static_visibility(compiled) -> PyTree | None:
+  """Leaf visibility with one shared placeholder per visibility (all the analysis needs)."""
+  if not compiled.has_visibility:
+    return None
+  columns, which = np.unique(compiled.leaf_hidden, axis=1, return_inverse=True)
+  marks = [None if not columns[:, j].any() else np.ones((1,), bool) for j in range(columns.shape[1])]
+  return jax.tree.unflatten(compiled.treedef, [marks[j] for j in np.ravel(which)])
 
 
 def _loss_only(loss_fn: Callable, has_aux: bool) -> Callable:
