@@ -1,6 +1,6 @@
 """Efficacy of routing: does a quarantine adapter hold what sensitive data teaches? (see docs/efficacy.md)
 
-    python benchmarks/efficacy.py              # 3 seeds, 1000 steps, 10,000 exposure candidates
+    python benchmarks/efficacy.py              # 3 seeds, 800 steps, 10,000 exposure candidates
     python benchmarks/efficacy.py --quick      # 1 seed, a few steps, 500 candidates: a smoke run
 
 A small character-level transformer with a quarantine adapter per block trains on generated text
@@ -21,6 +21,7 @@ import os
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
+import json  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 
@@ -75,7 +76,7 @@ def depth_table(runs: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--seeds", type=int, default=3)
-  parser.add_argument("--steps", type=int, default=1000)
+  parser.add_argument("--steps", type=int, default=800)
   parser.add_argument("--candidates", type=int, default=10_000, help="random codes each secret is ranked among")
   parser.add_argument("--quick", action="store_true", help="1 seed, 60 steps, 500 candidates")
   args = parser.parse_args(argv)
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
   runs = []
   for seed in range(seeds):
     runs.append(efficacy.run_seed(seed, steps, candidates=candidates))
-    print(f"seed {seed} done at {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    print(f"seed {seed} done at {time.perf_counter() - start:.0f} s: {json.dumps(runs[-1])}", file=sys.stderr)
   print(f"## canary exposure and tax ({seeds} seed(s), {steps} steps, {candidates:,} candidates)\n")
   print(main_table(runs))
   print("\n## depth: sensitive data in every block's adapter vs the last block's only "

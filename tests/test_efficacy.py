@@ -7,9 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from aqgov.credentials import Taxonomy
 from aqgov.examples import _canaries as canaries
 from aqgov.examples import _efficacy_lm as lm
 from aqgov.examples import efficacy
+from aqgov.policy import Policy, compile_policy
 
 
 def test_a_secret_scored_most_likely_has_maximal_exposure():
@@ -91,8 +93,6 @@ def test_never_seen_canaries_are_absent_from_the_training_data():
 def test_the_policies_confine_sensitive_examples_to_the_adapters():
   setup = efficacy.make_setup(0, 4, batch_size=8, candidates=10)
   params = lm.init(jax.random.PRNGKey(0), setup.config)
-  from aqgov.policy import Policy, compile_policy
-  from aqgov.credentials import Taxonomy
   for last_only in (False, True):
     policy = Policy.from_toml(efficacy.policy_toml(visible=False, last_only=last_only))
     compiled = compile_policy(policy, params, Taxonomy.from_toml(efficacy.TAXONOMY))
@@ -105,14 +105,28 @@ def test_the_policies_confine_sensitive_examples_to_the_adapters():
                                                             float(not path.startswith("adapter/"))))
 
 
+def test_with_visibility_ordinary_examples_do_not_see_the_adapters():
+  setup = efficacy.make_setup(0, 4, batch_size=8, candidates=10)
+  params = lm.init(jax.random.PRNGKey(0), setup.config)
+  for visible in (False, True):
+    policy = Policy.from_toml(efficacy.policy_toml(visible=visible))
+    compiled = compile_policy(policy, params, Taxonomy.from_toml(efficacy.TAXONOMY))
+    seen = np.asarray(compiled.group_visibility({k: v[0] for k, v in setup.labels.items()}))
+    adapter = compiled.group_names.index("adapter")
+    sensitive = setup.stream.sensitive[0]
+    want = sensitive if visible else np.ones_like(sensitive)
+    np.testing.assert_array_equal(seen[:, adapter], want)
+    assert seen[:, [g for g in range(compiled.num_groups) if g != adapter]].all()
+
+
 @pytest.mark.slow
 def test_visibility_confines_the_canaries_to_the_adapter():
   rows = efficacy.run_seed(0, 300, candidates=1000, depth=False, attack=False)
   control, filtered = rows["control"], rows["filtered"]
   vis_ablated, routing_ablated = rows["visibility, ablated"], rows["routing, ablated"]
-  assert control["exposure"] > 6.0
+  assert control["exposure"] > 6.0  # of log2(1001) ~ 10 bits; chance is ~1.4
   assert filtered["exposure"] < 3.0
-  assert rows["visibility"]["exposure"] > 5.0
   assert vis_ablated["exposure"] < 3.0
-  assert abs(vis_ablated["loss"] - filtered["loss"]) < 0.05 * filtered["loss"]
-  assert routing_ablated["loss"] > vis_ablated["loss"] + 0.2
+  assert abs(vis_ablated["loss"] - filtered["loss"]) < 0.1 * filtered["loss"]
+  assert routing_ablated["loss"] > 2 * vis_ablated["loss"]
+  assert rows["visibility"]["loss"] > vis_ablated["loss"]  # the adapter is no model of ordinary text

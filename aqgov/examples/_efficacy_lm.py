@@ -25,7 +25,7 @@ class Config(NamedTuple):
   d_model: int = 64
   num_heads: int = 4
   num_blocks: int = 2
-  adapter_dim: int = 64
+  adapter_dim: int = 128
 
 
 def init(key: jax.Array, config: Config = Config()) -> dict[str, Any]:

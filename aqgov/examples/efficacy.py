@@ -218,7 +218,7 @@ def probe_accuracy(params: Any, setup: Setup, *, folds: int = 5, ridge: float = 
   return np.asarray(accuracy)
 
 
-def measure(params: Any, setup: Setup, *, attack: bool, probe: bool = False, never_seen: int = 5) -> dict[str, Any]:
+def measure(params: Any, setup: Setup, *, attack: bool, probe: bool = False, never_seen: int = 10) -> dict[str, Any]:
   """Exposure of the trained and of `never_seen` never-seen canaries, held-out loss, with `attack`
   the exposure of the canaries left out of the relearning attack, with `probe` the probe accuracies."""
   ranked, fitted = canary_exposures(params, setup.trained, setup)
