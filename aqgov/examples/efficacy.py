@@ -15,8 +15,9 @@ the same number of steps:
 Each trained model is measured as trained and with its adapters ablated (zeroed): canary exposure
 for trained and never-seen canaries, held-out ordinary loss (nats/char), the alignment tax (relative
 loss increase over `filtered`), a relearning attack on the ablated model, and the step time
-relative to `control`. `depth_rows` compares sensitive data confined to the last block's adapter
-with adapters in every block, probing the residual stream of each layer for canary membership.
+relative to `control`. The `visibility-last` variant confines sensitive data to the last block's
+adapter instead of every block's; a linear probe per layer reads canary membership off the
+residual stream of each model.
 """
 
 from __future__ import annotations
@@ -258,8 +259,10 @@ def run_seed(seed: int, steps: int, *, candidates: int = 10_000, variants=VARIAN
 
 def claims(rows: dict[str, dict[str, Any]]) -> list[str]:
   """The measured claims of one run, as sentences (what the demo prints)."""
-  c, v, va, f = rows["control"], rows["visibility"], rows["visibility, ablated"], rows["filtered"]
-  out = [f"control memorises the canaries: exposure {c['exposure']:.1f} bits (never-seen {c['never_seen']:.1f})",
+  c, ca = rows["control"], rows["control, ablated"]
+  v, va, f = rows["visibility"], rows["visibility, ablated"], rows["filtered"]
+  out = [f"control memorises the canaries: exposure {c['exposure']:.1f} bits, {ca['exposure']:.1f} with its adapter "
+         f"ablated (never-seen canaries: {c['never_seen']:.1f})",
          f"filtered (canaries dropped): exposure {f['exposure']:.1f}, held-out loss {f['loss']:.3f} nats/char",
          f"visibility, adapter on: exposure {v['exposure']:.1f}; adapter ablated: exposure {va['exposure']:.1f}, "
          f"held-out loss {va['loss']:.3f} (tax {100 * va['tax']:+.1f}% vs filtered)"]
