@@ -55,3 +55,10 @@ def test_demo_refuses_a_directory_that_is_not_empty(tmp_path):
   result = CliRunner().invoke(main, ["demo", "--out", str(tmp_path)])
   assert result.exit_code != 0
   assert "not empty" in result.output
+
+
+def test_demo_ends_with_the_measured_efficacy_claims(demo_run):
+  output = " ".join(demo_run[1].split())  # the console wraps long lines
+  assert "6. efficacy" in output
+  assert "control memorises the canaries: exposure" in output
+  assert "adapter ablated: exposure" in output and "vs filtered" in output

@@ -25,6 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from aqgov.documents import _keys as keylib
+from aqgov.examples import efficacy as efficacy
 from aqgov.examples import sample as sample
 from aqgov.credentials._admission import Admission
 from aqgov.policy._compile import CompiledPolicy, explain_table
@@ -187,6 +188,10 @@ def run(out: str | Path, *, steps: int = 20, batch_size: int = 16, seed: int = 0
                 f"{report.heads} signed heads, closed={report.closed}")
   console.print(f"   check it:  aqgov lineage verify {out} --trust {out}/keys/*.pub\n"
                 f"   attest it: aqgov lineage export {out} --intoto {out}/attestation.intoto.json")
+  console.print("[bold]6. efficacy[/bold]: a short run with planted canary secrets (python benchmarks/efficacy.py "
+                "measures it in full)")
+  for claim in efficacy.demo_claims():
+    console.print(f"   {claim}")
   return {"admitted": len(incoming) - len(rejected), "rejected": [(r.example_id, str(r.reason)) for r in rejected],
           "policy_ids": task.compiled.policy_ids, "groups": task.compiled.group_names, "reached": reached.tolist(),
           "events": [e._asdict() for e in events], "escalation": escalation, "records": report.size}
