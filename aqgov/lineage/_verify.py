@@ -201,9 +201,12 @@ def verify_lineage(run_dir: str | os.PathLike, trust: TrustStore, *,
     elif _depth > 64:
       raise LineageError("parent runs nest more than 64 deep; is there a cycle?", index=0)
     else:
-      parent_report = verify_lineage(pdir, trust, parent_dirs=parent_dirs, require_closed=require_closed,
-                                     require_references=require_references, check_checkpoints=check_checkpoints,
-                                     check_consistency=check_consistency, _depth=_depth + 1)
+      try:
+        parent_report = verify_lineage(pdir, trust, parent_dirs=parent_dirs, require_closed=require_closed,
+                                       require_references=require_references, check_checkpoints=check_checkpoints,
+                                       check_consistency=check_consistency, _depth=_depth + 1)
+      except LineageError as exc:
+        raise LineageError(f"parent run {parent['run_id']} ({pdir}) does not verify: {exc}", index=0) from None
       _check_parent_head(pdir, parent, parent_report)
       checked.append(f"parent run {parent['run_id']} at head {parent['head_id'][:16]}... (size {parent['size']})")
 
