@@ -94,14 +94,16 @@ class LineageError(AqgovError):
 
 
 class ReplayDivergence(LineageError):
-  """Replaying recorded steps did not reproduce the record; `step`, `group`, `example_id` say where."""
+  """Replaying recorded steps did not reproduce the record; `step`, `field` (the record field),
+  `group` and `example_id` say where."""
 
   def __init__(self, message: str, *, index: int | None = None, step: int | None = None, group: str | None = None,
-               example_id: str | None = None):
+               example_id: str | None = None, field: str | None = None):
     super().__init__(message, index=index)
     self.step = step
     self.group = group
     self.example_id = example_id
+    self.field = field
 
 
 class WitnessError(LineageError):

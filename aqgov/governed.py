@@ -52,8 +52,8 @@ from aqgov.routing._transforms import strict as strict_transform
 class GovernanceState(NamedTuple):
   """Governance state a governed step carries besides the optimizer's (checkpointed with it).
 
-  nonfinite: bool [G] — groups whose routed gradient (or the loss) was NaN/inf at the last step,
-    which was therefore not applied.
+  nonfinite: bool [G] — groups whose routed gradient, update or updated parameters (or the loss)
+    were NaN/inf at the last step, which was therefore not applied.
   """
 
   nonfinite: jax.Array
@@ -75,7 +75,8 @@ def governed_optimizer(optimizer: optax.GradientTransformation, compiled: Compil
 
 
 def group_finite(grads: Any, loss: jax.Array, compiled: CompiledPolicy) -> jax.Array:
-  """bool [G]: every entry of the group's routed gradient, and the loss, is finite."""
+  """bool [G]: every entry of the group's leaves in `grads` (gradients, updates or params, in the
+  params' structure), and the loss, is finite."""
   finite = [jnp.all(jnp.isfinite(g)) for g in jax.tree_util.tree_leaves(grads)]
   per_group = jnp.ones((compiled.num_groups,), bool)
   for leaf_ok, g in zip(finite, compiled.leaf_group):
@@ -105,11 +106,13 @@ def governed_step(loss_fn: Callable, compiled: CompiledPolicy, optimizer: optax.
     # enforcement numbers steps like the lineage: the step being taken is state.step + 1
     extra = {"measurements": measurements, "step": state.step + 1} if governed else {}
     updates, opt_state = tx.update(grads, state.opt_state, state.params, labels=labels, **extra)
-    # fail closed: a NaN/inf gradient or loss is never applied, not even to the finite groups
-    finite = group_finite(grads, loss, compiled)
+    # fail closed: a NaN/inf gradient, loss, update (a NaN learning rate) or resulting parameter is
+    # never applied, not even to the finite groups
+    stepped = optax.apply_updates(state.params, updates)
+    finite = (group_finite(grads, loss, compiled) & group_finite(updates, loss, compiled)
+              & group_finite(stepped, loss, compiled))
     ok = jnp.all(finite)
-    params = jax.tree.map(lambda new, old: jnp.where(ok, new, old), optax.apply_updates(state.params, updates),
-                          state.params)
+    params = jax.tree.map(lambda new, old: jnp.where(ok, new, old), stepped, state.params)
     opt_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), opt_state, state.opt_state)
     escalated = enforce_state(opt_state).escalated if governed else jnp.zeros((), bool)
     number = jnp.where(escalated | ~ok, state.step, state.step + 1).astype(jnp.int32)
@@ -201,9 +204,10 @@ class GovernedTask:
     if nonfinite.any():
       groups = ", ".join(g for g, bad in zip(self.group_names, nonfinite) if bad)
       raise NonFiniteError(
-          f"step {int(jax.device_get(state.step)) + 1}: the loss or the routed gradient of group(s) {groups} is "
-          "NaN/inf, so the step was not applied (parameters and optimizer state are unchanged). Check this "
-          "batch's examples and the learning rate; the run stays resumable from its last checkpoint.")
+          f"step {int(jax.device_get(state.step)) + 1}: the loss, or the routed gradient, update or updated "
+          f"parameters of group(s) {groups} is NaN/inf, so the step was not applied (parameters and optimizer "
+          "state are unchanged). Check this batch's examples and the learning rate; the run stays resumable "
+          "from its last checkpoint.")
     if self.profile is not None:
       try:
         check_escalation(new_state.opt_state, self.profile, self.compiled)

@@ -94,7 +94,8 @@ def test_an_escalation_stops_before_the_update_and_an_override_in_the_run_direct
   with pytest.raises(GovernanceEscalation):
     resumed.step(examples)  # the token names step 1 only
   resumed.abandon()
-  verify_lineage(tmp_path / "run", TrustStore.from_paths(sorted((tmp_path / "run" / "keys").glob("*.pub"))))
+  verify_lineage(tmp_path / "run", TrustStore.from_paths(sorted((tmp_path / "run" / "keys").glob("*.pub"))),
+                 require_closed=False)
 
 
 def poisoned_loss(params, tokens):
@@ -135,3 +136,30 @@ def test_a_nan_gradient_is_never_applied_and_the_step_says_which_groups(tmp_path
   assert int(held.step) == 1
   jax.tree.map(np.testing.assert_array_equal, held.params, state.params)
   jax.tree.map(np.testing.assert_array_equal, held.opt_state, state.opt_state)
+
+
+def test_a_non_finite_update_is_never_applied_even_when_the_gradients_are_finite(tmp_path, authorities):
+  acme = authorities.keys["acme-data"]
+  examples = [Example("ok-0", b"Plain text that trains.", None), Example("ok-1", b"More plain text.", None)]
+  labels = {"license_class": "public-domain", "sensitivity_tier": 0, "jurisdictions": ["US"], "source": "web"}
+  run_dir = tmp_path / "run"
+  write(MANIFEST, issue_manifest(acme, sample.taxonomies()["acme-data"],
+                                 [e._replace(labels=labels) for e in examples]).document,
+        run_dir / "manifests" / "acme.signed")
+  (run_dir / "policies").mkdir()
+  shutil.copy(authorities.policies[0], run_dir / "policies")
+  (run_dir / "keys").mkdir()
+  (run_dir / "keys" / "acme-data.pub").write_text(public_key_json(acme.public))
+  task = GovernedTask(run_dir, loss_fn=lambda p, t: tiny_lm.example_loss(p, t, tiny_lm.Config(**CONFIG), with_aux=True),
+                      init_params=lambda: tiny_lm.init(jax.random.PRNGKey(0), tiny_lm.Config(**CONFIG)),
+                      make_inputs=lambda ex: tiny_lm.encode_text(ex.content, tiny_lm.Config(**CONFIG)),
+                      optimizer=optax.sgd(float("nan")))
+  state = task.init()
+  with pytest.raises(NonFiniteError, match=r"update or updated parameters of group\(s\) .*NaN") as failed:
+    task.step(state, *task.make_batch(examples))
+  assert "not applied" in str(failed.value)
+  held, summary = task.step_without_checks(state, *task.make_batch(examples))
+  assert int(held.step) == 0 and np.isfinite(float(summary.loss))
+  jax.tree.map(np.testing.assert_array_equal, held.params, state.params)
+  jax.tree.map(np.testing.assert_array_equal, held.opt_state, state.opt_state)
+  assert bool(np.asarray(held.governance.nonfinite).all())

@@ -92,6 +92,33 @@ def test_a_different_step_function_is_named_at_the_first_step_and_group_that_div
   assert (info.value.step, info.value.group) == (first, "head")
 
 
+class _MisreportingTask(MLPTask):
+  """The example task, training exactly as recorded but reporting one summary field differently."""
+
+  def __init__(self, field: str, change):
+    super().__init__({})
+    honest = self.step
+
+    def step(state, batch, labels):
+      state, summary = honest(state, batch, labels)
+      return state, summary._replace(**{field: change(getattr(summary, field))})
+
+    self.step = step
+
+
+@pytest.mark.parametrize("field, change", [
+    ("route_class", lambda rc: (rc + 1) % 3),
+    ("weights", lambda w: w * 0.5),
+    ("contribution_norms", lambda n: n * 1.0001),
+    ("events", lambda e: {"paused": jnp.ones((2,), jnp.int32)}),
+])
+def test_replay_compares_route_classes_weights_norms_and_events_with_the_record(run_dir, data_path, field, change):
+  # the params (and so every fingerprint) replay exactly; only the reported field differs
+  with pytest.raises(ReplayDivergence, match=f"replayed {field}.* diverge from the record") as info:
+    replay(run_dir, step=6, examples=data_path, task=_MisreportingTask(field, change))
+  assert info.value.field.startswith(field) and info.value.step == 5
+
+
 def test_a_checkpoint_whose_params_were_replaced_is_named_and_replay_re_derives_the_true_ones(run_dir, data_path,
                                                                                             tmp_path):
   d = tmp_path / "run"
@@ -129,15 +156,17 @@ def _rewrite_record(run_dir: Path, index: int, change) -> None:
   seg.write_bytes(header + b"".join(out))
 
 
-def test_a_rewritten_checkpoint_hash_is_a_divergence_and_fails_verification(run_dir, data_path, tmp_path):
+def test_a_rewritten_checkpoint_record_is_not_read_and_fails_verification(run_dir, data_path, tmp_path):
   d = tmp_path / "run"
   shutil.copytree(run_dir, d)
   ref = hist.load(d / "lineage")[1].checkpoint_at(8)
   _rewrite_record(d, ref.index, lambda body: body.update(params_sha256="0" * 64))
   shutil.rmtree(d / "checkpoints" / "8")
-  with pytest.raises(ReplayDivergence, match="hash") as info:
-    replay(d, step=8, examples=data_path)
-  assert info.value.step == 8
+  # no signed head covers the rewritten chain any more: replay reads only up to the last one that does,
+  # so the forged hash is never compared with (nor taken for) the params of step 8
+  assert hist.load(d / "lineage")[1].size <= ref.index
+  result = replay(d, step=8, examples=data_path)
+  assert 8 not in result.hashes_checked and params_sha256(result.state.params) == _checkpoint_sha(run_dir, 8)
   with pytest.raises(LineageError):
     replay(d, step=8, examples=data_path, trust=lh.trust_of(d))
 

@@ -158,13 +158,12 @@ def test_an_escalation_is_checkpointed_recorded_and_resumable(tmp_path, data):
   run.step(lh.batches(data, 2))
   with pytest.raises(GovernanceEscalation):
     run.step(lh.batches(data, 3))
-  run.close(status="escalated")
+  run.abandon()  # stopped for a human, not closed: a closed run is final
   scan, _ = hist.load(d / "lineage")
-  assert list(scan.kinds) == [rec.RUN_START, rec.CHECKPOINT, rec.STEP, rec.STEP, rec.CHECKPOINT, rec.ESCALATION,
-                              rec.RUN_END]
+  assert list(scan.kinds) == [rec.RUN_START, rec.CHECKPOINT, rec.STEP, rec.STEP, rec.CHECKPOINT, rec.ESCALATION]
   esc = next(b for i, _, b in segments.records(d / "lineage", kinds=(rec.ESCALATION,)))
   assert esc["step"] == 3 and esc["checkpoint_step"] == 2 and "entropy" in esc["message"]
-  assert verify_lineage(d, lh.trust_of(d)).closed
+  assert verify_lineage(d, lh.trust_of(d), require_closed=False).unsigned == 0
   resumed = GovernedRun.resume(d)
   assert resumed.next_step == 3
   resumed.abandon()
@@ -179,7 +178,7 @@ def test_policies_and_manifests_named_at_start_are_copied_and_verified(tmp_path,
   manifest = signing.add_signature(signing.SignedDocument("credential-manifest", {"authority": "a", "entries": []}), AUTHORITY)
   lh.make_run(d, data, 1, policies=[_policy("p", AUTHORITY)], manifests=[manifest], trust=[AUTHORITY.public])
   report = verify_lineage(d, lh.trust_of(d))
-  assert len(report.checked) == 2 and not report.unchecked
+  assert len([c for c in report.checked if not c.startswith("checkpoint")]) == 2 and not report.unchecked
   start = next(iter(segments.LogReader(d / "lineage"))).body
   assert start["manifests"][0]["id"] == manifest.id and start["trust"] == [AUTHORITY.key_id]
 
@@ -194,9 +193,9 @@ def test_an_altered_or_missing_referenced_document_is_reported(tmp_path, data):
     verify_lineage(d, lh.trust_of(d))
   assert info.value.index == 0
   policy_file.unlink()
-  assert verify_lineage(d, lh.trust_of(d)).unchecked
+  assert verify_lineage(d, lh.trust_of(d), require_references=False).unchecked
   with pytest.raises(LineageError, match="missing"):
-    verify_lineage(d, lh.trust_of(d), require_references=True)
+    verify_lineage(d, lh.trust_of(d))
   policy_file.write_bytes(original)
   assert verify_lineage(d, lh.trust_of(d), require_references=True).checked
 
@@ -224,7 +223,7 @@ def test_a_child_run_names_its_parents_signed_head_and_verify_follows_the_chain(
   assert any("parent run" in c for c in report.checked)
   moved = tmp_path / "elsewhere"
   parent.rename(moved)
-  assert any("parent run" in u for u in verify_lineage(child, lh.trust_of(child)).unchecked)
+  assert any("parent run" in u for u in verify_lineage(child, lh.trust_of(child), require_references=False).unchecked)
   assert verify_lineage(child, lh.trust_of(child), parent_dirs={report.parent.run_id: moved}).parent is not None
 
 

@@ -53,18 +53,23 @@ _MORE_KEYS = click.argument("more_keys", nargs=-1, type=click.Path(exists=True, 
               help="A trusted public key (.pub): the run key, authorities, parent runs. Repeat it, or give "
                    "several after one --trust (a shell glob such as DIR/keys/*.pub works).")
 @click.option("--parent-dir", multiple=True, help="Directory of a parent run (or RUN_ID=DIR) not where recorded.")
-@click.option("--require-closed", is_flag=True, help="Fail unless the run ended with a signed run-end.")
-@click.option("--strict", is_flag=True, help="Fail when a referenced document or parent run is not present.")
+@click.option("--allow-open", is_flag=True,
+              help="Accept a run that is still running or crashed (no signed run-end); its records after the last "
+                   "signed head are reported as unsigned. Without it the run must be closed.")
+@click.option("--allow-missing", is_flag=True,
+              help="List a referenced document, parent run or checkpoint that is not present as unchecked "
+                   "instead of failing.")
 @click.option("--witness", "witnesses", multiple=True,
               help="A witness that must have cosigned the final head: its verifier key (NAME+HASH+KEY) or .pub "
-                   "file. Repeatable; implies --require-closed.")
+                   "file. Repeatable; requires a closed run even with --allow-open.")
 def verify_cmd(run_dir: str, more_keys: tuple[str, ...], trust: tuple[str, ...], parent_dir: tuple[str, ...],
-               require_closed: bool, strict: bool, witnesses: tuple[str, ...]) -> None:
-  """Check every record, the chain, Merkle roots, signed heads, references, parent runs and witnesses."""
+               allow_open: bool, allow_missing: bool, witnesses: tuple[str, ...]) -> None:
+  """Audit a run: every record, the chain, Merkle roots, signed heads, run-end, references, checkpoints,
+  parent runs and witnesses."""
   from aqgov.lineage._verify import verify_lineage
 
   report = verify_lineage(run_dir, _trust(trust + more_keys), parent_dirs=_parent_dirs(parent_dir),
-                          require_closed=require_closed, require_references=strict, witnesses=witnesses)
+                          require_closed=not allow_open, require_references=not allow_missing, witnesses=witnesses)
   if report.witnessed:
     click.echo(f"OK final head (size {report.size}) cosigned by witness(es) {', '.join(report.witnessed)}")
   r = report
@@ -98,6 +103,8 @@ def show_cmd(run_dir: str) -> None:
   meta.add_row("parent", f"{s['parent']['run_id']} @ {s['parent']['size']}" if s.get("parent") else "-")
   meta.add_row("records", f"{d.size} ({', '.join(f'{k}: {v}' for k, v in sorted(d.kinds.items()))})")
   meta.add_row("signed heads", f"{d.heads} (last covers {d.signed_size})")
+  if d.unsigned:
+    meta.add_row("unsigned tail", f"{d.unsigned} record(s) after the last signed head (not shown or counted)")
   meta.add_row("status", (d.status or "closed") if d.closed else "open (not closed)")
   meta.add_row("steps", f"{d.steps} effective, last step {d.last_step}, last loss "
                         f"{'-' if d.last_loss is None else f'{d.last_loss:.6g}'}")

@@ -183,10 +183,13 @@ def run(out: str | Path, *, steps: int = 20, batch_size: int = 16, seed: int = 0
   for (group, metric, action), n in sorted(collections.Counter((e.group, e.metric, e.action) for e in events).items()):
     console.print(f"   governance: {metric}/{group} out of bounds on {n} step(s) -> {action}")
 
-  report = verify_lineage(out, TrustStore.from_paths(sorted((out / "keys").glob("*.pub"))))
+  # an escalated run is stopped for a human, not closed: it is verified as a live run
+  report = verify_lineage(out, TrustStore.from_paths(sorted((out / "keys").glob("*.pub"))),
+                          require_closed=escalation is None)
   console.print(f"[bold]5. lineage[/bold]: {report.size} records, root {report.root[:16]}..., "
                 f"{report.heads} signed heads, closed={report.closed}")
-  console.print(f"   check it:  aqgov lineage verify {out} --trust {out}/keys/*.pub\n"
+  console.print(f"   check it:  aqgov lineage verify {out} --trust {out}/keys/*.pub"
+                f"{'' if report.closed else ' --allow-open'}\n"
                 f"   attest it: aqgov lineage export {out} --intoto {out}/attestation.intoto.json")
   console.print("[bold]6. efficacy[/bold]: a short run with planted canary secrets (python benchmarks/efficacy.py "
                 "measures it in full)")

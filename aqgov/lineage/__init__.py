@@ -12,6 +12,7 @@ _log         the log's names in one module (for the run)
 _verify      `verify_lineage`: records, chain, heads, references, parent runs
 _history     which records still describe the params after resumes (the resume rule)
 _checkpoint  Orbax checkpoints bound to the lineage
+_checkpoint_files  a checkpoint directory's file digest and lineage item, checked without Orbax
 _task        the `Task` protocol training and replay share
 _replay      re-execute recorded steps and check fingerprints and hashes
 _query       membership queries and run descriptions

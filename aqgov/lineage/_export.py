@@ -1,7 +1,9 @@
 """in-toto attestation of a run: a Statement v1 in a DSSE envelope signed with Ed25519.
 
-The statement's subjects are the run's checkpoints (name `<run id>/checkpoints/<step>/params`,
-digest: the SHA-256 of the params as `aqgov.lineage.summary.params_sha256` computes it). The
+The statement's subjects are the effective checkpoints of the log's signed part (name
+`<run id>/checkpoints/<step>/params`, digest: the SHA-256 of the params as
+`aqgov.lineage.summary.params_sha256` computes it, recomputed from the checkpoint on disk and
+refused unless every item digest equals its record: an attestation names only what is there). The
 predicate (type `PREDICATE_TYPE`) binds them to the lineage: the last signed tree head (id, size,
 Merkle root, last record hash, signer key id), the policy, profile and credential manifest ids the
 run started under, the task reference and the parent run's head. Any DSSE verifier can check the
@@ -15,14 +17,18 @@ from __future__ import annotations
 import base64
 import json
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from aqgov.documents import _signing as signing
 from aqgov.documents._keys import SigningKey, TrustStore, load_public_key
-from aqgov.errors import LineageError
+from aqgov.errors import CheckpointError, LineageError
 from aqgov.lineage import _history as hist
+from aqgov.lineage._checkpoint import Checkpoints
 from aqgov.lineage._heads import read_heads
 from aqgov.lineage._segments import LogReader
+from aqgov.lineage._task import Task, load_task
 from aqgov.lineage._verify import VerifyReport, lineage_dir, verify_lineage
 
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
@@ -30,9 +36,38 @@ PREDICATE_TYPE = "https://aqgov.dev/attestation/lineage/v1"
 PAYLOAD_TYPE = "application/vnd.in-toto+json"
 
 
-def statement(run_dir: str | os.PathLike, report: VerifyReport) -> dict:
-  """The in-toto Statement for a verified run (`report` from `verify_lineage`)."""
-  _, ldir = lineage_dir(run_dir)
+def params_on_disk(run_dir: Path, start: Mapping[str, Any], checkpoints: Sequence[hist.CheckpointRef],
+                   task: Task | None = None) -> dict[int, str]:
+  """Record index -> params digest of each checkpoint, restored from disk (with the run's task as
+  the template); raises `LineageError` when one is missing or an item differs from its record."""
+  if task is None:
+    task = load_task(start["config"]["task"], start["config"].get("task_config", {}), run_dir)
+  store = Checkpoints(run_dir / "checkpoints")
+  try:
+    on_disk, template, out = set(store.steps()), task.init(), {}
+    for c in checkpoints:
+      if c.step not in on_disk:
+        raise LineageError(f"the checkpoint at step {c.step} ({run_dir / c.path}) is not on disk: an attestation "
+                           "names only checkpoints it can hash", index=c.index)
+      try:
+        restored = store.restore(c.step, template)
+      except CheckpointError as exc:
+        raise LineageError(str(exc), index=c.index) from None
+      for item, recorded in (c.digests or {"params": c.params_sha256}).items():
+        if restored.digests.get(item) != recorded:
+          raise LineageError(f"the checkpoint at step {c.step} ({run_dir / c.path}) holds {item} hashing to "
+                             f"{str(restored.digests.get(item))[:16]}..., but record {c.index} says {recorded[:16]}"
+                             "...: it was altered after it was recorded; refusing to attest it", index=c.index)
+      out[c.index] = restored.digests["params"]
+    return out
+  finally:
+    store.close()
+
+
+def statement(run_dir: str | os.PathLike, report: VerifyReport, *, task: Task | None = None) -> dict:
+  """The in-toto Statement for a verified run (`report` from `verify_lineage`); `task` (default: the
+  one run-start names) restores the checkpoints whose params digests become the subjects."""
+  run_dir, ldir = lineage_dir(run_dir)
   scan, history = hist.load(ldir)
   heads, _ = read_heads(ldir)
   if not heads:
@@ -41,10 +76,11 @@ def statement(run_dir: str | os.PathLike, report: VerifyReport) -> dict:
   size = int(head.payload["size"])
   start = scan.bodies[0]
   checkpoints = [c for c in history.checkpoints if c.index < size]
-  subjects = [{"name": f"{report.run_id}/checkpoints/{c.step}/params", "digest": {"sha256": c.params_sha256}}
-              for c in checkpoints]
-  if not subjects:
+  if not checkpoints:
     raise LineageError("the signed part of the log records no checkpoint: there is nothing to name as a subject")
+  digests = params_on_disk(run_dir, start, checkpoints, task)
+  subjects = [{"name": f"{report.run_id}/checkpoints/{c.step}/params", "digest": {"sha256": digests[c.index]}}
+              for c in checkpoints]
   predicate = {
       "run_id": report.run_id,
       "head": {"id": head.id, "size": size, "root": head.payload["root"],
@@ -58,8 +94,8 @@ def statement(run_dir: str | os.PathLike, report: VerifyReport) -> dict:
       "trust": list(start["trust"]),
       "task": start["config"].get("task"),
       "parent": start.get("parent"),
-      "checkpoints": [{"step": c.step, "params_sha256": c.params_sha256, "record": c.index, "path": c.path}
-                      for c in checkpoints],
+      "checkpoints": [{"step": c.step, "params_sha256": c.params_sha256, "record": c.index, "path": c.path,
+                       "digests": dict(c.digests or {}), "files_sha256": c.files_sha256} for c in checkpoints],
   }
   return {"_type": STATEMENT_TYPE, "subject": subjects, "predicateType": PREDICATE_TYPE, "predicate": predicate}
 
@@ -79,13 +115,16 @@ def recorded_trust(run_dir: str | os.PathLike, key: SigningKey) -> TrustStore:
   return TrustStore.of([key, *(k for k in pubs if k.key_id in trusted)])
 
 
-def export_intoto(run_dir: str | os.PathLike, key: SigningKey, *, trust: TrustStore | None = None) -> dict:
-  """Verify the run (against `trust`, by default `recorded_trust`) and attest it.
+def export_intoto(run_dir: str | os.PathLike, key: SigningKey, *, trust: TrustStore | None = None,
+                  task: Task | None = None) -> dict:
+  """Verify the run (against `trust`, by default `recorded_trust`; a live run is attested up to its
+  last signed head, with `closed` false) and attest it.
 
   Returns the DSSE envelope as a JSON-ready dict.
   """
-  report = verify_lineage(run_dir, trust if trust is not None else recorded_trust(run_dir, key))
-  payload = json.dumps(statement(run_dir, report), sort_keys=True, separators=(",", ":")).encode("utf-8")
+  report = verify_lineage(run_dir, trust if trust is not None else recorded_trust(run_dir, key), require_closed=False)
+  payload = json.dumps(statement(run_dir, report, task=task), sort_keys=True,
+                       separators=(",", ":")).encode("utf-8")
   return envelope(payload, key)
 
 

@@ -2,7 +2,9 @@
 
 Membership: an example *reached* group g at a step when its weight in g was positive there; the
 contribution norm says how much of its gradient actually arrived (`|| w_i[g] * grad_g L_i ||`).
-Only effective records count unless `include_superseded` (see `aqgov.lineage.history`).
+Only effective records count unless `include_superseded` (see `aqgov.lineage.history`), and only
+records a signed tree head covers: an unsigned tail (records anyone could have appended after the
+last signed head) is never read, only counted.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ def membership(run_dir: str | os.PathLike, group: str, *, step: int | None = Non
   g = groups.index(group)
   out = []
   for index, _, body in records(ldir, kinds=(rec.STEP,)):
+    if index >= history.size:
+      break  # the unsigned tail
     superseded = not history.effective(index)
     if (superseded and not include_superseded) or (step is not None and int(body["step"]) != step):
       continue
@@ -75,10 +79,12 @@ class RunDescription(NamedTuple):
   group_reach: dict[str, int]
   group_norm: dict[str, float]
   torn_bytes: int
+  unsigned: int = 0  # records after the last signed head: counted, never read
 
 
 def describe(run_dir: str | os.PathLike) -> RunDescription:
-  """Summary of a run from its lineage (structure checked, signatures not: use verify for that)."""
+  """Summary of the signed part of a run's lineage (chain and head signatures checked; verify checks
+  everything else)."""
   _, ldir = lineage_dir(run_dir)
   scan, history = hist.load(ldir)
   start = scan.bodies[0]
@@ -87,6 +93,8 @@ def describe(run_dir: str | os.PathLike) -> RunDescription:
   steps, last_step, last_loss, seen = 0, 0, None, set()
   reach, norm = Counter(), Counter()
   for index, _, body in records(ldir, kinds=(rec.STEP,)):
+    if index >= history.size:
+      break
     if not history.effective(index):
       continue
     view = rec.view_step(body)
@@ -95,13 +103,13 @@ def describe(run_dir: str | os.PathLike) -> RunDescription:
     for gi, name in enumerate(groups):
       reach[name] += int((view.weights[:, gi] > 0).sum())
       norm[name] += float(view.contribution_norms[:, gi].sum())
-  ends = scan.of_kind(rec.RUN_END)
-  closed = scan.kinds[-1] == rec.RUN_END
+  signed = history.size
+  ends = [(i, b) for i, b in scan.of_kind(rec.RUN_END) if i < signed]
+  closed = signed == scan.size and scan.kinds[-1] == rec.RUN_END
   return RunDescription(
-      run_id=start["run_id"], start=start, size=scan.size, heads=len(heads),
-      signed_size=int(heads[-1].payload["size"]) if heads else 0, closed=closed,
+      run_id=start["run_id"], start=start, size=scan.size, heads=len(heads), signed_size=signed, closed=closed,
       status=ends[-1][1]["status"] if ends and closed else None, steps=steps, last_step=last_step,
       last_loss=last_loss, examples=len(seen), checkpoints=history.checkpoints,
-      resumes=len(scan.of_kind(rec.RUN_RESUME)), kinds=dict(Counter(scan.kinds)),
+      resumes=sum(1 for i, _ in scan.of_kind(rec.RUN_RESUME) if i < signed), kinds=dict(Counter(scan.kinds[:signed])),
       group_reach={g: reach[g] for g in groups}, group_norm={g: norm[g] for g in groups},
-      torn_bytes=scan.torn.nbytes if scan.torn else 0)
+      torn_bytes=scan.torn.nbytes if scan.torn else 0, unsigned=scan.size - signed)

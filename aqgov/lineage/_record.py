@@ -387,10 +387,17 @@ def run_start_body(*, run_id: str, signer: str, groups: Sequence[str], classes: 
 
 
 def checkpoint_body(*, step: int, params_sha256: str, path: str, lineage_size: int, lineage_root: str,
+                    digests: Mapping[str, str] | None = None, files_sha256: str | None = None,
                     time_s: float | None = None) -> dict:
-  """Body of a "checkpoint" record (written after the checkpoint is durable)."""
-  return {"step": int(step), "params_sha256": params_sha256, "path": path, "lineage_size": int(lineage_size),
+  """Body of a "checkpoint" record (written after the checkpoint is durable): `digests` are the hex
+  SHA-256 of each saved state item, `files_sha256` that of the finished checkpoint's files."""
+  body = {"step": int(step), "params_sha256": params_sha256, "path": path, "lineage_size": int(lineage_size),
           "lineage_root": lineage_root, "time": time.time() if time_s is None else float(time_s)}
+  if digests is not None:
+    body["digests"] = {str(k): str(v) for k, v in digests.items()}
+  if files_sha256 is not None:
+    body["files_sha256"] = files_sha256
+  return body
 
 
 def resume_body(*, checkpoint_step: int, checkpoint_record: int | None, superseded: tuple[int, int],

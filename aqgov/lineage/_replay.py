@@ -6,8 +6,12 @@
 
 - each example's content SHA-256 must equal the hash recorded for it at that step (the hash
   admission checked against its credential); a different or missing example is named;
-- each step's fingerprint must equal the recorded one bit for bit; the first group that differs
-  is named (`ReplayDivergence.step`, `.group`);
+- each step's recomputed record must equal the recorded one bit for bit, field by field in this
+  order: the batch rows, route classes, weights, contribution norms, loss, entropy measurements,
+  governance events, then the fingerprint; the first field that differs is named with the step
+  and, where it has one, the example and group (`ReplayDivergence.field`, `.step`, `.example_id`,
+  `.group`). All of them are float32 (or integer) outputs of the same jitted step, so on the same
+  platform and device configuration they reproduce exactly: there is no tolerance;
 - where the lineage recorded a checkpoint at a replayed step, the rebuilt params must hash to its
   full SHA-256; if the checkpoint is on disk the first differing leaf is named.
 
@@ -122,10 +126,51 @@ def replay(run_dir: str | os.PathLike, *, step: int,
       if view.step == step:
         return ReplayResult(state, step, ref.step, step - ref.step, tuple(checked))
       expected += 1
-    raise LineageError(f"the lineage records steps only up to {expected - 1}; cannot replay to step {step}",
-                       index=scan.size)
+    raise LineageError(f"the signed part of the lineage records steps only up to {expected - 1} (records after "
+                       f"its last valid signed head are not read); cannot replay to step {step}", index=history.size)
   finally:
     checkpoints.close()
+
+
+def _bits(a: np.ndarray) -> np.ndarray:
+  """`a` as unsigned integers of the same width, so that equality is bitwise (NaN == NaN, -0 != 0)."""
+  a = np.ascontiguousarray(a)
+  if a.dtype == bool or a.dtype.itemsize not in (1, 2, 4, 8):
+    return a
+  return a.view(f"u{a.dtype.itemsize}")
+
+
+def _mismatch(recorded: np.ndarray, replayed: np.ndarray) -> tuple[int, ...] | None:
+  """The first index where two arrays differ bitwise (() when their shapes differ), None if equal."""
+  recorded, replayed = np.atleast_1d(recorded), np.atleast_1d(replayed)
+  if recorded.shape != replayed.shape or recorded.dtype != replayed.dtype:
+    return ()
+  where = np.argwhere(_bits(recorded) != _bits(replayed))
+  return tuple(int(i) for i in where[0]) if where.size else None
+
+
+def _check_record(view: rec.StepView, replayed: rec.StepView, index: int, groups: tuple[str, ...]) -> None:
+  """Raise `ReplayDivergence` at the first field of the replayed step record that differs."""
+  absent = np.zeros((0,))
+  fields = [("rows", view.rows, replayed.rows, True), ("route_class", view.route_class, replayed.route_class, True),
+            ("weights", view.weights, replayed.weights, True),
+            ("contribution_norms", view.contribution_norms, replayed.contribution_norms, True),
+            ("loss", np.float64(view.loss), np.float64(replayed.loss), False)]
+  for kind, recorded, got in (("measurements", view.measurements, replayed.measurements),
+                              ("events", view.events, replayed.events)):
+    fields += [(f"{kind}[{k!r}]", recorded.get(k, absent), got.get(k, absent), False)
+               for k in sorted(set(recorded) | set(got))]
+  for field, recorded, got, per_row in fields:
+    at = _mismatch(recorded, got)
+    if at is None:
+      continue
+    example = view.row_ids[at[0]] if per_row and at and at[0] < len(view.rows) else None
+    group = groups[at[1]] if per_row and len(at) == 2 and at[1] < len(groups) else None
+    where = (f" of example {example!r}" if example else "") + (f" in group {group!r}" if group else "")
+    detail = (f"recorded {np.atleast_1d(recorded)[at].tolist()}, replayed {np.atleast_1d(got)[at].tolist()}" if at
+              else f"recorded shape {np.shape(recorded)}, replayed {np.shape(got)}")
+    raise ReplayDivergence(f"step {view.step}: the replayed {field}{where} diverge from the record ({detail})",
+                           index=index, step=view.step, group=group, example_id=example, field=field)
 
 
 def _replay_step(task: Task, state: TrainState, view: rec.StepView, index: int, pool: Mapping[str, Example],
@@ -143,13 +188,14 @@ def _replay_step(task: Task, state: TrainState, view: rec.StepView, index: int, 
     batch_examples.append(ex)
   batch, labels = task.make_batch(batch_examples)
   state, summary = task.step(state, batch, labels)
+  _check_record(view, rec.view_step(rec.step_body(summary, view.example_ids, time_s=0.0)), index, groups)
   got = np.asarray(jax.device_get(summary.fingerprint), np.float32)
   g = _first_difference(got, view.fingerprint)
   if g is not None:
     name = groups[g] if g < len(groups) else str(g)
     raise ReplayDivergence(f"step {view.step}: the params of group {name!r} diverge from the recorded fingerprint "
                            f"(recorded {view.fingerprint[g].tolist()}, replayed {got[g].tolist()})",
-                           index=index, step=view.step, group=name)
+                           index=index, step=view.step, group=name, field="fingerprint")
   return state
 
 

@@ -38,7 +38,7 @@ from aqgov.lineage import _history as hist
 from aqgov.lineage import _log as log
 from aqgov.lineage import _record as rec
 from aqgov.lineage._checkpoint import Checkpoints
-from aqgov.lineage._summary import StepSummary, params_sha256
+from aqgov.lineage._summary import StepSummary
 from aqgov.lineage._task import Task, TrainState, load_task
 from aqgov.lineage._verify import verify_lineage
 
@@ -171,8 +171,10 @@ class GovernedRun:
   @classmethod
   def resume(cls, run_dir: str | os.PathLike, *, key: SigningKey | None = None,
              max_to_keep: int | None = None, witnesses: Sequence[tuple[str, Any]] | None = None) -> "GovernedRun":
-    """Continue a run after a crash, an escalation or a clean close (see the resume rule).
+    """Continue a run after a crash, an escalation or `abandon` (see the resume rule). A closed run
+    (signed run-end) is final: continue it as a child run (`start(..., parent=)`).
 
+    Takes the run's writer lock first (`LineageError` while another process writes it).
     `witnesses` default to those run-start recorded."""
     layout = RunLayout(run_dir)
     first = next(iter(log.LogReader(layout.lineage)), None)
@@ -247,11 +249,12 @@ class GovernedRun:
     if step in self._checkpointed:
       return step
     head = self.writer.flush(sign_head=True)
-    path = self.checkpoints.save(self.state, head, self.run_id)
+    saved = self.checkpoints.save(self.state, head, self.run_id)
     self.writer.append_record(rec.CHECKPOINT, rec.checkpoint_body(
-        step=step, params_sha256=params_sha256(self.state.params),
-        path=Path(os.path.relpath(path, self.layout.root.absolute())).as_posix(),
-        lineage_size=head.size, lineage_root=head.root.hex()))
+        step=step, params_sha256=saved.digests["params"],
+        path=Path(os.path.relpath(saved.path, self.layout.root.absolute())).as_posix(),
+        lineage_size=head.size, lineage_root=head.root.hex(), digests=saved.digests,
+        files_sha256=saved.files_sha256))
     self._checkpointed.add(step)
     return step
 
@@ -335,10 +338,11 @@ def _parent_ref(parent: Path, layout: RunLayout) -> rec.ParentRef:
 
 
 def _check_restored(restored, ref: hist.CheckpointRef, scan: log.LogScan) -> None:
-  if restored.params_sha256 != ref.params_sha256:
-    raise CheckpointError(f"checkpoint at step {ref.step} ({ref.path}) holds params hashing to "
-                          f"{restored.params_sha256[:16]}..., but lineage record {ref.index} recorded "
-                          f"{ref.params_sha256[:16]}...: the checkpoint was altered; restore it from a backup")
+  for item, recorded in (ref.digests or {"params": ref.params_sha256}).items():
+    if restored.digests.get(item) != recorded:
+      raise CheckpointError(f"checkpoint at step {ref.step} ({ref.path}) holds {item} hashing to "
+                            f"{str(restored.digests.get(item))[:16]}..., but lineage record {ref.index} recorded "
+                            f"{recorded[:16]}...: the checkpoint was altered; restore it from a backup")
   if restored.head.size != ref.index or restored.head.root != scan.roots_before[ref.index]:
     raise CheckpointError(f"checkpoint at step {ref.step} was taken at a different log position than record "
                           f"{ref.index} says; it belongs to another run or log")

@@ -11,7 +11,13 @@ problem, with `index` naming the first bad record when the problem is in a recor
   which needs no key), only the heads can catch it: the error then names the first record after
   the last head that still matches, so the rewrite lies at or after that index;
 - every head is consistent with the final tree (RFC 9162 consistency proofs, `aqgov.documents`);
-- a log that ends with run-end is covered entirely by a signed head and has no torn tail;
+- a log that ends with run-end is covered entirely by a signed head and has no torn tail; nothing
+  follows a signed run-end (a closed run is final);
+- by default (the auditor's check) the run must be closed: `require_closed=False` accepts a live
+  or crashed run, whose records after the last signed head are reported as `unsigned`;
+- each effective checkpoint of the signed part is on disk, its files hash to the record's
+  `files_sha256`, and its lineage item names this run, its step, the log position of its record
+  and the record's item digests (`aqgov.lineage.checkpoint_files`);
 - checkpoint records name the log position they were taken at; resume records supersede a range
   that ends right before them; override records carry a token signed by a trusted key;
 - policies, profiles and credential manifests named by run-start verify (file digest, document
@@ -23,7 +29,8 @@ problem, with `index` naming the first bad record when the problem is in a recor
   with the run key, or cut back, after the witnesses saw it is caught.
 
 A torn tail (an interrupted final write) is reported, not an error, unless the run was closed.
-Records after the last signed head are reported as unsigned: they are chained but not signed.
+Records after the last signed head are reported as unsigned: they are chained but not signed, and
+queries, descriptions and exports never read them (`aqgov.lineage.history`).
 """
 
 from __future__ import annotations
@@ -42,8 +49,10 @@ from aqgov.entropy import _overrides, _profile  # noqa: F401  (register the docu
 from aqgov.errors import LineageError, SignatureError
 from aqgov.policy import _policy  # noqa: F401
 from aqgov.lineage import _heads as log
+from aqgov.lineage import _history as hist
 from aqgov.lineage import _record as rec
 from aqgov.lineage import _scan as logscan
+from aqgov.lineage._checkpoint_files import check_checkpoint_files
 from aqgov.lineage._cosign import check_witnessed, cosigner_key
 from aqgov.lineage._heads import LogHead, read_heads
 
@@ -110,14 +119,17 @@ def _find_parent(run_dir: Path, parent: Mapping, parent_dirs: Mapping[str, str |
 
 
 def verify_lineage(run_dir: str | os.PathLike, trust: TrustStore, *,
-                   parent_dirs: Mapping[str, str | os.PathLike] | None = None, require_closed: bool = False,
-                   require_references: bool = False, check_consistency: bool = True,
+                   parent_dirs: Mapping[str, str | os.PathLike] | None = None, require_closed: bool = True,
+                   require_references: bool = True, check_checkpoints: bool = True, check_consistency: bool = True,
                    witnesses: Sequence = (), _depth: int = 0) -> VerifyReport:
   """Verify the lineage of `run_dir` against the `trust`ed keys (see the module doc for the checks).
 
-  `parent_dirs` maps a parent run id to its directory when it is not where run-start recorded it.
-  `require_closed` fails an unclosed log; `require_references` fails when a referenced policy,
-  profile, manifest or parent run is not available to check (otherwise it is listed as unchecked).
+  The defaults are the auditor's: the run must be closed, and every referenced document, parent run
+  and effective checkpoint must be present and check out. `parent_dirs` maps a parent run id to its
+  directory when it is not where run-start recorded it. `require_closed=False` accepts an open log
+  (a live or crashed run; `VerifyReport.unsigned` counts its unsigned tail); `require_references=False`
+  lists a missing reference (document, parent run, checkpoint) as unchecked instead of failing;
+  `check_checkpoints=False` skips the checkpoint directories.
   `witnesses` (public keys, `.pub` paths or verifier-key strings) must each have cosigned the final
   head of a closed log.
   """
@@ -139,6 +151,10 @@ def verify_lineage(run_dir: str | os.PathLike, trust: TrustStore, *,
 
   _check_heads(heads, sizes, scan, run_id, run_trust, check_consistency)
   signed_size = sizes[-1] if sizes else 0
+  ended = [i for i, kind in enumerate(scan.kinds[:signed_size]) if kind == rec.RUN_END]
+  if ended and ended[0] != scan.size - 1:
+    raise LineageError(f"record {ended[0] + 1} follows the signed run-end at record {ended[0]}: a closed run is "
+                       "final, so these records were appended after it was closed", index=ended[0] + 1)
   closed = scan.kinds[-1] == rec.RUN_END
   torn = (scan.torn.nbytes if scan.torn else 0) + (heads_torn.nbytes if heads_torn else 0)
   if closed and signed_size != scan.size:
@@ -148,8 +164,9 @@ def verify_lineage(run_dir: str | os.PathLike, trust: TrustStore, *,
     raise LineageError(f"the log was closed but {torn} bytes follow its last complete frame: bytes were appended "
                        "after close", index=scan.size)
   if require_closed and not closed:
-    raise LineageError(f"run {run_id} was not closed (no run-end record): it crashed or is still running; "
-                       f"{scan.size - signed_size} records are not covered by a signed head", index=scan.size)
+    raise LineageError(f"run {run_id} was not closed (no run-end record): it crashed, is still running, or was cut "
+                       f"back to an earlier signed head; {scan.size - signed_size} records are not covered by a "
+                       "signed head. Verify a live run with --allow-open (require_closed=False)", index=scan.size)
 
   witnessed: tuple[str, ...] = ()
   if witnesses:
@@ -169,6 +186,8 @@ def verify_lineage(run_dir: str | os.PathLike, trust: TrustStore, *,
                            index=0)
       else:
         unchecked.append(f"{what} {ref['id'][:16]}... ({ref['file']} not present)")
+  if check_checkpoints:
+    _check_checkpoints(run_dir, scan, signed_size, run_id, require_references, checked, unchecked)
 
   parent_report = None
   parent = start.get("parent")
@@ -182,8 +201,12 @@ def verify_lineage(run_dir: str | os.PathLike, trust: TrustStore, *,
     elif _depth > 64:
       raise LineageError("parent runs nest more than 64 deep; is there a cycle?", index=0)
     else:
-      parent_report = verify_lineage(pdir, trust, parent_dirs=parent_dirs, require_references=require_references,
-                                     check_consistency=check_consistency, _depth=_depth + 1)
+      try:
+        parent_report = verify_lineage(pdir, trust, parent_dirs=parent_dirs, require_closed=require_closed,
+                                       require_references=require_references, check_checkpoints=check_checkpoints,
+                                       check_consistency=check_consistency, _depth=_depth + 1)
+      except LineageError as exc:
+        raise LineageError(f"parent run {parent['run_id']} ({pdir}) does not verify: {exc}", index=0) from None
       _check_parent_head(pdir, parent, parent_report)
       checked.append(f"parent run {parent['run_id']} at head {parent['head_id'][:16]}... (size {parent['size']})")
 
@@ -251,6 +274,28 @@ def _check_records(scan: logscan.LogScan, trust: TrustStore) -> None:
         signing.verify_signatures(doc, trust, roles=signer_roles(doc.kind))
       except SignatureError as exc:
         raise LineageError(f"record {i}: override token does not verify: {exc}", index=i) from None
+
+
+def _check_checkpoints(run_dir: Path, scan: logscan.LogScan, signed_size: int, run_id: str, required: bool,
+                       checked: list[str], unchecked: list[str]) -> None:
+  """Each effective checkpoint of the signed part against its record (see the module doc)."""
+  for ref in hist.history(scan, signed_size).checkpoints:
+    path = run_dir / ref.path
+    missing = None
+    if not path.is_dir():
+      missing = f"checkpoint at step {ref.step} ({ref.path} not present)"
+    elif ref.files_sha256 is None or ref.digests is None:
+      missing = f"checkpoint at step {ref.step} (record {ref.index} carries no file and item digests)"
+    if missing is not None:
+      if required:
+        raise LineageError(f"record {ref.index}: {missing}; an audit checks every effective checkpoint (pass "
+                           "--allow-missing to list it as unchecked)", index=ref.index)
+      unchecked.append(missing)
+      continue
+    head = LogHead(ref.index, scan.roots_before[ref.index], scan.record_hash(ref.index - 1))
+    check_checkpoint_files(path, index=ref.index, step=ref.step, run_id=run_id, head=head,
+                           files_digest=ref.files_sha256, digests=ref.digests)
+    checked.append(f"checkpoint at step {ref.step} (files and lineage item match record {ref.index})")
 
 
 def _check_parent_head(pdir: Path, parent: Mapping, report: VerifyReport) -> None:

@@ -10,10 +10,16 @@ fsync policy (`fsync=`):
 `LineageWriter` runs the writing on a background thread: `append` only enqueues the summary
 (device arrays stay where they are until the thread fetches them), so the training loop never
 waits on hashing, encoding or the disk unless the bounded queue is full.
+
+One writer per log: creating or reopening a log takes an exclusive `flock` on `lineage/.lock`,
+held until the writer is closed or abandoned (or its process dies, which releases it), so a
+second process (or a second open in this one) gets a `LineageError` instead of interleaving
+records into the same chain.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import queue
 import threading
@@ -43,6 +49,21 @@ from aqgov.lineage._segments import (
 from aqgov.lineage._summary import StepSummary
 
 FSYNC_POLICIES = ("always", "tree-head", "never")
+LOCK_FILE = ".lock"
+
+
+def lock_log(lineage_dir: Path) -> int:
+  """An exclusive lock on `lineage_dir` for one writer (a file descriptor; closing it releases it)."""
+  lineage_dir.mkdir(parents=True, exist_ok=True)
+  fd = os.open(lineage_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    os.close(fd)
+    raise LineageError(f"{lineage_dir} is already open for writing by another writer (a running or resuming "
+                       "run holds its lock); only one process may write a run's lineage at a time: wait for "
+                       "it to close or stop it, then resume") from None
+  return fd
 
 
 class _Appender:
@@ -50,7 +71,8 @@ class _Appender:
 
   def __init__(self, lineage_dir: Path, key: SigningKey, run_id: str, *, size: int, last_hash: bytes,
                compact: merkle.CompactRange, prev_head: str | None, fsync: str, head_every: int,
-               segment_bytes: int):
+               segment_bytes: int, lock: int):
+    self._lock = lock  # released by close()
     if fsync not in FSYNC_POLICIES:
       raise LineageError(f"fsync policy {fsync!r} is not one of {', '.join(FSYNC_POLICIES)}")
     if head_every < 1:
@@ -130,10 +152,10 @@ class _Appender:
   def close(self) -> None:
     if self.witness is not None:
       self.witness.stop()
-    for fd in (self._seg_fd, self._heads_fd):
+    for fd in (self._seg_fd, self._heads_fd, self._lock):
       if fd is not None:
         os.close(fd)
-    self._seg_fd = self._heads_fd = None
+    self._seg_fd = self._heads_fd = self._lock = None
 
 
 _STOP = object()
@@ -168,12 +190,17 @@ class LineageWriter:
     to each of them, and `close` fails unless each cosigned the final head.
     """
     d = Path(lineage_dir)
-    if (d / "segments").exists() and any((d / "segments").iterdir()):
-      raise LineageError(f"{d} already holds a lineage; resume it with open_for_resume or choose a new directory")
     refs = [as_witness(w) for w in witnesses]
-    d.mkdir(parents=True, exist_ok=True)
-    app = _Appender(d, key, str(run_start["run_id"]), size=0, last_hash=rec.GENESIS, compact=merkle.CompactRange(),
-                    prev_head=None, fsync=fsync, head_every=head_every, segment_bytes=segment_bytes)
+    lock = lock_log(d)
+    try:
+      if (d / "segments").exists() and any((d / "segments").iterdir()):
+        raise LineageError(f"{d} already holds a lineage; resume it with open_for_resume or choose a new directory")
+      app = _Appender(d, key, str(run_start["run_id"]), size=0, last_hash=rec.GENESIS,
+                      compact=merkle.CompactRange(), prev_head=None, fsync=fsync, head_every=head_every,
+                      segment_bytes=segment_bytes, lock=lock)
+    except BaseException:
+      os.close(lock)
+      raise
     if refs:
       app.witness = Publisher(d, key, app.run_id, refs, timeout=witness_timeout)
     app.append(rec.RUN_START, run_start)
@@ -308,9 +335,22 @@ def open_for_resume(lineage_dir: str | os.PathLike, key: SigningKey, *, fsync: s
   prev = the hash of the last one, so there is no gap and no duplicate. Raises `LineageError` if
   anything other than a torn tail is wrong (verify the log to see exactly what). The returned scan
   holds the bodies of the kinds in `bodies` (and run-start) and the root before each checkpoint.
-  `witnesses` are submitted each head from now on, as in `LineageWriter.create`.
+  `witnesses` are submitted each head from now on, as in `LineageWriter.create`. A log whose signed
+  part holds a run-end is final and is refused: nothing may follow a signed run-end.
   """
   d = Path(lineage_dir)
+  lock = lock_log(d)  # before anything is read or cut: a second writer must not race this one
+  try:
+    return _reopen(d, key, lock, fsync=fsync, head_every=head_every, segment_bytes=segment_bytes,
+                   queue_size=queue_size, bodies=bodies, witnesses=witnesses, witness_timeout=witness_timeout)
+  except BaseException:
+    os.close(lock)
+    raise
+
+
+def _reopen(d: Path, key: SigningKey, lock: int, *, fsync: str, head_every: int, segment_bytes: int,
+            queue_size: int, bodies: Sequence[str], witnesses: Sequence,
+            witness_timeout: float) -> tuple[LineageWriter, LogScan]:
   heads, heads_torn = read_heads(d)
   sizes = [int(h.payload["size"]) for h in heads]
   log = scan(d, bodies=(rec.RUN_START, *bodies), roots_at=sizes, roots_before=(rec.CHECKPOINT,))
@@ -327,6 +367,11 @@ def open_for_resume(lineage_dir: str | os.PathLike, key: SigningKey, *, fsync: s
     if bytes.fromhex(h.payload["root"]) != log.roots[size] or \
        bytes.fromhex(h.payload["last_record"]) != log.record_hash(size - 1):
       raise LineageError(f"tree head {k} does not match records 0..{size - 1}; verify the log to find out why")
+  ended = [i for i, kind in enumerate(log.kinds[:sizes[-1] if sizes else 0]) if kind == rec.RUN_END]
+  if ended:
+    raise LineageError(f"the log was closed (signed run-end at record {ended[0]}): a closed run is final and "
+                       "nothing may follow its run-end; continue it as a child run (GovernedRun.start with "
+                       "parent=)", index=ended[0] + 1)
   for torn in (log.torn, heads_torn):
     if torn is not None and torn.offset == 0:
       os.unlink(torn.path)  # the file was being created: not even its header is complete
@@ -338,7 +383,7 @@ def open_for_resume(lineage_dir: str | os.PathLike, key: SigningKey, *, fsync: s
   refs = [as_witness(w) for w in witnesses]
   app = _Appender(d, key, str(start["run_id"]), size=log.size, last_hash=log.record_hash(log.size - 1),
                   compact=log.compact, prev_head=heads[-1].id if heads else None, fsync=fsync,
-                  head_every=head_every, segment_bytes=segment_bytes)
+                  head_every=head_every, segment_bytes=segment_bytes, lock=lock)
   if refs:
     app.witness = Publisher(d, key, app.run_id, refs, log.leaf_hashes(), timeout=witness_timeout)
   if heads:
