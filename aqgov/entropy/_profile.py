@@ -31,13 +31,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import tomllib
 from typing import Any, Iterable, Mapping, Sequence
 
 from aqgov.documents import _canonical as canonical
 from aqgov.documents._document_type import DocumentType, register
 from aqgov.documents._files import read_text
-from aqgov.documents._toml import dumps_toml
+from aqgov.documents._toml import dumps_toml, loads_toml
 from aqgov.entropy._metrics import METRICS, PER_HEAD_METRICS
 from aqgov.errors import ProfileError
 from aqgov.policy._paths import glob_match
@@ -311,10 +310,7 @@ class EntropyProfile:
     if not isinstance(text, str):
       raise ProfileError(f"EntropyProfile.from_toml takes TOML text, got {type(text).__name__}; read a file "
                          "with EntropyProfile.read")
-    try:
-      doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-      raise ProfileError(f"{where}: not valid TOML ({exc}); fix the syntax at that line") from None
+    doc = loads_toml(text, ProfileError, where)
     return cls.from_dict(doc, where=where)
 
   @classmethod
