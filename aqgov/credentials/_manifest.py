@@ -307,6 +307,9 @@ def issue_manifest(key: SigningKey, taxonomy: Taxonomy, examples: Iterable[Examp
       raise CredentialError(f"example {ex.id!r}: {exc}") from None
     entries[ex.id] = Entry(ex.id, content_hash(ex.content), labels)
   ordered = [entries[k] for k in sorted(entries, key=lambda s: s.encode("utf-8"))]
+  by_content: dict[str, Entry] = {}
+  for e in ordered:
+    check_same_labels(by_content.setdefault(e.sha256, e), e, f"credentials of {taxonomy.authority!r}")
   payload = {
       "authority": taxonomy.authority,
       "taxonomy": taxonomy.to_dict(),

@@ -70,6 +70,9 @@ def parse_steps(steps: Any) -> tuple[tuple[int, int], ...]:
     raise OverrideError(f"steps {steps!r} must be a spec like '10-20', an int, a range or a list")
   if not intervals or any(lo < 0 for lo, _ in intervals):
     raise OverrideError(f"steps {steps!r} names no (non-negative) step")
+  if max(hi for _, hi in intervals) > 2**31 - 1:
+    raise OverrideError(f"steps {steps!r:.60} reach past step {2**31 - 2}; step numbers are int32, so end the "
+                        "window earlier")
   merged: list[tuple[int, int]] = []
   for lo, hi in sorted(intervals):
     if merged and lo <= merged[-1][1]:

@@ -54,9 +54,12 @@ def _number(value: Any, what: str) -> float:
   return float(value)
 
 
+MAX_STEP = 2**31 - 1  # step numbers, windows and durations are int32 inside the jitted step
+
+
 def _integer(value: Any, what: str, minimum: int) -> int:
-  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-    raise ProfileError(f"{what} = {value!r} must be an integer >= {minimum}")
+  if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= MAX_STEP:
+    raise ProfileError(f"{what} = {value!r:.40} must be an integer in [{minimum}, {MAX_STEP}] (they are int32)")
   return int(value)
 
 

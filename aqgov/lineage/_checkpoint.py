@@ -82,7 +82,10 @@ class Checkpoints:
                             "it is damaged or was written for a different model") from None
     state = out.state if isinstance(out.state, TrainState) else TrainState(*out.state)
     lineage = out.lineage
-    return Restored(state, LogHead.from_wire(lineage), str(lineage["run_id"]), params_sha256(state.params))
+    head = LogHead.from_wire(lineage, CheckpointError, f"the lineage item of checkpoint {self.path(step)}")
+    if not isinstance(lineage.get("run_id"), str):
+      raise CheckpointError(f"the lineage item of checkpoint {self.path(step)} names no run id; it is damaged")
+    return Restored(state, head, lineage["run_id"], params_sha256(state.params))
 
   def delete(self, step: int) -> None:
     self._manager.delete(int(step))
