@@ -22,8 +22,15 @@ from aqgov.documents import _signing as signing
 from aqgov.documents._document_type import verify
 from aqgov.entropy._overrides import parse_steps
 from aqgov.entropy._profile import EntropyProfile
-from aqgov.errors import (CheckpointError, CredentialError, LineageError, OverrideError, PolicyError, ProfileError,
-                          TaxonomyError)
+from aqgov.errors import (
+  CheckpointError,
+  CredentialError,
+  LineageError,
+  OverrideError,
+  PolicyError,
+  ProfileError,
+  TaxonomyError,
+)
 from aqgov.lineage import _record as rec
 from aqgov.lineage import _segments as segments
 from aqgov.lineage._query import describe, membership
@@ -33,9 +40,9 @@ from aqgov.lineage._verify import verify_lineage
 from aqgov.policy._compile import MAX_ROUTE_CLASSES, compile_policy
 from aqgov.policy._conditions import compile_expr
 from aqgov.policy._policy import Policy
-from policy_reference import ACME, ACME_TOML
 
 import lineage_helpers as lh
+from policy_reference import ACME, ACME_TOML
 
 KEY = keys.generate("run", roles=("run",))
 ACME_KEY = keys.generate("acme-data")

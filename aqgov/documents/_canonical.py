@@ -1,10 +1,10 @@
 """Canonical bytes: deterministic msgpack so that signatures and hashes are over exact bytes.
 
-Rules: maps have string keys, written in sorted (UTF-8 byte) order; integers use the smallest
-msgpack form; floats are always float64 (infinities as themselves, every NaN as the one quiet NaN
-`0x7ff8000000000000`); strings are Unicode text (no lone surrogates); tuples are lists; bytes stay
-bytes; no other types; values nest at most `MAX_DEPTH` deep. Decoding rejects anything that would
-not re-encode to the same bytes.
+Rules: maps have string keys, written in sorted (UTF-8 byte) order; integers lie in [-2^63, 2^64)
+and use the smallest msgpack form; floats are always float64 (infinities as themselves, every NaN
+as the one quiet NaN `0x7ff8000000000000`); strings are Unicode text (no lone surrogates); tuples
+are lists; bytes stay bytes; no other types; values nest at most `MAX_DEPTH` deep. Decoding
+rejects anything that would not re-encode to the same bytes.
 """
 
 from __future__ import annotations
@@ -47,6 +47,8 @@ def _normalise(value: Any, depth: int = 0) -> Any:
   if isinstance(value, str):
     return _text(value)
   if isinstance(value, int):
+    if not -(2**63) <= value < 2**64:
+      raise CanonicalError(f"integer {value} is outside msgpack's range [-2^63, 2^64); write it as a string")
     return int(value)
   if isinstance(value, float):
     return canonical_float(value)

@@ -104,11 +104,12 @@ def iso(value: dt.datetime) -> str:
 def _names(values: Any, what: str, allowed: Sequence[str] | None = None) -> tuple[str, ...]:
   if isinstance(values, str):
     values = [v for v in values.split(",") if v]
-  if not isinstance(values, Iterable) or not values:
+  values = list(values) if isinstance(values, Iterable) else []
+  if not values:
     raise OverrideError(f"an override must name at least one {what}")
+  if any(not isinstance(v, str) or not v for v in values):
+    raise OverrideError(f"override {what}s must be non-empty strings, got {list(values)!r:.80}")
   out = tuple(sorted(set(values)))
-  if any(not isinstance(v, str) or not v for v in out):
-    raise OverrideError(f"override {what}s must be non-empty strings, got {list(values)}")
   if allowed is not None:
     bad = [v for v in out if v not in allowed]
     if bad:
