@@ -76,13 +76,35 @@ def encode(value: Any) -> bytes:
   return msgpack.packb(_normalise(value), use_bin_type=True, use_single_float=False, strict_types=False)
 
 
+_NAN_BITS = struct.pack(">d", NAN)
+_SCALARS = (str, bytes, int, bool, type(None))
+
+
+def _in_canonical_form(value: Any, depth: int = 0) -> bool:
+  """Whether a decoded value is what `_normalise` makes: sorted str keys, one NaN, known types, shallow."""
+  kind = type(value)
+  if kind is dict:
+    keys = [k.encode("utf-8") if type(k) is str else None for k in value]
+    return (depth < MAX_DEPTH and None not in keys and keys == sorted(keys)
+            and all(_in_canonical_form(v, depth + 1) for v in value.values()))
+  if kind is list:
+    return depth < MAX_DEPTH and all(_in_canonical_form(v, depth + 1) for v in value)
+  if kind is float:
+    return value == value or struct.pack(">d", value) == _NAN_BITS
+  return kind in _SCALARS
+
+
+def _pack(value: Any) -> bytes:
+  return msgpack.packb(value, use_bin_type=True, use_single_float=False, strict_types=False)
+
+
 def decode(data: bytes) -> Any:
   """Inverse of `encode`; raises `CanonicalError` if `data` is not canonical."""
   try:
     value = msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True)
   except Exception as exc:  # msgpack raises several unrelated types
     raise CanonicalError(f"not valid msgpack: {exc or type(exc).__name__}") from None
-  if encode(value) != data:
+  if not _in_canonical_form(value) or _pack(value) != data:
     raise CanonicalError("bytes are valid msgpack but not canonical (key order, int width, float width or NaN form differ)")
   return value
 

@@ -255,22 +255,9 @@ def _dtype_name(dt: np.dtype) -> str:
 
 def array_from_wire(w: Mapping[str, Any], what: str = "array") -> np.ndarray:
   """The array a `{"dtype", "shape", "data"}` map holds; `LineageError` when the map is not one."""
-  if not isinstance(w, Mapping) or set(w) != {"data", "dtype", "shape"}:
-    raise LineageError(f"{what} is not an array map (data, dtype, shape)")
-  data, shape = w["data"], w["shape"]
-  try:
-    dtype = np.dtype(w["dtype"]) if isinstance(w["dtype"], str) else None
-  except TypeError:
-    dtype = None
-  if dtype is None or dtype.hasobject or dtype.fields is not None or dtype.itemsize == 0 or dtype.subdtype:
-    raise LineageError(f"{what} has dtype {w['dtype']!r:.40}, which is not a numeric numpy dtype name")
-  if not isinstance(shape, list) or not all(_is_count(d) for d in shape) or not isinstance(data, bytes):
-    raise LineageError(f"{what} needs a list of non-negative dimensions and bin data")
-  if math.prod(shape) * dtype.itemsize != len(data):
-    raise LineageError(f"{what} of shape {shape} and dtype {dtype.name} needs {math.prod(shape) * dtype.itemsize} "
-                       f"bytes, holds {len(data)}")
+  shape, dtype = _wire_shape(w, what)
   dtype = dtype.newbyteorder("<")
-  return np.frombuffer(data, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
+  return np.frombuffer(w["data"], dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
 
 
 _INDEX_DTYPES = ((255, np.dtype(np.uint8)), (65535, np.dtype(np.uint16)), (2**32 - 1, np.dtype(np.uint32)))
@@ -438,42 +425,107 @@ class StepView(NamedTuple):
     return tuple(e for i, e in enumerate(self.example_ids) if i not in used)
 
 
+def check_step(body: Mapping[str, Any], index: int | None = None, groups: int | None = None) -> None:
+  """Raise `LineageError` unless a "step" body has every field, and arrays whose dtypes, byte counts and
+  shapes fit together ([B] rows, [B, G] or [C, G] per-row maps, [G, dim] fingerprint), without
+  building the arrays (what `verify_lineage` checks of every step record)."""
+  try:
+    _check_step(body, groups)
+  except LineageError as exc:
+    raise LineageError(f"record {index}: malformed step body: {exc}", index=index) from None
+
+
 def view_step(body: Mapping[str, Any], index: int | None = None, groups: int | None = None) -> StepView:
-  """A "step" body (record `index`) as arrays, its shapes checked (`groups`: the run's G, when known)."""
+  """A "step" body (record `index`) as arrays, checked (`groups`: the run's G, when known)."""
   try:
     return _view_step(body, groups)
   except LineageError as exc:
     raise LineageError(f"record {index}: malformed step body: {exc}", index=index) from None
 
 
-def _view_step(body: Mapping[str, Any], groups: int | None) -> StepView:
+@functools.lru_cache(maxsize=64)
+def _wire_dtype(name: Any) -> np.dtype | None:
+  try:
+    dtype = np.dtype(name)
+  except TypeError:
+    return None
+  return None if dtype.hasobject or dtype.fields is not None or dtype.itemsize == 0 or dtype.subdtype else dtype
+
+
+def _wire_shape(w: Any, what: str) -> tuple[tuple[int, ...], np.dtype]:
+  """(shape, dtype) of an array map, checked to hold exactly that many bytes."""
+  if not isinstance(w, Mapping) or set(w) != {"data", "dtype", "shape"}:
+    raise LineageError(f"{what} is not an array map (data, dtype, shape)")
+  dtype = _wire_dtype(w["dtype"]) if isinstance(w["dtype"], str) else None
+  if dtype is None:
+    raise LineageError(f"{what} has dtype {w['dtype']!r:.40}, which is not a numeric numpy dtype name")
+  shape = w["shape"]
+  if not isinstance(shape, list) or not all(_is_count(d) for d in shape) or not isinstance(w["data"], bytes):
+    raise LineageError(f"{what} needs a list of non-negative dimensions and bin data")
+  if math.prod(shape) * dtype.itemsize != len(w["data"]):
+    raise LineageError(f"{what} of shape {shape} and dtype {dtype.name} needs {math.prod(shape) * dtype.itemsize} "
+                       f"bytes, holds {len(w['data'])}")
+  return tuple(shape), dtype
+
+
+def _check_per_row(w: Any, rows: int, g: int, what: str) -> None:
+  if not isinstance(w, Mapping) or len(w) != 1 or not set(w) <= {"by_class", "full"}:
+    raise LineageError(f"{what} must be a map with one of by_class or full")
+  form = next(iter(w))
+  shape, _ = _wire_shape(w[form], f"{what}.{form}")
+  if len(shape) != 2 or shape[1] != g or (form == "full" and shape[0] != rows):
+    raise LineageError(f"{what}.{form} has shape {list(shape)}, not [{'B' if form == 'full' else 'C'}, G] with "
+                       f"B = {rows}, G = {g}")
+
+
+def _check_step(body: Mapping[str, Any], groups: int | None) -> int:
   check_body(STEP, body)
-  sha = body.get("example_sha256")
   ids = _split_ids(body["example_ids"])
+  sha = body.get("example_sha256")
   if sha is not None and len(sha) != 32 * len(ids):
     raise LineageError(f"example_sha256 holds {len(sha)} bytes, not 32 for each of the {len(ids)} example ids")
-  route_class = array_from_wire(body["route_class"], "route_class")
-  if route_class.ndim != 1 or route_class.dtype.kind not in "iu" or (route_class.size and route_class.min() < 0):
-    raise LineageError(f"route_class must be a [B] array of non-negative integers, got {route_class.dtype.name} "
-                       f"{list(route_class.shape)}")
-  route_class = route_class.astype(np.int64)
+  rc_shape, rc_dtype = _wire_shape(body["route_class"], "route_class")
+  if len(rc_shape) != 1 or rc_dtype.kind not in "iu":
+    raise LineageError(f"route_class must be a [B] integer array, got {rc_dtype.name} {list(rc_shape)}")
+  if "rows" in body:
+    rows_shape, rows_dtype = _wire_shape(body["rows"], "rows")
+    if rows_shape != rc_shape or rows_dtype.kind not in "iu":
+      raise LineageError(f"rows must be a [B] integer array with B = {rc_shape[0]}, got {list(rows_shape)}")
+  elif rc_shape[0] != len(ids):
+    raise LineageError(f"{rc_shape[0]} batch rows but {len(ids)} example ids, and no rows map between them")
+  fp_shape, _ = _wire_shape(body["fingerprint"], "fingerprint")
+  if len(fp_shape) != 2 or (groups is not None and fp_shape[0] != groups):
+    raise LineageError(f"fingerprint has shape {list(fp_shape)}, not [G, dim] for the run's "
+                       f"{groups if groups is not None else 'G'} groups")
+  g = fp_shape[0]
+  _check_per_row(body["weights"], rc_shape[0], g, "weights")
+  if "hidden" in body:
+    _check_per_row(body["hidden"], rc_shape[0], g, "hidden")
+  norms_shape, _ = _wire_shape(body["contribution_norms"], "contribution_norms")
+  if norms_shape != (rc_shape[0], g):
+    raise LineageError(f"contribution_norms has shape {list(norms_shape)}, not [B, G] = {[rc_shape[0], g]}")
+  for field in ("measurements", "events"):
+    for k, v in body[field].items():
+      _wire_shape(v, f"{field[:-1]} {k!r}")
+  return g
+
+
+def _view_step(body: Mapping[str, Any], groups: int | None) -> StepView:
+  g = _check_step(body, groups)
+  sha = body.get("example_sha256")
+  ids = _split_ids(body["example_ids"])
+  route_class = array_from_wire(body["route_class"], "route_class").astype(np.int64)
+  if route_class.size and route_class.min() < 0:
+    raise LineageError("route_class holds a negative route class")
   rows = array_from_wire(body["rows"], "rows") if "rows" in body else np.arange(len(ids))
-  if rows.shape != route_class.shape or rows.dtype.kind not in "iu" or \
-     (rows.size and not 0 <= rows.min() <= rows.max() < len(ids)):
+  if rows.size and not 0 <= rows.min() <= rows.max() < len(ids):
     raise LineageError(f"rows must name one of the {len(ids)} example ids for each of the {route_class.size} "
                        "batch rows")
   fingerprint = array_from_wire(body["fingerprint"], "fingerprint")
-  g = fingerprint.shape[0] if fingerprint.ndim == 2 else -1
-  if g < 0 or (groups is not None and g != groups):
-    raise LineageError(f"fingerprint has shape {list(fingerprint.shape)}, not [G, dim] for the run's "
-                       f"{groups if groups is not None else 'G'} groups")
   per_row = (route_class.size, g)
   weights = weights_from_wire(body["weights"], route_class)
   norms = array_from_wire(body["contribution_norms"], "contribution_norms")
   hidden = None if "hidden" not in body else weights_from_wire(body["hidden"], route_class, "hidden")
-  for name, a in (("weights", weights), ("contribution_norms", norms), ("hidden", hidden)):
-    if a is not None and a.shape != per_row:
-      raise LineageError(f"{name} has shape {list(a.shape)}, not [B, G] = {list(per_row)}")
   return StepView(
       step=int(body["step"]),
       example_ids=ids,

@@ -52,7 +52,7 @@ def scan(lineage_dir: str | os.PathLike, *, bodies: Sequence[str] = (), roots_at
   """Read a whole log once (see `LogReader`), decoding the bodies of the kinds in `bodies`, keeping
   the Merkle roots at the sizes in `roots_at` (the final size is always kept) and the root just
   before each record of a kind in `roots_before`. Bodies of the kinds in `check` are decoded and
-  checked against their schema (a step body's arrays and shapes too), but not kept."""
+  checked against their schema (a step body's array shapes too: `check_step`), but not kept."""
   reader = LogReader(lineage_dir, bodies=set(bodies) | set(check))
   check = set(check) - set(bodies)
   hashes = bytearray()
@@ -81,6 +81,6 @@ def scan(lineage_dir: str | os.PathLike, *, bodies: Sequence[str] = (), roots_at
     elif r.kind in check:
       body = r.body
       if r.kind == rec.STEP:
-        rec.view_step(body, r.seq)
+        rec.check_step(body, r.seq)
   roots[compact.size] = compact.root
   return LogScan(reader.size, bytes(hashes), bytes(leaves), tuple(kinds), decoded, roots, reader.torn, compact, before)
