@@ -149,7 +149,8 @@ def test_malformed_bodies_of_other_kinds_are_lineage_errors(tmp_path, kind, body
 
 def test_a_nan_loss_is_canonical_so_show_and_verify_agree(tmp_path):
   ldir = tmp_path / "lineage"
-  w = rec.step_body(lh.summary(1)._replace(loss=np.float32(-np.inf) * 0), lh.ids(1), lh.digests(1))  # -nan bits
+  negative_nan = struct.unpack(">d", bytes.fromhex("fff8000000000000"))[0]
+  w = rec.step_body(lh.summary(1)._replace(loss=negative_nan), lh.ids(1), lh.digests(1))
   assert math.isnan(w["loss"]) and struct.pack(">d", w["loss"]) == struct.pack(">d", canonical.NAN)
   lh.write_log(ldir, KEY, 2, close=False)
   _append(ldir, rec.STEP, {**_step_body(3), "loss": math.nan})
