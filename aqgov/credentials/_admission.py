@@ -19,8 +19,8 @@ import jax
 import numpy as np
 
 from aqgov.documents import _canonical as canonical
-from aqgov.credentials._manifest import (MANIFEST, Entry, Example, Manifest, as_example, content_hash,
-                                        trusted_for_authority)
+from aqgov.credentials._manifest import (MANIFEST, Entry, Example, Manifest, as_example, check_same_labels,
+                                        content_hash, trusted_for_authority)
 from aqgov.documents._document_type import verify
 from aqgov.documents._keys import TrustStore
 from aqgov.documents._signing import SignedDocument
@@ -89,6 +89,7 @@ def _index_manifests(manifests: Sequence[Manifest], trust: TrustStore):
   taxonomies: dict[str, Taxonomy] = {}
   bad: dict[str, RejectReason] = {}
   problems: list[ManifestProblem] = []
+  by_content: dict[str, dict[str, Entry]] = {}  # authority -> content sha256 -> first entry
   for m in manifests:
     if not trusted_for_authority(m, trust):
       reason, message = RejectReason.UNTRUSTED_KEY, f"no trusted key named {m.authority!r} signed it"
@@ -108,12 +109,14 @@ def _index_manifests(manifests: Sequence[Manifest], trust: TrustStore):
       raise CredentialError(
           f"two trusted manifests of {m.authority!r} use different taxonomies; re-issue them under one taxonomy")
     index = good.setdefault(m.authority, {})
+    contents = by_content.setdefault(m.authority, {})
     for e in m.entries:
       prior = index.setdefault(e.id, e)
       if prior.sha256 != e.sha256 or canonical.encode(dict(prior.labels)) != canonical.encode(dict(e.labels)):
         raise CredentialError(
             f"two trusted manifests of {m.authority!r} credential example {e.id!r} differently; "
             "revoke one of them before training")
+      check_same_labels(contents.setdefault(e.sha256, e), e, f"trusted manifests of {m.authority!r}")
   return good, taxonomies, bad, tuple(problems)
 
 

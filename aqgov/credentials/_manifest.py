@@ -49,6 +49,15 @@ def content_hash(content: bytes) -> str:
   return canonical.sha256(bytes(content)).hex()
 
 
+def _is_text(s: str) -> bool:
+  """Whether `s` is Unicode text (it has a UTF-8 form: no lone surrogates)."""
+  try:
+    s.encode("utf-8")
+  except UnicodeEncodeError:
+    return False
+  return True
+
+
 def as_example(record: Example | Mapping[str, Any], where: str = "example") -> Example:
   """An `Example` from itself or from a JSONL-shaped mapping (`id`, `content` | `content_b64`, `labels`)."""
   if isinstance(record, Example):
@@ -56,8 +65,8 @@ def as_example(record: Example | Mapping[str, Any], where: str = "example") -> E
   if not isinstance(record, Mapping):
     raise CredentialError(f"{where}: expected a mapping with 'id' and 'content', got {type(record).__name__}")
   ex_id = record.get("id")
-  if not isinstance(ex_id, str) or not ex_id:
-    raise CredentialError(f"{where}: 'id' must be a non-empty string, got {ex_id!r}")
+  if not isinstance(ex_id, str) or not ex_id or not _is_text(ex_id):
+    raise CredentialError(f"{where}: 'id' must be a non-empty string of Unicode text, got {ex_id!r}")
   has_text, has_b64 = "content" in record, "content_b64" in record
   if has_text == has_b64:
     raise CredentialError(f"{where} (id {ex_id!r}): give exactly one of 'content' (text) or 'content_b64'")
@@ -65,10 +74,11 @@ def as_example(record: Example | Mapping[str, Any], where: str = "example") -> E
     text = record["content"]
     if isinstance(text, (bytes, bytearray)):
       content = bytes(text)
-    elif isinstance(text, str):
+    elif isinstance(text, str) and _is_text(text):
       content = text.encode("utf-8")
     else:
-      raise CredentialError(f"{where} (id {ex_id!r}): 'content' must be text, got {type(text).__name__}")
+      raise CredentialError(f"{where} (id {ex_id!r}): 'content' must be text (Unicode, no lone surrogates), got "
+                            f"{type(text).__name__} {text!r:.40}")
   else:
     try:
       content = base64.b64decode(record["content_b64"], validate=True)
@@ -84,19 +94,40 @@ def iter_examples(path: str | os.PathLike) -> Iterator[Example]:
   """Examples from a JSONL file, one per non-blank line; errors name the file and line."""
   path = Path(path)
   try:
-    fh = path.open(encoding="utf-8")
+    fh = path.open("rb")
   except FileNotFoundError:
     raise CredentialError(f"examples file {path} does not exist") from None
+  except OSError as exc:
+    raise CredentialError(f"cannot read examples file {path}: {exc.strerror or exc}") from None
   with fh:
-    for lineno, line in enumerate(fh, start=1):
-      if not line.strip():
-        continue
+    for lineno, raw in enumerate(fh, start=1):
       where = f"{path}:{lineno}"
       try:
-        record = json.loads(line)
-      except json.JSONDecodeError as exc:
-        raise CredentialError(f"{where}: not valid JSON ({exc.msg}); each line must be one JSON object") from None
-      yield as_example(record, where)
+        line = raw.decode("utf-8")
+      except UnicodeDecodeError as exc:
+        raise CredentialError(f"{where}: not UTF-8 text (bad byte at column {exc.start + 1}); "
+                              "write the examples file as UTF-8") from None
+      if not line.strip():
+        continue
+      yield as_example(_json_line(line, where), where)
+
+
+def _json_line(line: str, where: str) -> Any:
+  """The JSON value of one line, which must be Unicode text all through (no lone surrogates)."""
+  try:
+    record = json.loads(line)
+  except json.JSONDecodeError as exc:
+    raise CredentialError(f"{where}: not valid JSON ({exc.msg}); each line must be one JSON object") from None
+  except RecursionError:
+    raise CredentialError(f"{where}: JSON nests too deeply to be read; an example is a flat JSON object") from None
+  try:
+    json.dumps(record, ensure_ascii=False).encode("utf-8")
+  except UnicodeEncodeError:
+    raise CredentialError(f"{where}: a string holds a lone surrogate escape (such as \\ud800), which is not "
+                          "Unicode text; fix the example's text") from None
+  except RecursionError:
+    raise CredentialError(f"{where}: JSON nests too deeply to be read; an example is a flat JSON object") from None
+  return record
 
 
 def read_examples(path: str | os.PathLike) -> list[Example]:
@@ -276,6 +307,9 @@ def issue_manifest(key: SigningKey, taxonomy: Taxonomy, examples: Iterable[Examp
       raise CredentialError(f"example {ex.id!r}: {exc}") from None
     entries[ex.id] = Entry(ex.id, content_hash(ex.content), labels)
   ordered = [entries[k] for k in sorted(entries, key=lambda s: s.encode("utf-8"))]
+  by_content: dict[str, Entry] = {}
+  for e in ordered:
+    check_same_labels(by_content.setdefault(e.sha256, e), e, f"credentials of {taxonomy.authority!r}")
   payload = {
       "authority": taxonomy.authority,
       "taxonomy": taxonomy.to_dict(),
@@ -304,10 +338,12 @@ def _check_structure(manifest: Manifest) -> Manifest:
   if merkle.root_from_leaf_hashes([e.leaf_hash() for e in manifest.entries]) != manifest.root:
     raise CredentialError(f"{what}: the Merkle root does not match its entries; the manifest is corrupt")
   seen: set[str] = set()
+  by_content: dict[str, Entry] = {}
   for e in manifest.entries:
     if e.id in seen:
       raise CredentialError(f"{what}: entry {e.id!r} appears twice; ids must be unique")
     seen.add(e.id)
+    check_same_labels(by_content.setdefault(e.sha256, e), e, what)
     if len(e.sha256) != 64 or any(c not in "0123456789abcdef" for c in e.sha256):
       raise CredentialError(f"{what}: entry {e.id!r} has a malformed sha256 {e.sha256!r}")
     try:
@@ -315,6 +351,14 @@ def _check_structure(manifest: Manifest) -> Manifest:
     except TaxonomyError as exc:
       raise CredentialError(f"{what}: entry {e.id!r} has invalid labels: {exc}") from None
   return manifest
+
+
+def check_same_labels(prior: Entry, entry: Entry, what: str) -> None:
+  """Raise `CredentialError` when two entries credential the same content bytes with different labels."""
+  if prior.sha256 == entry.sha256 and canonical.encode(dict(prior.labels)) != canonical.encode(dict(entry.labels)):
+    raise CredentialError(
+        f"{what}: examples {prior.id!r} and {entry.id!r} have the same content (sha256 {entry.sha256[:16]}...) "
+        "but different labels; one content must carry one set of labels, so re-label or drop one of them")
 
 
 def _issued_by_authority(manifest: Manifest, signers: tuple[str, ...]) -> Manifest:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tomllib
 from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
 import jax.numpy as jnp
@@ -23,7 +22,7 @@ import numpy as np
 
 from aqgov.documents import _canonical as canonical
 from aqgov.documents._files import read_text
-from aqgov.documents._toml import dumps_toml
+from aqgov.documents._toml import dumps_toml, loads_toml
 from aqgov.errors import TaxonomyError
 
 FIELD_KINDS = ("enum", "int", "flags", "string")
@@ -130,6 +129,8 @@ class Taxonomy(NamedTuple):
 
   @classmethod
   def from_dict(cls, doc: Mapping[str, Any]) -> "Taxonomy":
+    if not isinstance(doc, Mapping):
+      raise TaxonomyError(f"a taxonomy is a table of [authority] and [fields.<name>], got {type(doc).__name__}")
     auth = doc.get("authority")
     if not isinstance(auth, Mapping) or not isinstance(auth.get("name"), str) or not _valid_name(auth["name"]):
       raise TaxonomyError("taxonomy needs [authority] name = \"...\" (letters, digits, '-', '_')")
@@ -147,11 +148,7 @@ class Taxonomy(NamedTuple):
     if not isinstance(text, str):
       raise TaxonomyError(f"Taxonomy.from_toml takes TOML text, got {type(text).__name__}; read a file with "
                           "Taxonomy.read")
-    try:
-      doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-      raise TaxonomyError(f"taxonomy is not valid TOML: {exc}") from None
-    return cls.from_dict(doc)
+    return cls.from_dict(loads_toml(text, TaxonomyError, "taxonomy"))
 
   @classmethod
   def read(cls, path: str | os.PathLike) -> "Taxonomy":

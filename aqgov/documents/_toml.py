@@ -1,4 +1,4 @@
-"""The one TOML writer: documents written as the TOML their `from_toml` reads back.
+"""The one TOML writer (documents written as the TOML their `from_toml` reads back) and `loads_toml`.
 
 Maps become `[tables]` (nested maps `[table.key]`), lists of maps `[[arrays of tables]]`; an
 `InlineTable` is written `{key = value, ...}` where it stands. Strings are basic strings with
@@ -8,9 +8,22 @@ non-printable characters escaped; floats keep their `repr` (exact round trip).
 from __future__ import annotations
 
 import re
+import tomllib
 from typing import Any, Mapping
 
+from aqgov.errors import AqgovError
+
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+\Z")
+
+
+def loads_toml(text: str, error: type[AqgovError], what: str) -> dict[str, Any]:
+  """The table parsed from TOML `text`; `error` (message prefixed by `what`) when it is not valid TOML."""
+  try:
+    return tomllib.loads(text)
+  except tomllib.TOMLDecodeError as exc:
+    raise error(f"{what} is not valid TOML ({exc}); fix the syntax at that line") from None
+  except RecursionError:
+    raise error(f"{what} nests arrays or tables too deeply to be parsed; flatten it") from None
 
 
 class InlineTable(dict):

@@ -70,6 +70,9 @@ def parse_steps(steps: Any) -> tuple[tuple[int, int], ...]:
     raise OverrideError(f"steps {steps!r} must be a spec like '10-20', an int, a range or a list")
   if not intervals or any(lo < 0 for lo, _ in intervals):
     raise OverrideError(f"steps {steps!r} names no (non-negative) step")
+  if max(hi for _, hi in intervals) > 2**31 - 1:
+    raise OverrideError(f"steps {steps!r:.60} reach past step {2**31 - 2}; step numbers are int32, so end the "
+                        "window earlier")
   merged: list[tuple[int, int]] = []
   for lo, hi in sorted(intervals):
     if merged and lo <= merged[-1][1]:
@@ -101,11 +104,12 @@ def iso(value: dt.datetime) -> str:
 def _names(values: Any, what: str, allowed: Sequence[str] | None = None) -> tuple[str, ...]:
   if isinstance(values, str):
     values = [v for v in values.split(",") if v]
-  if not isinstance(values, Iterable) or not values:
+  values = list(values) if isinstance(values, Iterable) else []
+  if not values:
     raise OverrideError(f"an override must name at least one {what}")
+  if any(not isinstance(v, str) or not v for v in values):
+    raise OverrideError(f"override {what}s must be non-empty strings, got {list(values)!r:.80}")
   out = tuple(sorted(set(values)))
-  if any(not isinstance(v, str) or not v for v in out):
-    raise OverrideError(f"override {what}s must be non-empty strings, got {list(values)}")
   if allowed is not None:
     bad = [v for v in out if v not in allowed]
     if bad:

@@ -31,13 +31,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import tomllib
 from typing import Any, Iterable, Mapping, Sequence
 
 from aqgov.documents import _canonical as canonical
 from aqgov.documents._document_type import DocumentType, register
 from aqgov.documents._files import read_text
-from aqgov.documents._toml import dumps_toml
+from aqgov.documents._toml import dumps_toml, loads_toml
 from aqgov.entropy._metrics import METRICS, PER_HEAD_METRICS
 from aqgov.errors import ProfileError
 from aqgov.policy._paths import glob_match
@@ -55,9 +54,12 @@ def _number(value: Any, what: str) -> float:
   return float(value)
 
 
+MAX_STEP = 2**31 - 1  # step numbers, windows and durations are int32 inside the jitted step
+
+
 def _integer(value: Any, what: str, minimum: int) -> int:
-  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-    raise ProfileError(f"{what} = {value!r} must be an integer >= {minimum}")
+  if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= MAX_STEP:
+    raise ProfileError(f"{what} = {value!r:.40} must be an integer in [{minimum}, {MAX_STEP}] (they are int32)")
   return int(value)
 
 
@@ -311,10 +313,7 @@ class EntropyProfile:
     if not isinstance(text, str):
       raise ProfileError(f"EntropyProfile.from_toml takes TOML text, got {type(text).__name__}; read a file "
                          "with EntropyProfile.read")
-    try:
-      doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-      raise ProfileError(f"{where}: not valid TOML ({exc}); fix the syntax at that line") from None
+    doc = loads_toml(text, ProfileError, where)
     return cls.from_dict(doc, where=where)
 
   @classmethod

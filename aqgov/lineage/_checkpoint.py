@@ -104,9 +104,14 @@ class Checkpoints:
                             "it is damaged or was written for a different model") from None
     state = out.state if isinstance(out.state, TrainState) else TrainState(*out.state)
     lineage = out.lineage
+    head = LogHead.from_wire(lineage, CheckpointError, f"the lineage item of checkpoint {self.path(step)}")
+    if not isinstance(lineage.get("run_id"), str):
+      raise CheckpointError(f"the lineage item of checkpoint {self.path(step)} names no run id; it is damaged")
+    recorded = lineage.get("digests") or {}
+    if not isinstance(recorded, dict):
+      raise CheckpointError(f"the lineage item of checkpoint {self.path(step)} has malformed digests; it is damaged")
     digests = state_digests(state)
-    return Restored(state, LogHead.from_wire(lineage), str(lineage["run_id"]), digests["params"], digests,
-                    dict(lineage.get("digests") or {}))
+    return Restored(state, head, lineage["run_id"], digests["params"], digests, dict(recorded))
 
   def delete(self, step: int) -> None:
     self._manager.delete(int(step))

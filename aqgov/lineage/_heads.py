@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 from aqgov.documents import _signing as signing
 from aqgov.documents._document_type import DocumentType, register
 from aqgov.documents._keys import RUN, PublicKey, SigningKey, TrustStore
-from aqgov.errors import LineageError, SignatureError
+from aqgov.errors import AqgovError, LineageError, SignatureError
 from aqgov.lineage._segments import HEADS_MAGIC, TornTail, frames, read_header
 
 HEAD_KIND = "lineage-tree-head"
@@ -45,9 +45,37 @@ class LogHead(NamedTuple):
     return {"size": self.size, "root": self.root.hex(), "last_record": self.last_record.hex()}
 
   @classmethod
-  def from_wire(cls, w: Mapping[str, Any]) -> LogHead:
-    """The head a signed head's payload describes."""
-    return cls(int(w["size"]), bytes.fromhex(w["root"]), bytes.fromhex(w["last_record"]))
+  def from_wire(cls, w: Mapping[str, Any], error: type[AqgovError] = LineageError, what: str = "log head") -> LogHead:
+    """The head a signed head's payload (or a checkpoint's lineage item) describes; `error` if malformed."""
+    problem = head_problem(w)
+    if problem:
+      raise error(f"{what} is malformed: {problem}")
+    return cls(w["size"], bytes.fromhex(w["root"]), bytes.fromhex(w["last_record"]))
+
+
+def _hex32(v: Any) -> bool:
+  return isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v)
+
+
+def head_problem(w: Any) -> str | None:
+  """What is wrong with a head's wire form (size, root, last_record), or None."""
+  if not isinstance(w, Mapping):
+    return f"expected a map, got {type(w).__name__}"
+  size = w.get("size")
+  if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+    return f"size must be a record count, got {size!r:.40}"
+  for field in ("root", "last_record"):
+    if not _hex32(w.get(field)):
+      return f"{field} must be 64 lowercase hex digits (a SHA-256), got {w.get(field)!r:.80}"
+  return None
+
+
+def _payload_problem(p: Mapping[str, Any]) -> str | None:
+  if not isinstance(p.get("run_id"), str):
+    return "run_id must be a string"
+  if p.get("prev_head") is not None and not isinstance(p.get("prev_head"), str):
+    return "prev_head must be nil or a head id"
+  return head_problem(p)
 
 
 def head_payload(run_id: str, head: LogHead, prev_head: str | None, time_s: float | None = None) -> dict[str, Any]:
@@ -61,7 +89,10 @@ def read_heads(lineage_dir: str | os.PathLike) -> tuple[list[signing.SignedDocum
   path = Path(lineage_dir) / "heads.seg"
   if not path.exists():
     return [], None
-  data = path.read_bytes()
+  try:
+    data = path.read_bytes()
+  except OSError as exc:
+    raise LineageError(f"cannot read {path}: {exc.strerror or exc}") from None
   if read_header(data, path, HEADS_MAGIC, True) is None:
     return [], TornTail(str(path), 0, len(data))
   heads = []
@@ -72,6 +103,10 @@ def read_heads(lineage_dir: str | os.PathLike) -> tuple[list[signing.SignedDocum
     except StopIteration as stop:
       return heads, stop.value
     try:
-      heads.append(signing.SignedDocument.from_bytes(bytes(payload), kind=HEAD_KIND))
+      head = signing.SignedDocument.from_bytes(bytes(payload), kind=HEAD_KIND)
     except SignatureError as exc:
       raise LineageError(f"tree head {index}: {exc}") from None
+    problem = _payload_problem(head.payload)
+    if problem:
+      raise LineageError(f"tree head {index} is malformed: {problem}; the heads file was altered")
+    heads.append(head)

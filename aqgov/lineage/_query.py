@@ -21,6 +21,14 @@ from aqgov.lineage._segments import records
 from aqgov.lineage._verify import lineage_dir
 
 
+def _run_start(scan, ldir) -> dict:
+  """The run-start body of a scanned log; `LineageError` when the log holds no complete record."""
+  if scan.size == 0:
+    raise LineageError(f"{ldir} holds no complete record (its segments/ directory is empty or its first record "
+                       "was torn); nothing to show", index=0)
+  return scan.bodies[0]
+
+
 class Membership(NamedTuple):
   """One example reaching one group at one step."""
 
@@ -38,7 +46,7 @@ def membership(run_dir: str | os.PathLike, group: str, *, step: int | None = Non
   """Every (step, example) whose weight in `group` was positive, in log order."""
   _, ldir = lineage_dir(run_dir)
   scan, history = hist.load(ldir)
-  groups = list(scan.bodies[0]["groups"])
+  groups = list(_run_start(scan, ldir)["groups"])
   if group not in groups:
     raise LineageError(f"group {group!r} is not one of this run's groups: {', '.join(groups)}")
   g = groups.index(group)
@@ -49,7 +57,7 @@ def membership(run_dir: str | os.PathLike, group: str, *, step: int | None = Non
     superseded = not history.effective(index)
     if (superseded and not include_superseded) or (step is not None and int(body["step"]) != step):
       continue
-    view = rec.view_step(body)
+    view = rec.view_step(body, index, len(groups))
     ids = view.row_ids
     for r in range(view.weights.shape[0]):
       w = float(view.weights[r, g])
@@ -87,7 +95,7 @@ def describe(run_dir: str | os.PathLike) -> RunDescription:
   everything else)."""
   _, ldir = lineage_dir(run_dir)
   scan, history = hist.load(ldir)
-  start = scan.bodies[0]
+  start = _run_start(scan, ldir)
   groups = list(start["groups"])
   heads, _ = read_heads(ldir)
   steps, last_step, last_loss, seen = 0, 0, None, set()
@@ -97,7 +105,7 @@ def describe(run_dir: str | os.PathLike) -> RunDescription:
       break
     if not history.effective(index):
       continue
-    view = rec.view_step(body)
+    view = rec.view_step(body, index, len(groups))
     steps, last_step, last_loss = steps + 1, view.step, view.loss
     seen.update(view.row_ids)
     for gi, name in enumerate(groups):

@@ -229,6 +229,9 @@ class GovernedRun:
     """Run one step on `examples` (in loader order), record it, and checkpoint when due."""
     self._check_open()
     exs = [as_example(e) for e in examples]
+    if not exs:
+      raise LineageError(f"step {self._step + 1} was given no examples; a recorded step trains on at least one, "
+                         "so skip empty batches in the data loader")
     batch, labels = self.task.make_batch(exs)
     try:
       state, summary = self.task.step(self.state, batch, labels)

@@ -48,11 +48,13 @@ class LogScan(NamedTuple):
 
 
 def scan(lineage_dir: str | os.PathLike, *, bodies: Sequence[str] = (), roots_at: Sequence[int] = (),
-         roots_before: Sequence[str] = ()) -> LogScan:
+         roots_before: Sequence[str] = (), check: Sequence[str] = ()) -> LogScan:
   """Read a whole log once (see `LogReader`), decoding the bodies of the kinds in `bodies`, keeping
   the Merkle roots at the sizes in `roots_at` (the final size is always kept) and the root just
-  before each record of a kind in `roots_before`."""
-  reader = LogReader(lineage_dir, bodies=set(bodies))
+  before each record of a kind in `roots_before`. Bodies of the kinds in `check` are decoded and
+  checked against their schema (a step body's array shapes too: `check_step`), but not kept."""
+  reader = LogReader(lineage_dir, bodies=set(bodies) | set(check))
+  check = set(check) - set(bodies)
   hashes = bytearray()
   leaves = bytearray()
   kinds: list[str] = []
@@ -76,5 +78,9 @@ def scan(lineage_dir: str | os.PathLike, *, bodies: Sequence[str] = (), roots_at
       roots[compact.size] = compact.root
     if r.kind in want:
       decoded[r.seq] = r.body
+    elif r.kind in check:
+      body = r.body
+      if r.kind == rec.STEP:
+        rec.check_step(body, r.seq)
   roots[compact.size] = compact.root
   return LogScan(reader.size, bytes(hashes), bytes(leaves), tuple(kinds), decoded, roots, reader.torn, compact, before)

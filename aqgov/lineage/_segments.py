@@ -127,7 +127,11 @@ def frames(data: Buffer, path: Path, what: str, first_index: int, may_tear: bool
 
 def _map(path: Path) -> Buffer:
   """The file's bytes, memory-mapped read-only (no copy; the page cache backs them)."""
-  with open(path, "rb") as fh:
+  try:
+    fh = open(path, "rb")
+  except OSError as exc:
+    raise LineageError(f"cannot read lineage segment {path}: {exc.strerror or exc}") from None
+  with fh:
     size = os.fstat(fh.fileno()).st_size
     if size == 0:
       return b""

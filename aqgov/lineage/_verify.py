@@ -138,7 +138,7 @@ def verify_lineage(run_dir: str | os.PathLike, trust: TrustStore, *,
   heads, heads_torn = read_heads(ldir)
   sizes = [int(h.payload["size"]) for h in heads]
   scan = logscan.scan(ldir, bodies=(rec.RUN_START, rec.CHECKPOINT, rec.RUN_RESUME, rec.OVERRIDE, rec.RUN_END),
-                  roots_at=sizes, roots_before=(rec.CHECKPOINT,))
+                  roots_at=sizes, roots_before=(rec.CHECKPOINT,), check=(rec.STEP, rec.EVENT, rec.ESCALATION))
   if scan.size == 0:
     raise LineageError(f"{ldir} holds no complete record", index=0)
   start = scan.bodies[0]

@@ -42,6 +42,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import math
 import warnings
 from typing import Any, Callable, Iterable, Mapping, NamedTuple, Union
 
@@ -54,6 +55,8 @@ from aqgov.policy import _paths as paths
 from aqgov.errors import PolicyError
 from aqgov.policy._policy import UNCOVERED_GROUP, Policy, PolicySet, compose
 from aqgov.credentials._taxonomy import CREDENTIALED, LabelSpace, Taxonomy
+
+MAX_ROUTE_CLASSES = 4096  # larger compositions make [C, leaves] tables and explain output impractically large
 
 
 class UncoveredParametersWarning(UserWarning):
@@ -241,6 +244,22 @@ def _classifier(pset: PolicySet, space: LabelSpace | None, num_classes: int) -> 
   return classify
 
 
+def num_route_classes(pset: PolicySet) -> int:
+  """Route classes of a composition: the product over policies of (rules + default), plus uncredentialed."""
+  return math.prod(len(p.rules) + 1 for p in pset.policies) + 1
+
+
+def check_route_classes(pset: PolicySet) -> None:
+  """Raise `PolicyError` when the composition has more than `MAX_ROUTE_CLASSES` route classes."""
+  n = num_route_classes(pset)
+  if n > MAX_ROUTE_CLASSES:
+    sizes = " x ".join(f"{p.name!r} ({len(p.rules)} rules + default)" for p in pset.policies)
+    raise PolicyError(
+        f"composing {sizes} gives {n:,} route classes, more than the {MAX_ROUTE_CLASSES} a compiled policy may "
+        "have (every class gets a row of weights per parameter); merge rules that route alike, drop rules that "
+        "match no example, or compose fewer policies")
+
+
 def compile_policy(policy_or_policies: Union[Policy, PolicySet, Iterable[Policy]], params: Any,
                    labels: Union[Taxonomy, LabelSpace, Iterable[Taxonomy], None]) -> CompiledPolicy:
   """Bind verified policies (composed: most restrictive wins) to `params` and a label space.
@@ -251,6 +270,7 @@ def compile_policy(policy_or_policies: Union[Policy, PolicySet, Iterable[Policy]
   Issues an `UncoveredParametersWarning` when some policy covers a parameter with no group.
   """
   pset = compose(policy_or_policies)
+  check_route_classes(pset)
   space = None if labels is None else LabelSpace.of(labels)
   with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
   leaf_paths = tuple(paths.path_string(kp) for kp, _ in with_path)

@@ -107,6 +107,9 @@ def _field_keys(space: LabelSpace) -> list[str]:
 
 def check(expr: Union[Expr, str], space: LabelSpace) -> Expr:
   """`expr` (parsed if text) after type-checking it against `space`; `PolicyError` otherwise."""
+  if not isinstance(expr, (str, Bool, Compare, Member, Not, And, Or)):
+    raise PolicyError(f"a condition is expression text (such as \"acme.tier <= 2\") or a parsed expression, got "
+                      f"{type(expr).__name__} {expr!r:.40}")
   if isinstance(expr, str):
     text = expr
     parser = Parser(text)

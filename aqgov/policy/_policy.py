@@ -54,13 +54,12 @@ import dataclasses
 import math
 import os
 import re
-import tomllib
 from typing import Any, Iterable, Mapping, NamedTuple, Sequence, Union
 
 from aqgov.documents import _canonical as canonical
 from aqgov.documents._document_type import DocumentType, register
 from aqgov.documents._files import read_text
-from aqgov.documents._toml import InlineTable, dumps_toml
+from aqgov.documents._toml import InlineTable, dumps_toml, loads_toml
 from aqgov.policy import _expressions as expressions
 from aqgov.policy import _paths as paths
 from aqgov.errors import PolicyError
@@ -314,10 +313,7 @@ class Policy:
     """Parse and validate the TOML form from `text` (read a file with `Policy.read`)."""
     if not isinstance(text, str):
       raise PolicyError(f"Policy.from_toml takes TOML text, got {type(text).__name__}; read a file with Policy.read")
-    try:
-      doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-      raise PolicyError(f"policy is not valid TOML: {exc}") from None
+    doc = loads_toml(text, PolicyError, "policy")
     name = doc.get("name")
     unknown = sorted(set(doc) - set(_TOP_KEYS))
     if unknown:
