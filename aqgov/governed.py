@@ -194,7 +194,9 @@ class GovernedTask:
                          "out of band), or build it through GovernedRun, which passes those run-start records")
     run_dir = Path(run_dir)
     self.trust = trust
-    policies = _verified(POLICY, sorted((run_dir / "policies").glob("*.signed")), self.trust)
+    # composed in name order, so route class names do not depend on document ids
+    policies = sorted(_verified(POLICY, sorted((run_dir / "policies").glob("*.signed")), self.trust),
+                      key=lambda p: p.name)
     if not policies:
       raise PolicyError(f"{run_dir / 'policies'} holds no signed policy; a governed run needs at least one")
     profile_files = [read(PROFILE, p) for p in sorted((run_dir / "profiles").glob("*.signed"))]

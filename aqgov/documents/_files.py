@@ -14,9 +14,11 @@ PRIVATE_DIR_MODE = 0o700
 
 
 def check_name(name: object, error: type[Exception], what: str = "name") -> str:
-  """`name` if it can be one file name inside a directory: `[A-Za-z0-9._-]+`, not `.` or `..`."""
-  if not isinstance(name, str) or not _NAME.match(name) or name in (".", ".."):
-    raise error(f"{what} {name!r} cannot be a file name: use letters, digits, '.', '_' or '-' (not '.' or '..')")
+  """`name` if it can be one file name inside a directory: `[A-Za-z0-9._-]+`, not starting with '.'
+  (so never `.` or `..`, nor a hidden file)."""
+  if not isinstance(name, str) or not _NAME.match(name) or name.startswith("."):
+    raise error(f"{what} {name!r} cannot be a file name: use letters, digits, '.', '_' or '-', not starting "
+                "with '.'")
   return name
 
 
