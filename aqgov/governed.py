@@ -9,16 +9,19 @@
     a StepSummary for the lineage                                  (aqgov.lineage.summarize)
 
 `GovernedTask` is the `aqgov.lineage.Task` of a run whose policies, profile and credential
-manifests were copied into its directory: it verifies them against the run's trusted keys, admits
+manifests were copied into its directory: it verifies them against the run's trusted keys (given
+from outside the directory: `trust=`, or the `RunContext` a governed run passes; never a key file
+found in the run directory), admits
 each batch against the manifests (labels come from credentials, never from the loader), compiles
 the policy, and raises `GovernanceEscalation` at the step boundary when the profile says so.
 Replay rebuilds the same task from the same directory.
 
-Escalations are resolved through the run directory: an authority's signed override token placed in
-`RUN/overrides/*.override` is verified (trusted signer, this run's id, not expired) when the task
-is built, so `GovernedRun.resume(RUN)` re-runs the escalated step with the violation admitted;
-record it with `run.record_override(token)`. A token the lineage already records is checked for
-signature and run but not for expiry, so replay works after it expired.
+Escalations are resolved through the run directory: an override token placed in
+`RUN/overrides/*.override` is checked by `aqgov.entropy.admit_override` (signed by one of the
+profile's override authorities, this run's id, not expired now) when the task is built, so
+`GovernedRun.resume(RUN, trust=...)` re-runs the escalated step with the violation admitted;
+record it with `run.record_override(token)`. A token the lineage already records is checked as of
+its record (its step, and its expiry at the time it was recorded), so replay works after it expired.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
+
+import datetime as dt
 
 import jax
 import jax.numpy as jnp
@@ -36,9 +41,10 @@ from aqgov.credentials._admission import Admission
 from aqgov.policy._compile import CompiledPolicy, compile_policy
 from aqgov.credentials._manifest import MANIFEST, Example
 from aqgov.documents._document_type import DocumentType, read, verify
+from aqgov.documents._signing import verify_signatures
 from aqgov.entropy._enforce import check_escalation, enforce, enforce_state
 from aqgov.entropy._metrics import measure
-from aqgov.errors import GovernanceEscalation, NonFiniteError, OverrideError, PolicyError
+from aqgov.errors import GovernanceEscalation, LineageError, NonFiniteError, OverrideError, PolicyError
 from aqgov.routing._value_and_grad import routed_value_and_grad
 from aqgov.documents._keys import TrustStore
 from aqgov.lineage._log import LogReader
@@ -131,21 +137,34 @@ def _verified(doc_type: DocumentType, paths: Sequence[Path], trust: TrustStore) 
   return [verify(doc_type, read(doc_type, p), trust) for p in paths]
 
 
-def run_overrides(run_dir: Path, trust: TrustStore) -> list[Override]:
-  """Verified override tokens from `run_dir/overrides/` (see the module doc for the expiry rule)."""
+def run_overrides(run_dir: Path, trust: TrustStore, authorities: Sequence[str] | None = None) -> list[Override]:
+  """The override tokens of a run, each checked once by `admit_override` (see the module doc):
+  those its lineage records (as of their records) and those waiting in `run_dir/overrides/`."""
   paths = sorted((run_dir / "overrides").glob("*.override"))
-  if not paths:
-    return []
-  records = list(LogReader(run_dir / "lineage", bodies=("run-start", "override")))
-  if not records:
+  lineage = run_dir / "lineage"
+  records = list(LogReader(lineage, bodies=("run-start", "override"))) if (lineage / "segments").is_dir() else []
+  if paths and not records:
     raise OverrideError(f"{run_dir} has override tokens but no lineage; start the run before admitting overrides")
+  if not records:
+    return []
   run_id = records[0].body["run_id"]
-  recorded = {r.body["token_id"] for r in records if r.kind == "override"}
-  out = []
+  out, used = {}, set()
+  for r in records:
+    if r.kind == "override":
+      at = dt.datetime.fromtimestamp(float(r.body["time"]), dt.timezone.utc)
+      o = admit_override(bytes(r.body["token"]), trust, run_id, now=at, step=int(r.body["step"]), used=used,
+                         authorities=authorities)
+      used.add(o.id)
+      out[o.id] = o
   for path in paths:
     token = read(OVERRIDE, path)
-    out.append(admit_override(token, trust, run_id, now=token.payload.get("issued") if token.id in recorded else None))
-  return out
+    if token.id not in out:
+      out[token.id] = admit_override(token, trust, run_id, authorities=authorities)
+  return list(out.values())
+
+
+def _signer_names(doc_type: DocumentType, signed: Any, trust: TrustStore) -> tuple[str, ...]:
+  return verify_signatures(signed, trust, roles=doc_type.signer_roles)
 
 
 class GovernedTask:
@@ -161,21 +180,37 @@ class GovernedTask:
     strategy, strict, microbatch: as for `routed_value_and_grad` / `governed_optimizer`.
     seed: fingerprint projection seed.
     overrides: verified override tokens admitted for this run, besides those in `run_dir/overrides/`.
+    trust: the authority keys to verify the documents with; defaults to the `trust` of the
+      `RunContext` a governed run passes as `run_dir`. Key files in the run directory never count.
+
+  `override_authorities` names who may sign override tokens: the profile's `override_authorities`,
+  else its `authority`, else the authorities that signed it (none without a profile).
   """
 
   def __init__(self, run_dir: str | Path, *, loss_fn: Callable, init_params: Callable[[], Any],
                make_inputs: Callable[[Example], Any], optimizer: optax.GradientTransformation,
                strategy: str = "auto", strict: bool = False, microbatch: int | None = None, seed: int = 0,
-               overrides: Sequence[Any] = ()):
+               overrides: Sequence[Any] = (), trust: TrustStore | None = None):
+    trust = getattr(run_dir, "trust", None) if trust is None else trust
+    if not isinstance(trust, TrustStore):
+      raise LineageError("GovernedTask needs the trusted authority keys: pass trust= (a TrustStore of keys obtained "
+                         "out of band), or build it through GovernedRun, which passes those run-start records")
     run_dir = Path(run_dir)
-    self.trust = TrustStore.from_paths(sorted((run_dir / "keys").glob("*.pub")))
-    policies = _verified(POLICY, sorted((run_dir / "policies").glob("*.signed")), self.trust)
+    self.trust = trust
+    # composed in name order, so route class names do not depend on document ids
+    policies = sorted(_verified(POLICY, sorted((run_dir / "policies").glob("*.signed")), self.trust),
+                      key=lambda p: p.name)
     if not policies:
       raise PolicyError(f"{run_dir / 'policies'} holds no signed policy; a governed run needs at least one")
-    profiles = _verified(PROFILE, sorted((run_dir / "profiles").glob("*.signed")), self.trust)
-    if len(profiles) > 1:
-      raise PolicyError(f"{run_dir / 'profiles'} holds {len(profiles)} profiles; a run is bounded by one")
-    self.profile = profiles[0] if profiles else None
+    profile_files = [read(PROFILE, p) for p in sorted((run_dir / "profiles").glob("*.signed"))]
+    if len(profile_files) > 1:
+      raise PolicyError(f"{run_dir / 'profiles'} holds {len(profile_files)} profiles; a run is bounded by one")
+    self.profile = verify(PROFILE, profile_files[0], self.trust) if profile_files else None
+    self.override_authorities: tuple[str, ...] = ()
+    if self.profile is not None:
+      self.override_authorities = (self.profile.override_authorities or
+                                   ((self.profile.authority,) if self.profile.authority else
+                                    _signer_names(PROFILE, profile_files[0], self.trust)))
     manifests = [read(MANIFEST, p) for p in sorted((run_dir / "manifests").glob("*.signed"))]
     self.admission = Admission(self.trust, manifests, on_reject="raise")
     self._init_params, self._make_inputs = init_params, make_inputs
@@ -184,7 +219,7 @@ class GovernedTask:
     self.class_names = self.compiled.class_names
     self.optimizer, step = governed_step(
         loss_fn, self.compiled, optimizer, profile=self.profile, has_aux=True, strategy=strategy, strict=strict,
-        overrides=[*overrides, *run_overrides(run_dir, self.trust)], fingerprint_seed=seed, microbatch=microbatch)
+        overrides=[*overrides, *run_overrides(run_dir, self.trust, self.override_authorities)], fingerprint_seed=seed, microbatch=microbatch)
     self.step_without_checks = jax.jit(step)
 
   def init(self) -> TrainState:

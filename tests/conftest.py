@@ -17,3 +17,12 @@ settings.register_profile(
 settings.register_profile(
     "ci", deadline=None, max_examples=40, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "aqgov"))
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _config_home(tmp_path_factory):
+  """Run keys go to $XDG_CONFIG_HOME/aqgov/keys/: keep the tests' away from the user's config dir."""
+  os.environ["XDG_CONFIG_HOME"] = str(tmp_path_factory.mktemp("config"))

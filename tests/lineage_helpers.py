@@ -124,3 +124,11 @@ def trust_of(*run_dirs: Path):
   from aqgov.documents._keys import TrustStore
 
   return TrustStore.from_paths([p for d in run_dirs for p in sorted((Path(d) / "keys").glob("*.pub"))])
+
+
+def run_key(run_dir: Path):
+  """The run's private key, from the key directory `GovernedRun.start` wrote it to (never the run directory)."""
+  from aqgov.lineage._trust import default_key_dir
+
+  start = next(iter(segments.LogReader(Path(run_dir) / "lineage"))).body
+  return keys.load_signing_key(default_key_dir(start["run_id"]) / "run.key")

@@ -7,6 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from aqgov.cli import main
+from aqgov.documents._keys import load_public_key
 
 
 @pytest.fixture(scope="module")
@@ -17,12 +18,16 @@ def demo_run(tmp_path_factory):
   return out, result.output
 
 
-def test_demo_leaves_the_public_keys_others_need(demo_run):
-  out, _ = demo_run
+def test_demo_leaves_the_public_keys_others_need_and_no_private_key_in_the_run_directory(demo_run):
+  out, output = demo_run
   assert {p.name for p in (out / "keys").glob("*.pub")} == {"acme-data.pub", "eu-office.pub", "run.pub"}
-  private = list((out / "keys").glob("*.key")) + list((out / "authorities" / "keys").glob("*.key"))
-  assert len(private) == 3
+  assert not [p for p in out.rglob("*") if p.suffix == ".key"]
+  keys_dir = out.with_name(out.name + "-keys")
+  private = sorted(keys_dir.rglob("*.key"))
+  assert [k.name for k in private] == ["acme-data.key", "eu-office.key", "run.key"]
   assert all(stat.S_IMODE(k.stat().st_mode) == 0o600 for k in private)
+  assert stat.S_IMODE(keys_dir.stat().st_mode) == 0o700
+  assert f"the run key in {keys_dir / 'run'}" in " ".join(output.split())
 
 
 def test_demo_refuses_altered_and_uncredentialed_examples(demo_run):
@@ -38,13 +43,20 @@ def test_demo_reports_which_route_classes_reached_each_group(demo_run):
   assert "adapter was shaped by: acme-routing:rule2|" in output
 
 
-def test_demo_lineage_verifies_and_exports_with_the_public_keys(demo_run, tmp_path):
-  out, _ = demo_run
-  pubs = [str(p) for p in sorted((out / "keys").glob("*.pub"))]
-  verified = CliRunner().invoke(main, ["lineage", "verify", str(out), "--trust", *pubs])
+def test_demo_lineage_verifies_and_exports_with_keys_from_outside_the_run_directory(demo_run, tmp_path):
+  out, output = demo_run
+  keys_dir = out.with_name(out.name + "-keys")
+  pubs = [str(p) for p in sorted((keys_dir / "authorities" / "keys").glob("*.pub"))]
+  run_pub = keys_dir / "run" / "run.pub"
+  verified = CliRunner().invoke(main, ["lineage", "verify", str(out), "--trust", *pubs, "--run-key", str(run_pub)])
   assert verified.exit_code == 0, verified.output
+  assert "warning" not in verified.output
+  run_key_id = load_public_key(run_pub).key_id
+  assert run_key_id in " ".join(output.split())  # printed at the end of training, to hand over out of band
+  assert f"trusted key run {run_key_id}: signed" in verified.output
   target = tmp_path / "attestation.json"
-  exported = CliRunner().invoke(main, ["lineage", "export", str(out), "--intoto", str(target)])
+  exported = CliRunner().invoke(main, ["lineage", "export", str(out), "--intoto", str(target),
+                                       "--key", str(keys_dir / "run" / "run.key")])
   assert exported.exit_code == 0, exported.output
   envelope = json.loads(target.read_text())
   assert envelope["payloadType"] == "application/vnd.in-toto+json"

@@ -14,7 +14,6 @@ from aqgov.examples import tiny_lm as tiny_lm
 from aqgov.credentials._manifest import MANIFEST, Example, issue_manifest
 from aqgov.documents._document_type import sign, write
 from aqgov.governed import GovernedTask
-from aqgov.documents._keys import public_key_json
 from aqgov.examples.demo import create_authorities
 from aqgov.errors import AdmissionError, GovernanceEscalation, NonFiniteError
 from aqgov.lineage import GovernedRun, verify_lineage
@@ -88,7 +87,7 @@ def test_an_escalation_stops_before_the_update_and_an_override_in_the_run_direct
   token = sign(OVERRIDE, Override.create(run=run_id, steps="1", groups="adapter", metrics="effective_rank",
                                         reason="adapter rank bound is a test threshold", expires=expires), acme)
   write(OVERRIDE, token, tmp_path / "run" / "overrides" / "step1.override")
-  resumed = GovernedRun.resume(tmp_path / "run")
+  resumed = GovernedRun.resume(tmp_path / "run", trust=authorities.public_keys)
   resumed.record_override(token, step=1)
   assert int(jax.device_get(resumed.step(examples).step)) == 1
   with pytest.raises(GovernanceEscalation):
@@ -119,13 +118,10 @@ def test_a_nan_gradient_is_never_applied_and_the_step_says_which_groups(tmp_path
         run_dir / "manifests" / "acme.signed")
   (run_dir / "policies").mkdir()
   shutil.copy(authorities.policies[0], run_dir / "policies")  # acme-routing: acme-data's fields only
-  (run_dir / "keys").mkdir()
-  for key in (acme, eu):
-    (run_dir / "keys" / f"{key.name}.pub").write_text(public_key_json(key.public))
   task = GovernedTask(run_dir, loss_fn=poisoned_loss,
                       init_params=lambda: tiny_lm.init(jax.random.PRNGKey(0), tiny_lm.Config(**CONFIG)),
                       make_inputs=lambda ex: tiny_lm.encode_text(ex.content, tiny_lm.Config(**CONFIG)),
-                      optimizer=optax.adam(1e-2))
+                      optimizer=optax.adam(1e-2), trust=TrustStore.of([acme, eu]))
   state = task.init()
   state, _ = task.step(state, *task.make_batch(examples[:1]))
   assert int(state.step) == 1

@@ -42,7 +42,7 @@ def run_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def run_key(run_dir) -> keys.SigningKey:
-  return keys.load_signing_key(run_dir / "keys" / "run.key")
+  return lh.run_key(run_dir)
 
 
 def _sslib_key(key: keys.PublicKey) -> SSlibKey:
@@ -108,14 +108,15 @@ def test_the_cli_verifies_shows_queries_and_exports_a_run(run_dir, run_key, tmp_
   _, other_pub = keys.write_keypair(keys.generate("other"), tmp_path / "keys")
   # several keys after one --trust, as a shell glob such as RUN/keys/*.pub expands
   out = runner.invoke(main, ["lineage", "verify", str(run_dir), "--trust", pub, str(other_pub)])
-  assert out.exit_code == 0 and out.output.startswith("OK run ") and "(closed)" in out.output, out.output
+  assert out.exit_code == 0 and out.stdout.startswith("OK run ") and "(closed)" in out.output, out.output
+  assert "warning: trusted key file" in out.stderr  # RUN/keys/run.pub: chosen by whoever holds the directory
   out = runner.invoke(main, ["lineage", "show", str(run_dir)])
   assert out.exit_code == 0 and "checkpoints" in out.output and "hidden" in out.output, out.output
   out = runner.invoke(main, ["lineage", "query", str(run_dir), "--group", "head", "--json"])
   rows = [json.loads(line) for line in out.output.splitlines()]
   assert out.exit_code == 0 and rows and all(r["weight"] > 0 for r in rows)
   target = tmp_path / "attestation.json"
-  out = runner.invoke(main, ["lineage", "export", str(run_dir), "--intoto", str(target)])
+  out = runner.invoke(main, ["lineage", "export", str(run_dir), "--intoto", str(target)])  # key from the key dir
   assert out.exit_code == 0, out.output
   _independent_verify(json.loads(target.read_text()), run_key.public)
 

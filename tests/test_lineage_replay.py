@@ -51,13 +51,14 @@ def _checkpoint_sha(run_dir: Path, step: int) -> str:
 
 
 def test_replay_rebuilds_the_params_of_a_recorded_checkpoint_bit_for_bit(run_dir, data_path):
-  result = replay(run_dir, step=8, examples=data_path, from_checkpoint=0)
+  result = replay(run_dir, step=8, examples=data_path, from_checkpoint=0, trust=lh.trust_of(run_dir),
+                  task=lh.TASK)
   assert result.from_checkpoint == 0 and result.steps_replayed == 8 and result.hashes_checked == (0, 4, 8)
   assert params_sha256(result.state.params) == _checkpoint_sha(run_dir, 8)
 
 
 def test_replay_starts_from_the_nearest_checkpoint_and_reaches_steps_between_checkpoints(run_dir, data_path):
-  result = replay(run_dir, step=6, examples=data_path)
+  result = replay(run_dir, step=6, examples=data_path, trust=lh.trust_of(run_dir), task=lh.TASK)
   assert result.from_checkpoint == 4 and result.steps_replayed == 2 and int(result.state.step) == 6
 
 
@@ -69,7 +70,7 @@ def test_an_example_whose_bytes_changed_is_named(run_dir, data_path, tmp_path):
     if r["id"] == victim:
       r["content"] = r["content"].replace("]", ", 0.0]", 1)
   with pytest.raises(ReplayDivergence, match="not the bytes") as info:
-    replay(run_dir, step=6, examples=records)
+    replay(run_dir, step=6, examples=records, trust=lh.trust_of(run_dir), task=lh.TASK)
   assert info.value.example_id == victim and info.value.step == 6
 
 
@@ -77,7 +78,7 @@ def test_a_missing_example_is_named(run_dir, data_path):
   view = next(rec.view_step(b) for _, _, b in segments.records(run_dir / "lineage", kinds=(rec.STEP,)) if b["step"] == 5)
   records = [json.loads(line) for line in data_path.read_text().splitlines() if view.example_ids[0] not in line]
   with pytest.raises(ReplayDivergence, match="not in the examples") as info:
-    replay(run_dir, step=5, examples=records)
+    replay(run_dir, step=5, examples=records, trust=lh.trust_of(run_dir), task=lh.TASK)
   assert info.value.step == 5 and info.value.example_id == view.example_ids[0]
 
 
@@ -135,8 +136,8 @@ def test_a_checkpoint_whose_params_were_replaced_is_named_and_replay_re_derives_
                                                                      **restored.head.to_wire()})))
   manager.close()
   with pytest.raises(CheckpointError, match="step 4.*altered"):
-    replay(d, step=6, examples=data_path)
-  result = replay(d, step=4, examples=data_path, from_checkpoint=0)
+    replay(d, step=6, examples=data_path, trust=lh.trust_of(d), task=lh.TASK)
+  result = replay(d, step=4, examples=data_path, from_checkpoint=0, trust=lh.trust_of(d), task=lh.TASK)
   assert params_sha256(result.state.params) == _checkpoint_sha(d, 4) != params_sha256(forged.params)
 
 
@@ -165,22 +166,22 @@ def test_a_rewritten_checkpoint_record_is_not_read_and_fails_verification(run_di
   # no signed head covers the rewritten chain any more: replay reads only up to the last one that does,
   # so the forged hash is never compared with (nor taken for) the params of step 8
   assert hist.load(d / "lineage")[1].size <= ref.index
-  result = replay(d, step=8, examples=data_path)
+  result = replay(d, step=8, examples=data_path, task=MLPTask({}))  # code the caller chose: no verification first
   assert 8 not in result.hashes_checked and params_sha256(result.state.params) == _checkpoint_sha(run_dir, 8)
   with pytest.raises(LineageError):
-    replay(d, step=8, examples=data_path, trust=lh.trust_of(d))
+    replay(d, step=8, examples=data_path, trust=lh.trust_of(d), task=lh.TASK)
 
 
 def test_the_cli_replays_and_names_a_divergence(run_dir, data_path, tmp_path):
   ok = CliRunner().invoke(main, ["lineage", "replay", str(run_dir), "--step", "9", "--data", str(data_path),
-                                 "--from", "5", "--trust", str(run_dir / "keys" / "run.pub")])
+                                 "--from", "5", "--run-key", str(run_dir / "keys" / "run.pub"), "--task", lh.TASK])
   assert ok.exit_code == 0, ok.output
   assert "steps 5..9" in ok.output and "every fingerprint matches" in ok.output and "step(s) 4, 8, 9" in ok.output
   bad = tmp_path / "bad.jsonl"
   lines = data_path.read_text().splitlines()
   bad.write_text("\n".join(lines[1:]) + "\n")
   out = CliRunner().invoke(main, ["lineage", "replay", str(run_dir), "--step", "9", "--data", str(bad),
-                                  "--from", "0"])
+                                  "--from", "0", "--run-key", str(run_dir / "keys" / "run.pub"), "--task", lh.TASK])
   assert out.exit_code == 1 and "ReplayDivergence" in out.output
 
 

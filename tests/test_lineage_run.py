@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import shutil
 from pathlib import Path
 
@@ -13,7 +14,9 @@ import pytest
 
 from aqgov.documents import _keys as keys
 from aqgov.documents import _signing as signing
+from aqgov.documents._document_type import sign
 from aqgov.documents._keys import TrustStore
+from aqgov.entropy._overrides import OVERRIDE, Override
 from aqgov.errors import CheckpointError, GovernanceEscalation, LineageError, SignatureError
 from aqgov.examples.task import MLPTask
 from aqgov.lineage import _history as hist
@@ -175,7 +178,7 @@ def _policy(name: str, key: keys.SigningKey) -> signing.SignedDocument:
 
 def test_policies_and_manifests_named_at_start_are_copied_and_verified(tmp_path, data):
   d = tmp_path / "run"
-  manifest = signing.add_signature(signing.SignedDocument("credential-manifest", {"authority": "a", "entries": []}), AUTHORITY)
+  manifest = signing.add_signature(signing.SignedDocument("credential-manifest", {"authority": "authority", "entries": []}), AUTHORITY)
   lh.make_run(d, data, 1, policies=[_policy("p", AUTHORITY)], manifests=[manifest], trust=[AUTHORITY.public])
   report = verify_lineage(d, lh.trust_of(d))
   assert len([c for c in report.checked if not c.startswith("checkpoint")]) == 2 and not report.unchecked
@@ -200,11 +203,17 @@ def test_an_altered_or_missing_referenced_document_is_reported(tmp_path, data):
   assert verify_lineage(d, lh.trust_of(d), require_references=True).checked
 
 
+def _token(run_id: str, steps: str = "3", key: keys.SigningKey = AUTHORITY, **times) -> signing.SignedDocument:
+  now = dt.datetime.now(dt.timezone.utc)
+  times = {"expires": now + dt.timedelta(hours=1), **times}
+  return sign(OVERRIDE, Override.create(run=run_id, steps=steps, groups="head", metrics="gradient_entropy",
+                                        reason="head bound is a test threshold", **times), key)
+
+
 def test_override_tokens_are_kept_verbatim_and_must_verify(tmp_path, data):
   d = tmp_path / "run"
   run = lh.make_run(d, data, 2, close=False, trust=[AUTHORITY.public])
-  token = signing.add_signature(signing.SignedDocument("override", {"steps": [3], "groups": ["head"], "reason": "r"}),
-                       AUTHORITY)
+  token = _token(run.run_id)
   run.record_override(token)
   run.close()
   assert verify_lineage(d, lh.trust_of(d)).closed
@@ -280,6 +289,6 @@ def test_the_run_key_is_recorded_in_the_run_role_and_cannot_sign_documents(tmp_p
   trust = keys.TrustStore.from_paths(sorted((d / "keys").glob("*.pub")))
   with pytest.raises(SignatureError, match="only authority or governance keys"):
     verify(POLICY, signing.add_signature(signing.SignedDocument("routing-policy", policy.to_dict()),
-                                         keys.load_signing_key(d / "keys" / "run.key")), trust)
+                                         lh.run_key(d)), trust)
   assert verify(POLICY, signing.add_signature(signing.SignedDocument("routing-policy", policy.to_dict()), AUTHORITY),
                 trust) == policy

@@ -274,7 +274,7 @@ def _truncate_to(lineage_dir: Path, size: int) -> None:
 def test_an_unreachable_witness_fails_the_close_but_leaves_an_intact_log(setup, tmp_path):
   run_key, witness, server, _ = setup
   run = tmp_path / "down"
-  keys.write_keypair(run_key, run / "keys")
+  key_path, _ = keys.write_keypair(run_key, tmp_path / "down-keys")
   with pytest.raises(WitnessError, match="no cosignature from witness"):
     _witnessed_log(run / "lineage", run_key, "http://127.0.0.1:9", witness.note_key, witness_timeout=2.0)
   trust = keys.TrustStore.of([run_key])
@@ -282,7 +282,7 @@ def test_an_unreachable_witness_fails_the_close_but_leaves_an_intact_log(setup, 
   with pytest.raises(LineageError, match="no cosigned checkpoint"):
     verify_lineage(run, trust, witnesses=[witness.note_key])
   # once the witness is reachable the final head is cosigned after the fact
-  result = CliRunner().invoke(main, ["witness", "cosign", str(run), "--witness",
+  result = CliRunner().invoke(main, ["witness", "cosign", str(run), "--key", str(key_path), "--witness",
                                      f"{server.url}={witness.note_key.verifier_key}"])
   assert result.exit_code == 0, result.output
   assert verify_lineage(run, trust, witnesses=[witness.note_key]).witnessed == (witness.name,)

@@ -14,10 +14,58 @@ from aqgov.errors import LineageError
 from aqgov.documents._keys import TrustStore
 
 
-def _trust(paths: tuple[str, ...]) -> TrustStore:
-  if not paths:
-    raise click.UsageError("give at least one --trust KEY.pub (the run's key is in DIR/keys/)")
-  return TrustStore.from_paths(paths)
+def _start_of(run_dir: str) -> dict:
+  from aqgov.lineage import _log as log
+
+  first = next(iter(log.LogReader(Path(run_dir) / "lineage")), None)
+  if first is None:
+    raise LineageError(f"{run_dir} holds no lineage")
+  return first.body
+
+
+def _inside(path: str, run_dir: str) -> bool:
+  p, r = Path(path).absolute().resolve(), Path(run_dir).absolute().resolve()
+  return r in p.parents
+
+
+def _run_key(run_dir: str, value: str) -> keylib.PublicKey:
+  """--run-key: a .pub file, or the run key id (then the run's keys/*.pub holding exactly that key)."""
+  if Path(value).is_file():
+    return keylib.load_public_key(value)
+  kid = value.strip().lower()
+  if len(kid) != 64 or any(c not in "0123456789abcdef" for c in kid):
+    raise click.UsageError(f"--run-key {value!r} is neither a .pub file nor a 64-hex-digit key id")
+  for path in sorted((Path(run_dir) / "keys").glob("*.pub")):
+    key = keylib.load_public_key(path)
+    if key.key_id == kid:
+      return key
+  raise LineageError(f"no public key with id {kid[:16]}... in {run_dir}/keys; pass the run key's .pub instead")
+
+
+def _trust(run_dir: str, paths: tuple[str, ...], run_key: str | None) -> TrustStore:
+  """The keys given on the command line, warning about any key file inside the run directory."""
+  if not paths and run_key is None:
+    raise click.UsageError("give the keys you trust, obtained out of band: --trust AUTHORITY.pub ... and "
+                           "--run-key RUNKEY.pub (or the run key id printed at the end of training)")
+  keys = [keylib.load_public_key(p) for p in paths]
+  for p in paths:
+    if _inside(p, run_dir):
+      click.echo(f"warning: trusted key file {p} lies inside {run_dir}, the directory being verified: whoever "
+                 "holds the directory chose it; trust keys obtained out of band", err=True)
+  if run_key is not None:
+    keys.append(_run_key(run_dir, run_key))
+  return TrustStore.of(keys)
+
+
+def _echo_trusted(trust: TrustStore, signed_by: tuple[tuple[str, str], ...]) -> None:
+  for kid, key in sorted(trust.keys.items(), key=lambda kv: kv[1].name):
+    what = [w for k, w in signed_by if k == kid]
+    click.echo(f"   trusted key {key.name} {kid}: signed {'; '.join(what) if what else 'nothing in this run'}")
+
+
+_RUN_KEY = click.option("--run-key", default=None,
+                        help="The run's public key, obtained out of band: its .pub file, or its key id (as "
+                             "printed at the end of training or by `aqgov keys fingerprint`).")
 
 
 def _parent_dirs(values: tuple[str, ...]) -> dict[str, str]:
@@ -50,8 +98,9 @@ _MORE_KEYS = click.argument("more_keys", nargs=-1, type=click.Path(exists=True, 
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @_MORE_KEYS
 @click.option("--trust", "trust", multiple=True, type=click.Path(exists=True, dir_okay=False),
-              help="A trusted public key (.pub): the run key, authorities, parent runs. Repeat it, or give "
-                   "several after one --trust (a shell glob such as DIR/keys/*.pub works).")
+              help="A trusted public key (.pub), obtained out of band: authorities, parent runs, the run key. "
+                   "Repeat it, or give several after one --trust (a shell glob works).")
+@_RUN_KEY
 @click.option("--parent-dir", multiple=True, help="Directory of a parent run (or RUN_ID=DIR) not where recorded.")
 @click.option("--allow-open", is_flag=True,
               help="Accept a run that is still running or crashed (no signed run-end); its records after the last "
@@ -62,13 +111,17 @@ _MORE_KEYS = click.argument("more_keys", nargs=-1, type=click.Path(exists=True, 
 @click.option("--witness", "witnesses", multiple=True,
               help="A witness that must have cosigned the final head: its verifier key (NAME+HASH+KEY) or .pub "
                    "file. Repeatable; requires a closed run even with --allow-open.")
-def verify_cmd(run_dir: str, more_keys: tuple[str, ...], trust: tuple[str, ...], parent_dir: tuple[str, ...],
-               allow_open: bool, allow_missing: bool, witnesses: tuple[str, ...]) -> None:
+def verify_cmd(run_dir: str, more_keys: tuple[str, ...], trust: tuple[str, ...], run_key: str | None,
+               parent_dir: tuple[str, ...], allow_open: bool, allow_missing: bool,
+               witnesses: tuple[str, ...]) -> None:
   """Audit a run: every record, the chain, Merkle roots, signed heads, run-end, references, checkpoints,
-  parent runs and witnesses."""
+  parent runs and witnesses.
+
+  Prints each trusted key id and what it signed; warns about trusted key files inside RUN_DIR."""
   from aqgov.lineage._verify import verify_lineage
 
-  report = verify_lineage(run_dir, _trust(trust + more_keys), parent_dirs=_parent_dirs(parent_dir),
+  store = _trust(run_dir, trust + more_keys, run_key)
+  report = verify_lineage(run_dir, store, parent_dirs=_parent_dirs(parent_dir),
                           require_closed=not allow_open, require_references=not allow_missing, witnesses=witnesses)
   if report.witnessed:
     click.echo(f"OK final head (size {report.size}) cosigned by witness(es) {', '.join(report.witnessed)}")
@@ -82,6 +135,7 @@ def verify_cmd(run_dir: str, more_keys: tuple[str, ...], trust: tuple[str, ...],
       click.echo(f"   verified {c}")
     for u in r.unchecked:
       click.echo(f"   not checked: {u}")
+    _echo_trusted(store, r.signed_by)
     r = r.parent
 
 
@@ -156,15 +210,19 @@ def query_cmd(run_dir: str, group: str, step: int | None, include_superseded: bo
 @click.option("--from", "from_checkpoint", type=int, default=None,
               help="Start from the checkpoint at or before this step instead of the nearest.")
 @click.option("--trust", multiple=True, type=click.Path(exists=True, dir_okay=False),
-              help="Verify the lineage against these keys first.")
+              help="The authorities' public keys (and the run key), obtained out of band; the lineage must "
+                   "verify against them before anything is imported.")
+@_RUN_KEY
+@click.option("--task", "task_ref", default=None,
+              help="The task factory to import (module:attr); it must be the one run-start recorded. "
+                   "Default: an installed 'aqgov.tasks' entry point for the recorded task.")
 def replay_cmd(run_dir: str, more_keys: tuple[str, ...], step: int, data: str, from_checkpoint: int | None,
-               trust: tuple[str, ...]) -> None:
+               trust: tuple[str, ...], run_key: str | None, task_ref: str | None) -> None:
   """Re-execute the recorded steps and check every fingerprint (and full hashes where recorded)."""
   from aqgov.lineage._replay import replay
 
-  trust = trust + more_keys
-  result = replay(run_dir, step=step, examples=data, trust=TrustStore.from_paths(trust) if trust else None,
-                  from_checkpoint=from_checkpoint)
+  result = replay(run_dir, step=step, examples=data, trust=_trust(run_dir, trust + more_keys, run_key),
+                  task=task_ref, from_checkpoint=from_checkpoint)
   if not result.steps_replayed:
     click.echo(f"OK step {result.step} is a recorded checkpoint and its params hash matches the record "
                "(nothing re-executed; pass --from to re-derive it from an earlier checkpoint)")
@@ -179,27 +237,23 @@ def replay_cmd(run_dir: str, more_keys: tuple[str, ...], step: int, data: str, f
 @_MORE_KEYS
 @click.option("--intoto", "out", required=True, type=click.Path(dir_okay=False), help="Write the DSSE envelope here.")
 @click.option("--key", "key_path", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Signing key (default: the run's key in DIR/keys/).")
+              help="Signing key (default: the run's key in --key-dir).")
+@click.option("--key-dir", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Directory holding the run key (default: $XDG_CONFIG_HOME/aqgov/keys/RUN_ID/).")
 @click.option("--trust", multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="Keys to verify the lineage against first (default: the signing key).")
-def export_cmd(run_dir: str, more_keys: tuple[str, ...], out: str, key_path: str | None,
+def export_cmd(run_dir: str, more_keys: tuple[str, ...], out: str, key_path: str | None, key_dir: str | None,
                trust: tuple[str, ...]) -> None:
   """Attest the run: an in-toto Statement v1 (subjects: checkpoint digests) in a signed DSSE envelope."""
   from aqgov.lineage._export import export_intoto
-  from aqgov.lineage._log import LogReader
+  from aqgov.lineage._trust import default_key_dir, find_run_key
 
   trust = trust + more_keys
   if key_path is None:
-    first = next(iter(LogReader(Path(run_dir) / "lineage")), None)
-    if first is None:
-      raise LineageError(f"{run_dir} holds no lineage")
-    signer = first.body["signer"]
-    matches = [p for p in sorted((Path(run_dir) / "keys").glob("*.key"))
-               if keylib.load_signing_key(p).key_id == signer]
-    if not matches:
-      raise LineageError(f"the run's signing key is not in {run_dir}/keys; pass --key")
-    key_path = str(matches[0])
-  key = keylib.load_signing_key(key_path)
+    start = _start_of(run_dir)
+    key = find_run_key(key_dir or default_key_dir(start["run_id"]), start["signer"])
+  else:
+    key = keylib.load_signing_key(key_path)
   env = export_intoto(run_dir, key, trust=TrustStore.from_paths(trust) if trust else None)
   Path(out).write_text(json.dumps(env, indent=2) + "\n")
   click.echo(f"wrote {out}: in-toto statement signed by {key.name!r} (key id {key.key_id[:16]}...)")

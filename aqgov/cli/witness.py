@@ -84,7 +84,7 @@ def vkey_cmd(pub: str, name: str, as_log: bool) -> None:
 @click.option("--witness", "witnesses", multiple=True, required=True,
               help="URL=KEY: a witness and its key (verifier key or .pub). Repeatable.")
 @click.option("--key", "key_path", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="The run's signing key (default: RUN/keys/run.key).")
+              help="The run's signing key (default: the run key in $XDG_CONFIG_HOME/aqgov/keys/RUN_ID/).")
 def cosign_cmd(run_dir: str, witnesses: tuple[str, ...], key_path: str | None) -> None:
   """Get cosignatures on RUN's last signed head (for a run that ended without them)."""
   from aqgov.lineage._cosign import cosign_final_head
@@ -97,6 +97,13 @@ def cosign_cmd(run_dir: str, witnesses: tuple[str, ...], key_path: str | None) -
       raise WitnessError(f"--witness {v!r} is not URL=KEY")
     refs.append((url, key))
   root, ldir = lineage_dir(run_dir)
-  key = keylib.load_signing_key(key_path or root / "keys" / "run.key")
+  if key_path is None:
+    from aqgov.lineage._segments import LogReader
+    from aqgov.lineage._trust import default_key_dir, find_run_key
+
+    start = next(iter(LogReader(ldir))).body
+    key = find_run_key(default_key_dir(start["run_id"]), start["signer"])
+  else:
+    key = keylib.load_signing_key(key_path)
   path = cosign_final_head(ldir, key, refs)
   click.echo(f"wrote {path}")

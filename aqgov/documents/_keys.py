@@ -22,6 +22,7 @@ from typing import Iterable, Mapping, NamedTuple
 import nacl.exceptions
 import nacl.signing
 
+from aqgov.documents._files import PRIVATE_MODE, PUBLIC_MODE, check_name, child, create_exclusive, make_private_dir
 from aqgov.errors import KeyFileError, SignatureError
 
 KEY_TYPE = "ed25519"
@@ -92,8 +93,7 @@ class SigningKey(NamedTuple):
 
 def generate(name: str, roles: Iterable[str] = ()) -> SigningKey:
   """A fresh random signing key called `name`, with `roles` (none recorded: see `key_roles`)."""
-  if not name or "/" in name or name.startswith("."):
-    raise KeyFileError(f"key name {name!r} is not usable as a file name; use letters, digits, '-' or '_'")
+  check_name(name, KeyFileError, "key name")
   roles = tuple(sorted(set(roles)))
   key_roles(name, roles)
   return SigningKey(name, bytes(nacl.signing.SigningKey.generate()._seed), roles)  # noqa: SLF001
@@ -109,19 +109,27 @@ def public_key_json(key: PublicKey) -> str:
 
 
 def write_keypair(key: SigningKey, out_dir: str | os.PathLike) -> tuple[Path, Path]:
-  """Write `DIR/NAME.key` (0600, created atomically with that mode) and `DIR/NAME.pub`."""
-  out = Path(out_dir)
-  out.mkdir(parents=True, exist_ok=True)
-  key_path, pub_path = out / f"{key.name}.key", out / f"{key.name}.pub"
-  if key_path.exists():
-    raise KeyFileError(f"{key_path} already exists; refusing to overwrite a private key (choose another name or directory)")
+  """Write new files `DIR/NAME.key` (mode 0600) and `DIR/NAME.pub` (0644), whatever the umask.
+
+  A missing `DIR` is created with mode 0700. Refuses to overwrite either file or to write through
+  a symlink planted at either path.
+  """
+  out = make_private_dir(out_dir)
+  key_path = child(out, f"{check_name(key.name, KeyFileError, 'key name')}.key", KeyFileError, "key file")
+  pub_path = child(out, f"{key.name}.pub", KeyFileError, "key file")
+  for path in (key_path, pub_path):
+    if path.exists() or path.is_symlink():
+      raise KeyFileError(f"{path} already exists; refusing to overwrite a key file (choose another name or "
+                         "directory)")
   body = json.dumps(_with_roles({"name": key.name, "type": KEY_TYPE, "seed": base64.b64encode(key.seed).decode()},
                                 key.roles)) + "\n"
-  fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-  with os.fdopen(fd, "w") as fh:
-    fh.write(body)
-  os.chmod(key_path, 0o600)
-  pub_path.write_text(public_key_json(key.public))
+  try:
+    create_exclusive(key_path, body.encode(), PRIVATE_MODE)
+    create_exclusive(pub_path, public_key_json(key.public).encode(), PUBLIC_MODE)
+  except FileExistsError:
+    raise KeyFileError(f"a key file appeared at {key_path} or {pub_path} while writing; refusing to overwrite it") from None
+  except OSError as exc:
+    raise KeyFileError(f"cannot write the key pair into {out}: {exc}") from None
   return key_path, pub_path
 
 

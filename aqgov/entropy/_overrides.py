@@ -7,6 +7,11 @@ still acts. An authority writes one with `sign(OVERRIDE, Override.create(...), k
 verified on the host (`admit_override`: signature, trust, run, expiry) and then encoded for the
 device as an `AdmitTable` of step intervals with a [groups, metrics] mask each, which the jitted
 step turns into this step's admit mask with `admit_mask(table, step)`.
+
+`admit_override` is the one check every use goes through (recording a token, building a resumed
+or replayed task, verifying a lineage): trusted signature by a key that may sign overrides (never
+a run key), by one of the named override authorities, for this run, covering the step it is used
+at, not expired at the time of use, and not used before.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import re
-from typing import Any, Iterable, Mapping, NamedTuple, Sequence
+from typing import AbstractSet, Any, Iterable, Mapping, NamedTuple, Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -184,21 +189,41 @@ OVERRIDE: DocumentType[Override] = register(DocumentType(
 
 
 def admit_override(token: SignedDocument | bytes, trust: TrustStore, run_id: str, *,
-                   now: str | dt.datetime | None = None) -> Override:
-  """The verified token; `OverrideError` if it is forged, untrusted, expired, or for another run."""
+                   now: str | dt.datetime | None = None, step: int | None = None,
+                   authorities: Sequence[str] | None = None, used: AbstractSet[str] = frozenset()) -> Override:
+  """The verified token; `OverrideError` unless it may be used now.
+
+  It must carry a trusted signature by a key that may sign overrides (a run key never may) and,
+  when `authorities` is given, by one of those key names; name run `run_id`; cover `step` when
+  given; be issued no later than, and expire after, `now` (the time of use; default the current
+  time); and not be in `used` (a token is used at most once).
+  """
   if isinstance(token, (bytes, bytearray)):
     try:
       token = SignedDocument.from_bytes(bytes(token), kind=KIND)
     except Exception as exc:
       raise OverrideError(f"override refused: {exc}") from None
   override = verify(OVERRIDE, token, trust)
+  if authorities is not None and not set(override.signers) & set(authorities):
+    raise OverrideError(
+        f"override {override.id[:16]}... is signed by {list(override.signers)}, none of which is an override "
+        f"authority of this run ({', '.join(authorities) or 'none'}); have one of them issue it")
   if override.run != run_id:
     raise OverrideError(
         f"override {override.id[:16]}... is for run {override.run!r}, not {run_id!r}; issue one for this run")
+  if step is not None and not any(lo <= int(step) < hi for lo, hi in override.steps):
+    raise OverrideError(f"override {override.id[:16]}... does not cover step {step} (it names steps "
+                        f"{', '.join(f'{lo}-{hi - 1}' for lo, hi in override.steps)}); issue one for that step")
   at = dt.datetime.now(dt.timezone.utc) if now is None else utc_time(now, "now")
   if at >= utc_time(override.expires, "expiry"):
     raise OverrideError(
-        f"override {override.id[:16]}... expired at {override.expires} (now {iso(at)}); issue a fresh one")
+        f"override {override.id[:16]}... expired at {override.expires} (used {iso(at)}); issue a fresh one")
+  if at.replace(microsecond=0) < utc_time(override.issued, "issued"):
+    raise OverrideError(f"override {override.id[:16]}... was issued at {override.issued}, after it was used "
+                        f"({iso(at)}); a token cannot be used before it exists")
+  if override.id in used:
+    raise OverrideError(f"override {override.id[:16]}... was already used in run {run_id!r}; a token is used at "
+                        "most once: issue a new one")
   return override
 
 

@@ -20,6 +20,10 @@ Where several bounds on the same side (low or high) cover one (group, metric, he
 most specific wins: a windowed bound over an unwindowed one, then a per-head bound over an
 all-heads one; two equally specific overlapping bounds are a `ProfileError`.
 
+A profile may name its `authority` (only that authority's key may sign it) and the
+`override_authorities` whose signed tokens may admit its violations (default: its authority, else
+whoever signed it).
+
 Profiles are data: TOML (`EntropyProfile.from_toml(text)`, `EntropyProfile.read(path)`) or Python
 (`EntropyProfile(...)`), a canonical dict whose hash is the profile id, and signed documents of
 type `PROFILE` (kind `entropy-profile`), signed and verified with `aqgov.documents` exactly like
@@ -200,12 +204,21 @@ class EntropyProfile:
   representations: tuple[Representation, ...] = ()
   bounds: tuple[Bound, ...] = ()
   description: str = ""
+  authority: str = ""
+  override_authorities: tuple[str, ...] = ()
 
   def __post_init__(self):
     if not isinstance(self.name, str) or not self.name:
       raise ProfileError("an entropy profile needs a non-empty name")
     if not isinstance(self.description, str):
       raise ProfileError("profile description must be a string")
+    if not isinstance(self.authority, str):
+      raise ProfileError(f"profile {self.name!r}: authority must be the authority's name, got {self.authority!r}")
+    names = self.override_authorities
+    if isinstance(names, str) or not all(isinstance(n, str) and n for n in names):
+      raise ProfileError(f"profile {self.name!r}: override_authorities must be a list of authority names, "
+                         f"e.g. [\"acme-data\"]")
+    object.__setattr__(self, "override_authorities", tuple(sorted(set(names))))
     for r in self.representations:
       if not isinstance(r, Representation):
         raise ProfileError(f"representations must be aqgov.entropy.Representation entries, got {type(r).__name__}")
@@ -270,6 +283,8 @@ class EntropyProfile:
   def to_dict(self) -> dict:
     return {
         "format": FORMAT, "name": self.name, "description": self.description,
+        **({"authority": self.authority} if self.authority else {}),
+        **({"override_authorities": list(self.override_authorities)} if self.override_authorities else {}),
         "representations": [r.to_dict() for r in self.representations],
         "bounds": [b.to_dict() for b in self.bounds],
     }
@@ -284,7 +299,8 @@ class EntropyProfile:
     """Parse the canonical dict (or the TOML document) form; `ProfileError` names what and where."""
     if not isinstance(doc, Mapping):
       raise ProfileError(f"{where}: expected a table/map, got {type(doc).__name__}")
-    allowed = {"format", "name", "description", "representations", "representation", "bounds", "bound"}
+    allowed = {"format", "name", "description", "authority", "override_authorities", "representations",
+               "representation", "bounds", "bound"}
     _no_unknown(doc, allowed, where)
     if doc.get("format", FORMAT) != FORMAT:
       raise ProfileError(f"{where}: format {doc.get('format')!r} is not {FORMAT!r}")
@@ -303,7 +319,8 @@ class EntropyProfile:
       parsed_bounds.append(_build(Bound, {k: v for k, v in entry.items() if v is not None}, at))
     try:
       return cls(name=doc.get("name", ""), representations=tuple(parsed_reps), bounds=tuple(parsed_bounds),
-                 description=doc.get("description", ""))
+                 description=doc.get("description", ""), authority=doc.get("authority", ""),
+                 override_authorities=tuple(doc.get("override_authorities", ())))
     except ProfileError as exc:
       raise ProfileError(f"{where}: {exc}") from None
 
@@ -326,6 +343,10 @@ class EntropyProfile:
     doc: dict[str, Any] = {"format": FORMAT, "name": self.name}
     if self.description:
       doc["description"] = self.description
+    if self.authority:
+      doc["authority"] = self.authority
+    if self.override_authorities:
+      doc["override_authorities"] = list(self.override_authorities)
     for table, entries in (("representation", self.representations), ("bound", self.bounds)):
       if entries:
         doc[table] = [{k: v for k, v in e.to_dict().items() if v is not None and not (k == "causal" and v is False)}
@@ -366,6 +387,14 @@ def _from_payload(payload: Mapping[str, Any]) -> EntropyProfile:
   return EntropyProfile.from_dict(payload, where=f"signed profile {canonical.digest_hex(payload)[:16]}...")
 
 
+def _signed_by_authority(profile: EntropyProfile, signers: tuple[str, ...]) -> EntropyProfile:
+  if profile.authority and profile.authority not in signers:
+    raise ProfileError(f"entropy profile {profile.name!r} names authority {profile.authority!r} but is signed by "
+                       f"{list(signers)}; only {profile.authority}'s key may sign it")
+  return profile
+
+
 PROFILE: DocumentType[EntropyProfile] = register(DocumentType(
     name="profile", kind=KIND, noun="entropy profile", to_payload=EntropyProfile.to_dict,
-    from_payload=_from_payload, error=ProfileError, from_text=EntropyProfile.from_toml))
+    from_payload=_from_payload, error=ProfileError, from_text=EntropyProfile.from_toml,
+    on_verified=_signed_by_authority))

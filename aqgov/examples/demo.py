@@ -4,10 +4,12 @@ Two authorities (`acme-data`, `eu-office`) publish taxonomies, credential the sa
 sign routing policies; `acme-data` also signs the entropy profile. The loader admits what is
 credentialed (and refuses altered or uncredentialed bytes); the composed policy is compiled
 against a small transformer language model (`aqgov.examples.tiny_lm`), and every step is routed, bounded
-by the profile and recorded in a signed lineage. `OUT` is the run directory (see
-`aqgov.lineage.run`): `keys/*.pub` (the authorities' and the run's public keys), `policies/`,
-`profiles/`, `manifests/`, `lineage/`, `checkpoints/`; the authorities' own files (private keys,
-mode 0600, and the documents they signed) are in `OUT/authorities/`.
+by the profile and recorded in a signed lineage. `OUT` is the run directory, what an auditor
+receives (see `aqgov.lineage.run`): `keys/*.pub` (copies of the authorities' and the run's public
+keys, for reference), `policies/`, `profiles/`, `manifests/`, `lineage/`, `checkpoints/`. No private
+key is in it: the keys directory beside it, `OUT-keys/` (mode 0700), holds `authorities/` (the
+authorities' key pairs and the documents they signed) and `run/` (the run key pair). The auditor
+takes the public keys from there, standing in for keys handed over out of band.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from aqgov.credentials._admission import Admission
 from aqgov.policy._compile import CompiledPolicy, explain_table
 from aqgov.credentials._manifest import MANIFEST, Example, issue_manifest
 from aqgov.documents._document_type import read, sign, write
+from aqgov.documents._files import make_private_dir
 from aqgov.entropy._enforce import decode_events
 from aqgov.errors import GovernanceEscalation
 from aqgov.documents._keys import SigningKey, TrustStore
@@ -137,30 +140,47 @@ def train(run: GovernedRun, batches, steps: int, console: Console) -> tuple[np.n
   return reached, events, None
 
 
+def _run_key_id(out: Path) -> str:
+  from aqgov.lineage import LogReader
+
+  return next(iter(LogReader(out / "lineage"))).body["signer"]
+
+
 def reaching_classes(compiled: CompiledPolicy, reached: np.ndarray) -> dict[str, list[str]]:
   """Per group, the route classes that trained examples took and that give the group a positive weight."""
   return {name: [compiled.class_names[c] for c in np.flatnonzero(reached) if compiled.table[c, g] > 0]
           for g, name in enumerate(compiled.group_names)}
 
 
+def keys_dir_of(out: str | Path) -> Path:
+  """The demo's keys directory for run directory `out`: `OUT-keys/` beside it."""
+  out = Path(out)
+  return out.with_name(out.name + "-keys")
+
+
 def run(out: str | Path, *, steps: int = 20, batch_size: int = 16, seed: int = 0,
         console: Console | None = None) -> dict:
-  """Run the demo into `out` (must be empty or absent); returns a summary dict."""
+  """Run the demo into `out` and `OUT-keys/` (both must be empty or absent); returns a summary dict."""
   console = console or Console(width=110)
   out = Path(out)
-  if out.exists() and any(out.iterdir()):
-    raise FileExistsError(f"{out} is not empty; pick a new --out directory")
+  keys = keys_dir_of(out)
+  for d in (out, keys):
+    if d.exists() and any(d.iterdir()):
+      raise FileExistsError(f"{d} is not empty; pick a new --out directory")
 
   with tempfile.TemporaryDirectory() as staging:
     auth = create_authorities(Path(staging) / "authorities")
-    run = GovernedRun.start(
-        out, task=TASK, task_config={"seed": seed, "learning_rate": 3e-3},
-        policies=auth.policies, profiles=[auth.profile], manifests=auth.manifests, trust=auth.public_keys,
-        checkpoint_every=max(steps // 2, 1), config={"demo": {"steps": steps, "batch_size": batch_size}})
-    shutil.copytree(auth.root, out / "authorities")
-    auth = auth.moved_to(out / "authorities")
+    make_private_dir(keys)
+    shutil.copytree(auth.root, keys / "authorities")
+    auth = auth.moved_to(keys / "authorities")
+  run = GovernedRun.start(
+      out, task=TASK, task_config={"seed": seed, "learning_rate": 3e-3},
+      policies=auth.policies, profiles=[auth.profile], manifests=auth.manifests, trust=auth.public_keys,
+      checkpoint_every=max(steps // 2, 1), config={"demo": {"steps": steps, "batch_size": batch_size}},
+      key_dir=keys / "run")
   console.print(f"[bold]1. authorities[/bold] acme-data, eu-office: keys, credential manifests, signed policies "
-                f"and profile in {out / 'authorities'}; public keys in {out / 'keys'}")
+                f"and profile in {keys / 'authorities'}; the run key in {keys / 'run'}. {out} holds no private "
+                "key: it is what an auditor gets")
 
   task = run.task
   loader = Admission(auth.trust, [read(MANIFEST, p) for p in auth.manifests], on_reject="collect")
@@ -183,14 +203,18 @@ def run(out: str | Path, *, steps: int = 20, batch_size: int = 16, seed: int = 0
   for (group, metric, action), n in sorted(collections.Counter((e.group, e.metric, e.action) for e in events).items()):
     console.print(f"   governance: {metric}/{group} out of bounds on {n} step(s) -> {action}")
 
+  run_key = _run_key_id(out)
   # an escalated run is stopped for a human, not closed: it is verified as a live run
-  report = verify_lineage(out, TrustStore.from_paths(sorted((out / "keys").glob("*.pub"))),
+  report = verify_lineage(out, TrustStore.of([*auth.trust.keys.values(),
+                                              keylib.load_public_key(keys / "run" / "run.pub")]),
                           require_closed=escalation is None)
   console.print(f"[bold]5. lineage[/bold]: {report.size} records, root {report.root[:16]}..., "
                 f"{report.heads} signed heads, closed={report.closed}")
-  console.print(f"   check it:  aqgov lineage verify {out} --trust {out}/keys/*.pub"
-                f"{'' if report.closed else ' --allow-open'}\n"
-                f"   attest it: aqgov lineage export {out} --intoto {out}/attestation.intoto.json")
+  console.print(f"   run key id (hand it to auditors out of band): {run_key}\n"
+                f"   check it:  aqgov lineage verify {out} --trust {keys}/authorities/keys/*.pub "
+                f"--run-key {keys}/run/run.pub{'' if report.closed else ' --allow-open'}\n"
+                f"   attest it: aqgov lineage export {out} --intoto {out}/attestation.intoto.json "
+                f"--key {keys}/run/run.key", soft_wrap=True)
   console.print("[bold]6. efficacy[/bold]: a short run with planted canary secrets (python benchmarks/efficacy.py "
                 "measures it in full)")
   for claim in efficacy.demo_claims():

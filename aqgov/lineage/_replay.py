@@ -15,8 +15,11 @@
 - where the lineage recorded a checkpoint at a replayed step, the rebuilt params must hash to its
   full SHA-256; if the checkpoint is on disk the first differing leaf is named.
 
-Replay trusts only what is checkpointed and recorded; pass `trust` to verify the whole lineage
-(signatures included) before anything is re-executed.
+Replay imports no code a run directory names before the lineage verifies against `trust` (the
+run key and the authorities' keys, obtained out of band), and then only the task the caller names
+(`task="module:attr"`, which must be the recorded one) or an installed `aqgov.tasks` entry point
+recording it; the policies, profiles, manifests and task source must be those run-start recorded.
+A caller who passes a `Task` object chose the code: then `trust` is optional.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from aqgov.documents._keys import TrustStore
 from aqgov.errors import CheckpointError, LineageError, ReplayDivergence
 from aqgov.lineage import _history as hist
 from aqgov.lineage import _record as rec
+from aqgov.lineage import _trust as trustlib
 from aqgov.lineage._checkpoint import Checkpoints
 from aqgov.lineage._segments import records
 from aqgov.lineage._summary import params_sha256
@@ -76,22 +80,33 @@ def _first_difference(a: np.ndarray, b: np.ndarray) -> int | None:
 
 def replay(run_dir: str | os.PathLike, *, step: int,
            examples: Mapping[str, Example] | Iterable[Example | Mapping[str, Any]] | str | os.PathLike,
-           task: Task | None = None, trust: TrustStore | None = None,
+           task: Task | str | None = None, trust: TrustStore | None = None,
            from_checkpoint: int | None = None) -> ReplayResult:
   """Rebuild the `TrainState` after step `step` (see the module doc); raises at the first divergence.
 
   `examples` is a mapping id -> example, an iterable of examples (or JSONL-shaped mappings) or a
   JSONL path. `from_checkpoint` starts from an earlier checkpoint than the nearest, so that later
-  checkpoints are re-derived and checked against their recorded full hashes.
+  checkpoints are re-derived and checked against their recorded full hashes. `task` is a `Task`
+  the caller built, or the recorded "module:attr" the caller trusts, or None for an installed
+  entry point; without a `Task`, `trust` is required (see the module doc).
   """
   run_dir, ldir = lineage_dir(run_dir)
-  if trust is not None:
-    verify_lineage(run_dir, trust)
+  chosen = task is not None and not isinstance(task, str) and isinstance(task, Task)
+  if trust is None and not chosen:
+    raise LineageError("replay needs trust=: the run key and the authorities' public keys, obtained out of band "
+                       "(the lineage must verify before any task code is imported)")
+  if trust is not None and verify_lineage(run_dir, trust).signed_size == 0:
+    raise LineageError(f"no signed tree head covers the run-start record of {run_dir}; nothing vouches for it",
+                       index=0)
   scan, history = hist.load(ldir)
   start = scan.bodies[0]
   groups = tuple(start["groups"])
-  if task is None:
-    task = load_task(start["config"]["task"], start["config"].get("task_config", {}), run_dir)
+  if not chosen:
+    ref = trustlib.resolve_task(start["config"]["task"], task)
+    authorities = trustlib.recorded_trust(start, trust, exact=False)
+    trustlib.check_documents(run_dir, start)
+    trustlib.check_task_source(start, ref)
+    task = load_task(ref, start["config"].get("task_config", {}), run_dir, trust=authorities)
   checkpoints = Checkpoints(run_dir / "checkpoints")
   try:
     on_disk = set(checkpoints.steps())

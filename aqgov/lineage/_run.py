@@ -1,7 +1,7 @@
 """A governed run: one directory holding everything an auditor needs, and the loop that fills it.
 
-    RUN/keys/         the run's key pair (run.key, mode 0600, and run.pub) and every trusted public
-                      key the run relied on (authorities, the parent run's key)
+    RUN/keys/         public keys only: run.pub and the trusted keys the run relied on (authorities,
+                      the parent run's key), for reference; nothing trusts them for being there
     RUN/policies/     signed routing policies, as `<id>.signed` (SignedDocument bytes)
     RUN/profiles/     signed entropy profiles
     RUN/manifests/    signed credential manifests
@@ -15,6 +15,11 @@ state is checkpointed and then recorded. `resume` continues after a crash or a s
 latest recorded checkpoint (the rule is in `aqgov.lineage.history`). A `GovernanceEscalation`
 raised by the task (or passed to `escalate`) checkpoints the resumable state, records an
 "escalation" record, signs a head and propagates.
+
+No private key is ever written inside the run directory: the run key lives in the key directory
+the operator names (`key_dir=`, default `$XDG_CONFIG_HOME/aqgov/keys/<run_id>/`). Resume takes
+the authority keys from the operator (`trust=`) and checks them, the documents on disk and the
+task code against the signed run-start record (see `aqgov.lineage._trust`).
 """
 
 from __future__ import annotations
@@ -32,13 +37,15 @@ from aqgov.documents import _keys as keylib
 from aqgov.documents import _signing as signing
 from aqgov.credentials._manifest import Example, as_example, content_hash
 from aqgov.errors import CheckpointError, GovernanceEscalation, LineageError
-from aqgov.documents._files import atomic_write
+from aqgov.documents._files import atomic_write, check_name, child
+from aqgov.entropy._overrides import admit_override
 from aqgov.documents._keys import PublicKey, SigningKey, TrustStore
 from aqgov.lineage import _history as hist
 from aqgov.lineage import _log as log
 from aqgov.lineage import _record as rec
 from aqgov.lineage._checkpoint import Checkpoints
 from aqgov.lineage._summary import StepSummary
+from aqgov.lineage import _trust as trustlib
 from aqgov.lineage._task import Task, TrainState, load_task
 from aqgov.lineage._verify import verify_lineage
 
@@ -80,26 +87,24 @@ def _copy_documents(docs: Iterable[Document], into: Path, root: Path) -> list[re
 
 
 def _write_public(key: PublicKey, into: Path) -> None:
-  path = into / f"{key.name}.pub"
+  path = child(into, f"{key.name}.pub", LineageError, "trusted key name")
   if path.exists() and keylib.load_public_key(path).key_id != key.key_id:
     path = into / f"{key.name}-{key.key_id[:12]}.pub"
   atomic_write(path, keylib.public_key_json(key).encode())
 
 
-def _find_key(layout: RunLayout, key_id: str) -> SigningKey:
-  for path in sorted(layout.keys.glob("*.key")):
-    k = keylib.load_signing_key(path)
-    if k.key_id == key_id:
-      return k
-  raise LineageError(f"the run's signing key ({key_id[:16]}...) is not in {layout.keys}; pass it with key=")
+def _used_tokens(scan: log.LogScan) -> set[str]:
+  return {b["token_id"] for i, b in scan.bodies.items() if scan.kinds[i] == rec.OVERRIDE}
 
 
 class GovernedRun:
   """Runs a `Task` step by step, recording every step in a signed lineage (see the module doc)."""
 
   def __init__(self, layout: RunLayout, task: Task, state: TrainState, writer: log.LineageWriter,
-               checkpoints: Checkpoints, *, run_id: str, checkpoint_every: int, checkpointed: Iterable[int]):
+               checkpoints: Checkpoints, *, run_id: str, checkpoint_every: int, checkpointed: Iterable[int],
+               trust: TrustStore = TrustStore({}), used_tokens: Iterable[str] = ()):
     self.layout, self.task, self.state, self.writer = layout, task, state, writer
+    self.trust, self._used_tokens = trust, set(used_tokens)
     self.checkpoints, self.run_id, self.checkpoint_every = checkpoints, run_id, int(checkpoint_every)
     self._step = int(jax.device_get(state.step))
     self._checkpointed = set(int(s) for s in checkpointed)
@@ -114,14 +119,15 @@ class GovernedRun:
             parent: str | os.PathLike | None = None, config: Mapping[str, Any] | None = None,
             checkpoint_every: int = 100, head_every: int = 1024, fsync: str = "tree-head",
             run_id: str | None = None, max_to_keep: int | None = None,
-            witnesses: Sequence[tuple[str, Any]] = ()) -> "GovernedRun":
+            witnesses: Sequence[tuple[str, Any]] = (), key_dir: str | os.PathLike | None = None) -> "GovernedRun":
     """Create `run_dir` (empty or absent), record run-start and checkpoint the initial state.
 
     `task` is "module:attr" (see `aqgov.lineage.task`); `trust` are the public keys of the
     authorities whose documents the run relies on (copied into keys/); `parent` is the directory
     of the run this one continues (its last signed head is recorded). Without `key` a run key is
-    generated and kept in keys/run.key; keys/ records the run key in the run role, so it never
-    verifies as the signer of a policy, profile, override or manifest. `witnesses` are (url,
+    generated into `key_dir` (default `$XDG_CONFIG_HOME/aqgov/keys/<run_id>/`, never inside
+    `run_dir`); only its public half, in the run role, goes to keys/run.pub, so it never verifies
+    as the signer of a policy, profile, override or manifest. `witnesses` are (url,
     witness key) pairs: each signed head is submitted to them for a cosignature, and `close` fails
     unless all cosign the final one.
     """
@@ -130,20 +136,21 @@ class GovernedRun:
       raise LineageError(f"{layout.root} is not empty; start a run in a new directory or resume this one")
     if checkpoint_every < 1:
       raise LineageError(f"checkpoint_every must be at least 1, got {checkpoint_every}")
+    run_id = run_id or uuid.uuid4().hex
+    if key is None:
+      key_dir = trustlib.check_outside(key_dir or trustlib.default_key_dir(run_id), layout.root)
+    trusted = list(trustlib.as_trust_store(trust).keys.values())
+    for t in trusted:
+      check_name(t.name, LineageError, "trusted key name")
     layout.make()
-    if isinstance(trust, TrustStore):
-      trust = trust.keys.values()
-    trusted = [t if isinstance(t, PublicKey) else keylib.load_public_key(t) for t in trust]
     for t in trusted:
       _write_public(t, layout.keys)
-    # the run key is written last, in the run role: it may sign lineage heads and nothing else
+    # the run key, in the run role, may sign lineage heads and nothing else; its private half stays outside
     if key is None:
       key = keylib.generate(keylib.RUN, roles=(keylib.RUN,))
-      keylib.write_keypair(key, layout.keys)
-    else:
-      _write_public(key.public._replace(roles=(keylib.RUN,)), layout.keys)
-    parent_ref = _parent_ref(Path(parent), layout) if parent is not None else None
-    run_id = run_id or uuid.uuid4().hex
+      keylib.write_keypair(key, key_dir)
+    _write_public(key.public._replace(name=keylib.RUN, roles=(keylib.RUN,)), layout.keys)
+    parent_ref = _parent_ref(Path(parent), layout, trusted) if parent is not None else None
     witness_refs = [log.as_witness(w) for w in witnesses]
     task_config = dict(task_config or {})
     canonical.encode([task_config, dict(config or {})])  # fail here, not on the writer thread
@@ -151,48 +158,65 @@ class GovernedRun:
     policy_refs = _copy_documents(policies, layout.policies, layout.root)
     profile_refs = _copy_documents(profiles, layout.profiles, layout.root)
     manifest_refs = _copy_documents(manifests, layout.manifests, layout.root)
-    the_task = load_task(task, task_config, layout.root)
+    authorities = TrustStore.of(trusted)
+    the_task = load_task(task, task_config, layout.root, trust=authorities)
+    task_sha256 = trustlib.task_source_sha256(task)
     body = rec.run_start_body(
         run_id=run_id, signer=key.key_id, groups=tuple(the_task.group_names),
         classes=tuple(getattr(the_task, "class_names", ())),
         policies=policy_refs, profiles=profile_refs, manifests=manifest_refs,
         trust=[t.key_id for t in trusted], parent=parent_ref, task=task, task_config=task_config,
-        config={**dict(config or {}), "lineage": {"checkpoint_every": checkpoint_every, "head_every": head_every,
+        config={**dict(config or {}), **({"task_sha256": task_sha256} if task_sha256 else {}),
+                "lineage": {"checkpoint_every": checkpoint_every, "head_every": head_every,
                                                   "fsync": fsync,
                                                   **({"witnesses": [w.to_wire() for w in witness_refs]}
                                                      if witness_refs else {})}})
     writer = log.LineageWriter.create(layout.lineage, key, body, fsync=fsync, head_every=head_every,
                                       witnesses=witness_refs)
     run = cls(layout, the_task, the_task.init(), writer, Checkpoints(layout.checkpoints, max_to_keep=max_to_keep),
-              run_id=run_id, checkpoint_every=checkpoint_every, checkpointed=())
+              run_id=run_id, checkpoint_every=checkpoint_every, checkpointed=(), trust=authorities)
     run.checkpoint()
     return run
 
   @classmethod
-  def resume(cls, run_dir: str | os.PathLike, *, key: SigningKey | None = None,
+  def resume(cls, run_dir: str | os.PathLike, *, trust: TrustStore | Iterable[PublicKey | str | os.PathLike] = (),
+             key: SigningKey | None = None, key_dir: str | os.PathLike | None = None,
              max_to_keep: int | None = None, witnesses: Sequence[tuple[str, Any]] | None = None) -> "GovernedRun":
     """Continue a run after a crash, an escalation or `abandon` (see the resume rule). A closed run
     (signed run-end) is final: continue it as a child run (`start(..., parent=)`).
 
     Takes the run's writer lock first (`LineageError` while another process writes it).
-    `witnesses` default to those run-start recorded."""
+    `trust` are the authority keys the run started with (given by the operator, never read from
+    the run directory): exactly the key ids run-start recorded. The run key is `key`, or is read
+    from `key_dir` (default: where `start` put it). The log must verify under the run key, and the
+    documents and task code must be those run-start recorded. `witnesses` default to those
+    run-start recorded."""
     layout = RunLayout(run_dir)
     first = next(iter(log.LogReader(layout.lineage)), None)
     if first is None:
       raise LineageError(f"{layout.lineage} holds no run-start record; start a new run instead")
     start = first.body
-    key = key or _find_key(layout, start["signer"])
+    key = key or trustlib.find_run_key(key_dir or trustlib.default_key_dir(start["run_id"]), start["signer"])
     if key.key_id != start["signer"]:
       raise LineageError(f"key {key.name!r} did not sign run {start['run_id']}; pass the run's key")
+    if not log.read_heads(layout.lineage)[0]:
+      raise LineageError(f"no signed tree head of run {start['run_id']} covers its run-start record, so nothing "
+                         "vouches for it; start a new run instead")
+    authorities = trustlib.recorded_trust(start, trustlib.as_trust_store(trust), exact=True)
     settings = start["config"].get("lineage", {})
     writer, scan = log.open_for_resume(layout.lineage, key, fsync=settings.get("fsync", "tree-head"),
                                        head_every=int(settings.get("head_every", 1024)),
-                                       bodies=(rec.CHECKPOINT, rec.RUN_RESUME),
+                                       bodies=(rec.CHECKPOINT, rec.RUN_RESUME, rec.OVERRIDE),
                                        witnesses=[log.WitnessRef.from_wire(w) for w in settings.get("witnesses", ())]
                                        if witnesses is None else witnesses)
     try:
+      if scan.bodies[0] != start:
+        raise LineageError("the run-start record changed while resuming; try again", index=0)
       history = hist.history(scan)
-      task = load_task(start["config"]["task"], start["config"].get("task_config", {}), layout.root)
+      trustlib.check_documents(layout.root, start)
+      trustlib.check_task_source(start, start["config"]["task"])
+      task = load_task(start["config"]["task"], start["config"].get("task_config", {}), layout.root,
+                       trust=authorities)
       checkpoints = Checkpoints(layout.checkpoints, max_to_keep=max_to_keep)
       on_disk = set(checkpoints.steps())
       ref = next((c for c in reversed(history.checkpoints) if c.step in on_disk), None)
@@ -213,7 +237,7 @@ class GovernedRun:
       raise
     run = cls(layout, task, state, writer, checkpoints, run_id=start["run_id"],
               checkpoint_every=int(settings.get("checkpoint_every", 100)),
-              checkpointed=() if ref is None else (ck_step,))
+              checkpointed=() if ref is None else (ck_step,), trust=authorities, used_tokens=_used_tokens(scan))
     if ref is None:
       run.checkpoint()
     return run
@@ -279,10 +303,18 @@ class GovernedRun:
     self.writer.append_record(rec.EVENT, rec.event_body(step=self._step if step is None else step, events=events))
 
   def record_override(self, token: signing.SignedDocument, *, step: int | None = None) -> None:
-    """Record a signed override token admitted at `step` (kept verbatim; verify checks its signature)."""
+    """Record a signed override token used at `step` (default: the next step), kept verbatim.
+
+    The token is checked first (`aqgov.entropy.admit_override`): signed by one of the task's
+    override authorities (`task.override_authorities` when it has them; never the run key), for
+    this run, covering `step`, unexpired now, and not used before in this run."""
     self._check_open()
+    step = self.next_step if step is None else int(step)
+    admit_override(token, self.trust, self.run_id, step=step, used=self._used_tokens,
+                   authorities=getattr(self.task, "override_authorities", None))
     self.writer.append_record(rec.OVERRIDE, rec.override_body(
-        step=self._step if step is None else step, token_kind=token.kind, token_id=token.id, token=token.to_bytes()))
+        step=step, token_kind=token.kind, token_id=token.id, token=token.to_bytes()))
+    self._used_tokens.add(token.id)
 
   def head(self, *, sign: bool = False) -> log.LogHead:
     """The log head once everything queued is written."""
@@ -326,16 +358,27 @@ class GovernedRun:
       raise LineageError("this run is closed; resume it with GovernedRun.resume to continue")
 
 
-def _parent_ref(parent: Path, layout: RunLayout) -> rec.ParentRef:
-  pubs = sorted((parent / "keys").glob("*.pub"))
-  report = verify_lineage(parent, TrustStore.from_paths(pubs))
+def _parent_ref(parent: Path, layout: RunLayout, trusted: Sequence[PublicKey]) -> rec.ParentRef:
+  """The parent's last signed head, once the parent verifies under the keys given (and its own run
+  key from the operator's key directory); never under keys found in the parent's directory."""
+  start = next(iter(log.LogReader(parent / "lineage")), None)
+  if start is None:
+    raise LineageError(f"parent run {parent} holds no lineage")
+  keys = list(trusted)
+  own = trustlib.default_key_dir(start.body["run_id"]) / f"{keylib.RUN}.pub"
+  if own.is_file():
+    keys.append(keylib.load_public_key(own))
+  trust = TrustStore.of(keys)
+  if start.body["signer"] not in trust:
+    raise LineageError(f"parent run {start.body['run_id']} is signed by key {start.body['signer'][:16]}..., which "
+                       "is not among the keys given; pass the parent run's public key (obtained out of band) in "
+                       "trust=")
+  report = verify_lineage(parent, trust)
   heads, _ = log.read_heads(parent / "lineage")
   if not heads:
     raise LineageError(f"parent run {parent} has no signed tree head to continue from")
   last = heads[-1]
-  start = next(iter(log.LogReader(parent / "lineage"))).body
-  parent_key = TrustStore.from_paths(pubs).get(start["signer"])
-  _write_public(parent_key, layout.keys)
+  _write_public(trust.get(start.body["signer"]), layout.keys)
   return rec.ParentRef(report.run_id, last.id, int(last.payload["size"]), str(last.payload["root"]),
                        os.path.relpath(parent.absolute(), layout.root.absolute()))
 

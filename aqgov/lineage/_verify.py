@@ -19,9 +19,13 @@ problem, with `index` naming the first bad record when the problem is in a recor
   `files_sha256`, and its lineage item names this run, its step, the log position of its record
   and the record's item digests (`aqgov.lineage.checkpoint_files`);
 - checkpoint records name the log position they were taken at; resume records supersede a range
-  that ends right before them; override records carry a token signed by a trusted key;
+  that ends right before them;
 - policies, profiles and credential manifests named by run-start verify (file digest, document
-  id, trusted signature) when their files are in the run directory;
+  id, a signature by a key run-start trusts, by the authority the document names if it names one)
+  when their files are in the run directory; the run key never counts as their signer;
+- every override record carries a token that `aqgov.entropy.admit_override` accepts as of the
+  record: signed by an override authority of the run's profile, for this run, covering the
+  record's step, unexpired at the record's time, and recorded once;
 - a parent run named by run-start verifies too (its directory recorded relative to this run, or
   given), and holds the signed head this run names;
 - with `witnesses`, the log is closed and each witness cosigned its final head (the checkpoint in
@@ -35,6 +39,7 @@ queries, descriptions and exports never read them (`aqgov.lineage.history`).
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -46,7 +51,7 @@ from aqgov.documents import _signing as signing
 from aqgov.documents._document_type import signer_roles, verify
 from aqgov.documents._keys import TrustStore
 from aqgov.entropy import _overrides, _profile  # noqa: F401  (register the document types checked here)
-from aqgov.errors import LineageError, SignatureError
+from aqgov.errors import LineageError, OverrideError, SignatureError
 from aqgov.policy import _policy  # noqa: F401
 from aqgov.lineage import _heads as log
 from aqgov.lineage import _history as hist
@@ -73,6 +78,7 @@ class VerifyReport(NamedTuple):
   unchecked: tuple[str, ...]
   parent: VerifyReport | None
   witnessed: tuple[str, ...] = ()
+  signed_by: tuple[tuple[str, str], ...] = ()  # (key id, what that trusted key signed)
 
   @property
   def unsigned(self) -> int:
@@ -90,7 +96,13 @@ def lineage_dir(run_dir: str | os.PathLike) -> tuple[Path, Path]:
   raise LineageError(f"{d} holds no lineage (expected {d}/lineage/segments); pass a run directory")
 
 
-def _check_document(run_dir: Path, ref: Mapping, what: str, trust: TrustStore) -> str:
+def _signer_ids(doc: signing.SignedDocument, trust: TrustStore) -> list[str]:
+  """Ids of the trusted keys that signed `doc` (call after `verify_signatures` accepted it)."""
+  return sorted({sig.key_id for sig in doc.signatures if sig.key_id in trust})
+
+
+def _check_document(run_dir: Path, ref: Mapping, what: str, trust: TrustStore) -> tuple[str, list[str], tuple]:
+  """(description, signer key ids, signer names) of a document run-start names, once it verifies."""
   path = run_dir / ref["file"]
   data = path.read_bytes()
   if rec.record_hash(data).hex() != ref["sha256"]:
@@ -103,7 +115,48 @@ def _check_document(run_dir: Path, ref: Mapping, what: str, trust: TrustStore) -
     signers = signing.verify_signatures(doc, trust, roles=signer_roles(doc.kind))
   except SignatureError as exc:
     raise LineageError(f"{what} {ref['id'][:16]}... ({path}) does not verify: {exc}", index=0) from None
-  return f"{what} {ref['id'][:16]}... signed by {', '.join(signers)}"
+  authority = doc.payload.get("authority") if isinstance(doc.payload, Mapping) else None
+  if authority and authority not in signers:
+    raise LineageError(f"{what} {ref['id'][:16]}... ({path}) names authority {authority!r} but is signed by "
+                       f"{list(signers)}: only {authority}'s key may sign it", index=0)
+  return f"{what} {ref['id'][:16]}... signed by {', '.join(signers)}", _signer_ids(doc, trust), signers
+
+
+def _override_authorities(run_dir: Path, start: Mapping, signers: Mapping[str, tuple]) -> tuple[str, ...] | None:
+  """Who may sign the run's override tokens (see `GovernedTask`); None when the run has no profile."""
+  refs = start.get("profiles", ())
+  if not refs:
+    return None
+  ref = refs[0]
+  if ref["id"] not in signers:
+    return None
+  profile = _profile.EntropyProfile.from_dict(
+      signing.SignedDocument.from_bytes((run_dir / ref["file"]).read_bytes(), kind=ref["kind"]).payload)
+  return profile.override_authorities or ((profile.authority,) if profile.authority else signers[ref["id"]])
+
+
+def _check_overrides(scan: logscan.LogScan, trust: TrustStore, run_id: str,
+                     authorities: tuple[str, ...] | None) -> list[tuple[str, str]]:
+  """Check every override record with `admit_override`; (signer key id, what) for each."""
+  used: set[str] = set()
+  signed = []
+  for i, body in sorted(scan.bodies.items()):
+    if scan.kinds[i] != rec.OVERRIDE:
+      continue
+    try:
+      if body["token_kind"] != _overrides.KIND:
+        raise OverrideError(f"the record says it carries a {body['token_kind']!r} document, not an override token")
+      doc = signing.SignedDocument.from_bytes(body["token"], kind=_overrides.KIND)
+      if doc.id != body["token_id"]:
+        raise LineageError(f"record {i}: override token id does not match the token it carries", index=i)
+      at = dt.datetime.fromtimestamp(float(body["time"]), dt.timezone.utc)
+      _overrides.admit_override(doc, trust, run_id, now=at, step=int(body["step"]), authorities=authorities,
+                                used=used)
+    except (OverrideError, SignatureError) as exc:
+      raise LineageError(f"record {i}: override token does not verify: {exc}", index=i) from None
+    used.add(doc.id)
+    signed += [(k, f"override {doc.id[:16]}... at step {body['step']}") for k in _signer_ids(doc, trust)]
+  return signed
 
 
 def _find_parent(run_dir: Path, parent: Mapping, parent_dirs: Mapping[str, str | os.PathLike]) -> Path | None:
@@ -176,16 +229,27 @@ def verify_lineage(run_dir: str | os.PathLike, trust: TrustStore, *,
                          "and close the run, or verify without witnesses", index=scan.size)
     witnessed = check_witnessed(ldir, run_id, scan.head(), run_key, [cosigner_key(w) for w in witnesses])
   _check_records(scan, trust)
+  # documents and overrides count only under keys run-start trusts, never the run key
+  doc_trust = TrustStore({k: v for k, v in trust.keys.items() if k in set(start.get("trust", ())) and k != signer})
   checked, unchecked = [], []
+  signed_by = [(signer, f"{len(heads)} tree head(s) of run {run_id}")]
+  doc_signers: dict[str, tuple] = {}
   for field, what in (("policies", "policy"), ("profiles", "profile"), ("manifests", "credential manifest")):
     for ref in start.get(field, ()):
       if (run_dir / ref["file"]).is_file():
-        checked.append(_check_document(run_dir, ref, what, trust))
+        line, ids, names = _check_document(run_dir, ref, what, doc_trust)
+        checked.append(line)
+        doc_signers[ref["id"]] = names
+        signed_by += [(k, f"{what} {ref['id'][:16]}...") for k in ids]
       elif require_references:
         raise LineageError(f"run-start names {what} {ref['id'][:16]}... but {run_dir / ref['file']} is missing",
                            index=0)
       else:
         unchecked.append(f"{what} {ref['id'][:16]}... ({ref['file']} not present)")
+  authorities = _override_authorities(run_dir, start, doc_signers)
+  if authorities is None and start.get("profiles") and rec.OVERRIDE in scan.kinds:
+    unchecked.append("override authorities (the run's profile is not present)")
+  signed_by += _check_overrides(scan, doc_trust, run_id, authorities)
   if check_checkpoints:
     _check_checkpoints(run_dir, scan, signed_size, run_id, require_references, checked, unchecked)
 
@@ -211,7 +275,8 @@ def verify_lineage(run_dir: str | os.PathLike, trust: TrustStore, *,
       checked.append(f"parent run {parent['run_id']} at head {parent['head_id'][:16]}... (size {parent['size']})")
 
   return VerifyReport(run_id, run_dir, scan.size, scan.roots[scan.size].hex(), len(heads), signed_size,
-                      run_key.name, closed, torn, tuple(checked), tuple(unchecked), parent_report, witnessed)
+                      run_key.name, closed, torn, tuple(checked), tuple(unchecked), parent_report, witnessed,
+                      tuple(signed_by))
 
 
 def _check_heads(heads, sizes, scan: logscan.LogScan, run_id: str, run_trust: TrustStore, consistency: bool) -> None:
@@ -266,14 +331,6 @@ def _check_records(scan: logscan.LogScan, trust: TrustStore) -> None:
       if ck is not None and checkpoint_steps.get(ck) != int(body["checkpoint_step"]):
         raise LineageError(f"record {i}: resume names checkpoint record {ck} at step {body['checkpoint_step']}, "
                            "which the log does not hold", index=i)
-    elif kind == rec.OVERRIDE:
-      try:
-        doc = signing.SignedDocument.from_bytes(body["token"], kind=body["token_kind"])
-        if doc.id != body["token_id"]:
-          raise LineageError(f"record {i}: override token id does not match the token it carries", index=i)
-        signing.verify_signatures(doc, trust, roles=signer_roles(doc.kind))
-      except SignatureError as exc:
-        raise LineageError(f"record {i}: override token does not verify: {exc}", index=i) from None
 
 
 def _check_checkpoints(run_dir: Path, scan: logscan.LogScan, signed_size: int, run_id: str, required: bool,

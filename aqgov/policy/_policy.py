@@ -69,7 +69,7 @@ FORMAT = "aqgov-routing-policy/1"
 UNCOVERED_GROUP = "(uncovered)"
 _GROUP_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*\Z", re.ASCII)
 _POLICY_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*\Z", re.ASCII)
-_TOP_KEYS = ("name", "groups", "rules", "default", "uncredentialed", "uncovered")
+_TOP_KEYS = ("name", "authority", "groups", "rules", "default", "uncredentialed", "uncovered")
 VISIBILITY = ("always", "routed")
 
 Route = Mapping[str, float]
@@ -200,7 +200,8 @@ class Policy:
   `default` and `uncredentialed` routes; `uncovered` weight; `routed_visibility`, the groups
   declared `visible = "routed"` (in declaration order; merged with those the group tables declare);
   `optional_groups`, those declared `optional = true`: allowed to match no parameter (any other
-  group that matches nothing is an error when the policy is compiled).
+  group that matches nothing is an error when the policy is compiled); `authority`, the authority
+  whose key alone may sign it ("" when it names none).
   `dataclasses.replace(policy, ...)` validates the changed policy again.
   """
 
@@ -212,11 +213,14 @@ class Policy:
   uncovered: Any = 0.0
   routed_visibility: Iterable[str] = ()
   optional_groups: Iterable[str] = ()
+  authority: str = ""
 
   def __post_init__(self):
     name = self.name
     if not isinstance(name, str) or not _POLICY_NAME.match(name):
       raise PolicyError(f"policy name {name!r} must use letters, digits, '_', '-' or '.'")
+    if not isinstance(self.authority, str) or (self.authority and not _POLICY_NAME.match(self.authority)):
+      raise PolicyError(f"policy {name!r}: authority {self.authority!r} must be an authority's name, e.g. \"acme-data\"")
     norm_groups, routed, optional = _groups(name, self.groups)
     names = [g for g, _ in norm_groups]
     declared = set(routed) | set(self.routed_visibility)
@@ -249,9 +253,11 @@ class Policy:
   @classmethod
   def create(cls, name: str, groups: Any, rules: Iterable[Any] = (), default: Any = None,
              uncredentialed: Any = None, uncovered: float = 0.0,
-             routed_visibility: Iterable[str] = (), optional_groups: Iterable[str] = ()) -> "Policy":
+             routed_visibility: Iterable[str] = (), optional_groups: Iterable[str] = (),
+             authority: str = "") -> "Policy":
     """Same as `Policy(...)`."""
-    return cls(name, groups, rules, default, uncredentialed, uncovered, routed_visibility, optional_groups)
+    return cls(name, groups, rules, default, uncredentialed, uncovered, routed_visibility, optional_groups,
+               authority)
 
   # -- views -----------------------------------------------------------------------------------
 
@@ -288,6 +294,7 @@ class Policy:
     return {
         "format": FORMAT,
         "name": self.name,
+        **({"authority": self.authority} if self.authority else {}),
         "groups": [{"name": g, "patterns": list(p), **self._group_options(g)} for g, p in self.groups],
         "rules": [{"name": r.name, "when": r.when, "route": dict(r.route)} for r in self.rules],
         "default": dict(self.default),
@@ -304,7 +311,7 @@ class Policy:
     try:
       groups = [(g["name"], {k: v for k, v in g.items() if k != "name"}) for g in doc["groups"]]
       return cls(doc["name"], groups, doc["rules"],
-                 doc["default"], doc["uncredentialed"], doc["uncovered"])
+                 doc["default"], doc["uncredentialed"], doc["uncovered"], authority=doc.get("authority", ""))
     except (KeyError, TypeError) as exc:
       raise PolicyError(f"canonical routing policy lacks or mangles {exc}; re-create it from its TOML") from None
 
@@ -330,7 +337,7 @@ class Policy:
     if not isinstance(rules, list):
       raise _fail(str(name), "rules", "write rules as [[rules]] tables")
     return cls(name, doc.get("groups", {}), rules, routes["default"], routes["uncredentialed"],
-               doc.get("uncovered", 0.0))
+               doc.get("uncovered", 0.0), authority=doc.get("authority", ""))
 
   @classmethod
   def read(cls, path: str | os.PathLike) -> "Policy":
@@ -342,7 +349,8 @@ class Policy:
     rules = [{**({"name": r.name} if r.name else {}), "when": r.when, "route": InlineTable(r.route)}
              for r in self.rules]
     return dumps_toml({
-        "name": self.name, "uncovered": self.uncovered, "groups": {
+        "name": self.name, **({"authority": self.authority} if self.authority else {}),
+        "uncovered": self.uncovered, "groups": {
             g: InlineTable({"patterns": list(p), **self._group_options(g)}) if self._group_options(g) else list(p)
             for g, p in self.groups},
         "rules": rules, "default": {"route": InlineTable(self.default)},
@@ -429,6 +437,13 @@ def compose(policies: Union[Policy, PolicySet, Iterable[Policy]]) -> PolicySet:
 # Signed documents
 
 
+def _signed_by_authority(policy: Policy, signers: tuple[str, ...]) -> Policy:
+  if policy.authority and policy.authority not in signers:
+    raise PolicyError(f"routing policy {policy.name!r} names authority {policy.authority!r} but is signed by "
+                      f"{list(signers)}; only {policy.authority}'s key may sign it")
+  return policy
+
+
 POLICY: DocumentType[Policy] = register(DocumentType(
     name="policy", kind=KIND, noun="routing policy", to_payload=Policy.to_dict, from_payload=Policy.from_dict,
-    error=PolicyError, from_text=Policy.from_toml))
+    error=PolicyError, from_text=Policy.from_toml, on_verified=_signed_by_authority))

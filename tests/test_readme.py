@@ -1,0 +1,36 @@
+"""Every command the README shows after `aqgov demo --out demo-out` runs as written."""
+
+import glob
+import re
+import shlex
+import shutil
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from aqgov.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _post_demo_commands() -> list[str]:
+  readme = (ROOT / "README.md").read_text()
+  section = readme[readme.index("## What the demo does"):readme.index("## Concepts and API")]
+  block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+  return [line for line in block.splitlines() if line.strip()]
+
+
+def test_the_readme_commands_after_the_demo_run_as_written(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / "aqgov" / "data").mkdir(parents=True)
+  shutil.copy(ROOT / "aqgov" / "data" / "examples.jsonl", tmp_path / "aqgov" / "data")
+  demo = CliRunner().invoke(main, ["demo", "--out", "demo-out"])
+  assert demo.exit_code == 0, demo.output
+  commands = _post_demo_commands()
+  assert [c.split()[:3] for c in commands] == [["aqgov", "keys", "fingerprint"], ["aqgov", "lineage", "verify"],
+                                              ["aqgov", "lineage", "export"], ["aqgov", "lineage", "replay"]]
+  for command in commands:
+    argv = [a for arg in shlex.split(command)[1:] for a in (sorted(glob.glob(arg)) if "*" in arg else [arg])]
+    result = CliRunner().invoke(main, argv)
+    assert result.exit_code == 0, f"{command}\n{result.output}"
+    assert "warning" not in result.output, command
