@@ -144,12 +144,10 @@ def test_a_non_finite_update_is_never_applied_even_when_the_gradients_are_finite
         run_dir / "manifests" / "acme.signed")
   (run_dir / "policies").mkdir()
   shutil.copy(authorities.policies[0], run_dir / "policies")
-  (run_dir / "keys").mkdir()
-  (run_dir / "keys" / "acme-data.pub").write_text(public_key_json(acme.public))
   task = GovernedTask(run_dir, loss_fn=lambda p, t: tiny_lm.example_loss(p, t, tiny_lm.Config(**CONFIG), with_aux=True),
                       init_params=lambda: tiny_lm.init(jax.random.PRNGKey(0), tiny_lm.Config(**CONFIG)),
                       make_inputs=lambda ex: tiny_lm.encode_text(ex.content, tiny_lm.Config(**CONFIG)),
-                      optimizer=optax.sgd(float("nan")))
+                      optimizer=optax.sgd(float("nan")), trust=TrustStore.of([acme]))
   state = task.init()
   with pytest.raises(NonFiniteError, match=r"update or updated parameters of group\(s\) .*NaN") as failed:
     task.step(state, *task.make_batch(examples))

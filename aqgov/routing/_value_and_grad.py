@@ -259,9 +259,9 @@ class _Routed:
     return self.plans[key]
 
   def _choose(self, params, example) -> _Plan:
-    check_output(jax.eval_shape(self.loss_fn, _abstract(params), example), self.has_aux)
     if not self.asserted:
       check_per_example(self.loss_fn, params, example, has_aux=self.has_aux)
+    check_output(jax.eval_shape(self.loss_fn, _abstract(params), example), self.has_aux)
     if self.requested == "per_example":
       return _Plan("per_example", "requested")
     try:
