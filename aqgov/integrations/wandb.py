@@ -93,7 +93,7 @@ def step_metrics(summary: Any, compiled: Any, *, step: int | None = None, profil
     oob = np.asarray(events.out_of_bounds)
     action = np.asarray(events.action)
     out[f"{PREFIX}/events"] = int(oob.sum())
-    for g, m, h in zip(*np.nonzero(oob)):
+    for g, m, h in zip(*np.nonzero(oob), strict=True):
       out[f"{PREFIX}/event/{METRICS[m]}/{groups[g]}"] = int(action[g, m, h])
   return out
 

@@ -114,7 +114,7 @@ def _events(view: rec.StepView, groups: Sequence[str]) -> list[Event]:
   if "out_of_bounds" not in ev:
     return []
   out = []
-  for g, m, h in zip(*np.nonzero(ev["out_of_bounds"])):
+  for g, m, h in zip(*np.nonzero(ev["out_of_bounds"]), strict=True):
     metric = METRICS[m]
     out.append(Event(view.step, groups[g], metric, int(h) if ev["out_of_bounds"].shape[2] > 1 else None,
                      float(ev["value"][g, m, h]), BOUND_NAMES[int(ev["bound"][g, m, h])],

@@ -160,7 +160,7 @@ def render(d: ReportData) -> str:
   return page.render(d=d, v=d.verification, desc=d.description._replace(last_loss=_finite_or_none(d.description.last_loss)),
                      s=d.description.start, a=d.attestation,
                      plots=_markup(svgs),
-                     generated=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
+                     generated=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"))
 
 
 def _markup(svgs: dict) -> dict:

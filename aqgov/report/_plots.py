@@ -52,7 +52,7 @@ def heatmap(table: ClassTable) -> str:
         ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="///", edgecolor="#d62728", lw=0))
       ax.text(j, i, text, ha="center", va="center", fontsize=7, color=color)
   ax.set_xticks(range(g), table.groups)
-  ax.set_yticks(range(c), [f"{n} ({int(k)})" for n, k in zip(table.classes, table.examples)], fontsize=7)
+  ax.set_yticks(range(c), [f"{n} ({int(k)})" for n, k in zip(table.classes, table.examples, strict=True)], fontsize=7)
   ax.xaxis.tick_top()
   fig.colorbar(im, ax=ax, fraction=0.04, label="weight")
   ax.set_title("route class (examples trained) x group weight", fontsize=9, pad=22)
