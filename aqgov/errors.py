@@ -117,3 +117,11 @@ class WitnessError(LineageError):
 
 class CheckpointError(AqgovError):
   """A checkpoint is missing, incomplete, or does not match the lineage."""
+
+
+class IntegrationError(AqgovError):
+  """An experiment tracker's run disagrees with the signed lineage, or an upload would carry a private file."""
+
+
+class ReportError(AqgovError):
+  """An audit report cannot be built from what was given."""

@@ -58,3 +58,11 @@ main.add_command(_profile.override)
 from aqgov.cli import witness as _witness  # noqa: E402
 
 main.add_command(_witness.witness)
+
+from aqgov.cli import report as _report  # noqa: E402
+
+main.add_command(_report.report)
+
+from aqgov.cli import wandb as _wandb  # noqa: E402
+
+main.add_command(_wandb.wandb)

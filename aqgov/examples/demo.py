@@ -190,6 +190,7 @@ def run(out: str | Path, *, steps: int = 20, batch_size: int = 16, seed: int = 0
                 f"{len(rejected)} refused")
   for r in rejected:
     console.print(f"   refused {r.example_id}: {r.reason}")
+  run.record_event({"admission": [{"example_id": r.example_id, "reason": str(r.reason)} for r in rejected]})
 
   console.print("[bold]3. policy[/bold]: groups " + ", ".join(task.compiled.group_names))
 
@@ -219,6 +220,12 @@ def run(out: str | Path, *, steps: int = 20, batch_size: int = 16, seed: int = 0
                 "measures it in full)")
   for claim in efficacy.demo_claims():
     console.print(f"   {claim}")
+  from aqgov.report import write_report  # the `report` extra
+
+  write_report(out, out / "report.html", TrustStore.from_paths(sorted((out / "keys").glob("*.pub"))),
+               require_closed=escalation is None)
+  console.print(f"[bold]7. audit report[/bold]: {out / 'report.html'} (aqgov report {out} -o FILE --trust "
+                f"{out}/keys/*.pub)")
   return {"admitted": len(incoming) - len(rejected), "rejected": [(r.example_id, str(r.reason)) for r in rejected],
           "policy_ids": task.compiled.policy_ids, "groups": task.compiled.group_names, "reached": reached.tolist(),
           "events": [e._asdict() for e in events], "escalation": escalation, "records": report.size}
