@@ -9,7 +9,6 @@ keys, signatures, Merkle trees), `aqgov.credentials` (taxonomies, manifests, adm
 `aqgov.cli` and `aqgov.examples`. This module re-exports what a user of the README needs.
 """
 
-from aqgov import credentials, documents, entropy, lineage, policy, routing
 from aqgov.credentials import Admission, Taxonomy
 from aqgov.documents import SigningKey, TrustStore
 from aqgov.entropy import EntropyProfile, enforce, measure

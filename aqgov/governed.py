@@ -26,11 +26,10 @@ its record (its step, and its expiry at the time it was recorded), so replay wor
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
-
-import datetime as dt
 
 import jax
 import jax.numpy as jnp
@@ -38,22 +37,29 @@ import numpy as np
 import optax
 
 from aqgov.credentials._admission import Admission
-from aqgov.policy._compile import CompiledPolicy, compile_policy
 from aqgov.credentials._manifest import MANIFEST, Example
 from aqgov.documents._document_type import DocumentType, read, verify
+from aqgov.documents._keys import TrustStore
 from aqgov.documents._signing import verify_signatures
 from aqgov.entropy._enforce import check_escalation, enforce, enforce_state
 from aqgov.entropy._metrics import measure
-from aqgov.errors import GovernanceEscalation, LineageError, NonFiniteError, OverrideError, PolicyError
-from aqgov.routing._value_and_grad import routed_value_and_grad
-from aqgov.documents._keys import TrustStore
+from aqgov.entropy._overrides import OVERRIDE, Override, admit_override
+from aqgov.entropy._profile import PROFILE, EntropyProfile
+from aqgov.errors import (
+  GovernanceEscalation,
+  LineageError,
+  NonFiniteError,
+  OverrideError,
+  PolicyError,
+)
 from aqgov.lineage._log import LogReader
 from aqgov.lineage._summary import StepSummary, summarize
 from aqgov.lineage._task import TrainState
-from aqgov.entropy._overrides import OVERRIDE, Override, admit_override
+from aqgov.policy._compile import CompiledPolicy, compile_policy
 from aqgov.policy._policy import POLICY
-from aqgov.entropy._profile import PROFILE, EntropyProfile
 from aqgov.routing._transforms import strict as strict_transform
+from aqgov.routing._value_and_grad import routed_value_and_grad
+
 
 class GovernanceState(NamedTuple):
   """Governance state a governed step carries besides the optimizer's (checkpointed with it).
@@ -151,7 +157,7 @@ def run_overrides(run_dir: Path, trust: TrustStore, authorities: Sequence[str] |
   out, used = {}, set()
   for r in records:
     if r.kind == "override":
-      at = dt.datetime.fromtimestamp(float(r.body["time"]), dt.timezone.utc)
+      at = dt.datetime.fromtimestamp(float(r.body["time"]), dt.UTC)
       o = admit_override(bytes(r.body["token"]), trust, run_id, now=at, step=int(r.body["step"]), used=used,
                          authorities=authorities)
       used.add(o.id)

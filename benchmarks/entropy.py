@@ -33,9 +33,10 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 from importlib import resources  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Callable, NamedTuple  # noqa: E402
+from typing import NamedTuple
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -25,7 +25,8 @@ import statistics
 import sys
 import time
 import warnings
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp

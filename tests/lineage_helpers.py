@@ -14,7 +14,7 @@ from aqgov.lineage import _record as rec
 from aqgov.lineage import _segments as segments
 from aqgov.lineage._heads import LogHead
 from aqgov.lineage._summary import StepSummary
-from aqgov.lineage._writer import LineageWriter
+from aqgov.lineage._writer import LineageWriter, open_for_resume
 
 GROUPS = ("embed", "block", "head")
 HEADER = 16  # segment header: magic + first seq
@@ -54,6 +54,25 @@ def write_log(lineage_dir: Path, key: keys.SigningKey, steps: int, *, head_every
   head = w.flush()
   w.abandon()
   return head
+
+
+def publish_key(run_dir: Path, key: keys.SigningKey) -> Path:
+  """`RUN/keys/NAME.pub` for `key` (public half only): where readers find the key that checks the run's heads."""
+  out = Path(run_dir) / "keys"
+  out.mkdir(parents=True, exist_ok=True)
+  path = out / f"{key.name}.pub"
+  path.write_text(keys.public_key_json(key.public))
+  return path
+
+
+def sign_head(lineage_dir: Path, key: keys.SigningKey) -> LogHead:
+  """Reopen an open log with the run key and sign a head covering every record now in it (whatever their
+  bodies hold): what a run-key holder, or a buggy writer, can do."""
+  w, _ = open_for_resume(lineage_dir, key, fsync="never")
+  try:
+    return w.flush(sign_head=True)
+  finally:
+    w.abandon()
 
 
 def segment_path(lineage_dir: Path) -> Path:
@@ -126,9 +145,14 @@ def trust_of(*run_dirs: Path):
   return TrustStore.from_paths([p for d in run_dirs for p in sorted((Path(d) / "keys").glob("*.pub"))])
 
 
-def run_key(run_dir: Path):
-  """The run's private key, from the key directory `GovernedRun.start` wrote it to (never the run directory)."""
+def run_key_path(run_dir: Path) -> Path:
+  """Where `GovernedRun.start` wrote the run's private key: its default key directory (never the run directory)."""
   from aqgov.lineage._trust import default_key_dir
 
   start = next(iter(segments.LogReader(Path(run_dir) / "lineage"))).body
-  return keys.load_signing_key(default_key_dir(start["run_id"]) / "run.key")
+  return default_key_dir(start["run_id"]) / "run.key"
+
+
+def run_key(run_dir: Path):
+  """The run's private key, from the key directory `GovernedRun.start` wrote it to (never the run directory)."""
+  return keys.load_signing_key(run_key_path(run_dir))

@@ -87,6 +87,23 @@ def _step_body(step: int) -> dict:
   return rec.step_body(lh.summary(step), lh.ids(step), lh.digests(step), time_s=0.0)
 
 
+def _signed_log(run_dir: Path, steps: int) -> Path:
+  """An open log of `steps` steps, all under a signed head, with the run's public key in `run_dir/keys/`
+  (readers check the heads with it: only the signed part is read)."""
+  ldir = run_dir / "lineage"
+  lh.write_log(ldir, KEY, steps, close=False)
+  lh.sign_head(ldir, KEY)
+  lh.publish_key(run_dir, KEY)
+  return ldir
+
+
+def _show_and_query_skip_the_unsigned_tail(ldir: Path, steps: int) -> None:
+  """Records after the last signed head (anyone can append them) are counted, never read."""
+  shown = describe(ldir)
+  assert (shown.signed_size, shown.unsigned, shown.steps, shown.last_step) == (steps + 1, 1, steps, steps)
+  assert {m.record for m in membership(ldir, "block")} <= set(range(1, steps + 1))
+
+
 @pytest.mark.parametrize("damage", [
     lambda b: b.pop("weights"),
     lambda b: b.update(step="three"),
@@ -98,17 +115,20 @@ def _step_body(step: int) -> dict:
 ], ids=["lacks-weights", "step-not-int", "loss-not-float", "short-array", "object-dtype", "wrong-shape",
         "ids-not-utf8"])
 def test_a_malformed_step_body_is_a_lineage_error_for_show_query_and_verify(tmp_path, damage):
-  ldir = tmp_path / "lineage"
-  lh.write_log(ldir, KEY, 3, close=False)
+  ldir = _signed_log(tmp_path, 3)
   body = _step_body(4)
   damage(body)
   _append(ldir, rec.STEP, body)
+  _show_and_query_skip_the_unsigned_tail(ldir, 3)
+  with pytest.raises(LineageError, match="record 4"):
+    verify_lineage(ldir, keys.TrustStore.of([KEY.public]), require_closed=False)  # verify checks every record
+  lh.sign_head(ldir, KEY)  # once a signed head covers it, show and query read it, and refuse it
   with pytest.raises(LineageError, match="record 4"):
     describe(ldir)
   with pytest.raises(LineageError, match="record 4"):
     membership(ldir, "block")
   with pytest.raises(LineageError, match="record 4"):
-    verify_lineage(ldir, keys.TrustStore.of([KEY.public]))
+    verify_lineage(ldir, keys.TrustStore.of([KEY.public]), require_closed=False)
 
 
 @pytest.mark.parametrize("damage", [
@@ -116,17 +136,19 @@ def test_a_malformed_step_body_is_a_lineage_error_for_show_query_and_verify(tmp_
     lambda b: b.update(weights={"by_class": rec.array_to_wire(np.ones((1, 3), np.float32))}),
 ], ids=["row-out-of-range", "class-without-weights"])
 def test_step_values_out_of_range_are_lineage_errors_for_show_and_query(tmp_path, damage):
-  ldir = tmp_path / "lineage"
-  lh.write_log(ldir, KEY, 3, close=False)
+  ldir = _signed_log(tmp_path, 3)
   body = _step_body(4)
   body["route_class"] = rec.array_to_wire(np.asarray([0, 1, 2, 1], np.uint8))
   damage(body)
   _append(ldir, rec.STEP, body)
+  _show_and_query_skip_the_unsigned_tail(ldir, 3)
+  lh.sign_head(ldir, KEY)
   with pytest.raises(LineageError, match="record 4"):
     describe(ldir)
   with pytest.raises(LineageError, match="record 4"):
     membership(ldir, "block")
-  assert verify_lineage(ldir, keys.TrustStore.of([KEY.public])).size == 5  # verify checks shapes, not values
+  report = verify_lineage(ldir, keys.TrustStore.of([KEY.public]), require_closed=False)
+  assert (report.size, report.signed_size) == (5, 5)  # verify checks shapes, not values
 
 
 @pytest.mark.parametrize("kind, body", [
@@ -152,10 +174,11 @@ def test_a_nan_loss_is_canonical_so_show_and_verify_agree(tmp_path):
   negative_nan = struct.unpack(">d", bytes.fromhex("fff8000000000000"))[0]
   w = rec.step_body(lh.summary(1)._replace(loss=negative_nan), lh.ids(1), lh.digests(1))
   assert math.isnan(w["loss"]) and struct.pack(">d", w["loss"]) == struct.pack(">d", canonical.NAN)
-  lh.write_log(ldir, KEY, 2, close=False)
+  _signed_log(tmp_path, 2)
   _append(ldir, rec.STEP, {**_step_body(3), "loss": math.nan})
-  report = verify_lineage(ldir, keys.TrustStore.of([KEY.public]))
-  assert report.size == 4
+  lh.sign_head(ldir, KEY)  # show reads only what a signed head covers
+  report = verify_lineage(ldir, keys.TrustStore.of([KEY.public]), require_closed=False)
+  assert (report.size, report.signed_size) == (4, 4)
   assert math.isnan(describe(ldir).last_loss)
 
 
@@ -189,7 +212,7 @@ def test_malformed_checkpoint_metadata_is_a_checkpoint_error(tmp_path, finished,
   edit(doc)
   meta.write_text(json.dumps(doc))
   with pytest.raises(CheckpointError, match="checkpoint .*4"):
-    replay(d, step=5, examples=data[0], from_checkpoint=4)
+    replay(d, step=5, examples=data[0], from_checkpoint=4, trust=lh.trust_of(d), task=lh.TASK)
 
 
 def test_a_symlinked_checkpoint_directory_is_checked_like_any_other(tmp_path, finished, data):
@@ -197,10 +220,11 @@ def test_a_symlinked_checkpoint_directory_is_checked_like_any_other(tmp_path, fi
   shutil.rmtree(d / "checkpoints" / "4")
   (d / "checkpoints" / "4").symlink_to(d / "checkpoints" / "2", target_is_directory=True)
   with pytest.raises(CheckpointError, match="holds params hashing to"):
-    replay(d, step=5, examples=data[0], from_checkpoint=4)
+    replay(d, step=5, examples=data[0], from_checkpoint=4, trust=lh.trust_of(d), task=lh.TASK)
   (d / "checkpoints" / "4").unlink()
   (d / "checkpoints" / "4").symlink_to(tmp_path / "nowhere", target_is_directory=True)
-  assert replay(d, step=5, examples=data[0], from_checkpoint=4).from_checkpoint == 2  # dangling: not a checkpoint
+  dangling = replay(d, step=5, examples=data[0], from_checkpoint=4, trust=lh.trust_of(d), task=lh.TASK)
+  assert dangling.from_checkpoint == 2  # dangling: not a checkpoint
 
 
 def test_a_step_with_no_examples_is_refused(tmp_path, data):

@@ -190,6 +190,7 @@ def test_jsonl_of_random_text_lines_raises_only_typed_errors(lines):
 def _log() -> Path:
   d = Path(tempfile.mkdtemp(prefix="aqgov-fuzz-log-")) / "lineage"
   lh.write_log(d, RUN_KEY, 4, head_every=2)
+  lh.publish_key(d.parent, RUN_KEY)  # RUN/keys/run.pub: readers check the signed heads with it
   return d
 
 
@@ -205,6 +206,7 @@ def _read_log(ldir: Path):
 def _with(ldir: Path, name: str, data: bytes) -> Path:
   out = Path(tempfile.mkdtemp(prefix="aqgov-fuzz-log-")) / "lineage"
   shutil.copytree(ldir, out)
+  shutil.copytree(ldir.parent / "keys", out.parent / "keys")
   target = out / name if name == "heads.seg" else lh.segment_path(out)
   target.write_bytes(data)
   return out

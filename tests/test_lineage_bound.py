@@ -60,7 +60,7 @@ def _copy(src: Path, tmp_path: Path) -> Path:
 
 
 def _run_key(run_dir: Path) -> keys.SigningKey:
-  return keys.load_signing_key(run_dir / "keys" / "run.key")
+  return lh.run_key(run_dir)  # the operator's key directory: a run directory holds no private key
 
 
 def _append_unsigned(run_dir: Path, kind: str, body: dict) -> int:
@@ -256,7 +256,7 @@ def test_a_second_writer_is_refused_in_this_process_and_from_another(stopped, tm
     GovernedRun.resume(d)
   run.step(lh.batches(data, run.next_step))
   run.abandon()  # releases the lock
-  proc = subprocess.Popen([sys.executable, "-c", _HOLDER, str(d / "lineage"), str(d / "keys" / "run.key")],
+  proc = subprocess.Popen([sys.executable, "-c", _HOLDER, str(d / "lineage"), str(lh.run_key_path(d))],
                           stdout=subprocess.PIPE, text=True)
   try:
     assert proc.stdout.readline().strip() == "holding"

@@ -27,8 +27,10 @@ def test_the_readme_commands_after_the_demo_run_as_written(tmp_path, monkeypatch
   demo = CliRunner().invoke(main, ["demo", "--out", "demo-out"])
   assert demo.exit_code == 0, demo.output
   commands = _post_demo_commands()
-  assert [c.split()[:3] for c in commands] == [["aqgov", "keys", "fingerprint"], ["aqgov", "lineage", "verify"],
-                                              ["aqgov", "lineage", "export"], ["aqgov", "lineage", "replay"]]
+  # the commands use the environment the README's first command made, so they run as written
+  assert [c.split()[:3] for c in commands] == [
+      [".venv/bin/aqgov", "keys", "fingerprint"], [".venv/bin/aqgov", "lineage", "verify"],
+      [".venv/bin/aqgov", "lineage", "export"], [".venv/bin/aqgov", "lineage", "replay"]]
   for command in commands:
     argv = [a for arg in shlex.split(command)[1:] for a in (sorted(glob.glob(arg)) if "*" in arg else [arg])]
     result = CliRunner().invoke(main, argv)

@@ -1,12 +1,15 @@
 """Taxonomies, credential manifests and admission at the loader."""
 
-from aqgov.credentials._taxonomy import (
-    CREDENTIALED,
-    PRESENT,
-    Field,
-    LabelSpace,
-    Taxonomy,
-    string_code,
+from aqgov.credentials._admission import (
+    Admission,
+    AdmittedBatch,
+    Rejection,
+    RejectReason,
+    Verdict,
+    admit,
+)
+from aqgov.credentials._loader import (
+    governed_batches,
 )
 from aqgov.credentials._manifest import (
     MANIFEST,
@@ -21,16 +24,13 @@ from aqgov.credentials._manifest import (
     read_examples,
     verify_entry,
 )
-from aqgov.credentials._admission import (
-    Admission,
-    AdmittedBatch,
-    RejectReason,
-    Rejection,
-    Verdict,
-    admit,
-)
-from aqgov.credentials._loader import (
-    governed_batches,
+from aqgov.credentials._taxonomy import (
+    CREDENTIALED,
+    PRESENT,
+    Field,
+    LabelSpace,
+    Taxonomy,
+    string_code,
 )
 
 __all__ = [

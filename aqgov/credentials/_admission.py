@@ -18,14 +18,22 @@ from typing import Any, Literal, NamedTuple
 import jax
 import numpy as np
 
+from aqgov.credentials._manifest import (
+  MANIFEST,
+  Entry,
+  Example,
+  Manifest,
+  as_example,
+  check_same_labels,
+  content_hash,
+  trusted_for_authority,
+)
+from aqgov.credentials._taxonomy import LabelSpace, Taxonomy
 from aqgov.documents import _canonical as canonical
-from aqgov.credentials._manifest import (MANIFEST, Entry, Example, Manifest, as_example, check_same_labels,
-                                        content_hash, trusted_for_authority)
 from aqgov.documents._document_type import verify
 from aqgov.documents._keys import TrustStore
 from aqgov.documents._signing import SignedDocument
 from aqgov.errors import AdmissionError, CredentialError
-from aqgov.credentials._taxonomy import LabelSpace, Taxonomy
 
 
 class RejectReason(enum.StrEnum):

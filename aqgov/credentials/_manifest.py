@@ -21,13 +21,13 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from aqgov.credentials._taxonomy import Taxonomy
 from aqgov.documents import _canonical as canonical
 from aqgov.documents import _merkle as merkle
 from aqgov.documents import _signing as signing
 from aqgov.documents._document_type import DocumentType, register, sign
 from aqgov.documents._keys import AUTHORITY, SigningKey, TrustStore
 from aqgov.errors import CredentialError, SignatureError, TaxonomyError
-from aqgov.credentials._taxonomy import Taxonomy
 
 KIND = "credential-manifest"
 
@@ -268,7 +268,7 @@ class Manifest:
     return self.document.to_bytes()
 
   @classmethod
-  def from_bytes(cls, data: bytes) -> "Manifest":
+  def from_bytes(cls, data: bytes) -> Manifest:
     try:
       return cls(signing.SignedDocument.from_bytes(data, kind=KIND))
     except SignatureError as exc:

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import Any, Iterable, Mapping, NamedTuple, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
@@ -128,7 +129,7 @@ class Taxonomy(NamedTuple):
   fields: tuple[Field, ...]
 
   @classmethod
-  def from_dict(cls, doc: Mapping[str, Any]) -> "Taxonomy":
+  def from_dict(cls, doc: Mapping[str, Any]) -> Taxonomy:
     if not isinstance(doc, Mapping):
       raise TaxonomyError(f"a taxonomy is a table of [authority] and [fields.<name>], got {type(doc).__name__}")
     auth = doc.get("authority")
@@ -143,7 +144,7 @@ class Taxonomy(NamedTuple):
     return cls(auth["name"], tuple(_parse_field(n, s) for n, s in fields.items()))
 
   @classmethod
-  def from_toml(cls, text: str) -> "Taxonomy":
+  def from_toml(cls, text: str) -> Taxonomy:
     """Parse the TOML form from `text` (read a file with `Taxonomy.read`)."""
     if not isinstance(text, str):
       raise TaxonomyError(f"Taxonomy.from_toml takes TOML text, got {type(text).__name__}; read a file with "
@@ -151,7 +152,7 @@ class Taxonomy(NamedTuple):
     return cls.from_dict(loads_toml(text, TaxonomyError, "taxonomy"))
 
   @classmethod
-  def read(cls, path: str | os.PathLike) -> "Taxonomy":
+  def read(cls, path: str | os.PathLike) -> Taxonomy:
     """Parse the TOML file at `path`."""
     return cls.from_toml(read_text(path, TaxonomyError, "taxonomy"))
 
@@ -205,7 +206,7 @@ class LabelSpace(NamedTuple):
   taxonomies: tuple[Taxonomy, ...]
 
   @classmethod
-  def of(cls, taxonomies: Taxonomy | Iterable[Taxonomy]) -> "LabelSpace":
+  def of(cls, taxonomies: Taxonomy | Iterable[Taxonomy]) -> LabelSpace:
     if isinstance(taxonomies, LabelSpace):
       return taxonomies
     taxes = (taxonomies,) if isinstance(taxonomies, Taxonomy) else tuple(taxonomies)

@@ -3,10 +3,23 @@ every signed artefact is made of."""
 
 from aqgov.documents._canonical import (
     CanonicalError,
-    encode,
     decode,
-    sha256,
     digest_hex,
+    encode,
+    sha256,
+)
+from aqgov.documents._document_type import (
+    DocumentType,
+    document_type,
+    load,
+    payload_of,
+    read,
+    read_any,
+    register,
+    sign,
+    signer_roles,
+    verify,
+    write,
 )
 from aqgov.documents._files import (
     atomic_write,
@@ -61,19 +74,6 @@ from aqgov.documents._signing import (
     add_signature,
     pae,
     verify_signatures,
-)
-from aqgov.documents._document_type import (
-    DocumentType,
-    document_type,
-    load,
-    payload_of,
-    read,
-    read_any,
-    register,
-    sign,
-    signer_roles,
-    verify,
-    write,
 )
 from aqgov.documents._toml import (
     InlineTable,

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Generic, Mapping, TypeVar
+from typing import Any, Generic, TypeVar
 
 from aqgov.documents import _canonical as canonical
 from aqgov.documents._files import atomic_write, read_bytes
@@ -29,7 +30,7 @@ from aqgov.errors import AqgovError, SignatureError
 T = TypeVar("T")
 
 GOVERNANCE_SIGNERS = (AUTHORITY, GOVERNANCE)
-_REGISTRY: dict[str, "DocumentType"] = {}
+_REGISTRY: dict[str, DocumentType] = {}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,13 +16,21 @@ import hashlib
 import json
 import os
 import stat
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Iterable, Mapping, NamedTuple
+from typing import NamedTuple
 
 import nacl.exceptions
 import nacl.signing
 
-from aqgov.documents._files import PRIVATE_MODE, PUBLIC_MODE, check_name, child, create_exclusive, make_private_dir
+from aqgov.documents._files import (
+  PRIVATE_MODE,
+  PUBLIC_MODE,
+  check_name,
+  child,
+  create_exclusive,
+  make_private_dir,
+)
 from aqgov.errors import KeyFileError, SignatureError
 
 KEY_TYPE = "ed25519"
@@ -193,12 +201,12 @@ class TrustStore(NamedTuple):
   keys: Mapping[str, PublicKey]
 
   @classmethod
-  def of(cls, keys: Iterable[PublicKey | SigningKey]) -> "TrustStore":
+  def of(cls, keys: Iterable[PublicKey | SigningKey]) -> TrustStore:
     pubs = [k.public if isinstance(k, SigningKey) else k for k in keys]
     return cls({k.key_id: k for k in pubs})
 
   @classmethod
-  def from_paths(cls, paths: Iterable[str | os.PathLike]) -> "TrustStore":
+  def from_paths(cls, paths: Iterable[str | os.PathLike]) -> TrustStore:
     return cls.of(load_public_key(p) for p in paths)
 
   def __contains__(self, kid: object) -> bool:

@@ -8,11 +8,12 @@ the hex SHA-256 of the canonical payload: signatures can be added without changi
 
 from __future__ import annotations
 
-from typing import Any, Mapping, NamedTuple, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
 
 from aqgov.documents import _canonical as canonical
-from aqgov.errors import SignatureError
 from aqgov.documents._keys import SigningKey, TrustStore
+from aqgov.errors import SignatureError
 
 
 def pae(payload_type: str, payload: bytes) -> bytes:
@@ -54,7 +55,7 @@ class SignedDocument(NamedTuple):
     })
 
   @classmethod
-  def from_bytes(cls, data: bytes, *, kind: str | None = None) -> "SignedDocument":
+  def from_bytes(cls, data: bytes, *, kind: str | None = None) -> SignedDocument:
     try:
       doc = canonical.decode(data)
       sigs = tuple(Signature(str(s["key_id"]), str(s["signer"]), bytes(s["sig"])) for s in doc["signatures"])

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import re
 import tomllib
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from aqgov.errors import AqgovError
 

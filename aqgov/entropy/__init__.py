@@ -1,6 +1,15 @@
 """Entropy metrics, profiles (`PROFILE` documents), enforcement inside the step, and signed overrides
 (`OVERRIDE` documents)."""
 
+from aqgov.entropy._enforce import (
+    EnforceState,
+    Event,
+    Events,
+    check_escalation,
+    decode_events,
+    enforce,
+    enforce_state,
+)
 from aqgov.entropy._metrics import (
     METRICS,
     attention_entropy,
@@ -12,26 +21,17 @@ from aqgov.entropy._metrics import (
     measure,
     renyi2,
 )
-from aqgov.entropy._profile import (
-    PROFILE,
-    Bound,
-    EntropyProfile,
-    Representation,
-)
-from aqgov.entropy._enforce import (
-    EnforceState,
-    Event,
-    Events,
-    check_escalation,
-    decode_events,
-    enforce,
-    enforce_state,
-)
 from aqgov.entropy._overrides import (
     OVERRIDE,
     Override,
     admit_override,
     host_mask,
+)
+from aqgov.entropy._profile import (
+    PROFILE,
+    Bound,
+    EntropyProfile,
+    Representation,
 )
 
 __all__ = [

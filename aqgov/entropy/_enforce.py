@@ -29,7 +29,8 @@ step's events are fixed-size arrays in the state (`Events`) so they leave jit wi
 
 from __future__ import annotations
 
-from typing import Any, Iterable, NamedTuple, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -38,8 +39,9 @@ import optax
 
 from aqgov.entropy import _overrides as overrides_lib
 from aqgov.entropy._metrics import METRICS, PER_HEAD_METRICS, split_key
-from aqgov.errors import GovernanceEscalation, OverrideError, ProfileError
 from aqgov.entropy._profile import EntropyProfile
+from aqgov.errors import GovernanceEscalation, OverrideError, ProfileError
+from aqgov.policy._compile import CompiledPolicy
 
 PyTree = Any
 
@@ -321,7 +323,7 @@ def enforce_state(opt_state: PyTree) -> EnforceState:
   return found[0]
 
 
-def decode_events(state_or_events: Any, profile: EntropyProfile, compiled: Any) -> list[Event]:
+def decode_events(state_or_events: Any, profile: EntropyProfile, compiled: CompiledPolicy) -> list[Event]:
   """The out-of-bounds measurements of the last step as `Event` records (host side)."""
   events = state_or_events if isinstance(state_or_events, Events) else enforce_state(state_or_events).events
   ev = jax.device_get(events)
@@ -337,7 +339,7 @@ def decode_events(state_or_events: Any, profile: EntropyProfile, compiled: Any) 
   return out
 
 
-def check_escalation(opt_state: PyTree, profile: EntropyProfile, compiled: Any, *, run_id: str | None = None) -> None:
+def check_escalation(opt_state: PyTree, profile: EntropyProfile, compiled: CompiledPolicy, *, run_id: str | None = None) -> None:
   """Raise `GovernanceEscalation` if the last update stopped for a human (call after each step)."""
   state = enforce_state(opt_state)
   if not bool(jax.device_get(state.escalated)):

@@ -40,13 +40,15 @@ The profile's `[[representation]]` entries map those paths (globs) to parameter 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from aqgov.errors import ProfileError
+from aqgov.policy._compile import CompiledPolicy
 from aqgov.policy._paths import glob_match, tree_paths
 
 if TYPE_CHECKING:
@@ -222,7 +224,7 @@ def split_key(name: str) -> tuple[str, str]:
   return metric, group
 
 
-def group_gradient_entropy(grads: PyTree, compiled: Any) -> dict[str, jax.Array]:
+def group_gradient_entropy(grads: PyTree, compiled: CompiledPolicy) -> dict[str, jax.Array]:
   """`{group: gradient entropy}` for every group of `compiled` with at least two entries."""
   leaves = jax.tree_util.tree_leaves(grads)
   leaf_group = tuple(compiled.leaf_group)
@@ -241,7 +243,7 @@ def group_gradient_entropy(grads: PyTree, compiled: Any) -> dict[str, jax.Array]
   return out
 
 
-def _assign(profile: "EntropyProfile", reps: Mapping[str, jax.Array]) -> dict[int, list[str]]:
+def _assign(profile: EntropyProfile, reps: Mapping[str, jax.Array]) -> dict[int, list[str]]:
   """Representation entry index -> matching representation paths (each path at most one entry)."""
   assigned: dict[int, list[str]] = {i: [] for i in range(len(profile.representations))}
   for path in sorted(reps):
@@ -267,7 +269,7 @@ def _causal_mask(probs: jax.Array) -> jax.Array:
 
 
 def representation_metrics(
-    profile: "EntropyProfile", representations: PyTree, wanted: Mapping[str, set[str]]) -> dict[str, jax.Array]:
+    profile: EntropyProfile, representations: PyTree, wanted: Mapping[str, set[str]]) -> dict[str, jax.Array]:
   """Measurements of the representation metrics in `wanted` ({group: metrics})."""
   reps = flatten(representations)
   assigned = _assign(profile, reps)
@@ -292,7 +294,7 @@ def representation_metrics(
 
 
 def measure(
-    profile: "EntropyProfile",
+    profile: EntropyProfile,
     compiled: Any,
     *,
     grads: PyTree | None = None,

@@ -19,7 +19,8 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import re
-from typing import AbstractSet, Any, Iterable, Mapping, NamedTuple, Sequence
+from collections.abc import Iterable, Mapping, Sequence, Set
+from typing import Any, NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
@@ -98,12 +99,12 @@ def utc_time(value: str | dt.datetime, what: str = "time") -> dt.datetime:
     raise OverrideError(f"{what} must be an ISO 8601 string or datetime, got {type(value).__name__}")
   if value.tzinfo is None:
     raise OverrideError(f"{what} {value.isoformat()} has no timezone; give UTC explicitly, e.g. ...T18:00:00Z")
-  return value.astimezone(dt.timezone.utc)
+  return value.astimezone(dt.UTC)
 
 
 def iso(value: dt.datetime) -> str:
   """Canonical UTC ISO text: `YYYY-MM-DDTHH:MM:SSZ` (seconds precision)."""
-  return value.astimezone(dt.timezone.utc).replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
+  return value.astimezone(dt.UTC).replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _names(values: Any, what: str, allowed: Sequence[str] | None = None) -> tuple[str, ...]:
@@ -152,10 +153,10 @@ class Override:
 
   @classmethod
   def create(cls, *, run: str, steps: Any, groups: Iterable[str] | str, metrics: Iterable[str] | str, reason: str,
-             expires: str | dt.datetime, issued: str | dt.datetime | None = None) -> "Override":
+             expires: str | dt.datetime, issued: str | dt.datetime | None = None) -> Override:
     """An override admitting `metrics` in `groups` at `steps` of run `run`, issued now unless `issued`."""
     return cls(run=run, steps=steps, groups=groups, metrics=metrics, reason=reason, expires=expires,
-               issued=dt.datetime.now(dt.timezone.utc) if issued is None else issued)
+               issued=dt.datetime.now(dt.UTC) if issued is None else issued)
 
   @property
   def id(self) -> str:
@@ -168,7 +169,7 @@ class Override:
             "expires": self.expires, "issued": self.issued}
 
   @classmethod
-  def from_payload(cls, p: Mapping[str, Any]) -> "Override":
+  def from_payload(cls, p: Mapping[str, Any]) -> Override:
     where = f"override {canonical.digest_hex(p)[:16]}..." if isinstance(p, Mapping) else "override"
     if not isinstance(p, Mapping) or set(p) != _PAYLOAD_KEYS or p.get("format") != FORMAT:
       raise OverrideError(f"{where} is malformed (expected the fields {sorted(_PAYLOAD_KEYS)}); re-issue it")
@@ -190,7 +191,7 @@ OVERRIDE: DocumentType[Override] = register(DocumentType(
 
 def admit_override(token: SignedDocument | bytes, trust: TrustStore, run_id: str, *,
                    now: str | dt.datetime | None = None, step: int | None = None,
-                   authorities: Sequence[str] | None = None, used: AbstractSet[str] = frozenset()) -> Override:
+                   authorities: Sequence[str] | None = None, used: Set[str] = frozenset()) -> Override:
   """The verified token; `OverrideError` unless it may be used now.
 
   It must carry a trusted signature by a key that may sign overrides (a run key never may) and,
@@ -214,7 +215,7 @@ def admit_override(token: SignedDocument | bytes, trust: TrustStore, run_id: str
   if step is not None and not any(lo <= int(step) < hi for lo, hi in override.steps):
     raise OverrideError(f"override {override.id[:16]}... does not cover step {step} (it names steps "
                         f"{', '.join(f'{lo}-{hi - 1}' for lo, hi in override.steps)}); issue one for that step")
-  at = dt.datetime.now(dt.timezone.utc) if now is None else utc_time(now, "now")
+  at = dt.datetime.now(dt.UTC) if now is None else utc_time(now, "now")
   if at >= utc_time(override.expires, "expiry"):
     raise OverrideError(
         f"override {override.id[:16]}... expired at {override.expires} (used {iso(at)}); issue a fresh one")

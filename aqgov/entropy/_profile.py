@@ -35,7 +35,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 from aqgov.documents import _canonical as canonical
 from aqgov.documents._document_type import DocumentType, register
@@ -295,7 +296,7 @@ class EntropyProfile:
     return canonical.digest_hex(self.to_dict())
 
   @classmethod
-  def from_dict(cls, doc: Mapping[str, Any], *, where: str = "entropy profile") -> "EntropyProfile":
+  def from_dict(cls, doc: Mapping[str, Any], *, where: str = "entropy profile") -> EntropyProfile:
     """Parse the canonical dict (or the TOML document) form; `ProfileError` names what and where."""
     if not isinstance(doc, Mapping):
       raise ProfileError(f"{where}: expected a table/map, got {type(doc).__name__}")
@@ -325,7 +326,7 @@ class EntropyProfile:
       raise ProfileError(f"{where}: {exc}") from None
 
   @classmethod
-  def from_toml(cls, text: str, *, where: str = "profile TOML") -> "EntropyProfile":
+  def from_toml(cls, text: str, *, where: str = "profile TOML") -> EntropyProfile:
     """Parse TOML text (read a file with `EntropyProfile.read`)."""
     if not isinstance(text, str):
       raise ProfileError(f"EntropyProfile.from_toml takes TOML text, got {type(text).__name__}; read a file "
@@ -334,7 +335,7 @@ class EntropyProfile:
     return cls.from_dict(doc, where=where)
 
   @classmethod
-  def read(cls, path: str | os.PathLike) -> "EntropyProfile":
+  def read(cls, path: str | os.PathLike) -> EntropyProfile:
     """Parse the TOML file at `path`."""
     return cls.from_toml(read_text(path, ProfileError, "entropy profile"), where=str(path))
 

@@ -206,9 +206,8 @@ def run(out: str | Path, *, steps: int = 20, batch_size: int = 16, seed: int = 0
 
   run_key = _run_key_id(out)
   # an escalated run is stopped for a human, not closed: it is verified as a live run
-  report = verify_lineage(out, TrustStore.of([*auth.trust.keys.values(),
-                                              keylib.load_public_key(keys / "run" / "run.pub")]),
-                          require_closed=escalation is None)
+  trust = TrustStore.of([*auth.trust.keys.values(), keylib.load_public_key(keys / "run" / "run.pub")])
+  report = verify_lineage(out, trust, require_closed=escalation is None)
   console.print(f"[bold]5. lineage[/bold]: {report.size} records, root {report.root[:16]}..., "
                 f"{report.heads} signed heads, closed={report.closed}")
   console.print(f"   run key id (hand it to auditors out of band): {run_key}\n"
@@ -222,10 +221,9 @@ def run(out: str | Path, *, steps: int = 20, batch_size: int = 16, seed: int = 0
     console.print(f"   {claim}")
   from aqgov.report import write_report  # the `report` extra
 
-  write_report(out, out / "report.html", TrustStore.from_paths(sorted((out / "keys").glob("*.pub"))),
-               require_closed=escalation is None)
+  write_report(out, out / "report.html", trust, require_closed=escalation is None)
   console.print(f"[bold]7. audit report[/bold]: {out / 'report.html'} (aqgov report {out} -o FILE --trust "
-                f"{out}/keys/*.pub)")
+                f"{keys}/authorities/keys/*.pub --run-key {keys}/run/run.pub)", soft_wrap=True)
   return {"admitted": len(incoming) - len(rejected), "rejected": [(r.example_id, str(r.reason)) for r in rejected],
           "policy_ids": task.compiled.policy_ids, "groups": task.compiled.group_names, "reached": reached.tolist(),
           "events": [e._asdict() for e in events], "escalation": escalation, "records": report.size}

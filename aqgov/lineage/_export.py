@@ -25,6 +25,7 @@ from aqgov.documents import _signing as signing
 from aqgov.documents._keys import SigningKey, TrustStore, load_public_key
 from aqgov.errors import CheckpointError, LineageError
 from aqgov.lineage import _history as hist
+from aqgov.lineage import _trust as trustlib
 from aqgov.lineage._checkpoint import Checkpoints
 from aqgov.lineage._heads import read_heads
 from aqgov.lineage._segments import LogReader
@@ -37,11 +38,13 @@ PAYLOAD_TYPE = "application/vnd.in-toto+json"
 
 
 def params_on_disk(run_dir: Path, start: Mapping[str, Any], checkpoints: Sequence[hist.CheckpointRef],
-                   task: Task | None = None) -> dict[int, str]:
+                   task: Task | None = None, trust: TrustStore | None = None) -> dict[int, str]:
   """Record index -> params digest of each checkpoint, restored from disk (with the run's task as
-  the template); raises `LineageError` when one is missing or an item differs from its record."""
+  the template, built with the authorities run-start recorded, taken from `trust`); raises
+  `LineageError` when one is missing or an item differs from its record."""
   if task is None:
-    task = load_task(start["config"]["task"], start["config"].get("task_config", {}), run_dir)
+    authorities = None if trust is None else trustlib.recorded_trust(start, trust, exact=False)
+    task = load_task(start["config"]["task"], start["config"].get("task_config", {}), run_dir, trust=authorities)
   store = Checkpoints(run_dir / "checkpoints")
   try:
     on_disk, template, out = set(store.steps()), task.init(), {}
@@ -64,9 +67,11 @@ def params_on_disk(run_dir: Path, start: Mapping[str, Any], checkpoints: Sequenc
     store.close()
 
 
-def statement(run_dir: str | os.PathLike, report: VerifyReport, *, task: Task | None = None) -> dict:
+def statement(run_dir: str | os.PathLike, report: VerifyReport, *, task: Task | None = None,
+              trust: TrustStore | None = None) -> dict:
   """The in-toto Statement for a verified run (`report` from `verify_lineage`); `task` (default: the
-  one run-start names) restores the checkpoints whose params digests become the subjects."""
+  one run-start names, built with the authorities `trust` holds) restores the checkpoints whose
+  params digests become the subjects."""
   run_dir, ldir = lineage_dir(run_dir)
   scan, history = hist.load(ldir)
   heads, _ = read_heads(ldir)
@@ -78,7 +83,7 @@ def statement(run_dir: str | os.PathLike, report: VerifyReport, *, task: Task | 
   checkpoints = [c for c in history.checkpoints if c.index < size]
   if not checkpoints:
     raise LineageError("the signed part of the log records no checkpoint: there is nothing to name as a subject")
-  digests = params_on_disk(run_dir, start, checkpoints, task)
+  digests = params_on_disk(run_dir, start, checkpoints, task, trust)
   subjects = [{"name": f"{report.run_id}/checkpoints/{c.step}/params", "digest": {"sha256": digests[c.index]}}
               for c in checkpoints]
   predicate = {
@@ -122,8 +127,9 @@ def export_intoto(run_dir: str | os.PathLike, key: SigningKey, *, trust: TrustSt
 
   Returns the DSSE envelope as a JSON-ready dict.
   """
-  report = verify_lineage(run_dir, trust if trust is not None else recorded_trust(run_dir, key), require_closed=False)
-  payload = json.dumps(statement(run_dir, report, task=task), sort_keys=True,
+  trust = trust if trust is not None else recorded_trust(run_dir, key)
+  report = verify_lineage(run_dir, trust, require_closed=False)
+  payload = json.dumps(statement(run_dir, report, task=task, trust=trust), sort_keys=True,
                        separators=(",", ":")).encode("utf-8")
   return envelope(payload, key)
 

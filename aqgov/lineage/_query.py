@@ -51,9 +51,7 @@ def membership(run_dir: str | os.PathLike, group: str, *, step: int | None = Non
     raise LineageError(f"group {group!r} is not one of this run's groups: {', '.join(groups)}")
   g = groups.index(group)
   out = []
-  for index, _, body in records(ldir, kinds=(rec.STEP,)):
-    if index >= history.size:
-      break  # the unsigned tail
+  for index, _, body in records(ldir, kinds=(rec.STEP,), stop=history.size):  # never the unsigned tail
     superseded = not history.effective(index)
     if (superseded and not include_superseded) or (step is not None and int(body["step"]) != step):
       continue
@@ -100,9 +98,7 @@ def describe(run_dir: str | os.PathLike) -> RunDescription:
   heads, _ = read_heads(ldir)
   steps, last_step, last_loss, seen = 0, 0, None, set()
   reach, norm = Counter(), Counter()
-  for index, _, body in records(ldir, kinds=(rec.STEP,)):
-    if index >= history.size:
-      break
+  for index, _, body in records(ldir, kinds=(rec.STEP,), stop=history.size):
     if not history.effective(index):
       continue
     view = rec.view_step(body, index, len(groups))

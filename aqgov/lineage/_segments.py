@@ -227,9 +227,12 @@ class LogReader:
 
 
 def records(lineage_dir: str | os.PathLike, kinds: Sequence[str] | None = None,
-            start: int = 0) -> Iterator[tuple[int, str, dict]]:
-  """(index, kind, body) of each record from `start` on (of the given kinds), with the reader's checks."""
+            start: int = 0, stop: int | None = None) -> Iterator[tuple[int, str, dict]]:
+  """(index, kind, body) of each record in [`start`, `stop`) (of the given kinds), with the reader's checks;
+  no body from `stop` on is decoded (an unsigned tail is never read)."""
   want = None if kinds is None else set(kinds)
   for r in LogReader(lineage_dir, bodies=want):
+    if stop is not None and r.seq >= stop:
+      return
     if r.seq >= start and (want is None or r.kind in want):
       yield r.seq, r.kind, r.body

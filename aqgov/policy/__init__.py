@@ -1,13 +1,22 @@
 """Routing policies: rule expressions, the `POLICY` document type, composition, and binding to a parameter pytree."""
 
-from aqgov.policy._paths import (
-    glob_match,
-    path_string,
-    tree_paths,
+from aqgov.policy._compile import (
+    CompiledPolicy,
+    ExplainTable,
+    UncoveredParametersWarning,
+    compile_policy,
+    explain,
+    explain_table,
+    param_shapes,
 )
 from aqgov.policy._expressions import (
     parse,
     to_text,
+)
+from aqgov.policy._paths import (
+    glob_match,
+    path_string,
+    tree_paths,
 )
 from aqgov.policy._policy import (
     POLICY,
@@ -17,15 +26,6 @@ from aqgov.policy._policy import (
     Route,
     Rule,
     compose,
-)
-from aqgov.policy._compile import (
-    CompiledPolicy,
-    ExplainTable,
-    UncoveredParametersWarning,
-    compile_policy,
-    explain,
-    explain_table,
-    param_shapes,
 )
 
 __all__ = [

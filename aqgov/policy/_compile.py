@@ -44,17 +44,18 @@ import itertools
 import json
 import math
 import warnings
-from typing import Any, Callable, Iterable, Mapping, NamedTuple, Union
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from aqgov.credentials._taxonomy import CREDENTIALED, LabelSpace, Taxonomy
+from aqgov.errors import PolicyError
 from aqgov.policy import _conditions as expressions
 from aqgov.policy import _paths as paths
-from aqgov.errors import PolicyError
 from aqgov.policy._policy import UNCOVERED_GROUP, Policy, PolicySet, compose
-from aqgov.credentials._taxonomy import CREDENTIALED, LabelSpace, Taxonomy
 
 MAX_ROUTE_CLASSES = 4096  # larger compositions make [C, leaves] tables and explain output impractically large
 
@@ -95,8 +96,8 @@ class CompiledPolicy:
     of it is hidden)."""
     out = np.zeros((self.num_classes, self.num_groups), bool)
     if self.leaf_hidden is not None:
-      for l, g in enumerate(self.leaf_group):
-        out[:, g] |= self.leaf_hidden[:, l]
+      for leaf, g in enumerate(self.leaf_group):
+        out[:, g] |= self.leaf_hidden[:, leaf]
     return out
 
   def group_visibility(self, labels: Mapping[str, Any]) -> jax.Array:
@@ -204,8 +205,8 @@ def _policy_leaf_table(policy: Policy, leaf_groups: list[int]) -> np.ndarray:
   routes = policy.routes()
   out = np.empty((len(routes), len(leaf_groups)), np.float32)
   for k, route in enumerate(routes):
-    for l, g in enumerate(leaf_groups):
-      out[k, l] = policy.uncovered if g < 0 else route.get(policy.groups[g][0], 0.0)
+    for leaf, g in enumerate(leaf_groups):
+      out[k, leaf] = policy.uncovered if g < 0 else route.get(policy.groups[g][0], 0.0)
   return out
 
 
@@ -260,8 +261,8 @@ def check_route_classes(pset: PolicySet) -> None:
         "match no example, or compose fewer policies")
 
 
-def compile_policy(policy_or_policies: Union[Policy, PolicySet, Iterable[Policy]], params: Any,
-                   labels: Union[Taxonomy, LabelSpace, Iterable[Taxonomy], None]) -> CompiledPolicy:
+def compile_policy(policy_or_policies: Policy | PolicySet | Iterable[Policy], params: Any,
+                   labels: Taxonomy | LabelSpace | Iterable[Taxonomy] | None) -> CompiledPolicy:
   """Bind verified policies (composed: most restrictive wins) to `params` and a label space.
 
   `params` is any pytree (plain dicts, Linen params, `nnx.State`, Equinox modules); only its

@@ -16,13 +16,25 @@ returning bool[B]; it is safe under `jax.jit`, `jax.vmap` and sharding.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Union
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax.numpy as jnp
 
-from aqgov.errors import PolicyError, TaxonomyError
 from aqgov.credentials._taxonomy import CREDENTIALED, PRESENT, Field, LabelSpace, string_code
-from aqgov.policy._expressions import And, Bool, Compare, Expr, Member, Not, Or, Parser, literal, to_text
+from aqgov.errors import PolicyError, TaxonomyError
+from aqgov.policy._expressions import (
+  And,
+  Bool,
+  Compare,
+  Expr,
+  Member,
+  Not,
+  Or,
+  Parser,
+  literal,
+  to_text,
+)
 
 Labels = Mapping[str, Any]
 Condition = Callable[[Labels], Any]
@@ -94,7 +106,7 @@ def _ops_for(field: Field) -> str:
           "string": "== or != and a quoted string"}.get(field.kind, "'in'")
 
 
-def _resolve(expr: Union[Compare, Member], space: LabelSpace, where: Callable[[Expr], str]) -> tuple[str, Field]:
+def _resolve(expr: Compare | Member, space: LabelSpace, where: Callable[[Expr], str]) -> tuple[str, Field]:
   try:
     return space.resolve(expr.field)
   except TaxonomyError as exc:
@@ -105,7 +117,7 @@ def _field_keys(space: LabelSpace) -> list[str]:
   return [f"{t.authority}.{f.name}" for t in space.taxonomies for f in t.fields]
 
 
-def check(expr: Union[Expr, str], space: LabelSpace) -> Expr:
+def check(expr: Expr | str, space: LabelSpace) -> Expr:
   """`expr` (parsed if text) after type-checking it against `space`; `PolicyError` otherwise."""
   if not isinstance(expr, (str, Bool, Compare, Member, Not, And, Or)):
     raise PolicyError(f"a condition is expression text (such as \"acme.tier <= 2\") or a parsed expression, got "
@@ -128,7 +140,7 @@ def check(expr: Union[Expr, str], space: LabelSpace) -> Expr:
   return tree
 
 
-def compile_expr(expr: Union[Expr, str], label_space: Any) -> Condition:
+def compile_expr(expr: Expr | str, label_space: Any) -> Condition:
   """A pure function `labels -> bool[B]` for `expr`, type-checked against `label_space`.
 
   `label_space` is a `LabelSpace`, a `Taxonomy` or an iterable of them. `labels` are the arrays

@@ -18,7 +18,7 @@ Type checking and compilation to traced conditions are in `_conditions`.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Union
+from typing import Any, NamedTuple
 
 from aqgov.errors import PolicyError
 
@@ -49,7 +49,7 @@ class Compare(NamedTuple):
 
   field: str
   op: str
-  value: Union[int, str]
+  value: int | str
 
 
 class Member(NamedTuple):
@@ -61,18 +61,18 @@ class Member(NamedTuple):
 
 
 class Not(NamedTuple):
-  operand: "Expr"
+  operand: Expr
 
 
 class And(NamedTuple):
-  operands: tuple["Expr", ...]
+  operands: tuple[Expr, ...]
 
 
 class Or(NamedTuple):
-  operands: tuple["Expr", ...]
+  operands: tuple[Expr, ...]
 
 
-Expr = Union[Bool, Compare, Member, Not, And, Or]
+Expr = Bool | Compare | Member | Not | And | Or
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,7 +325,7 @@ def _quote(s: str) -> str:
   return "'" + s.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def literal(value: Union[int, str]) -> str:
+def literal(value: int | str) -> str:
   return _quote(value) if isinstance(value, str) else str(int(value))
 
 

@@ -54,15 +54,16 @@ import dataclasses
 import math
 import os
 import re
-from typing import Any, Iterable, Mapping, NamedTuple, Sequence, Union
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 from aqgov.documents import _canonical as canonical
 from aqgov.documents._document_type import DocumentType, register
 from aqgov.documents._files import read_text
 from aqgov.documents._toml import InlineTable, dumps_toml, loads_toml
+from aqgov.errors import PolicyError
 from aqgov.policy import _expressions as expressions
 from aqgov.policy import _paths as paths
-from aqgov.errors import PolicyError
 
 KIND = "routing-policy"
 FORMAT = "aqgov-routing-policy/1"
@@ -254,7 +255,7 @@ class Policy:
   def create(cls, name: str, groups: Any, rules: Iterable[Any] = (), default: Any = None,
              uncredentialed: Any = None, uncovered: float = 0.0,
              routed_visibility: Iterable[str] = (), optional_groups: Iterable[str] = (),
-             authority: str = "") -> "Policy":
+             authority: str = "") -> Policy:
     """Same as `Policy(...)`."""
     return cls(name, groups, rules, default, uncredentialed, uncovered, routed_visibility, optional_groups,
                authority)
@@ -303,7 +304,7 @@ class Policy:
     }
 
   @classmethod
-  def from_dict(cls, doc: Mapping[str, Any]) -> "Policy":
+  def from_dict(cls, doc: Mapping[str, Any]) -> Policy:
     """Inverse of `to_dict`."""
     if not isinstance(doc, Mapping) or doc.get("format") != FORMAT:
       raise PolicyError(f"not a canonical routing policy (expected format {FORMAT!r}); "
@@ -316,7 +317,7 @@ class Policy:
       raise PolicyError(f"canonical routing policy lacks or mangles {exc}; re-create it from its TOML") from None
 
   @classmethod
-  def from_toml(cls, text: str) -> "Policy":
+  def from_toml(cls, text: str) -> Policy:
     """Parse and validate the TOML form from `text` (read a file with `Policy.read`)."""
     if not isinstance(text, str):
       raise PolicyError(f"Policy.from_toml takes TOML text, got {type(text).__name__}; read a file with Policy.read")
@@ -340,7 +341,7 @@ class Policy:
                doc.get("uncovered", 0.0), authority=doc.get("authority", ""))
 
   @classmethod
-  def read(cls, path: str | os.PathLike) -> "Policy":
+  def read(cls, path: str | os.PathLike) -> Policy:
     """Parse and validate the TOML file at `path`."""
     return cls.from_toml(read_text(path, PolicyError, "policy"))
 
@@ -396,7 +397,7 @@ class PolicySet(NamedTuple):
     raise PolicyError(f"no composed policy declares group {group!r}; groups: {', '.join(self.group_names)}")
 
 
-def compose(policies: Union[Policy, PolicySet, Iterable[Policy]]) -> PolicySet:
+def compose(policies: Policy | PolicySet | Iterable[Policy]) -> PolicySet:
   """Policies composed so the most restrictive wins (leaf weight = minimum over policies).
 
   A group name may appear in several policies only with the same patterns; the same policy

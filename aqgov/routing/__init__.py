@@ -1,5 +1,9 @@
 """Routed gradients: exact per-example, per-group weighting as Optax transforms and value-and-grad functions."""
 
+from aqgov.routing._cotangent import (
+    cotangent_value_and_grad,
+    norm_methods,
+)
 from aqgov.routing._transforms import (
     reached,
     route,
@@ -11,10 +15,6 @@ from aqgov.routing._value_and_grad import (
     group_norms,
     per_example_value_and_grad,
     routed_value_and_grad,
-)
-from aqgov.routing._cotangent import (
-    cotangent_value_and_grad,
-    norm_methods,
 )
 
 __all__ = [

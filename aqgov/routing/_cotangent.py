@@ -40,7 +40,8 @@ construct), `_norms` (per-example contribution norms); the JAX internals they re
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp

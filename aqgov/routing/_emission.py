@@ -29,7 +29,8 @@ mask this way (`_analysis.check_visibility`).
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +38,16 @@ import jax.numpy as jnp
 from aqgov.errors import RoutingError
 from aqgov.routing import _jax_compat as jc
 from aqgov.routing._analysis import (
-    CONST, Kind, differentiable, eqn_kinds, inexact, is_param, mixes, scan_carry_kinds, strip)
+  CONST,
+  Kind,
+  differentiable,
+  eqn_kinds,
+  inexact,
+  is_param,
+  mixes,
+  scan_carry_kinds,
+  strip,
+)
 
 _sg = jax.lax.stop_gradient
 

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import optax
 
 from aqgov.errors import RoutingError
+from aqgov.policy._compile import CompiledPolicy
 
 PyTree = Any
 
@@ -115,7 +116,7 @@ def _labels_or_raise(labels: Any, who: str) -> Any:
   return labels
 
 
-def route(compiled) -> optax.GradientTransformationExtraArgs:
+def route(compiled: CompiledPolicy) -> optax.GradientTransformationExtraArgs:
   """Aggregate per-example updates into the policy-routed mean gradient.
 
   Args:
@@ -141,7 +142,7 @@ def route(compiled) -> optax.GradientTransformationExtraArgs:
   return optax.GradientTransformationExtraArgs(optax.init_empty_state, update_fn)
 
 
-def strict(compiled) -> optax.GradientTransformationExtraArgs:
+def strict(compiled: CompiledPolicy) -> optax.GradientTransformationExtraArgs:
   """Zero the final update of every parameter that no example of this batch reached.
 
   Place it after the optimizer: `optax.chain(route(compiled), optax.adam(1e-3), strict(compiled))`
@@ -170,7 +171,7 @@ def strict(compiled) -> optax.GradientTransformationExtraArgs:
 _strict = strict
 
 
-def routed(compiled, optimizer: optax.GradientTransformation, *,
+def routed(compiled: CompiledPolicy, optimizer: optax.GradientTransformation, *,
            strict: bool = False) -> optax.GradientTransformationExtraArgs:
   """`optax.chain(route(compiled), optimizer[, strict(compiled)])`: a governed optimizer in one call.
 

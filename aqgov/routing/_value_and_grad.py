@@ -19,7 +19,8 @@ axes. Per-example routing of such a loss would not be the gradient of the model 
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +28,7 @@ import numpy as np
 import optax
 
 from aqgov.errors import BatchCouplingError, RoutingError, UnsupportedPrimitiveError
+from aqgov.policy._compile import CompiledPolicy
 from aqgov.routing import _cotangent as cotangent
 from aqgov.routing._coupling import check_per_example
 from aqgov.routing._plan import check_output
@@ -147,7 +149,7 @@ def _microbatched(chunk, params, batch, leaf_weights, size: int, k: int):
   return out, sums, sq
 
 
-def group_norms(compiled, squared_norms: PyTree) -> jax.Array:
+def group_norms(compiled: CompiledPolicy, squared_norms: PyTree) -> jax.Array:
   """float32 [B, G]: per-example per-group contribution norms from per-leaf squared norms [B]."""
   leaves = jax.tree.leaves(squared_norms)
   if len(leaves) != len(compiled.leaf_group):
@@ -165,7 +167,7 @@ class _Plan(NamedTuple):
   reason: str
 
 
-def routed_value_and_grad(loss_fn: Callable, compiled, strategy: str = "auto", *,
+def routed_value_and_grad(loss_fn: Callable, compiled: CompiledPolicy, strategy: str = "auto", *,
                           has_aux: bool = False, with_norms: bool = False,
                           microbatch: int | None = None, per_example: bool = False) -> Callable:
   """Routed gradients of the per-example `loss_fn(params, example)`.
