@@ -34,6 +34,7 @@ import jax.numpy as jnp
 
 from aqgov.errors import BatchCouplingError
 from aqgov.routing import _jax_compat as jc
+from aqgov.routing._plan import check_output
 
 PyTree = Any
 
@@ -158,6 +159,20 @@ def _abstract(tree: PyTree) -> PyTree:
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), tree)
 
 
+def _value_and_grad(loss_fn: Callable, has_aux: bool) -> Callable:
+  """`value_and_grad(loss_fn)`, refusing a loss that is not one float scalar (`RoutingError` with
+  the reason, not JAX's TypeError) before differentiating it."""
+  def fn(params, example):
+    if has_aux:
+      loss, vjp, aux = jax.vjp(lambda p: loss_fn(p, example), params, has_aux=True)
+      check_output((loss, aux), has_aux)
+      return (loss, aux), vjp(jnp.ones_like(loss))[0]
+    loss, vjp = jax.vjp(lambda p: loss_fn(p, example), params)
+    check_output(loss, has_aux)
+    return loss, vjp(jnp.ones_like(loss))[0]
+  return fn
+
+
 def _trace(grad_fn: Callable, params: PyTree, example: PyTree, found: list[str]):
   """(jaxpr or None, unbound-axis NameError or None) of `grad_fn`, noting Linen coupling."""
   linen = sys.modules.get("flax.linen")
@@ -193,7 +208,7 @@ def check_per_example(loss_fn: Callable, params: PyTree, example: PyTree, *,
   argument, and cross-example statistics computed outside the loss are not detected.
   """
   found = _nnx_coupling(loss_fn, params)
-  closed, error = _trace(jax.value_and_grad(loss_fn, has_aux=has_aux), params, example, found)
+  closed, error = _trace(_value_and_grad(loss_fn, has_aux), params, example, found)
   if found:
     raise BatchCouplingError(
         f"the loss is batch-coupled: {'; '.join(dict.fromkeys(found))}. Its statistics mix "

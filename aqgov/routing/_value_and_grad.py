@@ -261,9 +261,10 @@ class _Routed:
     return self.plans[key]
 
   def _choose(self, params, example) -> _Plan:
-    if not self.asserted:
+    if self.asserted:
+      check_output(jax.eval_shape(self.loss_fn, _abstract(params), example), self.has_aux)
+    else:  # its one trace also checks the output
       check_per_example(self.loss_fn, params, example, has_aux=self.has_aux)
-    check_output(jax.eval_shape(self.loss_fn, _abstract(params), example), self.has_aux)
     if self.requested == "per_example":
       return _Plan("per_example", "requested")
     try:
