@@ -38,6 +38,7 @@ import optax
 from aqgov.documents import _keys as keys
 from aqgov.documents._keys import TrustStore
 from aqgov.lineage import _record as rec
+from aqgov.lineage import _bodies as bodies
 from aqgov.lineage._summary import StepSummary, summarize
 from aqgov.lineage._verify import verify_lineage
 from aqgov.lineage._writer import LineageWriter
@@ -62,7 +63,7 @@ def bench_write_verify(records: int, batch: int, groups: int, directory: Path) -
   summaries = _host_summaries(min(records, 64), batch, groups)
   ids = [f"shard-{i // 1000:03d}/example-{i:08d}" for i in range(batch)]
   digests = [os.urandom(32) for _ in range(batch)]
-  start = rec.run_start_body(run_id="bench", signer=key.key_id, groups=[f"g{g}" for g in range(groups)])
+  start = bodies.run_start_body(run_id="bench", signer=key.key_id, groups=[f"g{g}" for g in range(groups)])
   t0 = time.perf_counter()
   writer = LineageWriter.create(directory / "lineage", key, start, head_every=1024)
   for s in range(records):
@@ -151,7 +152,7 @@ def bench_overhead(batch: int, groups: int, steps: int, repeats: int, directory:
     for name in order:  # interleaved, so that load from elsewhere hits every variant alike
       writer = None
       if name == "writer":
-        start = rec.run_start_body(run_id=f"overhead{r}", signer=key.key_id, groups=[f"g{g}" for g in range(groups)])
+        start = bodies.run_start_body(run_id=f"overhead{r}", signer=key.key_id, groups=[f"g{g}" for g in range(groups)])
         writer = LineageWriter.create(directory / f"overhead{r}", key, start, head_every=1024)
       c0, t0 = time.process_time(), time.perf_counter()
       run_plain() if name == "plain" else run_governed(writer)

@@ -11,6 +11,7 @@ import numpy as np
 from aqgov.documents import _keys as keys
 from aqgov.examples import task as et
 from aqgov.lineage import _record as rec
+from aqgov.lineage import _bodies as bodies
 from aqgov.lineage import _segments as segments
 from aqgov.lineage._heads import LogHead
 from aqgov.lineage._summary import StepSummary
@@ -39,7 +40,7 @@ def digests(step: int, batch: int = 4) -> list[bytes]:
 
 
 def start_body(key: keys.SigningKey, run_id: str = "run-1") -> dict:
-  return rec.run_start_body(run_id=run_id, signer=key.key_id, groups=GROUPS, task="x:y")
+  return bodies.run_start_body(run_id=run_id, signer=key.key_id, groups=GROUPS, task="x:y")
 
 
 def write_log(lineage_dir: Path, key: keys.SigningKey, steps: int, *, head_every: int = 5, close: bool = True,

@@ -19,6 +19,7 @@ from aqgov.errors import CheckpointError, LineageError
 from aqgov.examples.task import MLPTask
 from aqgov.lineage import _history as hist
 from aqgov.lineage import _record as rec
+from aqgov.lineage import _bodies as bodies
 from aqgov.lineage import _segments as segments
 from aqgov.lineage._checkpoint import Checkpoints, state_digests
 from aqgov.lineage._checkpoint_files import files_sha256, read_lineage_item
@@ -75,7 +76,7 @@ def _append_unsigned(run_dir: Path, kind: str, body: dict) -> int:
 
 def _supersede_everything(run_dir: Path) -> int:
   end = scan(run_dir / "lineage").size
-  return _append_unsigned(run_dir, rec.RUN_RESUME, rec.resume_body(checkpoint_step=0, checkpoint_record=None,
+  return _append_unsigned(run_dir, rec.RUN_RESUME, bodies.resume_body(checkpoint_step=0, checkpoint_record=None,
                                                                     superseded=(1, end)))
 
 

@@ -20,6 +20,7 @@ from aqgov.entropy._profile import PROFILE, EntropyProfile
 from aqgov.errors import KeyFileError, LineageError, OverrideError, PolicyError, ProfileError
 from aqgov.examples import sample
 from aqgov.lineage import _record as rec
+from aqgov.lineage import _bodies as bodies
 from aqgov.lineage import _segments as segments
 from aqgov.lineage import _trust as trustlib
 from aqgov.lineage._replay import replay
@@ -210,7 +211,7 @@ def test_verify_refuses_override_records_that_bypass_the_check(tmp_path, data, f
   token = {"another run": lambda: _token("another-run"), "twice": lambda: _token(run.run_id),
            "expired": lambda: _token(run.run_id, issued=past, expires=past + dt.timedelta(hours=1))}[forged]()
   for _ in range(2 if forged == "twice" else 1):
-    run.writer.append_record(rec.OVERRIDE, rec.override_body(step=3, token_kind=token.kind, token_id=token.id,
+    run.writer.append_record(rec.OVERRIDE, bodies.override_body(step=3, token_kind=token.kind, token_id=token.id,
                                                             token=token.to_bytes()))
   run.close()
   with pytest.raises(LineageError, match="override token does not verify"):

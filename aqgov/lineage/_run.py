@@ -43,6 +43,7 @@ from aqgov.documents._keys import PublicKey, SigningKey, TrustStore
 from aqgov.lineage import _history as hist
 from aqgov.lineage import _log as log
 from aqgov.lineage import _record as rec
+from aqgov.lineage import _bodies as bodies
 from aqgov.lineage._checkpoint import Checkpoints
 from aqgov.lineage._summary import StepSummary
 from aqgov.lineage import _trust as trustlib
@@ -76,13 +77,13 @@ def _as_document(doc: Document) -> tuple[signing.SignedDocument, bytes]:
   return signing.SignedDocument.from_bytes(data), data
 
 
-def _copy_documents(docs: Iterable[Document], into: Path, root: Path) -> list[rec.DocRef]:
+def _copy_documents(docs: Iterable[Document], into: Path, root: Path) -> list[bodies.DocRef]:
   refs = []
   for d in docs:
     doc, data = _as_document(d)
     path = into / f"{doc.id}.signed"
     atomic_write(path, data)
-    refs.append(rec.DocRef(doc.kind, doc.id, rec.record_hash(data).hex(), path.relative_to(root).as_posix()))
+    refs.append(bodies.DocRef(doc.kind, doc.id, rec.record_hash(data).hex(), path.relative_to(root).as_posix()))
   return refs
 
 
@@ -161,7 +162,7 @@ class GovernedRun:
     authorities = TrustStore.of(trusted)
     the_task = load_task(task, task_config, layout.root, trust=authorities)
     task_sha256 = trustlib.task_source_sha256(task)
-    body = rec.run_start_body(
+    body = bodies.run_start_body(
         run_id=run_id, signer=key.key_id, groups=tuple(the_task.group_names),
         classes=tuple(getattr(the_task, "class_names", ())),
         policies=policy_refs, profiles=profile_refs, manifests=manifest_refs,
@@ -229,7 +230,7 @@ class GovernedRun:
       for s in sorted(on_disk):
         if s > ck_step or (ref is None and s == 0):
           checkpoints.delete(s)  # superseded or never recorded: the resumed run writes its own
-      writer.append_record(rec.RUN_RESUME, rec.resume_body(
+      writer.append_record(rec.RUN_RESUME, bodies.resume_body(
           checkpoint_step=ck_step, checkpoint_record=ck_index,
           superseded=((ck_index + 1) if ck_index is not None else 1, scan.size)))
     except BaseException:
@@ -277,7 +278,7 @@ class GovernedRun:
       return step
     head = self.writer.flush(sign_head=True)
     saved = self.checkpoints.save(self.state, head, self.run_id)
-    self.writer.append_record(rec.CHECKPOINT, rec.checkpoint_body(
+    self.writer.append_record(rec.CHECKPOINT, bodies.checkpoint_body(
         step=step, params_sha256=saved.digests["params"],
         path=Path(os.path.relpath(saved.path, self.layout.root.absolute())).as_posix(),
         lineage_size=head.size, lineage_root=head.root.hex(), digests=saved.digests,
@@ -292,7 +293,7 @@ class GovernedRun:
       self.state = exc.state
       self._step = int(jax.device_get(exc.state.step))
     ck = self.checkpoint()
-    self.writer.append_record(rec.ESCALATION, rec.escalation_body(
+    self.writer.append_record(rec.ESCALATION, bodies.escalation_body(
         step=self._step if exc.step is None else int(exc.step), message=str(exc), events=exc.events,
         checkpoint_step=ck))
     self.writer.flush(sign_head=True)
@@ -300,7 +301,7 @@ class GovernedRun:
   def record_event(self, events: Mapping[str, Any], *, step: int | None = None) -> None:
     """Record governance events noticed on the host (they also ride in each step's summary)."""
     self._check_open()
-    self.writer.append_record(rec.EVENT, rec.event_body(step=self._step if step is None else step, events=events))
+    self.writer.append_record(rec.EVENT, bodies.event_body(step=self._step if step is None else step, events=events))
 
   def record_override(self, token: signing.SignedDocument, *, step: int | None = None) -> None:
     """Record a signed override token used at `step` (default: the next step), kept verbatim.
@@ -312,7 +313,7 @@ class GovernedRun:
     step = self.next_step if step is None else int(step)
     admit_override(token, self.trust, self.run_id, step=step, used=self._used_tokens,
                    authorities=getattr(self.task, "override_authorities", None))
-    self.writer.append_record(rec.OVERRIDE, rec.override_body(
+    self.writer.append_record(rec.OVERRIDE, bodies.override_body(
         step=step, token_kind=token.kind, token_id=token.id, token=token.to_bytes()))
     self._used_tokens.add(token.id)
 
@@ -358,7 +359,7 @@ class GovernedRun:
       raise LineageError("this run is closed; resume it with GovernedRun.resume to continue")
 
 
-def _parent_ref(parent: Path, layout: RunLayout, trusted: Sequence[PublicKey]) -> rec.ParentRef:
+def _parent_ref(parent: Path, layout: RunLayout, trusted: Sequence[PublicKey]) -> bodies.ParentRef:
   """The parent's last signed head, once the parent verifies under the keys given (and its own run
   key from the operator's key directory); never under keys found in the parent's directory."""
   start = next(iter(log.LogReader(parent / "lineage")), None)
@@ -379,7 +380,7 @@ def _parent_ref(parent: Path, layout: RunLayout, trusted: Sequence[PublicKey]) -
     raise LineageError(f"parent run {parent} has no signed tree head to continue from")
   last = heads[-1]
   _write_public(trust.get(start.body["signer"]), layout.keys)
-  return rec.ParentRef(report.run_id, last.id, int(last.payload["size"]), str(last.payload["root"]),
+  return bodies.ParentRef(report.run_id, last.id, int(last.payload["size"]), str(last.payload["root"]),
                        os.path.relpath(parent.absolute(), layout.root.absolute()))
 
 

@@ -34,6 +34,7 @@ from aqgov.documents._files import fsync_dir
 from aqgov.documents._keys import SigningKey, TrustStore
 from aqgov.errors import LineageError, SignatureError
 from aqgov.lineage import _record as rec
+from aqgov.lineage import _bodies as record_bodies
 from aqgov.documents._document_type import sign, verify
 from aqgov.lineage._cosign import Publisher, as_witness
 from aqgov.lineage._heads import HEAD, LogHead, head_payload, read_heads, run_trust
@@ -290,7 +291,7 @@ class LineageWriter:
     With witnesses, raises `WitnessError` (after closing) unless each cosigned the final head.
     """
     def op():
-      self._app.append(rec.RUN_END, rec.run_end_body(step=self._last_step if step is None else step, status=status))
+      self._app.append(rec.RUN_END, record_bodies.run_end_body(step=self._last_step if step is None else step, status=status))
       if self._app.head_size != self._app.size:
         self._app.sign_head()
       return self._app.head()
