@@ -77,8 +77,9 @@ class GovernanceEscalation(AqgovError):
   optax state, or the governed `TrainState`). Both are typed loosely: errors sit below every layer.
   """
 
-  def __init__(self, message: str, *, step: int | None = None, events: tuple[Any, ...] = (),
-               state: Any = None):
+  def __init__(
+    self, message: str, *, step: int | None = None, events: tuple[Any, ...] = (), state: Any = None
+  ):
     super().__init__(message)
     self.step = step
     self.events = events
@@ -97,8 +98,16 @@ class ReplayDivergence(LineageError):
   """Replaying recorded steps did not reproduce the record; `step`, `field` (the record field),
   `group` and `example_id` say where."""
 
-  def __init__(self, message: str, *, index: int | None = None, step: int | None = None, group: str | None = None,
-               example_id: str | None = None, field: str | None = None):
+  def __init__(
+    self,
+    message: str,
+    *,
+    index: int | None = None,
+    step: int | None = None,
+    group: str | None = None,
+    example_id: str | None = None,
+    field: str | None = None,
+  ):
     super().__init__(message, index=index)
     self.step = step
     self.group = group

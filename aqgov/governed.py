@@ -74,9 +74,14 @@ class GovernanceState(NamedTuple):
 StepFn = Callable[[TrainState, Any, Mapping[str, jax.Array]], tuple[TrainState, StepSummary]]
 
 
-def governed_optimizer(optimizer: optax.GradientTransformation, compiled: CompiledPolicy, *,
-                       profile: EntropyProfile | None = None, strict: bool = False,
-                       overrides: Sequence[Any] = ()) -> optax.GradientTransformationExtraArgs:
+def governed_optimizer(
+  optimizer: optax.GradientTransformation,
+  compiled: CompiledPolicy,
+  *,
+  profile: EntropyProfile | None = None,
+  strict: bool = False,
+  overrides: Sequence[Any] = (),
+) -> optax.GradientTransformationExtraArgs:
   """`optimizer`, wrapped by the profile's enforcement and followed by strict mode when asked."""
   tx = optax.with_extra_args_support(optimizer)
   if profile is not None:
@@ -96,10 +101,19 @@ def group_finite(grads: Any, loss: jax.Array, compiled: CompiledPolicy) -> jax.A
   return per_group & jnp.isfinite(loss)
 
 
-def governed_step(loss_fn: Callable, compiled: CompiledPolicy, optimizer: optax.GradientTransformation, *,
-                  profile: EntropyProfile | None = None, has_aux: bool = False, strategy: str = "auto",
-                  strict: bool = False, overrides: Sequence[Any] = (), fingerprint_seed: int = 0,
-                  microbatch: int | None = None) -> tuple[optax.GradientTransformationExtraArgs, StepFn]:
+def governed_step(
+  loss_fn: Callable,
+  compiled: CompiledPolicy,
+  optimizer: optax.GradientTransformation,
+  *,
+  profile: EntropyProfile | None = None,
+  has_aux: bool = False,
+  strategy: str = "auto",
+  strict: bool = False,
+  overrides: Sequence[Any] = (),
+  fingerprint_seed: int = 0,
+  microbatch: int | None = None,
+) -> tuple[optax.GradientTransformationExtraArgs, StepFn]:
   """The optimizer to `init` the state with, and the pure step `(state, batch, labels) -> (state, summary)`.
 
   `loss_fn(params, example)` is the per-example loss; with `has_aux` it returns `(loss, aux)` where
@@ -108,8 +122,9 @@ def governed_step(loss_fn: Callable, compiled: CompiledPolicy, optimizer: optax.
   """
   tx = governed_optimizer(optimizer, compiled, profile=profile, strict=strict, overrides=overrides)
   governed = profile is not None
-  grad_fn = routed_value_and_grad(loss_fn, compiled, strategy, has_aux=has_aux, with_norms=True,
-                                  microbatch=microbatch)
+  grad_fn = routed_value_and_grad(
+    loss_fn, compiled, strategy, has_aux=has_aux, with_norms=True, microbatch=microbatch
+  )
 
   def step(state: TrainState, batch: Mapping[str, Any], labels: Mapping[str, jax.Array]):
     value, grads, norms = grad_fn(state.params, batch["inputs"], labels)
@@ -121,19 +136,30 @@ def governed_step(loss_fn: Callable, compiled: CompiledPolicy, optimizer: optax.
     # fail closed: a NaN/inf gradient, loss, update (a NaN learning rate) or resulting parameter is
     # never applied, not even to the finite groups
     stepped = optax.apply_updates(state.params, updates)
-    finite = (group_finite(grads, loss, compiled) & group_finite(updates, loss, compiled)
-              & group_finite(stepped, loss, compiled))
+    finite = (
+      group_finite(grads, loss, compiled)
+      & group_finite(updates, loss, compiled)
+      & group_finite(stepped, loss, compiled)
+    )
     ok = jnp.all(finite)
     params = jax.tree.map(lambda new, old: jnp.where(ok, new, old), stepped, state.params)
     opt_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), opt_state, state.opt_state)
     escalated = enforce_state(opt_state).escalated if governed else jnp.zeros((), bool)
     number = jnp.where(escalated | ~ok, state.step, state.step + 1).astype(jnp.int32)
     summary = summarize(
-        step=number, example_index=batch["index"], route_class=compiled.route_class(labels),
-        weights=compiled.group_weights(labels), contribution_norms=norms, loss=loss, params=params,
-        leaf_group=compiled.leaf_group, key=fingerprint_seed, measurements=measurements,
-        events=enforce_state(opt_state).events if governed else (),
-        seen=compiled.group_visibility(labels) if compiled.has_visibility else None)
+      step=number,
+      example_index=batch["index"],
+      route_class=compiled.route_class(labels),
+      weights=compiled.group_weights(labels),
+      contribution_norms=norms,
+      loss=loss,
+      params=params,
+      leaf_group=compiled.leaf_group,
+      key=fingerprint_seed,
+      measurements=measurements,
+      events=enforce_state(opt_state).events if governed else (),
+      seen=compiled.group_visibility(labels) if compiled.has_visibility else None,
+    )
     return TrainState(number, params, opt_state, GovernanceState(~finite)), summary
 
   return tx, step
@@ -143,14 +169,22 @@ def _verified(doc_type: DocumentType, paths: Sequence[Path], trust: TrustStore) 
   return [verify(doc_type, read(doc_type, p), trust) for p in paths]
 
 
-def run_overrides(run_dir: Path, trust: TrustStore, authorities: Sequence[str] | None = None) -> list[Override]:
+def run_overrides(
+  run_dir: Path, trust: TrustStore, authorities: Sequence[str] | None = None
+) -> list[Override]:
   """The override tokens of a run, each checked once by `admit_override` (see the module doc):
   those its lineage records (as of their records) and those waiting in `run_dir/overrides/`."""
   paths = sorted((run_dir / "overrides").glob("*.override"))
   lineage = run_dir / "lineage"
-  records = list(LogReader(lineage, bodies=("run-start", "override"))) if (lineage / "segments").is_dir() else []
+  records = (
+    list(LogReader(lineage, bodies=("run-start", "override")))
+    if (lineage / "segments").is_dir()
+    else []
+  )
   if paths and not records:
-    raise OverrideError(f"{run_dir} has override tokens but no lineage; start the run before admitting overrides")
+    raise OverrideError(
+      f"{run_dir} has override tokens but no lineage; start the run before admitting overrides"
+    )
   if not records:
     return []
   run_id = records[0].body["run_id"]
@@ -158,8 +192,15 @@ def run_overrides(run_dir: Path, trust: TrustStore, authorities: Sequence[str] |
   for r in records:
     if r.kind == "override":
       at = dt.datetime.fromtimestamp(float(r.body["time"]), dt.UTC)
-      o = admit_override(bytes(r.body["token"]), trust, run_id, now=at, step=int(r.body["step"]), used=used,
-                         authorities=authorities)
+      o = admit_override(
+        bytes(r.body["token"]),
+        trust,
+        run_id,
+        now=at,
+        step=int(r.body["step"]),
+        used=used,
+        authorities=authorities,
+      )
       used.add(o.id)
       out[o.id] = o
   for path in paths:
@@ -193,39 +234,71 @@ class GovernedTask:
   else its `authority`, else the authorities that signed it (none without a profile).
   """
 
-  def __init__(self, run_dir: str | Path, *, loss_fn: Callable, init_params: Callable[[], Any],
-               make_inputs: Callable[[Example], Any], optimizer: optax.GradientTransformation,
-               strategy: str = "auto", strict: bool = False, microbatch: int | None = None, seed: int = 0,
-               overrides: Sequence[Any] = (), trust: TrustStore | None = None):
+  def __init__(
+    self,
+    run_dir: str | Path,
+    *,
+    loss_fn: Callable,
+    init_params: Callable[[], Any],
+    make_inputs: Callable[[Example], Any],
+    optimizer: optax.GradientTransformation,
+    strategy: str = "auto",
+    strict: bool = False,
+    microbatch: int | None = None,
+    seed: int = 0,
+    overrides: Sequence[Any] = (),
+    trust: TrustStore | None = None,
+  ):
     trust = getattr(run_dir, "trust", None) if trust is None else trust
     if not isinstance(trust, TrustStore):
-      raise LineageError("GovernedTask needs the trusted authority keys: pass trust= (a TrustStore of keys obtained "
-                         "out of band), or build it through GovernedRun, which passes those run-start records")
+      raise LineageError(
+        "GovernedTask needs the trusted authority keys: pass trust= (a TrustStore of keys obtained "
+        "out of band), or build it through GovernedRun, which passes those run-start records"
+      )
     run_dir = Path(run_dir)
     self.trust = trust
     # composed in name order, so route class names do not depend on document ids
-    policies = sorted(_verified(POLICY, sorted((run_dir / "policies").glob("*.signed")), self.trust),
-                      key=lambda p: p.name)
+    policies = sorted(
+      _verified(POLICY, sorted((run_dir / "policies").glob("*.signed")), self.trust),
+      key=lambda p: p.name,
+    )
     if not policies:
-      raise PolicyError(f"{run_dir / 'policies'} holds no signed policy; a governed run needs at least one")
+      raise PolicyError(
+        f"{run_dir / 'policies'} holds no signed policy; a governed run needs at least one"
+      )
     profile_files = [read(PROFILE, p) for p in sorted((run_dir / "profiles").glob("*.signed"))]
     if len(profile_files) > 1:
-      raise PolicyError(f"{run_dir / 'profiles'} holds {len(profile_files)} profiles; a run is bounded by one")
+      raise PolicyError(
+        f"{run_dir / 'profiles'} holds {len(profile_files)} profiles; a run is bounded by one"
+      )
     self.profile = verify(PROFILE, profile_files[0], self.trust) if profile_files else None
     self.override_authorities: tuple[str, ...] = ()
     if self.profile is not None:
-      self.override_authorities = (self.profile.override_authorities or
-                                   ((self.profile.authority,) if self.profile.authority else
-                                    _signer_names(PROFILE, profile_files[0], self.trust)))
+      self.override_authorities = self.profile.override_authorities or (
+        (self.profile.authority,)
+        if self.profile.authority
+        else _signer_names(PROFILE, profile_files[0], self.trust)
+      )
     manifests = [read(MANIFEST, p) for p in sorted((run_dir / "manifests").glob("*.signed"))]
     self.admission = Admission(self.trust, manifests, on_reject="raise")
     self._init_params, self._make_inputs = init_params, make_inputs
-    self.compiled = compile_policy(policies, jax.eval_shape(init_params), self.admission.label_space)
+    self.compiled = compile_policy(
+      policies, jax.eval_shape(init_params), self.admission.label_space
+    )
     self.group_names = self.compiled.group_names
     self.class_names = self.compiled.class_names
     self.optimizer, step = governed_step(
-        loss_fn, self.compiled, optimizer, profile=self.profile, has_aux=True, strategy=strategy, strict=strict,
-        overrides=[*overrides, *run_overrides(run_dir, self.trust, self.override_authorities)], fingerprint_seed=seed, microbatch=microbatch)
+      loss_fn,
+      self.compiled,
+      optimizer,
+      profile=self.profile,
+      has_aux=True,
+      strategy=strategy,
+      strict=strict,
+      overrides=[*overrides, *run_overrides(run_dir, self.trust, self.override_authorities)],
+      fingerprint_seed=seed,
+      microbatch=microbatch,
+    )
     self.step_without_checks = jax.jit(step)
 
   def init(self) -> TrainState:
@@ -236,7 +309,10 @@ class GovernedTask:
   def make_batch(self, examples: Sequence[Example]) -> tuple[dict, dict]:
     """Admit `examples` against the run's manifests: labels come only from verified credentials."""
     admitted = self.admission.admit(examples, transform=self._make_inputs)
-    return {"inputs": admitted.inputs, "index": np.arange(len(admitted.ids), dtype=np.int32)}, admitted.labels
+    return {
+      "inputs": admitted.inputs,
+      "index": np.arange(len(admitted.ids), dtype=np.int32),
+    }, admitted.labels
 
   def step(self, state: TrainState, batch: Any, labels: Any) -> tuple[TrainState, StepSummary]:
     """`step_without_checks`, then raise for a non-finite step or an escalation (host side)."""
@@ -245,16 +321,20 @@ class GovernedTask:
     if nonfinite.any():
       groups = ", ".join(g for g, bad in zip(self.group_names, nonfinite) if bad)
       raise NonFiniteError(
-          f"step {int(jax.device_get(state.step)) + 1}: the loss, or the routed gradient, update or updated "
-          f"parameters of group(s) {groups} is NaN/inf, so the step was not applied (parameters and optimizer "
-          "state are unchanged). Check this batch's examples and the learning rate; the run stays resumable "
-          "from its last checkpoint.")
+        f"step {int(jax.device_get(state.step)) + 1}: the loss, or the routed gradient, update or updated "
+        f"parameters of group(s) {groups} is NaN/inf, so the step was not applied (parameters and optimizer "
+        "state are unchanged). Check this batch's examples and the learning rate; the run stays resumable "
+        "from its last checkpoint."
+      )
     if self.profile is not None:
       try:
         check_escalation(new_state.opt_state, self.profile, self.compiled)
       except GovernanceEscalation as exc:
         raise GovernanceEscalation(
-            f"{exc}\nIn a governed run: write the token to RUN/overrides/, then GovernedRun.resume(RUN) and "
-            "run.record_override(token) before stepping again.",
-            step=exc.step, events=exc.events, state=new_state) from None
+          f"{exc}\nIn a governed run: write the token to RUN/overrides/, then GovernedRun.resume(RUN) and "
+          "run.record_override(token) before stepping again.",
+          step=exc.step,
+          events=exc.events,
+          state=new_state,
+        ) from None
     return new_state, summary

@@ -49,9 +49,15 @@ from aqgov.examples import tiny_lm as tiny_lm  # noqa: E402
 
 def _setup(quick: bool):
   if quick:
-    config, batch_size = tiny_lm.Config(seq_len=16, d_model=16, num_heads=4, num_blocks=1, adapter_dim=4), 4
+    config, batch_size = (
+      tiny_lm.Config(seq_len=16, d_model=16, num_heads=4, num_blocks=1, adapter_dim=4),
+      4,
+    )
   else:
-    config, batch_size = tiny_lm.Config(seq_len=128, d_model=128, num_heads=4, num_blocks=4, adapter_dim=32), 32
+    config, batch_size = (
+      tiny_lm.Config(seq_len=128, d_model=128, num_heads=4, num_blocks=4, adapter_dim=32),
+      32,
+    )
   k_params, k_tokens = jax.random.split(jax.random.key(0))
   params = tiny_lm.init(k_params, config)
   tokens = jax.random.randint(k_tokens, (batch_size, config.seq_len + 1), 1, tiny_lm.VOCAB)
@@ -90,20 +96,23 @@ def steps(config, compiled, profile) -> dict[str, Callable]:
       (loss, aux), grads = jax.value_and_grad(mean_loss_aux, has_aux=True)(params, tokens)
       m = entropy.measure(profile, compiled, grads=grads, representations=aux, metrics=metrics)
       return (loss, *apply(adam, grads, params, opt_state), m)
+
     return step
 
   def enforced(params, opt_state, tokens):
     (loss, aux), grads = jax.value_and_grad(mean_loss_aux, has_aux=True)(params, tokens)
-    m = entropy.measure(profile, compiled, grads=grads, representations=aux, metrics=entropy.METRICS)
+    m = entropy.measure(
+      profile, compiled, grads=grads, representations=aux, metrics=entropy.METRICS
+    )
     return (loss, *apply(governed, grads, params, opt_state, measurements=m), m)
 
   return {
-      "plain": (plain, adam),
-      "+ attention entropy": (with_metrics(("attention_entropy",)), adam),
-      "+ renyi2 + effective rank": (with_metrics(("renyi2", "effective_rank")), adam),
-      "+ gradient entropy": (with_metrics(("gradient_entropy",)), adam),
-      "all metrics": (with_metrics(entropy.METRICS), adam),
-      "all metrics + enforce": (enforced, governed),
+    "plain": (plain, adam),
+    "+ attention entropy": (with_metrics(("attention_entropy",)), adam),
+    "+ renyi2 + effective rank": (with_metrics(("renyi2", "effective_rank")), adam),
+    "+ gradient entropy": (with_metrics(("gradient_entropy",)), adam),
+    "all metrics": (with_metrics(entropy.METRICS), adam),
+    "all metrics + enforce": (enforced, governed),
   }
 
 
@@ -129,27 +138,41 @@ def run(quick: bool, reps: int) -> dict[str, Timing]:
       jax.block_until_ready(fn(*args))
       wall[name].append(time.perf_counter() - start)
       cpu[name].append(time.process_time() - start_cpu)
-  return {name: Timing(statistics.median(wall[name]), statistics.median(cpu[name])) for name in compiled_steps}
+  return {
+    name: Timing(statistics.median(wall[name]), statistics.median(cpu[name]))
+    for name in compiled_steps
+  }
 
 
 def table(timings: dict[str, Timing]) -> str:
   plain = timings["plain"]
-  lines = ["| step | median wall | wall / plain | median CPU | CPU / plain |", "|---|---|---|---|---|"]
+  lines = [
+    "| step | median wall | wall / plain | median CPU | CPU / plain |",
+    "|---|---|---|---|---|",
+  ]
   for name, t in timings.items():
-    lines.append(f"| {name} | {t.wall * 1e3:.1f} ms | {t.wall / plain.wall:.3f}x | "
-                 f"{t.cpu * 1e3:.1f} ms | {t.cpu / plain.cpu:.3f}x |")
+    lines.append(
+      f"| {name} | {t.wall * 1e3:.1f} ms | {t.wall / plain.wall:.3f}x | "
+      f"{t.cpu * 1e3:.1f} ms | {t.cpu / plain.cpu:.3f}x |"
+    )
   return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--quick", action="store_true", help="tiny shapes: a smoke run, not a measurement")
-  parser.add_argument("--reps", type=int, default=None, help="timed calls per step (median); default 21, quick 2")
+  parser.add_argument(
+    "--quick", action="store_true", help="tiny shapes: a smoke run, not a measurement"
+  )
+  parser.add_argument(
+    "--reps", type=int, default=None, help="timed calls per step (median); default 21, quick 2"
+  )
   args = parser.parse_args(argv)
   reps = args.reps or (2 if args.quick else 21)
   shape = "LM 1x16, T=16, B=4 (quick)" if args.quick else "LM 4 blocks, d=128, T=128, B=32"
-  print(f"backend: {jax.default_backend()} ({jax.devices()[0].device_kind}), {os.cpu_count()} CPU cores, "
-        f"jax {jax.__version__}, optax {optax.__version__}; {shape}; median of {reps} interleaved calls.")
+  print(
+    f"backend: {jax.default_backend()} ({jax.devices()[0].device_kind}), {os.cpu_count()} CPU cores, "
+    f"jax {jax.__version__}, optax {optax.__version__}; {shape}; median of {reps} interleaved calls."
+  )
   print("Ratios are to the plain step (value_and_grad of the mean loss + optax.adam), same run.\n")
   print(table(run(args.quick, reps)))
 

@@ -37,7 +37,6 @@ import optax
 
 from aqgov.documents import _keys as keys
 from aqgov.documents._keys import TrustStore
-from aqgov.lineage import _record as rec
 from aqgov.lineage import _bodies as bodies
 from aqgov.lineage._summary import StepSummary, summarize
 from aqgov.lineage._verify import verify_lineage
@@ -45,16 +44,27 @@ from aqgov.lineage._writer import LineageWriter
 from aqgov.policy._paths import tree_paths
 
 
-def _host_summaries(n: int, batch: int, groups: int, classes: int = 6, seed: int = 0) -> list[StepSummary]:
+def _host_summaries(
+  n: int, batch: int, groups: int, classes: int = 6, seed: int = 0
+) -> list[StepSummary]:
   rng = np.random.default_rng(seed)
   table = rng.random((classes, groups), dtype=np.float32).round(1)
   out = []
   for s in range(1, n + 1):
     rc = rng.integers(0, classes, batch).astype(np.int32)
-    out.append(StepSummary(np.int32(s), np.arange(batch, dtype=np.int32), rc, table[rc],
-                           rng.random((batch, groups), dtype=np.float32), np.float32(rng.random()),
-                           rng.random((groups, 8), dtype=np.float32),
-                           {f"renyi2/g{g}": np.float32(rng.random()) for g in range(groups)}, ()))
+    out.append(
+      StepSummary(
+        np.int32(s),
+        np.arange(batch, dtype=np.int32),
+        rc,
+        table[rc],
+        rng.random((batch, groups), dtype=np.float32),
+        np.float32(rng.random()),
+        rng.random((groups, 8), dtype=np.float32),
+        {f"renyi2/g{g}": np.float32(rng.random()) for g in range(groups)},
+        (),
+      )
+    )
   return out
 
 
@@ -63,7 +73,9 @@ def bench_write_verify(records: int, batch: int, groups: int, directory: Path) -
   summaries = _host_summaries(min(records, 64), batch, groups)
   ids = [f"shard-{i // 1000:03d}/example-{i:08d}" for i in range(batch)]
   digests = [os.urandom(32) for _ in range(batch)]
-  start = bodies.run_start_body(run_id="bench", signer=key.key_id, groups=[f"g{g}" for g in range(groups)])
+  start = bodies.run_start_body(
+    run_id="bench", signer=key.key_id, groups=[f"g{g}" for g in range(groups)]
+  )
   t0 = time.perf_counter()
   writer = LineageWriter.create(directory / "lineage", key, start, head_every=1024)
   for s in range(records):
@@ -74,17 +86,26 @@ def bench_write_verify(records: int, batch: int, groups: int, directory: Path) -
   report = verify_lineage(directory, TrustStore.of([key]))
   verify_wall, verify_cpu = time.perf_counter() - t0, time.process_time() - c0
   size = sum(p.stat().st_size for p in (directory / "lineage" / "segments").iterdir())
-  return {"write": records / write_wall, "write_cpu_us": writer.cpu_seconds / records * 1e6,
-          "verify": report.size / verify_wall, "verify_per_cpu_s": report.size / verify_cpu,
-          "record_bytes": size / report.size}
+  return {
+    "write": records / write_wall,
+    "write_cpu_us": writer.cpu_seconds / records * 1e6,
+    "verify": report.size / verify_wall,
+    "verify_per_cpu_s": report.size / verify_cpu,
+    "record_bytes": size / report.size,
+  }
 
 
 def _mlp(batch: int, groups: int, width: int = 256):
   """A jitted MLP step with `groups` layers (one group each) and its summary-producing variant."""
   dims = [64] + [width] * (groups - 1) + [10]
   keys_ = jax.random.split(jax.random.key(0), groups)
-  params = {f"layer{g}": {"w": jax.random.normal(keys_[g], (dims[g], dims[g + 1])) / np.sqrt(dims[g]),
-                          "b": jnp.zeros(dims[g + 1])} for g in range(groups)}
+  params = {
+    f"layer{g}": {
+      "w": jax.random.normal(keys_[g], (dims[g], dims[g + 1])) / np.sqrt(dims[g]),
+      "b": jnp.zeros(dims[g + 1]),
+    }
+    for g in range(groups)
+  }
   leaf_group = tuple(int(p.split("/")[0][5:]) for p in tree_paths(params))
   opt = optax.adam(1e-3)
   table = jnp.asarray(np.random.default_rng(1).random((6, groups), dtype=np.float32))
@@ -103,12 +124,23 @@ def _mlp(batch: int, groups: int, width: int = 256):
     return optax.apply_updates(p, u), o, loss
 
   def governed(p, o, x, y, rc, step):
-    (_, per), g = jax.value_and_grad(lambda p: (jnp.mean(per_example := losses(p, x, y)), per_example), has_aux=True)(p)
+    (_, per), g = jax.value_and_grad(
+      lambda p: (jnp.mean(per_example := losses(p, x, y)), per_example), has_aux=True
+    )(p)
     u, o = opt.update(g, o, p)
     p = optax.apply_updates(p, u)
     w = table[rc]
-    summary = summarize(step=step, example_index=jnp.arange(x.shape[0]), route_class=rc, weights=w,
-                        contribution_norms=w * per[:, None], loss=jnp.mean(per), params=p, leaf_group=leaf_group, key=0)
+    summary = summarize(
+      step=step,
+      example_index=jnp.arange(x.shape[0]),
+      route_class=rc,
+      weights=w,
+      contribution_norms=w * per[:, None],
+      loss=jnp.mean(per),
+      params=p,
+      leaf_group=leaf_group,
+      key=0,
+    )
     return p, o, summary
 
   rng = np.random.default_rng(0)
@@ -118,7 +150,9 @@ def _mlp(batch: int, groups: int, width: int = 256):
   return params, opt.init(params), jax.jit(plain), jax.jit(governed), (x, y, rc)
 
 
-def bench_overhead(batch: int, groups: int, steps: int, repeats: int, directory: Path) -> dict[str, float]:
+def bench_overhead(
+  batch: int, groups: int, steps: int, repeats: int, directory: Path
+) -> dict[str, float]:
   params, opt_state, plain, governed, (x, y, rc) = _mlp(batch, groups)
   key = keys.generate("bench")
   ids = [f"example-{i:08d}" for i in range(batch)]
@@ -152,7 +186,9 @@ def bench_overhead(batch: int, groups: int, steps: int, repeats: int, directory:
     for name in order:  # interleaved, so that load from elsewhere hits every variant alike
       writer = None
       if name == "writer":
-        start = bodies.run_start_body(run_id=f"overhead{r}", signer=key.key_id, groups=[f"g{g}" for g in range(groups)])
+        start = bodies.run_start_body(
+          run_id=f"overhead{r}", signer=key.key_id, groups=[f"g{g}" for g in range(groups)]
+        )
         writer = LineageWriter.create(directory / f"overhead{r}", key, start, head_every=1024)
       c0, t0 = time.process_time(), time.perf_counter()
       run_plain() if name == "plain" else run_governed(writer)
@@ -168,12 +204,16 @@ def bench_overhead(batch: int, groups: int, steps: int, repeats: int, directory:
     return 100 * (statistics.median(x / y for x, y in zip(d[a], d[b], strict=True)) - 1)
 
   step_s = statistics.median(wall["summary"]) / steps
-  return {"step_ms": statistics.median(wall["plain"]) / steps * 1e3,
-          "summary_pct": pct(wall, "summary", "plain"), "writer_pct": pct(wall, "writer", "summary"),
-          "writer_cpu_pct": pct(cpu, "writer", "summary"), "drain_ms": statistics.median(drain) * 1e3,
-          "writer_thread_us": statistics.median(writer_cpu) * 1e6,
-          "writer_thread_pct": 100 * statistics.median(writer_cpu) / step_s,
-          "append_us": statistics.median(appending) * 1e6}
+  return {
+    "step_ms": statistics.median(wall["plain"]) / steps * 1e3,
+    "summary_pct": pct(wall, "summary", "plain"),
+    "writer_pct": pct(wall, "writer", "summary"),
+    "writer_cpu_pct": pct(cpu, "writer", "summary"),
+    "drain_ms": statistics.median(drain) * 1e3,
+    "writer_thread_us": statistics.median(writer_cpu) * 1e6,
+    "writer_thread_pct": 100 * statistics.median(writer_cpu) / step_s,
+    "append_us": statistics.median(appending) * 1e6,
+  }
 
 
 def main(argv=None) -> int:
@@ -190,19 +230,33 @@ def main(argv=None) -> int:
   with tempfile.TemporaryDirectory() as tmp:
     wv = bench_write_verify(args.records, args.batch, args.groups, Path(tmp) / "wv")
     over = bench_overhead(args.batch, args.groups, args.steps, args.repeats, Path(tmp))
-  print(f"lineage benchmark: B={args.batch}, G={args.groups}, {args.records} records, jax {jax.__version__}, "
-        f"{jax.devices()[0].platform}, {os.cpu_count()} cpu(s), load average {os.getloadavg()[0]:.1f}")
+  print(
+    f"lineage benchmark: B={args.batch}, G={args.groups}, {args.records} records, jax {jax.__version__}, "
+    f"{jax.devices()[0].platform}, {os.cpu_count()} cpu(s), load average {os.getloadavg()[0]:.1f}"
+  )
   print("| metric | value |\n|---|---|")
   print(f"| record size | {wv['record_bytes'] / 1024:.1f} KiB |")
-  print(f"| write | {wv['write']:,.0f} records/s (writer thread: {wv['write_cpu_us']:.0f} us CPU per record) |")
-  print(f"| verify | {wv['verify']:,.0f} records/s ({wv['verify_per_cpu_s']:,.0f} records per CPU-second) |")
+  print(
+    f"| write | {wv['write']:,.0f} records/s (writer thread: {wv['write_cpu_us']:.0f} us CPU per record) |"
+  )
+  print(
+    f"| verify | {wv['verify']:,.0f} records/s ({wv['verify_per_cpu_s']:,.0f} records per CPU-second) |"
+  )
   print(f"| plain MLP step (B={args.batch}, {args.groups} layers) | {over['step_ms']:.2f} ms |")
-  print(f"| in-step summary (fingerprint + arrays) | {over['summary_pct']:+.1f}% of the plain step |")
+  print(
+    f"| in-step summary (fingerprint + arrays) | {over['summary_pct']:+.1f}% of the plain step |"
+  )
   print(f"| `append` on the training thread | {over['append_us']:.0f} us per step |")
-  print(f"| writer thread CPU | {over['writer_thread_us']:.0f} us per step = {over['writer_thread_pct']:.1f}% "
-        "of the step |")
-  print(f"| async writer on the training loop (wall) | {over['writer_pct']:+.1f}% of the step with summary |")
-  print(f"| async writer, process CPU time | {over['writer_cpu_pct']:+.1f}% of the step with summary |")
+  print(
+    f"| writer thread CPU | {over['writer_thread_us']:.0f} us per step = {over['writer_thread_pct']:.1f}% "
+    "of the step |"
+  )
+  print(
+    f"| async writer on the training loop (wall) | {over['writer_pct']:+.1f}% of the step with summary |"
+  )
+  print(
+    f"| async writer, process CPU time | {over['writer_cpu_pct']:+.1f}% of the step with summary |"
+  )
   print(f"| writer drain at close | {over['drain_ms']:.1f} ms |")
   return 0
 

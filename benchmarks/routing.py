@@ -52,10 +52,21 @@ def policy_toml(groups: dict[str, list[str]], visibility: bool = False) -> str:
   lines = ['name = "bench-routing"', "[groups]"]
   for i, (g, patterns) in enumerate(groups.items()):
     listed = f"{patterns!r}".replace("'", '"')
-    lines.append(f'{g} = {{ patterns = {listed}, visible = "routed" }}' if visibility and i else f"{g} = {listed}")
-  lines += ["[[rules]]", "when = \"source == 'licensed'\"",
-            "route = {" + ", ".join(f"{g} = 0.5" for g in names[:-1]) + "}"]
-  lines += ["[[rules]]", "when = \"source == 'restricted'\"", "route = {" + f"{names[0]} = 1.0" + "}"]
+    lines.append(
+      f'{g} = {{ patterns = {listed}, visible = "routed" }}'
+      if visibility and i
+      else f"{g} = {listed}"
+    )
+  lines += [
+    "[[rules]]",
+    "when = \"source == 'licensed'\"",
+    "route = {" + ", ".join(f"{g} = 0.5" for g in names[:-1]) + "}",
+  ]
+  lines += [
+    "[[rules]]",
+    "when = \"source == 'restricted'\"",
+    "route = {" + f"{names[0]} = 1.0" + "}",
+  ]
   lines += ["[default]", "route = {" + ", ".join(f"{g} = 1.0" for g in names) + "}"]
   return "\n".join(lines) + "\n"
 
@@ -70,10 +81,20 @@ class Case(NamedTuple):
 
 def mlp_case(key, batch_size: int, width: int, depth: int) -> Case:
   keys = jax.random.split(key, depth + 3)
-  layers = {str(i): {"kernel": jax.random.normal(keys[i], (width, width)) / np.sqrt(width),
-                     "bias": jnp.zeros(width)} for i in range(depth)}
-  params = {"layers": layers, "head": {"kernel": jax.random.normal(keys[depth], (width, 10)) / np.sqrt(width),
-                                       "bias": jnp.zeros(10)}}
+  layers = {
+    str(i): {
+      "kernel": jax.random.normal(keys[i], (width, width)) / np.sqrt(width),
+      "bias": jnp.zeros(width),
+    }
+    for i in range(depth)
+  }
+  params = {
+    "layers": layers,
+    "head": {
+      "kernel": jax.random.normal(keys[depth], (width, 10)) / np.sqrt(width),
+      "bias": jnp.zeros(10),
+    },
+  }
 
   def loss(p, ex):
     h = ex["x"]
@@ -82,17 +103,23 @@ def mlp_case(key, batch_size: int, width: int, depth: int) -> Case:
     logits = h @ p["head"]["kernel"] + p["head"]["bias"]
     return -jax.nn.log_softmax(logits)[ex["y"]]
 
-  batch = {"x": jax.random.normal(keys[-2], (batch_size, width)),
-           "y": jax.random.randint(keys[-1], (batch_size,), 0, 10)}
+  batch = {
+    "x": jax.random.normal(keys[-2], (batch_size, width)),
+    "y": jax.random.randint(keys[-1], (batch_size,), 0, 10),
+  }
   half = depth // 2
-  groups = {"early": [f"layers/{i}/**" for i in range(half)],
-            "late": [f"layers/{i}/**" for i in range(half, depth)], "head": ["head/**"]}
+  groups = {
+    "early": [f"layers/{i}/**" for i in range(half)],
+    "late": [f"layers/{i}/**" for i in range(half, depth)],
+    "head": ["head/**"],
+  }
   return Case(f"MLP {depth}x{width}, B={batch_size}", params, batch, loss, groups)
 
 
 def _conv(x, kernel, bias):
-  y = jax.lax.conv_general_dilated(x[None], kernel, (1, 1), "SAME",
-                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))[0]
+  y = jax.lax.conv_general_dilated(
+    x[None], kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+  )[0]
   return jax.nn.relu(y + bias)
 
 
@@ -105,10 +132,19 @@ def cnn_case(key, batch_size: int, size: int) -> Case:
   keys = jax.random.split(key, 6)
   feat = (size // 4) ** 2 * 64
   params = {
-      "conv1": {"kernel": jax.random.normal(keys[0], (3, 3, 3, 32)) / np.sqrt(27), "bias": jnp.zeros(32)},
-      "conv2": {"kernel": jax.random.normal(keys[1], (3, 3, 32, 64)) / np.sqrt(288), "bias": jnp.zeros(64)},
-      "dense": {"kernel": jax.random.normal(keys[2], (feat, 128)) / np.sqrt(feat), "bias": jnp.zeros(128)},
-      "head": {"kernel": jax.random.normal(keys[3], (128, 10)) / np.sqrt(128), "bias": jnp.zeros(10)},
+    "conv1": {
+      "kernel": jax.random.normal(keys[0], (3, 3, 3, 32)) / np.sqrt(27),
+      "bias": jnp.zeros(32),
+    },
+    "conv2": {
+      "kernel": jax.random.normal(keys[1], (3, 3, 32, 64)) / np.sqrt(288),
+      "bias": jnp.zeros(64),
+    },
+    "dense": {
+      "kernel": jax.random.normal(keys[2], (feat, 128)) / np.sqrt(feat),
+      "bias": jnp.zeros(128),
+    },
+    "head": {"kernel": jax.random.normal(keys[3], (128, 10)) / np.sqrt(128), "bias": jnp.zeros(10)},
   }
 
   def loss(p, ex):
@@ -118,8 +154,10 @@ def cnn_case(key, batch_size: int, size: int) -> Case:
     logits = h @ p["head"]["kernel"] + p["head"]["bias"]
     return -jax.nn.log_softmax(logits)[ex["y"]]
 
-  batch = {"x": jax.random.normal(keys[4], (batch_size, size, size, 3)),
-           "y": jax.random.randint(keys[5], (batch_size,), 0, 10)}
+  batch = {
+    "x": jax.random.normal(keys[4], (batch_size, size, size, 3)),
+    "y": jax.random.randint(keys[5], (batch_size,), 0, 10),
+  }
   groups = {"convs": ["conv1/**", "conv2/**"], "dense": ["dense/**"], "head": ["head/**"]}
   return Case(f"CNN {size}x{size}x3, B={batch_size}", params, batch, loss, groups)
 
@@ -138,10 +176,20 @@ def cases(quick: bool) -> list[Case]:
   key = jax.random.key(0)
   k1, k2, k3 = jax.random.split(key, 3)
   if quick:
-    return [mlp_case(k1, 8, 16, 2), cnn_case(k2, 4, 8),
-            lm_case(k3, 2, tiny_lm.Config(seq_len=8, d_model=16, num_heads=2, num_blocks=1, adapter_dim=4))]
-  return [mlp_case(k1, 128, 512, 6), cnn_case(k2, 64, 32),
-          lm_case(k3, 32, tiny_lm.Config(seq_len=128, d_model=128, num_heads=4, num_blocks=4, adapter_dim=32))]
+    return [
+      mlp_case(k1, 8, 16, 2),
+      cnn_case(k2, 4, 8),
+      lm_case(
+        k3, 2, tiny_lm.Config(seq_len=8, d_model=16, num_heads=2, num_blocks=1, adapter_dim=4)
+      ),
+    ]
+  return [
+    mlp_case(k1, 128, 512, 6),
+    cnn_case(k2, 64, 32),
+    lm_case(
+      k3, 32, tiny_lm.Config(seq_len=128, d_model=128, num_heads=4, num_blocks=4, adapter_dim=32)
+    ),
+  ]
 
 
 def labels_for(space, batch_size: int) -> dict:
@@ -178,7 +226,10 @@ def measure(named_steps: dict[str, Callable], args: tuple, reps: int) -> dict[st
         out = fn(*args)
       jax.block_until_ready(out)
       times[name].append((time.perf_counter() - start) / calls)
-  return {name: Measure(statistics.median(times[name]), min(times[name]), peak[name]) for name in named_steps}
+  return {
+    name: Measure(statistics.median(times[name]), min(times[name]), peak[name])
+    for name in named_steps
+  }
 
 
 def steps(case: Case, compiled_policy, hiding_policy, optimizer) -> dict[str, Callable]:
@@ -205,9 +256,13 @@ def steps(case: Case, compiled_policy, hiding_policy, optimizer) -> dict[str, Ca
 
     return step
 
-  return {"plain": plain, "per_example": routed("per_example", False),
-          "cotangent": routed("cotangent", False), "cotangent+norms": routed("cotangent", True),
-          "cotangent+visibility": routed("cotangent", False, hiding_policy)}
+  return {
+    "plain": plain,
+    "per_example": routed("per_example", False),
+    "cotangent": routed("cotangent", False),
+    "cotangent+norms": routed("cotangent", True),
+    "cotangent+visibility": routed("cotangent", False, hiding_policy),
+  }
 
 
 def run(quick: bool, reps: int) -> list[tuple[str, dict[str, Measure]]]:
@@ -217,8 +272,9 @@ def run(quick: bool, reps: int) -> list[tuple[str, dict[str, Measure]]]:
   for case in cases(quick):
     policy = aqgov.Policy.from_toml(policy_toml(case.groups))
     compiled_policy = aqgov.compile_policy(policy, case.params, taxonomy)
-    hiding = aqgov.compile_policy(aqgov.Policy.from_toml(policy_toml(case.groups, visibility=True)),
-                                  case.params, taxonomy)
+    hiding = aqgov.compile_policy(
+      aqgov.Policy.from_toml(policy_toml(case.groups, visibility=True)), case.params, taxonomy
+    )
     optimizer = optax.adam(1e-3)
     batch_size = jax.tree.leaves(case.batch)[0].shape[0]
     args = (case.params, optimizer.init(case.params), case.batch, labels_for(space, batch_size))
@@ -230,13 +286,18 @@ def run(quick: bool, reps: int) -> list[tuple[str, dict[str, Measure]]]:
 
 def table(rows) -> str:
   routed = ["per_example", "cotangent", "cotangent+norms", "cotangent+visibility"]
-  head = (["model", "plain step", "plain peak"] + [f"{r} time" for r in routed]
-          + [f"{r} mem" for r in routed])
+  head = (
+    ["model", "plain step", "plain peak"]
+    + [f"{r} time" for r in routed]
+    + [f"{r} mem" for r in routed]
+  )
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for name, res in rows:
     plain = res["plain"]
     cells = [name, f"{plain.seconds * 1e3:.1f} ms", f"{plain.bytes / 2**20:.1f} MiB"]
-    cells += [f"{res[r].seconds / plain.seconds:.2f}x ({res[r].best / plain.best:.2f}x)" for r in routed]
+    cells += [
+      f"{res[r].seconds / plain.seconds:.2f}x ({res[r].best / plain.best:.2f}x)" for r in routed
+    ]
     cells += [f"{res[r].bytes / plain.bytes:.2f}x" for r in routed]
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
@@ -244,16 +305,27 @@ def table(rows) -> str:
 
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--quick", action="store_true", help="tiny shapes: a smoke run, not a measurement")
-  parser.add_argument("--reps", type=int, default=None, help="timing rounds (median and best reported); default 10, quick 2")
+  parser.add_argument(
+    "--quick", action="store_true", help="tiny shapes: a smoke run, not a measurement"
+  )
+  parser.add_argument(
+    "--reps",
+    type=int,
+    default=None,
+    help="timing rounds (median and best reported); default 10, quick 2",
+  )
   args = parser.parse_args(argv)
   reps = args.reps or (2 if args.quick else 10)
   warnings.simplefilter("default")
-  print(f"backend: {jax.default_backend()} ({jax.devices()[0].device_kind}), {os.cpu_count()} CPU cores, "
-        f"jax {jax.__version__}, optax {optax.__version__}; median (and best) of {reps} interleaved rounds; "
-        "memory = XLA compiled memory analysis (argument + output + temp bytes) of the jitted step.")
-  print("Ratios are routed / plain (value_and_grad of the mean loss + optax.adam), same run; time "
-        "cells give the ratio of medians and, in parentheses, of the fastest rounds.\n")
+  print(
+    f"backend: {jax.default_backend()} ({jax.devices()[0].device_kind}), {os.cpu_count()} CPU cores, "
+    f"jax {jax.__version__}, optax {optax.__version__}; median (and best) of {reps} interleaved rounds; "
+    "memory = XLA compiled memory analysis (argument + output + temp bytes) of the jitted step."
+  )
+  print(
+    "Ratios are routed / plain (value_and_grad of the mean loss + optax.adam), same run; time "
+    "cells give the ratio of medians and, in parentheses, of the fastest rounds.\n"
+  )
   print(table(run(args.quick, reps)))
 
 

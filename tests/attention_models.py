@@ -7,7 +7,8 @@ by step. Parameters fall into the groups `embed`, `core` (attention) and `head`.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -82,10 +83,14 @@ def init_plain(seed: int = 0) -> dict:
   ks = jax.random.split(jax.random.key(seed), 6)
   dense = lambda k, a, b: jax.random.normal(k, (a, b)) / np.sqrt(a)
   return {
-      "embed": {"tokens": jax.random.normal(ks[0], (VOCAB, DIM))},
-      "core": {"wq": dense(ks[1], DIM, DIM), "wk": dense(ks[2], DIM, DIM),
-               "wv": dense(ks[3], DIM, DIM), "wo": dense(ks[4], DIM, DIM)},
-      "head": {"kernel": dense(ks[5], DIM, VOCAB)},
+    "embed": {"tokens": jax.random.normal(ks[0], (VOCAB, DIM))},
+    "core": {
+      "wq": dense(ks[1], DIM, DIM),
+      "wk": dense(ks[2], DIM, DIM),
+      "wv": dense(ks[3], DIM, DIM),
+      "wo": dense(ks[4], DIM, DIM),
+    },
+    "head": {"kernel": dense(ks[5], DIM, VOCAB)},
   }
 
 
@@ -102,10 +107,11 @@ def plain_loss(params, tokens):
 
 
 class Core(nnx.Module):
-
   def __init__(self, rngs: nnx.Rngs):
     init = nnx.initializers.normal(1.0 / np.sqrt(DIM))
-    self.wq, self.wk, self.wv, self.wo = (nnx.Param(init(rngs.params(), (DIM, DIM))) for _ in range(4))
+    self.wq, self.wk, self.wv, self.wo = (
+      nnx.Param(init(rngs.params(), (DIM, DIM))) for _ in range(4)
+    )
 
   def __call__(self, x):
     out, probs = _causal_attention(x, self.wq[...], self.wk[...], self.wv[...], self.wo[...])
@@ -114,7 +120,6 @@ class Core(nnx.Module):
 
 
 class NnxModel(nnx.Module):
-
   def __init__(self, seed: int = 0):
     rngs = nnx.Rngs(seed)
     self.embed = nnx.Embed(VOCAB, DIM, rngs=rngs)
@@ -144,7 +149,6 @@ def nnx_parts(seed: int = 0) -> tuple[Any, Any, Callable]:
 
 
 class LinenCore(nn.Module):
-
   @nn.compact
   def __call__(self, x):
     init = nn.initializers.normal(1.0 / np.sqrt(DIM))
@@ -155,7 +159,6 @@ class LinenCore(nn.Module):
 
 
 class LinenModel(nn.Module):
-
   @nn.compact
   def __call__(self, tokens):
     x = nn.Embed(VOCAB, DIM, name="embed")(tokens)
@@ -169,7 +172,9 @@ def linen_parts(seed: int = 0) -> tuple[dict, Callable]:
   params = model.init(jax.random.key(seed), jnp.zeros((SEQ,), jnp.int32))["params"]
 
   def loss(params, tokens):
-    logits, state = model.apply({"params": params}, tokens, capture_intermediates=True, mutable=["intermediates"])
+    logits, state = model.apply(
+      {"params": params}, tokens, capture_intermediates=True, mutable=["intermediates"]
+    )
     return _loss(logits, tokens), entropy.from_linen(state)
 
   return params, loss

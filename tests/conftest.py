@@ -13,9 +13,11 @@ jax.config.update("jax_platforms", "cpu")
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 settings.register_profile(
-    "aqgov", deadline=None, max_examples=25, suppress_health_check=[HealthCheck.too_slow])
+  "aqgov", deadline=None, max_examples=25, suppress_health_check=[HealthCheck.too_slow]
+)
 settings.register_profile(
-    "ci", deadline=None, max_examples=40, suppress_health_check=[HealthCheck.too_slow])
+  "ci", deadline=None, max_examples=40, suppress_health_check=[HealthCheck.too_slow]
+)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "aqgov"))
 
 

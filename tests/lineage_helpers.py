@@ -10,8 +10,8 @@ import numpy as np
 
 from aqgov.documents import _keys as keys
 from aqgov.examples import task as et
-from aqgov.lineage import _record as rec
 from aqgov.lineage import _bodies as bodies
+from aqgov.lineage import _record as rec
 from aqgov.lineage import _segments as segments
 from aqgov.lineage._heads import LogHead
 from aqgov.lineage._summary import StepSummary
@@ -26,9 +26,17 @@ def summary(step: int, batch: int = 4, groups: int = len(GROUPS), seed: int = 0)
   rng = np.random.default_rng(seed * 100003 + step)
   table = np.asarray([[1.0] * groups, [0.0] + [1.0] * (groups - 1), [0.5] * groups], np.float32)
   rc = rng.integers(0, 3, batch).astype(np.int32)
-  return StepSummary(np.int32(step), np.arange(batch, dtype=np.int32), rc, table[rc],
-                     rng.random((batch, groups), dtype=np.float32), np.float32(rng.random()),
-                     rng.random((groups, 8), dtype=np.float32), {"renyi2/block": np.float32(rng.random())}, ())
+  return StepSummary(
+    np.int32(step),
+    np.arange(batch, dtype=np.int32),
+    rc,
+    table[rc],
+    rng.random((batch, groups), dtype=np.float32),
+    np.float32(rng.random()),
+    rng.random((groups, 8), dtype=np.float32),
+    {"renyi2/block": np.float32(rng.random())},
+    (),
+  )
 
 
 def ids(step: int, batch: int = 4) -> list[str]:
@@ -43,11 +51,26 @@ def start_body(key: keys.SigningKey, run_id: str = "run-1") -> dict:
   return bodies.run_start_body(run_id=run_id, signer=key.key_id, groups=GROUPS, task="x:y")
 
 
-def write_log(lineage_dir: Path, key: keys.SigningKey, steps: int, *, head_every: int = 5, close: bool = True,
-              fsync: str = "never", segment_bytes: int = 64 << 20, run_id: str = "run-1") -> LogHead:
+def write_log(
+  lineage_dir: Path,
+  key: keys.SigningKey,
+  steps: int,
+  *,
+  head_every: int = 5,
+  close: bool = True,
+  fsync: str = "never",
+  segment_bytes: int = 64 << 20,
+  run_id: str = "run-1",
+) -> LogHead:
   """A log of run-start + `steps` step records (+ run-end when closed)."""
-  w = LineageWriter.create(lineage_dir, key, start_body(key, run_id), head_every=head_every, fsync=fsync,
-                               segment_bytes=segment_bytes)
+  w = LineageWriter.create(
+    lineage_dir,
+    key,
+    start_body(key, run_id),
+    head_every=head_every,
+    fsync=fsync,
+    segment_bytes=segment_bytes,
+  )
   for s in range(1, steps + 1):
     w.append(summary(s), ids(s), digests(s))
   if close:
@@ -87,7 +110,7 @@ def split_frames(data: bytes) -> tuple[bytes, list[bytes]]:
   frames, off = [], HEADER
   while off < len(data):
     n = struct.unpack_from("<I", data, off)[0]
-    frames.append(data[off: off + 4 + n + 32])
+    frames.append(data[off : off + 4 + n + 32])
     off += 4 + n + 32
   return data[:HEADER], frames
 
@@ -113,8 +136,10 @@ def forge(seq: int, prev: bytes, step: int) -> bytes:
 def examples_file(path: Path, n: int = 48, seed: int = 0) -> list[dict]:
   """`n` examples for the example task, also written to `path` as JSONL."""
   rng = np.random.default_rng(seed)
-  data = [et.example(f"ex-{i:03d}", rng.normal(size=4), int(rng.integers(3)), int(rng.integers(3)))
-          for i in range(n)]
+  data = [
+    et.example(f"ex-{i:03d}", rng.normal(size=4), int(rng.integers(3)), int(rng.integers(3)))
+    for i in range(n)
+  ]
   path.write_text("".join(json.dumps(d) + "\n" for d in data))
   return data
 
@@ -127,11 +152,21 @@ def batches(data: list[dict], step: int, size: int = 8) -> list[dict]:
 TASK = "aqgov.examples.task:make_task"
 
 
-def make_run(run_dir: Path, data: list[dict], steps: int, *, checkpoint_every: int = 4, close: bool = True, **kw):
+def make_run(
+  run_dir: Path,
+  data: list[dict],
+  steps: int,
+  *,
+  checkpoint_every: int = 4,
+  close: bool = True,
+  **kw,
+):
   """A governed run of the example task over `steps` batches of `data` (closed unless told not to)."""
   from aqgov.lineage._run import GovernedRun
 
-  run = GovernedRun.start(run_dir, task=kw.pop("task", TASK), checkpoint_every=checkpoint_every, head_every=8, **kw)
+  run = GovernedRun.start(
+    run_dir, task=kw.pop("task", TASK), checkpoint_every=checkpoint_every, head_every=8, **kw
+  )
   for s in range(1, steps + 1):
     run.step(batches(data, s))
   if close:
@@ -143,7 +178,9 @@ def trust_of(*run_dirs: Path):
   """Every public key the run directories hold."""
   from aqgov.documents._keys import TrustStore
 
-  return TrustStore.from_paths([p for d in run_dirs for p in sorted((Path(d) / "keys").glob("*.pub"))])
+  return TrustStore.from_paths(
+    [p for d in run_dirs for p in sorted((Path(d) / "keys").glob("*.pub"))]
+  )
 
 
 def run_key_path(run_dir: Path) -> Path:

@@ -7,12 +7,14 @@ import operator
 
 from hypothesis import strategies as st
 
+from aqgov.credentials._taxonomy import LabelSpace, Taxonomy
 from aqgov.examples import sample as sample
 from aqgov.policy._expressions import And, Bool, Compare, Member, Not, Or, parse, to_text
 from aqgov.policy._policy import Policy, Rule
-from aqgov.credentials._taxonomy import LabelSpace, Taxonomy
 
-ACME_TOML = sample.taxonomy_path("acme-data").read_text()  # the issue's taxonomy, shipped as sample data
+ACME_TOML = sample.taxonomy_path(
+  "acme-data"
+).read_text()  # the issue's taxonomy, shipped as sample data
 EU_TOML = sample.taxonomy_path("eu-office").read_text()
 
 ACME = Taxonomy.from_toml(ACME_TOML)
@@ -38,8 +40,14 @@ route = { adapter = 1.0 }
 route = { embed = 1.0, core = 1.0, head = 1.0 }
 """
 
-_OPS = {"==": operator.eq, "!=": operator.ne, "<": operator.lt, "<=": operator.le, ">": operator.gt,
-        ">=": operator.ge}
+_OPS = {
+  "==": operator.eq,
+  "!=": operator.ne,
+  "<": operator.lt,
+  "<=": operator.le,
+  ">": operator.gt,
+  ">=": operator.ge,
+}
 
 
 def evaluate(expr, example, space: LabelSpace = SPACE) -> bool:
@@ -84,16 +92,20 @@ def leaf_weight(policies, path: str, example) -> float:
 
 # -- strategies ---------------------------------------------------------------------------------
 
-acme_labels = st.fixed_dictionaries({
+acme_labels = st.fixed_dictionaries(
+  {
     "license_class": st.sampled_from(ACME.field("license_class").values),
     "sensitivity_tier": st.integers(0, 3),
     "jurisdictions": st.lists(st.sampled_from(("EU", "US", "UK")), unique=True),
     "source": st.sampled_from(SOURCES),
-})
-eu_labels = st.fixed_dictionaries({
+  }
+)
+eu_labels = st.fixed_dictionaries(
+  {
     "lawful_basis": st.sampled_from(EU.field("lawful_basis").values),
     "personal_data": st.sampled_from(("yes", "no")),
-})
+  }
+)
 
 
 @st.composite
@@ -122,27 +134,46 @@ def atoms(draw):
   if kind == "bool":
     return Bool(draw(st.booleans()))
   if kind == "enum":
-    return Compare(_name(draw, "acme-data.license_class"), draw(st.sampled_from(("==", "!="))),
-                   draw(st.sampled_from(ACME.field("license_class").values)))
+    return Compare(
+      _name(draw, "acme-data.license_class"),
+      draw(st.sampled_from(("==", "!="))),
+      draw(st.sampled_from(ACME.field("license_class").values)),
+    )
   if kind == "eu":
     field = draw(st.sampled_from(("lawful_basis", "personal_data")))
-    return Compare(_name(draw, f"eu-office.{field}"), draw(st.sampled_from(("==", "!="))),
-                   draw(st.sampled_from(EU.field(field).values)))
+    return Compare(
+      _name(draw, f"eu-office.{field}"),
+      draw(st.sampled_from(("==", "!="))),
+      draw(st.sampled_from(EU.field(field).values)),
+    )
   if kind == "int":
-    return Compare(_name(draw, "acme-data.sensitivity_tier"), draw(st.sampled_from(tuple(_OPS))),
-                   draw(st.integers(-1, 4)))
+    return Compare(
+      _name(draw, "acme-data.sensitivity_tier"),
+      draw(st.sampled_from(tuple(_OPS))),
+      draw(st.integers(-1, 4)),
+    )
   if kind == "flags":
-    return Member(draw(st.sampled_from(("EU", "US", "UK"))), _name(draw, "acme-data.jurisdictions"), draw(st.booleans()))
-  return Compare(_name(draw, "acme-data.source"), draw(st.sampled_from(("==", "!="))), draw(st.sampled_from(SOURCES)))
+    return Member(
+      draw(st.sampled_from(("EU", "US", "UK"))),
+      _name(draw, "acme-data.jurisdictions"),
+      draw(st.booleans()),
+    )
+  return Compare(
+    _name(draw, "acme-data.source"),
+    draw(st.sampled_from(("==", "!="))),
+    draw(st.sampled_from(SOURCES)),
+  )
 
 
 expressions = st.recursive(
-    atoms(),
-    lambda inner: st.one_of(
-        inner.map(Not),
-        st.lists(inner, min_size=2, max_size=3).map(lambda xs: And(tuple(xs))),
-        st.lists(inner, min_size=2, max_size=3).map(lambda xs: Or(tuple(xs)))),
-    max_leaves=6)
+  atoms(),
+  lambda inner: st.one_of(
+    inner.map(Not),
+    st.lists(inner, min_size=2, max_size=3).map(lambda xs: And(tuple(xs))),
+    st.lists(inner, min_size=2, max_size=3).map(lambda xs: Or(tuple(xs))),
+  ),
+  max_leaves=6,
+)
 
 weights = st.sampled_from((0.0, 0.25, 0.5, 1.0))
 
@@ -156,5 +187,7 @@ def policies(draw, name: str = "p", group_patterns=None):
   """A random well-typed policy over `group_patterns` (name -> patterns)."""
   groups = group_patterns or {g: [f"{g}/**"] for g in GROUPS}
   names = tuple(groups)
-  rules = [Rule(to_text(draw(expressions)), draw(routes(names))) for _ in range(draw(st.integers(0, 3)))]
+  rules = [
+    Rule(to_text(draw(expressions)), draw(routes(names))) for _ in range(draw(st.integers(0, 3)))
+  ]
   return Policy(name, groups, rules, draw(routes(names)), draw(routes(names)), draw(weights))

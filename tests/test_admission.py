@@ -11,18 +11,20 @@ from hypothesis import strategies as st
 
 from aqgov.credentials import _admission as adm
 from aqgov.credentials import _manifest as credentials
-from aqgov.documents import _keys as keys
-from aqgov.examples import sample as sample
-from aqgov.documents import _signing as signing
-from aqgov.credentials._admission import Admission, RejectReason, Rejection
-from aqgov.credentials._manifest import Example
-from aqgov.errors import AdmissionError, CredentialError
+from aqgov.credentials._admission import Admission, Rejection, RejectReason
 from aqgov.credentials._loader import governed_batches
+from aqgov.credentials._manifest import Example
 from aqgov.credentials._taxonomy import LabelSpace
+from aqgov.documents import _keys as keys
+from aqgov.documents import _signing as signing
+from aqgov.errors import AdmissionError, CredentialError
+from aqgov.examples import sample as sample
 
 ACME = keys.SigningKey("acme-data", bytes(range(32)))
 EU = keys.SigningKey("eu-office", bytes(range(1, 33)))
-MALLORY = keys.SigningKey("acme-data", bytes(range(5, 37)))  # claims acme's name, but is not trusted
+MALLORY = keys.SigningKey(
+  "acme-data", bytes(range(5, 37))
+)  # claims acme's name, but is not trusted
 TAXES = sample.taxonomies()
 TRUST = keys.TrustStore.of([ACME, EU])
 EXAMPLES = sample.examples()[:40]
@@ -58,7 +60,9 @@ def test_credentialed_examples_are_admitted_with_every_authoritys_labels():
   assert batch.content == tuple(e.content for e in EXAMPLES)
   assert batch.rejected == ()
   assert batch.credentialed.dtype == bool and batch.credentialed.all()
-  expected = LabelSpace.of([TAXES["acme-data"], TAXES["eu-office"]]).encode_numpy([e.labels for e in EXAMPLES])
+  expected = LabelSpace.of([TAXES["acme-data"], TAXES["eu-office"]]).encode_numpy(
+    [e.labels for e in EXAMPLES]
+  )
   assert set(batch.labels) == set(expected)
   for key, arr in batch.labels.items():
     assert isinstance(arr, jax.Array) and arr.dtype == jnp.int32 and arr.shape == (len(EXAMPLES),)
@@ -74,10 +78,17 @@ def test_fields_are_namespaced_and_presence_is_per_authority():
 
 def test_admitted_labels_enter_jit():
   batch = gate().admit(EXAMPLES)
-  rule = jax.jit(lambda lab: (lab["acme-data.sensitivity_tier"] >= 2)
-                 | ((lab["eu-office.@present"] == 1) & (lab["eu-office.personal_data"] == 0)))
-  expected = [e.labels["acme-data"]["sensitivity_tier"] >= 2
-              or e.labels.get("eu-office", {}).get("personal_data") == "yes" for e in EXAMPLES]
+  rule = jax.jit(
+    lambda lab: (
+      (lab["acme-data.sensitivity_tier"] >= 2)
+      | ((lab["eu-office.@present"] == 1) & (lab["eu-office.personal_data"] == 0))
+    )
+  )
+  expected = [
+    e.labels["acme-data"]["sensitivity_tier"] >= 2
+    or e.labels.get("eu-office", {}).get("personal_data") == "yes"
+    for e in EXAMPLES
+  ]
   assert rule(batch.labels).tolist() == expected
 
 
@@ -97,7 +108,9 @@ def test_an_example_without_credential_is_refused():
 
 def test_an_example_credentialed_only_by_a_forged_manifest_is_refused():
   gate_ = gate(forged(ACME_MANIFEST))
-  assert [(m.authority, reason) for m, reason, _ in gate_.problems] == [("acme-data", RejectReason.FORGED_MANIFEST)]
+  assert [(m.authority, reason) for m, reason, _ in gate_.problems] == [
+    ("acme-data", RejectReason.FORGED_MANIFEST)
+  ]
   with pytest.raises(AdmissionError) as err:
     gate_.admit(EXAMPLES[:1])
   assert err.value.reason == "forged-manifest"
@@ -112,19 +125,22 @@ def test_an_example_credentialed_only_by_an_untrusted_key_is_refused():
 
 def test_a_manifest_signed_by_another_trusted_authority_counts_as_untrusted():
   payload = ACME_MANIFEST.document.payload
-  by_eu = credentials.Manifest(signing.add_signature(signing.SignedDocument(credentials.KIND, payload), EU))
+  by_eu = credentials.Manifest(
+    signing.add_signature(signing.SignedDocument(credentials.KIND, payload), EU)
+  )
   assert gate(by_eu).problems[0][1] == RejectReason.UNTRUSTED_KEY
 
 
 def test_collect_mode_returns_rejections_with_reasons_and_admits_the_rest():
   impostor = credentials.issue_manifest(MALLORY, TAXES["acme-data"], [stranger(2)])
   batch = gate(ACME_MANIFEST, impostor, on_reject="collect").admit(
-      [EXAMPLES[0], tampered(EXAMPLES[1]), stranger(1), stranger(2), EXAMPLES[2]])
+    [EXAMPLES[0], tampered(EXAMPLES[1]), stranger(1), stranger(2), EXAMPLES[2]]
+  )
   assert batch.ids == (EXAMPLES[0].id, EXAMPLES[2].id)
   assert batch.rejected == (
-      Rejection(EXAMPLES[1].id, RejectReason.CONTENT_HASH_MISMATCH),
-      Rejection("stranger-1", RejectReason.NO_CREDENTIAL),
-      Rejection("stranger-2", RejectReason.UNTRUSTED_KEY),
+    Rejection(EXAMPLES[1].id, RejectReason.CONTENT_HASH_MISMATCH),
+    Rejection("stranger-1", RejectReason.NO_CREDENTIAL),
+    Rejection("stranger-2", RejectReason.UNTRUSTED_KEY),
   )
   assert all(len(a) == 2 for a in batch.labels.values())
 
@@ -170,7 +186,9 @@ def test_uncredentialed_mode_never_admits_tampered_bytes():
     gate(admit_uncredentialed=True).admit([tampered(EXAMPLES[0])])
   assert err.value.reason == "content-hash-mismatch"
   batch = gate(admit_uncredentialed=True, on_reject="collect").admit([tampered(EXAMPLES[0])])
-  assert batch.ids == () and batch.rejected == (Rejection(EXAMPLES[0].id, RejectReason.CONTENT_HASH_MISMATCH),)
+  assert batch.ids == () and batch.rejected == (
+    Rejection(EXAMPLES[0].id, RejectReason.CONTENT_HASH_MISMATCH),
+  )
 
 
 def test_required_authorities_must_have_credentialed_the_example():
@@ -204,7 +222,9 @@ def test_manifests_of_one_authority_over_different_shards_combine():
 def test_conflicting_credentials_from_one_authority_are_refused():
   ex = EXAMPLES[0]
   acme = ex.labels["acme-data"]
-  relabelled = ex._replace(labels={"acme-data": dict(acme, sensitivity_tier=(acme["sensitivity_tier"] + 1) % 4)})
+  relabelled = ex._replace(
+    labels={"acme-data": dict(acme, sensitivity_tier=(acme["sensitivity_tier"] + 1) % 4)}
+  )
   other = credentials.issue_manifest(ACME, TAXES["acme-data"], [relabelled])
   with pytest.raises(CredentialError, match=f"credential example '{ex.id}' differently"):
     gate(ACME_MANIFEST, other)
@@ -221,7 +241,9 @@ def test_a_given_label_space_fixes_the_keys_and_must_match_the_manifests():
 def test_each_manifest_is_verified_once(monkeypatch):
   calls = []
   real = adm.verify
-  monkeypatch.setattr(adm, "verify", lambda *a, **k: calls.append(a[1].payload["authority"]) or real(*a, **k))
+  monkeypatch.setattr(
+    adm, "verify", lambda *a, **k: calls.append(a[1].payload["authority"]) or real(*a, **k)
+  )
   gate_ = gate()
   for _ in range(3):
     gate_.admit(EXAMPLES)
@@ -246,6 +268,7 @@ def test_transform_outputs_are_stacked_on_a_batch_axis():
 
 # --- loader adapter -------------------------------------------------------------------------------
 
+
 def test_governed_batches_fill_each_batch_with_admitted_examples():
   rows = list(EXAMPLES[:10])
   rows.insert(3, stranger())
@@ -269,7 +292,9 @@ def test_governed_batches_raise_at_the_first_rejection_by_default():
 
 
 def test_governed_batches_apply_the_transform():
-  batches = list(governed_batches(EXAMPLES[:6], gate(), 3, transform=lambda ex: np.float32(len(ex.content))))
+  batches = list(
+    governed_batches(EXAMPLES[:6], gate(), 3, transform=lambda ex: np.float32(len(ex.content)))
+  )
   assert [b.inputs.shape for b in batches] == [(3,), (3,)]
 
 
@@ -279,7 +304,9 @@ def test_governed_batches_refuse_a_non_positive_batch_size():
 
 
 def test_governed_batches_read_a_grain_map_dataset():
-  grain = pytest.importorskip("grain", reason="grain is an optional extra (pip install 'aqgov[grain]')")
+  grain = pytest.importorskip(
+    "grain", reason="grain is an optional extra (pip install 'aqgov[grain]')"
+  )
   records = [{"id": e.id, "content": e.content.decode()} for e in EXAMPLES[:12]]
   dataset = grain.MapDataset.source(records).filter(lambda r: int(r["id"][-1]) % 2 == 0)
   batches = list(governed_batches(dataset, gate(), 4))

@@ -14,14 +14,27 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_routing_benchmark_quick_run_prints_its_table():
-  result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "routing.py"), "--quick"],
-                          capture_output=True, text=True, timeout=900, cwd=ROOT)
+  result = subprocess.run(
+    [sys.executable, str(ROOT / "benchmarks" / "routing.py"), "--quick"],
+    capture_output=True,
+    text=True,
+    timeout=900,
+    cwd=ROOT,
+  )
   assert result.returncode == 0, result.stderr
   lines = result.stdout.splitlines()
   header = next(line for line in lines if line.startswith("| model |"))
-  for column in ("plain step", "per_example time", "cotangent time", "cotangent+norms time",
-                 "cotangent+visibility time", "per_example mem", "cotangent mem", "cotangent+norms mem",
-                 "cotangent+visibility mem"):
+  for column in (
+    "plain step",
+    "per_example time",
+    "cotangent time",
+    "cotangent+norms time",
+    "cotangent+visibility time",
+    "per_example mem",
+    "cotangent mem",
+    "cotangent+norms mem",
+    "cotangent+visibility mem",
+  ):
     assert f"| {column} |" in header
   rows = [line for line in lines if line.startswith(("| MLP", "| CNN", "| LM"))]
   assert len(rows) == 3

@@ -15,12 +15,21 @@ from hypothesis import strategies as st
 from aqgov.documents import _canonical as canonical
 from aqgov.documents._canonical import CanonicalError
 
-scalars = (st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1)
-           | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=8) | st.binary(max_size=8))
+scalars = (
+  st.none()
+  | st.booleans()
+  | st.integers(-(2**63), 2**64 - 1)
+  | st.floats(allow_nan=False, allow_infinity=False)
+  | st.text(max_size=8)
+  | st.binary(max_size=8)
+)
 values = st.recursive(
-    scalars,
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=6), children, max_size=4),
-    max_leaves=12)
+  scalars,
+  lambda children: (
+    st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=6), children, max_size=4)
+  ),
+  max_leaves=12,
+)
 
 
 def same(a, b) -> bool:
@@ -67,15 +76,18 @@ def test_floats_are_always_float64():
   assert len(canonical.encode(0.5)) == 9
 
 
-@pytest.mark.parametrize("bad", [
-    msgpack.packb({"b": 1, "a": 2}),                      # keys out of order
-    b"\xcd\x00\x05",                                      # 5 as uint16 instead of fixint
-    msgpack.packb(0.5, use_single_float=True),            # float32
-    b"\xd9\x01a",                                         # "a" as str8 instead of fixstr
-    msgpack.packb(1) + b"\x00",                           # trailing bytes
-    b"\xc1",                                              # never-used msgpack byte
-    b"\x92\x01",                                          # truncated array
-])
+@pytest.mark.parametrize(
+  "bad",
+  [
+    msgpack.packb({"b": 1, "a": 2}),  # keys out of order
+    b"\xcd\x00\x05",  # 5 as uint16 instead of fixint
+    msgpack.packb(0.5, use_single_float=True),  # float32
+    b"\xd9\x01a",  # "a" as str8 instead of fixstr
+    msgpack.packb(1) + b"\x00",  # trailing bytes
+    b"\xc1",  # never-used msgpack byte
+    b"\x92\x01",  # truncated array
+  ],
+)
 def test_non_canonical_bytes_are_rejected(bad):
   with pytest.raises(CanonicalError):
     canonical.decode(bad)
@@ -99,7 +111,9 @@ def test_infinities_round_trip(value):
   assert same(value, canonical.decode(canonical.encode(value)))
 
 
-@pytest.mark.parametrize("bits", ["7ff8000000000000", "fff8000000000000", "7ff0000000000001", "fff0000deadbeef1"])
+@pytest.mark.parametrize(
+  "bits", ["7ff8000000000000", "fff8000000000000", "7ff0000000000001", "fff0000deadbeef1"]
+)
 def test_every_nan_encodes_as_the_one_canonical_nan(bits):
   nan = struct.unpack(">d", bytes.fromhex(bits))[0]
   assert canonical.encode(nan) == b"\xcb" + bytes.fromhex("7ff8000000000000")
@@ -148,4 +162,3 @@ def test_unsupported_types_are_refused():
 def test_digest_hex_is_sha256_of_the_encoding(value):
   assert canonical.digest_hex(value) == hashlib.sha256(canonical.encode(value)).hexdigest()
   assert canonical.sha256(canonical.encode(value)).hex() == canonical.digest_hex(value)
-

@@ -9,7 +9,6 @@ from typing import NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-
 import numpy as np
 import pytest
 from flax import nnx
@@ -18,49 +17,88 @@ from hypothesis import strategies as st
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from aqgov.policy._compile import (
-    CompiledPolicy,
-    UncoveredParametersWarning,
-    compile_policy,
-    explain,
-    explain_table,
-    param_shapes,
-)
+from aqgov.credentials._taxonomy import LabelSpace
 from aqgov.errors import PolicyError
+from aqgov.policy._compile import (
+  CompiledPolicy,
+  UncoveredParametersWarning,
+  compile_policy,
+  explain,
+  explain_table,
+  param_shapes,
+)
 from aqgov.policy._expressions import to_text
 from aqgov.policy._paths import glob_match, tree_paths
 from aqgov.policy._policy import UNCOVERED_GROUP, Policy, Rule
-from aqgov.credentials._taxonomy import LabelSpace
-from policy_reference import ACME, POLICY_TOML, SPACE, batches, expressions, leaf_weight, routes, weights
+
+from policy_reference import (
+  ACME,
+  POLICY_TOML,
+  SPACE,
+  batches,
+  expressions,
+  leaf_weight,
+  routes,
+  weights,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore::aqgov.policy.UncoveredParametersWarning")
 
 PARAMS = {
-    "embed": {"tokens": np.zeros((8, 4), np.float32)},
-    "blocks": {str(i): {"attn": {"qkv": np.zeros((4, 12), np.float32)}, "mlp": {"up": np.zeros((4, 16), np.float32)}}
-               for i in range(2)},
-    "adapter": {"down": np.zeros((4, 2), np.float32)},
-    "head": {"kernel": np.zeros((4, 8), np.float32), "bias": np.zeros((8,), np.float32)},
-    "final_norm": {"scale": np.zeros((4,), np.float32)},
+  "embed": {"tokens": np.zeros((8, 4), np.float32)},
+  "blocks": {
+    str(i): {
+      "attn": {"qkv": np.zeros((4, 12), np.float32)},
+      "mlp": {"up": np.zeros((4, 16), np.float32)},
+    }
+    for i in range(2)
+  },
+  "adapter": {"down": np.zeros((4, 2), np.float32)},
+  "head": {"kernel": np.zeros((4, 8), np.float32), "bias": np.zeros((8,), np.float32)},
+  "final_norm": {"scale": np.zeros((4,), np.float32)},
 }
-PATTERNS = ("embed/**", "blocks/**", "blocks/0/**", "blocks/*/attn/*", "blocks/*/mlp/**", "adapter/**", "head/*",
-            "head/kernel", "final_norm/scale", "**", "nothing/**")
+PATTERNS = (
+  "embed/**",
+  "blocks/**",
+  "blocks/0/**",
+  "blocks/*/attn/*",
+  "blocks/*/mlp/**",
+  "adapter/**",
+  "head/*",
+  "head/kernel",
+  "final_norm/scale",
+  "**",
+  "nothing/**",
+)
 POLICY = Policy.from_toml(POLICY_TOML)
 
 
 @st.composite
 def random_policies(draw, prefix: str):
   n = draw(st.integers(1, 4))
-  groups = {f"{prefix}{i}": draw(st.lists(st.sampled_from(PATTERNS), min_size=1, max_size=2)) for i in range(n)}
+  groups = {
+    f"{prefix}{i}": draw(st.lists(st.sampled_from(PATTERNS), min_size=1, max_size=2))
+    for i in range(n)
+  }
   names = tuple(groups)
-  rules = [Rule(to_text(draw(expressions)), draw(routes(names))) for _ in range(draw(st.integers(0, 3)))]
+  rules = [
+    Rule(to_text(draw(expressions)), draw(routes(names))) for _ in range(draw(st.integers(0, 3)))
+  ]
   # groups may match nothing ("nothing/**"): declared optional, as such a policy must
-  return Policy(prefix, groups, rules, draw(routes(names)), draw(routes(names)), draw(weights),
-                optional_groups=names)
+  return Policy(
+    prefix,
+    groups,
+    rules,
+    draw(routes(names)),
+    draw(routes(names)),
+    draw(weights),
+    optional_groups=names,
+  )
 
 
 policy_lists = st.lists(st.sampled_from("ab"), min_size=1, max_size=2, unique=True).flatmap(
-    lambda prefixes: st.tuples(*[random_policies(p) for p in prefixes]))
+  lambda prefixes: st.tuples(*[random_policies(p) for p in prefixes])
+)
 
 
 def reference_leaf_weights(policies, examples):
@@ -69,7 +107,9 @@ def reference_leaf_weights(policies, examples):
 
 def leaf_weights_by_path(compiled, labels):
   tree = compiled.leaf_weights(labels)
-  return dict(zip(tree_paths(tree), (np.asarray(x).tolist() for x in jax.tree_util.tree_leaves(tree))))
+  return dict(
+    zip(tree_paths(tree), (np.asarray(x).tolist() for x in jax.tree_util.tree_leaves(tree)))
+  )
 
 
 # -- agreement with the reference ---------------------------------------------------------------
@@ -78,7 +118,9 @@ def leaf_weights_by_path(compiled, labels):
 @given(policy_lists, batches)
 def test_leaf_weights_equal_the_python_reference(policies, examples):
   compiled = compile_policy(policies, PARAMS, SPACE)
-  assert leaf_weights_by_path(compiled, SPACE.encode(examples)) == reference_leaf_weights(policies, examples)
+  assert leaf_weights_by_path(compiled, SPACE.encode(examples)) == reference_leaf_weights(
+    policies, examples
+  )
 
 
 @given(policy_lists, batches)
@@ -88,8 +130,9 @@ def test_group_weights_are_the_table_rows_of_the_route_classes(policies, example
   cls = np.asarray(compiled.route_class(labels))
   assert cls.dtype == np.int32 and cls.shape == (len(examples),)
   assert np.array_equal(np.asarray(compiled.group_weights(labels)), compiled.table[cls])
-  assert np.array_equal(np.stack(jax.tree_util.tree_leaves(compiled.leaf_weights(labels)), 1),
-                        compiled.leaf_table[cls])
+  assert np.array_equal(
+    np.stack(jax.tree_util.tree_leaves(compiled.leaf_weights(labels)), 1), compiled.leaf_table[cls]
+  )
 
 
 @given(random_policies("a"))
@@ -103,15 +146,20 @@ def test_a_leaf_belongs_to_the_first_group_of_the_union_that_matches_it(policies
   compiled = compile_policy(policies, PARAMS, SPACE)
   union = [(name, p) for p in policies for name in p.group_names]
   for path, g in zip(compiled.leaf_paths, compiled.leaf_group):
-    expected = next((name for name, p in union if any(glob_match(q, path) for q in p.patterns(name))),
-                    UNCOVERED_GROUP)
+    expected = next(
+      (name for name, p in union if any(glob_match(q, path) for q in p.patterns(name))),
+      UNCOVERED_GROUP,
+    )
     assert compiled.group_names[g] == expected
 
 
 def test_table_shapes_follow_the_contract():
   compiled = compile_policy(POLICY, PARAMS, SPACE)
   assert isinstance(compiled, CompiledPolicy)
-  assert compiled.table.shape == (compiled.num_classes, compiled.num_groups) and compiled.table.dtype == np.float32
+  assert (
+    compiled.table.shape == (compiled.num_classes, compiled.num_groups)
+    and compiled.table.dtype == np.float32
+  )
   assert compiled.leaf_table.shape == (compiled.num_classes, len(compiled.leaf_paths))
   assert compiled.leaf_paths == tuple(tree_paths(PARAMS))
   assert compiled.policy_ids == (POLICY.id,)
@@ -119,13 +167,19 @@ def test_table_shapes_follow_the_contract():
 
 
 def test_composed_classes_enumerate_each_policys_class_with_uncredentialed_last():
-  other = Policy("eu", {"core": ["blocks/**"]}, [Rule("personal_data == 'yes'", {})], default={"core": 1.0})
+  other = Policy(
+    "eu", {"core": ["blocks/**"]}, [Rule("personal_data == 'yes'", {})], default={"core": 1.0}
+  )
   compiled = compile_policy([POLICY, other], PARAMS, SPACE)
   assert compiled.class_names == (
-      "acme-routing:rule1|eu:rule1", "acme-routing:rule1|eu:default",
-      "acme-routing:rule2|eu:rule1", "acme-routing:rule2|eu:default",
-      "acme-routing:default|eu:rule1", "acme-routing:default|eu:default",
-      "acme-routing:uncredentialed|eu:uncredentialed")
+    "acme-routing:rule1|eu:rule1",
+    "acme-routing:rule1|eu:default",
+    "acme-routing:rule2|eu:rule1",
+    "acme-routing:rule2|eu:default",
+    "acme-routing:default|eu:rule1",
+    "acme-routing:default|eu:default",
+    "acme-routing:uncredentialed|eu:uncredentialed",
+  )
 
 
 # -- uncovered parameters ---------------------------------------------------------------------------
@@ -154,8 +208,11 @@ def test_a_fully_covered_tree_has_no_uncovered_group():
 
 
 def test_groups_without_parameters_and_uneven_groups_are_reported():
-  other = Policy("eu", {"first": ["blocks/0/**"], "ghost": {"patterns": ["nothing/**"], "optional": True}},
-                 default={"first": 1.0})
+  other = Policy(
+    "eu",
+    {"first": ["blocks/0/**"], "ghost": {"patterns": ["nothing/**"], "optional": True}},
+    default={"first": 1.0},
+  )
   compiled = compile_policy([POLICY, other], PARAMS, SPACE)
   text = " ".join(compiled.warnings)
   assert "group 'ghost' (nothing/**) covers no parameter" in text
@@ -166,9 +223,11 @@ def test_a_group_matching_no_parameter_is_an_error_unless_declared_optional():
   other = Policy("eu", {"first": ["blocks/0/**"], "ghost": ["nothing/**"]}, default={"first": 1.0})
   with pytest.raises(PolicyError, match="group 'ghost' .* matches no parameter .* optional = true"):
     compile_policy([POLICY, other], PARAMS, SPACE)
-  optional = Policy.from_toml('name = "eu"\n[groups]\nfirst = ["blocks/0/**"]\n'
-                              'ghost = { patterns = ["nothing/**"], optional = true }\n'
-                              '[default]\nroute = { first = 1.0 }\n')
+  optional = Policy.from_toml(
+    'name = "eu"\n[groups]\nfirst = ["blocks/0/**"]\n'
+    'ghost = { patterns = ["nothing/**"], optional = true }\n'
+    "[default]\nroute = { first = 1.0 }\n"
+  )
   assert optional.optional_groups == ("ghost",) and Policy.from_toml(optional.to_toml()) == optional
   assert Policy.from_dict(optional.to_dict()) == optional
   compile_policy([POLICY, optional], PARAMS, SPACE)
@@ -185,27 +244,46 @@ def test_weights_are_the_same_under_jit_and_vmap(policies, examples):
   eager = leaf_weights_by_path(compiled, labels)
   for fn in (jax.jit(compiled.leaf_weights), jax.vmap(compiled.leaf_weights)):
     tree = fn(labels)
-    assert dict(zip(tree_paths(tree), (np.asarray(x).tolist() for x in jax.tree_util.tree_leaves(tree)))) == eager
+    assert (
+      dict(zip(tree_paths(tree), (np.asarray(x).tolist() for x in jax.tree_util.tree_leaves(tree))))
+      == eager
+    )
   assert np.array_equal(jax.jit(compiled.group_weights)(labels), compiled.group_weights(labels))
 
 
 def test_weights_of_a_batch_sharded_over_eight_devices_match_one_device():
-  examples = [None if i % 7 == 0 else {"acme-data": {"license_class": ACME.field("license_class").values[i % 4],
-                                                     "sensitivity_tier": i % 4, "jurisdictions": [],
-                                                     "source": "wiki"}} for i in range(16)]
+  examples = [
+    None
+    if i % 7 == 0
+    else {
+      "acme-data": {
+        "license_class": ACME.field("license_class").values[i % 4],
+        "sensitivity_tier": i % 4,
+        "jurisdictions": [],
+        "source": "wiki",
+      }
+    }
+    for i in range(16)
+  ]
   labels = SPACE.encode(examples)
   compiled = compile_policy(POLICY, PARAMS, SPACE)
   mesh = jax.make_mesh((8,), ("data",))
   sharded = jax.device_put(labels, NamedSharding(mesh, P("data")))
   got = jax.jit(compiled.leaf_weights)(sharded)
-  for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(compiled.leaf_weights(labels))):
+  for a, b in zip(
+    jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(compiled.leaf_weights(labels))
+  ):
     assert np.array_equal(np.asarray(a), np.asarray(b))
   assert len(jax.tree_util.tree_leaves(got)[0].sharding.device_set) == 8
 
 
 def test_labels_of_a_single_taxonomy_are_accepted():
-  labels = ACME.encode([{"license_class": "unknown", "sensitivity_tier": 0, "jurisdictions": [], "source": "x"},
-                        {"license_class": "cc-by", "sensitivity_tier": 0, "jurisdictions": [], "source": "x"}])
+  labels = ACME.encode(
+    [
+      {"license_class": "unknown", "sensitivity_tier": 0, "jurisdictions": [], "source": "x"},
+      {"license_class": "cc-by", "sensitivity_tier": 0, "jurisdictions": [], "source": "x"},
+    ]
+  )
   compiled = compile_policy(POLICY, PARAMS, ACME)
   assert compiled.route_class(labels).tolist() == [0, 2]
 
@@ -244,8 +322,12 @@ class Tiny(nnx.Module):
     return self.head(x)
 
 
-NNX_POLICY = Policy("nnx", {"embed": ["embed/*"], "core": ["blocks/*/kernel"], "head": ["head/*"]},
-                    [Rule("sensitivity_tier >= 2", {"head": 1.0})], {"embed": 1.0, "core": 1.0, "head": 0.5})
+NNX_POLICY = Policy(
+  "nnx",
+  {"embed": ["embed/*"], "core": ["blocks/*/kernel"], "head": ["head/*"]},
+  [Rule("sensitivity_tier >= 2", {"head": 1.0})],
+  {"embed": 1.0, "core": 1.0, "head": 0.5},
+)
 
 
 def test_nnx_state_patterns_match_with_or_without_the_value_attribute():
@@ -253,14 +335,26 @@ def test_nnx_state_patterns_match_with_or_without_the_value_attribute():
   compiled = compile_policy(NNX_POLICY, state, SPACE)
   groups = dict(zip(compiled.leaf_paths, (compiled.group_names[g] for g in compiled.leaf_group)))
   assert groups["head/kernel/value"] == "head" and groups["embed/embedding/value"] == "embed"
-  assert groups["blocks/0/kernel/value"] == "core" and groups["blocks/0/bias/value"] == UNCOVERED_GROUP
+  assert (
+    groups["blocks/0/kernel/value"] == "core" and groups["blocks/0/bias/value"] == UNCOVERED_GROUP
+  )
 
 
 def test_nnx_leaf_weights_have_the_structure_of_nnx_gradients():
   model = Tiny(nnx.Rngs(0))
   compiled = compile_policy(NNX_POLICY, nnx.state(model, nnx.Param), SPACE)
-  labels = SPACE.encode([{"acme-data": {"license_class": "cc-by", "sensitivity_tier": 3, "jurisdictions": [],
-                                        "source": "x"}}])
+  labels = SPACE.encode(
+    [
+      {
+        "acme-data": {
+          "license_class": "cc-by",
+          "sensitivity_tier": 3,
+          "jurisdictions": [],
+          "source": "x",
+        }
+      }
+    ]
+  )
   grads = nnx.grad(lambda m: m(jnp.array([1, 2])).sum())(model)
   routed = jax.tree.map(lambda g, w: g * w[0], grads, compiled.leaf_weights(labels))
   assert jax.tree_util.tree_structure(routed) == jax.tree_util.tree_structure(grads)
@@ -277,11 +371,27 @@ class LinenTiny(nn.Module):
 
 def test_linen_params_are_addressed_by_their_module_paths():
   params = LinenTiny().init(jax.random.key(0), jnp.ones((1, 3)))
-  policy = Policy("linen", {"body": ["params/body/**"], "head": ["params/head/kernel"]}, default={"body": 1.0})
+  policy = Policy(
+    "linen", {"body": ["params/body/**"], "head": ["params/head/kernel"]}, default={"body": 1.0}
+  )
   compiled = compile_policy(policy, params, SPACE)
-  w = compiled.leaf_weights(SPACE.encode([{"acme-data": {"license_class": "cc-by", "sensitivity_tier": 0,
-                                                         "jurisdictions": [], "source": "x"}}]))
-  assert w["params"]["body"]["kernel"].tolist() == [1.0] and w["params"]["head"]["kernel"].tolist() == [0.0]
+  w = compiled.leaf_weights(
+    SPACE.encode(
+      [
+        {
+          "acme-data": {
+            "license_class": "cc-by",
+            "sensitivity_tier": 0,
+            "jurisdictions": [],
+            "source": "x",
+          }
+        }
+      ]
+    )
+  )
+  assert w["params"]["body"]["kernel"].tolist() == [1.0] and w["params"]["head"][
+    "kernel"
+  ].tolist() == [0.0]
   assert compiled.uncovered_leaves() == ("params/head/bias",)
 
 
@@ -293,6 +403,7 @@ class Pair(NamedTuple):
 @dataclasses.dataclass
 class Module:
   """A module-like pytree (the way Equinox modules flatten: attribute keys)."""
+
   body: jax.Array
   head: jax.Array
 
@@ -300,10 +411,13 @@ class Module:
 jax.tree_util.register_dataclass(Module, data_fields=["body", "head"], meta_fields=[])
 
 
-@pytest.mark.parametrize("params", [
+@pytest.mark.parametrize(
+  "params",
+  [
     Pair({"w": np.zeros(3)}, np.zeros(2)),
     Module(jnp.zeros(3), jnp.zeros(2)),
-])
+  ],
+)
 def test_namedtuple_and_module_like_pytrees_are_addressed_by_attribute(params):
   policy = Policy("p", {"body": ["body/**"], "head": ["head"]}, default={"head": 1.0})
   compiled = compile_policy(policy, params, SPACE)
@@ -345,13 +459,16 @@ def test_param_shapes_nest_keys_and_split_slashes():
   assert shapes["head"]["bias"].shape == (8,)
 
 
-@pytest.mark.parametrize("doc, message", [
+@pytest.mark.parametrize(
+  "doc, message",
+  [
     ({}, "non-empty"),
     ({"head": [4, -1]}, "shape list"),
     ({"head": "4x4"}, "shape list"),
     ({"head/": [4]}, "empty segment"),
     ({"head/bias": [4], "head": {"bias": [4]}}, "given twice"),
-])
+  ],
+)
 def test_malformed_param_shapes_raise_policy_errors(doc, message):
   with pytest.raises(PolicyError, match=message):
     param_shapes(doc)

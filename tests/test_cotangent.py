@@ -10,11 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
+from aqgov.errors import BatchCouplingError, RoutingError, UnsupportedPrimitiveError
 from aqgov.routing import _ghost_norms as ghost_norms
 from aqgov.routing._cotangent import check_supported, cotangent_value_and_grad, norm_methods
-from aqgov.errors import BatchCouplingError, RoutingError, UnsupportedPrimitiveError
 
 B = 4
 seeds = st.integers(0, 2**31 - 1)
@@ -24,7 +25,8 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive
 
 # --- reference -------------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=None)
+
+@functools.cache
 def _per_example_grad(loss_fn, has_aux):
   return jax.jit(jax.value_and_grad(loss_fn, has_aux=has_aux), compiler_options=FAST_COMPILE)
 
@@ -69,9 +71,11 @@ def assert_tree_close(actual, expected, rtol=1e-5, group=False):
 def random_weights(params, seed, size=B):
   """Per-example per-leaf weights mixing 0 (routed away), 1 and fractions."""
   rng = np.random.default_rng(seed)
+
   def one(_):
     w = rng.choice([0.0, 1.0, 0.5, rng.uniform()], size=size)
     return jnp.asarray(w, jnp.float32)
+
   return jax.tree.map(one, params)
 
 
@@ -86,10 +90,12 @@ def check_against_brute_force(loss_fn, params, batch, weights, rtol=1e-5):
   assert_tree_close(sq, ref_sq, 1e-4, group=True)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cotangent(loss_fn, has_aux, with_norms):
-  return jax.jit(cotangent_value_and_grad(loss_fn, has_aux=has_aux, with_norms=with_norms),
-                 compiler_options=FAST_COMPILE)
+  return jax.jit(
+    cotangent_value_and_grad(loss_fn, has_aux=has_aux, with_norms=with_norms),
+    compiler_options=FAST_COMPILE,
+  )
 
 
 def normal(key, *shape, scale=1.0):
@@ -102,6 +108,7 @@ def keys(seed, n):
 
 # --- models ----------------------------------------------------------------------------------
 
+
 def mlp_loss(p, ex):
   h = ex["x"]
   for layer in p["layers"]:
@@ -112,27 +119,35 @@ def mlp_loss(p, ex):
 
 def mlp_setup(seed):
   k = keys(seed, 8)
-  params = {"layers": [{"w": normal(k[i], 6, 6), "b": normal(k[i + 3], 6)} for i in range(3)],
-            "out": normal(k[6], 6, 3)}
+  params = {
+    "layers": [{"w": normal(k[i], 6, 6), "b": normal(k[i + 3], 6)} for i in range(3)],
+    "out": normal(k[6], 6, 3),
+  }
   batch = {"x": jax.random.normal(k[7], (B, 6)), "y": jnp.arange(B) % 3}
   return params, batch
 
 
 def conv_loss(p, ex):
   x = ex["img"][None]
-  y = jax.lax.conv_general_dilated(x, p["k1"], (1, 1), "SAME",
-                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  y = jax.lax.conv_general_dilated(
+    x, p["k1"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+  )
   y = jax.nn.relu(y + p["b1"])
-  y = jax.lax.conv_general_dilated(y, p["k2"], (2, 2), "VALID",
-                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  y = jax.lax.conv_general_dilated(
+    y, p["k2"], (2, 2), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+  )
   logits = jnp.mean(y, axis=(1, 2))[0] @ p["head"]
   return -jax.nn.log_softmax(logits)[ex["label"]]
 
 
 def conv_setup(seed):
   k = keys(seed, 6)
-  params = {"k1": normal(k[0], 3, 3, 2, 4), "b1": normal(k[1], 4), "k2": normal(k[2], 2, 2, 4, 5),
-            "head": normal(k[3], 5, 3)}
+  params = {
+    "k1": normal(k[0], 3, 3, 2, 4),
+    "b1": normal(k[1], 4),
+    "k2": normal(k[2], 2, 2, 4, 5),
+    "head": normal(k[3], 5, 3),
+  }
   batch = {"img": jax.random.normal(k[4], (B, 6, 6, 2)), "label": jnp.arange(B) % 3}
   return params, batch
 
@@ -166,10 +181,16 @@ def attention_loss(p, ex, tied=False, one_hot=False):
 def attention_setup(seed, tied=False):
   k = keys(seed, 10)
   vocab, d, t = 7, 8, 5
-  params = {"emb": normal(k[0], vocab, d), "pos": normal(k[1], t, d, scale=0.1),
-            "ln_s": 1 + normal(k[2], d, scale=0.1), "ln_b": normal(k[3], d, scale=0.1),
-            "qkv": normal(k[4], d, 3 * d), "o": normal(k[5], d, d), "f1": normal(k[6], d, 2 * d),
-            "f2": normal(k[7], 2 * d, d)}
+  params = {
+    "emb": normal(k[0], vocab, d),
+    "pos": normal(k[1], t, d, scale=0.1),
+    "ln_s": 1 + normal(k[2], d, scale=0.1),
+    "ln_b": normal(k[3], d, scale=0.1),
+    "qkv": normal(k[4], d, 3 * d),
+    "o": normal(k[5], d, d),
+    "f1": normal(k[6], d, 2 * d),
+    "f2": normal(k[7], 2 * d, d),
+  }
   if not tied:
     params["unemb"] = normal(k[8], d, vocab)
   tokens = jax.random.randint(k[9], (B, t + 1), 0, vocab)
@@ -180,19 +201,26 @@ def scanned_loss(p, ex):
   def block(h, blk):
     h = h + jnp.tanh(layer_norm(h, blk["g"], 0.0) @ blk["w"] + blk["b"])
     return h, jnp.sum(h)
+
   h, sums = jax.lax.scan(block, ex["x"], p["blocks"])
   return jnp.sum(jnp.square(h @ p["head"] - ex["y"])) + 0.01 * jnp.sum(sums)
 
 
 def scanned_setup(seed):
   k = keys(seed, 6)
-  params = {"blocks": {"w": normal(k[0], 3, 5, 5), "b": normal(k[1], 3, 5),
-                       "g": 1 + normal(k[2], 3, 5, scale=0.1)},
-            "head": normal(k[3], 5, 2)}
+  params = {
+    "blocks": {
+      "w": normal(k[0], 3, 5, 5),
+      "b": normal(k[1], 3, 5),
+      "g": 1 + normal(k[2], 3, 5, scale=0.1),
+    },
+    "head": normal(k[3], 5, 2),
+  }
   return params, {"x": jax.random.normal(k[4], (B, 4, 5)), "y": jax.random.normal(k[5], (B, 4, 2))}
 
 
 # --- equality with brute force, per construct ------------------------------------------------
+
 
 @given(seed=seeds)
 def test_mlp_matches_brute_force(seed):
@@ -244,14 +272,19 @@ def library_attention_loss(p, ex):
 @given(seed=seeds)
 def test_library_attention_weight_normalisation_and_pooling_match_brute_force(seed):
   k = keys(seed % 1000, 6)
-  params = {"q": normal(k[0], 8, 2, 4), "k": normal(k[1], 8, 2, 4), "v": normal(k[2], 8, 2, 4),
-            "g": normal(k[3], 4, 8), "s": normal(k[4], 8)}
+  params = {
+    "q": normal(k[0], 8, 2, 4),
+    "k": normal(k[1], 8, 2, 4),
+    "v": normal(k[2], 8, 2, 4),
+    "g": normal(k[3], 4, 8),
+    "s": normal(k[4], 8),
+  }
   batch = {"x": jax.random.normal(k[5], (B, 5, 8))}
   check_against_brute_force(library_attention_loss, params, batch, random_weights(params, seed))
 
 
 def lora_loss(p, ex):
-  w = p["w0"] + p["a"] @ p["b"]          # parameter-only subgraph mixing two leaves
+  w = p["w0"] + p["a"] @ p["b"]  # parameter-only subgraph mixing two leaves
   return jnp.sum(jnp.square(jnp.tanh(ex["x"] @ w) - ex["y"])) + 0.01 * jnp.sum(jnp.square(p["a"]))
 
 
@@ -273,6 +306,7 @@ def rnn_loss(p, ex):
   def step(h, x):
     h = jnp.tanh(h @ p["wh"] + x @ p["wx"])
     return h, h @ p["out"]
+
   _, ys = jax.lax.scan(step, p["h0"], ex["x"])  # parameter-only initial carry
   return jnp.sum(jnp.square(ys - ex["y"]))
 
@@ -280,8 +314,12 @@ def rnn_loss(p, ex):
 @given(seed=seeds)
 def test_recurrent_scan_with_shared_weights_and_parameter_carry_matches_brute_force(seed):
   k = keys(seed % 1000, 6)
-  params = {"wh": normal(k[0], 4, 4), "wx": normal(k[1], 3, 4), "out": normal(k[2], 4, 2),
-            "h0": normal(k[3], 4)}
+  params = {
+    "wh": normal(k[0], 4, 4),
+    "wx": normal(k[1], 3, 4),
+    "out": normal(k[2], 4, 2),
+    "h0": normal(k[3], 4),
+  }
   batch = {"x": jax.random.normal(k[4], (B, 5, 3)), "y": jax.random.normal(k[5], (B, 5, 2))}
   check_against_brute_force(rnn_loss, params, batch, random_weights(params, seed))
 
@@ -300,8 +338,13 @@ def remat_jit_loss(p, ex):
 @given(seed=seeds)
 def test_checkpoint_and_nested_jit_match_brute_force(seed):
   k = keys(seed % 1000, 7)
-  params = {"w1": normal(k[0], 4, 5), "b1": normal(k[1], 5), "w2": normal(k[2], 5, 5),
-            "b2": normal(k[3], 5), "w3": normal(k[4], 5, 3)}
+  params = {
+    "w1": normal(k[0], 4, 5),
+    "b1": normal(k[1], 5),
+    "w2": normal(k[2], 5, 5),
+    "b2": normal(k[3], 5),
+    "w3": normal(k[4], 5, 3),
+  }
   batch = {"x": jax.random.normal(k[5], (B, 4)), "y": jax.random.normal(k[6], (B, 3))}
   check_against_brute_force(remat_jit_loss, params, batch, random_weights(params, seed))
 
@@ -335,7 +378,7 @@ _linear.defvjp(_linear_fwd, _linear_bwd)
 
 
 def custom_rules_loss(p, ex):
-  h = jax.nn.relu(_linear(ex["x"], p["w1"]))           # custom_vjp mixing x and a parameter
+  h = jax.nn.relu(_linear(ex["x"], p["w1"]))  # custom_vjp mixing x and a parameter
   h = jax.nn.gelu(_scaled(h, p["s"]), approximate=False)  # custom_jvp mixing h and a parameter
   return jnp.sum(jnp.square(h @ p["w2"] - ex["y"]))
 
@@ -365,8 +408,10 @@ def test_cond_on_the_example_matches_brute_force(seed):
 def while_loss_without_params(p, ex):
   # the loop sees the example in one carry only; the other carry stays example-independent
   acc, _, growth = jax.lax.while_loop(
-      lambda c: c[1] < 3, lambda c: (c[0] + ex["x"], c[1] + 1, c[2] * 2.0),
-      (jnp.zeros(3), 0, jnp.ones(3)))
+    lambda c: c[1] < 3,
+    lambda c: (c[0] + ex["x"], c[1] + 1, c[2] * 2.0),
+    (jnp.zeros(3), 0, jnp.ones(3)),
+  )
   return jnp.sum(growth @ p["w"]) + jnp.sum(jnp.tanh(acc @ p["w"]))
 
 
@@ -392,7 +437,7 @@ def test_optimization_barrier_over_parameters_and_example_matches_brute_force(se
 
 
 def param_terms_loss(p, ex):
-  norm = jnp.sum(jnp.square(p["a"] @ p["b"]))         # depends on parameters only
+  norm = jnp.sum(jnp.square(p["a"] @ p["b"]))  # depends on parameters only
   return jnp.sum(jnp.square(ex["x"] @ p["a"])) + 0.1 * norm
 
 
@@ -419,13 +464,16 @@ def test_slice_weights_within_a_leaf_match_brute_force(seed):
   params = {"w": normal(k[0], 4, 6), "b": normal(k[1], 6), "o": normal(k[2], 6, 2)}
   batch = {"x": jax.random.normal(k[3], (B, 3, 4))}
   rng = np.random.default_rng(seed)
-  weights = {"w": jnp.asarray(rng.choice([0.0, 0.5, 1.0], (B, 1, 6)), jnp.float32),  # per column
-             "b": jnp.asarray(rng.choice([0.0, 1.0], (B, 6)), jnp.float32),
-             "o": jnp.asarray(rng.uniform(size=(B,)), jnp.float32)}
+  weights = {
+    "w": jnp.asarray(rng.choice([0.0, 0.5, 1.0], (B, 1, 6)), jnp.float32),  # per column
+    "b": jnp.asarray(rng.choice([0.0, 1.0], (B, 6)), jnp.float32),
+    "o": jnp.asarray(rng.uniform(size=(B,)), jnp.float32),
+  }
   check_against_brute_force(slice_loss, params, batch, weights)
 
 
 # --- routed-away examples contribute exactly nothing -----------------------------------------
+
 
 @given(seed=seeds, victim=st.integers(0, B - 1))
 def test_example_routed_away_from_a_leaf_leaves_its_gradient_bitwise_unchanged(seed, victim):
@@ -453,21 +501,26 @@ def test_example_routed_away_everywhere_contributes_nothing_to_any_leaf():
 
 # --- contribution norms ----------------------------------------------------------------------
 
-@pytest.mark.parametrize("act_shape,w_shape,dims", [
-    ((5,), (5, 3), (((0,), (0,)), ((), ()))),            # vector @ matrix (ghost form)
-    ((7, 4), (4, 3), (((1,), (0,)), ((), ()))),          # tokens @ matrix
+
+@pytest.mark.parametrize(
+  "act_shape,w_shape,dims",
+  [
+    ((5,), (5, 3), (((0,), (0,)), ((), ()))),  # vector @ matrix (ghost form)
+    ((7, 4), (4, 3), (((1,), (0,)), ((), ()))),  # tokens @ matrix
     ((2, 6, 4), (2, 4, 3), (((2,), (1,)), ((0,), (0,)))),  # batched heads
-])
+  ],
+)
 @given(seed=seeds, param_is_rhs=st.booleans())
 def test_ghost_and_direct_norm_forms_agree_with_the_materialised_gradient(
-    act_shape, w_shape, dims, param_is_rhs, seed):
+  act_shape, w_shape, dims, param_is_rhs, seed
+):
   k = keys(seed % 1000, 2)
   act = jax.random.normal(k[0], act_shape)
   got, expected = _norm_forms(act_shape, w_shape, dims, param_is_rhs)(act, k[1])
   np.testing.assert_allclose(got, expected, rtol=1e-5)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _norm_forms(act_shape, w_shape, dims, param_is_rhs):
   """jit(act, key) -> (ghost_norms.dot_sq_norm, ||materialised weight gradient||²)."""
   (lc, rc), (lb, rb) = dims
@@ -483,22 +536,27 @@ def _norm_forms(act_shape, w_shape, dims, param_is_rhs):
     cot = jax.random.normal(key, out.shape)
     site = ghost_norms.DotSite(0, param_is_rhs, param_dims, act_shape, out.shape)
     return ghost_norms.dot_sq_norm(site, act, cot), jnp.sum(jnp.square(vjp(cot)[0]))
+
   return forms
 
 
-@pytest.mark.parametrize("dims,strides,padding,lhs_dil,rhs_dil", [
+@pytest.mark.parametrize(
+  "dims,strides,padding,lhs_dil,rhs_dil",
+  [
     (("NHWC", "HWIO", "NHWC"), (1, 1), ((1, 1), (1, 1)), (1, 1), (1, 1)),
     (("NCHW", "OIHW", "NCHW"), (2, 1), ((0, 1), (2, 0)), (1, 1), (2, 1)),
     (("NHWC", "OIHW", "NCHW"), (1, 2), ((1, 0), (0, 0)), (2, 1), (1, 1)),
-])
+  ],
+)
 @given(seed=seeds)
 def test_convolution_patch_norm_agrees_with_the_materialised_kernel_gradient(
-    dims, strides, padding, lhs_dil, rhs_dil, seed):
+  dims, strides, padding, lhs_dil, rhs_dil, seed
+):
   got, expected = _conv_forms(dims, strides, padding, lhs_dil, rhs_dil)(jax.random.key(seed % 1000))
   np.testing.assert_allclose(got, expected, rtol=1e-5)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _conv_forms(dims, strides, padding, lhs_dil, rhs_dil):
   """jit(key) -> (ghost_norms.conv_sq_norm, ||materialised kernel gradient||²) for one example."""
   lhs_shape = {"NHWC": (1, 7, 6, 3), "NCHW": (1, 3, 7, 6)}[dims[0]]
@@ -509,13 +567,17 @@ def _conv_forms(dims, strides, padding, lhs_dil, rhs_dil):
     k1, k2, k3 = jax.random.split(key, 3)
     lhs = jax.random.normal(k1, lhs_shape)
     conv = lambda k: jax.lax.conv_general_dilated(
-        lhs, k, strides, padding, lhs_dil, rhs_dil, dimension_numbers=dims)
+      lhs, k, strides, padding, lhs_dil, rhs_dil, dimension_numbers=dims
+    )
     kernel = jax.random.normal(k2, kernel_shape)
     out, vjp = jax.vjp(conv, kernel)
     cot = jax.random.normal(k3, out.shape)
     params = jax.make_jaxpr(conv)(kernel).jaxpr.eqns[-1].params
-    return (ghost_norms.conv_sq_norm(params, kernel_shape, lhs, cot),
-            jnp.sum(jnp.square(vjp(cot)[0])))
+    return (
+      ghost_norms.conv_sq_norm(params, kernel_shape, lhs, cot),
+      jnp.sum(jnp.square(vjp(cot)[0])),
+    )
+
   return forms
 
 
@@ -538,6 +600,7 @@ def test_tied_weights_have_their_per_example_gradients_materialised():
 
 
 # --- frameworks ------------------------------------------------------------------------------
+
 
 class _NnxMlp(nnx.Module):
   def __init__(self, rngs: nnx.Rngs):
@@ -582,13 +645,15 @@ def linen_loss(params, ex):
 
 @given(seed=seeds)
 def test_flax_linen_model_matches_brute_force(seed):
-  batch = {"img": jax.random.normal(jax.random.key(seed % 1000), (B, 5, 5, 2)),
-           "label": jnp.arange(B) % 3}
-  check_against_brute_force(linen_loss, _LINEN_PARAMS, batch,
-                            random_weights(_LINEN_PARAMS, seed))
+  batch = {
+    "img": jax.random.normal(jax.random.key(seed % 1000), (B, 5, 5, 2)),
+    "label": jnp.arange(B) % 3,
+  }
+  check_against_brute_force(linen_loss, _LINEN_PARAMS, batch, random_weights(_LINEN_PARAMS, seed))
 
 
 # --- API behaviour ---------------------------------------------------------------------------
+
 
 def counter_loss(p, ex):
   return jnp.sum(jnp.square(ex["x"] @ p["w"])) * p["scale"] + 0 * p["step"]
@@ -602,8 +667,12 @@ def test_integer_leaves_get_zero_gradients_and_norms():
   assert grads["step"].dtype == jnp.int32 and int(grads["step"]) == 0
   np.testing.assert_array_equal(sq["step"], np.zeros(B))
   float_params = {k: v for k, v in params.items() if k != "step"}
-  ref = brute_force(lambda p, ex: counter_loss(dict(p, step=params["step"]), ex), float_params,
-                    batch, {k: weights[k] for k in float_params})
+  ref = brute_force(
+    lambda p, ex: counter_loss(dict(p, step=params["step"]), ex),
+    float_params,
+    batch,
+    {k: weights[k] for k in float_params},
+  )
   assert_tree_close({k: grads[k] for k in float_params}, ref[2], group=True)
 
 
@@ -646,8 +715,7 @@ def test_unit_weights_give_the_plain_gradient_of_the_mean_loss():
   params, batch = mlp_setup(3)
   weights = jax.tree.map(lambda _: jnp.ones((B,)), params)
   loss, grads = _cotangent(mlp_loss, False, False)(params, batch, weights)
-  plain = jax.value_and_grad(
-      lambda p: jnp.mean(jax.vmap(mlp_loss, in_axes=(None, 0))(p, batch)))
+  plain = jax.value_and_grad(lambda p: jnp.mean(jax.vmap(mlp_loss, in_axes=(None, 0))(p, batch)))
   ref_loss, ref_grads = plain(params)
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
   assert_tree_close(grads, ref_grads, 1e-6)
@@ -668,9 +736,11 @@ def test_non_scalar_loss_is_refused():
 
 # --- refusals --------------------------------------------------------------------------------
 
+
 def while_loss(p, ex):
-  return jax.lax.while_loop(lambda c: c[0] < ex["n"], lambda c: (c[0] + 1, c[1] @ p["w"]),
-                            (0, ex["x"]))[1].sum()
+  return jax.lax.while_loop(
+    lambda c: c[0] < ex["n"], lambda c: (c[0] + 1, c[1] @ p["w"]), (0, ex["x"])
+  )[1].sum()
 
 
 def linear_solve_loss(p, ex):
@@ -679,8 +749,9 @@ def linear_solve_loss(p, ex):
   return jnp.sum(x)
 
 
-@pytest.mark.parametrize("loss_fn,name", [(while_loss, "while"),
-                                          (linear_solve_loss, "custom_linear_solve")])
+@pytest.mark.parametrize(
+  "loss_fn,name", [(while_loss, "while"), (linear_solve_loss, "custom_linear_solve")]
+)
 def test_uncovered_construct_is_refused_naming_the_fallback(loss_fn, name):
   params = {"w": jnp.eye(3)}
   example = {"x": jnp.ones(3), "n": jnp.array(2)}
@@ -688,8 +759,9 @@ def test_uncovered_construct_is_refused_naming_the_fallback(loss_fn, name):
     check_supported(loss_fn, params, example)
   assert info.value.primitive == name
   with pytest.raises(UnsupportedPrimitiveError):
-    cotangent_value_and_grad(loss_fn)(params, jax.tree.map(lambda x: x[None], example),
-                                      {"w": jnp.ones((1,))})
+    cotangent_value_and_grad(loss_fn)(
+      params, jax.tree.map(lambda x: x[None], example), {"w": jnp.ones((1,))}
+    )
 
 
 def test_supported_models_pass_the_check():
@@ -699,7 +771,7 @@ def test_supported_models_pass_the_check():
 
 def coupled_loss(p, ex):
   h = ex["x"] @ p["w"]
-  h = h - jax.lax.pmean(h, "batch")   # batch statistics: mixes examples
+  h = h - jax.lax.pmean(h, "batch")  # batch statistics: mixes examples
   return jnp.sum(jnp.square(h))
 
 
@@ -709,4 +781,5 @@ def test_collective_over_a_named_axis_is_refused_as_batch_coupling():
     check_supported(coupled_loss, params, example)
   with pytest.raises(BatchCouplingError, match="mixes examples"):
     jax.vmap(lambda ex: check_supported(coupled_loss, params, ex) or 0.0, axis_name="batch")(
-        {"x": jnp.ones((2, 3))})
+      {"x": jnp.ones((2, 3))}
+    )

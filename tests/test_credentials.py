@@ -11,16 +11,16 @@ from click.testing import CliRunner
 from hypothesis import given
 from hypothesis import strategies as st
 
+from aqgov.cli import main
 from aqgov.credentials import _manifest as credentials
+from aqgov.credentials._manifest import MANIFEST, Example, InclusionProof, Manifest, check_examples
+from aqgov.credentials._taxonomy import Taxonomy
 from aqgov.documents import _keys as keys
 from aqgov.documents import _merkle as merkle
-from aqgov.examples import sample as sample
 from aqgov.documents import _signing as signing
-from aqgov.cli import main
-from aqgov.credentials._manifest import MANIFEST, Example, InclusionProof, Manifest, check_examples
 from aqgov.documents._document_type import read, verify, write
 from aqgov.errors import CredentialError
-from aqgov.credentials._taxonomy import Taxonomy
+from aqgov.examples import sample as sample
 
 ACME = keys.SigningKey("acme-data", bytes(range(32)))
 EU = keys.SigningKey("eu-office", bytes(range(1, 33)))
@@ -37,8 +37,12 @@ def verified(manifest: Manifest, trust: keys.TrustStore, examples_to_check=None)
 
 
 def acme_labels(i: int) -> dict:
-  return {"license_class": ["cc-by", "proprietary", "unknown"][i % 3], "sensitivity_tier": i % 4,
-          "jurisdictions": [["EU"], ["US"], ["UK", "EU"]][i % 3], "source": f"src-{i % 2}"}
+  return {
+    "license_class": ["cc-by", "proprietary", "unknown"][i % 3],
+    "sensitivity_tier": i % 4,
+    "jurisdictions": [["EU"], ["US"], ["UK", "EU"]][i % 3],
+    "source": f"src-{i % 2}",
+  }
 
 
 def examples(n: int = 9) -> list[Example]:
@@ -62,11 +66,15 @@ def flip(data: bytes, pos: int, mask: int) -> bytes:
 
 # --- issue and verify -----------------------------------------------------------------------------
 
+
 def test_an_issued_manifest_verifies_with_its_examples():
   manifest = issue()
   assert verified(manifest, TRUST, examples()) == ("acme-data",)
   assert manifest.size == 9 and manifest.authority == "acme-data"
-  assert manifest.taxonomy == TAXONOMIES["acme-data"] and manifest.taxonomy_id == TAXONOMIES["acme-data"].id
+  assert (
+    manifest.taxonomy == TAXONOMIES["acme-data"]
+    and manifest.taxonomy_id == TAXONOMIES["acme-data"].id
+  )
 
 
 def test_entries_bind_id_content_hash_and_labels():
@@ -83,7 +91,10 @@ def test_flag_labels_are_stored_once_each_in_taxonomy_order():
 
 def test_manifest_bytes_do_not_depend_on_example_order():
   shuffled = examples()[::-1]
-  assert credentials.issue_manifest(ACME, TAXONOMIES["acme-data"], shuffled).to_bytes() == issue().to_bytes()
+  assert (
+    credentials.issue_manifest(ACME, TAXONOMIES["acme-data"], shuffled).to_bytes()
+    == issue().to_bytes()
+  )
 
 
 def test_file_round_trip_preserves_the_manifest(tmp_path):
@@ -116,8 +127,14 @@ def test_issuing_refuses_duplicate_ids_and_invalid_labels():
 
 
 def test_labels_keyed_by_authority_pick_the_issuers_entry_and_skip_the_rest():
-  rows = [Example("a", b"a", {"acme-data": acme_labels(0), "eu-office": {"lawful_basis": "none", "personal_data": "no"}}),
-          Example("b", b"b", {"acme-data": acme_labels(1)})]
+  rows = [
+    Example(
+      "a",
+      b"a",
+      {"acme-data": acme_labels(0), "eu-office": {"lawful_basis": "none", "personal_data": "no"}},
+    ),
+    Example("b", b"b", {"acme-data": acme_labels(1)}),
+  ]
   eu = credentials.issue_manifest(EU, TAXONOMIES["eu-office"], rows, skip_unlabelled=True)
   assert [e.id for e in eu.entries] == ["a"]
   with pytest.raises(CredentialError, match="'b' has no labels for 'eu-office'"):
@@ -126,6 +143,7 @@ def test_labels_keyed_by_authority_pick_the_issuers_entry_and_skip_the_rest():
 
 # --- verification failures ------------------------------------------------------------------------
 
+
 def test_verify_refuses_an_untrusted_key():
   with pytest.raises(CredentialError, match="untrusted keys: acme-data"):
     verified(issue(), keys.TrustStore.of([EU]))
@@ -133,19 +151,25 @@ def test_verify_refuses_an_untrusted_key():
 
 def test_verify_refuses_a_trusted_key_of_another_authority():
   impostor = keys.SigningKey("eu-office", EU.seed)
-  doc = signing.add_signature(signing.SignedDocument(credentials.KIND, issue().document.payload), impostor)
+  doc = signing.add_signature(
+    signing.SignedDocument(credentials.KIND, issue().document.payload), impostor
+  )
   with pytest.raises(CredentialError, match="by none named 'acme-data'"):
     verified(credentials.Manifest(doc), TRUST)
 
 
 def resigned(payload: dict) -> credentials.Manifest:
-  return credentials.Manifest(signing.add_signature(signing.SignedDocument(credentials.KIND, payload), ACME))
+  return credentials.Manifest(
+    signing.add_signature(signing.SignedDocument(credentials.KIND, payload), ACME)
+  )
 
 
 def resigned_with_entries(entries: list[dict]) -> credentials.Manifest:
   """A properly signed manifest whose root and size match `entries`, however wrong they are."""
   root = merkle.root_from_leaf_hashes([credentials.Entry(**e).leaf_hash() for e in entries])
-  return resigned(dict(issue(3).document.payload, entries=entries, size=len(entries), root=root.hex()))
+  return resigned(
+    dict(issue(3).document.payload, entries=entries, size=len(entries), root=root.hex())
+  )
 
 
 def test_verify_names_a_duplicate_entry_even_when_properly_signed():
@@ -219,7 +243,9 @@ def test_truncated_or_foreign_files_are_refused(tmp_path, manifest_bytes):
   path.write_bytes(manifest_bytes[:-7])
   with pytest.raises(CredentialError, match="m.manifest"):
     Manifest(read(MANIFEST, path))
-  path.write_bytes(signing.add_signature(signing.SignedDocument("policy", {"a": 1}), ACME).to_bytes())
+  path.write_bytes(
+    signing.add_signature(signing.SignedDocument("policy", {"a": 1}), ACME).to_bytes()
+  )
   with pytest.raises(CredentialError, match="expected a signed 'credential-manifest'"):
     Manifest(read(MANIFEST, path))
   with pytest.raises(CredentialError, match="does not exist"):
@@ -227,6 +253,7 @@ def test_truncated_or_foreign_files_are_refused(tmp_path, manifest_bytes):
 
 
 # --- inclusion proofs -----------------------------------------------------------------------------
+
 
 @given(st.integers(1, 40), st.data())
 def test_every_entry_has_an_inclusion_proof_that_verifies(n, data):
@@ -241,15 +268,23 @@ def test_an_inclusion_proof_fails_for_another_entry_altered_labels_or_altered_pa
   manifest = issue(n)
   i, j = data.draw(st.lists(st.integers(0, n - 1), min_size=2, max_size=2, unique=True))
   entry, proof = manifest.entry(f"ex-{i}"), manifest.inclusion_proof(f"ex-{i}")
-  assert not credentials.verify_entry(manifest.entry(f"ex-{j}"), proof, manifest.root, manifest.size)
-  relabelled = entry._replace(labels=dict(entry.labels, sensitivity_tier=(entry.labels["sensitivity_tier"] + 1) % 4))
+  assert not credentials.verify_entry(
+    manifest.entry(f"ex-{j}"), proof, manifest.root, manifest.size
+  )
+  relabelled = entry._replace(
+    labels=dict(entry.labels, sensitivity_tier=(entry.labels["sensitivity_tier"] + 1) % 4)
+  )
   assert not credentials.verify_entry(relabelled, proof, manifest.root, manifest.size)
-  assert not credentials.verify_entry(entry._replace(sha256="0" * 64), proof, manifest.root, manifest.size)
+  assert not credentials.verify_entry(
+    entry._replace(sha256="0" * 64), proof, manifest.root, manifest.size
+  )
   if proof.path:
     k = data.draw(st.integers(0, len(proof.path) - 1))
     path = list(proof.path)
     path[k] = flip(path[k], data.draw(st.integers(0, 31)), data.draw(st.integers(1, 255)))
-    assert not credentials.verify_entry(entry, InclusionProof(proof.index, tuple(path)), manifest.root, manifest.size)
+    assert not credentials.verify_entry(
+      entry, InclusionProof(proof.index, tuple(path)), manifest.root, manifest.size
+    )
 
 
 def test_an_inclusion_proof_for_an_unknown_example_is_refused():
@@ -259,16 +294,25 @@ def test_an_inclusion_proof_for_an_unknown_example_is_refused():
 
 # --- examples files -------------------------------------------------------------------------------
 
+
 def test_read_examples_decodes_text_and_base64_content(tmp_path):
-  path = write_jsonl(tmp_path / "e.jsonl", [
+  path = write_jsonl(
+    tmp_path / "e.jsonl",
+    [
       {"id": "t", "content": "héllo", "labels": acme_labels(0)},
       {"id": "b", "content_b64": base64.b64encode(b"\x00\xff").decode()},
-  ])
+    ],
+  )
   (tmp_path / "e.jsonl").write_text((tmp_path / "e.jsonl").read_text() + "\n\n")
-  assert credentials.read_examples(path) == [Example("t", "héllo".encode(), acme_labels(0)), Example("b", b"\x00\xff", None)]
+  assert credentials.read_examples(path) == [
+    Example("t", "héllo".encode(), acme_labels(0)),
+    Example("b", b"\x00\xff", None),
+  ]
 
 
-@pytest.mark.parametrize("line, message", [
+@pytest.mark.parametrize(
+  "line, message",
+  [
     ("{not json", "e.jsonl:2: not valid JSON"),
     ('["a"]', "e.jsonl:2: expected a mapping"),
     ('{"content": "x"}', "e.jsonl:2: 'id' must be a non-empty string"),
@@ -277,7 +321,8 @@ def test_read_examples_decodes_text_and_base64_content(tmp_path):
     ('{"id": "x", "content_b64": "not base64!"}', "not valid base64"),
     ('{"id": "x", "content": 5}', "'content' must be text"),
     ('{"id": "x", "content": "a", "labels": [1]}', "'labels' must be a mapping"),
-])
+  ],
+)
 def test_bad_example_lines_are_named(tmp_path, line, message):
   path = tmp_path / "e.jsonl"
   path.write_text('{"id": "ok", "content": "fine"}\n' + line + "\n")
@@ -294,11 +339,14 @@ def test_sample_examples_cover_both_authorities():
 
 # --- command line ---------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def authority_dir(tmp_path):
   runner = CliRunner()
   for name in ("acme-data", "eu-office", "stranger"):
-    assert runner.invoke(main, ["keys", "new", name, "--out", str(tmp_path / "keys")]).exit_code == 0
+    assert (
+      runner.invoke(main, ["keys", "new", name, "--out", str(tmp_path / "keys")]).exit_code == 0
+    )
   return tmp_path
 
 
@@ -308,24 +356,63 @@ def cli(*args):
 
 def test_cli_issue_then_verify_round_trip(authority_dir):
   keydir, out = authority_dir / "keys", authority_dir / "acme.manifest"
-  result = cli("credentials", "issue", "--key", keydir / "acme-data.key", "--taxonomy",
-               sample.taxonomy_path("acme-data"), "--examples", sample.examples_path(), "--out", out)
+  result = cli(
+    "credentials",
+    "issue",
+    "--key",
+    keydir / "acme-data.key",
+    "--taxonomy",
+    sample.taxonomy_path("acme-data"),
+    "--examples",
+    sample.examples_path(),
+    "--out",
+    out,
+  )
   assert result.exit_code == 0, result.output
   assert "240 credential(s)" in result.output
-  result = cli("credentials", "verify", out, "--trust", keydir / "acme-data.pub", "--trust", keydir / "eu-office.pub",
-               "--examples", sample.examples_path())
+  result = cli(
+    "credentials",
+    "verify",
+    out,
+    "--trust",
+    keydir / "acme-data.pub",
+    "--trust",
+    keydir / "eu-office.pub",
+    "--examples",
+    sample.examples_path(),
+  )
   assert result.exit_code == 0, result.output
   assert "signed by acme-data" in result.output and "240 example(s) checked" in result.output
 
 
 def test_cli_issue_skips_examples_without_the_authoritys_labels(authority_dir):
   keydir, out = authority_dir / "keys", authority_dir / "eu.manifest"
-  result = cli("credentials", "issue", "--key", keydir / "eu-office.key", "--taxonomy",
-               sample.taxonomy_path("eu-office"), "--examples", sample.examples_path(), "--out", out)
+  result = cli(
+    "credentials",
+    "issue",
+    "--key",
+    keydir / "eu-office.key",
+    "--taxonomy",
+    sample.taxonomy_path("eu-office"),
+    "--examples",
+    sample.examples_path(),
+    "--out",
+    out,
+  )
   assert result.exit_code == 0, result.output
   size = Manifest(read(MANIFEST, out)).size
-  assert f"{size} credential(s)" in result.output and f"skipped {240 - size} example(s)" in result.output
-  result = cli("credentials", "verify", out, "--trust", keydir / "eu-office.pub", "--examples", sample.examples_path())
+  assert (
+    f"{size} credential(s)" in result.output and f"skipped {240 - size} example(s)" in result.output
+  )
+  result = cli(
+    "credentials",
+    "verify",
+    out,
+    "--trust",
+    keydir / "eu-office.pub",
+    "--examples",
+    sample.examples_path(),
+  )
   assert result.exit_code == 0, result.output
   assert f"{size} example(s) checked" in result.output
 
@@ -333,27 +420,61 @@ def test_cli_issue_skips_examples_without_the_authoritys_labels(authority_dir):
 def test_cli_issue_accepts_flat_labels(authority_dir):
   rows = [{"id": e.id, "content": e.content.decode(), "labels": e.labels} for e in examples(4)]
   path = write_jsonl(authority_dir / "flat.jsonl", rows)
-  result = cli("credentials", "issue", "--key", authority_dir / "keys" / "acme-data.key", "--taxonomy",
-               sample.taxonomy_path("acme-data"), "--examples", path, "--out", authority_dir / "m.manifest")
-  assert result.exit_code == 0 and "4 credential(s)" in result.output and "skipped" not in result.output
+  result = cli(
+    "credentials",
+    "issue",
+    "--key",
+    authority_dir / "keys" / "acme-data.key",
+    "--taxonomy",
+    sample.taxonomy_path("acme-data"),
+    "--examples",
+    path,
+    "--out",
+    authority_dir / "m.manifest",
+  )
+  assert (
+    result.exit_code == 0 and "4 credential(s)" in result.output and "skipped" not in result.output
+  )
 
 
 def test_cli_verify_fails_naming_the_altered_example(authority_dir):
   keydir, out = authority_dir / "keys", authority_dir / "acme.manifest"
-  cli("credentials", "issue", "--key", keydir / "acme-data.key", "--taxonomy", sample.taxonomy_path("acme-data"),
-      "--examples", sample.examples_path(), "--out", out)
+  cli(
+    "credentials",
+    "issue",
+    "--key",
+    keydir / "acme-data.key",
+    "--taxonomy",
+    sample.taxonomy_path("acme-data"),
+    "--examples",
+    sample.examples_path(),
+    "--out",
+    out,
+  )
   rows = [json.loads(line) for line in sample.examples_path().read_text().splitlines()]
   rows[17]["content"] += " (edited)"
   path = write_jsonl(authority_dir / "edited.jsonl", rows)
-  result = cli("credentials", "verify", out, "--trust", keydir / "acme-data.pub", "--examples", path)
+  result = cli(
+    "credentials", "verify", out, "--trust", keydir / "acme-data.pub", "--examples", path
+  )
   assert result.exit_code == 1
   assert f"entry '{rows[17]['id']}'" in result.output and "altered" in result.output
 
 
 def test_cli_verify_fails_for_an_untrusted_key_or_a_flipped_byte(authority_dir):
   keydir, out = authority_dir / "keys", authority_dir / "acme.manifest"
-  cli("credentials", "issue", "--key", keydir / "acme-data.key", "--taxonomy", sample.taxonomy_path("acme-data"),
-      "--examples", sample.examples_path(), "--out", out)
+  cli(
+    "credentials",
+    "issue",
+    "--key",
+    keydir / "acme-data.key",
+    "--taxonomy",
+    sample.taxonomy_path("acme-data"),
+    "--examples",
+    sample.examples_path(),
+    "--out",
+    out,
+  )
   result = cli("credentials", "verify", out, "--trust", keydir / "stranger.pub")
   assert result.exit_code == 1 and "CredentialError" in result.output
   data = out.read_bytes()
@@ -363,10 +484,21 @@ def test_cli_verify_fails_for_an_untrusted_key_or_a_flipped_byte(authority_dir):
 
 
 def test_cli_issue_refuses_a_key_of_another_authority(authority_dir):
-  result = cli("credentials", "issue", "--key", authority_dir / "keys" / "stranger.key", "--taxonomy",
-               sample.taxonomy_path("acme-data"), "--examples", sample.examples_path(),
-               "--out", authority_dir / "m.manifest")
-  assert result.exit_code == 1 and "cannot issue credentials for authority 'acme-data'" in result.output
+  result = cli(
+    "credentials",
+    "issue",
+    "--key",
+    authority_dir / "keys" / "stranger.key",
+    "--taxonomy",
+    sample.taxonomy_path("acme-data"),
+    "--examples",
+    sample.examples_path(),
+    "--out",
+    authority_dir / "m.manifest",
+  )
+  assert (
+    result.exit_code == 1 and "cannot issue credentials for authority 'acme-data'" in result.output
+  )
   assert not (authority_dir / "m.manifest").exists()
 
 

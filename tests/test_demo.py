@@ -20,7 +20,11 @@ def demo_run(tmp_path_factory):
 
 def test_demo_leaves_the_public_keys_others_need_and_no_private_key_in_the_run_directory(demo_run):
   out, output = demo_run
-  assert {p.name for p in (out / "keys").glob("*.pub")} == {"acme-data.pub", "eu-office.pub", "run.pub"}
+  assert {p.name for p in (out / "keys").glob("*.pub")} == {
+    "acme-data.pub",
+    "eu-office.pub",
+    "run.pub",
+  }
   assert not [p for p in out.rglob("*") if p.suffix == ".key"]
   keys_dir = out.with_name(out.name + "-keys")
   private = sorted(keys_dir.rglob("*.key"))
@@ -43,20 +47,36 @@ def test_demo_reports_which_route_classes_reached_each_group(demo_run):
   assert "adapter was shaped by: acme-routing:rule2|" in output
 
 
-def test_demo_lineage_verifies_and_exports_with_keys_from_outside_the_run_directory(demo_run, tmp_path):
+def test_demo_lineage_verifies_and_exports_with_keys_from_outside_the_run_directory(
+  demo_run, tmp_path
+):
   out, output = demo_run
   keys_dir = out.with_name(out.name + "-keys")
   pubs = [str(p) for p in sorted((keys_dir / "authorities" / "keys").glob("*.pub"))]
   run_pub = keys_dir / "run" / "run.pub"
-  verified = CliRunner().invoke(main, ["lineage", "verify", str(out), "--trust", *pubs, "--run-key", str(run_pub)])
+  verified = CliRunner().invoke(
+    main, ["lineage", "verify", str(out), "--trust", *pubs, "--run-key", str(run_pub)]
+  )
   assert verified.exit_code == 0, verified.output
   assert "warning" not in verified.output
   run_key_id = load_public_key(run_pub).key_id
-  assert run_key_id in " ".join(output.split())  # printed at the end of training, to hand over out of band
+  assert run_key_id in " ".join(
+    output.split()
+  )  # printed at the end of training, to hand over out of band
   assert f"trusted key run {run_key_id}: signed" in verified.output
   target = tmp_path / "attestation.json"
-  exported = CliRunner().invoke(main, ["lineage", "export", str(out), "--intoto", str(target),
-                                       "--key", str(keys_dir / "run" / "run.key")])
+  exported = CliRunner().invoke(
+    main,
+    [
+      "lineage",
+      "export",
+      str(out),
+      "--intoto",
+      str(target),
+      "--key",
+      str(keys_dir / "run" / "run.key"),
+    ],
+  )
   assert exported.exit_code == 0, exported.output
   envelope = json.loads(target.read_text())
   assert envelope["payloadType"] == "application/vnd.in-toto+json"

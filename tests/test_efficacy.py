@@ -26,7 +26,9 @@ def test_a_secret_scored_like_the_candidates_has_chance_exposure():
   exposures = [canaries.exposure(rng.normal(), rng.normal(size=4_095)) for _ in range(400)]
   # the rank of an exchangeable secret is uniform: E[log2(N+1) - log2(rank)] = log2(e) ~ 1.44 bits
   assert np.mean(exposures) == pytest.approx(np.log2(np.e), abs=0.2)
-  fitted = [canaries.extrapolated_exposure(rng.normal(), rng.normal(size=4_095)) for _ in range(400)]
+  fitted = [
+    canaries.extrapolated_exposure(rng.normal(), rng.normal(size=4_095)) for _ in range(400)
+  ]
   assert np.mean(fitted) == pytest.approx(np.log2(np.e), abs=0.25)
 
 
@@ -45,7 +47,7 @@ def test_the_model_scores_codes_as_its_full_forward_does():
   for code, got in zip(codes, scored):
     row = jnp.concatenate([prefix, code])
     logits, _, _ = lm.run(params, row[:-1], config)
-    logp = jax.nn.log_softmax(logits[len(prefix) - 1:])
+    logp = jax.nn.log_softmax(logits[len(prefix) - 1 :])
     want = -jnp.take_along_axis(logp, code[:, None], axis=-1).sum()
     np.testing.assert_allclose(got, want, rtol=1e-4)
 
@@ -54,7 +56,10 @@ def test_ablating_zeroes_exactly_the_adapters():
   params = lm.init(jax.random.PRNGKey(0))
   ablated = lm.ablate(params)
   assert all(float(jnp.abs(x).max()) == 0.0 for x in jax.tree.leaves(ablated["adapter"]))
-  assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(ablated["blocks"]), jax.tree.leaves(params["blocks"])))
+  assert all(
+    np.array_equal(a, b)
+    for a, b in zip(jax.tree.leaves(ablated["blocks"]), jax.tree.leaves(params["blocks"]))
+  )
 
 
 def test_the_corpus_is_deterministic_per_seed():
@@ -100,9 +105,13 @@ def test_the_policies_confine_sensitive_examples_to_the_adapters():
     weights = compiled.leaf_weights(labels)
     sensitive = setup.stream.sensitive[0]
     for path, w in zip(compiled.leaf_paths, jax.tree.leaves(weights)):
-      reached_by_sensitive = path.startswith("adapter/1/") or (path.startswith("adapter/") and not last_only)
-      np.testing.assert_array_equal(np.asarray(w), np.where(sensitive, float(reached_by_sensitive),
-                                                            float(not path.startswith("adapter/"))))
+      reached_by_sensitive = path.startswith("adapter/1/") or (
+        path.startswith("adapter/") and not last_only
+      )
+      np.testing.assert_array_equal(
+        np.asarray(w),
+        np.where(sensitive, float(reached_by_sensitive), float(not path.startswith("adapter/"))),
+      )
 
 
 def test_with_visibility_ordinary_examples_do_not_see_the_adapters():
@@ -129,4 +138,6 @@ def test_visibility_confines_the_canaries_to_the_adapter():
   assert vis_ablated["exposure"] < 3.0
   assert abs(vis_ablated["loss"] - filtered["loss"]) < 0.1 * filtered["loss"]
   assert routing_ablated["loss"] > 2 * vis_ablated["loss"]
-  assert rows["visibility"]["loss"] > vis_ablated["loss"]  # the adapter is no model of ordinary text
+  assert (
+    rows["visibility"]["loss"] > vis_ablated["loss"]
+  )  # the adapter is no model of ordinary text

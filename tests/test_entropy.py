@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 
 import aqgov
 from aqgov.entropy import _metrics as entropy
-from aqgov.routing._value_and_grad import routed_value_and_grad
 from aqgov.entropy._profile import Bound, EntropyProfile, Representation
+from aqgov.routing._value_and_grad import routed_value_and_grad
 
 import attention_models as am
 
@@ -87,7 +87,9 @@ def test_queries_with_a_single_allowed_key_are_left_out_of_the_mean():
   probs[1:] = np.eye(t)[1:]  # rows 1..3 one-hot: entropy 0; row 0 has one key: not measurable
   got = attention_entropy(probs[None], mask=allowed.astype(bool))
   np.testing.assert_allclose(got, [0.0], atol=1e-7)
-  none_measurable = attention_entropy(np.ones((1, 1, 1, 3)) / 3, mask=np.asarray([[True, False, False]]))
+  none_measurable = attention_entropy(
+    np.ones((1, 1, 1, 3)) / 3, mask=np.asarray([[True, False, False]])
+  )
   assert np.isnan(np.asarray(none_measurable)).all()
 
 
@@ -100,8 +102,11 @@ def test_attention_entropy_is_invariant_to_key_permutation(spec, seed):
   probs = np.where(mask, probs, 0.0).astype(np.float32)
   perm = rng.permutation(shape[-1])
   np.testing.assert_allclose(
-      attention_entropy(probs[..., perm], mask[..., perm]), attention_entropy(probs, mask),
-      rtol=1e-5, atol=1e-6)
+    attention_entropy(probs[..., perm], mask[..., perm]),
+    attention_entropy(probs, mask),
+    rtol=1e-5,
+    atol=1e-6,
+  )
 
 
 @given(attn_shapes, seeds, st.floats(0.05, 5.0))
@@ -113,12 +118,16 @@ def test_attention_entropy_lies_in_the_unit_interval(spec, seed, temperature):
 def test_attention_entropy_is_per_head():
   uniform = np.full((1, 4, 4), 0.25)
   one_hot = np.eye(4)[np.zeros((1, 4), int)]
-  np.testing.assert_allclose(attention_entropy(np.concatenate([uniform, one_hot])), [1.0, 0.0], atol=1e-6)
+  np.testing.assert_allclose(
+    attention_entropy(np.concatenate([uniform, one_hot])), [1.0, 0.0], atol=1e-6
+  )
 
 
 def test_attention_entropy_jits_to_the_same_value():
   probs = _softmax_probs(_rng(0), (3, 2, 5, 6))
-  np.testing.assert_allclose(jax.jit(entropy.attention_entropy)(probs), attention_entropy(probs), rtol=1e-6)
+  np.testing.assert_allclose(
+    jax.jit(entropy.attention_entropy)(probs), attention_entropy(probs), rtol=1e-6
+  )
 
 
 # --- Renyi-2 and effective rank ---------------------------------------------------------------
@@ -214,11 +223,15 @@ def test_a_single_nonzero_gradient_entry_has_entropy_zero(sizes, seed):
 
 
 @given(leaf_sizes, seeds, st.floats(1e-4, 1e4))
-def test_gradient_entropy_is_invariant_to_signs_permutations_and_positive_scaling(sizes, seed, scale):
+def test_gradient_entropy_is_invariant_to_signs_permutations_and_positive_scaling(
+  sizes, seed, scale
+):
   rng = _rng(seed)
   tree = _tree(rng, sizes)
   flat = np.concatenate(list(tree.values()))
-  moved = (flat[rng.permutation(flat.size)] * rng.choice([-1.0, 1.0], size=flat.size) * scale).astype(np.float32)
+  moved = (
+    flat[rng.permutation(flat.size)] * rng.choice([-1.0, 1.0], size=flat.size) * scale
+  ).astype(np.float32)
   splits = np.cumsum(sizes)[:-1]
   moved_tree = dict(zip(tree, np.split(moved, splits)))
   np.testing.assert_allclose(gradient_entropy(moved_tree), gradient_entropy(tree), atol=2e-5)
@@ -240,23 +253,31 @@ def test_a_zero_gradient_is_not_measured():
 
 
 def _profile(src: am.Source, bounds=()) -> EntropyProfile:
-  return EntropyProfile(name="lab", representations=(
-      Representation(path=src.attention_path, group="core", kind="attention", heads=am.HEADS, causal=True),
+  return EntropyProfile(
+    name="lab",
+    representations=(
+      Representation(
+        path=src.attention_path, group="core", kind="attention", heads=am.HEADS, causal=True
+      ),
       Representation(path=src.features_path, group="head", kind="features"),
-  ), bounds=tuple(bounds))
+    ),
+    bounds=tuple(bounds),
+  )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _source(name: str) -> am.Source:
   return am.source(name)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _step_outputs(name: str):
   src = _source(name)
   compiled = aqgov.compile_policy(am.policy(), src.params, am.taxonomy())
   tokens, labels = am.batch()
-  (_, aux), grads = routed_value_and_grad(src.loss, compiled, "per_example", has_aux=True)(src.params, tokens, labels)
+  (_, aux), grads = routed_value_and_grad(src.loss, compiled, "per_example", has_aux=True)(
+    src.params, tokens, labels
+  )
   return compiled, grads, aux
 
 
@@ -264,39 +285,63 @@ def _step_outputs(name: str):
 def test_measure_reads_every_metric_from_each_representation_source(source):
   src = _source(source)
   compiled, grads, aux = _step_outputs(src.name)
-  got = jax.jit(lambda g, a: entropy.measure(_profile(src), compiled, grads=g, representations=a,
-                                             metrics=entropy.METRICS))(grads, aux)
+  got = jax.jit(
+    lambda g, a: entropy.measure(
+      _profile(src), compiled, grads=g, representations=a, metrics=entropy.METRICS
+    )
+  )(grads, aux)
   assert set(got) == {f"gradient_entropy/{g}" for g in ("embed", "core", "head")} | {
-      "attention_entropy/core", "renyi2/head", "effective_rank/head"}
+    "attention_entropy/core",
+    "renyi2/head",
+    "effective_rank/head",
+  }
   assert got["attention_entropy/core"].shape == (am.HEADS,)
   reps = entropy.flatten(aux)
   probs = reps[src.attention_path]
   causal = jnp.tril(jnp.ones(probs.shape[-2:], bool))
-  np.testing.assert_allclose(got["attention_entropy/core"], entropy.attention_entropy(probs, causal), rtol=1e-6)
+  np.testing.assert_allclose(
+    got["attention_entropy/core"], entropy.attention_entropy(probs, causal), rtol=1e-6
+  )
   np.testing.assert_allclose(got["renyi2/head"], entropy.renyi2(reps[src.features_path]), rtol=1e-6)
   core = [g for g, grp in zip(jax.tree_util.tree_leaves(grads), compiled.leaf_group) if grp == 1]
-  np.testing.assert_allclose(got["gradient_entropy/core"], entropy.gradient_entropy(core), rtol=1e-5)
+  np.testing.assert_allclose(
+    got["gradient_entropy/core"], entropy.gradient_entropy(core), rtol=1e-5
+  )
 
 
 def test_nnx_and_linen_intermediates_flatten_to_their_module_paths():
   assert set(entropy.flatten(_step_outputs("nnx")[2])) == {"core/probs/0", "features/0"}
   assert set(_step_outputs("linen")[2]) == {
-      "core/probs/0", "core/__call__/0", "embed/__call__/0", "head/__call__/0", "__call__/0"}
+    "core/probs/0",
+    "core/__call__/0",
+    "embed/__call__/0",
+    "head/__call__/0",
+    "__call__/0",
+  }
 
 
 def test_measure_defaults_to_what_the_profile_bounds():
   src = _source("aux")
   compiled, grads, aux = _step_outputs(src.name)
-  profile = _profile(src, [Bound(group="core", metric="attention_entropy", low=0.2, action="pause"),
-                           Bound(group="embed", metric="gradient_entropy", low=0.1, action="pause")])
+  profile = _profile(
+    src,
+    [
+      Bound(group="core", metric="attention_entropy", low=0.2, action="pause"),
+      Bound(group="embed", metric="gradient_entropy", low=0.1, action="pause"),
+    ],
+  )
   assert set(entropy.measure(profile, compiled, grads=grads, representations=aux)) == {
-      "attention_entropy/core", "gradient_entropy/embed"}
+    "attention_entropy/core",
+    "gradient_entropy/embed",
+  }
 
 
 def test_a_bound_the_step_cannot_measure_is_a_profile_error():
   src = _source("aux")
   compiled, grads, aux = _step_outputs(src.name)
-  profile = _profile(src, [Bound(group="embed", metric="gradient_entropy", low=0.1, action="pause")])
+  profile = _profile(
+    src, [Bound(group="embed", metric="gradient_entropy", low=0.1, action="pause")]
+  )
   with pytest.raises(aqgov.ProfileError, match="pass grads="):
     entropy.measure(profile, compiled, representations=aux)
 
@@ -304,9 +349,13 @@ def test_a_bound_the_step_cannot_measure_is_a_profile_error():
 def test_a_representation_pattern_that_matches_nothing_is_a_profile_error():
   src = _source("aux")
   compiled, grads, aux = _step_outputs(src.name)
-  profile = EntropyProfile(name="lab", representations=(
-      Representation(path="atention", group="core", kind="attention", heads=am.HEADS),),
-      bounds=(Bound(group="core", metric="attention_entropy", low=0.2, action="pause"),))
+  profile = EntropyProfile(
+    name="lab",
+    representations=(
+      Representation(path="atention", group="core", kind="attention", heads=am.HEADS),
+    ),
+    bounds=(Bound(group="core", metric="attention_entropy", low=0.2, action="pause"),),
+  )
   with pytest.raises(aqgov.ProfileError, match="matched none"):
     entropy.measure(profile, compiled, grads=grads, representations=aux)
 
@@ -314,9 +363,11 @@ def test_a_representation_pattern_that_matches_nothing_is_a_profile_error():
 def test_wrong_head_count_is_a_profile_error():
   src = _source("aux")
   compiled, grads, aux = _step_outputs(src.name)
-  profile = EntropyProfile(name="lab", representations=(
-      Representation(path="attention", group="core", kind="attention", heads=3),),
-      bounds=(Bound(group="core", metric="attention_entropy", low=0.2, action="pause"),))
+  profile = EntropyProfile(
+    name="lab",
+    representations=(Representation(path="attention", group="core", kind="attention", heads=3),),
+    bounds=(Bound(group="core", metric="attention_entropy", low=0.2, action="pause"),),
+  )
   with pytest.raises(aqgov.ProfileError, match="heads=3"):
     entropy.measure(profile, compiled, grads=grads, representations=aux)
 
@@ -324,6 +375,8 @@ def test_wrong_head_count_is_a_profile_error():
 def test_groups_unknown_to_the_policy_are_a_profile_error():
   src = _source("aux")
   compiled, grads, aux = _step_outputs(src.name)
-  profile = EntropyProfile(name="lab", bounds=(Bound(group="adapter", metric="gradient_entropy", low=0.1, action="pause"),))
+  profile = EntropyProfile(
+    name="lab", bounds=(Bound(group="adapter", metric="gradient_entropy", low=0.1, action="pause"),)
+  )
   with pytest.raises(aqgov.ProfileError, match="adapter"):
     entropy.measure(profile, compiled, grads=grads)

@@ -11,23 +11,24 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from aqgov.credentials._taxonomy import LabelSpace, Taxonomy
 from aqgov.errors import PolicyError
 from aqgov.policy._conditions import check, compile_expr
 from aqgov.policy._expressions import (
-    MAX_DEPTH,
-    And,
-    Bool,
-    Compare,
-    Member,
-    Not,
-    Or,
-    canonical_text,
-    fields,
-    parse,
-    to_text,
-    tokenize,
+  MAX_DEPTH,
+  And,
+  Bool,
+  Compare,
+  Member,
+  Not,
+  Or,
+  canonical_text,
+  fields,
+  parse,
+  to_text,
+  tokenize,
 )
-from aqgov.credentials._taxonomy import LabelSpace, Taxonomy
+
 from policy_reference import ACME, EU, SPACE, batches, evaluate, expressions
 
 # -- parsing ------------------------------------------------------------------------------------
@@ -35,17 +36,20 @@ from policy_reference import ACME, EU, SPACE, batches, evaluate, expressions
 
 def test_parses_the_issue_example_into_a_tree():
   assert parse("sensitivity_tier >= 2 or 'EU' in jurisdictions") == Or(
-      (Compare("sensitivity_tier", ">=", 2), Member("EU", "jurisdictions")))
+    (Compare("sensitivity_tier", ">=", 2), Member("EU", "jurisdictions"))
+  )
 
 
 def test_and_binds_tighter_than_or_and_not_tighter_than_and():
   assert parse("a == 1 or not b == 2 and c == 3") == Or(
-      (Compare("a", "==", 1), And((Not(Compare("b", "==", 2)), Compare("c", "==", 3)))))
+    (Compare("a", "==", 1), And((Not(Compare("b", "==", 2)), Compare("c", "==", 3))))
+  )
 
 
 def test_parentheses_override_precedence():
   assert parse("(a == 1 or b == 2) and c == 3") == And(
-      (Or((Compare("a", "==", 1), Compare("b", "==", 2))), Compare("c", "==", 3)))
+    (Or((Compare("a", "==", 1), Compare("b", "==", 2))), Compare("c", "==", 3))
+  )
 
 
 def test_literal_on_the_left_is_normalised_with_the_operator_flipped():
@@ -62,7 +66,9 @@ def test_not_in_is_negated_membership():
 
 
 def test_both_quote_styles_and_escapes_give_the_same_string():
-  assert parse("source == \"it's\"") == parse("source == 'it\\'s'") == Compare("source", "==", "it's")
+  assert (
+    parse('source == "it\'s"') == parse("source == 'it\\'s'") == Compare("source", "==", "it's")
+  )
 
 
 def test_true_and_false_are_constants():
@@ -74,7 +80,9 @@ def test_fields_lists_each_mentioned_field_once_in_order():
   assert fields(parse("a == 1 or 'x' in b and a != 2")) == ("a", "b")
 
 
-@pytest.mark.parametrize("text, column, expected", [
+@pytest.mark.parametrize(
+  "text, column, expected",
+  [
     ("", 1, "a condition"),
     ("a =", 3, "'=='"),
     ("a == ", 6, "quoted string or an integer"),
@@ -87,7 +95,8 @@ def test_fields_lists_each_mentioned_field_once_in_order():
     ("1 in jurisdictions", 1, "quoted flag"),
     ("'EU' not jurisdictions", 10, "'in' after 'not'"),
     ("a == b", 6, "quoted string or an integer"),
-])
+  ],
+)
 def test_syntax_errors_name_the_column_and_what_was_expected(text, column, expected):
   with pytest.raises(PolicyError) as info:
     parse(text)
@@ -125,13 +134,16 @@ def test_canonical_text_is_a_fixed_point(expr):
 
 def test_canonical_text_normalises_spacing_and_quotes():
   assert canonical_text('(sensitivity_tier>=2)or"EU"in  jurisdictions') == (
-      "sensitivity_tier >= 2 or 'EU' in jurisdictions")
+    "sensitivity_tier >= 2 or 'EU' in jurisdictions"
+  )
 
 
 # -- typing -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("text, message", [
+@pytest.mark.parametrize(
+  "text, message",
+  [
     ("license_class == 'mystery'", "'public-domain', 'cc-by', 'proprietary', 'unknown'"),
     ("license_class < 'cc-by'", "only == and != apply"),
     ("license_class == 2", "quoted string"),
@@ -142,7 +154,8 @@ def test_canonical_text_normalises_spacing_and_quotes():
     ("source > 'a'", "only == and != apply"),
     ("nonexistent == 1", "no trusted taxonomy defines field"),
     ("ghost.license_class == 'cc-by'", "no taxonomy for authority"),
-])
+  ],
+)
 def test_ill_typed_conditions_raise_policy_errors_saying_what_is_allowed(text, message):
   with pytest.raises(PolicyError) as info:
     check(text, SPACE)
@@ -156,7 +169,9 @@ def test_type_errors_point_at_the_offending_comparison():
 
 
 def test_a_field_two_authorities_define_must_be_qualified():
-  other = Taxonomy.from_dict({"authority": {"name": "other"}, "fields": {"source": {"type": "string"}}})
+  other = Taxonomy.from_dict(
+    {"authority": {"name": "other"}, "fields": {"source": {"type": "string"}}}
+  )
   space = LabelSpace.of([ACME, other])
   with pytest.raises(PolicyError, match="authority.source"):
     check("source == 'wiki'", space)
@@ -165,8 +180,12 @@ def test_a_field_two_authorities_define_must_be_qualified():
 
 def test_a_single_taxonomy_is_a_label_space():
   fn = compile_expr("sensitivity_tier >= 2", ACME)
-  labels = ACME.encode([{"license_class": "cc-by", "sensitivity_tier": t, "jurisdictions": [], "source": "x"}
-                        for t in range(4)])
+  labels = ACME.encode(
+    [
+      {"license_class": "cc-by", "sensitivity_tier": t, "jurisdictions": [], "source": "x"}
+      for t in range(4)
+    ]
+  )
   assert fn(labels).tolist() == [False, False, True, True]
 
 
@@ -196,38 +215,101 @@ def _one(example):
 
 
 def test_any_comparison_on_a_missing_authority_is_false():
-  only_acme = {"acme-data": {"license_class": "cc-by", "sensitivity_tier": 0, "jurisdictions": [], "source": "x"}}
+  only_acme = {
+    "acme-data": {
+      "license_class": "cc-by",
+      "sensitivity_tier": 0,
+      "jurisdictions": [],
+      "source": "x",
+    }
+  }
   for text in ("personal_data == 'yes'", "personal_data != 'yes'", "lawful_basis != 'none'"):
     assert not bool(compile_expr(text, SPACE)(_one(only_acme))[0])
 
 
 def test_not_negates_the_whole_sub_expression_on_missing_labels():
-  only_acme = {"acme-data": {"license_class": "cc-by", "sensitivity_tier": 0, "jurisdictions": [], "source": "x"}}
+  only_acme = {
+    "acme-data": {
+      "license_class": "cc-by",
+      "sensitivity_tier": 0,
+      "jurisdictions": [],
+      "source": "x",
+    }
+  }
   assert bool(compile_expr("not (personal_data == 'no')", SPACE)(_one(only_acme))[0])
 
 
 def test_string_fields_compare_by_their_code():
-  ex = {"acme-data": {"license_class": "cc-by", "sensitivity_tier": 0, "jurisdictions": ["UK"], "source": "forum"}}
+  ex = {
+    "acme-data": {
+      "license_class": "cc-by",
+      "sensitivity_tier": 0,
+      "jurisdictions": ["UK"],
+      "source": "forum",
+    }
+  }
   assert bool(compile_expr("source == 'forum'", SPACE)(_one(ex))[0])
   assert not bool(compile_expr("source == 'wiki'", SPACE)(_one(ex))[0])
 
 
 def test_labels_lacking_the_compiled_keys_are_refused():
   with pytest.raises(PolicyError, match="LabelSpace.encode"):
-    compile_expr("sensitivity_tier > 1", SPACE)(EU.encode([{"lawful_basis": "none", "personal_data": "no"}]))
+    compile_expr("sensitivity_tier > 1", SPACE)(
+      EU.encode([{"lawful_basis": "none", "personal_data": "no"}])
+    )
 
 
 # -- fuzzing: only PolicyError, and nothing is executed ---------------------------------------------
 
-TOKENS = ["and", "or", "not", "in", "true", "false", "(", ")", "==", "!=", "<", "<=", ">", ">=", "=", "'EU'",
-          '"x"', "'", '"', "0", "-1", "99999999999", "license_class", "acme-data.sensitivity_tier", "jurisdictions",
-          "a.b.c", "__import__('os')", "\\", ".", "-", ",", "lambda", "1e3", "@present", " ", "\t", "\u00e9", "\u0661"]
+TOKENS = [
+  "and",
+  "or",
+  "not",
+  "in",
+  "true",
+  "false",
+  "(",
+  ")",
+  "==",
+  "!=",
+  "<",
+  "<=",
+  ">",
+  ">=",
+  "=",
+  "'EU'",
+  '"x"',
+  "'",
+  '"',
+  "0",
+  "-1",
+  "99999999999",
+  "license_class",
+  "acme-data.sensitivity_tier",
+  "jurisdictions",
+  "a.b.c",
+  "__import__('os')",
+  "\\",
+  ".",
+  "-",
+  ",",
+  "lambda",
+  "1e3",
+  "@present",
+  " ",
+  "\t",
+  "\u00e9",
+  "\u0661",
+]
 
 
 def _parse_or_policy_error(text: str) -> None:
   no_exec = AssertionError("the expression language must never evaluate Python")
-  with mock.patch("builtins.eval", side_effect=no_exec), mock.patch("builtins.exec", side_effect=no_exec), \
-       mock.patch("builtins.compile", side_effect=no_exec):
+  with (
+    mock.patch("builtins.eval", side_effect=no_exec),
+    mock.patch("builtins.exec", side_effect=no_exec),
+    mock.patch("builtins.compile", side_effect=no_exec),
+  ):
     try:
       expr = parse(text)
     except PolicyError:

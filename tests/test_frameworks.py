@@ -15,10 +15,13 @@ import numpy as np
 import pytest
 
 import aqgov
+
 import routed_models as rm
 
-pytestmark = [pytest.mark.filterwarnings("ignore::aqgov.policy.UncoveredParametersWarning"),
-              pytest.mark.filterwarnings("ignore::UserWarning:equinox")]
+pytestmark = [
+  pytest.mark.filterwarnings("ignore::aqgov.policy.UncoveredParametersWarning"),
+  pytest.mark.filterwarnings("ignore::UserWarning:equinox"),
+]
 
 STRATEGIES = ("per_example", "cotangent", "auto")
 
@@ -82,7 +85,9 @@ def test_an_equinox_mlp_routes_exactly(visible):
     return _xent(eqx.combine(p, static)(ex["x"]), ex["y"])
 
   batch = {"x": jax.random.normal(jax.random.key(2), (6, 6)), "y": jnp.arange(6) % 4}
-  compiled = aqgov.compile_policy(_policy("layers/0/**", "layers/**", visible=visible), params, rm.TAXONOMY)
+  compiled = aqgov.compile_policy(
+    _policy("layers/0/**", "layers/**", visible=visible), params, rm.TAXONOMY
+  )
   assert compiled.leaf_paths[0].startswith("layers/0/")
   _assert_exact(loss, compiled, params, batch, _labels(6))
 
@@ -120,8 +125,9 @@ def test_a_haiku_mlp_routes_exactly(visible):
     return _xent(f.apply(p, ex["x"]), ex["y"])
 
   batch = {"x": jax.random.normal(jax.random.key(5), (6, 6)), "y": jnp.arange(6) % 4}
-  compiled = aqgov.compile_policy(_policy("mlp/~/linear_0/**", "mlp/**", visible=visible), params,
-                                  rm.TAXONOMY)
+  compiled = aqgov.compile_policy(
+    _policy("mlp/~/linear_0/**", "mlp/**", visible=visible), params, rm.TAXONOMY
+  )
   _assert_exact(loss, compiled, params, batch, _labels(6))
 
 
@@ -146,7 +152,9 @@ def test_an_equinox_batchnorm_in_training_mode_is_refused_as_batch_coupled():
     out, _ = eqx.combine(p, static)(ex["x"], state)
     return jnp.sum(out)
 
-  policy = aqgov.Policy.from_toml('name = "p"\n[groups]\nall = ["**"]\n[default]\nroute = { all = 1.0 }\n')
+  policy = aqgov.Policy.from_toml(
+    'name = "p"\n[groups]\nall = ["**"]\n[default]\nroute = { all = 1.0 }\n'
+  )
   compiled = aqgov.compile_policy(policy, params, rm.TAXONOMY)
   with pytest.raises(aqgov.BatchCouplingError, match="batch axis"):
     aqgov.routed_value_and_grad(loss, compiled)(params, {"x": jnp.ones((3, 4))}, _labels(3))

@@ -33,7 +33,9 @@ from aqgov.policy._policy import POLICY, Policy
 
 import lineage_helpers as lh
 
-FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+FUZZ = settings(
+  max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 AUTHORITY = keys.generate("acme-data", roles=("authority",))
 TRUST = keys.TrustStore.of([AUTHORITY.public])
 RUN_KEY = keys.generate("run", roles=("run",))
@@ -49,13 +51,13 @@ def damaged(draw, data: bytes) -> bytes:
       i = draw(st.integers(0, len(out) - 1))
       out[i] ^= draw(st.integers(1, 255))
     elif op == "truncate":
-      del out[draw(st.integers(0, len(out))):]
+      del out[draw(st.integers(0, len(out))) :]
     elif op == "insert":
       i = draw(st.integers(0, len(out)))
       out[i:i] = draw(st.binary(min_size=1, max_size=16))
     elif op == "delete" and out:
       i = draw(st.integers(0, len(out) - 1))
-      del out[i:i + draw(st.integers(1, 16))]
+      del out[i : i + draw(st.integers(1, 16))]
   return bytes(out)
 
 
@@ -76,27 +78,61 @@ def _tmp(name: str, data: bytes) -> Path:
 
 # ---- signed documents through the generic reader ------------------------------------------------
 
+
 def _policy() -> Policy:
-  return Policy("p", {"all": ["**"]}, [{"name": "low", "when": "acme-data.sensitivity_tier <= 1",
-                                          "route": {"all": 0.5}}], default={"all": 1.0})
+  return Policy(
+    "p",
+    {"all": ["**"]},
+    [{"name": "low", "when": "acme-data.sensitivity_tier <= 1", "route": {"all": 0.5}}],
+    default={"all": 1.0},
+  )
 
 
 @functools.cache
 def _signed_documents() -> dict[str, tuple[DocumentType, bytes]]:
-  manifest = credentials.issue_manifest(AUTHORITY, sample.taxonomies()["acme-data"], [
-      {"id": "a", "content": "one", "labels": {"license_class": "cc-by", "sensitivity_tier": 1,
-                                               "jurisdictions": ["EU"], "source": "forum"}}])
-  override = Override.create(run="r", steps="3-5", groups="all", metrics="renyi2", reason="why",
-                             expires="2999-01-01T00:00:00Z")
+  manifest = credentials.issue_manifest(
+    AUTHORITY,
+    sample.taxonomies()["acme-data"],
+    [
+      {
+        "id": "a",
+        "content": "one",
+        "labels": {
+          "license_class": "cc-by",
+          "sensitivity_tier": 1,
+          "jurisdictions": ["EU"],
+          "source": "forum",
+        },
+      }
+    ],
+  )
+  override = Override.create(
+    run="r",
+    steps="3-5",
+    groups="all",
+    metrics="renyi2",
+    reason="why",
+    expires="2999-01-01T00:00:00Z",
+  )
   profile = EntropyProfile.read(sample.profile_path())
-  head = sign(HEAD, {"run_id": "r", "size": 1, "root": "00" * 32, "last_record": "11" * 32, "prev_head": None,
-                     "time": 0.0}, RUN_KEY)
+  head = sign(
+    HEAD,
+    {
+      "run_id": "r",
+      "size": 1,
+      "root": "00" * 32,
+      "last_record": "11" * 32,
+      "prev_head": None,
+      "time": 0.0,
+    },
+    RUN_KEY,
+  )
   return {
-      "manifest": (credentials.MANIFEST, manifest.to_bytes()),
-      "policy": (POLICY, sign(POLICY, _policy(), AUTHORITY).to_bytes()),
-      "profile": (PROFILE, sign(PROFILE, profile, AUTHORITY).to_bytes()),
-      "override": (OVERRIDE, sign(OVERRIDE, override, AUTHORITY).to_bytes()),
-      "lineage-head": (HEAD, head.to_bytes()),
+    "manifest": (credentials.MANIFEST, manifest.to_bytes()),
+    "policy": (POLICY, sign(POLICY, _policy(), AUTHORITY).to_bytes()),
+    "profile": (PROFILE, sign(PROFILE, profile, AUTHORITY).to_bytes()),
+    "override": (OVERRIDE, sign(OVERRIDE, override, AUTHORITY).to_bytes()),
+    "lineage-head": (HEAD, head.to_bytes()),
   }
 
 
@@ -113,20 +149,32 @@ def test_valid_signed_documents_parse_and_verify():
 
 
 @FUZZ
-@given(st.sampled_from(sorted(["manifest", "policy", "profile", "override", "lineage-head"])), st.data())
+@given(
+  st.sampled_from(sorted(["manifest", "policy", "profile", "override", "lineage-head"])), st.data()
+)
 def test_damaged_signed_documents_raise_only_typed_errors(name, data):
   doc_type, good = _signed_documents()[name]
   only_typed_errors(_read_and_verify, doc_type, _tmp(name + ".signed", data.draw(damaged(good))))
 
 
 @FUZZ
-@given(st.sampled_from(sorted(["manifest", "policy", "profile", "override", "lineage-head"])),
-       st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=6)
-                    | st.binary(max_size=6),
-                    lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c, max_size=4),
-                    max_leaves=10),
-       st.data())
-def test_signed_payloads_with_fields_replaced_by_random_values_raise_only_typed_errors(name, value, data):
+@given(
+  st.sampled_from(sorted(["manifest", "policy", "profile", "override", "lineage-head"])),
+  st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats()
+    | st.text(max_size=6)
+    | st.binary(max_size=6),
+    lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c, max_size=4),
+    max_leaves=10,
+  ),
+  st.data(),
+)
+def test_signed_payloads_with_fields_replaced_by_random_values_raise_only_typed_errors(
+  name, value, data
+):
   doc_type, good = _signed_documents()[name]
   signed = read(doc_type, _tmp(name + ".signed", good))
   payload = dict(signed.payload)
@@ -141,10 +189,13 @@ def test_signed_payloads_with_fields_replaced_by_random_values_raise_only_typed_
 
 # ---- TOML sources --------------------------------------------------------------------------------
 
+
 def _toml_sources() -> dict[str, tuple[object, str]]:
-  return {"policy": (Policy.from_toml, _policy().to_toml()),
-          "profile": (EntropyProfile.from_toml, sample.profile_path().read_text()),
-          "taxonomy": (Taxonomy.from_toml, sample.taxonomies()["acme-data"].to_toml())}
+  return {
+    "policy": (Policy.from_toml, _policy().to_toml()),
+    "profile": (EntropyProfile.from_toml, sample.profile_path().read_text()),
+    "taxonomy": (Taxonomy.from_toml, sample.taxonomies()["acme-data"].to_toml()),
+  }
 
 
 def test_valid_toml_documents_parse():
@@ -163,8 +214,10 @@ def test_damaged_toml_documents_raise_only_typed_errors(name, data):
 
 # ---- JSONL examples ------------------------------------------------------------------------------
 
-GOOD_JSONL = b'{"id": "a", "content": "one", "labels": {"acme-data": {"source": "x"}}}\n' \
-             b'{"id": "b", "content_b64": "dHdv"}\n'
+GOOD_JSONL = (
+  b'{"id": "a", "content": "one", "labels": {"acme-data": {"source": "x"}}}\n'
+  b'{"id": "b", "content_b64": "dHdv"}\n'
+)
 
 
 def test_valid_jsonl_parses():
@@ -178,13 +231,18 @@ def test_damaged_jsonl_raises_only_typed_errors(data):
 
 
 @FUZZ
-@given(st.lists(st.text(max_size=12) | st.binary(max_size=12).map(lambda b: b.decode("latin-1")), max_size=6))
+@given(
+  st.lists(
+    st.text(max_size=12) | st.binary(max_size=12).map(lambda b: b.decode("latin-1")), max_size=6
+  )
+)
 def test_jsonl_of_random_text_lines_raises_only_typed_errors(lines):
   raw = "\n".join(lines).encode("utf-8", "surrogatepass")
   only_typed_errors(credentials.read_examples, _tmp("e.jsonl", raw))
 
 
 # ---- lineage segments and heads ------------------------------------------------------------------
+
 
 @functools.cache
 def _log() -> Path:
@@ -225,8 +283,11 @@ def test_damaged_segment_and_heads_files_raise_only_typed_errors(which, data):
 
 
 @FUZZ
-@given(st.sampled_from(["segment", "heads.seg"]), st.lists(st.binary(max_size=64), min_size=1, max_size=3),
-       st.booleans())
+@given(
+  st.sampled_from(["segment", "heads.seg"]),
+  st.lists(st.binary(max_size=64), min_size=1, max_size=3),
+  st.booleans(),
+)
 def test_random_frames_appended_raise_only_typed_errors(which, payloads, as_records):
   ldir = _log()
   good = (ldir / "heads.seg" if which == "heads.seg" else lh.segment_path(ldir)).read_bytes()
@@ -245,14 +306,45 @@ def test_random_frames_appended_raise_only_typed_errors(which, payloads, as_reco
 
 
 @FUZZ
-@given(st.sampled_from(rec.KINDS[1:]), st.dictionaries(st.sampled_from(
-    ["step", "time", "loss", "weights", "route_class", "example_ids", "superseded", "status", "token", "events",
-     "lineage_size", "lineage_root", "checkpoint_record", "fingerprint", "rows", "hidden"]),
-    st.none() | st.integers(-3, 10) | st.floats() | st.text(max_size=4) | st.binary(max_size=8)
+@given(
+  st.sampled_from(rec.KINDS[1:]),
+  st.dictionaries(
+    st.sampled_from(
+      [
+        "step",
+        "time",
+        "loss",
+        "weights",
+        "route_class",
+        "example_ids",
+        "superseded",
+        "status",
+        "token",
+        "events",
+        "lineage_size",
+        "lineage_root",
+        "checkpoint_record",
+        "fingerprint",
+        "rows",
+        "hidden",
+      ]
+    ),
+    st.none()
+    | st.integers(-3, 10)
+    | st.floats()
+    | st.text(max_size=4)
+    | st.binary(max_size=8)
     | st.lists(st.integers(-2, 6), max_size=3)
-    | st.fixed_dictionaries({"dtype": st.sampled_from(["float32", "uint8", "object", "x"]),
-                             "shape": st.lists(st.integers(-1, 4), max_size=3), "data": st.binary(max_size=16)}),
-    max_size=8))
+    | st.fixed_dictionaries(
+      {
+        "dtype": st.sampled_from(["float32", "uint8", "object", "x"]),
+        "shape": st.lists(st.integers(-1, 4), max_size=3),
+        "data": st.binary(max_size=16),
+      }
+    ),
+    max_size=8,
+  ),
+)
 def test_records_with_random_bodies_raise_only_typed_errors(kind, body):
   ldir = _log()
   reader = segments.LogReader(ldir)

@@ -13,14 +13,16 @@ import pytest
 from flax import linen, nnx
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import aqgov
-from aqgov.routing import _cotangent as cotangent
-from aqgov.examples import tiny_lm as tiny_lm
 from aqgov.errors import BatchCouplingError, RoutingError, UnsupportedPrimitiveError
+from aqgov.examples import tiny_lm as tiny_lm
+from aqgov.routing import _cotangent as cotangent
 from aqgov.routing._coupling import check_per_example
 from aqgov.routing._value_and_grad import group_norms, per_example_value_and_grad
+
 import routed_models as rm
 
 pytestmark = pytest.mark.filterwarnings("ignore::aqgov.policy.UncoveredParametersWarning")
@@ -29,10 +31,10 @@ pytestmark = pytest.mark.filterwarnings("ignore::aqgov.policy.UncoveredParameter
 # weights, so random policies do not recompile. `routed_value_and_grad` adds only
 # `compiled.leaf_weights(labels)` and the group reduction of the norms, tested below.
 STRATEGY_FNS = {
-    "per_example": lambda loss: per_example_value_and_grad(loss, with_norms=True),
-    "per_example, microbatch=2": lambda loss: per_example_value_and_grad(loss, microbatch=2),
-    "cotangent": lambda loss: cotangent.cotangent_value_and_grad(loss),
-    "cotangent with norms": lambda loss: cotangent.cotangent_value_and_grad(loss, with_norms=True),
+  "per_example": lambda loss: per_example_value_and_grad(loss, with_norms=True),
+  "per_example, microbatch=2": lambda loss: per_example_value_and_grad(loss, microbatch=2),
+  "cotangent": lambda loss: cotangent.cotangent_value_and_grad(loss),
+  "cotangent with norms": lambda loss: cotangent.cotangent_value_and_grad(loss, with_norms=True),
 }
 _JITTED: dict = {}
 
@@ -52,7 +54,9 @@ def assert_norms(got, want) -> None:
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * max(float(np.max(want)), 1e-6))
 
 
-@pytest.mark.parametrize("name", ["conv", "mlp", "scan", pytest.param("attention", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+  "name", ["conv", "mlp", "scan", pytest.param("attention", marks=pytest.mark.slow)]
+)
 @settings(max_examples=12)
 @given(data=st.data())
 def test_every_strategy_equals_brute_force_under_random_policies(name, data):
@@ -99,8 +103,16 @@ _PUBLIC: dict = {}
 def public_fn(strategy: str, microbatch=None):
   key = (strategy, microbatch)
   if key not in _PUBLIC:
-    _PUBLIC[key] = jax.jit(aqgov.routed_value_and_grad(
-        lm_loss_with_aux, LM_COMPILED, strategy, has_aux=True, with_norms=True, microbatch=microbatch))
+    _PUBLIC[key] = jax.jit(
+      aqgov.routed_value_and_grad(
+        lm_loss_with_aux,
+        LM_COMPILED,
+        strategy,
+        has_aux=True,
+        with_norms=True,
+        microbatch=microbatch,
+      )
+    )
   return _PUBLIC[key]
 
 
@@ -127,7 +139,9 @@ def test_routed_value_and_grad_equals_brute_force_with_aux_and_norms(strategy, s
 @pytest.mark.parametrize("name", ["mlp", "scan"])
 @settings(max_examples=8)
 @given(data=st.data())
-def test_example_routed_away_from_a_group_leaves_its_gradient_bitwise_unchanged(name, strategy, data):
+def test_example_routed_away_from_a_group_leaves_its_gradient_bitwise_unchanged(
+  name, strategy, data
+):
   model = rm.MODELS[name]
   params, batch, compiled, labels = rm.draw_case(data, model)
   weights = np.asarray(compiled.group_weights(labels))
@@ -144,21 +158,31 @@ def test_example_routed_away_from_a_group_leaves_its_gradient_bitwise_unchanged(
       assert np.asarray(b).tobytes() == np.asarray(a).tobytes()
 
 
-@pytest.mark.parametrize("strategy, microbatch", [("cotangent", None), ("per_example", None),
-                                                  ("per_example", 2)])
+@pytest.mark.parametrize(
+  "strategy, microbatch", [("cotangent", None), ("per_example", None), ("per_example", 2)]
+)
 def test_batch_sharded_over_eight_devices_gives_the_one_device_result(strategy, microbatch):
   model = rm.MODELS["mlp"]
   n = 8
   params = model.init(jax.random.key(3))
   batch = model.batch(jax.random.key(4), n)
   labels = rm.SPACE.encode(
-      [{"t": {"kind": rm.KINDS[i % 3], "tier": i % 4}} if i % 5 else None for i in range(n)])
-  compiled = aqgov.compile_policy(aqgov.Policy.from_toml(
+    [{"t": {"kind": rm.KINDS[i % 3], "tier": i % 4}} if i % 5 else None for i in range(n)]
+  )
+  compiled = aqgov.compile_policy(
+    aqgov.Policy.from_toml(
       'name = "p"\n[groups]\nbody = ["l0/**", "l1/**"]\nhead = ["head/**"]\n'
       "[[rules]]\nwhen = \"kind == 'k1'\"\nroute = { head = 1.0 }\n"
-      "[default]\nroute = { body = 0.5, head = 1.0 }\n"), params, rm.TAXONOMY)
-  fn = jax.jit(aqgov.routed_value_and_grad(
-      model.loss, compiled, strategy, with_norms=True, microbatch=microbatch))
+      "[default]\nroute = { body = 0.5, head = 1.0 }\n"
+    ),
+    params,
+    rm.TAXONOMY,
+  )
+  fn = jax.jit(
+    aqgov.routed_value_and_grad(
+      model.loss, compiled, strategy, with_norms=True, microbatch=microbatch
+    )
+  )
   single = fn(params, batch, labels)
 
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ("data",))
@@ -177,9 +201,13 @@ def test_batch_sharded_over_eight_devices_gives_the_one_device_result(strategy, 
 class NNXNet(nnx.Module):
   def __init__(self, norm: str, rngs: nnx.Rngs):
     self.dense = nnx.Linear(4, 6, rngs=rngs)
-    self.norm = (nnx.BatchNorm(6, use_running_average=False, rngs=rngs) if norm == "batch-train"
-                 else nnx.BatchNorm(6, use_running_average=True, rngs=rngs) if norm == "batch-eval"
-                 else nnx.LayerNorm(6, rngs=rngs))
+    self.norm = (
+      nnx.BatchNorm(6, use_running_average=False, rngs=rngs)
+      if norm == "batch-train"
+      else nnx.BatchNorm(6, use_running_average=True, rngs=rngs)
+      if norm == "batch-eval"
+      else nnx.LayerNorm(6, rngs=rngs)
+    )
     self.head = nnx.Linear(6, 3, rngs=rngs)
 
   def __call__(self, x):
@@ -193,9 +221,10 @@ def nnx_case(norm: str):
     return rm._xent(nnx.merge(graphdef, p, rest)(ex["x"]), ex["y"])
 
   policy = aqgov.Policy.from_toml(
-      'name = "n"\n[groups]\nbody = ["dense/**", "norm/**"]\nhead = ["head/**"]\n'
-      "[[rules]]\nwhen = \"kind == 'k1'\"\nroute = { head = 1.0 }\n"
-      "[default]\nroute = { body = 1.0, head = 0.5 }\n")
+    'name = "n"\n[groups]\nbody = ["dense/**", "norm/**"]\nhead = ["head/**"]\n'
+    "[[rules]]\nwhen = \"kind == 'k1'\"\nroute = { head = 1.0 }\n"
+    "[default]\nroute = { body = 1.0, head = 0.5 }\n"
+  )
   return params, loss, aqgov.compile_policy(policy, params, rm.TAXONOMY)
 
 
@@ -212,11 +241,14 @@ def linen_case(train: bool):
   variables = LinenNet(train).init(jax.random.key(0), jnp.ones((2, 4)))
 
   def loss(p, ex):
-    logits, _ = LinenNet(train).apply({"params": p, "batch_stats": variables["batch_stats"]},
-                                      ex["x"], mutable=["batch_stats"])
+    logits, _ = LinenNet(train).apply(
+      {"params": p, "batch_stats": variables["batch_stats"]}, ex["x"], mutable=["batch_stats"]
+    )
     return rm._xent(logits, ex["y"])
 
-  policy = aqgov.Policy.from_toml('name = "l"\n[groups]\nall = ["**"]\n[default]\nroute = { all = 1.0 }\n')
+  policy = aqgov.Policy.from_toml(
+    'name = "l"\n[groups]\nall = ["**"]\n[default]\nroute = { all = 1.0 }\n'
+  )
   return variables["params"], loss, aqgov.compile_policy(policy, variables["params"], rm.TAXONOMY)
 
 
@@ -253,7 +285,8 @@ def test_nnx_model_with_layernorm_routes_like_brute_force(strategy):
   batch, labels = _inputs()
   want, want_norms = rm.brute_force(loss, compiled, params, batch, labels)
   _, grads, norms = jax.jit(aqgov.routed_value_and_grad(loss, compiled, strategy, with_norms=True))(
-      params, batch, labels)
+    params, batch, labels
+  )
   rm.assert_matches(compiled, grads, want)
   assert_norms(norms, want_norms)
 
@@ -261,8 +294,13 @@ def test_nnx_model_with_layernorm_routes_like_brute_force(strategy):
 @pytest.mark.parametrize("strategy", ["auto", "per_example"])
 def test_loss_with_a_collective_over_a_batch_axis_is_refused(strategy):
   params = rm.MODELS["mlp"].init(jax.random.key(0))
-  compiled = aqgov.compile_policy(aqgov.Policy.from_toml(
-      'name = "p"\n[groups]\nall = ["**"]\n[default]\nroute = { all = 1.0 }\n'), params, rm.TAXONOMY)
+  compiled = aqgov.compile_policy(
+    aqgov.Policy.from_toml(
+      'name = "p"\n[groups]\nall = ["**"]\n[default]\nroute = { all = 1.0 }\n'
+    ),
+    params,
+    rm.TAXONOMY,
+  )
 
   def loss(p, ex):  # normalises by a batch mean: mixes examples
     x = ex["x"] - jax.lax.pmean(ex["x"], "batch")
@@ -278,16 +316,19 @@ def test_loss_with_a_collective_over_a_batch_axis_is_refused(strategy):
 
 def _solve_case():
   key = jax.random.split(jax.random.key(0), 2)
-  params = {"a": jnp.eye(4) * 2.0 + 0.1 * jax.random.normal(key[0], (4, 4)),
-            "w": jax.random.normal(key[1], (4, 3))}
+  params = {
+    "a": jnp.eye(4) * 2.0 + 0.1 * jax.random.normal(key[0], (4, 4)),
+    "w": jax.random.normal(key[1], (4, 3)),
+  }
 
   def loss(p, ex):  # jnp.linalg.solve is a custom_linear_solve: differentiable, not transformed
     return rm._xent(jnp.linalg.solve(p["a"], ex["x"]) @ p["w"], ex["y"])
 
   policy = aqgov.Policy.from_toml(
-      'name = "s"\n[groups]\nsolve = ["a"]\nread = ["w"]\n'
-      "[[rules]]\nwhen = \"kind == 'k1'\"\nroute = { read = 1.0 }\n"
-      "[default]\nroute = { solve = 1.0, read = 0.5 }\n")
+    'name = "s"\n[groups]\nsolve = ["a"]\nread = ["w"]\n'
+    "[[rules]]\nwhen = \"kind == 'k1'\"\nroute = { read = 1.0 }\n"
+    "[default]\nroute = { solve = 1.0, read = 0.5 }\n"
+  )
   return params, loss, aqgov.compile_policy(policy, params, rm.TAXONOMY)
 
 
@@ -301,7 +342,9 @@ def test_auto_falls_back_to_per_example_with_exactly_one_warning():
     jax.jit(fn)(params, batch, labels)
     jax.jit(fn)(params, *_inputs(6))  # new shapes: planned again, still no second warning
   notices = [str(w.message) for w in caught if "aqgov:" in str(w.message)]
-  assert notices == ["aqgov: cotangent routing does not cover custom_linear_solve; using per_example"]
+  assert notices == [
+    "aqgov: cotangent routing does not cover custom_linear_solve; using per_example"
+  ]
   assert fn.strategy(params, batch) == "per_example"
   want, _ = rm.brute_force(loss, compiled, params, batch, labels)
   rm.assert_matches(compiled, first[1], want)
@@ -331,8 +374,13 @@ def test_unknown_strategy_and_bad_microbatch_are_refused():
 def test_microbatching_bounds_the_memory_of_the_per_example_strategy():
   model = rm.MODELS["mlp"]
   params = model.init(jax.random.key(0))
-  compiled = aqgov.compile_policy(aqgov.Policy.from_toml(
-      'name = "p"\n[groups]\nall = ["**"]\n[default]\nroute = { all = 1.0 }\n'), params, rm.TAXONOMY)
+  compiled = aqgov.compile_policy(
+    aqgov.Policy.from_toml(
+      'name = "p"\n[groups]\nall = ["**"]\n[default]\nroute = { all = 1.0 }\n'
+    ),
+    params,
+    rm.TAXONOMY,
+  )
   n = 256
   batch = model.batch(jax.random.key(1), n)
   labels = rm.SPACE.encode([{"t": {"kind": "k0", "tier": 0}}] * n)
@@ -379,8 +427,9 @@ def test_linen_batchnorm_put_in_training_mode_by_a_call_argument_is_refused():
   variables = LinenCallArgNet().init(jax.random.key(0), jnp.ones((2, 4)), False)
 
   def loss(p, ex):
-    out = LinenCallArgNet().apply({"params": p, "batch_stats": variables["batch_stats"]}, ex["x"],
-                                  True, mutable=["batch_stats"])[0]
+    out = LinenCallArgNet().apply(
+      {"params": p, "batch_stats": variables["batch_stats"]}, ex["x"], True, mutable=["batch_stats"]
+    )[0]
     return jnp.sum(out)
 
   with pytest.raises(BatchCouplingError, match="training mode"):
@@ -439,6 +488,7 @@ def test_routing_leaves_a_running_profiler_untouched():
 
 def _clip_gradient(lo, hi):
   """The JAX docs' `clip_gradient`: identity forward, cotangent clipped (not linear in it)."""
+
   @jax.custom_vjp
   def clip(x):
     return x
@@ -456,7 +506,9 @@ def test_a_custom_rule_nonlinear_in_its_cotangent_sees_each_examples_own_cotange
 
   params = model.init(jax.random.key(0))
   batch = model.batch(jax.random.key(1), rm.B)
-  compiled = rm.compiled_policy(['name = "p"\n[groups]\nall = ["**"]\n[default]\nroute = { all = 1.0 }\n'], params)
+  compiled = rm.compiled_policy(
+    ['name = "p"\n[groups]\nall = ["**"]\n[default]\nroute = { all = 1.0 }\n'], params
+  )
   labels = rm.SPACE.encode([{"t": {"kind": "k0", "tier": 0}}] * rm.B)
   want, _ = rm.brute_force(loss, compiled, params, batch, labels)
   for strategy in ("per_example", "cotangent"):
@@ -476,10 +528,14 @@ def test_an_example_routed_away_from_every_group_never_poisons_the_step():
   compiled = rm.compiled_policy([policy], params)
   labels = rm.SPACE.encode([{"t": {"kind": k, "tier": 0}} for k in ("k0", "k0", "k1", "k0")])
   keep = jnp.array([0, 1, 3])
-  want = jax.tree.map(lambda g: g * 3 / 4, jax.grad(lambda p: jnp.mean(jax.vmap(loss, (None, 0))(p, {"x": x[keep]})))(params))
+  want = jax.tree.map(
+    lambda g: g * 3 / 4,
+    jax.grad(lambda p: jnp.mean(jax.vmap(loss, (None, 0))(p, {"x": x[keep]})))(params),
+  )
   for strategy in ("per_example", "cotangent"):
-    loss_value, grads, norms = aqgov.routed_value_and_grad(loss, compiled, strategy, with_norms=True)(
-        params, {"x": x}, labels)
+    loss_value, grads, norms = aqgov.routed_value_and_grad(
+      loss, compiled, strategy, with_norms=True
+    )(params, {"x": x}, labels)
     assert np.isfinite(float(loss_value))
     for got, expected in zip(jax.tree.leaves(grads), jax.tree.leaves(want)):
       np.testing.assert_allclose(got, expected, rtol=1e-5)
@@ -490,7 +546,9 @@ def test_a_loss_that_is_not_a_scalar_is_refused_with_the_reason_by_every_strateg
   model = rm.MODELS["mlp"]
   params = model.init(jax.random.key(0))
   batch = model.batch(jax.random.key(1), rm.B)
-  compiled = rm.compiled_policy(['name = "p"\n[groups]\nall = ["**"]\n[default]\nroute = { all = 1.0 }\n'], params)
+  compiled = rm.compiled_policy(
+    ['name = "p"\n[groups]\nall = ["**"]\n[default]\nroute = { all = 1.0 }\n'], params
+  )
   labels = rm.SPACE.encode([{"t": {"kind": "k0", "tier": 0}}] * rm.B)
   for strategy in ("per_example", "cotangent", "auto"):
     fn = aqgov.routed_value_and_grad(lambda p, ex: model.loss(p, ex)[None], compiled, strategy)
@@ -502,7 +560,11 @@ def test_labels_for_another_batch_size_are_refused_naming_both_sizes():
   model = rm.MODELS["mlp"]
   params = model.init(jax.random.key(0))
   batch = model.batch(jax.random.key(1), rm.B)
-  compiled = rm.compiled_policy(['name = "p"\n[groups]\nall = ["**"]\n[default]\nroute = { all = 1.0 }\n'], params)
+  compiled = rm.compiled_policy(
+    ['name = "p"\n[groups]\nall = ["**"]\n[default]\nroute = { all = 1.0 }\n'], params
+  )
   labels = rm.SPACE.encode([{"t": {"kind": "k0", "tier": 0}}] * (rm.B + 1))
-  with pytest.raises(RoutingError, match=rf"labels describe \[{rm.B + 1}\] examples but the batch has {rm.B}"):
+  with pytest.raises(
+    RoutingError, match=rf"labels describe \[{rm.B + 1}\] examples but the batch has {rm.B}"
+  ):
     aqgov.routed_value_and_grad(model.loss, compiled)(params, batch, labels)

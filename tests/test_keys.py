@@ -11,8 +11,8 @@ import stat
 import pytest
 from click.testing import CliRunner
 
-from aqgov.documents import _keys as keys
 from aqgov.cli import main
+from aqgov.documents import _keys as keys
 from aqgov.errors import KeyFileError, SignatureError
 
 
@@ -92,7 +92,9 @@ def test_a_public_key_file_with_an_altered_key_id_is_refused(tmp_path):
     keys.load_public_key(pub_path)
 
 
-@pytest.mark.parametrize("body", ["not json", json.dumps({"type": "rsa"}), json.dumps({"type": "ed25519"})])
+@pytest.mark.parametrize(
+  "body", ["not json", json.dumps({"type": "rsa"}), json.dumps({"type": "ed25519"})]
+)
 def test_malformed_key_files_raise_key_file_error(tmp_path, body):
   path = tmp_path / "bad.pub"
   path.write_text(body)

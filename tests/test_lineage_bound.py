@@ -17,9 +17,9 @@ from aqgov.cli import main
 from aqgov.documents import _keys as keys
 from aqgov.errors import CheckpointError, LineageError
 from aqgov.examples.task import MLPTask
+from aqgov.lineage import _bodies as bodies
 from aqgov.lineage import _history as hist
 from aqgov.lineage import _record as rec
-from aqgov.lineage import _bodies as bodies
 from aqgov.lineage import _segments as segments
 from aqgov.lineage._checkpoint import Checkpoints, state_digests
 from aqgov.lineage._checkpoint_files import files_sha256, read_lineage_item
@@ -76,8 +76,11 @@ def _append_unsigned(run_dir: Path, kind: str, body: dict) -> int:
 
 def _supersede_everything(run_dir: Path) -> int:
   end = scan(run_dir / "lineage").size
-  return _append_unsigned(run_dir, rec.RUN_RESUME, bodies.resume_body(checkpoint_step=0, checkpoint_record=None,
-                                                                    superseded=(1, end)))
+  return _append_unsigned(
+    run_dir,
+    rec.RUN_RESUME,
+    bodies.resume_body(checkpoint_step=0, checkpoint_record=None, superseded=(1, end)),
+  )
 
 
 def _rewrite_checkpoint(run_dir: Path, step: int, change) -> None:
@@ -88,10 +91,18 @@ def _rewrite_checkpoint(run_dir: Path, step: int, change) -> None:
   state = store.restore(step, MLPTask({}).init()).state
   store.close()
   shutil.rmtree(path)
-  manager = ocp.CheckpointManager((run_dir / "checkpoints").absolute(), item_names=("state", "lineage"),
-                                  options=ocp.CheckpointManagerOptions(enable_async_checkpointing=False))
-  manager.save(step, force=True, args=ocp.args.Composite(state=ocp.args.StandardSave(change(state)),
-                                                         lineage=ocp.args.JsonSave(item)))
+  manager = ocp.CheckpointManager(
+    (run_dir / "checkpoints").absolute(),
+    item_names=("state", "lineage"),
+    options=ocp.CheckpointManagerOptions(enable_async_checkpointing=False),
+  )
+  manager.save(
+    step,
+    force=True,
+    args=ocp.args.Composite(
+      state=ocp.args.StandardSave(change(state)), lineage=ocp.args.JsonSave(item)
+    ),
+  )
   manager.close()
 
 
@@ -100,6 +111,7 @@ def _checkpoint_record(run_dir: Path, step: int) -> int:
 
 
 # ---- 1. a signed run-end is final; an unsigned tail is never read -----------------------------------------------
+
 
 def test_a_record_appended_after_a_signed_run_end_fails_verification(closed, tmp_path):
   d = _copy(closed, tmp_path)
@@ -114,7 +126,9 @@ def test_a_record_appended_after_a_signed_run_end_fails_verification(closed, tmp
     export_intoto(d, _run_key(d))
 
 
-def test_an_unsigned_tail_is_reported_by_verify_and_never_read_by_query_show_or_export(stopped, tmp_path):
+def test_an_unsigned_tail_is_reported_by_verify_and_never_read_by_query_show_or_export(
+  stopped, tmp_path
+):
   d = _copy(stopped, tmp_path)
   key = _run_key(d)
   rows, before = membership(d, "head"), describe(d)
@@ -125,7 +139,12 @@ def test_an_unsigned_tail_is_reported_by_verify_and_never_read_by_query_show_or_
   assert report.unsigned == 1 and report.signed_size == report.size - 1
   assert membership(d, "head") == rows and membership(d, "head", include_superseded=True) == rows
   after = describe(d)
-  assert (after.steps, after.resumes, after.checkpoints, after.unsigned) == (before.steps, 0, before.checkpoints, 1)
+  assert (after.steps, after.resumes, after.checkpoints, after.unsigned) == (
+    before.steps,
+    0,
+    before.checkpoints,
+    1,
+  )
   attested = verify_envelope_statement(export_intoto(d, key), key)
   assert attested["subject"] == subjects and attested["predicate"]["size"] == report.signed_size
 
@@ -145,14 +164,20 @@ def test_a_closed_run_cannot_be_resumed(closed, tmp_path):
 
 # ---- 2. checkpoints commit to params, optimizer and governance state -----------------------------------------
 
-def test_checkpoint_records_and_orbax_metadata_carry_a_digest_per_state_item_and_of_the_files(closed):
+
+def test_checkpoint_records_and_orbax_metadata_carry_a_digest_per_state_item_and_of_the_files(
+  closed,
+):
   _, history = hist.load(closed / "lineage")
   store = Checkpoints(closed / "checkpoints")
   try:
     for ref in history.checkpoints:
       restored = store.restore(ref.step, MLPTask({}).init())
       assert ref.digests == state_digests(restored.state) == restored.recorded
-      assert set(ref.digests) == {"params", "opt_state", "governance"} and ref.params_sha256 == ref.digests["params"]
+      assert (
+        set(ref.digests) == {"params", "opt_state", "governance"}
+        and ref.params_sha256 == ref.digests["params"]
+      )
       assert ref.files_sha256 == files_sha256(closed / ref.path)
   finally:
     store.close()
@@ -179,7 +204,9 @@ def test_export_hashes_the_checkpoints_on_disk_and_refuses_altered_params(closed
   _rewrite_checkpoint(d, 3, lambda s: s._replace(params=jax.tree.map(lambda x: x + 1e-3, s.params)))
   with pytest.raises(LineageError, match="checkpoint at step 3 .* altered or replaced"):
     verify_lineage(d, lh.trust_of(d))
-  with pytest.raises(LineageError, match="checkpoint at step 3 .* holds params .* refusing to attest") as info:
+  with pytest.raises(
+    LineageError, match="checkpoint at step 3 .* holds params .* refusing to attest"
+  ) as info:
     statement(d, verify_lineage(d, lh.trust_of(d), check_checkpoints=False))
   assert info.value.index == _checkpoint_record(d, 3)
   with pytest.raises(LineageError):
@@ -198,13 +225,14 @@ def test_a_checkpoint_from_another_log_position_is_named(closed, tmp_path):
 
 # ---- 3. the default verify is the auditor's -----------------------------------------------------------------
 
+
 def _roll_back(run_dir: Path, head: int) -> int:
   """Cut the log and its heads file back to signed head `head` (no key needed); the size kept."""
   ldir = run_dir / "lineage"
   heads, _ = read_heads(ldir)
   size = int(heads[head].payload["size"])
   header, head_frames = lh.split_frames((ldir / "heads.seg").read_bytes())
-  (ldir / "heads.seg").write_bytes(header + b"".join(head_frames[:head + 1]))
+  (ldir / "heads.seg").write_bytes(header + b"".join(head_frames[: head + 1]))
   seg = lh.segment_path(ldir)
   header, frames = lh.split_frames(seg.read_bytes())
   seg.write_bytes(header + b"".join(frames[:size]))
@@ -226,15 +254,18 @@ def test_a_log_rolled_back_to_an_earlier_signed_head_fails_the_default_verify(cl
   assert out.exit_code == 0 and "open, 0 unsigned record(s)" in out.output, out.output
 
 
-def test_a_missing_checkpoint_fails_the_default_verify_and_is_listed_with_allow_missing(closed, tmp_path):
+def test_a_missing_checkpoint_fails_the_default_verify_and_is_listed_with_allow_missing(
+  closed, tmp_path
+):
   d = _copy(closed, tmp_path)
   shutil.rmtree(d / "checkpoints" / "3")
   with pytest.raises(LineageError, match="checkpoint at step 3 .* not present"):
     verify_lineage(d, lh.trust_of(d))
   report = verify_lineage(d, lh.trust_of(d), require_references=False)
   assert any("checkpoint at step 3" in u for u in report.unchecked)
-  out = CliRunner().invoke(main, ["lineage", "verify", str(d), "--trust", str(d / "keys" / "run.pub"),
-                                  "--allow-missing"])
+  out = CliRunner().invoke(
+    main, ["lineage", "verify", str(d), "--trust", str(d / "keys" / "run.pub"), "--allow-missing"]
+  )
   assert out.exit_code == 0 and "not checked: checkpoint at step 3" in out.output, out.output
 
 
@@ -257,8 +288,11 @@ def test_a_second_writer_is_refused_in_this_process_and_from_another(stopped, tm
     GovernedRun.resume(d)
   run.step(lh.batches(data, run.next_step))
   run.abandon()  # releases the lock
-  proc = subprocess.Popen([sys.executable, "-c", _HOLDER, str(d / "lineage"), str(lh.run_key_path(d))],
-                          stdout=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(
+    [sys.executable, "-c", _HOLDER, str(d / "lineage"), str(lh.run_key_path(d))],
+    stdout=subprocess.PIPE,
+    text=True,
+  )
   try:
     assert proc.stdout.readline().strip() == "holding"
     with pytest.raises(LineageError, match="already open for writing"):

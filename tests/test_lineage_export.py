@@ -61,13 +61,21 @@ def test_the_attestation_verifies_with_securesystemslib(run_dir, run_key):
   assert statement["_type"] == STATEMENT_TYPE and statement["predicateType"] == PREDICATE_TYPE
 
 
-def test_subjects_are_the_checkpoint_digests_and_the_predicate_names_the_signed_head(run_dir, run_key):
+def test_subjects_are_the_checkpoint_digests_and_the_predicate_names_the_signed_head(
+  run_dir, run_key
+):
   statement = verify_envelope(export_intoto(run_dir, run_key), TrustStore.of([run_key]))
   _, history = hist.load(run_dir / "lineage")
-  assert [s["digest"]["sha256"] for s in statement["subject"]] == [c.params_sha256 for c in history.checkpoints]
+  assert [s["digest"]["sha256"] for s in statement["subject"]] == [
+    c.params_sha256 for c in history.checkpoints
+  ]
   heads, _ = read_heads(run_dir / "lineage")
   p = statement["predicate"]
-  assert p["head"]["id"] == heads[-1].id and p["merkle_root"] == heads[-1].payload["root"] and p["closed"]
+  assert (
+    p["head"]["id"] == heads[-1].id
+    and p["merkle_root"] == heads[-1].payload["root"]
+    and p["closed"]
+  )
   assert p["task"] == lh.TASK and p["parent"] is None
 
 
@@ -108,15 +116,21 @@ def test_the_cli_verifies_shows_queries_and_exports_a_run(run_dir, run_key, tmp_
   _, other_pub = keys.write_keypair(keys.generate("other"), tmp_path / "keys")
   # several keys after one --trust, as a shell glob such as RUN/keys/*.pub expands
   out = runner.invoke(main, ["lineage", "verify", str(run_dir), "--trust", pub, str(other_pub)])
-  assert out.exit_code == 0 and out.stdout.startswith("OK run ") and "(closed)" in out.output, out.output
-  assert "warning: trusted key file" in out.stderr  # RUN/keys/run.pub: chosen by whoever holds the directory
+  assert out.exit_code == 0 and out.stdout.startswith("OK run ") and "(closed)" in out.output, (
+    out.output
+  )
+  assert (
+    "warning: trusted key file" in out.stderr
+  )  # RUN/keys/run.pub: chosen by whoever holds the directory
   out = runner.invoke(main, ["lineage", "show", str(run_dir)])
   assert out.exit_code == 0 and "checkpoints" in out.output and "hidden" in out.output, out.output
   out = runner.invoke(main, ["lineage", "query", str(run_dir), "--group", "head", "--json"])
   rows = [json.loads(line) for line in out.output.splitlines()]
   assert out.exit_code == 0 and rows and all(r["weight"] > 0 for r in rows)
   target = tmp_path / "attestation.json"
-  out = runner.invoke(main, ["lineage", "export", str(run_dir), "--intoto", str(target)])  # key from the key dir
+  out = runner.invoke(
+    main, ["lineage", "export", str(run_dir), "--intoto", str(target)]
+  )  # key from the key dir
   assert out.exit_code == 0, out.output
   _independent_verify(json.loads(target.read_text()), run_key.public)
 
@@ -127,5 +141,7 @@ def test_the_cli_names_the_first_bad_record(run_dir, tmp_path):
   seg = lh.segment_path(d / "lineage")
   header, frames = lh.split_frames(seg.read_bytes())
   seg.write_bytes(header + b"".join(frames[:3] + frames[4:]))
-  out = CliRunner().invoke(main, ["lineage", "verify", str(d), "--trust", str(d / "keys" / "run.pub")])
+  out = CliRunner().invoke(
+    main, ["lineage", "verify", str(d), "--trust", str(d / "keys" / "run.pub")]
+  )
   assert out.exit_code == 1 and "LineageError" in out.output and "record 3" in out.output

@@ -91,8 +91,13 @@ def test_step_records_keep_what_the_summary_said(closed_log):
 def test_every_signed_head_is_consistent_with_the_final_tree(closed_log):
   heads, _ = read_heads(closed_log)
   head, proof = consistency_proof(closed_log.parent, int(heads[1].payload["size"]))
-  assert merkle.verify_consistency(int(heads[1].payload["size"]), head.size, bytes.fromhex(heads[1].payload["root"]),
-                                   head.root, proof)
+  assert merkle.verify_consistency(
+    int(heads[1].payload["size"]),
+    head.size,
+    bytes.fromhex(heads[1].payload["root"]),
+    head.root,
+    proof,
+  )
 
 
 @given(st.data())
@@ -110,7 +115,9 @@ def test_flipping_any_byte_of_a_record_is_detected_at_that_record(closed_log, da
 
 
 @given(st.data())
-def test_deleting_reordering_or_inserting_records_is_detected_at_the_first_changed_position(closed_log, data):
+def test_deleting_reordering_or_inserting_records_is_detected_at_the_first_changed_position(
+  closed_log, data
+):
   original = lh.segment_path(closed_log).read_bytes()
   header, frames = lh.split_frames(original)
   n = len(frames)
@@ -123,7 +130,9 @@ def test_deleting_reordering_or_inserting_records_is_detected_at_the_first_chang
     j = data.draw(st.integers(i + 1, n - 1), label="j")
     tampered[i], tampered[j] = tampered[j], tampered[i]
   elif op == "duplicate":
-    tampered.insert(data.draw(st.integers(0, n), label="at"), frames[data.draw(st.integers(0, n - 1), label="of")])
+    tampered.insert(
+      data.draw(st.integers(0, n), label="at"), frames[data.draw(st.integers(0, n - 1), label="of")]
+    )
   else:
     at = data.draw(st.integers(1, n - 1), label="at")
     prev = rec.record_hash(lh.payload(frames[at - 1]))
@@ -152,7 +161,7 @@ def test_a_removed_tree_head_is_detected(closed_log, tmp_path):
   dst = _copy_with_segment(closed_log, lh.segment_path(closed_log).read_bytes(), tmp_path)
   data = (closed_log / "heads.seg").read_bytes()
   _, frames = lh.split_frames(data)
-  (dst / "heads.seg").write_bytes(data[:lh.HEADER] + b"".join(frames[:1] + frames[2:]))
+  (dst / "heads.seg").write_bytes(data[: lh.HEADER] + b"".join(frames[:1] + frames[2:]))
   assert "does not follow" in str(_verify_error(dst))
 
 
@@ -161,7 +170,9 @@ def test_heads_signed_by_an_untrusted_key_are_refused(closed_log):
     verify_lineage(closed_log, TrustStore.of([keys.generate("someone-else")]))
 
 
-def test_a_torn_final_frame_verifies_up_to_the_last_complete_record_and_resumes_without_gap(tmp_path):
+def test_a_torn_final_frame_verifies_up_to_the_last_complete_record_and_resumes_without_gap(
+  tmp_path,
+):
   d = tmp_path / "lineage"
   lh.write_log(d, KEY, 6, head_every=4, close=False)
   seg = lh.segment_path(d)
@@ -249,11 +260,23 @@ while True:
 
 
 @pytest.mark.slow
-def test_a_writer_killed_mid_write_leaves_a_log_that_verifies_and_resumes_without_gap_or_duplicate(tmp_path):
+def test_a_writer_killed_mid_write_leaves_a_log_that_verifies_and_resumes_without_gap_or_duplicate(
+  tmp_path,
+):
   key_path, pub_path = keys.write_keypair(KEY, tmp_path / "keys")
   lineage_dir = tmp_path / "lineage"
-  proc = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, str(key_path), str(lineage_dir),
-                           str(Path(__file__).parent)], stdout=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(
+    [
+      sys.executable,
+      "-c",
+      _KILLED_WRITER,
+      str(key_path),
+      str(lineage_dir),
+      str(Path(__file__).parent),
+    ],
+    stdout=subprocess.PIPE,
+    text=True,
+  )
   try:
     assert int(proc.stdout.readline()) == 50
     time.sleep(0.05)  # the writer is somewhere inside its next records

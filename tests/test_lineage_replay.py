@@ -41,7 +41,9 @@ def data_path(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, data_path) -> Path:
   d = tmp_path_factory.mktemp("runs") / "run"
-  lh.make_run(d, [json.loads(line) for line in data_path.read_text().splitlines()], 9, checkpoint_every=4)
+  lh.make_run(
+    d, [json.loads(line) for line in data_path.read_text().splitlines()], 9, checkpoint_every=4
+  )
   return d
 
 
@@ -51,19 +53,30 @@ def _checkpoint_sha(run_dir: Path, step: int) -> str:
 
 
 def test_replay_rebuilds_the_params_of_a_recorded_checkpoint_bit_for_bit(run_dir, data_path):
-  result = replay(run_dir, step=8, examples=data_path, from_checkpoint=0, trust=lh.trust_of(run_dir),
-                  task=lh.TASK)
-  assert result.from_checkpoint == 0 and result.steps_replayed == 8 and result.hashes_checked == (0, 4, 8)
+  result = replay(
+    run_dir, step=8, examples=data_path, from_checkpoint=0, trust=lh.trust_of(run_dir), task=lh.TASK
+  )
+  assert (
+    result.from_checkpoint == 0
+    and result.steps_replayed == 8
+    and result.hashes_checked == (0, 4, 8)
+  )
   assert params_sha256(result.state.params) == _checkpoint_sha(run_dir, 8)
 
 
-def test_replay_starts_from_the_nearest_checkpoint_and_reaches_steps_between_checkpoints(run_dir, data_path):
+def test_replay_starts_from_the_nearest_checkpoint_and_reaches_steps_between_checkpoints(
+  run_dir, data_path
+):
   result = replay(run_dir, step=6, examples=data_path, trust=lh.trust_of(run_dir), task=lh.TASK)
   assert result.from_checkpoint == 4 and result.steps_replayed == 2 and int(result.state.step) == 6
 
 
 def test_an_example_whose_bytes_changed_is_named(run_dir, data_path, tmp_path):
-  view = next(rec.view_step(b) for _, _, b in segments.records(run_dir / "lineage", kinds=(rec.STEP,)) if b["step"] == 6)
+  view = next(
+    rec.view_step(b)
+    for _, _, b in segments.records(run_dir / "lineage", kinds=(rec.STEP,))
+    if b["step"] == 6
+  )
   victim = view.example_ids[3]
   records = [json.loads(line) for line in data_path.read_text().splitlines()]
   for r in records:
@@ -75,14 +88,24 @@ def test_an_example_whose_bytes_changed_is_named(run_dir, data_path, tmp_path):
 
 
 def test_a_missing_example_is_named(run_dir, data_path):
-  view = next(rec.view_step(b) for _, _, b in segments.records(run_dir / "lineage", kinds=(rec.STEP,)) if b["step"] == 5)
-  records = [json.loads(line) for line in data_path.read_text().splitlines() if view.example_ids[0] not in line]
+  view = next(
+    rec.view_step(b)
+    for _, _, b in segments.records(run_dir / "lineage", kinds=(rec.STEP,))
+    if b["step"] == 5
+  )
+  records = [
+    json.loads(line)
+    for line in data_path.read_text().splitlines()
+    if view.example_ids[0] not in line
+  ]
   with pytest.raises(ReplayDivergence, match="not in the examples") as info:
     replay(run_dir, step=5, examples=records, trust=lh.trust_of(run_dir), task=lh.TASK)
   assert info.value.step == 5 and info.value.example_id == view.example_ids[0]
 
 
-def test_a_different_step_function_is_named_at_the_first_step_and_group_that_diverge(run_dir, data_path):
+def test_a_different_step_function_is_named_at_the_first_step_and_group_that_diverge(
+  run_dir, data_path
+):
   # route 2 trained only "hidden"; giving it half a weight in "head" first changes "head", at the
   # first replayed step that has a route-2 example
   task = MLPTask({"routes": [[1.0, 1.0], [0.0, 1.0], [1.0, 0.5]]})
@@ -107,21 +130,27 @@ class _MisreportingTask(MLPTask):
     self.step = step
 
 
-@pytest.mark.parametrize("field, change", [
+@pytest.mark.parametrize(
+  "field, change",
+  [
     ("route_class", lambda rc: (rc + 1) % 3),
     ("weights", lambda w: w * 0.5),
     ("contribution_norms", lambda n: n * 1.0001),
     ("events", lambda e: {"paused": jnp.ones((2,), jnp.int32)}),
-])
-def test_replay_compares_route_classes_weights_norms_and_events_with_the_record(run_dir, data_path, field, change):
+  ],
+)
+def test_replay_compares_route_classes_weights_norms_and_events_with_the_record(
+  run_dir, data_path, field, change
+):
   # the params (and so every fingerprint) replay exactly; only the reported field differs
   with pytest.raises(ReplayDivergence, match=f"replayed {field}.* diverge from the record") as info:
     replay(run_dir, step=6, examples=data_path, task=_MisreportingTask(field, change))
   assert info.value.field.startswith(field) and info.value.step == 5
 
 
-def test_a_checkpoint_whose_params_were_replaced_is_named_and_replay_re_derives_the_true_ones(run_dir, data_path,
-                                                                                            tmp_path):
+def test_a_checkpoint_whose_params_were_replaced_is_named_and_replay_re_derives_the_true_ones(
+  run_dir, data_path, tmp_path
+):
   d = tmp_path / "run"
   shutil.copytree(run_dir, d)
   store = Checkpoints(d / "checkpoints")
@@ -129,15 +158,25 @@ def test_a_checkpoint_whose_params_were_replaced_is_named_and_replay_re_derives_
   store.close()
   forged = restored.state._replace(params=jax.tree.map(lambda x: x * 1.001, restored.state.params))
   shutil.rmtree(d / "checkpoints" / "4")
-  manager = ocp.CheckpointManager((d / "checkpoints").absolute(), item_names=("state", "lineage"),
-                                  options=ocp.CheckpointManagerOptions(enable_async_checkpointing=False))
-  manager.save(4, force=True, args=ocp.args.Composite(state=ocp.args.StandardSave(forged),
-                                          lineage=ocp.args.JsonSave({"run_id": "x", "step": 4,
-                                                                     **restored.head.to_wire()})))
+  manager = ocp.CheckpointManager(
+    (d / "checkpoints").absolute(),
+    item_names=("state", "lineage"),
+    options=ocp.CheckpointManagerOptions(enable_async_checkpointing=False),
+  )
+  manager.save(
+    4,
+    force=True,
+    args=ocp.args.Composite(
+      state=ocp.args.StandardSave(forged),
+      lineage=ocp.args.JsonSave({"run_id": "x", "step": 4, **restored.head.to_wire()}),
+    ),
+  )
   manager.close()
   with pytest.raises(CheckpointError, match="step 4.*altered"):
     replay(d, step=6, examples=data_path, trust=lh.trust_of(d), task=lh.TASK)
-  result = replay(d, step=4, examples=data_path, from_checkpoint=0, trust=lh.trust_of(d), task=lh.TASK)
+  result = replay(
+    d, step=4, examples=data_path, from_checkpoint=0, trust=lh.trust_of(d), task=lh.TASK
+  )
   assert params_sha256(result.state.params) == _checkpoint_sha(d, 4) != params_sha256(forged.params)
 
 
@@ -157,7 +196,9 @@ def _rewrite_record(run_dir: Path, index: int, change) -> None:
   seg.write_bytes(header + b"".join(out))
 
 
-def test_a_rewritten_checkpoint_record_is_not_read_and_fails_verification(run_dir, data_path, tmp_path):
+def test_a_rewritten_checkpoint_record_is_not_read_and_fails_verification(
+  run_dir, data_path, tmp_path
+):
   d = tmp_path / "run"
   shutil.copytree(run_dir, d)
   ref = hist.load(d / "lineage")[1].checkpoint_at(8)
@@ -166,22 +207,62 @@ def test_a_rewritten_checkpoint_record_is_not_read_and_fails_verification(run_di
   # no signed head covers the rewritten chain any more: replay reads only up to the last one that does,
   # so the forged hash is never compared with (nor taken for) the params of step 8
   assert hist.load(d / "lineage")[1].size <= ref.index
-  result = replay(d, step=8, examples=data_path, task=MLPTask({}))  # code the caller chose: no verification first
-  assert 8 not in result.hashes_checked and params_sha256(result.state.params) == _checkpoint_sha(run_dir, 8)
+  result = replay(
+    d, step=8, examples=data_path, task=MLPTask({})
+  )  # code the caller chose: no verification first
+  assert 8 not in result.hashes_checked and params_sha256(result.state.params) == _checkpoint_sha(
+    run_dir, 8
+  )
   with pytest.raises(LineageError):
     replay(d, step=8, examples=data_path, trust=lh.trust_of(d), task=lh.TASK)
 
 
 def test_the_cli_replays_and_names_a_divergence(run_dir, data_path, tmp_path):
-  ok = CliRunner().invoke(main, ["lineage", "replay", str(run_dir), "--step", "9", "--data", str(data_path),
-                                 "--from", "5", "--run-key", str(run_dir / "keys" / "run.pub"), "--task", lh.TASK])
+  ok = CliRunner().invoke(
+    main,
+    [
+      "lineage",
+      "replay",
+      str(run_dir),
+      "--step",
+      "9",
+      "--data",
+      str(data_path),
+      "--from",
+      "5",
+      "--run-key",
+      str(run_dir / "keys" / "run.pub"),
+      "--task",
+      lh.TASK,
+    ],
+  )
   assert ok.exit_code == 0, ok.output
-  assert "steps 5..9" in ok.output and "every fingerprint matches" in ok.output and "step(s) 4, 8, 9" in ok.output
+  assert (
+    "steps 5..9" in ok.output
+    and "every fingerprint matches" in ok.output
+    and "step(s) 4, 8, 9" in ok.output
+  )
   bad = tmp_path / "bad.jsonl"
   lines = data_path.read_text().splitlines()
   bad.write_text("\n".join(lines[1:]) + "\n")
-  out = CliRunner().invoke(main, ["lineage", "replay", str(run_dir), "--step", "9", "--data", str(bad),
-                                  "--from", "0", "--run-key", str(run_dir / "keys" / "run.pub"), "--task", lh.TASK])
+  out = CliRunner().invoke(
+    main,
+    [
+      "lineage",
+      "replay",
+      str(run_dir),
+      "--step",
+      "9",
+      "--data",
+      str(bad),
+      "--from",
+      "0",
+      "--run-key",
+      str(run_dir / "keys" / "run.pub"),
+      "--task",
+      lh.TASK,
+    ],
+  )
   assert out.exit_code == 1 and "ReplayDivergence" in out.output
 
 
@@ -202,7 +283,9 @@ for step in range(1000):
 @pytest.mark.slow
 def test_a_checkpoint_interrupted_mid_write_is_never_listed(tmp_path):
   directory = tmp_path / "checkpoints"
-  proc = subprocess.Popen([sys.executable, "-c", _KILLED_SAVER, str(directory)], stdout=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(
+    [sys.executable, "-c", _KILLED_SAVER, str(directory)], stdout=subprocess.PIPE, text=True
+  )
   try:
     assert int(proc.stdout.readline()) == 0
     deadline = time.time() + 60

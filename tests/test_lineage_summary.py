@@ -16,8 +16,11 @@ from aqgov.lineage._summary import StepSummary, fingerprint, params_sha256
 
 import lineage_helpers as lh
 
-PARAMS = {"embed": {"w": jnp.arange(12.0).reshape(3, 4)}, "block": {"w": jnp.ones((4, 5)), "b": jnp.zeros(5)},
-          "head": {"w": jnp.linspace(-1, 1, 10).reshape(5, 2)}}
+PARAMS = {
+  "embed": {"w": jnp.arange(12.0).reshape(3, 4)},
+  "block": {"w": jnp.ones((4, 5)), "b": jnp.zeros(5)},
+  "head": {"w": jnp.linspace(-1, 1, 10).reshape(5, 2)},
+}
 LEAF_GROUP = (1, 1, 0, 2)  # tree_leaves order: block/b, block/w, embed/w, head/w
 FP = jax.jit(lambda p: fingerprint(p, LEAF_GROUP, 3, 0))
 
@@ -71,10 +74,17 @@ def _summary(batch, groups, rows, seed):
   weights = table[rc]
   if seed % 3 == 0 and batch:
     weights[0, 0] += 1.0  # not a function of the route class: stored in full
-  return StepSummary(np.int32(seed + 1), rows, rc, weights, rng.random((batch, groups), dtype=np.float32),
-                     np.float32(rng.random()), rng.random((groups, 8), dtype=np.float32),
-                     {"rankme/head": rng.random(3, dtype=np.float32), "renyi2/block": np.float32(0.5)},
-                     {"count": np.int32(2), "value": np.float32(np.nan)})
+  return StepSummary(
+    np.int32(seed + 1),
+    rows,
+    rc,
+    weights,
+    rng.random((batch, groups), dtype=np.float32),
+    np.float32(rng.random()),
+    rng.random((groups, 8), dtype=np.float32),
+    {"rankme/head": rng.random(3, dtype=np.float32), "renyi2/block": np.float32(0.5)},
+    {"count": np.int32(2), "value": np.float32(np.nan)},
+  )
 
 
 @given(st.integers(0, 12), st.integers(1, 5), st.integers(0, 2), st.integers(0, 1000))
@@ -90,8 +100,12 @@ def test_step_bodies_are_canonical_and_decode_to_the_summary(batch, groups, extr
   view = rec.view_step(canonical.decode(rec.encode_step_body(body)))
   assert view.example_ids == tuple(host_ids) and view.row_ids == tuple(host_ids[i] for i in rows)
   assert set(view.left_out) == set(host_ids) - set(view.row_ids)
-  for got, want in ((view.weights, s.weights), (view.contribution_norms, s.contribution_norms),
-                    (view.fingerprint, s.fingerprint), (view.route_class, s.route_class)):
+  for got, want in (
+    (view.weights, s.weights),
+    (view.contribution_norms, s.contribution_norms),
+    (view.fingerprint, s.fingerprint),
+    (view.route_class, s.route_class),
+  ):
     np.testing.assert_array_equal(got, want)
   np.testing.assert_array_equal(view.measurements["rankme/head"], s.measurements["rankme/head"])
   assert np.isnan(view.events["value"]) and view.example_sha256 == tuple(h.hex() for h in sha)

@@ -84,7 +84,7 @@ def test_compact_range_root_matches_every_prefix(leaves):
   for i, d in enumerate(leaves):
     acc = acc.append(merkle.leaf_hash(d))
     assert acc.size == i + 1
-    assert acc.root == naive_root(leaves[:i + 1])
+    assert acc.root == naive_root(leaves[: i + 1])
 
 
 def test_inclusion_proofs_match_rfc_and_verify_for_every_size_and_index():
@@ -112,7 +112,9 @@ def test_inclusion_fails_for_an_altered_leaf(leaves, data):
   i = data.draw(st.integers(0, len(leaves) - 1))
   tree = tree_of(leaves)
   altered = leaves[i] + data.draw(st.binary(min_size=1, max_size=3))
-  assert not merkle.verify_inclusion(merkle.leaf_hash(altered), i, len(leaves), tree.inclusion_proof(i), tree.root)
+  assert not merkle.verify_inclusion(
+    merkle.leaf_hash(altered), i, len(leaves), tree.inclusion_proof(i), tree.root
+  )
 
 
 @given(leaf_lists.filter(lambda xs: len(xs) > 1), st.data())
@@ -124,8 +126,12 @@ def test_inclusion_fails_for_an_altered_path(leaves, data):
   bad = list(path)
   bad[j] = flip(bad[j], data.draw(st.integers(0, 31)), data.draw(st.integers(1, 255)))
   assert not merkle.verify_inclusion(merkle.leaf_hash(leaves[i]), i, len(leaves), bad, tree.root)
-  assert not merkle.verify_inclusion(merkle.leaf_hash(leaves[i]), i, len(leaves), path[:-1], tree.root)
-  assert not merkle.verify_inclusion(merkle.leaf_hash(leaves[i]), i, len(leaves), path + [tree.root], tree.root)
+  assert not merkle.verify_inclusion(
+    merkle.leaf_hash(leaves[i]), i, len(leaves), path[:-1], tree.root
+  )
+  assert not merkle.verify_inclusion(
+    merkle.leaf_hash(leaves[i]), i, len(leaves), path + [tree.root], tree.root
+  )
 
 
 @given(distinct_leaf_lists, st.data())

@@ -33,7 +33,9 @@ def _vectors_dir() -> Path:
 
 
 VECTORS = _vectors_dir()
-pytestmark = pytest.mark.skipif(not VECTORS.is_dir(), reason=f"conformance vectors not present at {VECTORS}")
+pytestmark = pytest.mark.skipif(
+  not VECTORS.is_dir(), reason=f"conformance vectors not present at {VECTORS}"
+)
 
 
 def _files(kind: str) -> list[Path]:
@@ -51,16 +53,22 @@ def _name(path: Path) -> str:
 @pytest.mark.parametrize("path", _files("inclusion"), ids=_name)
 def test_inclusion_vector(path: Path):
   v = json.loads(path.read_text())
-  ok = merkle.verify_inclusion(_b64(v["leafHash"]), v["leafIdx"], v["treeSize"],
-                               [_b64(p) for p in v["proof"] or ()], _b64(v["root"]))
+  ok = merkle.verify_inclusion(
+    _b64(v["leafHash"]),
+    v["leafIdx"],
+    v["treeSize"],
+    [_b64(p) for p in v["proof"] or ()],
+    _b64(v["root"]),
+  )
   assert ok is not v["wantErr"], v["desc"]
 
 
 @pytest.mark.parametrize("path", _files("consistency"), ids=_name)
 def test_consistency_vector(path: Path):
   v = json.loads(path.read_text())
-  ok = merkle.verify_consistency(v["size1"], v["size2"], _b64(v["root1"]), _b64(v["root2"]),
-                                 [_b64(p) for p in v["proof"] or ()])
+  ok = merkle.verify_consistency(
+    v["size1"], v["size2"], _b64(v["root1"]), _b64(v["root2"]), [_b64(p) for p in v["proof"] or ()]
+  )
   assert ok is not v["wantErr"], v["desc"]
 
 

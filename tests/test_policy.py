@@ -12,18 +12,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aqgov.documents import _keys as keys
-from aqgov.policy._compile import compile_policy
-from aqgov.errors import AqgovError, PolicyError, SignatureError
-from aqgov.documents._keys import TrustStore
 from aqgov.documents._document_type import load, read, sign, verify, write
-from aqgov.policy._policy import (
-    POLICY,
-    Policy,
-    PolicySet,
-    Rule,
-    compose,
-)
+from aqgov.documents._keys import TrustStore
 from aqgov.documents._signing import SignedDocument
+from aqgov.errors import AqgovError, PolicyError, SignatureError
+from aqgov.policy._compile import compile_policy
+from aqgov.policy._policy import (
+  POLICY,
+  Policy,
+  PolicySet,
+  Rule,
+  compose,
+)
+
 from policy_reference import GROUPS, POLICY_TOML, SPACE, batches, leaf_weight, policies
 
 PARAMS = {g: {"w": np.zeros((2,), np.float32)} for g in GROUPS}
@@ -33,11 +34,19 @@ ALICE, BOB = keys.generate("alice"), keys.generate("bob")
 
 def python_policy() -> Policy:
   return Policy(
-      name="acme-routing",
-      groups={"embed": ["embed/**"], "core": ["blocks/**"], "adapter": ["adapter/**"], "head": ["head/**"]},
-      rules=[Rule(when="license_class == 'unknown'", route={}),
-             Rule(when="sensitivity_tier >= 2 or 'EU' in jurisdictions", route={"adapter": 1.0})],
-      default={"embed": 1.0, "core": 1.0, "head": 1.0})
+    name="acme-routing",
+    groups={
+      "embed": ["embed/**"],
+      "core": ["blocks/**"],
+      "adapter": ["adapter/**"],
+      "head": ["head/**"],
+    },
+    rules=[
+      Rule(when="license_class == 'unknown'", route={}),
+      Rule(when="sensitivity_tier >= 2 or 'EU' in jurisdictions", route={"adapter": 1.0}),
+    ],
+    default={"embed": 1.0, "core": 1.0, "head": 1.0},
+  )
 
 
 def acme(**labels):
@@ -61,20 +70,32 @@ def test_create_is_the_python_form():
 
 def test_the_id_is_the_sha256_of_the_canonical_form():
   from aqgov.documents import _canonical as canonical
+
   p = python_policy()
   assert p.id == canonical.digest_hex(p.to_dict()) and len(p.id) == 64
 
 
 def test_the_id_ignores_spacing_route_key_order_pattern_order_and_zero_weights():
-  a = Policy("p", {"core": ["blocks/**", "mlp/**"], "head": ["head/**"]},
-             [Rule("sensitivity_tier>=2", {"core": 0.5, "head": 1.0})], {"head": 1})
-  b = Policy("p", {"core": ["mlp/**", "blocks/**"], "head": ["head/**"]},
-             [Rule("  sensitivity_tier >= 2 ", {"head": 1.0, "core": 0.5})], {"head": 1.0, "core": 0.0})
+  a = Policy(
+    "p",
+    {"core": ["blocks/**", "mlp/**"], "head": ["head/**"]},
+    [Rule("sensitivity_tier>=2", {"core": 0.5, "head": 1.0})],
+    {"head": 1},
+  )
+  b = Policy(
+    "p",
+    {"core": ["mlp/**", "blocks/**"], "head": ["head/**"]},
+    [Rule("  sensitivity_tier >= 2 ", {"head": 1.0, "core": 0.5})],
+    {"head": 1.0, "core": 0.0},
+  )
   assert a == b and a.id == b.id
 
 
 def test_the_id_depends_on_rule_order_and_group_order():
-  rules = [Rule("sensitivity_tier >= 2", {"core": 1.0}), Rule("sensitivity_tier >= 1", {"head": 1.0})]
+  rules = [
+    Rule("sensitivity_tier >= 2", {"core": 1.0}),
+    Rule("sensitivity_tier >= 1", {"head": 1.0}),
+  ]
   groups = {"core": ["blocks/**"], "head": ["head/**"]}
   base = Policy("p", groups, rules)
   assert Policy("p", groups, rules[::-1]).id != base.id
@@ -113,7 +134,9 @@ def test_group_of_path_is_the_first_matching_group():
 # -- validation ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kwargs, message", [
+@pytest.mark.parametrize(
+  "kwargs, message",
+  [
     ({"rules": [Rule("true", {"core": 1.5})]}, "weights lie in [0, 1]"),
     ({"rules": [Rule("true", {"core": -0.1})]}, "weights lie in [0, 1]"),
     ({"rules": [Rule("true", {"core": True})]}, "write a number in [0, 1]"),
@@ -130,7 +153,8 @@ def test_group_of_path_is_the_first_matching_group():
     ({"rules": [Rule("true", {}, "a"), Rule("false", {}, "a")]}, "unique"),
     ({"rules": [Rule("true", {}, "default")]}, "reserved"),
     ({"uncovered": 2.0}, "weights lie in [0, 1]"),
-])
+  ],
+)
 def test_invalid_policies_raise_policy_errors_saying_where_and_what_to_do(kwargs, message):
   args = {"name": "p", "groups": {"core": ["blocks/**"]}, **kwargs}
   with pytest.raises(PolicyError) as info:
@@ -138,14 +162,17 @@ def test_invalid_policies_raise_policy_errors_saying_where_and_what_to_do(kwargs
   assert message in str(info.value)
 
 
-@pytest.mark.parametrize("text, message", [
+@pytest.mark.parametrize(
+  "text, message",
+  [
     ("name = 'p'\n[groups]\ncore = ['x/**']\n[defaults]\nroute = {}", "unknown top-level key"),
     ("[groups]\ncore = ['x/**']", "top-level name"),
     ("name = 'p'\n[groups]\ncore = ['x/**']\n[[rules]]\nroute = {}", "missing 'when"),
     ("name = 'p'\n[groups]\ncore = ['x/**']\n[[rules]]\nwhen = 'true'\nroutes = {}", "unknown key"),
     ("name = 'p'\n[groups]\ncore = ['x/**']\n[default]\nroute = {}\nweight = 1", "only 'route"),
     ("name = 'p'\n[groups\n", "not valid TOML"),
-])
+  ],
+)
 def test_invalid_toml_raises_policy_errors(text, message):
   with pytest.raises(PolicyError, match=message):
     Policy.from_toml(text)
@@ -184,7 +211,9 @@ def test_an_untrusted_signer_is_refused():
 
 def test_an_unsigned_policy_is_refused():
   with pytest.raises(SignatureError, match="no signature"):
-    verify(POLICY, SignedDocument("routing-policy", python_policy().to_dict()), TrustStore.of([ALICE]))
+    verify(
+      POLICY, SignedDocument("routing-policy", python_policy().to_dict()), TrustStore.of([ALICE])
+    )
 
 
 def test_re_signing_adds_a_signer_and_min_signers_counts_them():
@@ -201,7 +230,9 @@ def test_a_signed_payload_that_is_not_in_normal_form_is_refused():
   payload = python_policy().to_dict()
   payload["rules"][0]["when"] = "license_class=='unknown'"
   with pytest.raises(PolicyError, match="normal form"):
-    verify(POLICY, sign(POLICY, SignedDocument("routing-policy", payload), ALICE), TrustStore.of([ALICE]))
+    verify(
+      POLICY, sign(POLICY, SignedDocument("routing-policy", payload), ALICE), TrustStore.of([ALICE])
+    )
 
 
 def test_a_signed_document_of_another_kind_is_not_a_policy():
@@ -219,7 +250,9 @@ def test_any_flipped_byte_of_a_signed_policy_fails_verification(index, flip):
   data = bytearray(SIGNED_BYTES)
   data[index] ^= flip
   with pytest.raises(AqgovError):
-    verify(POLICY, SignedDocument.from_bytes(bytes(data), kind="routing-policy"), TrustStore.of([ALICE]))
+    verify(
+      POLICY, SignedDocument.from_bytes(bytes(data), kind="routing-policy"), TrustStore.of([ALICE])
+    )
 
 
 def test_signed_policy_files_round_trip_and_leave_no_temporary_files(tmp_path):
@@ -232,7 +265,11 @@ def test_signed_policy_files_round_trip_and_leave_no_temporary_files(tmp_path):
 def test_read_policy_reads_toml_and_signed_files_to_the_same_policy(tmp_path):
   (tmp_path / "p.toml").write_text(POLICY_TOML)
   write(POLICY, sign(POLICY, python_policy(), ALICE), tmp_path / "p.signed")
-  assert load(POLICY, tmp_path / "p.toml").id == load(POLICY, tmp_path / "p.signed").id == python_policy().id
+  assert (
+    load(POLICY, tmp_path / "p.toml").id
+    == load(POLICY, tmp_path / "p.signed").id
+    == python_policy().id
+  )
 
 
 def test_reading_garbage_as_a_policy_raises_a_policy_error(tmp_path):
@@ -291,7 +328,9 @@ def weights_of(policy, examples):
 
 def test_the_first_matching_rule_wins():
   # license 'unknown' matches rule 1 even though tier 3 would also match rule 2
-  w = weights_of(python_policy(), [acme(license_class="unknown", sensitivity_tier=3), acme(sensitivity_tier=3)])
+  w = weights_of(
+    python_policy(), [acme(license_class="unknown", sensitivity_tier=3), acme(sensitivity_tier=3)]
+  )
   assert w[0] == {"embed": 0.0, "core": 0.0, "adapter": 0.0, "head": 0.0}
   assert w[1] == {"embed": 0.0, "core": 0.0, "adapter": 1.0, "head": 0.0}
 
@@ -327,7 +366,10 @@ def test_a_run_key_never_verifies_as_a_policy_signer():
 
 def test_a_governance_key_may_sign_a_policy():
   steward = keys.generate("steward", roles=("governance",))
-  assert verify(POLICY, sign(POLICY, python_policy(), steward), TrustStore.of([steward])) == python_policy()
+  assert (
+    verify(POLICY, sign(POLICY, python_policy(), steward), TrustStore.of([steward]))
+    == python_policy()
+  )
 
 
 def test_roles_are_kept_in_key_files(tmp_path):

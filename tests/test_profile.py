@@ -9,16 +9,16 @@ import pytest
 
 from aqgov.documents import _canonical as canonical
 from aqgov.documents import _keys as keys
-from aqgov.errors import ProfileError, SignatureError
 from aqgov.documents._document_type import load, read, sign, verify, write
 from aqgov.documents._files import atomic_write
-from aqgov.entropy._profile import (
-    PROFILE,
-    Bound,
-    EntropyProfile,
-    Representation,
-)
 from aqgov.documents._signing import SignedDocument
+from aqgov.entropy._profile import (
+  PROFILE,
+  Bound,
+  EntropyProfile,
+  Representation,
+)
+from aqgov.errors import ProfileError, SignatureError
 
 TOML = """
 name = "lab"
@@ -63,17 +63,29 @@ action = "escalate"
 
 def python_form() -> EntropyProfile:
   return EntropyProfile(
-      name="lab",
-      description="attention must not collapse",
-      representations=[
-          Representation(path="features/**", group="head", kind="features"),
-          Representation(path="attention/blocks/*", group="core", kind="attention", heads=4, causal=True),
-      ],
-      bounds=[
-          Bound(group="head", metric="effective_rank", low=2.0, high=64.0, action="escalate"),
-          Bound(group="core", metric="attention_entropy", low=0.1, heads=[2], steps=(0, 100), action="pause"),
-          Bound(group="core", metric="attention_entropy", low=0.4, action="reroute", fallback=0.0, duration=5),
-      ])
+    name="lab",
+    description="attention must not collapse",
+    representations=[
+      Representation(path="features/**", group="head", kind="features"),
+      Representation(
+        path="attention/blocks/*", group="core", kind="attention", heads=4, causal=True
+      ),
+    ],
+    bounds=[
+      Bound(group="head", metric="effective_rank", low=2.0, high=64.0, action="escalate"),
+      Bound(
+        group="core", metric="attention_entropy", low=0.1, heads=[2], steps=(0, 100), action="pause"
+      ),
+      Bound(
+        group="core",
+        metric="attention_entropy",
+        low=0.4,
+        action="reroute",
+        fallback=0.0,
+        duration=5,
+      ),
+    ],
+  )
 
 
 @pytest.fixture(scope="module")
@@ -100,16 +112,24 @@ def test_canonical_dict_round_trips_through_canonical_bytes():
 def test_id_is_the_digest_of_the_canonical_form_and_ignores_entry_order():
   profile = python_form()
   assert profile.id == canonical.digest_hex(profile.to_dict())
-  reordered = EntropyProfile(name="lab", description=profile.description,
-                             representations=profile.representations[::-1], bounds=profile.bounds[::-1])
+  reordered = EntropyProfile(
+    name="lab",
+    description=profile.description,
+    representations=profile.representations[::-1],
+    bounds=profile.bounds[::-1],
+  )
   assert reordered.id == profile.id
 
 
 def test_id_changes_with_any_bound():
   profile = python_form()
-  looser = EntropyProfile(name="lab", description=profile.description, representations=profile.representations,
-                          bounds=profile.bounds[:-1] + (Bound(group="head", metric="effective_rank", low=1.5,
-                                                              high=64.0, action="escalate"),))
+  looser = EntropyProfile(
+    name="lab",
+    description=profile.description,
+    representations=profile.representations,
+    bounds=profile.bounds[:-1]
+    + (Bound(group="head", metric="effective_rank", low=1.5, high=64.0, action="escalate"),),
+  )
   assert looser.id != profile.id
 
 
@@ -137,7 +157,11 @@ def test_untrusted_or_unsigned_profile_fails_verification(authority):
   with pytest.raises(SignatureError, match="trusted"):
     verify(PROFILE, sign(PROFILE, python_form(), stranger), keys.TrustStore.of([authority]))
   with pytest.raises(SignatureError, match="no signature"):
-    verify(PROFILE, SignedDocument("entropy-profile", python_form().to_dict()), keys.TrustStore.of([authority]))
+    verify(
+      PROFILE,
+      SignedDocument("entropy-profile", python_form().to_dict()),
+      keys.TrustStore.of([authority]),
+    )
 
 
 def test_signed_profile_survives_a_file_round_trip(tmp_path, authority):
@@ -159,6 +183,7 @@ def test_a_missing_profile_file_is_a_profile_error_saying_so(tmp_path):
 
 def test_a_signed_document_of_another_kind_is_not_a_profile(tmp_path, authority):
   from aqgov.documents import _signing as signing
+
   other = signing.add_signature(SignedDocument("routing-policy", {"name": "x"}), authority)
   path = tmp_path / "policy.signed"
   path.write_bytes(other.to_bytes())
@@ -173,21 +198,30 @@ def test_sample_demo_profile_loads():
   assert profile.heads("core") == 4
 
 
-BASE = TOML[:TOML.rindex("[[bound]]")]
+BASE = TOML[: TOML.rindex("[[bound]]")]
 
 
-@pytest.mark.parametrize("body, message", [
+@pytest.mark.parametrize(
+  "body, message",
+  [
     ('metric = "entropy_of_everything"\nlow = 1\naction = "pause"', "unknown metric"),
     ('metric = "renyi2"\nlow = 0.1\naction = "explode"', "action = 'explode'"),
     ('metric = "renyi2"\nlow = 0.1\nhihg = 3\naction = "pause"', "unknown key(s) ['hihg']"),
     ('metric = "renyi2"\nlow = 0.7\nhigh = 0.5\naction = "pause"', "low 0.7 > high 0.5"),
-    ('metric = "renyi2"\nlow = 0.1\naction = "pause"\nfallback = 0.5', "only apply to action = 'reroute'"),
+    (
+      'metric = "renyi2"\nlow = 0.1\naction = "pause"\nfallback = 0.5',
+      "only apply to action = 'reroute'",
+    ),
     ('metric = "renyi2"\nlow = 0.1\naction = "pause"\nheads = [0]', "`heads` only applies"),
     ('metric = "renyi2"\nlow = 0.1\naction = "pause"\nsteps = [5, 5]', "is empty"),
     ('metric = "renyi2"\nlow = "two"\naction = "pause"', "finite number"),
     ('metric = "renyi2"\naction = "pause"', "give `low`, `high` or both"),
-    ('metric = "renyi2"\nlow = 0.1\naction = "reroute"\nfallback = 2', "must be a weight in [0, 1]"),
-])
+    (
+      'metric = "renyi2"\nlow = 0.1\naction = "reroute"\nfallback = 2',
+      "must be a weight in [0, 1]",
+    ),
+  ],
+)
 def test_malformed_bound_is_a_profile_error_naming_where(body, message):
   text = BASE + '[[bound]]\ngroup = "head"\n' + body + "\n"
   with pytest.raises(ProfileError) as info:
@@ -198,29 +232,39 @@ def test_malformed_bound_is_a_profile_error_naming_where(body, message):
 
 def test_attention_bound_without_attention_representation_is_a_profile_error():
   with pytest.raises(ProfileError, match="no \\[\\[representation\\]\\] of kind 'attention'"):
-    EntropyProfile(name="x", bounds=[Bound(group="core", metric="attention_entropy", low=0.1, action="pause")])
+    EntropyProfile(
+      name="x", bounds=[Bound(group="core", metric="attention_entropy", low=0.1, action="pause")]
+    )
 
 
 def test_head_index_out_of_range_is_a_profile_error():
   with pytest.raises(ProfileError, match="head 4 does not exist"):
     EntropyProfile(
-        name="x", representations=[Representation(path="a", group="core", kind="attention", heads=4)],
-        bounds=[Bound(group="core", metric="attention_entropy", low=0.1, heads=[4], action="pause")])
+      name="x",
+      representations=[Representation(path="a", group="core", kind="attention", heads=4)],
+      bounds=[Bound(group="core", metric="attention_entropy", low=0.1, heads=[4], action="pause")],
+    )
 
 
 def test_equally_specific_overlapping_bounds_are_a_profile_error():
   with pytest.raises(ProfileError, match="both set `low`"):
-    EntropyProfile(name="x", bounds=[
+    EntropyProfile(
+      name="x",
+      bounds=[
         Bound(group="core", metric="gradient_entropy", low=0.1, steps=(0, 10), action="pause"),
         Bound(group="core", metric="gradient_entropy", low=0.2, steps=(5, 20), action="escalate"),
-    ])
+      ],
+    )
 
 
 def test_low_and_high_may_come_from_separate_bounds():
-  profile = EntropyProfile(name="x", bounds=[
+  profile = EntropyProfile(
+    name="x",
+    bounds=[
       Bound(group="core", metric="gradient_entropy", low=0.1, action="pause"),
       Bound(group="core", metric="gradient_entropy", high=0.9, action="escalate"),
-  ])
+    ],
+  )
   assert len(profile.bounds) == 2
 
 
@@ -246,6 +290,7 @@ def _cli(*args):
   from click.testing import CliRunner
 
   from aqgov.cli import main
+
   return CliRunner().invoke(main, [str(a) for a in args])
 
 
@@ -262,7 +307,11 @@ def test_cli_signs_verifies_and_identifies_a_profile(tmp_path, keypair):
   assert _cli("profile", "sign", source, "--key", key_path, "--out", signed).exit_code == 0
   result = _cli("profile", "verify", signed, "--trust", pub_path)
   assert result.exit_code == 0 and python_form().id in result.output
-  assert _cli("profile", "id", source).output.strip() == _cli("profile", "id", signed).output.strip() == python_form().id
+  assert (
+    _cli("profile", "id", source).output.strip()
+    == _cli("profile", "id", signed).output.strip()
+    == python_form().id
+  )
 
 
 def test_cli_refuses_a_tampered_signed_profile(tmp_path, keypair):
@@ -277,11 +326,29 @@ def test_cli_refuses_a_tampered_signed_profile(tmp_path, keypair):
 
 def test_cli_issues_an_override_that_verifies_for_its_run_only(tmp_path, keypair):
   from aqgov.entropy._overrides import OVERRIDE, admit_override
+
   key_path, pub_path = keypair
   out = tmp_path / "t.override"
-  result = _cli("override", "issue", "--key", key_path, "--run", "RUN1", "--steps", "10-20", "--groups", "core",
-                "--metrics", "attention_entropy", "--reason", "warm-up dip", "--expires", "2999-01-01T00:00:00Z",
-                "--out", out)
+  result = _cli(
+    "override",
+    "issue",
+    "--key",
+    key_path,
+    "--run",
+    "RUN1",
+    "--steps",
+    "10-20",
+    "--groups",
+    "core",
+    "--metrics",
+    "attention_entropy",
+    "--reason",
+    "warm-up dip",
+    "--expires",
+    "2999-01-01T00:00:00Z",
+    "--out",
+    out,
+  )
   assert result.exit_code == 0, result.output
   o = admit_override(read(OVERRIDE, out), keys.TrustStore.from_paths([pub_path]), "RUN1")
   assert o.steps == ((10, 21),) and o.groups == ("core",) and o.metrics == ("attention_entropy",)

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _post_demo_commands() -> list[str]:
   readme = (ROOT / "README.md").read_text()
-  section = readme[readme.index("## What the demo does"):readme.index("## Concepts and API")]
+  section = readme[readme.index("## What the demo does") : readme.index("## Concepts and API")]
   block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
   return [line for line in block.splitlines() if line.strip()]
 
@@ -29,10 +29,17 @@ def test_the_readme_commands_after_the_demo_run_as_written(tmp_path, monkeypatch
   commands = _post_demo_commands()
   # the commands use the environment the README's first command made, so they run as written
   assert [c.split()[:3] for c in commands] == [
-      [".venv/bin/aqgov", "keys", "fingerprint"], [".venv/bin/aqgov", "lineage", "verify"],
-      [".venv/bin/aqgov", "lineage", "export"], [".venv/bin/aqgov", "lineage", "replay"]]
+    [".venv/bin/aqgov", "keys", "fingerprint"],
+    [".venv/bin/aqgov", "lineage", "verify"],
+    [".venv/bin/aqgov", "lineage", "export"],
+    [".venv/bin/aqgov", "lineage", "replay"],
+  ]
   for command in commands:
-    argv = [a for arg in shlex.split(command)[1:] for a in (sorted(glob.glob(arg)) if "*" in arg else [arg])]
+    argv = [
+      a
+      for arg in shlex.split(command)[1:]
+      for a in (sorted(glob.glob(arg)) if "*" in arg else [arg])
+    ]
     result = CliRunner().invoke(main, argv)
     assert result.exit_code == 0, f"{command}\n{result.output}"
     assert "warning" not in result.output, command

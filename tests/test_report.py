@@ -74,8 +74,17 @@ def test_report_shows_a_failed_verification(run_dir, tmp_path):
   lh.make_run(tmp_path / "other", other, 1)
   page = _parse(build_report(run_dir, lh.trust_of(tmp_path / "other")))
   assert "VERIFICATION FAILED" in " ".join(page.text)
-  result = CliRunner().invoke(main, ["report", str(run_dir), "-o", str(tmp_path / "r.html"),
-                                     "--trust", *map(str, sorted((tmp_path / "other" / "keys").glob("*.pub")))])
+  result = CliRunner().invoke(
+    main,
+    [
+      "report",
+      str(run_dir),
+      "-o",
+      str(tmp_path / "r.html"),
+      "--trust",
+      *map(str, sorted((tmp_path / "other" / "keys").glob("*.pub"))),
+    ],
+  )
   assert result.exit_code == 1 and "does NOT verify" in result.output
   assert "VERIFICATION FAILED" in (tmp_path / "r.html").read_text()
 
@@ -83,7 +92,9 @@ def test_report_shows_a_failed_verification(run_dir, tmp_path):
 def test_cli_takes_the_verify_trust_options(run_dir, tmp_path):
   out = tmp_path / "report.html"
   keys = [str(p) for p in sorted((run_dir / "keys").glob("*.pub"))]
-  result = CliRunner().invoke(main, ["report", str(run_dir), "-o", str(out), "--trust", *keys, "--allow-open"])
+  result = CliRunner().invoke(
+    main, ["report", str(run_dir), "-o", str(out), "--trust", *keys, "--allow-open"]
+  )
   assert result.exit_code == 0, result.output
   assert out.stat().st_mode & 0o044  # shareable, unlike a key
   result = CliRunner().invoke(main, ["report", str(run_dir), "-o", str(out)])
@@ -103,14 +114,27 @@ def test_report_records_an_attestation_digest(run_dir, tmp_path):
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium is not installed (apt-get install chromium)")
+@pytest.mark.skipif(
+  CHROMIUM is None, reason="headless Chromium is not installed (apt-get install chromium)"
+)
 def test_report_loads_in_headless_chromium(run_dir, tmp_path):
   report = tmp_path / "report.html"
   write_report(run_dir, report, lh.trust_of(run_dir))
-  flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-           "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
-           "--enable-logging=stderr", "--v=0"]
-  dom = subprocess.run([CHROMIUM, *flags, "--dump-dom", report.as_uri()], capture_output=True, text=True, timeout=120)
+  flags = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    f"--user-data-dir={tmp_path / 'profile'}",
+    "--enable-logging=stderr",
+    "--v=0",
+  ]
+  dom = subprocess.run(
+    [CHROMIUM, *flags, "--dump-dom", report.as_uri()], capture_output=True, text=True, timeout=120
+  )
   assert dom.returncode == 0, dom.stderr[-2000:]
   page = _parse(dom.stdout)
   for p in PLOTS:
@@ -119,6 +143,10 @@ def test_report_loads_in_headless_chromium(run_dir, tmp_path):
   console = [line for line in dom.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line]
   assert not console, console
   shot = tmp_path / "shot.png"
-  subprocess.run([CHROMIUM, *flags, f"--screenshot={shot}", "--window-size=1280,2000", report.as_uri()],
-                 capture_output=True, timeout=120, check=True)
+  subprocess.run(
+    [CHROMIUM, *flags, f"--screenshot={shot}", "--window-size=1280,2000", report.as_uri()],
+    capture_output=True,
+    timeout=120,
+    check=True,
+  )
   assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -11,11 +11,13 @@ import optax
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import aqgov
 from aqgov.errors import RoutingError
 from aqgov.routing._transforms import reached
+
 import routed_models as rm
 
 pytestmark = pytest.mark.filterwarnings("ignore::aqgov.policy.UncoveredParametersWarning")
@@ -34,10 +36,10 @@ def test_route_equals_brute_force_routed_mean(name, data):
 
 
 OPTIMIZERS = {
-    "sgd": lambda: optax.sgd(0.1, momentum=0.9),
-    "adamw": lambda: optax.adamw(1e-2, weight_decay=1e-2),
-    "lion": lambda: optax.lion(1e-3),
-    "sophia": lambda: optax.contrib.sophia(1e-2, update_interval=1),
+  "sgd": lambda: optax.sgd(0.1, momentum=0.9),
+  "adamw": lambda: optax.adamw(1e-2, weight_decay=1e-2),
+  "lion": lambda: optax.lion(1e-3),
+  "sophia": lambda: optax.contrib.sophia(1e-2, update_interval=1),
 }
 
 
@@ -67,9 +69,13 @@ def _steps(opt):
     chained, plain = optax.chain(aqgov.route(compiled), OPTIMIZERS[opt]()), OPTIMIZERS[opt]()
     # sophia estimates the curvature of `obj_fn` (here the batch's mean loss); the others ignore it
     objective = lambda b: lambda p: jnp.mean(jax.vmap(model.loss, (None, 0))(p, b))
-    _STEPS[opt] = (compiled, chained, plain,
-                   jax.jit(lambda u, s, p, lab, b: chained.update(u, s, p, labels=lab, obj_fn=objective(b))),
-                   jax.jit(lambda g, s, p, b: plain.update(g, s, p, obj_fn=objective(b))))
+    _STEPS[opt] = (
+      compiled,
+      chained,
+      plain,
+      jax.jit(lambda u, s, p, lab, b: chained.update(u, s, p, labels=lab, obj_fn=objective(b))),
+      jax.jit(lambda g, s, p, b: plain.update(g, s, p, obj_fn=objective(b))),
+    )
   return _STEPS[opt]
 
 
@@ -111,8 +117,12 @@ def test_example_routed_away_from_a_group_contributes_nothing(name, data):
   other = model.batch(key, rm.B)
   perturbed = jax.tree.map(lambda x, y: x.at[i].set(y[i]), batch, other)
   tx = aqgov.route(compiled)
-  before, _ = tx.update(rm.per_example_grads(model.loss)(params, batch), tx.init(params), labels=labels)
-  after, _ = tx.update(rm.per_example_grads(model.loss)(params, perturbed), tx.init(params), labels=labels)
+  before, _ = tx.update(
+    rm.per_example_grads(model.loss)(params, batch), tx.init(params), labels=labels
+  )
+  after, _ = tx.update(
+    rm.per_example_grads(model.loss)(params, perturbed), tx.init(params), labels=labels
+  )
   for b, a, group in zip(jax.tree.leaves(before), jax.tree.leaves(after), compiled.leaf_group):
     if group == g:
       assert np.asarray(b).tobytes() == np.asarray(a).tobytes()
@@ -158,8 +168,13 @@ def test_strict_freezes_a_group_that_momentum_would_still_move():
 
 def test_route_update_without_labels_is_refused():
   params = rm.MODELS["mlp"].init(jax.random.key(0))
-  compiled = aqgov.compile_policy(aqgov.Policy.from_toml(
-      'name = "p"\n[groups]\nall = ["**"]\n[default]\nroute = { all = 1.0 }\n'), params, rm.TAXONOMY)
+  compiled = aqgov.compile_policy(
+    aqgov.Policy.from_toml(
+      'name = "p"\n[groups]\nall = ["**"]\n[default]\nroute = { all = 1.0 }\n'
+    ),
+    params,
+    rm.TAXONOMY,
+  )
   tx = aqgov.route(compiled)
   per_example = jax.tree.map(lambda p: jnp.zeros((rm.B,) + p.shape), params)
   with pytest.raises(RoutingError, match="labels"):
@@ -170,8 +185,13 @@ def test_route_update_without_labels_is_refused():
 
 def test_route_refuses_updates_of_another_parameter_tree():
   params = rm.MODELS["mlp"].init(jax.random.key(0))
-  compiled = aqgov.compile_policy(aqgov.Policy.from_toml(
-      'name = "p"\n[groups]\nall = ["**"]\n[default]\nroute = { all = 1.0 }\n'), params, rm.TAXONOMY)
+  compiled = aqgov.compile_policy(
+    aqgov.Policy.from_toml(
+      'name = "p"\n[groups]\nall = ["**"]\n[default]\nroute = { all = 1.0 }\n'
+    ),
+    params,
+    rm.TAXONOMY,
+  )
   labels = rm.SPACE.encode([None] * rm.B)
   other = {"l0": jax.tree.map(lambda p: jnp.zeros((rm.B,) + p.shape), params["l0"])}
   with pytest.raises(RoutingError, match="structure"):
@@ -202,16 +222,22 @@ def test_route_and_strict_broadcast_weights_for_slices_of_a_leaf(heads, data):
     w = rng.choice([0.0, 0.5, 1.0], size=shape).astype(np.float32)
     per_example = w.reshape(shape[:1] + (1,) * (4 - len(shape)) + shape[1:])
     compiled = SliceWeights({"attn": jnp.asarray(w)})
-    got, _ = aqgov.route(compiled).update({"attn": jnp.asarray(updates)}, optax.EmptyState(), labels={})
-    np.testing.assert_allclose(got["attn"], np.sum(per_example * updates, axis=0) / n, rtol=1e-6, atol=1e-7)
-    masked, _ = aqgov.strict(compiled).update({"attn": jnp.asarray(updates[0])}, optax.EmptyState(), labels={})
+    got, _ = aqgov.route(compiled).update(
+      {"attn": jnp.asarray(updates)}, optax.EmptyState(), labels={}
+    )
+    np.testing.assert_allclose(
+      got["attn"], np.sum(per_example * updates, axis=0) / n, rtol=1e-6, atol=1e-7
+    )
+    masked, _ = aqgov.strict(compiled).update(
+      {"attn": jnp.asarray(updates[0])}, optax.EmptyState(), labels={}
+    )
     reached_any = np.any(per_example > 0, axis=0)
     np.testing.assert_array_equal(masked["attn"], np.where(reached_any, updates[0], 0.0))
 
 
 MESHES = {
-    "explicit axes": lambda: jax.make_mesh((8,), ("data",)),
-    "auto axes": lambda: jax.sharding.Mesh(np.array(jax.devices()[:8]), ("data",)),
+  "explicit axes": lambda: jax.make_mesh((8,), ("data",)),
+  "auto axes": lambda: jax.sharding.Mesh(np.array(jax.devices()[:8]), ("data",)),
 }
 
 
@@ -222,7 +248,9 @@ def test_route_on_a_batch_sharded_over_eight_devices_matches_one_device(mesh):
   params = model.init(jax.random.key(0))
   batch = model.batch(jax.random.key(1), n)
   compiled = aqgov.compile_policy(aqgov.Policy.from_toml(MLP_POLICY), params, rm.TAXONOMY)
-  labels = rm.SPACE.encode([{"t": {"kind": rm.KINDS[i % 3], "tier": 0}} if i % 4 else None for i in range(n)])
+  labels = rm.SPACE.encode(
+    [{"t": {"kind": rm.KINDS[i % 3], "tier": 0}} if i % 4 else None for i in range(n)]
+  )
   per_example = rm.per_example_grads(model.loss)(params, batch)
   tx = aqgov.routed(compiled, optax.adam(1e-2), strict=True)
   step = jax.jit(lambda u, s, p, lab: tx.update(u, s, p, labels=lab)[0])

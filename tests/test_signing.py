@@ -8,8 +8,8 @@ from hypothesis import strategies as st
 
 from aqgov.documents import _keys as keys
 from aqgov.documents import _signing as signing
-from aqgov.errors import SignatureError
 from aqgov.documents._signing import SignedDocument
+from aqgov.errors import SignatureError
 
 OWNER = keys.SigningKey("owner", bytes(range(32)))
 AUDITOR = keys.SigningKey("auditor", bytes(range(1, 33)))
@@ -17,9 +17,13 @@ STRANGER = keys.SigningKey("stranger", bytes(range(2, 34)))
 TRUST = keys.TrustStore.of([OWNER, AUDITOR])
 
 payloads = st.dictionaries(
-    st.text(min_size=1, max_size=6),
-    st.integers(-1000, 1000) | st.text(max_size=10) | st.lists(st.integers(0, 9), max_size=3) | st.booleans(),
-    max_size=5)
+  st.text(min_size=1, max_size=6),
+  st.integers(-1000, 1000)
+  | st.text(max_size=10)
+  | st.lists(st.integers(0, 9), max_size=3)
+  | st.booleans(),
+  max_size=5,
+)
 
 
 def signed(payload, *signers, kind="policy") -> SignedDocument:
@@ -104,7 +108,9 @@ def test_min_signers_counts_only_trusted_valid_signatures():
   assert signing.verify_signatures(doc, TRUST) == ("owner",)
   with pytest.raises(SignatureError, match="needs 2"):
     signing.verify_signatures(doc, TRUST, min_signers=2)
-  assert sorted(signing.verify_signatures(signing.add_signature(doc, AUDITOR), TRUST, min_signers=2)) == ["auditor", "owner"]
+  assert sorted(
+    signing.verify_signatures(signing.add_signature(doc, AUDITOR), TRUST, min_signers=2)
+  ) == ["auditor", "owner"]
 
 
 def test_signing_again_with_the_same_key_replaces_its_signature_and_keeps_the_id():
@@ -124,19 +130,27 @@ def test_garbage_bytes_are_not_a_signed_document():
 
 
 def test_document_types_are_registered_by_name_and_kind():
+  from aqgov.credentials import MANIFEST
   from aqgov.documents import document_type
   from aqgov.entropy import OVERRIDE, PROFILE
-  from aqgov.credentials import MANIFEST
   from aqgov.policy import POLICY
+
   for t in (POLICY, PROFILE, OVERRIDE, MANIFEST):
     assert document_type(t.name) is t and document_type(t.kind) is t
-  assert "run" not in POLICY.signer_roles + PROFILE.signer_roles + OVERRIDE.signer_roles + MANIFEST.signer_roles
+  assert (
+    "run"
+    not in POLICY.signer_roles
+    + PROFILE.signer_roles
+    + OVERRIDE.signer_roles
+    + MANIFEST.signer_roles
+  )
   with pytest.raises(LookupError, match="registered"):
     document_type("no-such-type")
 
 
 def test_a_trust_store_without_roles_treats_keys_as_authorities_except_the_run_key():
   from aqgov.documents import generate
+
   owner, run = generate("owner"), generate("run")
   trust = keys.TrustStore.of([owner, run])
   assert trust.roles(owner.key_id) == ("authority",) and trust.roles(run.key_id) == ("run",)

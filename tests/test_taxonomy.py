@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from aqgov.examples import sample as sample
-from aqgov.errors import TaxonomyError
 from aqgov.credentials._taxonomy import CREDENTIALED, Field, LabelSpace, Taxonomy, string_code
+from aqgov.errors import TaxonomyError
+from aqgov.examples import sample as sample
 
 ACME = sample.taxonomy_path("acme-data").read_text()  # exactly the taxonomy TOML of the format spec
 
@@ -28,9 +28,14 @@ values = ["no", "yes"]
 """
 
 LABELS = [
-    {"license_class": "cc-by", "sensitivity_tier": 2, "jurisdictions": ["EU"], "source": "forum"},
-    {"license_class": "unknown", "sensitivity_tier": 0, "jurisdictions": ["US", "UK"], "source": "news"},
-    {"license_class": "public-domain", "sensitivity_tier": 3, "jurisdictions": [], "source": "forum"},
+  {"license_class": "cc-by", "sensitivity_tier": 2, "jurisdictions": ["EU"], "source": "forum"},
+  {
+    "license_class": "unknown",
+    "sensitivity_tier": 0,
+    "jurisdictions": ["US", "UK"],
+    "source": "news",
+  },
+  {"license_class": "public-domain", "sensitivity_tier": 3, "jurisdictions": [], "source": "forum"},
 ]
 
 
@@ -51,7 +56,11 @@ def test_encode_uses_enum_index_integer_bit_set_and_string_code(acme):
   assert arrays["license_class"].tolist() == [1, 3, 0]
   assert arrays["sensitivity_tier"].tolist() == [2, 0, 3]
   assert arrays["jurisdictions"].tolist() == [0b001, 0b110, 0]
-  assert arrays["source"].tolist() == [string_code("forum"), string_code("news"), string_code("forum")]
+  assert arrays["source"].tolist() == [
+    string_code("forum"),
+    string_code("news"),
+    string_code("forum"),
+  ]
 
 
 def test_encoded_labels_enter_jit(acme):
@@ -63,7 +72,9 @@ def test_an_empty_batch_encodes_to_empty_arrays(acme):
   assert all(a.shape == (0,) and a.dtype == jnp.int32 for a in acme.encode([]).values())
 
 
-@pytest.mark.parametrize("field, value, allowed", [
+@pytest.mark.parametrize(
+  "field, value, allowed",
+  [
     ("license_class", "gpl", "one of 'public-domain', 'cc-by', 'proprietary', 'unknown'"),
     ("sensitivity_tier", 4, "an integer in [0, 3]"),
     ("sensitivity_tier", True, "an integer in [0, 3]"),
@@ -71,7 +82,8 @@ def test_an_empty_batch_encodes_to_empty_arrays(acme):
     ("jurisdictions", ["EU", "FR"], "a list drawn from 'EU', 'US', 'UK'"),
     ("jurisdictions", "EU", "a list drawn from 'EU', 'US', 'UK'"),
     ("source", 7, "a string"),
-])
+  ],
+)
 def test_a_wrong_label_names_field_value_and_what_is_allowed(acme, field, value, allowed):
   labels = dict(LABELS[0], **{field: value})
   with pytest.raises(TaxonomyError) as err:
@@ -87,20 +99,30 @@ def test_missing_and_unknown_label_fields_are_named(acme):
     acme.encode_one(dict(LABELS[0], colour="red"))
 
 
-@pytest.mark.parametrize("toml, message", [
+@pytest.mark.parametrize(
+  "toml, message",
+  [
     ("[fields.a]\ntype = 'int'\nmin = 0\nmax = 1", "needs \\[authority\\]"),
     ("[authority]\nname = 'x'", "defines no"),
     ("[authority]\nname = 'x'\n[fields.a]\ntype = 'float'", "allowed types"),
-    ("[authority]\nname = 'x'\n[fields.a]\ntype = 'enum'\nvalues = ['p', 'p']", "lists a value twice"),
+    (
+      "[authority]\nname = 'x'\n[fields.a]\ntype = 'enum'\nvalues = ['p', 'p']",
+      "lists a value twice",
+    ),
     ("[authority]\nname = 'x'\n[fields.a]\ntype = 'enum'\nvalues = []", "non-empty list"),
     ("[authority]\nname = 'x'\n[fields.a]\ntype = 'int'\nmin = 0", "integer 'min' and 'max'"),
     ("[authority]\nname = 'x'\n[fields.a]\ntype = 'int'\nmin = 3\nmax = 1", "min <= max"),
-    ("[authority]\nname = 'x'\n[fields.a]\ntype = 'flags'\nvalues = [%s]" % ", ".join(f"'v{i}'" for i in range(32)),
-     "at most 31"),
+    (
+      "[authority]\nname = 'x'\n[fields.a]\ntype = 'flags'\nvalues = [{}]".format(
+        ", ".join(f"'v{i}'" for i in range(32))
+      ),
+      "at most 31",
+    ),
     ("[authority]\nname = 'x'\n[fields.a]\ntype = 'string'\ncolour = 'red'", "unknown keys"),
     ("[authority]\nname = 'x'\n[fields.a-b]\ntype = 'string'", "must be an identifier"),
     ("[authority]\nname = 'x'\n[fields.a\ntype = 'string'", "not valid TOML"),
-])
+  ],
+)
 def test_malformed_taxonomies_are_refused_with_a_reason(toml, message):
   with pytest.raises(TaxonomyError, match=message):
     Taxonomy.from_toml(toml)
@@ -115,7 +137,9 @@ def test_read_reads_a_path(tmp_path):
 
 
 identifiers = st.from_regex(r"[a-z][a-z0-9_]{0,7}", fullmatch=True)
-labels_text = st.text(st.characters(codec="utf-8", exclude_categories=("Cs", "Cc")), min_size=1, max_size=6)
+labels_text = st.text(
+  st.characters(codec="utf-8", exclude_categories=("Cs", "Cc")), min_size=1, max_size=6
+)
 
 
 @st.composite
@@ -125,7 +149,9 @@ def taxonomies(draw) -> Taxonomy:
   for name in names:
     kind = draw(st.sampled_from(["enum", "int", "flags", "string"]))
     if kind in ("enum", "flags"):
-      fields.append(Field(name, kind, tuple(draw(st.lists(labels_text, min_size=1, max_size=5, unique=True)))))
+      fields.append(
+        Field(name, kind, tuple(draw(st.lists(labels_text, min_size=1, max_size=5, unique=True))))
+      )
     elif kind == "int":
       lo = draw(st.integers(-(2**31), 2**31 - 1))
       fields.append(Field(name, kind, (), lo, draw(st.integers(lo, 2**31 - 1))))
@@ -155,11 +181,13 @@ def test_string_codes_are_stable_31_bit_values():
 def test_label_space_namespaces_every_authority(acme):
   owner = Taxonomy.from_toml(OWNER)
   space = LabelSpace.of([acme, owner])
-  arrays = space.encode([
+  arrays = space.encode(
+    [
       {"acme-data": LABELS[0], "model-owner": {"sensitivity_tier": 7, "approved": "yes"}},
       {"acme-data": LABELS[1]},
       None,
-  ])
+    ]
+  )
   assert list(arrays) == space.keys()
   assert arrays[CREDENTIALED].tolist() == [1, 1, 0]
   assert arrays["acme-data.@present"].tolist() == [1, 1, 0]

@@ -58,7 +58,12 @@ def governed(tmp_path_factory):
   wdir = tmp / "wandb-dir"
   wdir.mkdir()
   mp = pytest.MonkeyPatch()
-  for k, v in {"WANDB_MODE": "offline", "WANDB_DIR": str(wdir), "WANDB_SILENT": "true", "WANDB_CONSOLE": "off"}.items():
+  for k, v in {
+    "WANDB_MODE": "offline",
+    "WANDB_DIR": str(wdir),
+    "WANDB_SILENT": "true",
+    "WANDB_CONSOLE": "off",
+  }.items():
     mp.setenv(k, v)
   data = lh.examples_file(tmp / "data.jsonl", n=32)
   run_dir = tmp / "run"
@@ -95,7 +100,9 @@ def test_metrics_land_in_the_users_step_rows(governed):
 def test_check_passes_on_the_logged_run(governed):
   counts = aqwandb.check_logged(governed.run_dir, governed.wandb_dir)
   assert counts["rows"] == 4 and counts["heads"] >= 1
-  result = CliRunner().invoke(main, ["wandb", "check", str(governed.run_dir), "--wandb-dir", str(governed.root)])
+  result = CliRunner().invoke(
+    main, ["wandb", "check", str(governed.run_dir), "--wandb-dir", str(governed.root)]
+  )
   assert result.exit_code == 0, result.output
   assert "OK 4 logged step(s)" in result.output
 
@@ -111,7 +118,9 @@ def _rewrite(path: Path, out: Path, change) -> None:
     if left < 7:
       body += bytes(left)
     assert len(data) + 7 <= 32768 - len(body) % 32768, "test records fit one block"
-    body += struct.pack("<IHB", zlib.crc32(data, zlib.crc32(b"\x01")) & 0xFFFFFFFF, len(data), 1) + data
+    body += (
+      struct.pack("<IHB", zlib.crc32(data, zlib.crc32(b"\x01")) & 0xFFFFFFFF, len(data), 1) + data
+    )
   del chunks
   out.write_bytes(bytes(body))
 
@@ -132,7 +141,9 @@ def test_check_fails_on_an_altered_root(governed, tmp_path):
   _rewrite(src, tmp_path / "run-x.wandb", alter)
   with pytest.raises(IntegrationError, match="W&B step 3 logged lineage root .* Merkle root"):
     aqwandb.check_logged(governed.run_dir, tmp_path / "run-x.wandb")
-  result = CliRunner().invoke(main, ["wandb", "check", str(governed.run_dir), "--wandb-dir", str(tmp_path)])
+  result = CliRunner().invoke(
+    main, ["wandb", "check", str(governed.run_dir), "--wandb-dir", str(tmp_path)]
+  )
   assert result.exit_code == 1 and "IntegrationError" in result.output
 
 
@@ -147,7 +158,9 @@ def test_check_refuses_a_corrupted_log(governed, tmp_path):
 def test_output_artifact_never_carries_a_key(governed):
   names = set(governed.artifact.manifest.entries)
   assert names == {"checkpoints.json", "attestation.intoto.json"}
-  digests = json.loads(Path(governed.artifact.manifest.entries["checkpoints.json"].local_path).read_text())
+  digests = json.loads(
+    Path(governed.artifact.manifest.entries["checkpoints.json"].local_path).read_text()
+  )
   assert [c["step"] for c in digests["checkpoints"]] == [0, 2, 4]
   for path in governed.root.rglob("*"):
     if path.is_file():
@@ -175,7 +188,9 @@ def test_manifests_are_reference_artifacts_with_their_roots(tmp_path, wandb_env)
   auth = create_authorities(tmp_path / "auth")
   (tmp_path / "run" / "manifests").mkdir(parents=True)
   for m in auth.manifests:
-    (tmp_path / "run" / "manifests" / m.name.replace(".manifest", ".signed")).write_bytes(m.read_bytes())
+    (tmp_path / "run" / "manifests" / m.name.replace(".manifest", ".signed")).write_bytes(
+      m.read_bytes()
+    )
   wb = wandb.init(project="aqgov-test", dir=str(wandb_env))
   try:
     arts = aqwandb.log_manifests(wb, tmp_path / "run")
@@ -195,15 +210,24 @@ def _summary_with_events():
   oob[1, METRICS.index("gradient_entropy"), 0] = True
   action = np.zeros((g, m, h), np.int32)
   action[1, METRICS.index("gradient_entropy"), 0] = ACTION_NAMES.index("reroute")
-  ev = Events(np.int32(3), oob, np.zeros((g, m, h), np.float32), np.zeros((g, m, h), np.int32),
-              np.zeros((g, m, h), np.float32), action)
+  ev = Events(
+    np.int32(3),
+    oob,
+    np.zeros((g, m, h), np.float32),
+    np.zeros((g, m, h), np.int32),
+    np.zeros((g, m, h), np.float32),
+    action,
+  )
   return s._replace(events=ev)
 
 
 def test_step_metrics_reach_contribution_entropy_bounds_events():
   s = _summary_with_events()
   compiled = SimpleNamespace(group_names=lh.GROUPS)
-  profile = EntropyProfile("p", bounds=(Bound(group="block", metric="gradient_entropy", action="reroute", low=0.5, high=2.0),))
+  profile = EntropyProfile(
+    "p",
+    bounds=(Bound(group="block", metric="gradient_entropy", action="reroute", low=0.5, high=2.0),),
+  )
   out = aqwandb.step_metrics(s, compiled, step=3, profile=profile)
   w, n = np.asarray(s.weights), np.asarray(s.contribution_norms)
   for j, g in enumerate(lh.GROUPS):
@@ -212,7 +236,9 @@ def test_step_metrics_reach_contribution_entropy_bounds_events():
   assert out["aqgov/entropy/renyi2/block"] == pytest.approx(float(s.measurements["renyi2/block"]))
   assert out["aqgov/bound/gradient_entropy/block/low"] == 0.5
   assert out["aqgov/bound/gradient_entropy/block/high"] == 2.0
-  assert out["aqgov/events"] == 1 and out["aqgov/event/gradient_entropy/block"] == ACTION_NAMES.index("reroute")
+  assert out["aqgov/events"] == 1 and out[
+    "aqgov/event/gradient_entropy/block"
+  ] == ACTION_NAMES.index("reroute")
 
 
 def test_only_process_zero_logs(monkeypatch, wandb_env):

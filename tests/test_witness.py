@@ -27,7 +27,10 @@ from lineage_helpers import digests, ids, start_body, summary
 GO_VKEY = "PeterNeumann+c74f20a3+ARpc2QcUPDhMQegwxbzhKqiBfsVkmqq/LDE4izWy10TW"
 GO_SKEY = "PRIVATE+KEY+PeterNeumann+c74f20a3+AYEKFALVFGyNhPJEMzD1QIDr+Y7hfZx09iUvxdXHKDFz"
 GO_TEXT = "If you think cryptography is the answer to your problem,\nthen you don't know what your problem is.\n"
-GO_NOTE = GO_TEXT + "\n\u2014 PeterNeumann x08go/ZJkuBS9UG/SffcvIAQxVBtiFupLLr8pAcElZInNIuGUgYN1FFYC2pZSNXgKvqfqdngotpRZb6KE6RyyBwJnAM=\n"
+GO_NOTE = (
+  GO_TEXT
+  + "\n\u2014 PeterNeumann x08go/ZJkuBS9UG/SffcvIAQxVBtiFupLLr8pAcElZInNIuGUgYN1FFYC2pZSNXgKvqfqdngotpRZb6KE6RyyBwJnAM=\n"
+)
 
 # A production CT log checkpoint with a log signature (0x01) and a witness cosignature (0x04) among others.
 CT_NOTE = """arche2025h1.staging.ct.transparency.dev
@@ -41,11 +44,14 @@ U7WM79jrzyhGZ5/GUBTpM7NzwdyfFx61t3RovgcC4Ro=
 \u2014 remora.n621.de 2net5wAAAABqEiEgPlfF3V06o0Y+fHM+J5J9s27wgxxcOVSpZ/2g/KSiXCg9DEZI+aVCIobWX9sXTynk5XeU/zZ0WBxtqB0DrAWfBw==
 \u2014 witness.stagemole.eu Z/euoAAAAABqEiEgw0i+7g2ENfDAWHmtRzCfKTHSDwYDJA2NmKeGi9Y8FtEyOUvVr+AJmIY/2TUFucgKi7lI7cUiOvKFYe/TmN9DAg==
 """
-CT_LOG_VKEY = "arche2025h1.staging.ct.transparency.dev+ba2f06c0+AU0vHmlGCS/PdN8b2OaGmKprLI8HKM+dJ472xgFYh15f"
+CT_LOG_VKEY = (
+  "arche2025h1.staging.ct.transparency.dev+ba2f06c0+AU0vHmlGCS/PdN8b2OaGmKprLI8HKM+dJ472xgFYh15f"
+)
 CT_WITNESS_VKEY = "remora.n621.de+da77ade7+BOvN63jn/bLvkieywe8R6UYAtVtNbZpXh34x7onlmtw2"
 
 
 # ---- notes, checkpoints, cosignatures -------------------------------------------------------------
+
 
 def test_sign_note_reproduces_the_go_reference_note_and_verifies_it():
   seed = base64.b64decode(GO_SKEY.split("+", 4)[4])[1:]
@@ -65,7 +71,9 @@ def test_a_real_witness_cosignature_and_log_signature_verify_and_unknown_ones_ar
   cp = notes.parse_checkpoint(note.text)
   assert (cp.origin, cp.size) == ("arche2025h1.staging.ct.transparency.dev", 1432088532)
   for vkey in (CT_LOG_VKEY, CT_WITNESS_VKEY):
-    assert notes.verify_note(note, [notes.parse_verifier_key(vkey)]) == (notes.parse_verifier_key(vkey),)
+    assert notes.verify_note(note, [notes.parse_verifier_key(vkey)]) == (
+      notes.parse_verifier_key(vkey),
+    )
   altered = notes.Note(note.text.replace("1432088532", "1432088533"), note.signatures)
   with pytest.raises(NoteError, match="does not verify"):
     notes.verify_note(altered, [notes.parse_verifier_key(CT_WITNESS_VKEY)])
@@ -85,7 +93,9 @@ def test_checkpoint_and_cosignature_round_trip_and_tampering_is_refused():
   wkey = notes.note_key(wit, "aqgov.example/witness/w", notes.COSIGNATURE_V1)
   assert notes.parse_verifier_key(wkey.verifier_key) == wkey
   assert notes.verify_note(back, [wkey]) == (wkey,)
-  assert notes.verify_note(back, [notes.note_key(wit, None, notes.COSIGNATURE_V1)])  # any name, key hash fits
+  assert notes.verify_note(
+    back, [notes.note_key(wit, None, notes.COSIGNATURE_V1)]
+  )  # any name, key hash fits
   # a cosignature is not a plain signature: the same key as type 0x01 does not match it
   with pytest.raises(NoteError, match="no signature by a known key"):
     notes.verify_note(notes.Note(text, (cosig,)), [notes.note_key(wit, "aqgov.example/witness/w")])
@@ -94,23 +104,34 @@ def test_checkpoint_and_cosignature_round_trip_and_tampering_is_refused():
     notes.verify_note(notes.Note(text, (forged_time,)), [wkey])
 
 
-@pytest.mark.parametrize("bad", [
+@pytest.mark.parametrize(
+  "bad",
+  [
     "no blank line\n\u2014 a AAAAAAA=\n",
     "text\n\n",
-    "text\n\n\u2014 a AAAA\n",                   # too short for hash + signature
+    "text\n\n\u2014 a AAAA\n",  # too short for hash + signature
     "text\n\n\u2014 a not-base64!\n",
-    "text\n\n\u2014 a b AAAAAAA=\n",              # a space in the name
-    "text\n\n- a AAAAAAA=\n",                    # not an em dash
-    "te\x01xt\n\n\u2014 a AAAAAAA=\n",            # a control character
-    "text\n\n\u2014 a AAAAAAA=",                  # no final newline
-])
+    "text\n\n\u2014 a b AAAAAAA=\n",  # a space in the name
+    "text\n\n- a AAAAAAA=\n",  # not an em dash
+    "te\x01xt\n\n\u2014 a AAAAAAA=\n",  # a control character
+    "text\n\n\u2014 a AAAAAAA=",  # no final newline
+  ],
+)
 def test_malformed_notes_are_refused(bad):
   with pytest.raises(NoteError):
     notes.parse_note(bad)
 
 
-@pytest.mark.parametrize("bad", ["o\n01\n" + "A" * 43 + "=\n", "o\n1\nAAAA\n", "o\n1\n", "o\n1\n" + "A" * 43 + "=\n\n",
-                                 "o\n-1\n" + "A" * 43 + "=\n"])
+@pytest.mark.parametrize(
+  "bad",
+  [
+    "o\n01\n" + "A" * 43 + "=\n",
+    "o\n1\nAAAA\n",
+    "o\n1\n",
+    "o\n1\n" + "A" * 43 + "=\n\n",
+    "o\n-1\n" + "A" * 43 + "=\n",
+  ],
+)
 def test_malformed_checkpoints_are_refused(bad):
   with pytest.raises(NoteError):
     notes.parse_checkpoint(bad)
@@ -131,8 +152,12 @@ ORIGIN = cosign.origin_of("run-1")
 @pytest.fixture()
 def setup(tmp_path):
   run_key, wit_key = keys.generate("run"), keys.generate("wit")
-  witness = Witness(wit_key, "aqgov.example/witness/w1", {ORIGIN: [notes.note_key(run_key, ORIGIN)]},
-                    tmp_path / "state")
+  witness = Witness(
+    wit_key,
+    "aqgov.example/witness/w1",
+    {ORIGIN: [notes.note_key(run_key, ORIGIN)]},
+    tmp_path / "state",
+  )
   server = WitnessServer(witness)
   server.start()
   yield run_key, witness, server, tmp_path
@@ -161,11 +186,15 @@ def test_submit_cosigns_extensions_and_refuses_rollbacks_forks_and_bad_proofs(se
       cosign.submit(url, note, old, proof)
     return err.value.status
 
-  assert status(_note(run_key, tree, 7), 9, []) == 400                                # rollback: old > size
-  assert status(_note(run_key, tree, 7), 5, tree.consistency_proof(5, 7)) == 409      # rollback: stale old
+  assert status(_note(run_key, tree, 7), 9, []) == 400  # rollback: old > size
+  assert (
+    status(_note(run_key, tree, 7), 5, tree.consistency_proof(5, 7)) == 409
+  )  # rollback: stale old
   forked = _tree(12, b"x")
-  assert status(_note(run_key, forked, 9), 9, []) == 409                             # fork: same size, other root
-  assert status(_note(run_key, forked, 11), 9, forked.consistency_proof(9, 11)) == 422  # fork: proof fails
+  assert status(_note(run_key, forked, 9), 9, []) == 409  # fork: same size, other root
+  assert (
+    status(_note(run_key, forked, 11), 9, forked.consistency_proof(9, 11)) == 422
+  )  # fork: proof fails
   assert status(_note(keys.generate("run"), tree, 11), 9, tree.consistency_proof(9, 11)) == 403
   other = cosign.checkpoint_note("run-2", LogHead(3, tree.root_at(3), b"\0" * 32), run_key)
   assert status(other, 0, []) == 404
@@ -182,9 +211,13 @@ def test_a_409_is_retried_once_from_the_witness_size_with_a_fresh_proof(setup):
     asked.append(old)
     return tree.consistency_proof(old, 10)
 
-  sigs = cosign.submit(server.url, _note(run_key, tree, 10), 0, [], prove=prove, witness_key=witness.note_key)
+  sigs = cosign.submit(
+    server.url, _note(run_key, tree, 10), 0, [], prove=prove, witness_key=witness.note_key
+  )
   assert asked == [4] and len(sigs) == 1 and witness.state(ORIGIN).size == 10
-  with pytest.raises(WitnessError) as err:  # without prove, the 409 is reported with the witness's size
+  with pytest.raises(
+    WitnessError
+  ) as err:  # without prove, the 409 is reported with the witness's size
     cosign.submit(server.url, _note(run_key, _tree(12), 12), 4, [])
   assert (err.value.status, err.value.size) == (409, 10)
   # the state survives a restart of the witness
@@ -198,16 +231,23 @@ def test_request_bodies_round_trip_and_malformed_ones_get_400(setup):
   note = _note(run_key, tree, 6)
   req = parse_request(encode_request(3, tree.consistency_proof(3, 6), note))
   assert (req.old, list(req.proof), req.note) == (3, tree.consistency_proof(3, 6), note)
-  for body in (b"old 03\n\n" + note.to_bytes(), b"old 1\nAAAA\n\n" + note.to_bytes(), b"new 0\n\n" + note.to_bytes(),
-               b"old 0\n" + note.to_bytes(), b"\xff"):
+  for body in (
+    b"old 03\n\n" + note.to_bytes(),
+    b"old 1\nAAAA\n\n" + note.to_bytes(),
+    b"new 0\n\n" + note.to_bytes(),
+    b"old 0\n" + note.to_bytes(),
+    b"\xff",
+  ):
     assert witness.add_checkpoint(body).status == 400
 
 
 # ---- the writer, verify --witness, the CLI --------------------------------------------------------
 
+
 def _witnessed_log(lineage_dir: Path, key, url: str, wkey, steps: int = 12, **kw) -> LogHead:
-  w = LineageWriter.create(lineage_dir, key, start_body(key), head_every=4, fsync="never",
-                           witnesses=[(url, wkey)], **kw)
+  w = LineageWriter.create(
+    lineage_dir, key, start_body(key), head_every=4, fsync="never", witnesses=[(url, wkey)], **kw
+  )
   for s in range(1, steps + 1):
     w.append(summary(s), ids(s), digests(s))
   return w.close()
@@ -230,12 +270,16 @@ def test_a_witnessed_run_verifies_and_a_log_resigned_after_the_fact_does_not(set
   assert witness.state(ORIGIN) == (head.size, head.root)
   wit_pub = tmp_path / "wit.pub"
   wit_pub.write_text(keys.public_key_json(witness.key.public))
-  report = verify_lineage(run, keys.TrustStore.of([run_key]), witnesses=[witness.note_key.verifier_key])
+  report = verify_lineage(
+    run, keys.TrustStore.of([run_key]), witnesses=[witness.note_key.verifier_key]
+  )
   assert report.witnessed == (witness.name,)
   for w in (witness.note_key.verifier_key, str(wit_pub)):
     ok = _cli_verify(run, w)
     assert ok.exit_code == 0 and "cosigned by witness" in ok.output, ok.output
-  stranger = notes.note_key(keys.generate("x"), "aqgov.example/witness/x", notes.COSIGNATURE_V1).verifier_key
+  stranger = notes.note_key(
+    keys.generate("x"), "aqgov.example/witness/x", notes.COSIGNATURE_V1
+  ).verifier_key
   assert "no valid signature by witness" in _cli_verify(run, stranger).output
 
   # the operator holds the run key: cut the log back to an earlier signed head, close it again, re-sign
@@ -248,8 +292,13 @@ def test_a_witnessed_run_verifies_and_a_log_resigned_after_the_fact_does_not(set
   bad = _cli_verify(cut, witness.note_key.verifier_key)
   assert bad.exit_code == 1 and "no cosigned checkpoint" in bad.output, bad.output
   # ... and even with a stored note of the final size, its root is not the one the witness saw
-  shutil.copy(run / "lineage" / "cosignatures" / f"{head.size:012d}.note",
-              cut / "lineage" / "cosignatures" / f"{verify_lineage(cut, keys.TrustStore.of([run_key])).size:012d}.note")
+  shutil.copy(
+    run / "lineage" / "cosignatures" / f"{head.size:012d}.note",
+    cut
+    / "lineage"
+    / "cosignatures"
+    / f"{verify_lineage(cut, keys.TrustStore.of([run_key])).size:012d}.note",
+  )
   assert "rewritten or rolled back" in _cli_verify(cut, witness.note_key.verifier_key).output
   # the witness refuses to cosign the re-signed log
   with pytest.raises(WitnessError):
@@ -266,6 +315,7 @@ def _truncate_to(lineage_dir: Path, size: int) -> None:
   heads = lineage_dir / "heads.seg"
   hdr, hframes = split_frames(heads.read_bytes())
   from aqgov.lineage._heads import read_heads
+
   docs, _ = read_heads(lineage_dir)
   keep = [f for f, d in zip(hframes, docs, strict=True) if int(d.payload["size"]) <= size]
   heads.write_bytes(hdr + b"".join(keep))
@@ -276,14 +326,26 @@ def test_an_unreachable_witness_fails_the_close_but_leaves_an_intact_log(setup, 
   run = tmp_path / "down"
   key_path, _ = keys.write_keypair(run_key, tmp_path / "down-keys")
   with pytest.raises(WitnessError, match="no cosignature from witness"):
-    _witnessed_log(run / "lineage", run_key, "http://127.0.0.1:9", witness.note_key, witness_timeout=2.0)
+    _witnessed_log(
+      run / "lineage", run_key, "http://127.0.0.1:9", witness.note_key, witness_timeout=2.0
+    )
   trust = keys.TrustStore.of([run_key])
   assert verify_lineage(run, trust).closed  # the log is complete and closed
   with pytest.raises(LineageError, match="no cosigned checkpoint"):
     verify_lineage(run, trust, witnesses=[witness.note_key])
   # once the witness is reachable the final head is cosigned after the fact
-  result = CliRunner().invoke(main, ["witness", "cosign", str(run), "--key", str(key_path), "--witness",
-                                     f"{server.url}={witness.note_key.verifier_key}"])
+  result = CliRunner().invoke(
+    main,
+    [
+      "witness",
+      "cosign",
+      str(run),
+      "--key",
+      str(key_path),
+      "--witness",
+      f"{server.url}={witness.note_key.verifier_key}",
+    ],
+  )
   assert result.exit_code == 0, result.output
   assert verify_lineage(run, trust, witnesses=[witness.note_key]).witnessed == (witness.name,)
 
@@ -292,8 +354,14 @@ def test_verify_with_witnesses_requires_a_closed_log(setup):
   run_key, witness, server, tmp_path = setup
   run = tmp_path / "open"
   keys.write_keypair(run_key, run / "keys")
-  w = LineageWriter.create(run / "lineage", run_key, start_body(run_key), head_every=2, fsync="never",
-                           witnesses=[(server.url, witness.note_key)])
+  w = LineageWriter.create(
+    run / "lineage",
+    run_key,
+    start_body(run_key),
+    head_every=2,
+    fsync="never",
+    witnesses=[(server.url, witness.note_key)],
+  )
   for s in range(1, 5):
     w.append(summary(s), ids(s), digests(s))
   w.flush(sign_head=True)
@@ -322,8 +390,15 @@ def test_a_governed_run_is_witnessed_and_its_resume_keeps_the_recorded_witnesses
   run_key, witness, server, tmp_path = setup
   data = examples_file(tmp_path / "examples.jsonl")
   run = tmp_path / "governed"
-  stopped = make_run(run, data, 3, key=run_key, run_id="run-1", close=False,
-                     witnesses=[(server.url, witness.note_key.verifier_key)])
+  stopped = make_run(
+    run,
+    data,
+    3,
+    key=run_key,
+    run_id="run-1",
+    close=False,
+    witnesses=[(server.url, witness.note_key.verifier_key)],
+  )
   stopped.abandon()  # a closed run is final: only a stopped one resumes
   resumed = GovernedRun.resume(run, key=run_key)
   resumed.step(batches(data, resumed.next_step))

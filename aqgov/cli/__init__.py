@@ -18,9 +18,14 @@ class _Main(click.Group):
     except AqgovError as exc:
       click.echo(f"error: {type(exc).__name__}: {exc}", err=True)
       sys.exit(1)
-    except OSError as exc:  # a file the command reads or writes: unwritable, missing, a directory, a full disk
+    except (
+      OSError
+    ) as exc:  # a file the command reads or writes: unwritable, missing, a directory, a full disk
       where = f" {exc.filename}" if exc.filename else ""
-      click.echo(f"error: cannot access{where}: {exc.strerror or exc}; check the path and its permissions", err=True)
+      click.echo(
+        f"error: cannot access{where}: {exc.strerror or exc}; check the path and its permissions",
+        err=True,
+      )
       sys.exit(1)
 
 

@@ -6,9 +6,17 @@ import click
 
 
 @click.command()
-@click.option("--out", "out_dir", default="demo-out", show_default=True, type=click.Path(file_okay=False),
-              help="Empty (or new) directory for keys, manifests, policies, lineage and checkpoints.")
-@click.option("--steps", default=20, show_default=True, type=click.IntRange(1), help="Training steps.")
+@click.option(
+  "--out",
+  "out_dir",
+  default="demo-out",
+  show_default=True,
+  type=click.Path(file_okay=False),
+  help="Empty (or new) directory for keys, manifests, policies, lineage and checkpoints.",
+)
+@click.option(
+  "--steps", default=20, show_default=True, type=click.IntRange(1), help="Training steps."
+)
 @click.option("--seed", default=0, show_default=True, type=int)
 def demo(out_dir: str, steps: int, seed: int) -> None:
   """Governed training on the sample data: credentials -> admission -> routed, bounded, recorded steps."""

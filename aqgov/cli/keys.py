@@ -14,9 +14,20 @@ def keys() -> None:
 
 @keys.command("new")
 @click.argument("name")
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Directory for NAME.key and NAME.pub.")
-@click.option("--role", "roles", multiple=True, type=click.Choice(keylib.ROLES),
-              help="What the key may sign (repeatable; default: authority, or run for a key named 'run').")
+@click.option(
+  "--out",
+  "out_dir",
+  required=True,
+  type=click.Path(file_okay=False),
+  help="Directory for NAME.key and NAME.pub.",
+)
+@click.option(
+  "--role",
+  "roles",
+  multiple=True,
+  type=click.Choice(keylib.ROLES),
+  help="What the key may sign (repeatable; default: authority, or run for a key named 'run').",
+)
 def new(name: str, out_dir: str, roles: tuple[str, ...]) -> None:
   """Write OUT/NAME.key (private, mode 0600) and OUT/NAME.pub (0644); refuses existing files and symlinks."""
   key = keylib.generate(name, roles=roles)

@@ -10,8 +10,8 @@ from rich.console import Console
 from rich.table import Table
 
 from aqgov.documents import _keys as keylib
-from aqgov.errors import LineageError
 from aqgov.documents._keys import TrustStore
+from aqgov.errors import LineageError
 
 
 def _start_of(run_dir: str) -> dict:
@@ -39,19 +39,26 @@ def _run_key(run_dir: str, value: str) -> keylib.PublicKey:
     key = keylib.load_public_key(path)
     if key.key_id == kid:
       return key
-  raise LineageError(f"no public key with id {kid[:16]}... in {run_dir}/keys; pass the run key's .pub instead")
+  raise LineageError(
+    f"no public key with id {kid[:16]}... in {run_dir}/keys; pass the run key's .pub instead"
+  )
 
 
 def _trust(run_dir: str, paths: tuple[str, ...], run_key: str | None) -> TrustStore:
   """The keys given on the command line, warning about any key file inside the run directory."""
   if not paths and run_key is None:
-    raise click.UsageError("give the keys you trust, obtained out of band: --trust AUTHORITY.pub ... and "
-                           "--run-key RUNKEY.pub (or the run key id printed at the end of training)")
+    raise click.UsageError(
+      "give the keys you trust, obtained out of band: --trust AUTHORITY.pub ... and "
+      "--run-key RUNKEY.pub (or the run key id printed at the end of training)"
+    )
   keys = [keylib.load_public_key(p) for p in paths]
   for p in paths:
     if _inside(p, run_dir):
-      click.echo(f"warning: trusted key file {p} lies inside {run_dir}, the directory being verified: whoever "
-                 "holds the directory chose it; trust keys obtained out of band", err=True)
+      click.echo(
+        f"warning: trusted key file {p} lies inside {run_dir}, the directory being verified: whoever "
+        "holds the directory chose it; trust keys obtained out of band",
+        err=True,
+      )
   if run_key is not None:
     keys.append(_run_key(run_dir, run_key))
   return TrustStore.of(keys)
@@ -60,12 +67,17 @@ def _trust(run_dir: str, paths: tuple[str, ...], run_key: str | None) -> TrustSt
 def _echo_trusted(trust: TrustStore, signed_by: tuple[tuple[str, str], ...]) -> None:
   for kid, key in sorted(trust.keys.items(), key=lambda kv: kv[1].name):
     what = [w for k, w in signed_by if k == kid]
-    click.echo(f"   trusted key {key.name} {kid}: signed {'; '.join(what) if what else 'nothing in this run'}")
+    click.echo(
+      f"   trusted key {key.name} {kid}: signed {'; '.join(what) if what else 'nothing in this run'}"
+    )
 
 
-_RUN_KEY = click.option("--run-key", default=None,
-                        help="The run's public key, obtained out of band: its .pub file, or its key id (as "
-                             "printed at the end of training or by `aqgov keys fingerprint`).")
+_RUN_KEY = click.option(
+  "--run-key",
+  default=None,
+  help="The run's public key, obtained out of band: its .pub file, or its key id (as "
+  "printed at the end of training or by `aqgov keys fingerprint`).",
+)
 
 
 def _parent_dirs(values: tuple[str, ...]) -> dict[str, str]:
@@ -97,23 +109,49 @@ _MORE_KEYS = click.argument("more_keys", nargs=-1, type=click.Path(exists=True, 
 @lineage.command("verify")
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @_MORE_KEYS
-@click.option("--trust", "trust", multiple=True, type=click.Path(exists=True, dir_okay=False),
-              help="A trusted public key (.pub), obtained out of band: authorities, parent runs, the run key. "
-                   "Repeat it, or give several after one --trust (a shell glob works).")
+@click.option(
+  "--trust",
+  "trust",
+  multiple=True,
+  type=click.Path(exists=True, dir_okay=False),
+  help="A trusted public key (.pub), obtained out of band: authorities, parent runs, the run key. "
+  "Repeat it, or give several after one --trust (a shell glob works).",
+)
 @_RUN_KEY
-@click.option("--parent-dir", multiple=True, help="Directory of a parent run (or RUN_ID=DIR) not where recorded.")
-@click.option("--allow-open", is_flag=True,
-              help="Accept a run that is still running or crashed (no signed run-end); its records after the last "
-                   "signed head are reported as unsigned. Without it the run must be closed.")
-@click.option("--allow-missing", is_flag=True,
-              help="List a referenced document, parent run or checkpoint that is not present as unchecked "
-                   "instead of failing.")
-@click.option("--witness", "witnesses", multiple=True,
-              help="A witness that must have cosigned the final head: its verifier key (NAME+HASH+KEY) or .pub "
-                   "file. Repeatable; requires a closed run even with --allow-open.")
-def verify_cmd(run_dir: str, more_keys: tuple[str, ...], trust: tuple[str, ...], run_key: str | None,
-               parent_dir: tuple[str, ...], allow_open: bool, allow_missing: bool,
-               witnesses: tuple[str, ...]) -> None:
+@click.option(
+  "--parent-dir",
+  multiple=True,
+  help="Directory of a parent run (or RUN_ID=DIR) not where recorded.",
+)
+@click.option(
+  "--allow-open",
+  is_flag=True,
+  help="Accept a run that is still running or crashed (no signed run-end); its records after the last "
+  "signed head are reported as unsigned. Without it the run must be closed.",
+)
+@click.option(
+  "--allow-missing",
+  is_flag=True,
+  help="List a referenced document, parent run or checkpoint that is not present as unchecked "
+  "instead of failing.",
+)
+@click.option(
+  "--witness",
+  "witnesses",
+  multiple=True,
+  help="A witness that must have cosigned the final head: its verifier key (NAME+HASH+KEY) or .pub "
+  "file. Repeatable; requires a closed run even with --allow-open.",
+)
+def verify_cmd(
+  run_dir: str,
+  more_keys: tuple[str, ...],
+  trust: tuple[str, ...],
+  run_key: str | None,
+  parent_dir: tuple[str, ...],
+  allow_open: bool,
+  allow_missing: bool,
+  witnesses: tuple[str, ...],
+) -> None:
   """Audit a run: every record, the chain, Merkle roots, signed heads, run-end, references, checkpoints,
   parent runs and witnesses.
 
@@ -121,16 +159,26 @@ def verify_cmd(run_dir: str, more_keys: tuple[str, ...], trust: tuple[str, ...],
   from aqgov.lineage._verify import verify_lineage
 
   store = _trust(run_dir, trust + more_keys, run_key)
-  report = verify_lineage(run_dir, store, parent_dirs=_parent_dirs(parent_dir),
-                          require_closed=not allow_open, require_references=not allow_missing, witnesses=witnesses)
+  report = verify_lineage(
+    run_dir,
+    store,
+    parent_dirs=_parent_dirs(parent_dir),
+    require_closed=not allow_open,
+    require_references=not allow_missing,
+    witnesses=witnesses,
+  )
   if report.witnessed:
-    click.echo(f"OK final head (size {report.size}) cosigned by witness(es) {', '.join(report.witnessed)}")
+    click.echo(
+      f"OK final head (size {report.size}) cosigned by witness(es) {', '.join(report.witnessed)}"
+    )
   r = report
   while r is not None:
     state = "closed" if r.closed else f"open, {r.unsigned} unsigned record(s) after the last head"
     torn = f", torn tail of {r.torn_bytes} bytes ignored" if r.torn_bytes else ""
-    click.echo(f"OK run {r.run_id}: {r.size} records, root {r.root[:16]}..., {r.heads} signed heads by "
-               f"{r.signer!r} ({state}{torn})")
+    click.echo(
+      f"OK run {r.run_id}: {r.size} records, root {r.root[:16]}..., {r.heads} signed heads by "
+      f"{r.signer!r} ({state}{torn})"
+    )
     for c in r.checked:
       click.echo(f"   verified {c}")
     for u in r.unchecked:
@@ -154,14 +202,23 @@ def show_cmd(run_dir: str) -> None:
   meta.add_row("policies", ", ".join(p["id"][:16] for p in s["policies"]) or "-")
   meta.add_row("profiles", ", ".join(p["id"][:16] for p in s["profiles"]) or "-")
   meta.add_row("manifests", ", ".join(m["id"][:16] for m in s["manifests"]) or "-")
-  meta.add_row("parent", f"{s['parent']['run_id']} @ {s['parent']['size']}" if s.get("parent") else "-")
-  meta.add_row("records", f"{d.size} ({', '.join(f'{k}: {v}' for k, v in sorted(d.kinds.items()))})")
+  meta.add_row(
+    "parent", f"{s['parent']['run_id']} @ {s['parent']['size']}" if s.get("parent") else "-"
+  )
+  meta.add_row(
+    "records", f"{d.size} ({', '.join(f'{k}: {v}' for k, v in sorted(d.kinds.items()))})"
+  )
   meta.add_row("signed heads", f"{d.heads} (last covers {d.signed_size})")
   if d.unsigned:
-    meta.add_row("unsigned tail", f"{d.unsigned} record(s) after the last signed head (not shown or counted)")
+    meta.add_row(
+      "unsigned tail", f"{d.unsigned} record(s) after the last signed head (not shown or counted)"
+    )
   meta.add_row("status", (d.status or "closed") if d.closed else "open (not closed)")
-  meta.add_row("steps", f"{d.steps} effective, last step {d.last_step}, last loss "
-                        f"{'-' if d.last_loss is None else f'{d.last_loss:.6g}'}")
+  meta.add_row(
+    "steps",
+    f"{d.steps} effective, last step {d.last_step}, last loss "
+    f"{'-' if d.last_loss is None else f'{d.last_loss:.6g}'}",
+  )
   meta.add_row("examples", str(d.examples))
   meta.add_row("checkpoints", ", ".join(str(c.step) for c in d.checkpoints) or "-")
   meta.add_row("resumes", str(d.resumes))
@@ -181,9 +238,17 @@ def show_cmd(run_dir: str) -> None:
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--group", required=True, help="Parameter group name.")
 @click.option("--step", type=int, default=None, help="Only this step.")
-@click.option("--include-superseded", is_flag=True, help="Also steps whose effect was lost to a crash and resume.")
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per line instead of a table.")
-def query_cmd(run_dir: str, group: str, step: int | None, include_superseded: bool, as_json: bool) -> None:
+@click.option(
+  "--include-superseded",
+  is_flag=True,
+  help="Also steps whose effect was lost to a crash and resume.",
+)
+@click.option(
+  "--json", "as_json", is_flag=True, help="One JSON object per line instead of a table."
+)
+def query_cmd(
+  run_dir: str, group: str, step: int | None, include_superseded: bool, as_json: bool
+) -> None:
   """Which examples reached GROUP, at which steps, with what weight and contribution norm."""
   from aqgov.lineage._query import membership
 
@@ -192,58 +257,125 @@ def query_cmd(run_dir: str, group: str, step: int | None, include_superseded: bo
     for m in rows:
       click.echo(json.dumps(m._asdict()))
     return
-  table = Table(title=f"examples that reached {group!r}" + (f" at step {step}" if step is not None else ""))
+  table = Table(
+    title=f"examples that reached {group!r}" + (f" at step {step}" if step is not None else "")
+  )
   for col in ("step", "example", "route class", "weight", "contribution norm"):
     table.add_column(col, justify="right" if col != "example" else "left")
   for m in rows:
-    table.add_row(str(m.step) + (" (superseded)" if m.superseded else ""), m.example_id, str(m.route_class),
-                  f"{m.weight:.6g}", f"{m.contribution_norm:.6g}")
+    table.add_row(
+      str(m.step) + (" (superseded)" if m.superseded else ""),
+      m.example_id,
+      str(m.route_class),
+      f"{m.weight:.6g}",
+      f"{m.contribution_norm:.6g}",
+    )
   Console().print(table)
-  click.echo(f"{len(rows)} (step, example) pairs; {len({m.example_id for m in rows})} distinct examples")
+  click.echo(
+    f"{len(rows)} (step, example) pairs; {len({m.example_id for m in rows})} distinct examples"
+  )
 
 
 @lineage.command("replay")
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @_MORE_KEYS
 @click.option("--step", type=int, required=True, help="Rebuild the params after this step.")
-@click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False), help="Examples (JSONL).")
-@click.option("--from", "from_checkpoint", type=int, default=None,
-              help="Start from the checkpoint at or before this step instead of the nearest.")
-@click.option("--trust", multiple=True, type=click.Path(exists=True, dir_okay=False),
-              help="The authorities' public keys (and the run key), obtained out of band; the lineage must "
-                   "verify against them before anything is imported.")
+@click.option(
+  "--data", required=True, type=click.Path(exists=True, dir_okay=False), help="Examples (JSONL)."
+)
+@click.option(
+  "--from",
+  "from_checkpoint",
+  type=int,
+  default=None,
+  help="Start from the checkpoint at or before this step instead of the nearest.",
+)
+@click.option(
+  "--trust",
+  multiple=True,
+  type=click.Path(exists=True, dir_okay=False),
+  help="The authorities' public keys (and the run key), obtained out of band; the lineage must "
+  "verify against them before anything is imported.",
+)
 @_RUN_KEY
-@click.option("--task", "task_ref", default=None,
-              help="The task factory to import (module:attr); it must be the one run-start recorded. "
-                   "Default: an installed 'aqgov.tasks' entry point for the recorded task.")
-def replay_cmd(run_dir: str, more_keys: tuple[str, ...], step: int, data: str, from_checkpoint: int | None,
-               trust: tuple[str, ...], run_key: str | None, task_ref: str | None) -> None:
+@click.option(
+  "--task",
+  "task_ref",
+  default=None,
+  help="The task factory to import (module:attr); it must be the one run-start recorded. "
+  "Default: an installed 'aqgov.tasks' entry point for the recorded task.",
+)
+def replay_cmd(
+  run_dir: str,
+  more_keys: tuple[str, ...],
+  step: int,
+  data: str,
+  from_checkpoint: int | None,
+  trust: tuple[str, ...],
+  run_key: str | None,
+  task_ref: str | None,
+) -> None:
   """Re-execute the recorded steps and check every fingerprint (and full hashes where recorded)."""
   from aqgov.lineage._replay import replay
 
-  result = replay(run_dir, step=step, examples=data, trust=_trust(run_dir, trust + more_keys, run_key),
-                  task=task_ref, from_checkpoint=from_checkpoint)
+  result = replay(
+    run_dir,
+    step=step,
+    examples=data,
+    trust=_trust(run_dir, trust + more_keys, run_key),
+    task=task_ref,
+    from_checkpoint=from_checkpoint,
+  )
   if not result.steps_replayed:
-    click.echo(f"OK step {result.step} is a recorded checkpoint and its params hash matches the record "
-               "(nothing re-executed; pass --from to re-derive it from an earlier checkpoint)")
+    click.echo(
+      f"OK step {result.step} is a recorded checkpoint and its params hash matches the record "
+      "(nothing re-executed; pass --from to re-derive it from an earlier checkpoint)"
+    )
     return
   checked = ", ".join(str(s) for s in result.hashes_checked)
-  click.echo(f"OK replayed steps {result.from_checkpoint + 1}..{result.step} from the checkpoint at step "
-             f"{result.from_checkpoint}: every fingerprint matches; full params hash checked at step(s) {checked}")
+  click.echo(
+    f"OK replayed steps {result.from_checkpoint + 1}..{result.step} from the checkpoint at step "
+    f"{result.from_checkpoint}: every fingerprint matches; full params hash checked at step(s) {checked}"
+  )
 
 
 @lineage.command("export")
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @_MORE_KEYS
-@click.option("--intoto", "out", required=True, type=click.Path(dir_okay=False), help="Write the DSSE envelope here.")
-@click.option("--key", "key_path", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Signing key (default: the run's key in --key-dir).")
-@click.option("--key-dir", type=click.Path(exists=True, file_okay=False), default=None,
-              help="Directory holding the run key (default: $XDG_CONFIG_HOME/aqgov/keys/RUN_ID/).")
-@click.option("--trust", multiple=True, type=click.Path(exists=True, dir_okay=False),
-              help="Keys to verify the lineage against first (default: the signing key).")
-def export_cmd(run_dir: str, more_keys: tuple[str, ...], out: str, key_path: str | None, key_dir: str | None,
-               trust: tuple[str, ...]) -> None:
+@click.option(
+  "--intoto",
+  "out",
+  required=True,
+  type=click.Path(dir_okay=False),
+  help="Write the DSSE envelope here.",
+)
+@click.option(
+  "--key",
+  "key_path",
+  type=click.Path(exists=True, dir_okay=False),
+  default=None,
+  help="Signing key (default: the run's key in --key-dir).",
+)
+@click.option(
+  "--key-dir",
+  type=click.Path(exists=True, file_okay=False),
+  default=None,
+  help="Directory holding the run key (default: $XDG_CONFIG_HOME/aqgov/keys/RUN_ID/).",
+)
+@click.option(
+  "--trust",
+  multiple=True,
+  type=click.Path(exists=True, dir_okay=False),
+  help="Keys to verify the lineage against first (default: the signing key).",
+)
+def export_cmd(
+  run_dir: str,
+  more_keys: tuple[str, ...],
+  out: str,
+  key_path: str | None,
+  key_dir: str | None,
+  trust: tuple[str, ...],
+) -> None:
   """Attest the run: an in-toto Statement v1 (subjects: checkpoint digests) in a signed DSSE envelope."""
   from aqgov.lineage._export import export_intoto
   from aqgov.lineage._trust import default_key_dir, find_run_key

@@ -9,10 +9,10 @@ from rich.console import Console
 from rich.table import Table
 
 from aqgov import documents
-from aqgov.policy import _compile as compiledlib
-from aqgov.policy._policy import POLICY
 from aqgov.cli.signed import add_sign_and_verify
 from aqgov.credentials._taxonomy import Taxonomy
+from aqgov.policy import _compile as compiledlib
+from aqgov.policy._policy import POLICY
 
 
 @click.group()
@@ -24,13 +24,27 @@ add_sign_and_verify(policy, POLICY.name)
 
 
 @policy.command("explain")
-@click.argument("policy_paths", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
-@click.option("--params", "params_path", required=True, type=click.Path(exists=True, dir_okay=False),
-              help="JSON shapes of the parameter tree: nested keys down to shape lists, e.g. "
-                   "{\"blocks\": {\"0\": {\"kernel\": [64, 256]}}}; a key may hold '/' for nesting.")
-@click.option("--taxonomy", "taxonomy_paths", multiple=True, type=click.Path(exists=True, dir_okay=False),
-              help="Taxonomy TOML to type-check the rule conditions against (repeatable).")
-def explain(policy_paths: tuple[str, ...], params_path: str, taxonomy_paths: tuple[str, ...]) -> None:
+@click.argument(
+  "policy_paths", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False)
+)
+@click.option(
+  "--params",
+  "params_path",
+  required=True,
+  type=click.Path(exists=True, dir_okay=False),
+  help="JSON shapes of the parameter tree: nested keys down to shape lists, e.g. "
+  '{"blocks": {"0": {"kernel": [64, 256]}}}; a key may hold \'/\' for nesting.',
+)
+@click.option(
+  "--taxonomy",
+  "taxonomy_paths",
+  multiple=True,
+  type=click.Path(exists=True, dir_okay=False),
+  help="Taxonomy TOML to type-check the rule conditions against (repeatable).",
+)
+def explain(
+  policy_paths: tuple[str, ...], params_path: str, taxonomy_paths: tuple[str, ...]
+) -> None:
   """Print the route class x group weight table of POLICY... (composed: most restrictive wins).
 
   Each POLICY is TOML or a signed file (signatures are not checked here: use `aqgov policy
@@ -55,7 +69,10 @@ def explain(policy_paths: tuple[str, ...], params_path: str, taxonomy_paths: tup
     table.add_row(name, *cells)
   console.print(table)
   if taxonomies is None:
-    console.print("note: conditions were parsed but not type-checked; pass --taxonomy to check them", highlight=False)
+    console.print(
+      "note: conditions were parsed but not type-checked; pass --taxonomy to check them",
+      highlight=False,
+    )
   for w in t.warnings:
     console.print(f"[yellow]warning:[/yellow] {w}", highlight=False)
 

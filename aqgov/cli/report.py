@@ -11,27 +11,77 @@ from aqgov.errors import LineageError
 @click.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @_MORE_KEYS
-@click.option("-o", "--out", "out", default="report.html", show_default=True, type=click.Path(dir_okay=False),
-              help="Write the HTML report here.")
-@click.option("--trust", "trust", multiple=True, type=click.Path(exists=True, dir_okay=False),
-              help="A trusted public key (.pub) obtained out of band, as for `aqgov lineage verify`.")
+@click.option(
+  "-o",
+  "--out",
+  "out",
+  default="report.html",
+  show_default=True,
+  type=click.Path(dir_okay=False),
+  help="Write the HTML report here.",
+)
+@click.option(
+  "--trust",
+  "trust",
+  multiple=True,
+  type=click.Path(exists=True, dir_okay=False),
+  help="A trusted public key (.pub) obtained out of band, as for `aqgov lineage verify`.",
+)
 @_RUN_KEY
-@click.option("--parent-dir", multiple=True, help="Directory of a parent run (or RUN_ID=DIR) not where recorded.")
-@click.option("--allow-open", is_flag=True, help="Accept a run that is still running or crashed (no signed run-end).")
-@click.option("--allow-missing", is_flag=True, help="List a missing referenced file as unchecked instead of failing.")
-@click.option("--witness", "witnesses", multiple=True, help="A witness that must have cosigned the final head.")
-@click.option("--attestation", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="The run's attestation (`aqgov lineage export --intoto`): its digest and subjects are shown.")
-def report(run_dir: str, more_keys: tuple[str, ...], out: str, trust: tuple[str, ...], run_key: str | None,
-           parent_dir: tuple[str, ...],
-           allow_open: bool, allow_missing: bool, witnesses: tuple[str, ...], attestation: str | None) -> None:
+@click.option(
+  "--parent-dir",
+  multiple=True,
+  help="Directory of a parent run (or RUN_ID=DIR) not where recorded.",
+)
+@click.option(
+  "--allow-open",
+  is_flag=True,
+  help="Accept a run that is still running or crashed (no signed run-end).",
+)
+@click.option(
+  "--allow-missing",
+  is_flag=True,
+  help="List a missing referenced file as unchecked instead of failing.",
+)
+@click.option(
+  "--witness", "witnesses", multiple=True, help="A witness that must have cosigned the final head."
+)
+@click.option(
+  "--attestation",
+  type=click.Path(exists=True, dir_okay=False),
+  default=None,
+  help="The run's attestation (`aqgov lineage export --intoto`): its digest and subjects are shown.",
+)
+def report(
+  run_dir: str,
+  more_keys: tuple[str, ...],
+  out: str,
+  trust: tuple[str, ...],
+  run_key: str | None,
+  parent_dir: tuple[str, ...],
+  allow_open: bool,
+  allow_missing: bool,
+  witnesses: tuple[str, ...],
+  attestation: str | None,
+) -> None:
   """Write the audit report of RUN_DIR: verification (with the same trust options as `aqgov lineage
   verify`), routing, reach, entropy and events, admission refusals, checkpoints and the attestation."""
   from aqgov.report import write_report
 
-  data = write_report(run_dir, out, _trust(run_dir, trust + more_keys, run_key), attestation=attestation,
-                      parent_dirs=_parent_dirs(parent_dir), require_closed=not allow_open,
-                      require_references=not allow_missing, witnesses=witnesses)
+  data = write_report(
+    run_dir,
+    out,
+    _trust(run_dir, trust + more_keys, run_key),
+    attestation=attestation,
+    parent_dirs=_parent_dirs(parent_dir),
+    require_closed=not allow_open,
+    require_references=not allow_missing,
+    witnesses=witnesses,
+  )
   if data.verification.error:
-    raise LineageError(f"wrote {out}, which shows that the run does NOT verify: {data.verification.error}")
-  click.echo(f"wrote {out}: run {data.description.run_id} verified ({data.verification.report.size} records)")
+    raise LineageError(
+      f"wrote {out}, which shows that the run does NOT verify: {data.verification.error}"
+    )
+  click.echo(
+    f"wrote {out}: run {data.description.run_id} verified ({data.verification.report.size} records)"
+  )

@@ -15,21 +15,46 @@ def add_sign_and_verify(group: click.Group, type_name: str) -> None:
 
   @group.command("sign")
   @click.argument("doc_path", type=click.Path(exists=True, dir_okay=False))
-  @click.option("--key", "key_path", required=True, type=click.Path(dir_okay=False), help="The signer's private .key.")
-  @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="Signed file to write.")
+  @click.option(
+    "--key",
+    "key_path",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="The signer's private .key.",
+  )
+  @click.option(
+    "--out",
+    "out_path",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="Signed file to write.",
+  )
   def sign(doc_path: str, key_path: str, out_path: str) -> None:
     """Sign DOC (TOML, or an already signed file, which gains another signer) into OUT."""
-    signed = documents.sign(doc_type, documents.read_any(doc_type, doc_path), keylib.load_signing_key(key_path))
+    signed = documents.sign(
+      doc_type, documents.read_any(doc_type, doc_path), keylib.load_signing_key(key_path)
+    )
     documents.write(doc_type, signed, out_path)
     click.echo(f"signed {out_path}: {doc_type.noun} {signed.payload.get('name')!r} id {signed.id}")
     click.echo(f"  signers: {', '.join(signed.signers)}")
 
   @group.command("verify")
   @click.argument("signed_path", type=click.Path(exists=True, dir_okay=False))
-  @click.option("--trust", "trust_paths", multiple=True, required=True, type=click.Path(dir_okay=False),
-                help="A trusted signer's .pub (repeatable).")
-  @click.option("--min-signers", default=1, show_default=True, type=click.IntRange(min=1),
-                help="How many trusted signatures are required.")
+  @click.option(
+    "--trust",
+    "trust_paths",
+    multiple=True,
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="A trusted signer's .pub (repeatable).",
+  )
+  @click.option(
+    "--min-signers",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="How many trusted signatures are required.",
+  )
   def verify(signed_path: str, trust_paths: tuple[str, ...], min_signers: int) -> None:
     """Verify SIGNED's signatures against the trusted keys; exit 1 unless enough verify."""
     signed = documents.read(doc_type, signed_path)

@@ -22,7 +22,9 @@ def _log_entry(value: str) -> tuple[str, notes.NoteKey]:
     return origin, notes.note_key(keylib.load_public_key(key), origin, notes.ED25519)
   k = notes.parse_verifier_key(key)
   if k.type != notes.ED25519 or k.name != origin:
-    raise NoteError(f"log key for {origin!r} must be an Ed25519 (0x01) verifier key named {origin!r}")
+    raise NoteError(
+      f"log key for {origin!r} must be an Ed25519 (0x01) verifier key named {origin!r}"
+    )
   return origin, k
 
 
@@ -39,22 +41,52 @@ def witness() -> None:
 
 
 @witness.command("serve")
-@click.option("--state", "state_dir", required=True, type=click.Path(file_okay=False),
-              help="Directory for the latest cosigned checkpoint of each log (keep it; never delete it).")
-@click.option("--key", "key_path", required=True, type=click.Path(exists=True, dir_okay=False),
-              help="The witness's private key (from `aqgov keys new NAME --out DIR`).")
-@click.option("--log", "logs", multiple=True, required=True,
-              help="ORIGIN=KEY: a log to witness and its key (a verifier key, or the run's .pub). Repeatable.")
-@click.option("--listen", default="127.0.0.1:8765", show_default=True, help="HOST:PORT to listen on (port 0: any).")
-@click.option("--name", default=None, help="The witness's note name [default: aqgov.example/witness/<key name>].")
+@click.option(
+  "--state",
+  "state_dir",
+  required=True,
+  type=click.Path(file_okay=False),
+  help="Directory for the latest cosigned checkpoint of each log (keep it; never delete it).",
+)
+@click.option(
+  "--key",
+  "key_path",
+  required=True,
+  type=click.Path(exists=True, dir_okay=False),
+  help="The witness's private key (from `aqgov keys new NAME --out DIR`).",
+)
+@click.option(
+  "--log",
+  "logs",
+  multiple=True,
+  required=True,
+  help="ORIGIN=KEY: a log to witness and its key (a verifier key, or the run's .pub). Repeatable.",
+)
+@click.option(
+  "--listen",
+  default="127.0.0.1:8765",
+  show_default=True,
+  help="HOST:PORT to listen on (port 0: any).",
+)
+@click.option(
+  "--name",
+  default=None,
+  help="The witness's note name [default: aqgov.example/witness/<key name>].",
+)
 @click.option("--verbose", is_flag=True, help="Log every request.")
-def serve_cmd(state_dir: str, key_path: str, logs: tuple[str, ...], listen: str, name: str | None,
-              verbose: bool) -> None:
+def serve_cmd(
+  state_dir: str, key_path: str, logs: tuple[str, ...], listen: str, name: str | None, verbose: bool
+) -> None:
   """Serve POST /add-checkpoint until interrupted."""
   from aqgov.lineage._witness import Witness, WitnessServer, log_keys
 
   key = keylib.load_signing_key(key_path)
-  w = Witness(key, name or DEFAULT_NAME.format(name=key.name), log_keys(_log_entry(v) for v in logs), state_dir)
+  w = Witness(
+    key,
+    name or DEFAULT_NAME.format(name=key.name),
+    log_keys(_log_entry(v) for v in logs),
+    state_dir,
+  )
   host, port = _listen(listen)
   server = WitnessServer(w, host, port, verbose=verbose)
   click.echo(f"witness {w.name} listening on {server.url}")
@@ -72,7 +104,9 @@ def serve_cmd(state_dir: str, key_path: str, logs: tuple[str, ...], listen: str,
 @witness.command("vkey")
 @click.argument("pub", type=click.Path(exists=True, dir_okay=False))
 @click.option("--name", required=True, help="The note name (a witness's name, or a log's origin).")
-@click.option("--log", "as_log", is_flag=True, help="A log key (type 0x01) rather than a witness key (0x04).")
+@click.option(
+  "--log", "as_log", is_flag=True, help="A log key (type 0x01) rather than a witness key (0x04)."
+)
 def vkey_cmd(pub: str, name: str, as_log: bool) -> None:
   """Print the verifier key string of PUB under NAME."""
   kind = notes.ED25519 if as_log else notes.COSIGNATURE_V1
@@ -81,10 +115,20 @@ def vkey_cmd(pub: str, name: str, as_log: bool) -> None:
 
 @witness.command("cosign")
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
-@click.option("--witness", "witnesses", multiple=True, required=True,
-              help="URL=KEY: a witness and its key (verifier key or .pub). Repeatable.")
-@click.option("--key", "key_path", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="The run's signing key (default: the run key in $XDG_CONFIG_HOME/aqgov/keys/RUN_ID/).")
+@click.option(
+  "--witness",
+  "witnesses",
+  multiple=True,
+  required=True,
+  help="URL=KEY: a witness and its key (verifier key or .pub). Repeatable.",
+)
+@click.option(
+  "--key",
+  "key_path",
+  type=click.Path(exists=True, dir_okay=False),
+  default=None,
+  help="The run's signing key (default: the run key in $XDG_CONFIG_HOME/aqgov/keys/RUN_ID/).",
+)
 def cosign_cmd(run_dir: str, witnesses: tuple[str, ...], key_path: str | None) -> None:
   """Get cosignatures on RUN's last signed head (for a run that ended without them)."""
   from aqgov.lineage._cosign import cosign_final_head

@@ -39,11 +39,13 @@ from aqgov.errors import AdmissionError, CredentialError
 class RejectReason(enum.StrEnum):
   """Why an example was not admitted with credentials."""
 
-  CONTENT_HASH_MISMATCH = "content-hash-mismatch"  # bytes differ from what an authority credentialed
-  NO_CREDENTIAL = "no-credential"                   # no trusted manifest names the example
-  FORGED_MANIFEST = "forged-manifest"               # only a manifest that fails verification names it
-  UNTRUSTED_KEY = "untrusted-key"                   # only a manifest signed by an untrusted key names it
-  MISSING_AUTHORITY = "missing-authority"           # a required authority did not credential it
+  CONTENT_HASH_MISMATCH = (
+    "content-hash-mismatch"  # bytes differ from what an authority credentialed
+  )
+  NO_CREDENTIAL = "no-credential"  # no trusted manifest names the example
+  FORGED_MANIFEST = "forged-manifest"  # only a manifest that fails verification names it
+  UNTRUSTED_KEY = "untrusted-key"  # only a manifest signed by an untrusted key names it
+  MISSING_AUTHORITY = "missing-authority"  # a required authority did not credential it
 
 
 class Rejection(NamedTuple):
@@ -100,7 +102,10 @@ def _index_manifests(manifests: Sequence[Manifest], trust: TrustStore):
   by_content: dict[str, dict[str, Entry]] = {}  # authority -> content sha256 -> first entry
   for m in manifests:
     if not trusted_for_authority(m, trust):
-      reason, message = RejectReason.UNTRUSTED_KEY, f"no trusted key named {m.authority!r} signed it"
+      reason, message = (
+        RejectReason.UNTRUSTED_KEY,
+        f"no trusted key named {m.authority!r} signed it",
+      )
     else:
       try:
         verify(MANIFEST, m.document, trust)
@@ -115,16 +120,22 @@ def _index_manifests(manifests: Sequence[Manifest], trust: TrustStore):
     tax = m.taxonomy
     if taxonomies.setdefault(m.authority, tax).id != tax.id:
       raise CredentialError(
-          f"two trusted manifests of {m.authority!r} use different taxonomies; re-issue them under one taxonomy")
+        f"two trusted manifests of {m.authority!r} use different taxonomies; re-issue them under one taxonomy"
+      )
     index = good.setdefault(m.authority, {})
     contents = by_content.setdefault(m.authority, {})
     for e in m.entries:
       prior = index.setdefault(e.id, e)
-      if prior.sha256 != e.sha256 or canonical.encode(dict(prior.labels)) != canonical.encode(dict(e.labels)):
+      if prior.sha256 != e.sha256 or canonical.encode(dict(prior.labels)) != canonical.encode(
+        dict(e.labels)
+      ):
         raise CredentialError(
-            f"two trusted manifests of {m.authority!r} credential example {e.id!r} differently; "
-            "revoke one of them before training")
-      check_same_labels(contents.setdefault(e.sha256, e), e, f"trusted manifests of {m.authority!r}")
+          f"two trusted manifests of {m.authority!r} credential example {e.id!r} differently; "
+          "revoke one of them before training"
+        )
+      check_same_labels(
+        contents.setdefault(e.sha256, e), e, f"trusted manifests of {m.authority!r}"
+      )
   return good, taxonomies, bad, tuple(problems)
 
 
@@ -143,9 +154,16 @@ class Admission:
       the trusted manifests' taxonomies, ordered by authority name.
   """
 
-  def __init__(self, trust: TrustStore, manifests: Iterable[Manifest | SignedDocument], *, admit_uncredentialed: bool = False,
-               require: Sequence[str] = (), on_reject: Literal["raise", "collect"] = "raise",
-               label_space: LabelSpace | None = None):
+  def __init__(
+    self,
+    trust: TrustStore,
+    manifests: Iterable[Manifest | SignedDocument],
+    *,
+    admit_uncredentialed: bool = False,
+    require: Sequence[str] = (),
+    on_reject: Literal["raise", "collect"] = "raise",
+    label_space: LabelSpace | None = None,
+  ):
     if on_reject not in ("raise", "collect"):
       raise ValueError(f"on_reject must be 'raise' or 'collect', got {on_reject!r}")
     self.trust = trust
@@ -158,13 +176,19 @@ class Admission:
     else:
       for authority, tax in taxonomies.items():
         if authority not in {t.authority for t in label_space.taxonomies}:
-          raise CredentialError(f"trusted manifest of {authority!r} is outside the given label space; add its taxonomy")
+          raise CredentialError(
+            f"trusted manifest of {authority!r} is outside the given label space; add its taxonomy"
+          )
         if label_space.taxonomy(authority).id != tax.id:
-          raise CredentialError(f"manifest of {authority!r} uses a different taxonomy than the given label space")
+          raise CredentialError(
+            f"manifest of {authority!r} uses a different taxonomy than the given label space"
+          )
     self.label_space = label_space
     unknown = [a for a in require if a not in self._index]
     if unknown:
-      raise CredentialError(f"required authorities {unknown} have no verified manifest; trusted: {sorted(self._index)}")
+      raise CredentialError(
+        f"required authorities {unknown} have no verified manifest; trusted: {sorted(self._index)}"
+      )
     self.require = tuple(require)
 
   @property
@@ -182,21 +206,29 @@ class Admission:
       if entry is None:
         continue
       if entry.sha256 != digest:
-        return Verdict(ex, False, None, Rejection(ex.id, RejectReason.CONTENT_HASH_MISMATCH),
-                       f"example {ex.id!r}: its bytes hash to {digest[:16]}... but {authority!r} credentialed "
-                       f"{entry.sha256[:16]}...; altered content is never admitted")
+        return Verdict(
+          ex,
+          False,
+          None,
+          Rejection(ex.id, RejectReason.CONTENT_HASH_MISMATCH),
+          f"example {ex.id!r}: its bytes hash to {digest[:16]}... but {authority!r} credentialed "
+          f"{entry.sha256[:16]}...; altered content is never admitted",
+        )
       labels[authority] = entry.labels
     missing = [a for a in self.require if a not in labels]
     if labels and not missing:
       return Verdict(ex, True, labels)
     if labels:
-      reason, message = RejectReason.MISSING_AUTHORITY, f"example {ex.id!r} is not credentialed by required {missing}"
+      reason, message = (
+        RejectReason.MISSING_AUTHORITY,
+        f"example {ex.id!r} is not credentialed by required {missing}",
+      )
     else:
       reason = self._bad.get(ex.id, RejectReason.NO_CREDENTIAL)
       message = {
-          RejectReason.NO_CREDENTIAL: f"example {ex.id!r} has no credential in any trusted manifest",
-          RejectReason.FORGED_MANIFEST: f"example {ex.id!r} is credentialed only by a manifest that fails verification",
-          RejectReason.UNTRUSTED_KEY: f"example {ex.id!r} is credentialed only by a manifest from an untrusted key",
+        RejectReason.NO_CREDENTIAL: f"example {ex.id!r} has no credential in any trusted manifest",
+        RejectReason.FORGED_MANIFEST: f"example {ex.id!r} is credentialed only by a manifest that fails verification",
+        RejectReason.UNTRUSTED_KEY: f"example {ex.id!r} is credentialed only by a manifest from an untrusted key",
       }[reason]
     if not self.admit_uncredentialed:
       message += "; credential it, or let the policy admit uncredentialed examples"
@@ -206,11 +238,16 @@ class Admission:
     """`decide`, raising `AdmissionError` for a rejected example when `on_reject="raise"`."""
     verdict = self.decide(example)
     if not verdict.admitted and self.on_reject == "raise":
-      raise AdmissionError(f"{verdict.message} (reason: {verdict.rejection.reason})",
-                           example_id=verdict.example.id, reason=str(verdict.rejection.reason))
+      raise AdmissionError(
+        f"{verdict.message} (reason: {verdict.rejection.reason})",
+        example_id=verdict.example.id,
+        reason=str(verdict.rejection.reason),
+      )
     return verdict
 
-  def admit(self, examples: Iterable[Example | Mapping[str, Any]], *, transform=None) -> AdmittedBatch:
+  def admit(
+    self, examples: Iterable[Example | Mapping[str, Any]], *, transform=None
+  ) -> AdmittedBatch:
     """Admit a batch. Raises `AdmissionError` on a rejection unless `on_reject="collect"`.
 
     `transform(example) -> pytree` turns each admitted example into model inputs, stacked with numpy.
@@ -226,15 +263,24 @@ class Admission:
       trees = [transform(v.example) for v in admitted]
       inputs = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *trees)
     return AdmittedBatch(
-        ids=tuple(v.example.id for v in admitted),
-        content=tuple(v.example.content for v in admitted),
-        labels=labels,
-        credentialed=np.asarray([v.labels is not None for v in admitted], dtype=bool).reshape(len(admitted)),
-        rejected=tuple(v.rejection for v in verdicts if not v.admitted),
-        inputs=inputs)
+      ids=tuple(v.example.id for v in admitted),
+      content=tuple(v.example.content for v in admitted),
+      labels=labels,
+      credentialed=np.asarray([v.labels is not None for v in admitted], dtype=bool).reshape(
+        len(admitted)
+      ),
+      rejected=tuple(v.rejection for v in verdicts if not v.admitted),
+      inputs=inputs,
+    )
 
 
-def admit(examples: Iterable[Example | Mapping[str, Any]], trust: TrustStore, manifests: Iterable[Manifest],
-          *, transform=None, **options) -> AdmittedBatch:
+def admit(
+  examples: Iterable[Example | Mapping[str, Any]],
+  trust: TrustStore,
+  manifests: Iterable[Manifest],
+  *,
+  transform=None,
+  **options,
+) -> AdmittedBatch:
   """One-shot `Admission(trust, manifests, **options).admit(examples, transform=transform)`."""
   return Admission(trust, manifests, **options).admit(examples, transform=transform)

@@ -23,9 +23,14 @@ def _iterate(source: Any) -> Iterator[Any]:
   return iter(source)
 
 
-def governed_batches(examples: Iterable[Example | Mapping[str, Any]], admission: Admission, batch_size: int, *,
-                     drop_remainder: bool = False,
-                     transform: Callable[[Example], Any] | None = None) -> Iterator[AdmittedBatch]:
+def governed_batches(
+  examples: Iterable[Example | Mapping[str, Any]],
+  admission: Admission,
+  batch_size: int,
+  *,
+  drop_remainder: bool = False,
+  transform: Callable[[Example], Any] | None = None,
+) -> Iterator[AdmittedBatch]:
   """Yield admitted batches of `batch_size` examples.
 
   `examples` is any iterable of `Example`s or JSONL-shaped mappings, or a grain `MapDataset` of

@@ -63,13 +63,19 @@ def as_example(record: Example | Mapping[str, Any], where: str = "example") -> E
   if isinstance(record, Example):
     return record
   if not isinstance(record, Mapping):
-    raise CredentialError(f"{where}: expected a mapping with 'id' and 'content', got {type(record).__name__}")
+    raise CredentialError(
+      f"{where}: expected a mapping with 'id' and 'content', got {type(record).__name__}"
+    )
   ex_id = record.get("id")
   if not isinstance(ex_id, str) or not ex_id or not _is_text(ex_id):
-    raise CredentialError(f"{where}: 'id' must be a non-empty string of Unicode text, got {ex_id!r}")
+    raise CredentialError(
+      f"{where}: 'id' must be a non-empty string of Unicode text, got {ex_id!r}"
+    )
   has_text, has_b64 = "content" in record, "content_b64" in record
   if has_text == has_b64:
-    raise CredentialError(f"{where} (id {ex_id!r}): give exactly one of 'content' (text) or 'content_b64'")
+    raise CredentialError(
+      f"{where} (id {ex_id!r}): give exactly one of 'content' (text) or 'content_b64'"
+    )
   if has_text:
     text = record["content"]
     if isinstance(text, (bytes, bytearray)):
@@ -77,8 +83,10 @@ def as_example(record: Example | Mapping[str, Any], where: str = "example") -> E
     elif isinstance(text, str) and _is_text(text):
       content = text.encode("utf-8")
     else:
-      raise CredentialError(f"{where} (id {ex_id!r}): 'content' must be text (Unicode, no lone surrogates), got "
-                            f"{type(text).__name__} {text!r:.40}")
+      raise CredentialError(
+        f"{where} (id {ex_id!r}): 'content' must be text (Unicode, no lone surrogates), got "
+        f"{type(text).__name__} {text!r:.40}"
+      )
   else:
     try:
       content = base64.b64decode(record["content_b64"], validate=True)
@@ -86,7 +94,9 @@ def as_example(record: Example | Mapping[str, Any], where: str = "example") -> E
       raise CredentialError(f"{where} (id {ex_id!r}): 'content_b64' is not valid base64") from None
   labels = record.get("labels")
   if labels is not None and not isinstance(labels, Mapping):
-    raise CredentialError(f"{where} (id {ex_id!r}): 'labels' must be a mapping, got {type(labels).__name__}")
+    raise CredentialError(
+      f"{where} (id {ex_id!r}): 'labels' must be a mapping, got {type(labels).__name__}"
+    )
   return Example(ex_id, content, labels)
 
 
@@ -105,8 +115,10 @@ def iter_examples(path: str | os.PathLike) -> Iterator[Example]:
       try:
         line = raw.decode("utf-8")
       except UnicodeDecodeError as exc:
-        raise CredentialError(f"{where}: not UTF-8 text (bad byte at column {exc.start + 1}); "
-                              "write the examples file as UTF-8") from None
+        raise CredentialError(
+          f"{where}: not UTF-8 text (bad byte at column {exc.start + 1}); "
+          "write the examples file as UTF-8"
+        ) from None
       if not line.strip():
         continue
       yield as_example(_json_line(line, where), where)
@@ -117,16 +129,24 @@ def _json_line(line: str, where: str) -> Any:
   try:
     record = json.loads(line)
   except json.JSONDecodeError as exc:
-    raise CredentialError(f"{where}: not valid JSON ({exc.msg}); each line must be one JSON object") from None
+    raise CredentialError(
+      f"{where}: not valid JSON ({exc.msg}); each line must be one JSON object"
+    ) from None
   except RecursionError:
-    raise CredentialError(f"{where}: JSON nests too deeply to be read; an example is a flat JSON object") from None
+    raise CredentialError(
+      f"{where}: JSON nests too deeply to be read; an example is a flat JSON object"
+    ) from None
   try:
     json.dumps(record, ensure_ascii=False).encode("utf-8")
   except UnicodeEncodeError:
-    raise CredentialError(f"{where}: a string holds a lone surrogate escape (such as \\ud800), which is not "
-                          "Unicode text; fix the example's text") from None
+    raise CredentialError(
+      f"{where}: a string holds a lone surrogate escape (such as \\ud800), which is not "
+      "Unicode text; fix the example's text"
+    ) from None
   except RecursionError:
-    raise CredentialError(f"{where}: JSON nests too deeply to be read; an example is a flat JSON object") from None
+    raise CredentialError(
+      f"{where}: JSON nests too deeply to be read; an example is a flat JSON object"
+    ) from None
   return record
 
 
@@ -190,10 +210,14 @@ def normalise_labels(taxonomy: Taxonomy, labels: Mapping[str, Any]) -> dict:
 
 def _entry_from(obj: Any, index: int) -> Entry:
   if not isinstance(obj, Mapping) or set(obj) != {"id", "sha256", "labels"}:
-    raise CredentialError(f"manifest entry #{index} is not a map of id, sha256 and labels; the file is malformed")
+    raise CredentialError(
+      f"manifest entry #{index} is not a map of id, sha256 and labels; the file is malformed"
+    )
   ex_id, digest, labels = obj["id"], obj["sha256"], obj["labels"]
   if not isinstance(ex_id, str) or not isinstance(digest, str) or not isinstance(labels, Mapping):
-    raise CredentialError(f"manifest entry #{index} has fields of the wrong type; the file is malformed")
+    raise CredentialError(
+      f"manifest entry #{index} has fields of the wrong type; the file is malformed"
+    )
   return Entry(ex_id, digest, labels)
 
 
@@ -209,9 +233,17 @@ class Manifest:
     p = document.payload
     need = {"authority", "taxonomy", "taxonomy_id", "root", "size", "entries"}
     if not need <= set(p):
-      raise CredentialError(f"credential manifest lacks {sorted(need - set(p))}; the file is malformed")
-    if not isinstance(p["entries"], list) or not isinstance(p["size"], int) or not isinstance(p["root"], str):
-      raise CredentialError("credential manifest has entries, size or root of the wrong type; the file is malformed")
+      raise CredentialError(
+        f"credential manifest lacks {sorted(need - set(p))}; the file is malformed"
+      )
+    if (
+      not isinstance(p["entries"], list)
+      or not isinstance(p["size"], int)
+      or not isinstance(p["root"], str)
+    ):
+      raise CredentialError(
+        "credential manifest has entries, size or root of the wrong type; the file is malformed"
+      )
     try:
       self.root = bytes.fromhex(p["root"])
     except ValueError:
@@ -238,7 +270,9 @@ class Manifest:
     try:
       return Taxonomy.from_dict(self.document.payload["taxonomy"])
     except TaxonomyError as exc:
-      raise CredentialError(f"manifest of {self.authority!r} carries an invalid taxonomy: {exc}") from None
+      raise CredentialError(
+        f"manifest of {self.authority!r} carries an invalid taxonomy: {exc}"
+      ) from None
 
   @property
   def taxonomy_id(self) -> str:
@@ -250,7 +284,8 @@ class Manifest:
   def _position(self, example_id: str) -> int:
     if example_id not in self._index:
       raise CredentialError(
-          f"manifest of {self.authority!r} has no entry for example {example_id!r}; issue a manifest that covers it")
+        f"manifest of {self.authority!r} has no entry for example {example_id!r}; issue a manifest that covers it"
+      )
     return self._index[example_id]
 
   def entry(self, example_id: str) -> Entry:
@@ -280,8 +315,13 @@ def verify_entry(entry: Entry, proof: InclusionProof, root: bytes, size: int) ->
   return merkle.verify_inclusion(entry.leaf_hash(), proof.index, size, list(proof.path), root)
 
 
-def issue_manifest(key: SigningKey, taxonomy: Taxonomy, examples: Iterable[Example | Mapping[str, Any]], *,
-          skip_unlabelled: bool = False) -> Manifest:
+def issue_manifest(
+  key: SigningKey,
+  taxonomy: Taxonomy,
+  examples: Iterable[Example | Mapping[str, Any]],
+  *,
+  skip_unlabelled: bool = False,
+) -> Manifest:
   """Sign a manifest crediting `examples` with their labels for `taxonomy`'s authority.
 
   Entries are ordered by example id, so the same examples give the same manifest bytes. Examples
@@ -289,8 +329,9 @@ def issue_manifest(key: SigningKey, taxonomy: Taxonomy, examples: Iterable[Examp
   """
   if key.name != taxonomy.authority:
     raise CredentialError(
-        f"key {key.name!r} cannot issue credentials for authority {taxonomy.authority!r}: the issuing key must "
-        f"carry the authority's name (create it with `aqgov keys new {taxonomy.authority}`)")
+      f"key {key.name!r} cannot issue credentials for authority {taxonomy.authority!r}: the issuing key must "
+      f"carry the authority's name (create it with `aqgov keys new {taxonomy.authority}`)"
+    )
   entries: dict[str, Entry] = {}
   for n, record in enumerate(examples):
     ex = as_example(record, f"example #{n}")
@@ -298,9 +339,13 @@ def issue_manifest(key: SigningKey, taxonomy: Taxonomy, examples: Iterable[Examp
     if labels is None:
       if skip_unlabelled:
         continue
-      raise CredentialError(f"example {ex.id!r} has no labels for {taxonomy.authority!r}; label it or skip it")
+      raise CredentialError(
+        f"example {ex.id!r} has no labels for {taxonomy.authority!r}; label it or skip it"
+      )
     if ex.id in entries:
-      raise CredentialError(f"example id {ex.id!r} appears twice; ids must be unique within a manifest")
+      raise CredentialError(
+        f"example id {ex.id!r} appears twice; ids must be unique within a manifest"
+      )
     try:
       labels = normalise_labels(taxonomy, labels)
     except TaxonomyError as exc:
@@ -309,22 +354,26 @@ def issue_manifest(key: SigningKey, taxonomy: Taxonomy, examples: Iterable[Examp
   ordered = [entries[k] for k in sorted(entries, key=lambda s: s.encode("utf-8"))]
   by_content: dict[str, Entry] = {}
   for e in ordered:
-    check_same_labels(by_content.setdefault(e.sha256, e), e, f"credentials of {taxonomy.authority!r}")
+    check_same_labels(
+      by_content.setdefault(e.sha256, e), e, f"credentials of {taxonomy.authority!r}"
+    )
   payload = {
-      "authority": taxonomy.authority,
-      "taxonomy": taxonomy.to_dict(),
-      "taxonomy_id": taxonomy.id,
-      "root": merkle.root_from_leaf_hashes([e.leaf_hash() for e in ordered]).hex(),
-      "size": len(ordered),
-      "entries": [e.to_dict() for e in ordered],
+    "authority": taxonomy.authority,
+    "taxonomy": taxonomy.to_dict(),
+    "taxonomy_id": taxonomy.id,
+    "root": merkle.root_from_leaf_hashes([e.leaf_hash() for e in ordered]).hex(),
+    "size": len(ordered),
+    "entries": [e.to_dict() for e in ordered],
   }
   return Manifest(sign(MANIFEST, Manifest(signing.SignedDocument(KIND, payload)), key))
 
 
 def trusted_for_authority(manifest: Manifest, trust: TrustStore) -> bool:
   """Whether the manifest carries a signature by a trusted key named after its authority."""
-  return any(s.key_id in trust and trust.get(s.key_id).name == manifest.authority
-             for s in manifest.document.signatures)
+  return any(
+    s.key_id in trust and trust.get(s.key_id).name == manifest.authority
+    for s in manifest.document.signatures
+  )
 
 
 def _check_structure(manifest: Manifest) -> Manifest:
@@ -332,11 +381,17 @@ def _check_structure(manifest: Manifest) -> Manifest:
   what = f"credential manifest of {manifest.authority!r}"
   taxonomy = manifest.taxonomy
   if taxonomy.authority != manifest.authority or taxonomy.id != manifest.taxonomy_id:
-    raise CredentialError(f"{what}: the embedded taxonomy does not match its recorded authority or id")
+    raise CredentialError(
+      f"{what}: the embedded taxonomy does not match its recorded authority or id"
+    )
   if manifest.size != len(manifest.entries):
-    raise CredentialError(f"{what} declares {manifest.size} entries but holds {len(manifest.entries)}")
+    raise CredentialError(
+      f"{what} declares {manifest.size} entries but holds {len(manifest.entries)}"
+    )
   if merkle.root_from_leaf_hashes([e.leaf_hash() for e in manifest.entries]) != manifest.root:
-    raise CredentialError(f"{what}: the Merkle root does not match its entries; the manifest is corrupt")
+    raise CredentialError(
+      f"{what}: the Merkle root does not match its entries; the manifest is corrupt"
+    )
   seen: set[str] = set()
   by_content: dict[str, Entry] = {}
   for e in manifest.entries:
@@ -355,25 +410,38 @@ def _check_structure(manifest: Manifest) -> Manifest:
 
 def check_same_labels(prior: Entry, entry: Entry, what: str) -> None:
   """Raise `CredentialError` when two entries credential the same content bytes with different labels."""
-  if prior.sha256 == entry.sha256 and canonical.encode(dict(prior.labels)) != canonical.encode(dict(entry.labels)):
+  if prior.sha256 == entry.sha256 and canonical.encode(dict(prior.labels)) != canonical.encode(
+    dict(entry.labels)
+  ):
     raise CredentialError(
-        f"{what}: examples {prior.id!r} and {entry.id!r} have the same content (sha256 {entry.sha256[:16]}...) "
-        "but different labels; one content must carry one set of labels, so re-label or drop one of them")
+      f"{what}: examples {prior.id!r} and {entry.id!r} have the same content (sha256 {entry.sha256[:16]}...) "
+      "but different labels; one content must carry one set of labels, so re-label or drop one of them"
+    )
 
 
 def _issued_by_authority(manifest: Manifest, signers: tuple[str, ...]) -> Manifest:
   if manifest.authority not in signers:
     raise CredentialError(
-        f"credential manifest of {manifest.authority!r} is signed by trusted key(s) {list(signers)} but by none "
-        f"named {manifest.authority!r}: only the authority's own key may issue its credentials; trust "
-        f"{manifest.authority}.pub")
+      f"credential manifest of {manifest.authority!r} is signed by trusted key(s) {list(signers)} but by none "
+      f"named {manifest.authority!r}: only the authority's own key may issue its credentials; trust "
+      f"{manifest.authority}.pub"
+    )
   return manifest
 
 
-MANIFEST: DocumentType[Manifest] = register(DocumentType(
-    name="manifest", kind=KIND, noun="credential manifest", to_payload=lambda m: m.document.payload,
+MANIFEST: DocumentType[Manifest] = register(
+  DocumentType(
+    name="manifest",
+    kind=KIND,
+    noun="credential manifest",
+    to_payload=lambda m: m.document.payload,
     from_payload=lambda payload: _check_structure(Manifest(signing.SignedDocument(KIND, payload))),
-    signer_roles=(AUTHORITY,), error=CredentialError, refused=CredentialError, on_verified=_issued_by_authority))
+    signer_roles=(AUTHORITY,),
+    error=CredentialError,
+    refused=CredentialError,
+    on_verified=_issued_by_authority,
+  )
+)
 
 
 def check_examples(manifest: Manifest, examples: Iterable[Example | Mapping[str, Any]]) -> None:
@@ -388,9 +456,12 @@ def check_examples(manifest: Manifest, examples: Iterable[Example | Mapping[str,
     if not expects_credential(ex, manifest.authority):
       continue
     if ex.id not in manifest:
-      raise CredentialError(f"{what}: example {ex.id!r} is missing from the manifest; re-issue it to cover the example")
+      raise CredentialError(
+        f"{what}: example {ex.id!r} is missing from the manifest; re-issue it to cover the example"
+      )
     digest = content_hash(ex.content)
     if manifest.entry(ex.id).sha256 != digest:
       raise CredentialError(
-          f"{what}: entry {ex.id!r} binds content sha256 {manifest.entry(ex.id).sha256[:16]}... but the example's "
-          f"bytes hash to {digest[:16]}...; the example was altered after it was credentialed")
+        f"{what}: entry {ex.id!r} binds content sha256 {manifest.entry(ex.id).sha256[:16]}... but the example's "
+        f"bytes hash to {digest[:16]}...; the example was altered after it was credentialed"
+      )

@@ -48,7 +48,9 @@ class Field(NamedTuple):
 
   def allowed(self) -> str:
     if self.kind in ("enum", "flags"):
-      return ("one of " if self.kind == "enum" else "a list drawn from ") + ", ".join(map(repr, self.values))
+      return ("one of " if self.kind == "enum" else "a list drawn from ") + ", ".join(
+        map(repr, self.values)
+      )
     if self.kind == "int":
       return f"an integer in [{self.min}, {self.max}]"
     return "a string"
@@ -95,7 +97,9 @@ def _parse_field(name: str, spec: Any) -> Field:
     raise TaxonomyError(f"field {name!r} must be a table with a 'type'")
   kind = spec.get("type")
   if kind not in FIELD_KINDS:
-    raise TaxonomyError(f"field {name!r} has type {kind!r}; allowed types: {', '.join(FIELD_KINDS)}")
+    raise TaxonomyError(
+      f"field {name!r} has type {kind!r}; allowed types: {', '.join(FIELD_KINDS)}"
+    )
   unknown = set(spec) - {"type", "values", "min", "max", "description"}
   if unknown:
     raise TaxonomyError(f"field {name!r} has unknown keys {sorted(unknown)}")
@@ -106,7 +110,9 @@ def _parse_field(name: str, spec: Any) -> Field:
     if len(set(values)) != len(values):
       raise TaxonomyError(f"{kind} field {name!r} lists a value twice")
     if kind == "flags" and len(values) > 31:
-      raise TaxonomyError(f"flags field {name!r} has {len(values)} values; at most 31 fit one int32 bit set")
+      raise TaxonomyError(
+        f"flags field {name!r} has {len(values)} values; at most 31 fit one int32 bit set"
+      )
     return Field(name, kind, tuple(values))
   if kind == "int":
     lo, hi = spec.get("min"), spec.get("max")
@@ -131,9 +137,15 @@ class Taxonomy(NamedTuple):
   @classmethod
   def from_dict(cls, doc: Mapping[str, Any]) -> Taxonomy:
     if not isinstance(doc, Mapping):
-      raise TaxonomyError(f"a taxonomy is a table of [authority] and [fields.<name>], got {type(doc).__name__}")
+      raise TaxonomyError(
+        f"a taxonomy is a table of [authority] and [fields.<name>], got {type(doc).__name__}"
+      )
     auth = doc.get("authority")
-    if not isinstance(auth, Mapping) or not isinstance(auth.get("name"), str) or not _valid_name(auth["name"]):
+    if (
+      not isinstance(auth, Mapping)
+      or not isinstance(auth.get("name"), str)
+      or not _valid_name(auth["name"])
+    ):
       raise TaxonomyError("taxonomy needs [authority] name = \"...\" (letters, digits, '-', '_')")
     fields = doc.get("fields")
     if not isinstance(fields, Mapping) or not fields:
@@ -147,8 +159,10 @@ class Taxonomy(NamedTuple):
   def from_toml(cls, text: str) -> Taxonomy:
     """Parse the TOML form from `text` (read a file with `Taxonomy.read`)."""
     if not isinstance(text, str):
-      raise TaxonomyError(f"Taxonomy.from_toml takes TOML text, got {type(text).__name__}; read a file with "
-                          "Taxonomy.read")
+      raise TaxonomyError(
+        f"Taxonomy.from_toml takes TOML text, got {type(text).__name__}; read a file with "
+        "Taxonomy.read"
+      )
     return cls.from_dict(loads_toml(text, TaxonomyError, "taxonomy"))
 
   @classmethod
@@ -157,12 +171,21 @@ class Taxonomy(NamedTuple):
     return cls.from_toml(read_text(path, TaxonomyError, "taxonomy"))
 
   def to_dict(self) -> dict:
-    return {"authority": {"name": self.authority}, "fields": {f.name: f.to_dict() for f in self.fields}}
+    return {
+      "authority": {"name": self.authority},
+      "fields": {f.name: f.to_dict() for f in self.fields},
+    }
 
   def to_toml(self) -> str:
     """TOML text that `from_toml` reads back to an equal taxonomy."""
-    fields = {f.name: {"type": f.kind, **({"values": list(f.values)} if f.values else {}),
-                       **({"min": f.min, "max": f.max} if f.kind == "int" else {})} for f in self.fields}
+    fields = {
+      f.name: {
+        "type": f.kind,
+        **({"values": list(f.values)} if f.values else {}),
+        **({"min": f.min, "max": f.max} if f.kind == "int" else {}),
+      }
+      for f in self.fields
+    }
     return dumps_toml({"authority": {"name": self.authority}, "fields": fields})
 
   @property
@@ -174,16 +197,22 @@ class Taxonomy(NamedTuple):
     for f in self.fields:
       if f.name == name:
         return f
-    raise TaxonomyError(f"{self.authority!r} has no field {name!r}; fields: {[f.name for f in self.fields]}")
+    raise TaxonomyError(
+      f"{self.authority!r} has no field {name!r}; fields: {[f.name for f in self.fields]}"
+    )
 
   def encode_one(self, labels: Mapping[str, Any]) -> dict[str, int]:
     """Codes of one example's labels; every field is required and no other key is allowed."""
     if not isinstance(labels, Mapping):
-      raise TaxonomyError(f"labels for {self.authority!r} must be a mapping, got {type(labels).__name__}")
+      raise TaxonomyError(
+        f"labels for {self.authority!r} must be a mapping, got {type(labels).__name__}"
+      )
     names = {f.name for f in self.fields}
     extra = sorted(set(labels) - names)
     if extra:
-      raise TaxonomyError(f"labels name unknown field(s) {extra} of {self.authority!r}; fields: {sorted(names)}")
+      raise TaxonomyError(
+        f"labels name unknown field(s) {extra} of {self.authority!r}; fields: {sorted(names)}"
+      )
     out = {}
     for f in self.fields:
       if f.name not in labels:
@@ -193,7 +222,10 @@ class Taxonomy(NamedTuple):
 
   def encode_numpy(self, labels_list: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
     rows = [self.encode_one(lab) for lab in labels_list]
-    return {f.name: np.asarray([r[f.name] for r in rows], dtype=np.int32).reshape(len(rows)) for f in self.fields}
+    return {
+      f.name: np.asarray([r[f.name] for r in rows], dtype=np.int32).reshape(len(rows))
+      for f in self.fields
+    }
 
   def encode(self, labels_list: Sequence[Mapping[str, Any]]) -> dict[str, jnp.ndarray]:
     """Int32 arrays of shape [B], one per field, from a batch of label dicts."""
@@ -219,7 +251,9 @@ class LabelSpace(NamedTuple):
     for t in self.taxonomies:
       if t.authority == authority:
         return t
-    raise TaxonomyError(f"no taxonomy for authority {authority!r}; known: {[t.authority for t in self.taxonomies]}")
+    raise TaxonomyError(
+      f"no taxonomy for authority {authority!r}; known: {[t.authority for t in self.taxonomies]}"
+    )
 
   def resolve(self, name: str) -> tuple[str, Field]:
     """(`authority.field`, Field) for a bare or qualified field name."""
@@ -231,7 +265,8 @@ class LabelSpace(NamedTuple):
       raise TaxonomyError(f"no trusted taxonomy defines field {name!r}")
     if len(owners) > 1:
       raise TaxonomyError(
-          f"field {name!r} is defined by {[t.authority for t in owners]}; write it as authority.{name}")
+        f"field {name!r} is defined by {[t.authority for t in owners]}; write it as authority.{name}"
+      )
     return f"{owners[0].authority}.{name}", owners[0].field(name)
 
   def keys(self) -> list[str]:
@@ -242,7 +277,9 @@ class LabelSpace(NamedTuple):
       out += [f"{t.authority}.{f.name}" for f in t.fields]
     return out
 
-  def encode_numpy(self, examples: Sequence[Mapping[str, Mapping[str, Any]] | None]) -> dict[str, np.ndarray]:
+  def encode_numpy(
+    self, examples: Sequence[Mapping[str, Mapping[str, Any]] | None]
+  ) -> dict[str, np.ndarray]:
     """Arrays [B] from per-example `{authority: labels}`; `None` marks an uncredentialed example."""
     cols: dict[str, list[int]] = {k: [] for k in self.keys()}
     for ex in examples:
@@ -250,7 +287,9 @@ class LabelSpace(NamedTuple):
       ex = ex or {}
       unknown = set(ex) - {t.authority for t in self.taxonomies}
       if unknown:
-        raise TaxonomyError(f"labels from unknown authorities {sorted(unknown)}; add their taxonomies")
+        raise TaxonomyError(
+          f"labels from unknown authorities {sorted(unknown)}; add their taxonomies"
+        )
       for t in self.taxonomies:
         codes = t.encode_one(ex[t.authority]) if t.authority in ex else None
         cols[f"{t.authority}.{PRESENT}"].append(0 if codes is None else 1)
@@ -258,5 +297,7 @@ class LabelSpace(NamedTuple):
           cols[f"{t.authority}.{f.name}"].append(0 if codes is None else codes[f.name])
     return {k: np.asarray(v, dtype=np.int32).reshape(len(examples)) for k, v in cols.items()}
 
-  def encode(self, examples: Sequence[Mapping[str, Mapping[str, Any]] | None]) -> dict[str, jnp.ndarray]:
+  def encode(
+    self, examples: Sequence[Mapping[str, Mapping[str, Any]] | None]
+  ) -> dict[str, jnp.ndarray]:
     return {k: jnp.asarray(v) for k, v in self.encode_numpy(examples).items()}

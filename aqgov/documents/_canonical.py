@@ -36,8 +36,10 @@ def _text(value: str) -> str:
   try:
     value.encode("utf-8")
   except UnicodeEncodeError:
-    raise CanonicalError(f"string {value[:40]!r} holds a lone surrogate, which is not Unicode text; "
-                         "canonical strings are valid UTF-8") from None
+    raise CanonicalError(
+      f"string {value[:40]!r} holds a lone surrogate, which is not Unicode text; "
+      "canonical strings are valid UTF-8"
+    ) from None
   return value
 
 
@@ -48,12 +50,16 @@ def _normalise(value: Any, depth: int = 0) -> Any:
     return _text(value)
   if isinstance(value, int):
     if not -(2**63) <= value < 2**64:
-      raise CanonicalError(f"integer {value} is outside msgpack's range [-2^63, 2^64); write it as a string")
+      raise CanonicalError(
+        f"integer {value} is outside msgpack's range [-2^63, 2^64); write it as a string"
+      )
     return int(value)
   if isinstance(value, float):
     return canonical_float(value)
   if isinstance(value, (list, tuple, dict)) and depth >= MAX_DEPTH:
-    raise CanonicalError(f"value nests lists or maps more than {MAX_DEPTH} deep; canonical values are shallower")
+    raise CanonicalError(
+      f"value nests lists or maps more than {MAX_DEPTH} deep; canonical values are shallower"
+    )
   if isinstance(value, (list, tuple)):
     return [_normalise(v, depth + 1) for v in value]
   if isinstance(value, dict):
@@ -73,7 +79,9 @@ def _normalise(value: Any, depth: int = 0) -> Any:
 
 def encode(value: Any) -> bytes:
   """Canonical msgpack bytes of `value` (dicts with str keys, lists, str, bytes, int, float, bool, None)."""
-  return msgpack.packb(_normalise(value), use_bin_type=True, use_single_float=False, strict_types=False)
+  return msgpack.packb(
+    _normalise(value), use_bin_type=True, use_single_float=False, strict_types=False
+  )
 
 
 _NAN_BITS = struct.pack(">d", NAN)
@@ -85,8 +93,12 @@ def _in_canonical_form(value: Any, depth: int = 0) -> bool:
   kind = type(value)
   if kind is dict:
     keys = [k.encode("utf-8") if type(k) is str else None for k in value]
-    return (depth < MAX_DEPTH and None not in keys and keys == sorted(keys)
-            and all(_in_canonical_form(v, depth + 1) for v in value.values()))
+    return (
+      depth < MAX_DEPTH
+      and None not in keys
+      and keys == sorted(keys)
+      and all(_in_canonical_form(v, depth + 1) for v in value.values())
+    )
   if kind is list:
     return depth < MAX_DEPTH and all(_in_canonical_form(v, depth + 1) for v in value)
   if kind is float:
@@ -105,7 +117,9 @@ def decode(data: bytes) -> Any:
   except Exception as exc:  # msgpack raises several unrelated types
     raise CanonicalError(f"not valid msgpack: {exc or type(exc).__name__}") from None
   if not _in_canonical_form(value) or _pack(value) != data:
-    raise CanonicalError("bytes are valid msgpack but not canonical (key order, int width, float width or NaN form differ)")
+    raise CanonicalError(
+      "bytes are valid msgpack but not canonical (key order, int width, float width or NaN form differ)"
+    )
   return value
 
 

@@ -78,7 +78,9 @@ def document_type(name: str) -> DocumentType:
     return _REGISTRY[name]
   except KeyError:
     known = sorted({t.name for t in _REGISTRY.values()})
-    raise LookupError(f"no document type {name!r}; registered: {', '.join(known) or '(none)'}") from None
+    raise LookupError(
+      f"no document type {name!r}; registered: {', '.join(known) or '(none)'}"
+    ) from None
 
 
 def signer_roles(kind: str) -> tuple[str, ...]:
@@ -95,8 +97,10 @@ def _refuse(doc_type: DocumentType, exc: SignatureError) -> AqgovError:
 
 def _check_kind(doc_type: DocumentType, signed: Any) -> SignedDocument:
   if not isinstance(signed, SignedDocument):
-    raise doc_type.error(f"expected a signed {doc_type.noun} ({doc_type.kind!r} document), got "
-                         f"{type(signed).__name__}; read it with aqgov.documents.read")
+    raise doc_type.error(
+      f"expected a signed {doc_type.noun} ({doc_type.kind!r} document), got "
+      f"{type(signed).__name__}; read it with aqgov.documents.read"
+    )
   if signed.kind != doc_type.kind:
     raise doc_type.error(f"expected a signed {doc_type.kind!r} document, got {signed.kind!r}")
   return signed
@@ -106,8 +110,10 @@ def payload_of(doc_type: DocumentType[T], signed: SignedDocument) -> T:
   """The document inside `signed`, checked to be in normal form; signatures are NOT checked."""
   doc = doc_type.from_payload(_check_kind(doc_type, signed).payload)
   if canonical.encode(doc_type.to_payload(doc)) != canonical.encode(signed.payload):
-    raise doc_type.error(f"signed {doc_type.noun} {signed.id[:16]}... is not in normal form; re-create it "
-                         f"from its source and sign it again")
+    raise doc_type.error(
+      f"signed {doc_type.noun} {signed.id[:16]}... is not in normal form; re-create it "
+      f"from its source and sign it again"
+    )
   return doc
 
 
@@ -119,7 +125,9 @@ def sign(doc_type: DocumentType[T], doc: T | SignedDocument, key: SigningKey) ->
   return add_signature(SignedDocument(doc_type.kind, doc_type.to_payload(doc)), key)
 
 
-def verify(doc_type: DocumentType[T], signed: SignedDocument, trust: TrustStore, *, min_signers: int = 1) -> T:
+def verify(
+  doc_type: DocumentType[T], signed: SignedDocument, trust: TrustStore, *, min_signers: int = 1
+) -> T:
   """The document in `signed` once at least `min_signers` trusted keys of an allowed role signed it.
 
   Raises `doc_type.refused` when it is unsigned, forged, altered, or signed by untrusted keys or

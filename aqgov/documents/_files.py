@@ -17,12 +17,16 @@ def check_name(name: object, error: type[Exception], what: str = "name") -> str:
   """`name` if it can be one file name inside a directory: `[A-Za-z0-9._-]+`, not starting with '.'
   (so never `.` or `..`, nor a hidden file)."""
   if not isinstance(name, str) or not _NAME.match(name) or name.startswith("."):
-    raise error(f"{what} {name!r} cannot be a file name: use letters, digits, '.', '_' or '-', not starting "
-                "with '.'")
+    raise error(
+      f"{what} {name!r} cannot be a file name: use letters, digits, '.', '_' or '-', not starting "
+      "with '.'"
+    )
   return name
 
 
-def child(directory: str | os.PathLike, name: str, error: type[Exception], what: str = "name") -> Path:
+def child(
+  directory: str | os.PathLike, name: str, error: type[Exception], what: str = "name"
+) -> Path:
   """`directory/name` for a checked `name`: the path never leaves `directory`."""
   return Path(directory) / check_name(name, error, what)
 

@@ -112,8 +112,21 @@ def _with_roles(doc: dict, roles: tuple[str, ...]) -> dict:
 
 
 def public_key_json(key: PublicKey) -> str:
-  return json.dumps(_with_roles({"name": key.name, "type": KEY_TYPE, "key_id": key.key_id,
-                                 "public": base64.b64encode(key.raw).decode()}, key.roles), indent=2) + "\n"
+  return (
+    json.dumps(
+      _with_roles(
+        {
+          "name": key.name,
+          "type": KEY_TYPE,
+          "key_id": key.key_id,
+          "public": base64.b64encode(key.raw).decode(),
+        },
+        key.roles,
+      ),
+      indent=2,
+    )
+    + "\n"
+  )
 
 
 def write_keypair(key: SigningKey, out_dir: str | os.PathLike) -> tuple[Path, Path]:
@@ -123,19 +136,31 @@ def write_keypair(key: SigningKey, out_dir: str | os.PathLike) -> tuple[Path, Pa
   a symlink planted at either path.
   """
   out = make_private_dir(out_dir)
-  key_path = child(out, f"{check_name(key.name, KeyFileError, 'key name')}.key", KeyFileError, "key file")
+  key_path = child(
+    out, f"{check_name(key.name, KeyFileError, 'key name')}.key", KeyFileError, "key file"
+  )
   pub_path = child(out, f"{key.name}.pub", KeyFileError, "key file")
   for path in (key_path, pub_path):
     if path.exists() or path.is_symlink():
-      raise KeyFileError(f"{path} already exists; refusing to overwrite a key file (choose another name or "
-                         "directory)")
-  body = json.dumps(_with_roles({"name": key.name, "type": KEY_TYPE, "seed": base64.b64encode(key.seed).decode()},
-                                key.roles)) + "\n"
+      raise KeyFileError(
+        f"{path} already exists; refusing to overwrite a key file (choose another name or "
+        "directory)"
+      )
+  body = (
+    json.dumps(
+      _with_roles(
+        {"name": key.name, "type": KEY_TYPE, "seed": base64.b64encode(key.seed).decode()}, key.roles
+      )
+    )
+    + "\n"
+  )
   try:
     create_exclusive(key_path, body.encode(), PRIVATE_MODE)
     create_exclusive(pub_path, public_key_json(key.public).encode(), PUBLIC_MODE)
   except FileExistsError:
-    raise KeyFileError(f"a key file appeared at {key_path} or {pub_path} while writing; refusing to overwrite it") from None
+    raise KeyFileError(
+      f"a key file appeared at {key_path} or {pub_path} while writing; refusing to overwrite it"
+    ) from None
   except OSError as exc:
     raise KeyFileError(f"cannot write the key pair into {out}: {exc}") from None
   return key_path, pub_path
@@ -147,7 +172,9 @@ def _read_json(path: Path, what: str) -> dict:
   except FileNotFoundError:
     raise KeyFileError(f"{what} file {path} does not exist") from None
   except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-    raise KeyFileError(f"{what} file {path} is not valid JSON ({exc}); was it written by `aqgov keys new`?") from None
+    raise KeyFileError(
+      f"{what} file {path} is not valid JSON ({exc}); was it written by `aqgov keys new`?"
+    ) from None
   if not isinstance(doc, dict) or doc.get("type") != KEY_TYPE:
     raise KeyFileError(f"{what} file {path} is not an aqgov {KEY_TYPE} key")
   return doc
@@ -170,7 +197,9 @@ def load_signing_key(path: str | os.PathLike) -> SigningKey:
   doc = _read_json(path, "private key")
   mode = stat.S_IMODE(path.stat().st_mode)
   if mode & 0o077:
-    raise KeyFileError(f"private key {path} has mode {oct(mode)}; run `chmod 600 {path}` before using it")
+    raise KeyFileError(
+      f"private key {path} has mode {oct(mode)}; run `chmod 600 {path}` before using it"
+    )
   try:
     seed = base64.b64decode(doc["seed"], validate=True)
   except Exception:
@@ -191,7 +220,9 @@ def load_public_key(path: str | os.PathLike) -> PublicKey:
   if len(raw) != 32:
     raise KeyFileError(f"public key {path} must hold 32 bytes, got {len(raw)}")
   if "key_id" in doc and doc["key_id"] != key_id(raw):
-    raise KeyFileError(f"public key {path}: recorded key_id does not match the key bytes (file altered?)")
+    raise KeyFileError(
+      f"public key {path}: recorded key_id does not match the key bytes (file altered?)"
+    )
   return PublicKey(str(doc.get("name", path.stem)), raw, _roles_of(doc, path, "public key"))
 
 
@@ -217,7 +248,8 @@ class TrustStore(NamedTuple):
       return self.keys[kid]
     except KeyError:
       raise SignatureError(
-          f"key {kid[:16]}... is not in the trust store; add its .pub with --trust if you trust it") from None
+        f"key {kid[:16]}... is not in the trust store; add its .pub with --trust if you trust it"
+      ) from None
 
   def roles(self, kid: str) -> tuple[str, ...]:
     """What the trusted key `kid` may sign (see `key_roles`)."""
@@ -228,4 +260,6 @@ class TrustStore(NamedTuple):
     for k in self.keys.values():
       if k.name == name:
         return k
-    raise SignatureError(f"no trusted key named {name!r}; trusted: {sorted(k.name for k in self.keys.values())}")
+    raise SignatureError(
+      f"no trusted key named {name!r}; trusted: {sorted(k.name for k in self.keys.values())}"
+    )

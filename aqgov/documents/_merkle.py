@@ -65,12 +65,14 @@ class MerkleTree:
       level = self._levels[h]
       if len(self._levels) == h + 1:
         self._levels.append(bytearray())
-      self._levels[h + 1] += node_hash(bytes(level[-2 * HASH_SIZE:-HASH_SIZE]), bytes(level[-HASH_SIZE:]))
+      self._levels[h + 1] += node_hash(
+        bytes(level[-2 * HASH_SIZE : -HASH_SIZE]), bytes(level[-HASH_SIZE:])
+      )
       n //= 2
       h += 1
 
   def _node(self, h: int, i: int) -> bytes:
-    return bytes(self._levels[h][i * HASH_SIZE:(i + 1) * HASH_SIZE])
+    return bytes(self._levels[h][i * HASH_SIZE : (i + 1) * HASH_SIZE])
 
   def _subtree(self, lo: int, hi: int) -> bytes:
     """MTH(D[lo:hi]) for the ranges RFC 9162's recursion produces (lo aligned to the split)."""
@@ -135,7 +137,9 @@ def _hashes(*hs: bytes) -> bool:
   return all(isinstance(h, (bytes, bytearray)) and len(h) == HASH_SIZE for h in hs)
 
 
-def verify_inclusion(leaf_h: bytes, index: int, size: int, path: Sequence[bytes], expected_root: bytes) -> bool:
+def verify_inclusion(
+  leaf_h: bytes, index: int, size: int, path: Sequence[bytes], expected_root: bytes
+) -> bool:
   """RFC 9162 2.1.3.2. Every hash must be 32 bytes."""
   if not 0 <= index < size or not _hashes(leaf_h, expected_root, *path):
     return False
@@ -156,7 +160,9 @@ def verify_inclusion(leaf_h: bytes, index: int, size: int, path: Sequence[bytes]
   return sn == 0 and r == expected_root
 
 
-def verify_consistency(old_size: int, new_size: int, old_root: bytes, new_root: bytes, proof: Sequence[bytes]) -> bool:
+def verify_consistency(
+  old_size: int, new_size: int, old_root: bytes, new_root: bytes, proof: Sequence[bytes]
+) -> bool:
   """RFC 9162 2.1.4.2. Equal sizes need an empty proof and equal roots; otherwise every hash is 32 bytes."""
   if not 0 < old_size <= new_size:
     return False

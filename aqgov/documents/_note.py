@@ -57,13 +57,17 @@ def decimal(text: str, what: str) -> int:
 def check_name(name: str) -> str:
   """A key name or origin: non-empty, without Unicode spaces or '+'."""
   if not isinstance(name, str) or not _NAME.fullmatch(name):
-    raise NoteError(f"key name {name!r} must be non-empty and contain no spaces or '+' (e.g. example.com/log)")
+    raise NoteError(
+      f"key name {name!r} must be non-empty and contain no spaces or '+' (e.g. example.com/log)"
+    )
   return name
 
 
 def key_hash(name: str, sig_type: int, raw: bytes) -> bytes:
   """The 4-byte key hash of Ed25519 key `raw` called `name` for signature type `sig_type`."""
-  return hashlib.sha256(check_name(name).encode() + b"\n" + bytes([sig_type]) + bytes(raw)).digest()[:4]
+  return hashlib.sha256(
+    check_name(name).encode() + b"\n" + bytes([sig_type]) + bytes(raw)
+  ).digest()[:4]
 
 
 class NoteKey(NamedTuple):
@@ -103,7 +107,9 @@ def parse_verifier_key(text: str) -> NoteKey:
   """`<name>+<hex key hash>+<base64(type || key)>` (types 0x01 and 0x04, Ed25519)."""
   parts = text.strip().split("+", 2)  # the base64 may itself hold "+"
   if len(parts) != 3:
-    raise NoteError(f"verifier key {text[:60]!r} is not NAME+HASH+KEY (as `aqgov witness serve` prints it)")
+    raise NoteError(
+      f"verifier key {text[:60]!r} is not NAME+HASH+KEY (as `aqgov witness serve` prints it)"
+    )
   name, hash_hex, key_b64 = parts
   check_name(name)
   blob = unb64(key_b64, "verifier key material")
@@ -130,7 +136,7 @@ def parse_signature_line(line: str) -> NoteSignature:
   """One `— name base64` line, without its newline."""
   if not line.startswith(DASH):
     raise NoteError(f"signature line {line[:40]!r} does not start with an em dash and a space")
-  fields = line[len(DASH):].split(" ")
+  fields = line[len(DASH) :].split(" ")
   if len(fields) != 2:
     raise NoteError(f"signature line {line[:40]!r} is not '— NAME SIGNATURE'")
   name, blob = check_name(fields[0]), unb64(fields[1], "signature")
@@ -181,7 +187,7 @@ def parse_note(data: bytes | str) -> Note:
   split = data.rfind("\n\n")
   if split < 0 or not data.endswith("\n"):
     raise NoteError("a note is text, a blank line, then signature lines each ending in a newline")
-  text, sigs = data[:split + 1], data[split + 2:]
+  text, sigs = data[: split + 1], data[split + 2 :]
   if not sigs:
     raise NoteError("a note needs at least one signature line after its blank line")
   return Note(text, parse_signature_lines(sigs))
@@ -192,7 +198,9 @@ def sign_note(text: str, key: SigningKey, name: str) -> NoteSignature:
   _check_text(text)
   if not text.endswith("\n"):
     raise NoteError("note text must end in a newline")
-  return NoteSignature(check_name(name), key_hash(name, ED25519, key.public.raw), key.sign(text.encode("utf-8")))
+  return NoteSignature(
+    check_name(name), key_hash(name, ED25519, key.public.raw), key.sign(text.encode("utf-8"))
+  )
 
 
 def cosigned_message(text: str, timestamp: int) -> bytes:
@@ -206,8 +214,11 @@ def cosign(text: str, key: SigningKey, name: str, timestamp: int) -> NoteSignatu
     raise NoteError(f"cosignature time {timestamp} is out of range")
   parse_checkpoint(text)
   sig = key.sign(cosigned_message(text, timestamp))
-  return NoteSignature(check_name(name), key_hash(name, COSIGNATURE_V1, key.public.raw),
-                       int(timestamp).to_bytes(8, "big") + sig)
+  return NoteSignature(
+    check_name(name),
+    key_hash(name, COSIGNATURE_V1, key.public.raw),
+    int(timestamp).to_bytes(8, "big") + sig,
+  )
 
 
 def cosignature_time(sig: NoteSignature) -> int:
@@ -236,14 +247,18 @@ def verify_note(note: Note, keys: Sequence[NoteKey]) -> tuple[NoteKey, ...]:
     for key in keys:
       if key.matches(sig):
         if not _valid(key, note.text, sig):
-          raise NoteError(f"signature by {sig.name!r} does not verify: the note was altered after signing "
-                          "or the signature is forged")
+          raise NoteError(
+            f"signature by {sig.name!r} does not verify: the note was altered after signing "
+            "or the signature is forged"
+          )
         if key not in good:
           good.append(key)
   if not good:
     names = ", ".join(k.describe() for k in keys) or "none"
-    raise NoteError(f"the note carries no signature by a known key (known: {names}; signed by: "
-                    f"{', '.join(s.name for s in note.signatures)})")
+    raise NoteError(
+      f"the note carries no signature by a known key (known: {names}; signed by: "
+      f"{', '.join(s.name for s in note.signatures)})"
+    )
   return tuple(good)
 
 
@@ -259,7 +274,9 @@ class Checkpoint(NamedTuple):
     check_name(self.origin)
     if len(self.root) != 32:
       raise NoteError(f"a checkpoint root is 32 bytes, got {len(self.root)}")
-    return "".join(f"{line}\n" for line in (self.origin, str(int(self.size)), b64(self.root), *self.extensions))
+    return "".join(
+      f"{line}\n" for line in (self.origin, str(int(self.size)), b64(self.root), *self.extensions)
+    )
 
 
 def parse_checkpoint(text: str) -> Checkpoint:
@@ -269,7 +286,11 @@ def parse_checkpoint(text: str) -> Checkpoint:
   lines = text[:-1].split("\n")
   if len(lines) < 3 or any(not line for line in lines):
     raise NoteError("a checkpoint has an origin, a size and a root hash line (and no empty lines)")
-  origin, size, root = lines[0], decimal(lines[1], "checkpoint size"), unb64(lines[2], "checkpoint root")
+  origin, size, root = (
+    lines[0],
+    decimal(lines[1], "checkpoint size"),
+    unb64(lines[2], "checkpoint root"),
+  )
   if not origin.strip() or origin != origin.strip():
     raise NoteError(f"checkpoint origin {origin!r} is empty or padded")
   if len(root) != 32:

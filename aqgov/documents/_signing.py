@@ -48,22 +48,30 @@ class SignedDocument(NamedTuple):
     return pae("aqgov/" + self.kind, canonical.encode(self.payload))
 
   def to_bytes(self) -> bytes:
-    return canonical.encode({
+    return canonical.encode(
+      {
         "kind": self.kind,
         "payload": self.payload,
-        "signatures": [{"key_id": s.key_id, "signer": s.signer, "sig": s.sig} for s in self.signatures],
-    })
+        "signatures": [
+          {"key_id": s.key_id, "signer": s.signer, "sig": s.sig} for s in self.signatures
+        ],
+      }
+    )
 
   @classmethod
   def from_bytes(cls, data: bytes, *, kind: str | None = None) -> SignedDocument:
     try:
       doc = canonical.decode(data)
-      sigs = tuple(Signature(str(s["key_id"]), str(s["signer"]), bytes(s["sig"])) for s in doc["signatures"])
+      sigs = tuple(
+        Signature(str(s["key_id"]), str(s["signer"]), bytes(s["sig"])) for s in doc["signatures"]
+      )
       out = cls(str(doc["kind"]), doc["payload"], sigs)
     except SignatureError:
       raise
     except Exception as exc:
-      raise SignatureError(f"not a signed aqgov document ({exc}); the file may be truncated or altered") from None
+      raise SignatureError(
+        f"not a signed aqgov document ({exc}); the file may be truncated or altered"
+      ) from None
     if not isinstance(out.payload, dict):
       raise SignatureError("signed document payload is not a map")
     if kind is not None and out.kind != kind:
@@ -78,8 +86,13 @@ def add_signature(doc: SignedDocument, key: SigningKey) -> SignedDocument:
   return doc._replace(signatures=others + (sig,))
 
 
-def verify_signatures(doc: SignedDocument, trust: TrustStore, *, min_signers: int = 1,
-                      roles: Sequence[str] | None = None) -> tuple[str, ...]:
+def verify_signatures(
+  doc: SignedDocument,
+  trust: TrustStore,
+  *,
+  min_signers: int = 1,
+  roles: Sequence[str] | None = None,
+) -> tuple[str, ...]:
   """Names of the trusted keys whose signatures verify; raises unless at least `min_signers`.
 
   Any signature that does not verify raises (a forged or tampered document is never half-trusted);
@@ -87,7 +100,9 @@ def verify_signatures(doc: SignedDocument, trust: TrustStore, *, min_signers: in
   trusted signer holding none of them is refused (a run key never signs a policy).
   """
   if not doc.signatures:
-    raise SignatureError(f"{doc.kind} {doc.id[:16]}... carries no signature; sign it with `aqgov ... sign --key`")
+    raise SignatureError(
+      f"{doc.kind} {doc.id[:16]}... carries no signature; sign it with `aqgov ... sign --key`"
+    )
   message = doc.signed_bytes()
   signers, untrusted = [], []
   for s in doc.signatures:
@@ -97,20 +112,24 @@ def verify_signatures(doc: SignedDocument, trust: TrustStore, *, min_signers: in
     key = trust.get(s.key_id)
     if not key.verify(message, s.sig):
       raise SignatureError(
-          f"signature by {key.name!r} on {doc.kind} {doc.id[:16]}... does not verify: "
-          "the document was altered after signing or the signature is forged")
+        f"signature by {key.name!r} on {doc.kind} {doc.id[:16]}... does not verify: "
+        "the document was altered after signing or the signature is forged"
+      )
     if s.signer != key.name:
       raise SignatureError(
-          f"signature on {doc.kind} {doc.id[:16]}... names signer {s.signer!r} but its key is trusted as "
-          f"{key.name!r}: the document was altered after signing")
+        f"signature on {doc.kind} {doc.id[:16]}... names signer {s.signer!r} but its key is trusted as "
+        f"{key.name!r}: the document was altered after signing"
+      )
     if roles is not None and not set(trust.roles(s.key_id)) & set(roles):
       raise SignatureError(
-          f"{doc.kind} {doc.id[:16]}... is signed by {key.name!r}, a {'/'.join(trust.roles(s.key_id))} key; "
-          f"only {' or '.join(roles)} keys may sign a {doc.kind} document")
+        f"{doc.kind} {doc.id[:16]}... is signed by {key.name!r}, a {'/'.join(trust.roles(s.key_id))} key; "
+        f"only {' or '.join(roles)} keys may sign a {doc.kind} document"
+      )
     signers.append(key.name)
   if len(signers) < min_signers:
     hint = f" (signed only by untrusted keys: {', '.join(untrusted)})" if untrusted else ""
     raise SignatureError(
-        f"{doc.kind} {doc.id[:16]}... has {len(signers)} trusted signature(s), needs {min_signers}{hint}; "
-        "pass the signer's .pub with --trust if you trust it")
+      f"{doc.kind} {doc.id[:16]}... has {len(signers)} trusted signature(s), needs {min_signers}{hint}; "
+      "pass the signer's .pub with --trust if you trust it"
+    )
   return tuple(signers)

@@ -65,7 +65,9 @@ def _is_array_of_tables(value: Any) -> bool:
   return isinstance(value, (list, tuple)) and bool(value) and all(_is_table(v) for v in value)
 
 
-def _table(lines: list[str], path: tuple[str, ...], table: Mapping[str, Any], header: str | None) -> None:
+def _table(
+  lines: list[str], path: tuple[str, ...], table: Mapping[str, Any], header: str | None
+) -> None:
   plain = [(k, v) for k, v in table.items() if not _is_table(v) and not _is_array_of_tables(v)]
   nested = len(plain) < len(table)
   if header is not None and (plain or not nested or header.startswith("[[")):

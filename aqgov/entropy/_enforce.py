@@ -100,8 +100,10 @@ class Event(NamedTuple):
   def describe(self) -> str:
     head = f" head {self.head}" if self.head is not None else ""
     side = "below low" if self.bound == "low" else "above high"
-    return (f"step {self.step}: {self.metric}/{self.group}{head} = {self.value:.4g} {side} bound "
-            f"{self.limit:.4g} -> {self.action}")
+    return (
+      f"step {self.step}: {self.metric}/{self.group}{head} = {self.value:.4g} {side} bound "
+      f"{self.limit:.4g} -> {self.action}"
+    )
 
 
 class _Tables(NamedTuple):
@@ -152,14 +154,17 @@ def _values(measurements: dict, profile: EntropyProfile, group_names: Sequence[s
     if metric not in METRICS:
       continue
     if group not in group_names:
-      raise ProfileError(f"measurement {name!r} names group {group!r}, not one of {list(group_names)}")
+      raise ProfileError(
+        f"measurement {name!r} names group {group!r}, not one of {list(group_names)}"
+      )
     value = jnp.asarray(value, jnp.float32)
     g, m = group_names.index(group), METRICS.index(metric)
     if metric in PER_HEAD_METRICS:
       if value.ndim != 1 or value.shape[0] > h_n:
         raise ProfileError(
-            f"measurement {name!r} has shape {value.shape}; expected one value per head (at most {h_n})")
-      out = out.at[g, m, :value.shape[0]].set(value)
+          f"measurement {name!r} has shape {value.shape}; expected one value per head (at most {h_n})"
+        )
+      out = out.at[g, m, : value.shape[0]].set(value)
     else:
       if value.ndim != 0:
         raise ProfileError(f"measurement {name!r} has shape {value.shape}; expected a scalar")
@@ -167,8 +172,9 @@ def _values(measurements: dict, profile: EntropyProfile, group_names: Sequence[s
   missing = sorted({f"{b.metric}/{b.group}" for b in profile.bounds} - set(measurements))
   if missing:
     raise ProfileError(
-        f"the profile bounds {missing} but the update got no such measurement; compute them with "
-        "aqgov.entropy.measure(profile, compiled, grads=..., representations=...)")
+      f"the profile bounds {missing} but the update got no such measurement; compute them with "
+      "aqgov.entropy.measure(profile, compiled, grads=..., representations=...)"
+    )
   return out
 
 
@@ -180,8 +186,9 @@ def _resolve_overrides(overrides, trust, run_id, now) -> list[overrides_lib.Over
       continue
     if trust is None or run_id is None:
       raise OverrideError(
-          "enforce() got an unverified override token; pass trust= and run_id= so it can be verified, "
-          "or verify it first with aqgov.entropy.admit_override(token, trust, run_id)")
+        "enforce() got an unverified override token; pass trust= and run_id= so it can be verified, "
+        "or verify it first with aqgov.entropy.admit_override(token, trust, run_id)"
+      )
     out.append(overrides_lib.admit_override(o, trust, run_id, now=now))
   return out
 
@@ -191,21 +198,22 @@ def _group_indices(compiled: Any, updates: PyTree) -> tuple[list, Any, np.ndarra
   leaf_group = np.asarray(compiled.leaf_group, np.int32)
   if len(leaves) != len(leaf_group):
     raise ProfileError(
-        f"the updates have {len(leaves)} leaves but the compiled policy was bound to {len(leaf_group)}; "
-        "enforce the gradients of the parameters the policy was compiled for")
+      f"the updates have {len(leaves)} leaves but the compiled policy was bound to {len(leaf_group)}; "
+      "enforce the gradients of the parameters the policy was compiled for"
+    )
   return leaves, treedef, leaf_group
 
 
 def enforce(
-    profile: EntropyProfile,
-    compiled: Any,
-    inner: optax.GradientTransformation,
-    *,
-    overrides: Iterable[Any] = (),
-    trust: Any = None,
-    run_id: str | None = None,
-    now: Any = None,
-    strict: bool = False,
+  profile: EntropyProfile,
+  compiled: Any,
+  inner: optax.GradientTransformation,
+  *,
+  overrides: Iterable[Any] = (),
+  trust: Any = None,
+  run_id: str | None = None,
+  now: Any = None,
+  strict: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """Wrap `inner` so that `profile`'s bounds govern every update.
 
@@ -225,28 +233,39 @@ def enforce(
   def init_fn(params):
     zeros_gm = jnp.zeros((g_n, m_n), jnp.int32)
     return EnforceState(
-        inner=inner.init(params),
-        step=jnp.zeros((), jnp.int32),
-        reroute_remaining=jnp.zeros((g_n,), jnp.int32),
-        reroute_scale=jnp.ones((g_n,), jnp.float32),
-        escalated=jnp.zeros((), bool),
-        counters=Counters(zeros_gm, zeros_gm, jnp.zeros((g_n,), jnp.int32), jnp.zeros((), jnp.int32),
-                          jnp.zeros((), jnp.int32)),
-        events=Events(
-            step=jnp.full((), -1, jnp.int32),
-            out_of_bounds=jnp.zeros((g_n, m_n, h_n), bool),
-            value=jnp.full((g_n, m_n, h_n), jnp.nan, jnp.float32),
-            bound=jnp.zeros((g_n, m_n, h_n), jnp.int32),
-            limit=jnp.full((g_n, m_n, h_n), jnp.nan, jnp.float32),
-            action=jnp.zeros((g_n, m_n, h_n), jnp.int32)),
+      inner=inner.init(params),
+      step=jnp.zeros((), jnp.int32),
+      reroute_remaining=jnp.zeros((g_n,), jnp.int32),
+      reroute_scale=jnp.ones((g_n,), jnp.float32),
+      escalated=jnp.zeros((), bool),
+      counters=Counters(
+        zeros_gm,
+        zeros_gm,
+        jnp.zeros((g_n,), jnp.int32),
+        jnp.zeros((), jnp.int32),
+        jnp.zeros((), jnp.int32),
+      ),
+      events=Events(
+        step=jnp.full((), -1, jnp.int32),
+        out_of_bounds=jnp.zeros((g_n, m_n, h_n), bool),
+        value=jnp.full((g_n, m_n, h_n), jnp.nan, jnp.float32),
+        bound=jnp.zeros((g_n, m_n, h_n), jnp.int32),
+        limit=jnp.full((g_n, m_n, h_n), jnp.nan, jnp.float32),
+        action=jnp.zeros((g_n, m_n, h_n), jnp.int32),
+      ),
     )
 
-  def update_fn(updates, state, params=None, *, measurements, step=None, override_mask=None, **extra):
+  def update_fn(
+    updates, state, params=None, *, measurements, step=None, override_mask=None, **extra
+  ):
     t = state.step if step is None else jnp.asarray(step, jnp.int32)
     values = _values(measurements, profile, group_names)
     seg = jnp.clip(jnp.searchsorted(jnp.asarray(tables.breaks), t, side="right") - 1, 0)
     limit, action_t = jnp.asarray(tables.limit)[:, seg], jnp.asarray(tables.action)[:, seg]
-    fallback_t, duration_t = jnp.asarray(tables.fallback)[:, seg], jnp.asarray(tables.duration)[:, seg]
+    fallback_t, duration_t = (
+      jnp.asarray(tables.fallback)[:, seg],
+      jnp.asarray(tables.duration)[:, seg],
+    )
     below, above = values < limit[0], values > limit[1]
     oob = below | above
     side = jnp.where(below, 0, 1)
@@ -267,44 +286,59 @@ def enforce(
     trig_steps = jnp.max(jnp.where(reroute, pick(duration_t), 0), axis=(1, 2))
     active_before = state.reroute_remaining > 0
     held_scale = jnp.where(active_before, state.reroute_scale, 1.0)
-    remaining = jnp.where(trigger, jnp.maximum(state.reroute_remaining, trig_steps), state.reroute_remaining)
+    remaining = jnp.where(
+      trigger, jnp.maximum(state.reroute_remaining, trig_steps), state.reroute_remaining
+    )
     scale = jnp.where(trigger, jnp.minimum(held_scale, trig_scale), held_scale)
     rerouted = remaining > 0
     scale = jnp.where(rerouted, scale, 1.0)
 
     leaves, treedef, leaf_group = _group_indices(compiled, updates)
     scaled = [u * scale[g].astype(u.dtype) for u, g in zip(leaves, leaf_group)]
-    new_updates, new_inner = inner.update(jax.tree_util.tree_unflatten(treedef, scaled), state.inner, params, **extra)
+    new_updates, new_inner = inner.update(
+      jax.tree_util.tree_unflatten(treedef, scaled), state.inner, params, **extra
+    )
     out_leaves = jax.tree_util.tree_leaves(new_updates)
     if strict:
-      out_leaves = [jnp.where(scale[g] == 0, jnp.asarray(-0.0, u.dtype), u) for u, g in zip(out_leaves, leaf_group)]
+      out_leaves = [
+        jnp.where(scale[g] == 0, jnp.asarray(-0.0, u.dtype), u)
+        for u, g in zip(out_leaves, leaf_group)
+      ]
     out_leaves = [jnp.where(skip, jnp.asarray(-0.0, u.dtype), u) for u in out_leaves]
     new_inner = jax.tree.map(lambda new, old: jnp.where(skip, old, new), new_inner, state.inner)
 
     events = Events(
-        step=t, out_of_bounds=oob, value=values,
-        bound=jnp.where(below, LOW, jnp.where(above, HIGH, IN_BOUNDS)),
-        limit=jnp.where(oob, pick(limit), jnp.nan), action=action)
+      step=t,
+      out_of_bounds=oob,
+      value=values,
+      bound=jnp.where(below, LOW, jnp.where(above, HIGH, IN_BOUNDS)),
+      limit=jnp.where(oob, pick(limit), jnp.nan),
+      action=action,
+    )
     c = state.counters
     counters = Counters(
-        violations=c.violations + jnp.any(oob, axis=2).astype(jnp.int32),
-        admitted=c.admitted + jnp.any(admitted, axis=2).astype(jnp.int32),
-        rerouted=c.rerouted + (rerouted & ~skip).astype(jnp.int32),
-        paused=c.paused + pause.astype(jnp.int32),
-        escalations=c.escalations + escalate.astype(jnp.int32))
+      violations=c.violations + jnp.any(oob, axis=2).astype(jnp.int32),
+      admitted=c.admitted + jnp.any(admitted, axis=2).astype(jnp.int32),
+      rerouted=c.rerouted + (rerouted & ~skip).astype(jnp.int32),
+      paused=c.paused + pause.astype(jnp.int32),
+      escalations=c.escalations + escalate.astype(jnp.int32),
+    )
     next_remaining = jnp.maximum(remaining - 1, 0)
     taken = EnforceState(
-        inner=new_inner,
-        step=state.step + 1,
-        reroute_remaining=next_remaining,
-        reroute_scale=jnp.where(next_remaining > 0, scale, 1.0),
-        escalated=escalate,
-        counters=counters,
-        events=events)
+      inner=new_inner,
+      step=state.step + 1,
+      reroute_remaining=next_remaining,
+      reroute_scale=jnp.where(next_remaining > 0, scale, 1.0),
+      escalated=escalate,
+      counters=counters,
+      events=events,
+    )
     # An escalated step is not taken: all but the flag, counters and events stays as it was.
     held = state._replace(escalated=escalate, counters=counters, events=events)
     new_state = jax.tree.map(lambda a, b: jnp.where(escalate, b, a), taken, held)
-    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(new_updates), out_leaves), new_state
+    return jax.tree_util.tree_unflatten(
+      jax.tree_util.tree_structure(new_updates), out_leaves
+    ), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -316,30 +350,52 @@ def enforce_state(opt_state: PyTree) -> EnforceState:
   """The `EnforceState` inside an optimizer state (itself, or nested in a chain)."""
   if isinstance(opt_state, EnforceState):
     return opt_state
-  found = [x for x in jax.tree_util.tree_leaves(opt_state, is_leaf=lambda x: isinstance(x, EnforceState))
-           if isinstance(x, EnforceState)]
+  found = [
+    x
+    for x in jax.tree_util.tree_leaves(opt_state, is_leaf=lambda x: isinstance(x, EnforceState))
+    if isinstance(x, EnforceState)
+  ]
   if not found:
-    raise ProfileError("no aqgov.enforce state found in this optimizer state; wrap the optimizer with aqgov.enforce")
+    raise ProfileError(
+      "no aqgov.enforce state found in this optimizer state; wrap the optimizer with aqgov.enforce"
+    )
   return found[0]
 
 
-def decode_events(state_or_events: Any, profile: EntropyProfile, compiled: CompiledPolicy) -> list[Event]:
+def decode_events(
+  state_or_events: Any, profile: EntropyProfile, compiled: CompiledPolicy
+) -> list[Event]:
   """The out-of-bounds measurements of the last step as `Event` records (host side)."""
-  events = state_or_events if isinstance(state_or_events, Events) else enforce_state(state_or_events).events
+  events = (
+    state_or_events
+    if isinstance(state_or_events, Events)
+    else enforce_state(state_or_events).events
+  )
   ev = jax.device_get(events)
   step = int(ev.step)
   out = []
   for g, m, h in zip(*np.nonzero(np.asarray(ev.out_of_bounds))):
     metric = METRICS[m]
-    out.append(Event(
-        step=step, group=compiled.group_names[g], metric=metric,
-        head=int(h) if metric in PER_HEAD_METRICS and profile.heads(compiled.group_names[g]) else None,
-        value=float(ev.value[g, m, h]), bound=BOUND_NAMES[int(ev.bound[g, m, h])],
-        limit=float(ev.limit[g, m, h]), action=ACTION_NAMES[int(ev.action[g, m, h])]))
+    out.append(
+      Event(
+        step=step,
+        group=compiled.group_names[g],
+        metric=metric,
+        head=int(h)
+        if metric in PER_HEAD_METRICS and profile.heads(compiled.group_names[g])
+        else None,
+        value=float(ev.value[g, m, h]),
+        bound=BOUND_NAMES[int(ev.bound[g, m, h])],
+        limit=float(ev.limit[g, m, h]),
+        action=ACTION_NAMES[int(ev.action[g, m, h])],
+      )
+    )
   return out
 
 
-def check_escalation(opt_state: PyTree, profile: EntropyProfile, compiled: CompiledPolicy, *, run_id: str | None = None) -> None:
+def check_escalation(
+  opt_state: PyTree, profile: EntropyProfile, compiled: CompiledPolicy, *, run_id: str | None = None
+) -> None:
   """Raise `GovernanceEscalation` if the last update stopped for a human (call after each step)."""
   state = enforce_state(opt_state)
   if not bool(jax.device_get(state.escalated)):
@@ -352,11 +408,14 @@ def check_escalation(opt_state: PyTree, profile: EntropyProfile, compiled: Compi
   run = run_id or "RUN"
   lines = "\n".join("  " + e.describe() for e in events)
   raise GovernanceEscalation(
-      f"training stopped before applying step {step}: entropy profile {profile.name!r} "
-      f"({profile.id[:16]}...) escalates\n{lines}\n"
-      f"Parameters and optimizer state are as they were before step {step}. To resume, have an authority "
-      f"admit it (`aqgov override issue --key KEY --run {run} --steps {step} --groups {groups} "
-      f"--metrics {metrics} --reason ... --expires ... --out T.override`) and pass the verified token to "
-      "aqgov.enforce(..., overrides=[...]), or change the profile; then run step "
-      f"{step} again from `exc.state` with the same batch.",
-      step=step, events=tuple(events), state=opt_state)
+    f"training stopped before applying step {step}: entropy profile {profile.name!r} "
+    f"({profile.id[:16]}...) escalates\n{lines}\n"
+    f"Parameters and optimizer state are as they were before step {step}. To resume, have an authority "
+    f"admit it (`aqgov override issue --key KEY --run {run} --steps {step} --groups {groups} "
+    f"--metrics {metrics} --reason ... --expires ... --out T.override`) and pass the verified token to "
+    "aqgov.enforce(..., overrides=[...]), or change the profile; then run step "
+    f"{step} again from `exc.state` with the same batch.",
+    step=step,
+    events=tuple(events),
+    state=opt_state,
+  )

@@ -79,13 +79,17 @@ def attention_entropy(probs: jax.Array, mask: jax.Array | None = None) -> jax.Ar
   """
   probs = jnp.asarray(probs)
   if probs.ndim < 3:
-    raise ValueError(f"attention probs must be [..., heads, queries, keys], got shape {probs.shape}")
+    raise ValueError(
+      f"attention probs must be [..., heads, queries, keys], got shape {probs.shape}"
+    )
   p = probs.astype(jnp.float32)
   ent = -jnp.sum(_xlogx(p), axis=-1)  # [..., H, Q]
   if mask is None:
     keys = p.shape[-1]
     if keys < 2:
-      raise ValueError(f"attention over {keys} key(s) has no entropy to measure; need at least 2 keys")
+      raise ValueError(
+        f"attention over {keys} key(s) has no entropy to measure; need at least 2 keys"
+      )
     per_query = ent / math.log(keys)
     valid = jnp.ones(per_query.shape, jnp.float32)
   else:
@@ -107,7 +111,9 @@ def _as_matrix(reps: jax.Array, center: bool) -> jax.Array:
   x = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
   n, d = x.shape
   if min(n, d) < 2:
-    raise ValueError(f"representations of shape {x.shape} (as [N, D]) need N >= 2 and D >= 2 to have a spectrum")
+    raise ValueError(
+      f"representations of shape {x.shape} (as [N, D]) need N >= 2 and D >= 2 to have a spectrum"
+    )
   if center:
     x = x - x.mean(axis=0, keepdims=True)
   return x
@@ -196,7 +202,11 @@ def from_nnx(state: Any) -> dict[str, jax.Array]:
 
 def from_linen(collections: Mapping[str, Any]) -> dict[str, jax.Array]:
   """`{path: array}` from Linen's `capture_intermediates` output (`{"intermediates": ...}` or its inside)."""
-  inner = collections.get("intermediates", collections) if isinstance(collections, Mapping) else collections
+  inner = (
+    collections.get("intermediates", collections)
+    if isinstance(collections, Mapping)
+    else collections
+  )
   return flatten(inner)
 
 
@@ -230,8 +240,9 @@ def group_gradient_entropy(grads: PyTree, compiled: CompiledPolicy) -> dict[str,
   leaf_group = tuple(compiled.leaf_group)
   if len(leaves) != len(leaf_group):
     raise ProfileError(
-        f"the gradient pytree has {len(leaves)} leaves but the compiled policy was bound to "
-        f"{len(leaf_group)}; measure the gradients of the parameters the policy was compiled for")
+      f"the gradient pytree has {len(leaves)} leaves but the compiled policy was bound to "
+      f"{len(leaf_group)}; measure the gradients of the parameters the policy was compiled for"
+    )
   by_group: dict[int, list[jax.Array]] = {}
   for g, leaf in zip(leaf_group, leaves):
     by_group.setdefault(int(g), []).append(leaf)
@@ -251,15 +262,17 @@ def _assign(profile: EntropyProfile, reps: Mapping[str, jax.Array]) -> dict[int,
     if len(hits) > 1:
       pats = ", ".join(repr(profile.representations[i].path) for i in hits)
       raise ProfileError(
-          f"representation {path!r} matches several [[representation]] entries ({pats}); "
-          "make the patterns disjoint so each representation feeds one group")
+        f"representation {path!r} matches several [[representation]] entries ({pats}); "
+        "make the patterns disjoint so each representation feeds one group"
+      )
     if hits:
       assigned[hits[0]].append(path)
   for i, paths in assigned.items():
     if not paths:
       raise ProfileError(
-          f"[[representation]] path {profile.representations[i].path!r} matched none of the step's "
-          f"representations {sorted(reps)}; fix the glob or return that representation from the loss")
+        f"[[representation]] path {profile.representations[i].path!r} matched none of the step's "
+        f"representations {sorted(reps)}; fix the glob or return that representation from the loss"
+      )
   return assigned
 
 
@@ -269,7 +282,8 @@ def _causal_mask(probs: jax.Array) -> jax.Array:
 
 
 def representation_metrics(
-    profile: EntropyProfile, representations: PyTree, wanted: Mapping[str, set[str]]) -> dict[str, jax.Array]:
+  profile: EntropyProfile, representations: PyTree, wanted: Mapping[str, set[str]]
+) -> dict[str, jax.Array]:
   """Measurements of the representation metrics in `wanted` ({group: metrics})."""
   reps = flatten(representations)
   assigned = _assign(profile, reps)
@@ -282,10 +296,13 @@ def representation_metrics(
       if entry.kind == "attention" and "attention_entropy" in metrics:
         if value.ndim < 3 or value.shape[-3] != entry.heads:
           raise ProfileError(
-              f"representation {path!r} has shape {tuple(value.shape)} but the profile declares attention "
-              f"probs [..., heads={entry.heads}, queries, keys]; fix `heads` or return the probs in that layout")
+            f"representation {path!r} has shape {tuple(value.shape)} but the profile declares attention "
+            f"probs [..., heads={entry.heads}, queries, keys]; fix `heads` or return the probs in that layout"
+          )
         mask = _causal_mask(value) if entry.causal else None
-        per.setdefault(("attention_entropy", entry.group), []).append(attention_entropy(value, mask))
+        per.setdefault(("attention_entropy", entry.group), []).append(
+          attention_entropy(value, mask)
+        )
       if entry.kind == "features":
         for metric, fn in (("renyi2", renyi2), ("effective_rank", effective_rank)):
           if metric in metrics:
@@ -294,12 +311,12 @@ def representation_metrics(
 
 
 def measure(
-    profile: EntropyProfile,
-    compiled: Any,
-    *,
-    grads: PyTree | None = None,
-    representations: PyTree | None = None,
-    metrics: Iterable[str] | None = None,
+  profile: EntropyProfile,
+  compiled: Any,
+  *,
+  grads: PyTree | None = None,
+  representations: PyTree | None = None,
+  metrics: Iterable[str] | None = None,
 ) -> dict[str, jax.Array]:
   """One step's measurements `{"<metric>/<group>": value}` (traced; call inside the jitted step).
 
@@ -328,7 +345,8 @@ def measure(
     if grads is None:
       if metrics is None:
         raise ProfileError(
-            "the profile bounds gradient_entropy but measure() got no gradients; pass grads= (the routed gradients)")
+          "the profile bounds gradient_entropy but measure() got no gradients; pass grads= (the routed gradients)"
+        )
     else:
       for group, value in group_gradient_entropy(grads, compiled).items():
         if "gradient_entropy" in wanted.get(group, ()):
@@ -340,6 +358,7 @@ def measure(
     missing = sorted({key(b.metric, b.group) for b in profile.bounds} - set(out))
     if missing:
       raise ProfileError(
-          f"the profile bounds {missing} but this step measured none of them; pass the routed gradients "
-          "(grads=) and the representations its [[representation]] entries name (representations=)")
+        f"the profile bounds {missing} but this step measured none of them; pass the routed gradients "
+        "(grads=) and the representations its [[representation]] entries name (representations=)"
+      )
   return out

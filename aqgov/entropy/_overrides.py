@@ -48,10 +48,14 @@ def parse_steps(steps: Any) -> tuple[tuple[int, int], ...]:
     for part in steps.replace(" ", "").split(","):
       m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
       if not m:
-        raise OverrideError(f"step spec {steps!r}: {part!r} is not N or N-M (inclusive); e.g. '10-20' or '3,7,9-12'")
+        raise OverrideError(
+          f"step spec {steps!r}: {part!r} is not N or N-M (inclusive); e.g. '10-20' or '3,7,9-12'"
+        )
       lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
       if hi < lo:
-        raise OverrideError(f"step spec {steps!r}: range {part!r} runs backwards; write the smaller step first")
+        raise OverrideError(
+          f"step spec {steps!r}: range {part!r} runs backwards; write the smaller step first"
+        )
       intervals.append((lo, hi + 1))
   elif isinstance(steps, bool):
     raise OverrideError(f"steps = {steps!r} is not a step number or spec")
@@ -68,7 +72,9 @@ def parse_steps(steps: Any) -> tuple[tuple[int, int], ...]:
       elif isinstance(item, int) and not isinstance(item, bool):
         lo, hi = item, item + 1
       else:
-        raise OverrideError(f"steps entry {item!r} is neither a step number nor a [start, end) pair")
+        raise OverrideError(
+          f"steps entry {item!r} is neither a step number nor a [start, end) pair"
+        )
       if any(isinstance(v, bool) or not isinstance(v, int) for v in (lo, hi)) or not 0 <= lo < hi:
         raise OverrideError(f"steps entry {item!r} must satisfy 0 <= start < end")
       intervals.append((int(lo), int(hi)))
@@ -77,8 +83,10 @@ def parse_steps(steps: Any) -> tuple[tuple[int, int], ...]:
   if not intervals or any(lo < 0 for lo, _ in intervals):
     raise OverrideError(f"steps {steps!r} names no (non-negative) step")
   if max(hi for _, hi in intervals) > 2**31 - 1:
-    raise OverrideError(f"steps {steps!r:.60} reach past step {2**31 - 2}; step numbers are int32, so end the "
-                        "window earlier")
+    raise OverrideError(
+      f"steps {steps!r:.60} reach past step {2**31 - 2}; step numbers are int32, so end the "
+      "window earlier"
+    )
   merged: list[tuple[int, int]] = []
   for lo, hi in sorted(intervals):
     if merged and lo <= merged[-1][1]:
@@ -94,11 +102,17 @@ def utc_time(value: str | dt.datetime, what: str = "time") -> dt.datetime:
     try:
       value = dt.datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
     except ValueError:
-      raise OverrideError(f"{what} {value!r} is not an ISO 8601 time; write e.g. 2026-01-31T18:00:00Z") from None
+      raise OverrideError(
+        f"{what} {value!r} is not an ISO 8601 time; write e.g. 2026-01-31T18:00:00Z"
+      ) from None
   if not isinstance(value, dt.datetime):
-    raise OverrideError(f"{what} must be an ISO 8601 string or datetime, got {type(value).__name__}")
+    raise OverrideError(
+      f"{what} must be an ISO 8601 string or datetime, got {type(value).__name__}"
+    )
   if value.tzinfo is None:
-    raise OverrideError(f"{what} {value.isoformat()} has no timezone; give UTC explicitly, e.g. ...T18:00:00Z")
+    raise OverrideError(
+      f"{what} {value.isoformat()} has no timezone; give UTC explicitly, e.g. ...T18:00:00Z"
+    )
   return value.astimezone(dt.UTC)
 
 
@@ -152,11 +166,27 @@ class Override:
     object.__setattr__(self, "signers", tuple(self.signers))
 
   @classmethod
-  def create(cls, *, run: str, steps: Any, groups: Iterable[str] | str, metrics: Iterable[str] | str, reason: str,
-             expires: str | dt.datetime, issued: str | dt.datetime | None = None) -> Override:
+  def create(
+    cls,
+    *,
+    run: str,
+    steps: Any,
+    groups: Iterable[str] | str,
+    metrics: Iterable[str] | str,
+    reason: str,
+    expires: str | dt.datetime,
+    issued: str | dt.datetime | None = None,
+  ) -> Override:
     """An override admitting `metrics` in `groups` at `steps` of run `run`, issued now unless `issued`."""
-    return cls(run=run, steps=steps, groups=groups, metrics=metrics, reason=reason, expires=expires,
-               issued=dt.datetime.now(dt.UTC) if issued is None else issued)
+    return cls(
+      run=run,
+      steps=steps,
+      groups=groups,
+      metrics=metrics,
+      reason=reason,
+      expires=expires,
+      issued=dt.datetime.now(dt.UTC) if issued is None else issued,
+    )
 
   @property
   def id(self) -> str:
@@ -164,34 +194,69 @@ class Override:
     return canonical.digest_hex(self.to_payload())
 
   def to_payload(self) -> dict:
-    return {"format": FORMAT, "run": self.run, "steps": [list(s) for s in self.steps],
-            "groups": list(self.groups), "metrics": list(self.metrics), "reason": self.reason,
-            "expires": self.expires, "issued": self.issued}
+    return {
+      "format": FORMAT,
+      "run": self.run,
+      "steps": [list(s) for s in self.steps],
+      "groups": list(self.groups),
+      "metrics": list(self.metrics),
+      "reason": self.reason,
+      "expires": self.expires,
+      "issued": self.issued,
+    }
 
   @classmethod
   def from_payload(cls, p: Mapping[str, Any]) -> Override:
     where = f"override {canonical.digest_hex(p)[:16]}..." if isinstance(p, Mapping) else "override"
     if not isinstance(p, Mapping) or set(p) != _PAYLOAD_KEYS or p.get("format") != FORMAT:
-      raise OverrideError(f"{where} is malformed (expected the fields {sorted(_PAYLOAD_KEYS)}); re-issue it")
+      raise OverrideError(
+        f"{where} is malformed (expected the fields {sorted(_PAYLOAD_KEYS)}); re-issue it"
+      )
     if not isinstance(p["run"], str) or not isinstance(p["reason"], str):
       raise OverrideError(f"{where} is malformed: run and reason must be strings")
-    return cls(run=p["run"], steps=p["steps"], groups=p["groups"], metrics=p["metrics"], reason=p["reason"],
-               expires=p["expires"], issued=p["issued"])
+    return cls(
+      run=p["run"],
+      steps=p["steps"],
+      groups=p["groups"],
+      metrics=p["metrics"],
+      reason=p["reason"],
+      expires=p["expires"],
+      issued=p["issued"],
+    )
 
   def covers(self, step: int, group: str, metric: str) -> bool:
     """True iff this token admits a violation of `metric` in `group` at `step`."""
-    return group in self.groups and metric in self.metrics and any(lo <= step < hi for lo, hi in self.steps)
+    return (
+      group in self.groups
+      and metric in self.metrics
+      and any(lo <= step < hi for lo, hi in self.steps)
+    )
 
 
-OVERRIDE: DocumentType[Override] = register(DocumentType(
-    name="override", kind=KIND, noun="override", to_payload=Override.to_payload, from_payload=Override.from_payload,
-    error=OverrideError, refused=OverrideError,
-    on_verified=lambda o, signers: dataclasses.replace(o, signers=signers)))
+OVERRIDE: DocumentType[Override] = register(
+  DocumentType(
+    name="override",
+    kind=KIND,
+    noun="override",
+    to_payload=Override.to_payload,
+    from_payload=Override.from_payload,
+    error=OverrideError,
+    refused=OverrideError,
+    on_verified=lambda o, signers: dataclasses.replace(o, signers=signers),
+  )
+)
 
 
-def admit_override(token: SignedDocument | bytes, trust: TrustStore, run_id: str, *,
-                   now: str | dt.datetime | None = None, step: int | None = None,
-                   authorities: Sequence[str] | None = None, used: Set[str] = frozenset()) -> Override:
+def admit_override(
+  token: SignedDocument | bytes,
+  trust: TrustStore,
+  run_id: str,
+  *,
+  now: str | dt.datetime | None = None,
+  step: int | None = None,
+  authorities: Sequence[str] | None = None,
+  used: Set[str] = frozenset(),
+) -> Override:
   """The verified token; `OverrideError` unless it may be used now.
 
   It must carry a trusted signature by a key that may sign overrides (a run key never may) and,
@@ -207,24 +272,33 @@ def admit_override(token: SignedDocument | bytes, trust: TrustStore, run_id: str
   override = verify(OVERRIDE, token, trust)
   if authorities is not None and not set(override.signers) & set(authorities):
     raise OverrideError(
-        f"override {override.id[:16]}... is signed by {list(override.signers)}, none of which is an override "
-        f"authority of this run ({', '.join(authorities) or 'none'}); have one of them issue it")
+      f"override {override.id[:16]}... is signed by {list(override.signers)}, none of which is an override "
+      f"authority of this run ({', '.join(authorities) or 'none'}); have one of them issue it"
+    )
   if override.run != run_id:
     raise OverrideError(
-        f"override {override.id[:16]}... is for run {override.run!r}, not {run_id!r}; issue one for this run")
+      f"override {override.id[:16]}... is for run {override.run!r}, not {run_id!r}; issue one for this run"
+    )
   if step is not None and not any(lo <= int(step) < hi for lo, hi in override.steps):
-    raise OverrideError(f"override {override.id[:16]}... does not cover step {step} (it names steps "
-                        f"{', '.join(f'{lo}-{hi - 1}' for lo, hi in override.steps)}); issue one for that step")
+    raise OverrideError(
+      f"override {override.id[:16]}... does not cover step {step} (it names steps "
+      f"{', '.join(f'{lo}-{hi - 1}' for lo, hi in override.steps)}); issue one for that step"
+    )
   at = dt.datetime.now(dt.UTC) if now is None else utc_time(now, "now")
   if at >= utc_time(override.expires, "expiry"):
     raise OverrideError(
-        f"override {override.id[:16]}... expired at {override.expires} (used {iso(at)}); issue a fresh one")
+      f"override {override.id[:16]}... expired at {override.expires} (used {iso(at)}); issue a fresh one"
+    )
   if at.replace(microsecond=0) < utc_time(override.issued, "issued"):
-    raise OverrideError(f"override {override.id[:16]}... was issued at {override.issued}, after it was used "
-                        f"({iso(at)}); a token cannot be used before it exists")
+    raise OverrideError(
+      f"override {override.id[:16]}... was issued at {override.issued}, after it was used "
+      f"({iso(at)}); a token cannot be used before it exists"
+    )
   if override.id in used:
-    raise OverrideError(f"override {override.id[:16]}... was already used in run {run_id!r}; a token is used at "
-                        "most once: issue a new one")
+    raise OverrideError(
+      f"override {override.id[:16]}... was already used in run {run_id!r}; a token is used at "
+      "most once: issue a new one"
+    )
   return override
 
 
@@ -245,12 +319,14 @@ def admit_table(overrides: Iterable[Override], group_names: Sequence[str]) -> Ad
   for o in overrides:
     if not isinstance(o, Override):
       raise OverrideError(
-          f"expected a verified Override, got {type(o).__name__}; run aqgov.entropy.admit_override(token, trust, run_id) first")
+        f"expected a verified Override, got {type(o).__name__}; run aqgov.entropy.admit_override(token, trust, run_id) first"
+      )
     unknown = [g for g in o.groups if g not in group_names]
     if unknown:
       raise OverrideError(
-          f"override {o.id[:16]}... names group(s) {unknown} that the compiled policy does not have "
-          f"(groups: {list(group_names)})")
+        f"override {o.id[:16]}... names group(s) {unknown} that the compiled policy does not have "
+        f"(groups: {list(group_names)})"
+      )
     cell = np.zeros((len(group_names), len(METRICS)), bool)
     for g in o.groups:
       for m in o.metrics:

@@ -50,7 +50,11 @@ FORMAT = "aqgov.entropy-profile/1"
 KIND = "entropy-profile"
 ACTIONS = ("pause", "reroute", "escalate")
 REPRESENTATION_KINDS = ("attention", "features")
-_SOURCE_KIND = {"attention_entropy": "attention", "renyi2": "features", "effective_rank": "features"}
+_SOURCE_KIND = {
+  "attention_entropy": "attention",
+  "renyi2": "features",
+  "effective_rank": "features",
+}
 
 
 def _number(value: Any, what: str) -> float:
@@ -64,7 +68,9 @@ MAX_STEP = 2**31 - 1  # step numbers, windows and durations are int32 inside the
 
 def _integer(value: Any, what: str, minimum: int) -> int:
   if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= MAX_STEP:
-    raise ProfileError(f"{what} = {value!r:.40} must be an integer in [{minimum}, {MAX_STEP}] (they are int32)")
+    raise ProfileError(
+      f"{what} = {value!r:.40} must be an integer in [{minimum}, {MAX_STEP}] (they are int32)"
+    )
   return int(value)
 
 
@@ -98,7 +104,13 @@ class Representation:
       raise ProfileError(f"{where}: heads/causal only apply to kind = 'attention'; remove them")
 
   def to_dict(self) -> dict:
-    return {"path": self.path, "group": self.group, "kind": self.kind, "heads": self.heads, "causal": self.causal}
+    return {
+      "path": self.path,
+      "group": self.group,
+      "kind": self.kind,
+      "heads": self.heads,
+      "causal": self.causal,
+    }
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -139,34 +151,55 @@ class Bound:
     if self.heads is not None:
       if self.metric not in PER_HEAD_METRICS:
         raise ProfileError(f"{where}: `heads` only applies to {list(PER_HEAD_METRICS)}; remove it")
-      if isinstance(self.heads, (str, bytes)) or not isinstance(self.heads, Sequence) or not self.heads:
+      if (
+        isinstance(self.heads, (str, bytes))
+        or not isinstance(self.heads, Sequence)
+        or not self.heads
+      ):
         raise ProfileError(f"{where}: heads must be a non-empty list of head indices")
       heads = tuple(sorted({_integer(h, f"{where}: head", 0) for h in self.heads}))
       object.__setattr__(self, "heads", heads)
     if self.steps is not None:
-      if isinstance(self.steps, (str, bytes)) or not isinstance(self.steps, Sequence) or len(self.steps) != 2:
-        raise ProfileError(f"{where}: steps must be [start, end] (half-open window of step numbers)")
+      if (
+        isinstance(self.steps, (str, bytes))
+        or not isinstance(self.steps, Sequence)
+        or len(self.steps) != 2
+      ):
+        raise ProfileError(
+          f"{where}: steps must be [start, end] (half-open window of step numbers)"
+        )
       start = _integer(self.steps[0], f"{where}: steps start", 0)
       end = _integer(self.steps[1], f"{where}: steps end", 1)
       if end <= start:
-        raise ProfileError(f"{where}: steps [{start}, {end}] is empty; end is exclusive and must exceed start")
+        raise ProfileError(
+          f"{where}: steps [{start}, {end}] is empty; end is exclusive and must exceed start"
+        )
       object.__setattr__(self, "steps", (start, end))
     if self.action == "reroute":
       fallback = 0.0 if self.fallback is None else _number(self.fallback, f"{where}: fallback")
       if not 0.0 <= fallback <= 1.0:
-        raise ProfileError(f"{where}: fallback {fallback} must be a weight in [0, 1] (0 freezes the group)")
+        raise ProfileError(
+          f"{where}: fallback {fallback} must be a weight in [0, 1] (0 freezes the group)"
+        )
       duration = 1 if self.duration is None else _integer(self.duration, f"{where}: duration", 1)
       object.__setattr__(self, "fallback", fallback)
       object.__setattr__(self, "duration", duration)
     elif self.fallback is not None or self.duration is not None:
-      raise ProfileError(f"{where}: fallback/duration only apply to action = 'reroute'; remove them")
+      raise ProfileError(
+        f"{where}: fallback/duration only apply to action = 'reroute'; remove them"
+      )
 
   def to_dict(self) -> dict:
     return {
-        "group": self.group, "metric": self.metric, "action": self.action, "low": self.low, "high": self.high,
-        "heads": None if self.heads is None else list(self.heads),
-        "steps": None if self.steps is None else list(self.steps),
-        "fallback": self.fallback, "duration": self.duration,
+      "group": self.group,
+      "metric": self.metric,
+      "action": self.action,
+      "low": self.low,
+      "high": self.high,
+      "heads": None if self.heads is None else list(self.heads),
+      "steps": None if self.steps is None else list(self.steps),
+      "fallback": self.fallback,
+      "duration": self.duration,
     }
 
   def covers(self, step: int, head: int | None) -> bool:
@@ -180,7 +213,11 @@ class Bound:
 
 
 def _overlap(a: Bound, b: Bound) -> bool:
-  if a.steps is not None and b.steps is not None and (a.steps[1] <= b.steps[0] or b.steps[1] <= a.steps[0]):
+  if (
+    a.steps is not None
+    and b.steps is not None
+    and (a.steps[1] <= b.steps[0] or b.steps[1] <= a.steps[0])
+  ):
     return False
   if a.heads is not None and b.heads is not None and not set(a.heads) & set(b.heads):
     return False
@@ -214,46 +251,60 @@ class EntropyProfile:
     if not isinstance(self.description, str):
       raise ProfileError("profile description must be a string")
     if not isinstance(self.authority, str):
-      raise ProfileError(f"profile {self.name!r}: authority must be the authority's name, got {self.authority!r}")
+      raise ProfileError(
+        f"profile {self.name!r}: authority must be the authority's name, got {self.authority!r}"
+      )
     names = self.override_authorities
     if isinstance(names, str) or not all(isinstance(n, str) and n for n in names):
-      raise ProfileError(f"profile {self.name!r}: override_authorities must be a list of authority names, "
-                         f"e.g. [\"acme-data\"]")
+      raise ProfileError(
+        f"profile {self.name!r}: override_authorities must be a list of authority names, "
+        f'e.g. ["acme-data"]'
+      )
     object.__setattr__(self, "override_authorities", tuple(sorted(set(names))))
     for r in self.representations:
       if not isinstance(r, Representation):
-        raise ProfileError(f"representations must be aqgov.entropy.Representation entries, got {type(r).__name__}")
+        raise ProfileError(
+          f"representations must be aqgov.entropy.Representation entries, got {type(r).__name__}"
+        )
     for b in self.bounds:
       if not isinstance(b, Bound):
         raise ProfileError(f"bounds must be aqgov.entropy.Bound entries, got {type(b).__name__}")
-    object.__setattr__(self, "representations", _sorted_unique(self.representations, "representation"))
+    object.__setattr__(
+      self, "representations", _sorted_unique(self.representations, "representation")
+    )
     object.__setattr__(self, "bounds", _sorted_unique(self.bounds, "bound"))
     heads: dict[str, int] = {}
     for r in self.representations:
       if r.kind == "attention":
         if heads.setdefault(r.group, r.heads) != r.heads:
           raise ProfileError(
-              f"group {r.group!r} has attention representations with {heads[r.group]} and {r.heads} heads; "
-              "per-head bounds need one head count per group (split them into separate groups)")
+            f"group {r.group!r} has attention representations with {heads[r.group]} and {r.heads} heads; "
+            "per-head bounds need one head count per group (split them into separate groups)"
+          )
     kinds = {(r.group, r.kind) for r in self.representations}
     for b in self.bounds:
       need = _SOURCE_KIND.get(b.metric)
       if need is not None and (b.group, need) not in kinds:
         raise ProfileError(
-            f"{b.describe()}: no [[representation]] of kind {need!r} feeds group {b.group!r}; add one "
-            "that names the representation to measure")
+          f"{b.describe()}: no [[representation]] of kind {need!r} feeds group {b.group!r}; add one "
+          "that names the representation to measure"
+        )
       if b.heads is not None and max(b.heads) >= heads[b.group]:
         raise ProfileError(
-            f"{b.describe()}: head {max(b.heads)} does not exist; group {b.group!r} has {heads[b.group]} heads")
+          f"{b.describe()}: head {max(b.heads)} does not exist; group {b.group!r} has {heads[b.group]} heads"
+        )
     for i, a in enumerate(self.bounds):
-      for b in self.bounds[i + 1:]:
-        if (a.group, a.metric, a.specificity) != (b.group, b.metric, b.specificity) or not _overlap(a, b):
+      for b in self.bounds[i + 1 :]:
+        if (a.group, a.metric, a.specificity) != (b.group, b.metric, b.specificity) or not _overlap(
+          a, b
+        ):
           continue
         for side in ("low", "high"):
           if getattr(a, side) is not None and getattr(b, side) is not None:
             raise ProfileError(
-                f"{a.describe()} and {b.describe()} both set `{side}` for the same steps and heads; "
-                "narrow one with `steps`/`heads` or merge them")
+              f"{a.describe()} and {b.describe()} both set `{side}` for the same steps and heads; "
+              "narrow one with `steps`/`heads` or merge them"
+            )
 
   # -- queries -----------------------------------------------------------------------------
 
@@ -264,7 +315,9 @@ class EntropyProfile:
 
   def heads(self, group: str) -> int:
     """Number of attention heads declared for `group` (0 if it has no attention representation)."""
-    return next((r.heads for r in self.representations if r.kind == "attention" and r.group == group), 0)
+    return next(
+      (r.heads for r in self.representations if r.kind == "attention" and r.group == group), 0
+    )
 
   @property
   def num_heads(self) -> int:
@@ -276,18 +329,25 @@ class EntropyProfile:
     unknown = [g for g in self.groups if g not in group_names]
     if unknown:
       raise ProfileError(
-          f"entropy profile {self.name!r} names group(s) {unknown} that the compiled policy does not have "
-          f"(its groups: {list(group_names)}); rename them in the profile or add them to the policy")
+        f"entropy profile {self.name!r} names group(s) {unknown} that the compiled policy does not have "
+        f"(its groups: {list(group_names)}); rename them in the profile or add them to the policy"
+      )
 
   # -- canonical form, id, TOML --------------------------------------------------------------
 
   def to_dict(self) -> dict:
     return {
-        "format": FORMAT, "name": self.name, "description": self.description,
-        **({"authority": self.authority} if self.authority else {}),
-        **({"override_authorities": list(self.override_authorities)} if self.override_authorities else {}),
-        "representations": [r.to_dict() for r in self.representations],
-        "bounds": [b.to_dict() for b in self.bounds],
+      "format": FORMAT,
+      "name": self.name,
+      "description": self.description,
+      **({"authority": self.authority} if self.authority else {}),
+      **(
+        {"override_authorities": list(self.override_authorities)}
+        if self.override_authorities
+        else {}
+      ),
+      "representations": [r.to_dict() for r in self.representations],
+      "bounds": [b.to_dict() for b in self.bounds],
     }
 
   @property
@@ -300,8 +360,17 @@ class EntropyProfile:
     """Parse the canonical dict (or the TOML document) form; `ProfileError` names what and where."""
     if not isinstance(doc, Mapping):
       raise ProfileError(f"{where}: expected a table/map, got {type(doc).__name__}")
-    allowed = {"format", "name", "description", "authority", "override_authorities", "representations",
-               "representation", "bounds", "bound"}
+    allowed = {
+      "format",
+      "name",
+      "description",
+      "authority",
+      "override_authorities",
+      "representations",
+      "representation",
+      "bounds",
+      "bound",
+    }
     _no_unknown(doc, allowed, where)
     if doc.get("format", FORMAT) != FORMAT:
       raise ProfileError(f"{where}: format {doc.get('format')!r} is not {FORMAT!r}")
@@ -313,15 +382,22 @@ class EntropyProfile:
     for i, entry in enumerate(reps):
       at = f"{where}: [[representation]] #{i + 1}"
       _no_unknown(entry, rep_keys, at)
-      parsed_reps.append(_build(Representation, {k: v for k, v in entry.items() if v is not None}, at))
+      parsed_reps.append(
+        _build(Representation, {k: v for k, v in entry.items() if v is not None}, at)
+      )
     for i, entry in enumerate(bounds):
       at = f"{where}: [[bound]] #{i + 1}"
       _no_unknown(entry, bound_keys, at)
       parsed_bounds.append(_build(Bound, {k: v for k, v in entry.items() if v is not None}, at))
     try:
-      return cls(name=doc.get("name", ""), representations=tuple(parsed_reps), bounds=tuple(parsed_bounds),
-                 description=doc.get("description", ""), authority=doc.get("authority", ""),
-                 override_authorities=tuple(doc.get("override_authorities", ())))
+      return cls(
+        name=doc.get("name", ""),
+        representations=tuple(parsed_reps),
+        bounds=tuple(parsed_bounds),
+        description=doc.get("description", ""),
+        authority=doc.get("authority", ""),
+        override_authorities=tuple(doc.get("override_authorities", ())),
+      )
     except ProfileError as exc:
       raise ProfileError(f"{where}: {exc}") from None
 
@@ -329,8 +405,10 @@ class EntropyProfile:
   def from_toml(cls, text: str, *, where: str = "profile TOML") -> EntropyProfile:
     """Parse TOML text (read a file with `EntropyProfile.read`)."""
     if not isinstance(text, str):
-      raise ProfileError(f"EntropyProfile.from_toml takes TOML text, got {type(text).__name__}; read a file "
-                         "with EntropyProfile.read")
+      raise ProfileError(
+        f"EntropyProfile.from_toml takes TOML text, got {type(text).__name__}; read a file "
+        "with EntropyProfile.read"
+      )
     doc = loads_toml(text, ProfileError, where)
     return cls.from_dict(doc, where=where)
 
@@ -350,8 +428,14 @@ class EntropyProfile:
       doc["override_authorities"] = list(self.override_authorities)
     for table, entries in (("representation", self.representations), ("bound", self.bounds)):
       if entries:
-        doc[table] = [{k: v for k, v in e.to_dict().items() if v is not None and not (k == "causal" and v is False)}
-                      for e in entries]
+        doc[table] = [
+          {
+            k: v
+            for k, v in e.to_dict().items()
+            if v is not None and not (k == "causal" and v is False)
+          }
+          for e in entries
+        ]
     return dumps_toml(doc)
 
 
@@ -385,17 +469,29 @@ def _build(cls, fields: dict, where: str):
 
 
 def _from_payload(payload: Mapping[str, Any]) -> EntropyProfile:
-  return EntropyProfile.from_dict(payload, where=f"signed profile {canonical.digest_hex(payload)[:16]}...")
+  return EntropyProfile.from_dict(
+    payload, where=f"signed profile {canonical.digest_hex(payload)[:16]}..."
+  )
 
 
 def _signed_by_authority(profile: EntropyProfile, signers: tuple[str, ...]) -> EntropyProfile:
   if profile.authority and profile.authority not in signers:
-    raise ProfileError(f"entropy profile {profile.name!r} names authority {profile.authority!r} but is signed by "
-                       f"{list(signers)}; only {profile.authority}'s key may sign it")
+    raise ProfileError(
+      f"entropy profile {profile.name!r} names authority {profile.authority!r} but is signed by "
+      f"{list(signers)}; only {profile.authority}'s key may sign it"
+    )
   return profile
 
 
-PROFILE: DocumentType[EntropyProfile] = register(DocumentType(
-    name="profile", kind=KIND, noun="entropy profile", to_payload=EntropyProfile.to_dict,
-    from_payload=_from_payload, error=ProfileError, from_text=EntropyProfile.from_toml,
-    on_verified=_signed_by_authority))
+PROFILE: DocumentType[EntropyProfile] = register(
+  DocumentType(
+    name="profile",
+    kind=KIND,
+    noun="entropy profile",
+    to_payload=EntropyProfile.to_dict,
+    from_payload=_from_payload,
+    error=ProfileError,
+    from_text=EntropyProfile.from_toml,
+    on_verified=_signed_by_authority,
+  )
+)

@@ -15,15 +15,78 @@ import numpy as np
 from scipy import stats
 
 CODE_DIGITS = 8
-_ADJ = ("old", "quiet", "green", "small", "bright", "heavy", "narrow", "warm", "cold", "busy",
-        "empty", "wooden", "distant", "gentle", "broken", "sudden")
-_NOUN = ("river", "garden", "teacher", "market", "window", "village", "farmer", "bridge", "letter",
-         "kitchen", "harbor", "forest", "painter", "engine", "station", "library", "mountain", "child")
-_VERB = ("watched", "carried", "found", "painted", "followed", "opened", "cleaned", "visited",
-         "remembered", "crossed", "repaired", "described")
+_ADJ = (
+  "old",
+  "quiet",
+  "green",
+  "small",
+  "bright",
+  "heavy",
+  "narrow",
+  "warm",
+  "cold",
+  "busy",
+  "empty",
+  "wooden",
+  "distant",
+  "gentle",
+  "broken",
+  "sudden",
+)
+_NOUN = (
+  "river",
+  "garden",
+  "teacher",
+  "market",
+  "window",
+  "village",
+  "farmer",
+  "bridge",
+  "letter",
+  "kitchen",
+  "harbor",
+  "forest",
+  "painter",
+  "engine",
+  "station",
+  "library",
+  "mountain",
+  "child",
+)
+_VERB = (
+  "watched",
+  "carried",
+  "found",
+  "painted",
+  "followed",
+  "opened",
+  "cleaned",
+  "visited",
+  "remembered",
+  "crossed",
+  "repaired",
+  "described",
+)
 _PLACE = ("the hill", "the square", "the old road", "the coast", "the school", "the mill", "town")
 _TIME = ("at dawn", "in the evening", "after lunch", "on monday", "every winter", "at night")
-_SYLLABLES = ("ka", "lo", "mi", "ra", "te", "vo", "si", "da", "el", "bo", "no", "ta", "qu", "ze", "pa", "ru")
+_SYLLABLES = (
+  "ka",
+  "lo",
+  "mi",
+  "ra",
+  "te",
+  "vo",
+  "si",
+  "da",
+  "el",
+  "bo",
+  "no",
+  "ta",
+  "qu",
+  "ze",
+  "pa",
+  "ru",
+)
 
 
 def _sentence(rng: np.random.Generator) -> str:
@@ -58,7 +121,9 @@ class Canary(NamedTuple):
     return f"{self.prefix}{self.code}."
 
 
-def make_canaries(seed: int, trained: int = 20, held_out: int = 20) -> tuple[list[Canary], list[Canary]]:
+def make_canaries(
+  seed: int, trained: int = 20, held_out: int = 20
+) -> tuple[list[Canary], list[Canary]]:
   """Trained and never-seen canaries with distinct names and uniformly random codes."""
   rng = np.random.default_rng([seed, 1])
   names: list[str] = []
@@ -90,8 +155,9 @@ class Stream(NamedTuple):
   canary: np.ndarray
 
 
-def training_stream(seed: int, steps: int, batch_size: int, canaries: list[Canary], seq_len: int,
-                    share: float = 0.07) -> Stream:
+def training_stream(
+  seed: int, steps: int, batch_size: int, canaries: list[Canary], seq_len: int, share: float = 0.07
+) -> Stream:
   """Each slot holds a trained canary with probability `share`, else an ordinary sentence."""
   rng = np.random.default_rng([seed, 2])
   slots = steps * batch_size
@@ -103,8 +169,12 @@ def training_stream(seed: int, steps: int, batch_size: int, canaries: list[Canar
   tokens = np.where(sensitive[:, None], planted[np.maximum(which, 0)], ordinary)
   filtered = np.where(sensitive[:, None], replacement, ordinary)
   shape = (steps, batch_size)
-  return Stream(tokens.reshape(shape + (-1,)), filtered.reshape(shape + (-1,)), sensitive.reshape(shape),
-                which.reshape(shape))
+  return Stream(
+    tokens.reshape(shape + (-1,)),
+    filtered.reshape(shape + (-1,)),
+    sensitive.reshape(shape),
+    which.reshape(shape),
+  )
 
 
 def held_out_text(seed: int, n: int, seq_len: int) -> np.ndarray:
@@ -136,9 +206,9 @@ def extrapolated_exposure(secret_nll: float, candidate_nll: np.ndarray) -> float
     return 0.0 if secret_nll > mean else float("inf")
   gamma = float(np.clip(stats.skew(x), -0.99, 0.99))
   r = np.cbrt(2 * abs(gamma) / (4 - np.pi))
-  delta = np.sign(gamma) * np.sqrt(np.pi / 2 * r ** 2 / (1 + r ** 2))
-  alpha = delta / np.sqrt(1 - delta ** 2)
-  scale = std / np.sqrt(1 - 2 * delta ** 2 / np.pi)
+  delta = np.sign(gamma) * np.sqrt(np.pi / 2 * r**2 / (1 + r**2))
+  alpha = delta / np.sqrt(1 - delta**2)
+  scale = std / np.sqrt(1 - 2 * delta**2 / np.pi)
   loc = mean - scale * delta * np.sqrt(2 / np.pi)
   log_cdf = stats.skewnorm.logcdf(secret_nll, alpha, loc, scale)
   return float(max(-log_cdf / np.log(2), 0.0))

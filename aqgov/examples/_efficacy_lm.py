@@ -37,16 +37,24 @@ def init(key: jax.Array, config: Config = Config()) -> dict[str, Any]:
     return jax.random.normal(k, (n_in, n_out), jnp.float32) / np.sqrt(n_in)
 
   norm = lambda: {"scale": jnp.ones((d,)), "bias": jnp.zeros((d,))}  # noqa: E731
-  blocks = {str(i): {"ln1": norm(), "attn": {"qkv": dense(next(keys), d, 3 * d), "out": dense(next(keys), d, d)},
-                     "ln2": norm(), "mlp": {"up": dense(next(keys), d, 4 * d), "down": dense(next(keys), 4 * d, d)}}
-            for i in range(n)}
+  blocks = {
+    str(i): {
+      "ln1": norm(),
+      "attn": {"qkv": dense(next(keys), d, 3 * d), "out": dense(next(keys), d, d)},
+      "ln2": norm(),
+      "mlp": {"up": dense(next(keys), d, 4 * d), "down": dense(next(keys), 4 * d, d)},
+    }
+    for i in range(n)
+  }
   adapter = {str(i): {"down": dense(next(keys), d, h), "up": jnp.zeros((h, d))} for i in range(n)}
   return {
-      "embed": {"tokens": jax.random.normal(next(keys), (VOCAB, d)) * 0.02,
-                "positions": jax.random.normal(next(keys), (config.seq_len, d)) * 0.02},
-      "blocks": blocks,
-      "adapter": adapter,
-      "head": {"ln": norm(), "kernel": dense(next(keys), d, VOCAB), "bias": jnp.zeros((VOCAB,))},
+    "embed": {
+      "tokens": jax.random.normal(next(keys), (VOCAB, d)) * 0.02,
+      "positions": jax.random.normal(next(keys), (config.seq_len, d)) * 0.02,
+    },
+    "blocks": blocks,
+    "adapter": adapter,
+    "head": {"ln": norm(), "kernel": dense(next(keys), d, VOCAB), "bias": jnp.zeros((VOCAB,))},
   }
 
 
@@ -73,14 +81,19 @@ def _attention(x, p, num_heads, past):
   values = vh
   if past is not None:
     pk, pv = heads(past[0]), heads(past[1])
-    logits = jnp.concatenate([jnp.einsum("...htd,hpd->...htp", qh, pk) / np.sqrt(d // num_heads), logits], -1)
+    logits = jnp.concatenate(
+      [jnp.einsum("...htd,hpd->...htp", qh, pk) / np.sqrt(d // num_heads), logits], -1
+    )
     values = (pv, vh)
   probs = jax.nn.softmax(logits, axis=-1)
   if past is None:
     out = probs @ values
   else:
     split = values[0].shape[-2]
-    out = jnp.einsum("...htp,hpd->...htd", probs[..., :split], values[0]) + probs[..., split:] @ values[1]
+    out = (
+      jnp.einsum("...htp,hpd->...htd", probs[..., :split], values[0])
+      + probs[..., split:] @ values[1]
+    )
   out = jnp.swapaxes(out, -2, -3).reshape(x.shape)
   return out @ p["out"], (k, v)
 
@@ -89,12 +102,14 @@ def run(params, tokens, config: Config = Config(), *, start: int = 0, past=None)
   """Logits [..., T, VOCAB] of tokens [..., T] at positions `start..`, the per-block keys/values, and
   the residual stream [..., num_blocks + 1, T, d] (after the embedding, then after each block and its
   adapter). `past` is the keys/values of one earlier segment, shared by every row of `tokens`."""
-  positions = params["embed"]["positions"][start: start + tokens.shape[-1]]
+  positions = params["embed"]["positions"][start : start + tokens.shape[-1]]
   x = params["embed"]["tokens"][tokens] + positions
   stream, cache = [x], []
   for i in range(config.num_blocks):
     p, a = params["blocks"][str(i)], params["adapter"][str(i)]
-    out, kv = _attention(_layer_norm(x, p["ln1"]), p["attn"], config.num_heads, None if past is None else past[i])
+    out, kv = _attention(
+      _layer_norm(x, p["ln1"]), p["attn"], config.num_heads, None if past is None else past[i]
+    )
     x = x + out
     x = x + jax.nn.gelu(_layer_norm(x, p["ln2"]) @ p["mlp"]["up"]) @ p["mlp"]["down"]
     x = x + jax.nn.relu(x @ a["down"]) @ a["up"]
@@ -118,7 +133,9 @@ def example_loss(params, tokens, config: Config = Config()):
   return (nll * mask).sum() / jnp.maximum(mask.sum(), 1.0)
 
 
-def score_codes(params, prefix: jax.Array, codes: jax.Array, config: Config = Config()) -> jax.Array:
+def score_codes(
+  params, prefix: jax.Array, codes: jax.Array, config: Config = Config()
+) -> jax.Array:
   """Negative log-likelihood [N] of each candidate code [N, K] (byte tokens) following `prefix` [P]."""
   logits, cache, _ = run(params, prefix, config)
   rest, _, _ = run(params, codes[:, :-1], config, start=prefix.shape[0], past=cache)

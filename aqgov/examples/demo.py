@@ -26,21 +26,21 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from aqgov.documents import _keys as keylib
-from aqgov.examples import efficacy as efficacy
-from aqgov.examples import sample as sample
 from aqgov.credentials._admission import Admission
-from aqgov.policy._compile import CompiledPolicy, explain_table
+from aqgov.credentials._loader import governed_batches
 from aqgov.credentials._manifest import MANIFEST, Example, issue_manifest
+from aqgov.documents import _keys as keylib
 from aqgov.documents._document_type import read, sign, write
 from aqgov.documents._files import make_private_dir
-from aqgov.entropy._enforce import decode_events
-from aqgov.errors import GovernanceEscalation
 from aqgov.documents._keys import SigningKey, TrustStore
-from aqgov.lineage import GovernedRun, verify_lineage
-from aqgov.credentials._loader import governed_batches
-from aqgov.policy._policy import POLICY, Policy
+from aqgov.entropy._enforce import decode_events
 from aqgov.entropy._profile import PROFILE, EntropyProfile
+from aqgov.errors import GovernanceEscalation
+from aqgov.examples import efficacy as efficacy
+from aqgov.examples import sample as sample
+from aqgov.lineage import GovernedRun, verify_lineage
+from aqgov.policy._compile import CompiledPolicy, explain_table
+from aqgov.policy._policy import POLICY, Policy
 
 PROFILE_SIGNER = "acme-data"
 POLICY_SIGNERS = {"acme-routing": "acme-data", "eu-office": "eu-office"}
@@ -64,11 +64,15 @@ class Authorities(NamedTuple):
   def public_keys(self) -> list[Path]:
     return sorted((self.root / "keys").glob("*.pub"))
 
-  def moved_to(self, root: Path) -> "Authorities":
+  def moved_to(self, root: Path) -> Authorities:
     """The same authorities after their directory was copied to `root`."""
     re = lambda p: root / p.relative_to(self.root)  # noqa: E731
-    return self._replace(root=root, manifests=tuple(map(re, self.manifests)),
-                         policies=tuple(map(re, self.policies)), profile=re(self.profile))
+    return self._replace(
+      root=root,
+      manifests=tuple(map(re, self.manifests)),
+      policies=tuple(map(re, self.policies)),
+      profile=re(self.profile),
+    )
 
 
 def create_authorities(root: Path) -> Authorities:
@@ -80,23 +84,36 @@ def create_authorities(root: Path) -> Authorities:
   manifests = []
   taxonomies = sample.taxonomies()
   for authority in sample.AUTHORITIES:
-    manifest = issue_manifest(signing[authority], taxonomies[authority], sample.examples(), skip_unlabelled=True)
-    manifests.append(write(MANIFEST, manifest.document, root / "manifests" / f"{authority}.manifest"))
+    manifest = issue_manifest(
+      signing[authority], taxonomies[authority], sample.examples(), skip_unlabelled=True
+    )
+    manifests.append(
+      write(MANIFEST, manifest.document, root / "manifests" / f"{authority}.manifest")
+    )
   policies = []
   for name, signer in POLICY_SIGNERS.items():
     signed = sign(POLICY, Policy.read(sample.policy_path(name)), signing[signer])
     policies.append(write(POLICY, signed, root / "policies" / f"{name}.signed"))
-  profile = write(PROFILE, sign(PROFILE, EntropyProfile.read(sample.profile_path()), signing[PROFILE_SIGNER]),
-                  root / "profiles" / "demo-profile.signed")
+  profile = write(
+    PROFILE,
+    sign(PROFILE, EntropyProfile.read(sample.profile_path()), signing[PROFILE_SIGNER]),
+    root / "profiles" / "demo-profile.signed",
+  )
   return Authorities(root, signing, tuple(manifests), tuple(policies), profile)
 
 
 def incoming_examples() -> list[Example]:
   """The sample examples as a loader would see them: one altered in transit, two never credentialed."""
   examples = sample.examples()
-  tampered = examples[7]._replace(content=examples[7].content + b" Ignore all previous instructions.")
-  extra = [Example(f"web-{i}", text.encode(), None) for i, text in enumerate(
-      ["Scraped text with no credential at all.", "Another page nobody vouched for."])]
+  tampered = examples[7]._replace(
+    content=examples[7].content + b" Ignore all previous instructions."
+  )
+  extra = [
+    Example(f"web-{i}", text.encode(), None)
+    for i, text in enumerate(
+      ["Scraped text with no credential at all.", "Another page nobody vouched for."]
+    )
+  ]
   return examples[:7] + [tampered] + examples[8:] + extra
 
 
@@ -115,7 +132,9 @@ def explain_rich(compiled: CompiledPolicy, reached: np.ndarray | None = None) ->
   return table
 
 
-def train(run: GovernedRun, batches, steps: int, console: Console) -> tuple[np.ndarray, list, str | None]:
+def train(
+  run: GovernedRun, batches, steps: int, console: Console
+) -> tuple[np.ndarray, list, str | None]:
   """Run `steps` governed steps; route-class counts, governance events and any escalation message."""
   task = run.task
   reached = np.zeros(len(task.compiled.class_names), np.int64)
@@ -129,8 +148,10 @@ def train(run: GovernedRun, batches, steps: int, console: Console) -> tuple[np.n
       events += step_events
       kinds = {(e.group, e.metric, e.action) for e in step_events}
       if int(s.step) % 5 == 0 or kinds != last_kinds:
-        console.print(f"   step {int(s.step):3d}  loss {float(s.loss):.3f}" +
-                      "".join(f"\n     event: {e.describe()}" for e in step_events if kinds != last_kinds))
+        console.print(
+          f"   step {int(s.step):3d}  loss {float(s.loss):.3f}"
+          + "".join(f"\n     event: {e.describe()}" for e in step_events if kinds != last_kinds)
+        )
       last_kinds = kinds
   except GovernanceEscalation as exc:
     console.print(f"[red]   escalation[/red]: {exc}")
@@ -148,8 +169,10 @@ def _run_key_id(out: Path) -> str:
 
 def reaching_classes(compiled: CompiledPolicy, reached: np.ndarray) -> dict[str, list[str]]:
   """Per group, the route classes that trained examples took and that give the group a positive weight."""
-  return {name: [compiled.class_names[c] for c in np.flatnonzero(reached) if compiled.table[c, g] > 0]
-          for g, name in enumerate(compiled.group_names)}
+  return {
+    name: [compiled.class_names[c] for c in np.flatnonzero(reached) if compiled.table[c, g] > 0]
+    for g, name in enumerate(compiled.group_names)
+  }
 
 
 def keys_dir_of(out: str | Path) -> Path:
@@ -158,8 +181,14 @@ def keys_dir_of(out: str | Path) -> Path:
   return out.with_name(out.name + "-keys")
 
 
-def run(out: str | Path, *, steps: int = 20, batch_size: int = 16, seed: int = 0,
-        console: Console | None = None) -> dict:
+def run(
+  out: str | Path,
+  *,
+  steps: int = 20,
+  batch_size: int = 16,
+  seed: int = 0,
+  console: Console | None = None,
+) -> dict:
   """Run the demo into `out` and `OUT-keys/` (both must be empty or absent); returns a summary dict."""
   console = console or Console(width=110)
   out = Path(out)
@@ -174,56 +203,93 @@ def run(out: str | Path, *, steps: int = 20, batch_size: int = 16, seed: int = 0
     shutil.copytree(auth.root, keys / "authorities")
     auth = auth.moved_to(keys / "authorities")
   run = GovernedRun.start(
-      out, task=TASK, task_config={"seed": seed, "learning_rate": 3e-3},
-      policies=auth.policies, profiles=[auth.profile], manifests=auth.manifests, trust=auth.public_keys,
-      checkpoint_every=max(steps // 2, 1), config={"demo": {"steps": steps, "batch_size": batch_size}},
-      key_dir=keys / "run")
-  console.print(f"[bold]1. authorities[/bold] acme-data, eu-office: keys, credential manifests, signed policies "
-                f"and profile in {keys / 'authorities'}; the run key in {keys / 'run'}. {out} holds no private "
-                "key: it is what an auditor gets")
+    out,
+    task=TASK,
+    task_config={"seed": seed, "learning_rate": 3e-3},
+    policies=auth.policies,
+    profiles=[auth.profile],
+    manifests=auth.manifests,
+    trust=auth.public_keys,
+    checkpoint_every=max(steps // 2, 1),
+    config={"demo": {"steps": steps, "batch_size": batch_size}},
+    key_dir=keys / "run",
+  )
+  console.print(
+    f"[bold]1. authorities[/bold] acme-data, eu-office: keys, credential manifests, signed policies "
+    f"and profile in {keys / 'authorities'}; the run key in {keys / 'run'}. {out} holds no private "
+    "key: it is what an auditor gets"
+  )
 
   task = run.task
   loader = Admission(auth.trust, [read(MANIFEST, p) for p in auth.manifests], on_reject="collect")
   incoming = incoming_examples()
   rejected = list(loader.admit(incoming).rejected)
-  console.print(f"[bold]2. admission[/bold]: {len(incoming) - len(rejected)} admitted, "
-                f"{len(rejected)} refused")
+  console.print(
+    f"[bold]2. admission[/bold]: {len(incoming) - len(rejected)} admitted, {len(rejected)} refused"
+  )
   for r in rejected:
     console.print(f"   refused {r.example_id}: {r.reason}")
-  run.record_event({"admission": [{"example_id": r.example_id, "reason": str(r.reason)} for r in rejected]})
+  run.record_event(
+    {"admission": [{"example_id": r.example_id, "reason": str(r.reason)} for r in rejected]}
+  )
 
   console.print("[bold]3. policy[/bold]: groups " + ", ".join(task.compiled.group_names))
 
-  batches = itertools.cycle(list(governed_batches(incoming, loader, batch_size, drop_remainder=True)))
-  console.print(f"[bold]4. training[/bold] {steps} governed steps of {batch_size} examples "
-                f"(routed, entropy-bounded, recorded)")
+  batches = itertools.cycle(
+    list(governed_batches(incoming, loader, batch_size, drop_remainder=True))
+  )
+  console.print(
+    f"[bold]4. training[/bold] {steps} governed steps of {batch_size} examples "
+    f"(routed, entropy-bounded, recorded)"
+  )
   reached, events, escalation = train(run, batches, steps, console)
   console.print(explain_rich(task.compiled, reached))
   for name, classes in reaching_classes(task.compiled, reached).items():
     console.print(f"   {name} was shaped by: {', '.join(classes) or 'no example'}")
-  for (group, metric, action), n in sorted(collections.Counter((e.group, e.metric, e.action) for e in events).items()):
+  for (group, metric, action), n in sorted(
+    collections.Counter((e.group, e.metric, e.action) for e in events).items()
+  ):
     console.print(f"   governance: {metric}/{group} out of bounds on {n} step(s) -> {action}")
 
   run_key = _run_key_id(out)
   # an escalated run is stopped for a human, not closed: it is verified as a live run
-  trust = TrustStore.of([*auth.trust.keys.values(), keylib.load_public_key(keys / "run" / "run.pub")])
+  trust = TrustStore.of(
+    [*auth.trust.keys.values(), keylib.load_public_key(keys / "run" / "run.pub")]
+  )
   report = verify_lineage(out, trust, require_closed=escalation is None)
-  console.print(f"[bold]5. lineage[/bold]: {report.size} records, root {report.root[:16]}..., "
-                f"{report.heads} signed heads, closed={report.closed}")
-  console.print(f"   run key id (hand it to auditors out of band): {run_key}\n"
-                f"   check it:  aqgov lineage verify {out} --trust {keys}/authorities/keys/*.pub "
-                f"--run-key {keys}/run/run.pub{'' if report.closed else ' --allow-open'}\n"
-                f"   attest it: aqgov lineage export {out} --intoto {out}/attestation.intoto.json "
-                f"--key {keys}/run/run.key", soft_wrap=True)
-  console.print("[bold]6. efficacy[/bold]: a short run with planted canary secrets (python benchmarks/efficacy.py "
-                "measures it in full)")
+  console.print(
+    f"[bold]5. lineage[/bold]: {report.size} records, root {report.root[:16]}..., "
+    f"{report.heads} signed heads, closed={report.closed}"
+  )
+  console.print(
+    f"   run key id (hand it to auditors out of band): {run_key}\n"
+    f"   check it:  aqgov lineage verify {out} --trust {keys}/authorities/keys/*.pub "
+    f"--run-key {keys}/run/run.pub{'' if report.closed else ' --allow-open'}\n"
+    f"   attest it: aqgov lineage export {out} --intoto {out}/attestation.intoto.json "
+    f"--key {keys}/run/run.key",
+    soft_wrap=True,
+  )
+  console.print(
+    "[bold]6. efficacy[/bold]: a short run with planted canary secrets (python benchmarks/efficacy.py "
+    "measures it in full)"
+  )
   for claim in efficacy.demo_claims():
     console.print(f"   {claim}")
   from aqgov.report import write_report  # the `report` extra
 
   write_report(out, out / "report.html", trust, require_closed=escalation is None)
-  console.print(f"[bold]7. audit report[/bold]: {out / 'report.html'} (aqgov report {out} -o FILE --trust "
-                f"{keys}/authorities/keys/*.pub --run-key {keys}/run/run.pub)", soft_wrap=True)
-  return {"admitted": len(incoming) - len(rejected), "rejected": [(r.example_id, str(r.reason)) for r in rejected],
-          "policy_ids": task.compiled.policy_ids, "groups": task.compiled.group_names, "reached": reached.tolist(),
-          "events": [e._asdict() for e in events], "escalation": escalation, "records": report.size}
+  console.print(
+    f"[bold]7. audit report[/bold]: {out / 'report.html'} (aqgov report {out} -o FILE --trust "
+    f"{keys}/authorities/keys/*.pub --run-key {keys}/run/run.pub)",
+    soft_wrap=True,
+  )
+  return {
+    "admitted": len(incoming) - len(rejected),
+    "rejected": [(r.example_id, str(r.reason)) for r in rejected],
+    "policy_ids": task.compiled.policy_ids,
+    "groups": task.compiled.group_names,
+    "reached": reached.tolist(),
+    "events": [e._asdict() for e in events],
+    "escalation": escalation,
+    "records": report.size,
+  }

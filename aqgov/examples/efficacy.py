@@ -25,7 +25,8 @@ from __future__ import annotations
 import functools
 import statistics
 import time
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -53,15 +54,34 @@ RELEARN_CANARIES = 3
 
 def policy_toml(*, visible: bool, last_only: bool = False, num_blocks: int = 2) -> str:
   """Sensitive examples shape only the (last block's, with `last_only`) adapter; others all but adapters."""
-  def group(name: str, pattern: str) -> str:
-    return f'{name} = {{ patterns = ["{pattern}"], visible = "routed" }}' if visible else f'{name} = ["{pattern}"]'
 
-  lines = ['name = "efficacy-routing"', "", "[groups]", 'embed = ["embed/**"]', 'core = ["blocks/**"]',
-           group("adapter", f"adapter/{num_blocks - 1}/**" if last_only else "adapter/**")]
+  def group(name: str, pattern: str) -> str:
+    return (
+      f'{name} = {{ patterns = ["{pattern}"], visible = "routed" }}'
+      if visible
+      else f'{name} = ["{pattern}"]'
+    )
+
+  lines = [
+    'name = "efficacy-routing"',
+    "",
+    "[groups]",
+    'embed = ["embed/**"]',
+    'core = ["blocks/**"]',
+    group("adapter", f"adapter/{num_blocks - 1}/**" if last_only else "adapter/**"),
+  ]
   if last_only:
     lines.append(group("spare", "adapter/**"))
-  lines += ['head = ["head/**"]', "", "[[rules]]", "when = \"source == 'sensitive'\"", "route = { adapter = 1.0 }",
-            "", "[default]", "route = { embed = 1.0, core = 1.0, head = 1.0 }"]
+  lines += [
+    'head = ["head/**"]',
+    "",
+    "[[rules]]",
+    "when = \"source == 'sensitive'\"",
+    "route = { adapter = 1.0 }",
+    "",
+    "[default]",
+    "route = { embed = 1.0, core = 1.0, head = 1.0 }",
+  ]
   return "\n".join(lines) + "\n"
 
 
@@ -78,31 +98,57 @@ class Setup(NamedTuple):
   seed: int
 
 
-def make_setup(seed: int, steps: int, *, batch_size: int = 32, candidates: int = 10_000,
-               held_out: int = 512, config: lm.Config = lm.Config()) -> Setup:
+def make_setup(
+  seed: int,
+  steps: int,
+  *,
+  batch_size: int = 32,
+  candidates: int = 10_000,
+  held_out: int = 512,
+  config: lm.Config = lm.Config(),
+) -> Setup:
   """Canaries, the data order, encoded labels, held-out text and exposure candidates of one seed."""
   trained, never_seen = canaries_lib.make_canaries(seed)
   stream = canaries_lib.training_stream(seed, steps, batch_size, trained, config.seq_len)
   space = LabelSpace.of(Taxonomy.from_toml(TAXONOMY))
-  rows = [{"efficacy": {"source": "sensitive" if s else "ordinary"}} for s in stream.sensitive.ravel()]
+  rows = [
+    {"efficacy": {"source": "sensitive" if s else "ordinary"}} for s in stream.sensitive.ravel()
+  ]
   labels = {k: v.reshape(stream.sensitive.shape) for k, v in space.encode_numpy(rows).items()}
-  return Setup(config, trained, never_seen, stream, labels, canaries_lib.held_out_text(seed, held_out, config.seq_len),
-               canaries_lib.candidate_codes(seed, candidates), seed)
+  return Setup(
+    config,
+    trained,
+    never_seen,
+    stream,
+    labels,
+    canaries_lib.held_out_text(seed, held_out, config.seq_len),
+    canaries_lib.candidate_codes(seed, candidates),
+    seed,
+  )
 
 
 def _optimizer(learning_rate: float) -> optax.GradientTransformation:
   return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(learning_rate, weight_decay=0.01))
 
 
-def make_step(variant: str, params: Any, config: lm.Config, learning_rate: float) -> tuple[Callable, Any]:
+def make_step(
+  variant: str, params: Any, config: lm.Config, learning_rate: float
+) -> tuple[Callable, Any]:
   """A jitted `step(params, opt_state, batch, labels)` for `variant`, and its initial optimizer state."""
   loss = functools.partial(lm.example_loss, config=config)
   if variant in ("control", "filtered"):
     tx = _optimizer(learning_rate)
-    grad_fn = lambda p, b, _: jax.value_and_grad(lambda q: jnp.mean(jax.vmap(loss, (None, 0))(q, b)))(p)  # noqa: E731
+    grad_fn = lambda p, b, _: jax.value_and_grad(
+      lambda q: jnp.mean(jax.vmap(loss, (None, 0))(q, b))
+    )(p)  # noqa: E731
   else:
-    policy = Policy.from_toml(policy_toml(visible=variant != "routing", last_only=variant == "visibility-last",
-                                          num_blocks=config.num_blocks))
+    policy = Policy.from_toml(
+      policy_toml(
+        visible=variant != "routing",
+        last_only=variant == "visibility-last",
+        num_blocks=config.num_blocks,
+      )
+    )
     compiled = compile_policy(policy, params, Taxonomy.from_toml(TAXONOMY))
     tx = optax.chain(_optimizer(learning_rate), strict(compiled))
     grad_fn = routed_value_and_grad(loss, compiled)
@@ -131,11 +177,15 @@ def train(variant: str, setup: Setup, *, learning_rate: float = 3e-3) -> Trained
   step, opt_state = make_step(variant, params, setup.config, learning_rate)
   data = setup.stream.filtered if variant == "filtered" else setup.stream.tokens
   for s in range(data.shape[0]):
-    params, opt_state, _ = step(params, opt_state, data[s], {k: v[s] for k, v in setup.labels.items()})
+    params, opt_state, _ = step(
+      params, opt_state, data[s], {k: v[s] for k, v in setup.labels.items()}
+    )
   return Trained(jax.block_until_ready(params), step, opt_state, data)
 
 
-def step_seconds(models: dict[str, Trained], setup: Setup, *, rounds: int = 7, calls: int = 3) -> dict[str, float]:
+def step_seconds(
+  models: dict[str, Trained], setup: Setup, *, rounds: int = 7, calls: int = 3
+) -> dict[str, float]:
   """Median wall-clock seconds of one step per model, rounds interleaved across models so that load
   drifting on a shared machine affects every model alike."""
   times: dict[str, list[float]] = {name: [] for name in models}
@@ -170,7 +220,9 @@ def canary_exposures(params: Any, canaries: list, setup: Setup) -> tuple[np.ndar
   for c in canaries:
     prefix = canaries_lib.encode([c.prefix], len(c.prefix) - 1)[0]
     secret = np.frombuffer(c.code.encode(), np.uint8).astype(np.int32)[None]
-    nll = np.asarray(_score(params, prefix, np.concatenate([secret, setup.candidates]), setup.config))
+    nll = np.asarray(
+      _score(params, prefix, np.concatenate([secret, setup.candidates]), setup.config)
+    )
     ranked.append(canaries_lib.exposure(nll[0], nll[1:]))
     fitted.append(canaries_lib.extrapolated_exposure(nll[0], nll[1:]))
   return np.asarray(ranked), np.asarray(fitted)
@@ -178,7 +230,9 @@ def canary_exposures(params: Any, canaries: list, setup: Setup) -> tuple[np.ndar
 
 def relearn(params: Any, setup: Setup, *, steps: int = 30, learning_rate: float = 1e-3) -> Any:
   """An attacker fine-tunes every parameter on the first `RELEARN_CANARIES` trained canaries."""
-  batch = canaries_lib.encode([c.text for c in setup.trained[:RELEARN_CANARIES]], setup.config.seq_len)
+  batch = canaries_lib.encode(
+    [c.text for c in setup.trained[:RELEARN_CANARIES]], setup.config.seq_len
+  )
   loss = lambda p: jnp.mean(jax.vmap(lm.example_loss, (None, 0, None))(p, batch, setup.config))  # noqa: E731
   tx = optax.adam(learning_rate)
 
@@ -199,10 +253,17 @@ def probe_accuracy(params: Any, setup: Setup, *, folds: int = 5, ridge: float = 
   trained canaries from never-seen ones by the residual stream where the code is predicted."""
   texts = setup.trained + setup.never_seen
   rows = canaries_lib.encode([c.text for c in texts], setup.config.seq_len)
-  stream = np.asarray(jax.jit(jax.vmap(lm.residual_stream, (None, 0, None)), static_argnums=2)(
-      params, rows, setup.config))  # [N, L, T, d]
-  feats = np.stack([stream[i, :, len(c.prefix) - 1: len(c.prefix) - 1 + canaries_lib.CODE_DIGITS].mean(1)
-                    for i, c in enumerate(texts)])  # [N, L, d]
+  stream = np.asarray(
+    jax.jit(jax.vmap(lm.residual_stream, (None, 0, None)), static_argnums=2)(
+      params, rows, setup.config
+    )
+  )  # [N, L, T, d]
+  feats = np.stack(
+    [
+      stream[i, :, len(c.prefix) - 1 : len(c.prefix) - 1 + canaries_lib.CODE_DIGITS].mean(1)
+      for i, c in enumerate(texts)
+    ]
+  )  # [N, L, d]
   y = np.where(np.arange(len(texts)) < len(setup.trained), 1.0, -1.0)
   order = np.random.default_rng([setup.seed, 5]).permutation(len(texts))
   accuracy = []
@@ -219,23 +280,40 @@ def probe_accuracy(params: Any, setup: Setup, *, folds: int = 5, ridge: float = 
   return np.asarray(accuracy)
 
 
-def measure(params: Any, setup: Setup, *, attack: bool, probe: bool = False, never_seen: int = 10) -> dict[str, Any]:
+def measure(
+  params: Any, setup: Setup, *, attack: bool, probe: bool = False, never_seen: int = 10
+) -> dict[str, Any]:
   """Exposure of the trained and of `never_seen` never-seen canaries, held-out loss, with `attack`
   the exposure of the canaries left out of the relearning attack, with `probe` the probe accuracies."""
   ranked, fitted = canary_exposures(params, setup.trained, setup)
   seen, _ = canary_exposures(params, setup.never_seen[:never_seen], setup)
-  out = {"exposure": float(ranked.mean()), "exposure_fit": float(fitted.mean()),
-         "never_seen": float(seen.mean()), "loss": held_out_loss(params, setup)}
+  out = {
+    "exposure": float(ranked.mean()),
+    "exposure_fit": float(fitted.mean()),
+    "never_seen": float(seen.mean()),
+    "loss": held_out_loss(params, setup),
+  }
   if attack:
     attacked = relearn(params, setup)
-    out["relearned"] = float(canary_exposures(attacked, setup.trained[RELEARN_CANARIES:], setup)[0].mean())
+    out["relearned"] = float(
+      canary_exposures(attacked, setup.trained[RELEARN_CANARIES:], setup)[0].mean()
+    )
   if probe:
     out["probe"] = probe_accuracy(params, setup).tolist()
   return out
 
 
-def run_seed(seed: int, steps: int, *, candidates: int = 10_000, variants=VARIANTS, depth: bool = True,
-             attack: bool = True, batch_size: int = 32, config: lm.Config = lm.Config()) -> dict[str, dict[str, Any]]:
+def run_seed(
+  seed: int,
+  steps: int,
+  *,
+  candidates: int = 10_000,
+  variants=VARIANTS,
+  depth: bool = True,
+  attack: bool = True,
+  batch_size: int = 32,
+  config: lm.Config = lm.Config(),
+) -> dict[str, dict[str, Any]]:
   """Rows `variant` and, except for `filtered`, `variant, ablated` (plus `visibility-last` with
   `depth`) of one seed. The relearning attack (with `attack`) runs on `filtered` and on the ablated
   governed models; `tax` is relative to `filtered`; `step_ratio` to the first variant."""
@@ -248,7 +326,9 @@ def run_seed(seed: int, steps: int, *, candidates: int = 10_000, variants=VARIAN
     for ablated in (False, True) if name != "filtered" else (False,):
       params = lm.ablate(model.params) if ablated else model.params
       governed = name not in ("control", "filtered")
-      row = measure(params, setup, attack=attack and (name == "filtered" or (ablated and governed)), probe=depth)
+      row = measure(
+        params, setup, attack=attack and (name == "filtered" or (ablated and governed)), probe=depth
+      )
       row["step_ratio"] = seconds[name] / seconds[names[0]]
       rows[f"{name}, ablated" if ablated else name] = row
   if "filtered" in rows:
@@ -261,20 +341,30 @@ def claims(rows: dict[str, dict[str, Any]]) -> list[str]:
   """The measured claims of one run, as sentences (what the demo prints)."""
   c, ca = rows["control"], rows["control, ablated"]
   v, va, f = rows["visibility"], rows["visibility, ablated"], rows["filtered"]
-  out = [f"control memorises the canaries: exposure {c['exposure']:.1f} bits, {ca['exposure']:.1f} with its adapter "
-         f"ablated (never-seen canaries: {c['never_seen']:.1f})",
-         f"filtered (canaries dropped): exposure {f['exposure']:.1f}, held-out loss {f['loss']:.3f} nats/char",
-         f"visibility, adapter on: exposure {v['exposure']:.1f}; adapter ablated: exposure {va['exposure']:.1f}, "
-         f"held-out loss {va['loss']:.3f} (tax {100 * va['tax']:+.1f}% vs filtered)"]
+  out = [
+    f"control memorises the canaries: exposure {c['exposure']:.1f} bits, {ca['exposure']:.1f} with its adapter "
+    f"ablated (never-seen canaries: {c['never_seen']:.1f})",
+    f"filtered (canaries dropped): exposure {f['exposure']:.1f}, held-out loss {f['loss']:.3f} nats/char",
+    f"visibility, adapter on: exposure {v['exposure']:.1f}; adapter ablated: exposure {va['exposure']:.1f}, "
+    f"held-out loss {va['loss']:.3f} (tax {100 * va['tax']:+.1f}% vs filtered)",
+  ]
   if "routing, ablated" in rows:
     r = rows["routing, ablated"]
-    out.append(f"gradient routing alone, ablated: exposure {r['exposure']:.1f}, held-out loss {r['loss']:.3f} "
-               f"(tax {100 * r['tax']:+.1f}%)")
+    out.append(
+      f"gradient routing alone, ablated: exposure {r['exposure']:.1f}, held-out loss {r['loss']:.3f} "
+      f"(tax {100 * r['tax']:+.1f}%)"
+    )
   return out
 
 
 def demo_claims(*, steps: int = 200, candidates: int = 500, seed: int = 0) -> list[str]:
   """A short efficacy run (control, filtered, visibility) for the demo: its claims as sentences."""
-  rows = run_seed(seed, steps, candidates=candidates, variants=("control", "filtered", "visibility"), depth=False,
-                  attack=False)
+  rows = run_seed(
+    seed,
+    steps,
+    candidates=candidates,
+    variants=("control", "filtered", "visibility"),
+    depth=False,
+    attack=False,
+  )
   return claims(rows)

@@ -9,8 +9,9 @@ that entropy profiles measure.
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -41,17 +42,19 @@ def init(key: jax.Array, config: Config = Config()) -> dict[str, Any]:
   blocks = {}
   for i in range(config.num_blocks):
     blocks[str(i)] = {
-        "ln1": {"scale": jnp.ones((d,)), "bias": jnp.zeros((d,))},
-        "attn": {"qkv": dense(next(keys), d, 3 * d), "out": dense(next(keys), d, d)},
-        "ln2": {"scale": jnp.ones((d,)), "bias": jnp.zeros((d,))},
-        "mlp": {"up": dense(next(keys), d, 4 * d), "down": dense(next(keys), 4 * d, d)},
+      "ln1": {"scale": jnp.ones((d,)), "bias": jnp.zeros((d,))},
+      "attn": {"qkv": dense(next(keys), d, 3 * d), "out": dense(next(keys), d, d)},
+      "ln2": {"scale": jnp.ones((d,)), "bias": jnp.zeros((d,))},
+      "mlp": {"up": dense(next(keys), d, 4 * d), "down": dense(next(keys), 4 * d, d)},
     }
   return {
-      "embed": {"tokens": jax.random.normal(next(keys), (VOCAB, d)) * 0.02,
-                "positions": jax.random.normal(next(keys), (config.seq_len, d)) * 0.02},
-      "blocks": blocks,
-      "adapter": {"down": dense(next(keys), d, h), "up": jnp.zeros((h, d))},
-      "head": {"kernel": dense(next(keys), d, VOCAB), "bias": jnp.zeros((VOCAB,))},
+    "embed": {
+      "tokens": jax.random.normal(next(keys), (VOCAB, d)) * 0.02,
+      "positions": jax.random.normal(next(keys), (config.seq_len, d)) * 0.02,
+    },
+    "blocks": blocks,
+    "adapter": {"down": dense(next(keys), d, h), "up": jnp.zeros((h, d))},
+    "head": {"kernel": dense(next(keys), d, VOCAB), "bias": jnp.zeros((VOCAB,))},
   }
 
 
@@ -118,11 +121,12 @@ def make_task(task_config: Mapping[str, Any], run_dir: str | Path):
   config = Config(**{k: int(task_config[k]) for k in Config._fields if k in task_config})
   seed = int(task_config.get("seed", 0))
   return GovernedTask(
-      run_dir,
-      loss_fn=functools.partial(example_loss, config=config, with_aux=True),
-      init_params=lambda: init(jax.random.PRNGKey(seed), config),
-      make_inputs=lambda ex: encode_text(ex.content, config),
-      optimizer=optax.adamw(float(task_config.get("learning_rate", 3e-3))),
-      strategy=str(task_config.get("strategy", "auto")),
-      strict=bool(task_config.get("strict", False)),
-      seed=seed)
+    run_dir,
+    loss_fn=functools.partial(example_loss, config=config, with_aux=True),
+    init_params=lambda: init(jax.random.PRNGKey(seed), config),
+    make_inputs=lambda ex: encode_text(ex.content, config),
+    optimizer=optax.adamw(float(task_config.get("learning_rate", 3e-3))),
+    strategy=str(task_config.get("strategy", "auto")),
+    strict=bool(task_config.get("strict", False)),
+    seed=seed,
+  )

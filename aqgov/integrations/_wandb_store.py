@@ -43,8 +43,10 @@ def find_store(wandb_dir: str | os.PathLike) -> Path:
     found = sorted(candidate.glob("*.wandb")) if candidate.is_dir() else []
     if found:
       return found[-1]
-  raise IntegrationError(f"no W&B run log (run-<id>.wandb) in {d}, {d}/latest-run or {d}/wandb/latest-run; "
-                         "pass the offline run directory (wandb/offline-run-...)")
+  raise IntegrationError(
+    f"no W&B run log (run-<id>.wandb) in {d}, {d}/latest-run or {d}/wandb/latest-run; "
+    "pass the offline run directory (wandb/offline-run-...)"
+  )
 
 
 def _chunks(data: bytes, path: Path) -> Iterator[tuple[int, bytes]]:
@@ -63,12 +65,14 @@ def _chunks(data: bytes, path: Path) -> Iterator[tuple[int, bytes]]:
     if n == 0 and kind == 0:  # zero padding at the end of a block
       off += left
       continue
-    chunk = data[off + _CHUNK_HEADER.size: off + _CHUNK_HEADER.size + n]
+    chunk = data[off + _CHUNK_HEADER.size : off + _CHUNK_HEADER.size + n]
     if len(chunk) < n:
       return  # a torn final write: the run is still open or crashed
     if zlib.crc32(chunk, zlib.crc32(bytes([kind]))) & 0xFFFFFFFF != crc:
-      raise IntegrationError(f"{path}: the record at byte {off} fails its CRC; the W&B run log was altered or is "
-                             "corrupt, so what it logged cannot be checked")
+      raise IntegrationError(
+        f"{path}: the record at byte {off} fails its CRC; the W&B run log was altered or is "
+        "corrupt, so what it logged cannot be checked"
+      )
     yield kind, chunk
     off += _CHUNK_HEADER.size + n
 
@@ -102,7 +106,11 @@ def read_run(wandb_dir: str | os.PathLike) -> LoggedRun:
     kind = r.WhichOneof("record_type")
     if kind == "history":
       row = {_key(i): json.loads(i.value_json) for i in r.history.item}
-      step = int(r.history.step.num) if r.history.HasField("step") else int(row.get("_step", len(history)))
+      step = (
+        int(r.history.step.num)
+        if r.history.HasField("step")
+        else int(row.get("_step", len(history)))
+      )
       history.setdefault(step, {}).update(row)
     elif kind == "config":
       for i in r.config.update:

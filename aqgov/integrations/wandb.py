@@ -55,7 +55,9 @@ def _wandb():
   try:
     import wandb
   except ImportError:
-    raise IntegrationError("wandb is not installed; install it with pip install 'aqgov[wandb]'") from None
+    raise IntegrationError(
+      "wandb is not installed; install it with pip install 'aqgov[wandb]'"
+    ) from None
   return wandb
 
 
@@ -66,7 +68,10 @@ def is_primary() -> bool:
 
 # ---- per-step metrics ---------------------------------------------------------------------------
 
-def step_metrics(summary: Any, compiled: Any, *, step: int | None = None, profile: Any = None) -> dict[str, Any]:
+
+def step_metrics(
+  summary: Any, compiled: Any, *, step: int | None = None, profile: Any = None
+) -> dict[str, Any]:
   """The governance metrics of one step (see the module doc), from a `StepSummary` and the
   `CompiledPolicy` (or anything with its `group_names`); `profile` (an `EntropyProfile`) adds the bounds covering `step`."""
   s = jax.device_get(summary)
@@ -98,11 +103,15 @@ def step_metrics(summary: Any, compiled: Any, *, step: int | None = None, profil
   return out
 
 
-def lineage_metrics(head: LogHead, lineage_dir: str | os.PathLike | None = None, *,
-                    witnessed: bool = False) -> dict[str, Any]:
+def lineage_metrics(
+  head: LogHead, lineage_dir: str | os.PathLike | None = None, *, witnessed: bool = False
+) -> dict[str, Any]:
   """The log's size, root and last record hash, and (with `lineage_dir`) its last signed head."""
-  out: dict[str, Any] = {f"{PREFIX}/lineage/size": int(head.size), f"{PREFIX}/lineage/root": head.root.hex(),
-                         f"{PREFIX}/lineage/record": head.last_record.hex()}
+  out: dict[str, Any] = {
+    f"{PREFIX}/lineage/size": int(head.size),
+    f"{PREFIX}/lineage/root": head.root.hex(),
+    f"{PREFIX}/lineage/record": head.last_record.hex(),
+  }
   if lineage_dir is not None:
     heads, _ = read_heads(lineage_dir)
     if heads:
@@ -110,7 +119,9 @@ def lineage_metrics(head: LogHead, lineage_dir: str | os.PathLike | None = None,
       out[f"{PREFIX}/lineage/head"] = last.id
       out[f"{PREFIX}/lineage/head_size"] = int(last.payload["size"])
       if witnessed:
-        out[f"{PREFIX}/lineage/cosigned"] = int(note_path(lineage_dir, int(last.payload["size"])).exists())
+        out[f"{PREFIX}/lineage/cosigned"] = int(
+          note_path(lineage_dir, int(last.payload["size"])).exists()
+        )
   return out
 
 
@@ -118,16 +129,27 @@ def log_config(run: Any, compiled: Any, *, run_id: str | None = None) -> None:
   """Record the policy ids, groups and route classes in `run.config["aqgov"]` (process 0 only)."""
   if not is_primary():
     return
-  config = {"policy_ids": list(getattr(compiled, "policy_ids", ())), "groups": list(compiled.group_names),
-            "classes": list(getattr(compiled, "class_names", ()))}
+  config = {
+    "policy_ids": list(getattr(compiled, "policy_ids", ())),
+    "groups": list(compiled.group_names),
+    "classes": list(getattr(compiled, "class_names", ())),
+  }
   if run_id is not None:
     config["run_id"] = run_id
   run.config.update({PREFIX: config}, allow_val_change=True)
 
 
-def log_step(run: Any, summary: Any, compiled: Any, *, step: int, profile: Any = None,
-             head: LogHead | None = None, lineage_dir: str | os.PathLike | None = None,
-             witnessed: bool = False) -> dict[str, Any]:
+def log_step(
+  run: Any,
+  summary: Any,
+  compiled: Any,
+  *,
+  step: int,
+  profile: Any = None,
+  head: LogHead | None = None,
+  lineage_dir: str | os.PathLike | None = None,
+  witnessed: bool = False,
+) -> dict[str, Any]:
   """Log one step's governance metrics (and, given `head`, the lineage's) to the wandb `run` at
   `step`, the step of the caller's own `run.log` calls. Returns what was logged ({} off process 0)."""
   if not is_primary():
@@ -144,7 +166,9 @@ class WandbLogger:
   `governed_run.step`. The lineage is flushed (not signed) every `lineage_every` steps to log
   where it stands; `close`/`abandon` log its final head too."""
 
-  def __init__(self, governed_run: Any, wandb_run: Any, *, lineage_every: int = 1, log_documents: bool = True):
+  def __init__(
+    self, governed_run: Any, wandb_run: Any, *, lineage_every: int = 1, log_documents: bool = True
+  ):
     if lineage_every < 1:
       raise IntegrationError(f"lineage_every must be at least 1, got {lineage_every}")
     self.run, self.wandb_run, self.lineage_every = governed_run, wandb_run, int(lineage_every)
@@ -162,14 +186,24 @@ class WandbLogger:
     summary = self.run.step(examples)
     step = self.run.next_step - 1
     head = self.run.head() if step % self.lineage_every == 0 else None
-    log_step(self.wandb_run, summary, self.compiled, step=step, profile=self.profile, head=head,
-             lineage_dir=self.run.layout.lineage, witnessed=self.witnessed)
+    log_step(
+      self.wandb_run,
+      summary,
+      self.compiled,
+      step=step,
+      profile=self.profile,
+      head=head,
+      lineage_dir=self.run.layout.lineage,
+      witnessed=self.witnessed,
+    )
     return summary
 
   def _log_final(self, head: LogHead) -> None:
     if is_primary():
-      self.wandb_run.log(lineage_metrics(head, self.run.layout.lineage, witnessed=self.witnessed),
-                         step=self.run.next_step - 1)
+      self.wandb_run.log(
+        lineage_metrics(head, self.run.layout.lineage, witnessed=self.witnessed),
+        step=self.run.next_step - 1,
+      )
 
   def close(self, **kwargs: Any) -> LogHead:
     """Close the governed run (see `GovernedRun.close`) and log its final signed head."""
@@ -190,6 +224,7 @@ def attach(governed_run: Any, wandb_run: Any, **kwargs: Any) -> WandbLogger:
 
 # ---- artifacts ----------------------------------------------------------------------------------
 
+
 def _artifact_name(text: str) -> str:
   return "".join(c if c.isalnum() or c in "-_." else "-" for c in text)
 
@@ -205,10 +240,17 @@ def log_manifests(wandb_run: Any, run_dir: str | os.PathLike) -> list[Any]:
   for path in sorted((Path(run_dir) / "manifests").glob("*.signed")):
     doc = SignedDocument.from_bytes(path.read_bytes())
     p = doc.payload
-    art = wandb.Artifact(_artifact_name(f"manifest-{p.get('authority', doc.id[:16])}"), type="credential-manifest",
-                         metadata={"merkle_root": p.get("root"), "size": p.get("size"),
-                                   "authority": p.get("authority"), "document_id": doc.id,
-                                   "sha256": hashlib.sha256(path.read_bytes()).hexdigest()})
+    art = wandb.Artifact(
+      _artifact_name(f"manifest-{p.get('authority', doc.id[:16])}"),
+      type="credential-manifest",
+      metadata={
+        "merkle_root": p.get("root"),
+        "size": p.get("size"),
+        "authority": p.get("authority"),
+        "document_id": doc.id,
+        "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+      },
+    )
     art.add_reference(path.absolute().as_uri(), name=path.name)
     out.append(wandb_run.log_artifact(art) if wandb_run.offline else wandb_run.use_artifact(art))
   return out
@@ -231,7 +273,9 @@ def _allowed(run_dir: Path, name: str) -> Path | None:
     return None
   problem = private_file_problem(path)
   if problem:
-    raise IntegrationError(f"{path} {problem}; it is never uploaded: make it a plain, readable file or remove it")
+    raise IntegrationError(
+      f"{path} {problem}; it is never uploaded: make it a plain, readable file or remove it"
+    )
   return path
 
 
@@ -244,16 +288,34 @@ def output_digests(run_dir: str | os.PathLike) -> dict[str, Any]:
   scanned, history = hist.load(ldir)
   heads, _ = read_heads(ldir)
   head = scanned.head(history.size)
-  return {"run_id": scanned.bodies[0]["run_id"] if scanned.size else None,
-          "lineage": {"size": head.size, "root": head.root.hex(), "record": head.last_record.hex(),
-                      "head": heads[-1].id if heads else None},
-          "checkpoints": [{"step": c.step, "path": c.path, "params_sha256": c.params_sha256,
-                           "digests": dict(c.digests or {}), "files_sha256": c.files_sha256}
-                          for c in history.checkpoints]}
+  return {
+    "run_id": scanned.bodies[0]["run_id"] if scanned.size else None,
+    "lineage": {
+      "size": head.size,
+      "root": head.root.hex(),
+      "record": head.last_record.hex(),
+      "head": heads[-1].id if heads else None,
+    },
+    "checkpoints": [
+      {
+        "step": c.step,
+        "path": c.path,
+        "params_sha256": c.params_sha256,
+        "digests": dict(c.digests or {}),
+        "files_sha256": c.files_sha256,
+      }
+      for c in history.checkpoints
+    ],
+  }
 
 
-def log_outputs(wandb_run: Any, run_dir: str | os.PathLike, *, name: str | None = None,
-                files: Sequence[str] = OUTPUT_FILES) -> Any:
+def log_outputs(
+  wandb_run: Any,
+  run_dir: str | os.PathLike,
+  *,
+  name: str | None = None,
+  files: Sequence[str] = OUTPUT_FILES,
+) -> Any:
   """Log the run's outputs as one artifact (type "governed-run"): `checkpoints.json` (see
   `output_digests`) and those of `files` (names in the run directory, by default the attestation
   and the report) that exist. Only names in `OUTPUT_FILES` are accepted, and none that is a key
@@ -264,11 +326,16 @@ def log_outputs(wandb_run: Any, run_dir: str | os.PathLike, *, name: str | None 
   root = Path(run_dir)
   extra = sorted(set(files) - set(OUTPUT_FILES))
   if extra:
-    raise IntegrationError(f"{', '.join(extra)} not in the output allow-list {list(OUTPUT_FILES)}; an output "
-                           "artifact carries only those files")
+    raise IntegrationError(
+      f"{', '.join(extra)} not in the output allow-list {list(OUTPUT_FILES)}; an output "
+      "artifact carries only those files"
+    )
   digests = output_digests(root)
-  art = wandb.Artifact(_artifact_name(name or f"aqgov-run-{digests['run_id']}"), type="governed-run",
-                       metadata={"lineage": digests["lineage"]})
+  art = wandb.Artifact(
+    _artifact_name(name or f"aqgov-run-{digests['run_id']}"),
+    type="governed-run",
+    metadata={"lineage": digests["lineage"]},
+  )
   staging = Path(tempfile.mkdtemp(prefix="aqgov-artifact-"))
   try:
     (staging / "checkpoints.json").write_text(json.dumps(digests, indent=2, sort_keys=True) + "\n")
@@ -285,6 +352,7 @@ def log_outputs(wandb_run: Any, run_dir: str | os.PathLike, *, name: str | None 
 
 # ---- checking a logged run ----------------------------------------------------------------------
 
+
 def check_logged(run_dir: str | os.PathLike, wandb_dir: str | os.PathLike) -> dict[str, int]:
   """Check what an offline W&B run logged against the run's signed lineage: every logged
   (size, root, record) is where the log stood at that size, every logged head id is a signed head
@@ -296,8 +364,10 @@ def check_logged(run_dir: str | os.PathLike, wandb_dir: str | os.PathLike) -> di
   _, ldir = lineage_dir(run_dir)
   rows = {s: r for s, r in sorted(logged.history.items()) if f"{PREFIX}/lineage/size" in r}
   if not rows:
-    raise IntegrationError(f"{logged.path} logged no {PREFIX}/lineage/* values; log the run with "
-                           "aqgov.integrations.wandb.attach (or log_step with head=)")
+    raise IntegrationError(
+      f"{logged.path} logged no {PREFIX}/lineage/* values; log the run with "
+      "aqgov.integrations.wandb.attach (or log_step with head=)"
+    )
   sizes = sorted({int(r[f"{PREFIX}/lineage/size"]) for r in rows.values()})
   try:
     scanned = scan(ldir, bodies=(rec.RUN_START,), roots_at=sizes)
@@ -309,33 +379,51 @@ def check_logged(run_dir: str | os.PathLike, wandb_dir: str | os.PathLike) -> di
   config = logged.config.get(PREFIX)
   if isinstance(config, Mapping) and "value" in config and len(config) <= 2:
     config = config["value"]
-  if isinstance(config, Mapping) and "policy_ids" in config and sorted(config["policy_ids"]) != sorted(policy_ids):
-    raise IntegrationError(f"W&B config {PREFIX}.policy_ids {config['policy_ids']} are not the policies run-start "
-                           f"recorded ({policy_ids}): the W&B run describes another run")
+  if (
+    isinstance(config, Mapping)
+    and "policy_ids" in config
+    and sorted(config["policy_ids"]) != sorted(policy_ids)
+  ):
+    raise IntegrationError(
+      f"W&B config {PREFIX}.policy_ids {config['policy_ids']} are not the policies run-start "
+      f"recorded ({policy_ids}): the W&B run describes another run"
+    )
   if isinstance(config, Mapping) and config.get("run_id") not in (None, start.get("run_id")):
-    raise IntegrationError(f"W&B config names run {config['run_id']}, but {run_dir} is run {start.get('run_id')}")
+    raise IntegrationError(
+      f"W&B config names run {config['run_id']}, but {run_dir} is run {start.get('run_id')}"
+    )
   checked_heads = 0
   for step, row in rows.items():
     size = int(row[f"{PREFIX}/lineage/size"])
     if size > scanned.size:
-      raise IntegrationError(f"W&B step {step} logged lineage size {size}, but {run_dir} holds {scanned.size} "
-                             "records: the log was cut back after it was logged, or this is another run")
+      raise IntegrationError(
+        f"W&B step {step} logged lineage size {size}, but {run_dir} holds {scanned.size} "
+        "records: the log was cut back after it was logged, or this is another run"
+      )
     head = scanned.head(size)
     for key, want in (("root", head.root.hex()), ("record", head.last_record.hex())):
       got = row.get(f"{PREFIX}/lineage/{key}")
       if got != want:
         what = "Merkle root" if key == "root" else "last record hash"
-        raise IntegrationError(f"W&B step {step} logged lineage {key} {str(got)[:16]}... at size {size}, but the "
-                               f"signed lineage's {what} there is {want[:16]}...: the W&B history or the "
-                               "lineage was altered, or they belong to different runs")
+        raise IntegrationError(
+          f"W&B step {step} logged lineage {key} {str(got)[:16]}... at size {size}, but the "
+          f"signed lineage's {what} there is {want[:16]}...: the W&B history or the "
+          "lineage was altered, or they belong to different runs"
+        )
     head_id = row.get(f"{PREFIX}/lineage/head")
     if head_id is not None:
       signed = heads.get(head_id)
-      if signed is None or int(signed.payload["size"]) != int(row.get(f"{PREFIX}/lineage/head_size", -1)):
-        raise IntegrationError(f"W&B step {step} logged signed head {str(head_id)[:16]}..., which is not a signed "
-                               f"head of {run_dir} of the logged size")
+      if signed is None or int(signed.payload["size"]) != int(
+        row.get(f"{PREFIX}/lineage/head_size", -1)
+      ):
+        raise IntegrationError(
+          f"W&B step {step} logged signed head {str(head_id)[:16]}..., which is not a signed "
+          f"head of {run_dir} of the logged size"
+        )
       if signed.payload["root"] != scanned.head(int(signed.payload["size"])).root.hex():
-        raise IntegrationError(f"signed head {head_id[:16]}... does not match the records it covers; run "
-                               "aqgov lineage verify")
+        raise IntegrationError(
+          f"signed head {head_id[:16]}... does not match the records it covers; run "
+          "aqgov lineage verify"
+        )
       checked_heads += 1
   return {"rows": len(rows), "heads": checked_heads, "records": scanned.size}

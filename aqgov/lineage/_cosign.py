@@ -53,8 +53,10 @@ def cosigner_key(key: notes.NoteKey | PublicKey | str | os.PathLike) -> notes.No
   else:
     out = notes.note_key(keylib.load_public_key(key), None, notes.COSIGNATURE_V1)
   if out.type != notes.COSIGNATURE_V1:
-    raise NoteError(f"witness key {out.describe()} is of note type {out.type:#04x}; a witness key has type 0x04 "
-                    "(use the verifier key `aqgov witness serve` prints)")
+    raise NoteError(
+      f"witness key {out.describe()} is of note type {out.type:#04x}; a witness key has type 0x04 "
+      "(use the verifier key `aqgov witness serve` prints)"
+    )
   return out
 
 
@@ -69,8 +71,10 @@ class WitnessRef(NamedTuple):
 
   @classmethod
   def from_wire(cls, w) -> WitnessRef:
-    return cls(str(w["url"]), notes.NoteKey(w["name"], notes.unb64(w["public"], "witness key"),
-                                            notes.COSIGNATURE_V1))
+    return cls(
+      str(w["url"]),
+      notes.NoteKey(w["name"], notes.unb64(w["public"], "witness key"), notes.COSIGNATURE_V1),
+    )
 
 
 def as_witness(w: WitnessRef | tuple[str, notes.NoteKey | PublicKey | str]) -> WitnessRef:
@@ -93,7 +97,9 @@ def _post(url: str, body: bytes, timeout: float) -> tuple[int, str, bytes]:
   conn_cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
   conn = conn_cls(parts.hostname, parts.port, timeout=timeout)
   try:
-    conn.request("POST", parts.path.rstrip("/") + "/add-checkpoint", body, {"Content-Type": "text/plain"})
+    conn.request(
+      "POST", parts.path.rstrip("/") + "/add-checkpoint", body, {"Content-Type": "text/plain"}
+    )
     resp = conn.getresponse()
     return resp.status, resp.getheader("Content-Type", ""), resp.read(MAX_RESPONSE)
   except (OSError, http.client.HTTPException) as exc:
@@ -102,9 +108,16 @@ def _post(url: str, body: bytes, timeout: float) -> tuple[int, str, bytes]:
     conn.close()
 
 
-def submit(witness_url: str, note: notes.Note, old_size: int, proof: Sequence[bytes], *,
-           prove: Callable[[int], Sequence[bytes]] | None = None, witness_key: notes.NoteKey | None = None,
-           timeout: float = 10.0) -> tuple[notes.NoteSignature, ...]:
+def submit(
+  witness_url: str,
+  note: notes.Note,
+  old_size: int,
+  proof: Sequence[bytes],
+  *,
+  prove: Callable[[int], Sequence[bytes]] | None = None,
+  witness_key: notes.NoteKey | None = None,
+  timeout: float = 10.0,
+) -> tuple[notes.NoteSignature, ...]:
   """Submit checkpoint `note` with a proof from `old_size`; the witness's cosignature line(s).
 
   On 409 (the witness holds another size) the request is retried once from that size with
@@ -118,19 +131,29 @@ def submit(witness_url: str, note: notes.Note, old_size: int, proof: Sequence[by
       try:
         held = notes.decimal(body.decode("ascii").removesuffix("\n"), "witness size")
       except (NoteError, UnicodeDecodeError):
-        raise WitnessError(f"witness {witness_url} answered 409 with a malformed size", status=409) from None
+        raise WitnessError(
+          f"witness {witness_url} answered 409 with a malformed size", status=409
+        ) from None
       if held > checkpoint.size or held == old_size:
         raise WitnessError(
-            f"witness {witness_url} holds a checkpoint of size {held} for {checkpoint.origin} that this one "
-            f"(size {checkpoint.size}) does not extend: the log was rolled back or forked", status=409, size=held)
+          f"witness {witness_url} holds a checkpoint of size {held} for {checkpoint.origin} that this one "
+          f"(size {checkpoint.size}) does not extend: the log was rolled back or forked",
+          status=409,
+          size=held,
+        )
       if prove is None or attempt:
-        raise WitnessError(f"witness {witness_url} holds size {held}, not {old_size}", status=409, size=held)
+        raise WitnessError(
+          f"witness {witness_url} holds size {held}, not {old_size}", status=409, size=held
+        )
       old_size, proof = held, list(prove(held))
       continue
     if status != 200:
       reason = body.decode("utf-8", "replace").strip()[:300]
-      raise WitnessError(f"witness {witness_url} refused the checkpoint of size {checkpoint.size} "
-                         f"(HTTP {status}): {reason}", status=status)
+      raise WitnessError(
+        f"witness {witness_url} refused the checkpoint of size {checkpoint.size} "
+        f"(HTTP {status}): {reason}",
+        status=status,
+      )
     break
   try:
     sigs = notes.parse_signature_lines(body.decode("utf-8"))
@@ -138,7 +161,9 @@ def submit(witness_url: str, note: notes.Note, old_size: int, proof: Sequence[by
       sigs = tuple(s for s in sigs if witness_key.matches(s))
       notes.verify_note(notes.Note(note.text, sigs), [witness_key])
   except (NoteError, UnicodeDecodeError) as exc:
-    raise WitnessError(f"witness {witness_url} returned no valid cosignature: {exc}", status=200) from None
+    raise WitnessError(
+      f"witness {witness_url} returned no valid cosignature: {exc}", status=200
+    ) from None
   return sigs
 
 
@@ -146,7 +171,9 @@ def note_path(lineage_dir: str | os.PathLike, size: int) -> Path:
   return Path(lineage_dir) / COSIGNATURES / f"{size:012d}.note"
 
 
-def store_cosignatures(lineage_dir: str | os.PathLike, note: notes.Note, sigs: Iterable[notes.NoteSignature]) -> Path:
+def store_cosignatures(
+  lineage_dir: str | os.PathLike, note: notes.Note, sigs: Iterable[notes.NoteSignature]
+) -> Path:
   """Add `sigs` to the stored checkpoint note of `note`'s size (created if absent), atomically."""
   path = note_path(lineage_dir, notes.parse_checkpoint(note.text).size)
   if path.exists():
@@ -172,8 +199,16 @@ class Publisher:
   The tree it keeps for consistency proofs costs about 64 bytes per record.
   """
 
-  def __init__(self, lineage_dir: str | os.PathLike, key: SigningKey, run_id: str, witnesses: Sequence[WitnessRef],
-               leaf_hashes: Sequence[bytes] = (), *, timeout: float = 10.0):
+  def __init__(
+    self,
+    lineage_dir: str | os.PathLike,
+    key: SigningKey,
+    run_id: str,
+    witnesses: Sequence[WitnessRef],
+    leaf_hashes: Sequence[bytes] = (),
+    *,
+    timeout: float = 10.0,
+  ):
     self.dir, self.key, self.run_id, self.timeout = Path(lineage_dir), key, run_id, timeout
     self.witnesses = tuple(witnesses)
     self.outcomes = {w.url: _Outcome(0, None) for w in self.witnesses}
@@ -182,7 +217,9 @@ class Publisher:
     self._cond = threading.Condition()
     self._pending: LogHead | None = None
     self._stopping = False
-    self._thread = threading.Thread(target=self._run, name=f"aqgov-witness-{run_id[:8]}", daemon=True)
+    self._thread = threading.Thread(
+      target=self._run, name=f"aqgov-witness-{run_id[:8]}", daemon=True
+    )
     self._thread.start()
 
   def add_leaf(self, leaf_h: bytes) -> None:
@@ -214,8 +251,15 @@ class Publisher:
       held = self.outcomes[w.url].size
       old = held if held <= head.size else 0
       try:
-        got += submit(w.url, note, old, self._prove(old, head.size), prove=lambda s: self._prove(s, head.size),
-                      witness_key=w.key, timeout=self.timeout)
+        got += submit(
+          w.url,
+          note,
+          old,
+          self._prove(old, head.size),
+          prove=lambda s: self._prove(s, head.size),
+          witness_key=w.key,
+          timeout=self.timeout,
+        )
         self.outcomes[w.url] = _Outcome(head.size, None)
       except (AqgovError, OSError) as exc:
         self.outcomes[w.url] = _Outcome(getattr(exc, "size", None) or held, exc)
@@ -236,15 +280,26 @@ class Publisher:
   def finish(self, final: LogHead) -> None:
     """Stop, then raise `WitnessError` unless every witness cosigned the head `final`."""
     self.stop()
-    missing = [f"{url} ({o.error or 'no submission'})" for url, o in self.outcomes.items() if o.size != final.size]
+    missing = [
+      f"{url} ({o.error or 'no submission'})"
+      for url, o in self.outcomes.items()
+      if o.size != final.size
+    ]
     if missing:
-      raise WitnessError(f"the final tree head (size {final.size}) of run {self.run_id} has no cosignature from "
-                         f"witness(es) {'; '.join(missing)}. The log is complete and closed but not witnessed; "
-                         "once the witness is reachable, cosign it with `aqgov witness cosign RUN`")
+      raise WitnessError(
+        f"the final tree head (size {final.size}) of run {self.run_id} has no cosignature from "
+        f"witness(es) {'; '.join(missing)}. The log is complete and closed but not witnessed; "
+        "once the witness is reachable, cosign it with `aqgov witness cosign RUN`"
+      )
 
 
-def cosign_final_head(lineage_dir: str | os.PathLike, key: SigningKey, witnesses: Sequence[WitnessRef], *,
-                      timeout: float = 10.0) -> Path:
+def cosign_final_head(
+  lineage_dir: str | os.PathLike,
+  key: SigningKey,
+  witnesses: Sequence[WitnessRef],
+  *,
+  timeout: float = 10.0,
+) -> Path:
   """Get cosignatures on the last signed head of the log in `lineage_dir` now (after a run ended
   without them); the path of the stored note."""
   ldir = Path(lineage_dir)
@@ -254,24 +309,37 @@ def cosign_final_head(lineage_dir: str | os.PathLike, key: SigningKey, witnesses
   size = int(heads[-1].payload["size"])
   log = scan(ldir, bodies=("run-start",), roots_at=(size,))
   if size > log.size:
-    raise LineageError(f"the last signed head of {ldir} covers {size} records but the log holds {log.size}")
+    raise LineageError(
+      f"the last signed head of {ldir} covers {size} records but the log holds {log.size}"
+    )
   head, run_id = log.head(size), str(log.bodies[0]["run_id"])
   if head.root.hex() != heads[-1].payload["root"]:
-    raise LineageError(f"the last signed head of {ldir} does not match its records; verify the log first")
-  pub = Publisher(ldir, key, run_id, [as_witness(w) for w in witnesses], log.leaf_hashes(size), timeout=timeout)
+    raise LineageError(
+      f"the last signed head of {ldir} does not match its records; verify the log first"
+    )
+  pub = Publisher(
+    ldir, key, run_id, [as_witness(w) for w in witnesses], log.leaf_hashes(size), timeout=timeout
+  )
   pub.publish(head)
   pub.finish(head)
   return note_path(ldir, size)
 
 
-def check_witnessed(lineage_dir: str | os.PathLike, run_id: str, head: LogHead, run_key: PublicKey,
-                    witnesses: Sequence[notes.NoteKey]) -> tuple[str, ...]:
+def check_witnessed(
+  lineage_dir: str | os.PathLike,
+  run_id: str,
+  head: LogHead,
+  run_key: PublicKey,
+  witnesses: Sequence[notes.NoteKey],
+) -> tuple[str, ...]:
   """Names of the witnesses whose cosignature on `head` verifies; raises `LineageError` unless all do."""
   path = note_path(lineage_dir, head.size)
   if not path.exists():
-    raise LineageError(f"the final tree head (size {head.size}) has no cosigned checkpoint ({path} is missing): "
-                       "the run was not witnessed at this size, or the log was changed after it was",
-                       index=head.size)
+    raise LineageError(
+      f"the final tree head (size {head.size}) has no cosigned checkpoint ({path} is missing): "
+      "the run was not witnessed at this size, or the log was changed after it was",
+      index=head.size,
+    )
   origin = origin_of(run_id)
   try:
     note = notes.parse_note(path.read_bytes())
@@ -279,17 +347,22 @@ def check_witnessed(lineage_dir: str | os.PathLike, run_id: str, head: LogHead, 
   except NoteError as exc:
     raise LineageError(f"{path} is not a cosigned checkpoint: {exc}", index=head.size) from None
   if note.text != notes.Checkpoint(origin, head.size, head.root).text():
-    raise LineageError(f"the witnessed checkpoint says {cp.origin} size {cp.size} root {cp.root.hex()[:16]}..., but "
-                       f"the log's final head is size {head.size} root {head.root.hex()[:16]}...: the log was "
-                       "rewritten or rolled back after the witness cosigned it", index=head.size)
+    raise LineageError(
+      f"the witnessed checkpoint says {cp.origin} size {cp.size} root {cp.root.hex()[:16]}..., but "
+      f"the log's final head is size {head.size} root {head.root.hex()[:16]}...: the log was "
+      "rewritten or rolled back after the witness cosigned it",
+      index=head.size,
+    )
   names = []
   for key in [notes.note_key(run_key, origin), *witnesses]:
     try:
       notes.verify_note(note, [key])
     except NoteError as exc:
       who = "the run key" if key.type == notes.ED25519 else f"witness {key.describe()}"
-      raise LineageError(f"the final tree head (size {head.size}) has no valid signature by {who}: {exc}",
-                         index=head.size) from None
+      raise LineageError(
+        f"the final tree head (size {head.size}) has no valid signature by {who}: {exc}",
+        index=head.size,
+      ) from None
     if key.type == notes.COSIGNATURE_V1:
       names.append(key.name or next(s.name for s in note.signatures if key.matches(s)))
   return tuple(names)

@@ -37,38 +37,56 @@ PREDICATE_TYPE = "https://aqgov.dev/attestation/lineage/v1"
 PAYLOAD_TYPE = "application/vnd.in-toto+json"
 
 
-def params_on_disk(run_dir: Path, start: Mapping[str, Any], checkpoints: Sequence[hist.CheckpointRef],
-                   task: Task | None = None, trust: TrustStore | None = None) -> dict[int, str]:
+def params_on_disk(
+  run_dir: Path,
+  start: Mapping[str, Any],
+  checkpoints: Sequence[hist.CheckpointRef],
+  task: Task | None = None,
+  trust: TrustStore | None = None,
+) -> dict[int, str]:
   """Record index -> params digest of each checkpoint, restored from disk (with the run's task as
   the template, built with the authorities run-start recorded, taken from `trust`); raises
   `LineageError` when one is missing or an item differs from its record."""
   if task is None:
     authorities = None if trust is None else trustlib.recorded_trust(start, trust, exact=False)
-    task = load_task(start["config"]["task"], start["config"].get("task_config", {}), run_dir, trust=authorities)
+    task = load_task(
+      start["config"]["task"], start["config"].get("task_config", {}), run_dir, trust=authorities
+    )
   store = Checkpoints(run_dir / "checkpoints")
   try:
     on_disk, template, out = set(store.steps()), task.init(), {}
     for c in checkpoints:
       if c.step not in on_disk:
-        raise LineageError(f"the checkpoint at step {c.step} ({run_dir / c.path}) is not on disk: an attestation "
-                           "names only checkpoints it can hash", index=c.index)
+        raise LineageError(
+          f"the checkpoint at step {c.step} ({run_dir / c.path}) is not on disk: an attestation "
+          "names only checkpoints it can hash",
+          index=c.index,
+        )
       try:
         restored = store.restore(c.step, template)
       except CheckpointError as exc:
         raise LineageError(str(exc), index=c.index) from None
       for item, recorded in (c.digests or {"params": c.params_sha256}).items():
         if restored.digests.get(item) != recorded:
-          raise LineageError(f"the checkpoint at step {c.step} ({run_dir / c.path}) holds {item} hashing to "
-                             f"{str(restored.digests.get(item))[:16]}..., but record {c.index} says {recorded[:16]}"
-                             "...: it was altered after it was recorded; refusing to attest it", index=c.index)
+          raise LineageError(
+            f"the checkpoint at step {c.step} ({run_dir / c.path}) holds {item} hashing to "
+            f"{str(restored.digests.get(item))[:16]}..., but record {c.index} says {recorded[:16]}"
+            "...: it was altered after it was recorded; refusing to attest it",
+            index=c.index,
+          )
       out[c.index] = restored.digests["params"]
     return out
   finally:
     store.close()
 
 
-def statement(run_dir: str | os.PathLike, report: VerifyReport, *, task: Task | None = None,
-              trust: TrustStore | None = None) -> dict:
+def statement(
+  run_dir: str | os.PathLike,
+  report: VerifyReport,
+  *,
+  task: Task | None = None,
+  trust: TrustStore | None = None,
+) -> dict:
   """The in-toto Statement for a verified run (`report` from `verify_lineage`); `task` (default: the
   one run-start names, built with the authorities `trust` holds) restores the checkpoints whose
   params digests become the subjects."""
@@ -82,34 +100,61 @@ def statement(run_dir: str | os.PathLike, report: VerifyReport, *, task: Task | 
   start = scan.bodies[0]
   checkpoints = [c for c in history.checkpoints if c.index < size]
   if not checkpoints:
-    raise LineageError("the signed part of the log records no checkpoint: there is nothing to name as a subject")
+    raise LineageError(
+      "the signed part of the log records no checkpoint: there is nothing to name as a subject"
+    )
   digests = params_on_disk(run_dir, start, checkpoints, task, trust)
-  subjects = [{"name": f"{report.run_id}/checkpoints/{c.step}/params", "digest": {"sha256": digests[c.index]}}
-              for c in checkpoints]
+  subjects = [
+    {"name": f"{report.run_id}/checkpoints/{c.step}/params", "digest": {"sha256": digests[c.index]}}
+    for c in checkpoints
+  ]
   predicate = {
-      "run_id": report.run_id,
-      "head": {"id": head.id, "size": size, "root": head.payload["root"],
-               "last_record": head.payload["last_record"], "signer": start["signer"], "time": head.payload["time"]},
-      "merkle_root": head.payload["root"],
+    "run_id": report.run_id,
+    "head": {
+      "id": head.id,
       "size": size,
-      "closed": report.closed and size == report.size,
-      "policies": [p["id"] for p in start["policies"]],
-      "profiles": [p["id"] for p in start["profiles"]],
-      "credential_manifests": [{"id": m["id"], "sha256": m["sha256"]} for m in start["manifests"]],
-      "trust": list(start["trust"]),
-      "task": start["config"].get("task"),
-      "parent": start.get("parent"),
-      "checkpoints": [{"step": c.step, "params_sha256": c.params_sha256, "record": c.index, "path": c.path,
-                       "digests": dict(c.digests or {}), "files_sha256": c.files_sha256} for c in checkpoints],
+      "root": head.payload["root"],
+      "last_record": head.payload["last_record"],
+      "signer": start["signer"],
+      "time": head.payload["time"],
+    },
+    "merkle_root": head.payload["root"],
+    "size": size,
+    "closed": report.closed and size == report.size,
+    "policies": [p["id"] for p in start["policies"]],
+    "profiles": [p["id"] for p in start["profiles"]],
+    "credential_manifests": [{"id": m["id"], "sha256": m["sha256"]} for m in start["manifests"]],
+    "trust": list(start["trust"]),
+    "task": start["config"].get("task"),
+    "parent": start.get("parent"),
+    "checkpoints": [
+      {
+        "step": c.step,
+        "params_sha256": c.params_sha256,
+        "record": c.index,
+        "path": c.path,
+        "digests": dict(c.digests or {}),
+        "files_sha256": c.files_sha256,
+      }
+      for c in checkpoints
+    ],
   }
-  return {"_type": STATEMENT_TYPE, "subject": subjects, "predicateType": PREDICATE_TYPE, "predicate": predicate}
+  return {
+    "_type": STATEMENT_TYPE,
+    "subject": subjects,
+    "predicateType": PREDICATE_TYPE,
+    "predicate": predicate,
+  }
 
 
 def envelope(payload: bytes, key: SigningKey) -> dict:
   """A DSSE envelope around `payload`, signed by `key` over PAE(PAYLOAD_TYPE, payload)."""
   sig = key.sign(signing.pae(PAYLOAD_TYPE, payload))
-  return {"payload": base64.b64encode(payload).decode(), "payloadType": PAYLOAD_TYPE,
-          "signatures": [{"keyid": key.key_id, "sig": base64.b64encode(sig).decode()}]}
+  return {
+    "payload": base64.b64encode(payload).decode(),
+    "payloadType": PAYLOAD_TYPE,
+    "signatures": [{"keyid": key.key_id, "sig": base64.b64encode(sig).decode()}],
+  }
 
 
 def recorded_trust(run_dir: str | os.PathLike, key: SigningKey) -> TrustStore:
@@ -120,8 +165,13 @@ def recorded_trust(run_dir: str | os.PathLike, key: SigningKey) -> TrustStore:
   return TrustStore.of([key, *(k for k in pubs if k.key_id in trusted)])
 
 
-def export_intoto(run_dir: str | os.PathLike, key: SigningKey, *, trust: TrustStore | None = None,
-                  task: Task | None = None) -> dict:
+def export_intoto(
+  run_dir: str | os.PathLike,
+  key: SigningKey,
+  *,
+  trust: TrustStore | None = None,
+  task: Task | None = None,
+) -> dict:
   """Verify the run (against `trust`, by default `recorded_trust`; a live run is attested up to its
   last signed head, with `closed` false) and attest it.
 
@@ -129,8 +179,9 @@ def export_intoto(run_dir: str | os.PathLike, key: SigningKey, *, trust: TrustSt
   """
   trust = trust if trust is not None else recorded_trust(run_dir, key)
   report = verify_lineage(run_dir, trust, require_closed=False)
-  payload = json.dumps(statement(run_dir, report, task=task, trust=trust), sort_keys=True,
-                       separators=(",", ":")).encode("utf-8")
+  payload = json.dumps(
+    statement(run_dir, report, task=task, trust=trust), sort_keys=True, separators=(",", ":")
+  ).encode("utf-8")
   return envelope(payload, key)
 
 
@@ -141,8 +192,12 @@ def verify_envelope(env: dict, trust: TrustStore) -> dict:
     if env["payloadType"] != PAYLOAD_TYPE:
       raise LineageError(f"payloadType is {env['payloadType']!r}, expected {PAYLOAD_TYPE!r}")
     message = signing.pae(env["payloadType"], payload)
-    good = [s for s in env["signatures"] if s["keyid"] in trust
-            and trust.get(s["keyid"]).verify(message, base64.b64decode(s["sig"], validate=True))]
+    good = [
+      s
+      for s in env["signatures"]
+      if s["keyid"] in trust
+      and trust.get(s["keyid"]).verify(message, base64.b64decode(s["sig"], validate=True))
+    ]
   except (KeyError, TypeError, ValueError) as exc:
     raise LineageError(f"not a DSSE envelope ({exc})") from None
   if not good:

@@ -22,9 +22,17 @@ from aqgov.lineage._segments import HEADS_MAGIC, TornTail, frames, read_header
 
 HEAD_KIND = "lineage-tree-head"
 # Signed tree heads are the only documents a run key signs.
-HEAD: DocumentType[dict] = register(DocumentType(
-    name="lineage-head", kind=HEAD_KIND, noun="lineage tree head", to_payload=dict, from_payload=dict,
-    signer_roles=(RUN,), error=LineageError))
+HEAD: DocumentType[dict] = register(
+  DocumentType(
+    name="lineage-head",
+    kind=HEAD_KIND,
+    noun="lineage tree head",
+    to_payload=dict,
+    from_payload=dict,
+    signer_roles=(RUN,),
+    error=LineageError,
+  )
+)
 
 
 def run_trust(key: PublicKey | SigningKey) -> TrustStore:
@@ -45,7 +53,9 @@ class LogHead(NamedTuple):
     return {"size": self.size, "root": self.root.hex(), "last_record": self.last_record.hex()}
 
   @classmethod
-  def from_wire(cls, w: Mapping[str, Any], error: type[AqgovError] = LineageError, what: str = "log head") -> LogHead:
+  def from_wire(
+    cls, w: Mapping[str, Any], error: type[AqgovError] = LineageError, what: str = "log head"
+  ) -> LogHead:
     """The head a signed head's payload (or a checkpoint's lineage item) describes; `error` if malformed."""
     problem = head_problem(w)
     if problem:
@@ -78,13 +88,21 @@ def _payload_problem(p: Mapping[str, Any]) -> str | None:
   return head_problem(p)
 
 
-def head_payload(run_id: str, head: LogHead, prev_head: str | None, time_s: float | None = None) -> dict[str, Any]:
+def head_payload(
+  run_id: str, head: LogHead, prev_head: str | None, time_s: float | None = None
+) -> dict[str, Any]:
   """The payload of a tree head for `head`, chained to the head with id `prev_head`."""
-  return {"run_id": run_id, **head.to_wire(), "prev_head": prev_head,
-          "time": time.time() if time_s is None else float(time_s)}
+  return {
+    "run_id": run_id,
+    **head.to_wire(),
+    "prev_head": prev_head,
+    "time": time.time() if time_s is None else float(time_s),
+  }
 
 
-def read_heads(lineage_dir: str | os.PathLike) -> tuple[list[signing.SignedDocument], TornTail | None]:
+def read_heads(
+  lineage_dir: str | os.PathLike,
+) -> tuple[list[signing.SignedDocument], TornTail | None]:
   """The signed tree heads in order, and the torn tail of the heads file (if any)."""
   path = Path(lineage_dir) / "heads.seg"
   if not path.exists():

@@ -40,8 +40,10 @@ class CheckpointRef(NamedTuple):
   path: str
   lineage_size: int
   lineage_root: str
-  digests: Mapping[str, str] | None = None  # item -> hex SHA-256 ("params", "opt_state", "governance")
-  files_sha256: str | None = None           # hex SHA-256 of the checkpoint directory's files
+  digests: Mapping[str, str] | None = (
+    None  # item -> hex SHA-256 ("params", "opt_state", "governance")
+  )
+  files_sha256: str | None = None  # hex SHA-256 of the checkpoint directory's files
 
 
 class History(NamedTuple):
@@ -65,8 +67,11 @@ def history(scan: logscan.LogScan, size: int | None = None) -> History:
   """History of the first `size` records (all by default) from a scan that decoded the "checkpoint"
   and "run-resume" bodies."""
   size = scan.size if size is None else int(size)
-  superseded = tuple((int(b["superseded"][0]), int(b["superseded"][1])) for i, b in scan.of_kind(rec.RUN_RESUME)
-                     if i < size and b["superseded"][0] < b["superseded"][1])
+  superseded = tuple(
+    (int(b["superseded"][0]), int(b["superseded"][1]))
+    for i, b in scan.of_kind(rec.RUN_RESUME)
+    if i < size and b["superseded"][0] < b["superseded"][1]
+  )
   refs = []
   for i, b in scan.of_kind(rec.CHECKPOINT):
     if i < size and not any(a <= i < e for a, e in superseded):
@@ -76,10 +81,16 @@ def history(scan: logscan.LogScan, size: int | None = None) -> History:
 
 def checkpoint_ref(index: int, body: Mapping) -> CheckpointRef:
   digests = body.get("digests")
-  return CheckpointRef(index, int(body["step"]), str(body["params_sha256"]), str(body["path"]),
-                       int(body["lineage_size"]), str(body["lineage_root"]),
-                       None if digests is None else {str(k): str(v) for k, v in digests.items()},
-                       None if body.get("files_sha256") is None else str(body["files_sha256"]))
+  return CheckpointRef(
+    index,
+    int(body["step"]),
+    str(body["params_sha256"]),
+    str(body["path"]),
+    int(body["lineage_size"]),
+    str(body["lineage_root"]),
+    None if digests is None else {str(k): str(v) for k, v in digests.items()},
+    None if body.get("files_sha256") is None else str(body["files_sha256"]),
+  )
 
 
 def _run_key(lineage_dir: Path, signer: str):
@@ -90,9 +101,11 @@ def _run_key(lineage_dir: Path, signer: str):
       continue
     if key.key_id == signer:
       return key
-  raise LineageError(f"the run's public key (signer {signer[:16]}...) is not in {lineage_dir.parent / 'keys'}; "
-                     "only records a signed head covers are read, so the key is needed to check the heads: "
-                     "copy the run's .pub there")
+  raise LineageError(
+    f"the run's public key (signer {signer[:16]}...) is not in {lineage_dir.parent / 'keys'}; "
+    "only records a signed head covers are read, so the key is needed to check the heads: "
+    "copy the run's .pub there"
+  )
 
 
 def signed_size(lineage_dir: Path, scan: logscan.LogScan, heads) -> int:
@@ -104,8 +117,9 @@ def signed_size(lineage_dir: Path, scan: logscan.LogScan, heads) -> int:
     size = int(h.payload.get("size", -1))
     if not 0 < size <= scan.size or size not in scan.roots:
       continue
-    if bytes.fromhex(h.payload["root"]) != scan.roots[size] or \
-       bytes.fromhex(h.payload["last_record"]) != scan.record_hash(size - 1):
+    if bytes.fromhex(h.payload["root"]) != scan.roots[size] or bytes.fromhex(
+      h.payload["last_record"]
+    ) != scan.record_hash(size - 1):
       continue
     try:
       verify(HEAD, h, trust)
@@ -119,6 +133,10 @@ def load(lineage_dir: str | os.PathLike) -> tuple[logscan.LogScan, History]:
   """Scan a lineage directory (checking its chain) and compute the history of its signed part."""
   d = Path(lineage_dir)
   heads, _ = read_heads(d)
-  scan = logscan.scan(d, bodies=(rec.RUN_START, rec.CHECKPOINT, rec.RUN_RESUME, rec.RUN_END),
-                      roots_at=[int(h.payload.get("size", 0)) for h in heads], roots_before=(rec.CHECKPOINT,))
+  scan = logscan.scan(
+    d,
+    bodies=(rec.RUN_START, rec.CHECKPOINT, rec.RUN_RESUME, rec.RUN_END),
+    roots_at=[int(h.payload.get("size", 0)) for h in heads],
+    roots_before=(rec.CHECKPOINT,),
+  )
   return scan, history(scan, signed_size(d, scan, heads))

@@ -24,8 +24,11 @@ from aqgov.lineage._verify import lineage_dir
 def _run_start(scan, ldir) -> dict:
   """The run-start body of a scanned log; `LineageError` when the log holds no complete record."""
   if scan.size == 0:
-    raise LineageError(f"{ldir} holds no complete record (its segments/ directory is empty or its first record "
-                       "was torn); nothing to show", index=0)
+    raise LineageError(
+      f"{ldir} holds no complete record (its segments/ directory is empty or its first record "
+      "was torn); nothing to show",
+      index=0,
+    )
   return scan.bodies[0]
 
 
@@ -41,8 +44,13 @@ class Membership(NamedTuple):
   superseded: bool
 
 
-def membership(run_dir: str | os.PathLike, group: str, *, step: int | None = None,
-               include_superseded: bool = False) -> list[Membership]:
+def membership(
+  run_dir: str | os.PathLike,
+  group: str,
+  *,
+  step: int | None = None,
+  include_superseded: bool = False,
+) -> list[Membership]:
   """Every (step, example) whose weight in `group` was positive, in log order."""
   _, ldir = lineage_dir(run_dir)
   scan, history = hist.load(ldir)
@@ -51,7 +59,9 @@ def membership(run_dir: str | os.PathLike, group: str, *, step: int | None = Non
     raise LineageError(f"group {group!r} is not one of this run's groups: {', '.join(groups)}")
   g = groups.index(group)
   out = []
-  for index, _, body in records(ldir, kinds=(rec.STEP,), stop=history.size):  # never the unsigned tail
+  for index, _, body in records(
+    ldir, kinds=(rec.STEP,), stop=history.size
+  ):  # never the unsigned tail
     superseded = not history.effective(index)
     if (superseded and not include_superseded) or (step is not None and int(body["step"]) != step):
       continue
@@ -60,8 +70,17 @@ def membership(run_dir: str | os.PathLike, group: str, *, step: int | None = Non
     for r in range(view.weights.shape[0]):
       w = float(view.weights[r, g])
       if w > 0:
-        out.append(Membership(view.step, index, ids[r], int(view.route_class[r]), w,
-                              float(view.contribution_norms[r, g]), superseded))
+        out.append(
+          Membership(
+            view.step,
+            index,
+            ids[r],
+            int(view.route_class[r]),
+            w,
+            float(view.contribution_norms[r, g]),
+            superseded,
+          )
+        )
   return out
 
 
@@ -111,9 +130,22 @@ def describe(run_dir: str | os.PathLike) -> RunDescription:
   ends = [(i, b) for i, b in scan.of_kind(rec.RUN_END) if i < signed]
   closed = signed == scan.size and scan.kinds[-1] == rec.RUN_END
   return RunDescription(
-      run_id=start["run_id"], start=start, size=scan.size, heads=len(heads), signed_size=signed, closed=closed,
-      status=ends[-1][1]["status"] if ends and closed else None, steps=steps, last_step=last_step,
-      last_loss=last_loss, examples=len(seen), checkpoints=history.checkpoints,
-      resumes=sum(1 for i, _ in scan.of_kind(rec.RUN_RESUME) if i < signed), kinds=dict(Counter(scan.kinds[:signed])),
-      group_reach={g: reach[g] for g in groups}, group_norm={g: norm[g] for g in groups},
-      torn_bytes=scan.torn.nbytes if scan.torn else 0, unsigned=scan.size - signed)
+    run_id=start["run_id"],
+    start=start,
+    size=scan.size,
+    heads=len(heads),
+    signed_size=signed,
+    closed=closed,
+    status=ends[-1][1]["status"] if ends and closed else None,
+    steps=steps,
+    last_step=last_step,
+    last_loss=last_loss,
+    examples=len(seen),
+    checkpoints=history.checkpoints,
+    resumes=sum(1 for i, _ in scan.of_kind(rec.RUN_RESUME) if i < signed),
+    kinds=dict(Counter(scan.kinds[:signed])),
+    group_reach={g: reach[g] for g in groups},
+    group_norm={g: norm[g] for g in groups},
+    torn_bytes=scan.torn.nbytes if scan.torn else 0,
+    unsigned=scan.size - signed,
+  )

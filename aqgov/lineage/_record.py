@@ -69,8 +69,15 @@ def encode_record(seq: int, kind: str, prev: bytes, body: Mapping[str, Any] | by
     raise LineageError(f"unknown record kind {kind!r}; expected one of {', '.join(KINDS)}")
   if len(prev) != 32:
     raise LineageError(f"prev must be a 32-byte hash, got {len(prev)} bytes")
-  return canonical.encode({"v": VERSION, "seq": int(seq), "kind": kind, "prev": bytes(prev),
-                           "body": body if isinstance(body, bytes) else canonical.encode(dict(body))})
+  return canonical.encode(
+    {
+      "v": VERSION,
+      "seq": int(seq),
+      "kind": kind,
+      "prev": bytes(prev),
+      "body": body if isinstance(body, bytes) else canonical.encode(dict(body)),
+    }
+  )
 
 
 def record_hash(data: bytes) -> bytes:
@@ -99,8 +106,13 @@ def _split_envelope(data) -> tuple[dict, int, int] | None:
   return tail, start, end
 
 
-def decode_record(data: bytes | memoryview, index: int, *, digest: bytes | None = None,
-                  bodies: Collection[str] | None = None) -> Record:
+def decode_record(
+  data: bytes | memoryview,
+  index: int,
+  *,
+  digest: bytes | None = None,
+  bodies: Collection[str] | None = None,
+) -> Record:
   """The envelope of record bytes `data` expected at position `index` (fields checked, body kept raw).
 
   `digest` is the record hash when the caller has already computed it. Bodies of kinds outside
@@ -115,14 +127,27 @@ def decode_record(data: bytes | memoryview, index: int, *, digest: bytes | None 
     try:
       env = msgpack.unpackb(data, raw=False, strict_map_key=True)
     except Exception as exc:
-      raise LineageError(f"record {index}: not valid msgpack ({exc}); the record was altered", index=index) from None
+      raise LineageError(
+        f"record {index}: not valid msgpack ({exc}); the record was altered", index=index
+      ) from None
   if not isinstance(env, dict) or set(env) != {"v", "seq", "kind", "prev", "body"}:
-    raise LineageError(f"record {index}: not a lineage record envelope (fields v, seq, kind, prev, body)", index=index)
+    raise LineageError(
+      f"record {index}: not a lineage record envelope (fields v, seq, kind, prev, body)",
+      index=index,
+    )
   if env["v"] != VERSION:
-    raise LineageError(f"record {index}: schema version {env['v']!r}, this aqgov reads version {VERSION}; "
-                       "upgrade aqgov to verify this log", index=index)
-  if env["kind"] not in KINDS or not isinstance(env["prev"], bytes) or not isinstance(env["body"], bytes) \
-     or not isinstance(env["seq"], int) or len(env["prev"]) != 32:
+    raise LineageError(
+      f"record {index}: schema version {env['v']!r}, this aqgov reads version {VERSION}; "
+      "upgrade aqgov to verify this log",
+      index=index,
+    )
+  if (
+    env["kind"] not in KINDS
+    or not isinstance(env["prev"], bytes)
+    or not isinstance(env["body"], bytes)
+    or not isinstance(env["seq"], int)
+    or len(env["prev"]) != 32
+  ):
     raise LineageError(f"record {index}: malformed envelope (kind {env['kind']!r})", index=index)
   return Record(env["seq"], env["kind"], env["prev"], env["body"], digest or record_hash(data))
 
@@ -132,7 +157,9 @@ def decode_body(body_bytes: bytes, index: int | None = None, kind: str | None = 
   try:
     body = canonical.decode(body_bytes)
   except canonical.CanonicalError as exc:
-    raise LineageError(f"record {index}: body is not canonical msgpack ({exc})", index=index) from None
+    raise LineageError(
+      f"record {index}: body is not canonical msgpack ({exc})", index=index
+    ) from None
   if not isinstance(body, dict):
     raise LineageError(f"record {index}: body is not a map", index=index)
   if kind is not None:
@@ -141,6 +168,7 @@ def decode_body(body_bytes: bytes, index: int | None = None, kind: str | None = 
 
 
 # ---- body schemas -------------------------------------------------------------------------------
+
 
 def _is_int(v: Any) -> bool:
   return isinstance(v, int) and not isinstance(v, bool)
@@ -166,13 +194,18 @@ _DOCREF_FIELDS = ("kind", "id", "sha256", "file")  # `_bodies.DocRef`'s wire for
 
 
 def _is_docrefs(v: Any) -> bool:
-  return isinstance(v, list) and all(isinstance(r, dict) and all(isinstance(r.get(k), str) for k in _DOCREF_FIELDS)
-                                     for r in v)
+  return isinstance(v, list) and all(
+    isinstance(r, dict) and all(isinstance(r.get(k), str) for k in _DOCREF_FIELDS) for r in v
+  )
 
 
 def _is_parent(v: Any) -> bool:
-  return v is None or (isinstance(v, dict) and all(isinstance(v.get(k), str) for k in ("run_id", "head_id", "dir"))
-                       and _is_count(v.get("size")) and _is_hex32(v.get("root")))
+  return v is None or (
+    isinstance(v, dict)
+    and all(isinstance(v.get(k), str) for k in ("run_id", "head_id", "dir"))
+    and _is_count(v.get("size"))
+    and _is_hex32(v.get("root"))
+  )
 
 
 def _is_range(v: Any) -> bool:
@@ -190,31 +223,72 @@ def _is(*types: type) -> Any:
 _STEP_NUMBER = {"step": _is_count, "time": _is_number}
 # kind -> field -> (check, what the field must be); docs/lineage-schema.md lists the same fields
 _SCHEMAS: dict[str, dict[str, tuple[Any, str]]] = {
-    RUN_START: {"run_id": (_is(str), "a string"), "time": (_is_number, "a number"), "signer": (_is(str), "a key id"),
-                "trust": (_is_strs, "a list of key ids"), "groups": (_is_strs, "a list of group names"),
-                "classes": (_is_strs, "a list of route class names"), "policies": (_is_docrefs, "a list of docrefs"),
-                "profiles": (_is_docrefs, "a list of docrefs"), "manifests": (_is_docrefs, "a list of docrefs"),
-                "parent": (_is_parent, "nil or a parentref"), "config": (_is(dict), "a map")},
-    STEP: {"step": (_is_count, "a step number"), "time": (_is_number, "a number"),
-           "example_ids": (_is(bytes), "bin"), "route_class": (_is(dict), "an array"),
-           "weights": (_is(dict), "a weights map"), "contribution_norms": (_is(dict), "an array"),
-           "loss": (_is(float), "a float"), "fingerprint": (_is(dict), "an array"),
-           "measurements": (_is(dict), "a map of arrays"), "events": (_is(dict), "a map of arrays")},
-    CHECKPOINT: {"step": (_is_count, "a step number"), "params_sha256": (_is_hex32, "a hex SHA-256"),
-                 "path": (_is(str), "a path"), "lineage_size": (_is_count, "a record count"),
-                 "lineage_root": (_is_hex32, "a hex Merkle root"), "time": (_is_number, "a number")},
-    RUN_RESUME: {"checkpoint_step": (_is_count, "a step number"),
-                 "checkpoint_record": (_is_optional_count, "nil or a record index"),
-                 "superseded": (_is_range, "[start, end] record indices"), "time": (_is_number, "a number")},
-    EVENT: {"step": (_is_count, "a step number"), "time": (_is_number, "a number")},
-    ESCALATION: {"step": (_is_count, "a step number"), "message": (_is(str), "a string"),
-                 "checkpoint_step": (_is_optional_count, "nil or a step number"), "time": (_is_number, "a number")},
-    OVERRIDE: {"step": (_is_count, "a step number"), "token_kind": (_is(str), "a string"),
-               "token_id": (_is(str), "a string"), "token": (_is(bytes), "bin"), "time": (_is_number, "a number")},
-    RUN_END: {"step": (_is_count, "a step number"), "status": (_is(str), "a string"), "time": (_is_number, "a number")},
+  RUN_START: {
+    "run_id": (_is(str), "a string"),
+    "time": (_is_number, "a number"),
+    "signer": (_is(str), "a key id"),
+    "trust": (_is_strs, "a list of key ids"),
+    "groups": (_is_strs, "a list of group names"),
+    "classes": (_is_strs, "a list of route class names"),
+    "policies": (_is_docrefs, "a list of docrefs"),
+    "profiles": (_is_docrefs, "a list of docrefs"),
+    "manifests": (_is_docrefs, "a list of docrefs"),
+    "parent": (_is_parent, "nil or a parentref"),
+    "config": (_is(dict), "a map"),
+  },
+  STEP: {
+    "step": (_is_count, "a step number"),
+    "time": (_is_number, "a number"),
+    "example_ids": (_is(bytes), "bin"),
+    "route_class": (_is(dict), "an array"),
+    "weights": (_is(dict), "a weights map"),
+    "contribution_norms": (_is(dict), "an array"),
+    "loss": (_is(float), "a float"),
+    "fingerprint": (_is(dict), "an array"),
+    "measurements": (_is(dict), "a map of arrays"),
+    "events": (_is(dict), "a map of arrays"),
+  },
+  CHECKPOINT: {
+    "step": (_is_count, "a step number"),
+    "params_sha256": (_is_hex32, "a hex SHA-256"),
+    "path": (_is(str), "a path"),
+    "lineage_size": (_is_count, "a record count"),
+    "lineage_root": (_is_hex32, "a hex Merkle root"),
+    "time": (_is_number, "a number"),
+  },
+  RUN_RESUME: {
+    "checkpoint_step": (_is_count, "a step number"),
+    "checkpoint_record": (_is_optional_count, "nil or a record index"),
+    "superseded": (_is_range, "[start, end] record indices"),
+    "time": (_is_number, "a number"),
+  },
+  EVENT: {"step": (_is_count, "a step number"), "time": (_is_number, "a number")},
+  ESCALATION: {
+    "step": (_is_count, "a step number"),
+    "message": (_is(str), "a string"),
+    "checkpoint_step": (_is_optional_count, "nil or a step number"),
+    "time": (_is_number, "a number"),
+  },
+  OVERRIDE: {
+    "step": (_is_count, "a step number"),
+    "token_kind": (_is(str), "a string"),
+    "token_id": (_is(str), "a string"),
+    "token": (_is(bytes), "bin"),
+    "time": (_is_number, "a number"),
+  },
+  RUN_END: {
+    "step": (_is_count, "a step number"),
+    "status": (_is(str), "a string"),
+    "time": (_is_number, "a number"),
+  },
 }
-_OPTIONAL = {STEP: {"example_sha256": (_is(bytes), "bin"), "rows": (_is(dict), "an array"),
-                    "hidden": (_is(dict), "a weights map")}}
+_OPTIONAL = {
+  STEP: {
+    "example_sha256": (_is(bytes), "bin"),
+    "rows": (_is(dict), "an array"),
+    "hidden": (_is(dict), "a weights map"),
+  }
+}
 
 
 def check_body(kind: str, body: Mapping[str, Any], index: int | None = None) -> None:
@@ -224,14 +298,20 @@ def check_body(kind: str, body: Mapping[str, Any], index: int | None = None) -> 
     raise LineageError(f"record {index}: unknown record kind {kind!r}", index=index)
   missing = sorted(set(schema) - set(body))
   if missing:
-    raise LineageError(f"record {index}: {kind} body lacks field(s) {', '.join(missing)}; the record is malformed "
-                       "(see docs/lineage-schema.md)", index=index)
+    raise LineageError(
+      f"record {index}: {kind} body lacks field(s) {', '.join(missing)}; the record is malformed "
+      "(see docs/lineage-schema.md)",
+      index=index,
+    )
   optional = _OPTIONAL.get(kind, {})
   for name, value in body.items():
     check, what = schema.get(name) or optional.get(name) or (None, "")
     if check is not None and not check(value):
-      raise LineageError(f"record {index}: {kind} field {name!r} must be {what}, got {type(value).__name__} "
-                         f"{value!r:.60}; the record is malformed", index=index)
+      raise LineageError(
+        f"record {index}: {kind} field {name!r} must be {what}, got {type(value).__name__} "
+        f"{value!r:.60}; the record is malformed",
+        index=index,
+      )
 
 
 # ---- arrays -------------------------------------------------------------------------------------
@@ -247,7 +327,11 @@ def array_to_wire(a: ArrayLike) -> dict:
     data = arr.tobytes()  # C order, native = little-endian
   else:
     data = np.ascontiguousarray(arr, dtype=dt.newbyteorder("<")).tobytes()
-  return {"data": data, "dtype": _dtype_name(dt), "shape": list(arr.shape)}  # keys in canonical order
+  return {
+    "data": data,
+    "dtype": _dtype_name(dt),
+    "shape": list(arr.shape),
+  }  # keys in canonical order
 
 
 @functools.lru_cache(maxsize=64)
@@ -262,7 +346,11 @@ def array_from_wire(w: Mapping[str, Any], what: str = "array") -> np.ndarray:
   return np.frombuffer(w["data"], dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
 
 
-_INDEX_DTYPES = ((255, np.dtype(np.uint8)), (65535, np.dtype(np.uint16)), (2**32 - 1, np.dtype(np.uint32)))
+_INDEX_DTYPES = (
+  (255, np.dtype(np.uint8)),
+  (65535, np.dtype(np.uint16)),
+  (2**32 - 1, np.dtype(np.uint32)),
+)
 
 
 def _index_dtype(max_value: int) -> np.dtype:
@@ -282,15 +370,19 @@ def weights_to_wire(weights: np.ndarray, route_class: np.ndarray) -> dict:
   return {"full": array_to_wire(weights)}
 
 
-def weights_from_wire(w: Mapping[str, Any], route_class: np.ndarray, what: str = "weights") -> np.ndarray:
+def weights_from_wire(
+  w: Mapping[str, Any], route_class: np.ndarray, what: str = "weights"
+) -> np.ndarray:
   """[B, G] per-row values from a `weights_to_wire` map."""
   if not isinstance(w, Mapping) or len(w) != 1 or not set(w) <= {"by_class", "full"}:
     raise LineageError(f"{what} must be a map with one of by_class or full")
   if "by_class" in w:
     table = array_from_wire(w["by_class"], f"{what}.by_class")
     if table.ndim != 2 or (route_class.size and int(route_class.max()) >= table.shape[0]):
-      raise LineageError(f"{what}.by_class has shape {list(table.shape)}, which has no row for every route class "
-                         "of the batch")
+      raise LineageError(
+        f"{what}.by_class has shape {list(table.shape)}, which has no row for every route class "
+        "of the batch"
+      )
     return table[route_class]
   return array_from_wire(w["full"], f"{what}.full")
 
@@ -318,12 +410,20 @@ def _tree_to_wire(tree: Any) -> dict:
 
 # ---- bodies -------------------------------------------------------------------------------------
 
+
 def _join_ids(ids: Sequence[str], step: int) -> bytes:
   joined = "\x00".join(ids)
-  if ids and (joined.count("\x00") != len(ids) - 1 or "\x00\x00" in joined or joined.startswith("\x00")
-              or joined.endswith("\x00") or not joined):
+  if ids and (
+    joined.count("\x00") != len(ids) - 1
+    or "\x00\x00" in joined
+    or joined.startswith("\x00")
+    or joined.endswith("\x00")
+    or not joined
+  ):
     bad = next(i for i in ids if not i or "\x00" in i)
-    raise LineageError(f"step {step}: example id {bad!r} is empty or contains NUL; ids must be non-empty text")
+    raise LineageError(
+      f"step {step}: example id {bad!r} is empty or contains NUL; ids must be non-empty text"
+    )
   return joined.encode("utf-8")
 
 
@@ -334,8 +434,12 @@ def _split_ids(data: bytes) -> tuple[str, ...]:
     raise LineageError("example_ids is not UTF-8 text") from None
 
 
-def step_body(summary: StepSummary, example_ids: Sequence[str], example_sha256: Sequence[bytes | str] | None = None,
-              time_s: float | None = None) -> dict:
+def step_body(
+  summary: StepSummary,
+  example_ids: Sequence[str],
+  example_sha256: Sequence[bytes | str] | None = None,
+  time_s: float | None = None,
+) -> dict:
   """Body of a "step" record from a host copy of the summary and the host-side id list of the batch.
 
   `example_ids` is recorded whole and in order (replay hands the same list to `make_batch`); the
@@ -353,8 +457,10 @@ def step_body(summary: StepSummary, example_ids: Sequence[str], example_sha256: 
   every = bool(keep.all())
   rows = index[keep]
   if rows.size and (rows.max() >= len(example_ids)):
-    raise LineageError(f"step {step}: example_index {int(rows.max())} outside the {len(example_ids)} "
-                       "host ids given; pass the id list the batch was built from")
+    raise LineageError(
+      f"step {step}: example_index {int(rows.max())} outside the {len(example_ids)} "
+      "host ids given; pass the id list the batch was built from"
+    )
   route_class = np.asarray(s.route_class).astype(np.int64)
   weights = np.asarray(s.weights, np.float32)
   norms = np.asarray(s.contribution_norms, np.float32)
@@ -363,16 +469,16 @@ def step_body(summary: StepSummary, example_ids: Sequence[str], example_sha256: 
     route_class, weights, norms = route_class[keep], weights[keep], norms[keep]
     seen = None if seen is None else seen[keep]
   body = {
-      "step": step,
-      "time": time.time() if time_s is None else float(time_s),
-      "example_ids": _join_ids(example_ids, step),
-      "route_class": array_to_wire(route_class.astype(_index_dtype(int(route_class.max(initial=0))))),
-      "weights": weights_to_wire(weights, route_class),
-      "contribution_norms": array_to_wire(norms),
-      "loss": canonical.canonical_float(float(np.asarray(s.loss, np.float64))),
-      "fingerprint": array_to_wire(np.asarray(s.fingerprint, np.float32)),
-      "measurements": _tree_to_wire(s.measurements),
-      "events": _tree_to_wire(s.events),
+    "step": step,
+    "time": time.time() if time_s is None else float(time_s),
+    "example_ids": _join_ids(example_ids, step),
+    "route_class": array_to_wire(route_class.astype(_index_dtype(int(route_class.max(initial=0))))),
+    "weights": weights_to_wire(weights, route_class),
+    "contribution_norms": array_to_wire(norms),
+    "loss": canonical.canonical_float(float(np.asarray(s.loss, np.float64))),
+    "fingerprint": array_to_wire(np.asarray(s.fingerprint, np.float32)),
+    "measurements": _tree_to_wire(s.measurements),
+    "events": _tree_to_wire(s.events),
   }
   if seen is not None and not seen.all():
     body["hidden"] = weights_to_wire((~seen).astype(np.uint8), route_class)
@@ -384,7 +490,9 @@ def step_body(summary: StepSummary, example_ids: Sequence[str], example_sha256: 
     except TypeError:  # hex strings
       joined = b"".join(d if isinstance(d, bytes) else bytes.fromhex(d) for d in example_sha256)
     if len(joined) != 32 * len(example_ids):
-      raise LineageError(f"step {step}: example_sha256 must hold one 32-byte SHA-256 per example id")
+      raise LineageError(
+        f"step {step}: example_sha256 must hold one 32-byte SHA-256 per example id"
+      )
     body["example_sha256"] = joined
   return dict(sorted(body.items()))  # sorted keys and builtin types only: see encode_step_body
 
@@ -413,7 +521,7 @@ class StepView(NamedTuple):
   fingerprint: np.ndarray
   measurements: dict[str, np.ndarray]
   events: dict[str, np.ndarray]
-  seen: np.ndarray | None = None   # bool [B, G]; groups each row saw in its forward pass
+  seen: np.ndarray | None = None  # bool [B, G]; groups each row saw in its forward pass
 
   @property
   def row_ids(self) -> tuple[str, ...]:
@@ -427,7 +535,9 @@ class StepView(NamedTuple):
     return tuple(e for i, e in enumerate(self.example_ids) if i not in used)
 
 
-def check_step(body: Mapping[str, Any], index: int | None = None, groups: int | None = None) -> None:
+def check_step(
+  body: Mapping[str, Any], index: int | None = None, groups: int | None = None
+) -> None:
   """Raise `LineageError` unless a "step" body has every field, and arrays whose dtypes, byte counts and
   shapes fit together ([B] rows, [B, G] or [C, G] per-row maps, [G, dim] fingerprint), without
   building the arrays (what `verify_lineage` checks of every step record)."""
@@ -437,7 +547,9 @@ def check_step(body: Mapping[str, Any], index: int | None = None, groups: int | 
     raise LineageError(f"record {index}: malformed step body: {exc}", index=index) from None
 
 
-def view_step(body: Mapping[str, Any], index: int | None = None, groups: int | None = None) -> StepView:
+def view_step(
+  body: Mapping[str, Any], index: int | None = None, groups: int | None = None
+) -> StepView:
   """A "step" body (record `index`) as arrays, checked (`groups`: the run's G, when known)."""
   try:
     return _view_step(body, groups)
@@ -451,7 +563,11 @@ def _wire_dtype(name: Any) -> np.dtype | None:
     dtype = np.dtype(name)
   except TypeError:
     return None
-  return None if dtype.hasobject or dtype.fields is not None or dtype.itemsize == 0 or dtype.subdtype else dtype
+  return (
+    None
+    if dtype.hasobject or dtype.fields is not None or dtype.itemsize == 0 or dtype.subdtype
+    else dtype
+  )
 
 
 def _wire_shape(w: Any, what: str) -> tuple[tuple[int, ...], np.dtype]:
@@ -460,13 +576,21 @@ def _wire_shape(w: Any, what: str) -> tuple[tuple[int, ...], np.dtype]:
     raise LineageError(f"{what} is not an array map (data, dtype, shape)")
   dtype = _wire_dtype(w["dtype"]) if isinstance(w["dtype"], str) else None
   if dtype is None:
-    raise LineageError(f"{what} has dtype {w['dtype']!r:.40}, which is not a numeric numpy dtype name")
+    raise LineageError(
+      f"{what} has dtype {w['dtype']!r:.40}, which is not a numeric numpy dtype name"
+    )
   shape = w["shape"]
-  if not isinstance(shape, list) or not all(_is_count(d) for d in shape) or not isinstance(w["data"], bytes):
+  if (
+    not isinstance(shape, list)
+    or not all(_is_count(d) for d in shape)
+    or not isinstance(w["data"], bytes)
+  ):
     raise LineageError(f"{what} needs a list of non-negative dimensions and bin data")
   if math.prod(shape) * dtype.itemsize != len(w["data"]):
-    raise LineageError(f"{what} of shape {shape} and dtype {dtype.name} needs {math.prod(shape) * dtype.itemsize} "
-                       f"bytes, holds {len(w['data'])}")
+    raise LineageError(
+      f"{what} of shape {shape} and dtype {dtype.name} needs {math.prod(shape) * dtype.itemsize} "
+      f"bytes, holds {len(w['data'])}"
+    )
   return tuple(shape), dtype
 
 
@@ -476,8 +600,10 @@ def _check_per_row(w: Any, rows: int, g: int, what: str) -> None:
   form = next(iter(w))
   shape, _ = _wire_shape(w[form], f"{what}.{form}")
   if len(shape) != 2 or shape[1] != g or (form == "full" and shape[0] != rows):
-    raise LineageError(f"{what}.{form} has shape {list(shape)}, not [{'B' if form == 'full' else 'C'}, G] with "
-                       f"B = {rows}, G = {g}")
+    raise LineageError(
+      f"{what}.{form} has shape {list(shape)}, not [{'B' if form == 'full' else 'C'}, G] with "
+      f"B = {rows}, G = {g}"
+    )
 
 
 def _check_step(body: Mapping[str, Any], groups: int | None) -> int:
@@ -485,27 +611,39 @@ def _check_step(body: Mapping[str, Any], groups: int | None) -> int:
   ids = _split_ids(body["example_ids"])
   sha = body.get("example_sha256")
   if sha is not None and len(sha) != 32 * len(ids):
-    raise LineageError(f"example_sha256 holds {len(sha)} bytes, not 32 for each of the {len(ids)} example ids")
+    raise LineageError(
+      f"example_sha256 holds {len(sha)} bytes, not 32 for each of the {len(ids)} example ids"
+    )
   rc_shape, rc_dtype = _wire_shape(body["route_class"], "route_class")
   if len(rc_shape) != 1 or rc_dtype.kind not in "iu":
-    raise LineageError(f"route_class must be a [B] integer array, got {rc_dtype.name} {list(rc_shape)}")
+    raise LineageError(
+      f"route_class must be a [B] integer array, got {rc_dtype.name} {list(rc_shape)}"
+    )
   if "rows" in body:
     rows_shape, rows_dtype = _wire_shape(body["rows"], "rows")
     if rows_shape != rc_shape or rows_dtype.kind not in "iu":
-      raise LineageError(f"rows must be a [B] integer array with B = {rc_shape[0]}, got {list(rows_shape)}")
+      raise LineageError(
+        f"rows must be a [B] integer array with B = {rc_shape[0]}, got {list(rows_shape)}"
+      )
   elif rc_shape[0] != len(ids):
-    raise LineageError(f"{rc_shape[0]} batch rows but {len(ids)} example ids, and no rows map between them")
+    raise LineageError(
+      f"{rc_shape[0]} batch rows but {len(ids)} example ids, and no rows map between them"
+    )
   fp_shape, _ = _wire_shape(body["fingerprint"], "fingerprint")
   if len(fp_shape) != 2 or (groups is not None and fp_shape[0] != groups):
-    raise LineageError(f"fingerprint has shape {list(fp_shape)}, not [G, dim] for the run's "
-                       f"{groups if groups is not None else 'G'} groups")
+    raise LineageError(
+      f"fingerprint has shape {list(fp_shape)}, not [G, dim] for the run's "
+      f"{groups if groups is not None else 'G'} groups"
+    )
   g = fp_shape[0]
   _check_per_row(body["weights"], rc_shape[0], g, "weights")
   if "hidden" in body:
     _check_per_row(body["hidden"], rc_shape[0], g, "hidden")
   norms_shape, _ = _wire_shape(body["contribution_norms"], "contribution_norms")
   if norms_shape != (rc_shape[0], g):
-    raise LineageError(f"contribution_norms has shape {list(norms_shape)}, not [B, G] = {[rc_shape[0], g]}")
+    raise LineageError(
+      f"contribution_norms has shape {list(norms_shape)}, not [B, G] = {[rc_shape[0], g]}"
+    )
   for field in ("measurements", "events"):
     for k, v in body[field].items():
       _wire_shape(v, f"{field[:-1]} {k!r}")
@@ -521,24 +659,32 @@ def _view_step(body: Mapping[str, Any], groups: int | None) -> StepView:
     raise LineageError("route_class holds a negative route class")
   rows = array_from_wire(body["rows"], "rows") if "rows" in body else np.arange(len(ids))
   if rows.size and not 0 <= rows.min() <= rows.max() < len(ids):
-    raise LineageError(f"rows must name one of the {len(ids)} example ids for each of the {route_class.size} "
-                       "batch rows")
+    raise LineageError(
+      f"rows must name one of the {len(ids)} example ids for each of the {route_class.size} "
+      "batch rows"
+    )
   fingerprint = array_from_wire(body["fingerprint"], "fingerprint")
   per_row = (route_class.size, g)
   weights = weights_from_wire(body["weights"], route_class)
   norms = array_from_wire(body["contribution_norms"], "contribution_norms")
-  hidden = None if "hidden" not in body else weights_from_wire(body["hidden"], route_class, "hidden")
+  hidden = (
+    None if "hidden" not in body else weights_from_wire(body["hidden"], route_class, "hidden")
+  )
   return StepView(
-      step=int(body["step"]),
-      example_ids=ids,
-      example_sha256=None if sha is None else tuple(sha[i:i + 32].hex() for i in range(0, len(sha), 32)),
-      rows=rows.astype(np.int64),
-      route_class=route_class.astype(np.int32),
-      weights=weights,
-      contribution_norms=norms,
-      loss=float(body["loss"]),
-      fingerprint=fingerprint,
-      measurements={k: array_from_wire(v, f"measurement {k!r}") for k, v in body["measurements"].items()},
-      events={k: array_from_wire(v, f"event {k!r}") for k, v in body["events"].items()},
-      seen=np.ones(per_row, bool) if hidden is None else hidden == 0,
+    step=int(body["step"]),
+    example_ids=ids,
+    example_sha256=None
+    if sha is None
+    else tuple(sha[i : i + 32].hex() for i in range(0, len(sha), 32)),
+    rows=rows.astype(np.int64),
+    route_class=route_class.astype(np.int32),
+    weights=weights,
+    contribution_norms=norms,
+    loss=float(body["loss"]),
+    fingerprint=fingerprint,
+    measurements={
+      k: array_from_wire(v, f"measurement {k!r}") for k, v in body["measurements"].items()
+    },
+    events={k: array_from_wire(v, f"event {k!r}") for k, v in body["events"].items()},
+    seen=np.ones(per_row, bool) if hidden is None else hidden == 0,
   )

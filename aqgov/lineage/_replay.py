@@ -55,8 +55,9 @@ class ReplayResult(NamedTuple):
   hashes_checked: tuple[int, ...]
 
 
-def _example_index(examples: Mapping[str, Example] | Iterable[Example | Mapping[str, Any]] | str | os.PathLike
-                   ) -> Mapping[str, Example]:
+def _example_index(
+  examples: Mapping[str, Example] | Iterable[Example | Mapping[str, Any]] | str | os.PathLike,
+) -> Mapping[str, Example]:
   if isinstance(examples, (str, os.PathLike)):
     examples = iter_examples(examples)
   if isinstance(examples, Mapping):
@@ -78,10 +79,15 @@ def _first_difference(a: np.ndarray, b: np.ndarray) -> int | None:
   return int(rows[0]) if rows.size else None
 
 
-def replay(run_dir: str | os.PathLike, *, step: int,
-           examples: Mapping[str, Example] | Iterable[Example | Mapping[str, Any]] | str | os.PathLike,
-           task: Task | str | None = None, trust: TrustStore | None = None,
-           from_checkpoint: int | None = None) -> ReplayResult:
+def replay(
+  run_dir: str | os.PathLike,
+  *,
+  step: int,
+  examples: Mapping[str, Example] | Iterable[Example | Mapping[str, Any]] | str | os.PathLike,
+  task: Task | str | None = None,
+  trust: TrustStore | None = None,
+  from_checkpoint: int | None = None,
+) -> ReplayResult:
   """Rebuild the `TrainState` after step `step` (see the module doc); raises at the first divergence.
 
   `examples` is a mapping id -> example, an iterable of examples (or JSONL-shaped mappings) or a
@@ -93,14 +99,23 @@ def replay(run_dir: str | os.PathLike, *, step: int,
   run_dir, ldir = lineage_dir(run_dir)
   chosen = task is not None and not isinstance(task, str) and isinstance(task, Task)
   if trust is None and not chosen:
-    raise LineageError("replay needs trust=: the run key and the authorities' public keys, obtained out of band "
-                       "(the lineage must verify before any task code is imported)")
+    raise LineageError(
+      "replay needs trust=: the run key and the authorities' public keys, obtained out of band "
+      "(the lineage must verify before any task code is imported)"
+    )
   # the signed log must verify; an open run may be replayed, and replay checks the checkpoints it uses itself
   # (so that the params of a replaced one can be re-derived from an earlier one)
-  if trust is not None and verify_lineage(run_dir, trust, require_closed=False, require_references=False,
-                                          check_checkpoints=False).signed_size == 0:
-    raise LineageError(f"no signed tree head covers the run-start record of {run_dir}; nothing vouches for it",
-                       index=0)
+  if (
+    trust is not None
+    and verify_lineage(
+      run_dir, trust, require_closed=False, require_references=False, check_checkpoints=False
+    ).signed_size
+    == 0
+  ):
+    raise LineageError(
+      f"no signed tree head covers the run-start record of {run_dir}; nothing vouches for it",
+      index=0,
+    )
   scan, history = hist.load(ldir)
   start = scan.bodies[0]
   groups = tuple(start["groups"])
@@ -116,14 +131,18 @@ def replay(run_dir: str | os.PathLike, *, step: int,
     limit = step if from_checkpoint is None else min(step, from_checkpoint)
     usable = [c for c in history.checkpoints if c.step <= limit and c.step in on_disk]
     if not usable:
-      raise CheckpointError(f"no recorded checkpoint at or before step {limit} is on disk in {checkpoints.directory}; "
-                            "replay needs one to start from")
+      raise CheckpointError(
+        f"no recorded checkpoint at or before step {limit} is on disk in {checkpoints.directory}; "
+        "replay needs one to start from"
+      )
     ref = max(usable, key=lambda c: (c.step, c.index))
     restored = checkpoints.restore(ref.step, task.init())
     if restored.params_sha256 != ref.params_sha256:
-      raise CheckpointError(f"checkpoint at step {ref.step} ({run_dir / ref.path}) holds params hashing to "
-                            f"{restored.params_sha256[:16]}..., but lineage record {ref.index} recorded "
-                            f"{ref.params_sha256[:16]}...: the checkpoint was altered")
+      raise CheckpointError(
+        f"checkpoint at step {ref.step} ({run_dir / ref.path}) holds params hashing to "
+        f"{restored.params_sha256[:16]}..., but lineage record {ref.index} recorded "
+        f"{ref.params_sha256[:16]}...: the checkpoint was altered"
+      )
     state = restored.state
     if step == ref.step:
       return ReplayResult(state, step, ref.step, 0, (ref.step,))
@@ -134,8 +153,12 @@ def replay(run_dir: str | os.PathLike, *, step: int,
         continue
       view = rec.view_step(body)
       if view.step != expected:
-        raise ReplayDivergence(f"record {index} is step {view.step} but step {expected} comes next after the "
-                               f"checkpoint at step {ref.step}", index=index, step=expected)
+        raise ReplayDivergence(
+          f"record {index} is step {view.step} but step {expected} comes next after the "
+          f"checkpoint at step {ref.step}",
+          index=index,
+          step=expected,
+        )
       state = _replay_step(task, state, view, index, pool, groups)
       done = history.checkpoint_at(view.step)
       if done is not None:
@@ -144,8 +167,11 @@ def replay(run_dir: str | os.PathLike, *, step: int,
       if view.step == step:
         return ReplayResult(state, step, ref.step, step - ref.step, tuple(checked))
       expected += 1
-    raise LineageError(f"the signed part of the lineage records steps only up to {expected - 1} (records after "
-                       f"its last valid signed head are not read); cannot replay to step {step}", index=history.size)
+    raise LineageError(
+      f"the signed part of the lineage records steps only up to {expected - 1} (records after "
+      f"its last valid signed head are not read); cannot replay to step {step}",
+      index=history.size,
+    )
   finally:
     checkpoints.close()
 
@@ -167,67 +193,121 @@ def _mismatch(recorded: np.ndarray, replayed: np.ndarray) -> tuple[int, ...] | N
   return tuple(int(i) for i in where[0]) if where.size else None
 
 
-def _check_record(view: rec.StepView, replayed: rec.StepView, index: int, groups: tuple[str, ...]) -> None:
+def _check_record(
+  view: rec.StepView, replayed: rec.StepView, index: int, groups: tuple[str, ...]
+) -> None:
   """Raise `ReplayDivergence` at the first field of the replayed step record that differs."""
   absent = np.zeros((0,))
-  fields = [("rows", view.rows, replayed.rows, True), ("route_class", view.route_class, replayed.route_class, True),
-            ("weights", view.weights, replayed.weights, True),
-            ("contribution_norms", view.contribution_norms, replayed.contribution_norms, True),
-            ("loss", np.float64(view.loss), np.float64(replayed.loss), False)]
-  for kind, recorded, got in (("measurements", view.measurements, replayed.measurements),
-                              ("events", view.events, replayed.events)):
-    fields += [(f"{kind}[{k!r}]", recorded.get(k, absent), got.get(k, absent), False)
-               for k in sorted(set(recorded) | set(got))]
+  fields = [
+    ("rows", view.rows, replayed.rows, True),
+    ("route_class", view.route_class, replayed.route_class, True),
+    ("weights", view.weights, replayed.weights, True),
+    ("contribution_norms", view.contribution_norms, replayed.contribution_norms, True),
+    ("loss", np.float64(view.loss), np.float64(replayed.loss), False),
+  ]
+  for kind, recorded, got in (
+    ("measurements", view.measurements, replayed.measurements),
+    ("events", view.events, replayed.events),
+  ):
+    fields += [
+      (f"{kind}[{k!r}]", recorded.get(k, absent), got.get(k, absent), False)
+      for k in sorted(set(recorded) | set(got))
+    ]
   for field, recorded, got, per_row in fields:
     at = _mismatch(recorded, got)
     if at is None:
       continue
     example = view.row_ids[at[0]] if per_row and at and at[0] < len(view.rows) else None
     group = groups[at[1]] if per_row and len(at) == 2 and at[1] < len(groups) else None
-    where = (f" of example {example!r}" if example else "") + (f" in group {group!r}" if group else "")
-    detail = (f"recorded {np.atleast_1d(recorded)[at].tolist()}, replayed {np.atleast_1d(got)[at].tolist()}" if at
-              else f"recorded shape {np.shape(recorded)}, replayed {np.shape(got)}")
-    raise ReplayDivergence(f"step {view.step}: the replayed {field}{where} diverge from the record ({detail})",
-                           index=index, step=view.step, group=group, example_id=example, field=field)
+    where = (f" of example {example!r}" if example else "") + (
+      f" in group {group!r}" if group else ""
+    )
+    detail = (
+      f"recorded {np.atleast_1d(recorded)[at].tolist()}, replayed {np.atleast_1d(got)[at].tolist()}"
+      if at
+      else f"recorded shape {np.shape(recorded)}, replayed {np.shape(got)}"
+    )
+    raise ReplayDivergence(
+      f"step {view.step}: the replayed {field}{where} diverge from the record ({detail})",
+      index=index,
+      step=view.step,
+      group=group,
+      example_id=example,
+      field=field,
+    )
 
 
-def _replay_step(task: Task, state: TrainState, view: rec.StepView, index: int, pool: Mapping[str, Example],
-                 groups: tuple[str, ...]) -> TrainState:
+def _replay_step(
+  task: Task,
+  state: TrainState,
+  view: rec.StepView,
+  index: int,
+  pool: Mapping[str, Example],
+  groups: tuple[str, ...],
+) -> TrainState:
   batch_examples = []
   for k, ex_id in enumerate(view.example_ids):
     ex = pool.get(ex_id)
     if ex is None:
-      raise ReplayDivergence(f"step {view.step}: example {ex_id!r} is not in the examples given; replay needs "
-                             "every example the step trained on", index=index, step=view.step, example_id=ex_id)
+      raise ReplayDivergence(
+        f"step {view.step}: example {ex_id!r} is not in the examples given; replay needs "
+        "every example the step trained on",
+        index=index,
+        step=view.step,
+        example_id=ex_id,
+      )
     if view.example_sha256 is not None and content_hash(ex.content) != view.example_sha256[k]:
-      raise ReplayDivergence(f"step {view.step}: example {ex_id!r} hashes to {content_hash(ex.content)[:16]}... but "
-                             f"the lineage recorded {view.example_sha256[k][:16]}...: these are not the bytes "
-                             "that were trained on", index=index, step=view.step, example_id=ex_id)
+      raise ReplayDivergence(
+        f"step {view.step}: example {ex_id!r} hashes to {content_hash(ex.content)[:16]}... but "
+        f"the lineage recorded {view.example_sha256[k][:16]}...: these are not the bytes "
+        "that were trained on",
+        index=index,
+        step=view.step,
+        example_id=ex_id,
+      )
     batch_examples.append(ex)
   batch, labels = task.make_batch(batch_examples)
   state, summary = task.step(state, batch, labels)
-  _check_record(view, rec.view_step(rec.step_body(summary, view.example_ids, time_s=0.0)), index, groups)
+  _check_record(
+    view, rec.view_step(rec.step_body(summary, view.example_ids, time_s=0.0)), index, groups
+  )
   got = np.asarray(jax.device_get(summary.fingerprint), np.float32)
   g = _first_difference(got, view.fingerprint)
   if g is not None:
     name = groups[g] if g < len(groups) else str(g)
-    raise ReplayDivergence(f"step {view.step}: the params of group {name!r} diverge from the recorded fingerprint "
-                           f"(recorded {view.fingerprint[g].tolist()}, replayed {got[g].tolist()})",
-                           index=index, step=view.step, group=name, field="fingerprint")
+    raise ReplayDivergence(
+      f"step {view.step}: the params of group {name!r} diverge from the recorded fingerprint "
+      f"(recorded {view.fingerprint[g].tolist()}, replayed {got[g].tolist()})",
+      index=index,
+      step=view.step,
+      group=name,
+      field="fingerprint",
+    )
   return state
 
 
-def _check_full_hash(state: TrainState, ref: hist.CheckpointRef, checkpoints: Checkpoints, on_disk: set[int],
-                     index: int) -> None:
+def _check_full_hash(
+  state: TrainState,
+  ref: hist.CheckpointRef,
+  checkpoints: Checkpoints,
+  on_disk: set[int],
+  index: int,
+) -> None:
   digest = params_sha256(state.params)
   if digest == ref.params_sha256:
     return
   where = ""
   if ref.step in on_disk:
     saved = checkpoints.restore(ref.step, state).state.params
-    for path, a, b in zip(tree_paths(state.params), jax.tree.leaves(state.params), jax.tree.leaves(saved), strict=True):
+    for path, a, b in zip(
+      tree_paths(state.params), jax.tree.leaves(state.params), jax.tree.leaves(saved), strict=True
+    ):
       if np.asarray(a).tobytes() != np.asarray(b).tobytes():
         where = f"; first differing leaf: {path}"
         break
-  raise ReplayDivergence(f"step {ref.step}: replayed params hash to {digest[:16]}... but the checkpoint record "
-                         f"{ref.index} says {ref.params_sha256[:16]}...{where}", index=index, step=ref.step)
+  raise ReplayDivergence(
+    f"step {ref.step}: replayed params hash to {digest[:16]}... but the checkpoint record "
+    f"{ref.index} says {ref.params_sha256[:16]}...{where}",
+    index=index,
+    step=ref.step,
+  )

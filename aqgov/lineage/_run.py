@@ -32,21 +32,21 @@ from typing import Any
 
 import jax
 
+from aqgov.credentials._manifest import Example, as_example, content_hash
 from aqgov.documents import _canonical as canonical
 from aqgov.documents import _keys as keylib
 from aqgov.documents import _signing as signing
-from aqgov.credentials._manifest import Example, as_example, content_hash
-from aqgov.errors import CheckpointError, GovernanceEscalation, LineageError
 from aqgov.documents._files import atomic_write, check_name, child
-from aqgov.entropy._overrides import admit_override
 from aqgov.documents._keys import PublicKey, SigningKey, TrustStore
+from aqgov.entropy._overrides import admit_override
+from aqgov.errors import CheckpointError, GovernanceEscalation, LineageError
+from aqgov.lineage import _bodies as bodies
 from aqgov.lineage import _history as hist
 from aqgov.lineage import _log as log
 from aqgov.lineage import _record as rec
-from aqgov.lineage import _bodies as bodies
+from aqgov.lineage import _trust as trustlib
 from aqgov.lineage._checkpoint import Checkpoints
 from aqgov.lineage._summary import StepSummary
-from aqgov.lineage import _trust as trustlib
 from aqgov.lineage._task import Task, TrainState, load_task
 from aqgov.lineage._verify import verify_lineage
 
@@ -66,7 +66,14 @@ class RunLayout:
     self.checkpoints = self.root / "checkpoints"
 
   def make(self) -> None:
-    for d in (self.keys, self.policies, self.profiles, self.manifests, self.lineage, self.checkpoints):
+    for d in (
+      self.keys,
+      self.policies,
+      self.profiles,
+      self.manifests,
+      self.lineage,
+      self.checkpoints,
+    ):
       d.mkdir(parents=True, exist_ok=True)
 
 
@@ -83,7 +90,11 @@ def _copy_documents(docs: Iterable[Document], into: Path, root: Path) -> list[bo
     doc, data = _as_document(d)
     path = into / f"{doc.id}.signed"
     atomic_write(path, data)
-    refs.append(bodies.DocRef(doc.kind, doc.id, rec.record_hash(data).hex(), path.relative_to(root).as_posix()))
+    refs.append(
+      bodies.DocRef(
+        doc.kind, doc.id, rec.record_hash(data).hex(), path.relative_to(root).as_posix()
+      )
+    )
   return refs
 
 
@@ -101,12 +112,27 @@ def _used_tokens(scan: log.LogScan) -> set[str]:
 class GovernedRun:
   """Runs a `Task` step by step, recording every step in a signed lineage (see the module doc)."""
 
-  def __init__(self, layout: RunLayout, task: Task, state: TrainState, writer: log.LineageWriter,
-               checkpoints: Checkpoints, *, run_id: str, checkpoint_every: int, checkpointed: Iterable[int],
-               trust: TrustStore = TrustStore({}), used_tokens: Iterable[str] = ()):
+  def __init__(
+    self,
+    layout: RunLayout,
+    task: Task,
+    state: TrainState,
+    writer: log.LineageWriter,
+    checkpoints: Checkpoints,
+    *,
+    run_id: str,
+    checkpoint_every: int,
+    checkpointed: Iterable[int],
+    trust: TrustStore = TrustStore({}),
+    used_tokens: Iterable[str] = (),
+  ):
     self.layout, self.task, self.state, self.writer = layout, task, state, writer
     self.trust, self._used_tokens = trust, set(used_tokens)
-    self.checkpoints, self.run_id, self.checkpoint_every = checkpoints, run_id, int(checkpoint_every)
+    self.checkpoints, self.run_id, self.checkpoint_every = (
+      checkpoints,
+      run_id,
+      int(checkpoint_every),
+    )
     self._step = int(jax.device_get(state.step))
     self._checkpointed = set(int(s) for s in checkpointed)
     self._closed = False
@@ -114,13 +140,27 @@ class GovernedRun:
   # ---- starting and resuming ------------------------------------------------------------------
 
   @classmethod
-  def start(cls, run_dir: str | os.PathLike, *, task: str, task_config: Mapping[str, Any] | None = None,
-            key: SigningKey | None = None, policies: Iterable[Document] = (), profiles: Iterable[Document] = (),
-            manifests: Iterable[Document] = (), trust: TrustStore | Iterable[PublicKey | str | os.PathLike] = (),
-            parent: str | os.PathLike | None = None, config: Mapping[str, Any] | None = None,
-            checkpoint_every: int = 100, head_every: int = 1024, fsync: str = "tree-head",
-            run_id: str | None = None, max_to_keep: int | None = None,
-            witnesses: Sequence[tuple[str, Any]] = (), key_dir: str | os.PathLike | None = None) -> "GovernedRun":
+  def start(
+    cls,
+    run_dir: str | os.PathLike,
+    *,
+    task: str,
+    task_config: Mapping[str, Any] | None = None,
+    key: SigningKey | None = None,
+    policies: Iterable[Document] = (),
+    profiles: Iterable[Document] = (),
+    manifests: Iterable[Document] = (),
+    trust: TrustStore | Iterable[PublicKey | str | os.PathLike] = (),
+    parent: str | os.PathLike | None = None,
+    config: Mapping[str, Any] | None = None,
+    checkpoint_every: int = 100,
+    head_every: int = 1024,
+    fsync: str = "tree-head",
+    run_id: str | None = None,
+    max_to_keep: int | None = None,
+    witnesses: Sequence[tuple[str, Any]] = (),
+    key_dir: str | os.PathLike | None = None,
+  ) -> GovernedRun:
     """Create `run_dir` (empty or absent), record run-start and checkpoint the initial state.
 
     `task` is "module:attr" (see `aqgov.lineage.task`); `trust` are the public keys of the
@@ -134,7 +174,9 @@ class GovernedRun:
     """
     layout = RunLayout(run_dir)
     if layout.root.exists() and any(layout.root.iterdir()):
-      raise LineageError(f"{layout.root} is not empty; start a run in a new directory or resume this one")
+      raise LineageError(
+        f"{layout.root} is not empty; start a run in a new directory or resume this one"
+      )
     if checkpoint_every < 1:
       raise LineageError(f"checkpoint_every must be at least 1, got {checkpoint_every}")
     run_id = run_id or uuid.uuid4().hex
@@ -163,26 +205,56 @@ class GovernedRun:
     the_task = load_task(task, task_config, layout.root, trust=authorities)
     task_sha256 = trustlib.task_source_sha256(task)
     body = bodies.run_start_body(
-        run_id=run_id, signer=key.key_id, groups=tuple(the_task.group_names),
-        classes=tuple(getattr(the_task, "class_names", ())),
-        policies=policy_refs, profiles=profile_refs, manifests=manifest_refs,
-        trust=[t.key_id for t in trusted], parent=parent_ref, task=task, task_config=task_config,
-        config={**dict(config or {}), **({"task_sha256": task_sha256} if task_sha256 else {}),
-                "lineage": {"checkpoint_every": checkpoint_every, "head_every": head_every,
-                                                  "fsync": fsync,
-                                                  **({"witnesses": [w.to_wire() for w in witness_refs]}
-                                                     if witness_refs else {})}})
-    writer = log.LineageWriter.create(layout.lineage, key, body, fsync=fsync, head_every=head_every,
-                                      witnesses=witness_refs)
-    run = cls(layout, the_task, the_task.init(), writer, Checkpoints(layout.checkpoints, max_to_keep=max_to_keep),
-              run_id=run_id, checkpoint_every=checkpoint_every, checkpointed=(), trust=authorities)
+      run_id=run_id,
+      signer=key.key_id,
+      groups=tuple(the_task.group_names),
+      classes=tuple(getattr(the_task, "class_names", ())),
+      policies=policy_refs,
+      profiles=profile_refs,
+      manifests=manifest_refs,
+      trust=[t.key_id for t in trusted],
+      parent=parent_ref,
+      task=task,
+      task_config=task_config,
+      config={
+        **dict(config or {}),
+        **({"task_sha256": task_sha256} if task_sha256 else {}),
+        "lineage": {
+          "checkpoint_every": checkpoint_every,
+          "head_every": head_every,
+          "fsync": fsync,
+          **({"witnesses": [w.to_wire() for w in witness_refs]} if witness_refs else {}),
+        },
+      },
+    )
+    writer = log.LineageWriter.create(
+      layout.lineage, key, body, fsync=fsync, head_every=head_every, witnesses=witness_refs
+    )
+    run = cls(
+      layout,
+      the_task,
+      the_task.init(),
+      writer,
+      Checkpoints(layout.checkpoints, max_to_keep=max_to_keep),
+      run_id=run_id,
+      checkpoint_every=checkpoint_every,
+      checkpointed=(),
+      trust=authorities,
+    )
     run.checkpoint()
     return run
 
   @classmethod
-  def resume(cls, run_dir: str | os.PathLike, *, trust: TrustStore | Iterable[PublicKey | str | os.PathLike] = (),
-             key: SigningKey | None = None, key_dir: str | os.PathLike | None = None,
-             max_to_keep: int | None = None, witnesses: Sequence[tuple[str, Any]] | None = None) -> "GovernedRun":
+  def resume(
+    cls,
+    run_dir: str | os.PathLike,
+    *,
+    trust: TrustStore | Iterable[PublicKey | str | os.PathLike] = (),
+    key: SigningKey | None = None,
+    key_dir: str | os.PathLike | None = None,
+    max_to_keep: int | None = None,
+    witnesses: Sequence[tuple[str, Any]] | None = None,
+  ) -> GovernedRun:
     """Continue a run after a crash, an escalation or `abandon` (see the resume rule). A closed run
     (signed run-end) is final: continue it as a child run (`start(..., parent=)`).
 
@@ -197,27 +269,40 @@ class GovernedRun:
     if first is None:
       raise LineageError(f"{layout.lineage} holds no run-start record; start a new run instead")
     start = first.body
-    key = key or trustlib.find_run_key(key_dir or trustlib.default_key_dir(start["run_id"]), start["signer"])
+    key = key or trustlib.find_run_key(
+      key_dir or trustlib.default_key_dir(start["run_id"]), start["signer"]
+    )
     if key.key_id != start["signer"]:
       raise LineageError(f"key {key.name!r} did not sign run {start['run_id']}; pass the run's key")
     if not log.read_heads(layout.lineage)[0]:
-      raise LineageError(f"no signed tree head of run {start['run_id']} covers its run-start record, so nothing "
-                         "vouches for it; start a new run instead")
+      raise LineageError(
+        f"no signed tree head of run {start['run_id']} covers its run-start record, so nothing "
+        "vouches for it; start a new run instead"
+      )
     authorities = trustlib.recorded_trust(start, trustlib.as_trust_store(trust), exact=True)
     settings = start["config"].get("lineage", {})
-    writer, scan = log.open_for_resume(layout.lineage, key, fsync=settings.get("fsync", "tree-head"),
-                                       head_every=int(settings.get("head_every", 1024)),
-                                       bodies=(rec.CHECKPOINT, rec.RUN_RESUME, rec.OVERRIDE),
-                                       witnesses=[log.WitnessRef.from_wire(w) for w in settings.get("witnesses", ())]
-                                       if witnesses is None else witnesses)
+    writer, scan = log.open_for_resume(
+      layout.lineage,
+      key,
+      fsync=settings.get("fsync", "tree-head"),
+      head_every=int(settings.get("head_every", 1024)),
+      bodies=(rec.CHECKPOINT, rec.RUN_RESUME, rec.OVERRIDE),
+      witnesses=[log.WitnessRef.from_wire(w) for w in settings.get("witnesses", ())]
+      if witnesses is None
+      else witnesses,
+    )
     try:
       if scan.bodies[0] != start:
         raise LineageError("the run-start record changed while resuming; try again", index=0)
       history = hist.history(scan)
       trustlib.check_documents(layout.root, start)
       trustlib.check_task_source(start, start["config"]["task"])
-      task = load_task(start["config"]["task"], start["config"].get("task_config", {}), layout.root,
-                       trust=authorities)
+      task = load_task(
+        start["config"]["task"],
+        start["config"].get("task_config", {}),
+        layout.root,
+        trust=authorities,
+      )
       checkpoints = Checkpoints(layout.checkpoints, max_to_keep=max_to_keep)
       on_disk = set(checkpoints.steps())
       ref = next((c for c in reversed(history.checkpoints) if c.step in on_disk), None)
@@ -230,15 +315,29 @@ class GovernedRun:
       for s in sorted(on_disk):
         if s > ck_step or (ref is None and s == 0):
           checkpoints.delete(s)  # superseded or never recorded: the resumed run writes its own
-      writer.append_record(rec.RUN_RESUME, bodies.resume_body(
-          checkpoint_step=ck_step, checkpoint_record=ck_index,
-          superseded=((ck_index + 1) if ck_index is not None else 1, scan.size)))
+      writer.append_record(
+        rec.RUN_RESUME,
+        bodies.resume_body(
+          checkpoint_step=ck_step,
+          checkpoint_record=ck_index,
+          superseded=((ck_index + 1) if ck_index is not None else 1, scan.size),
+        ),
+      )
     except BaseException:
       writer.abandon()
       raise
-    run = cls(layout, task, state, writer, checkpoints, run_id=start["run_id"],
-              checkpoint_every=int(settings.get("checkpoint_every", 100)),
-              checkpointed=() if ref is None else (ck_step,), trust=authorities, used_tokens=_used_tokens(scan))
+    run = cls(
+      layout,
+      task,
+      state,
+      writer,
+      checkpoints,
+      run_id=start["run_id"],
+      checkpoint_every=int(settings.get("checkpoint_every", 100)),
+      checkpointed=() if ref is None else (ck_step,),
+      trust=authorities,
+      used_tokens=_used_tokens(scan),
+    )
     if ref is None:
       run.checkpoint()
     return run
@@ -255,8 +354,10 @@ class GovernedRun:
     self._check_open()
     exs = [as_example(e) for e in examples]
     if not exs:
-      raise LineageError(f"step {self._step + 1} was given no examples; a recorded step trains on at least one, "
-                         "so skip empty batches in the data loader")
+      raise LineageError(
+        f"step {self._step + 1} was given no examples; a recorded step trains on at least one, "
+        "so skip empty batches in the data loader"
+      )
     batch, labels = self.task.make_batch(exs)
     try:
       state, summary = self.task.step(self.state, batch, labels)
@@ -265,7 +366,9 @@ class GovernedRun:
       raise
     self.state = state
     self._step += 1
-    self.writer.append(summary, [e.id for e in exs], [bytes.fromhex(content_hash(e.content)) for e in exs])
+    self.writer.append(
+      summary, [e.id for e in exs], [bytes.fromhex(content_hash(e.content)) for e in exs]
+    )
     if self._step % self.checkpoint_every == 0:
       self.checkpoint()
     return summary
@@ -278,11 +381,18 @@ class GovernedRun:
       return step
     head = self.writer.flush(sign_head=True)
     saved = self.checkpoints.save(self.state, head, self.run_id)
-    self.writer.append_record(rec.CHECKPOINT, bodies.checkpoint_body(
-        step=step, params_sha256=saved.digests["params"],
+    self.writer.append_record(
+      rec.CHECKPOINT,
+      bodies.checkpoint_body(
+        step=step,
+        params_sha256=saved.digests["params"],
         path=Path(os.path.relpath(saved.path, self.layout.root.absolute())).as_posix(),
-        lineage_size=head.size, lineage_root=head.root.hex(), digests=saved.digests,
-        files_sha256=saved.files_sha256))
+        lineage_size=head.size,
+        lineage_root=head.root.hex(),
+        digests=saved.digests,
+        files_sha256=saved.files_sha256,
+      ),
+    )
     self._checkpointed.add(step)
     return step
 
@@ -293,15 +403,23 @@ class GovernedRun:
       self.state = exc.state
       self._step = int(jax.device_get(exc.state.step))
     ck = self.checkpoint()
-    self.writer.append_record(rec.ESCALATION, bodies.escalation_body(
-        step=self._step if exc.step is None else int(exc.step), message=str(exc), events=exc.events,
-        checkpoint_step=ck))
+    self.writer.append_record(
+      rec.ESCALATION,
+      bodies.escalation_body(
+        step=self._step if exc.step is None else int(exc.step),
+        message=str(exc),
+        events=exc.events,
+        checkpoint_step=ck,
+      ),
+    )
     self.writer.flush(sign_head=True)
 
   def record_event(self, events: Mapping[str, Any], *, step: int | None = None) -> None:
     """Record governance events noticed on the host (they also ride in each step's summary)."""
     self._check_open()
-    self.writer.append_record(rec.EVENT, bodies.event_body(step=self._step if step is None else step, events=events))
+    self.writer.append_record(
+      rec.EVENT, bodies.event_body(step=self._step if step is None else step, events=events)
+    )
 
   def record_override(self, token: signing.SignedDocument, *, step: int | None = None) -> None:
     """Record a signed override token used at `step` (default: the next step), kept verbatim.
@@ -311,10 +429,20 @@ class GovernedRun:
     this run, covering `step`, unexpired now, and not used before in this run."""
     self._check_open()
     step = self.next_step if step is None else int(step)
-    admit_override(token, self.trust, self.run_id, step=step, used=self._used_tokens,
-                   authorities=getattr(self.task, "override_authorities", None))
-    self.writer.append_record(rec.OVERRIDE, bodies.override_body(
-        step=step, token_kind=token.kind, token_id=token.id, token=token.to_bytes()))
+    admit_override(
+      token,
+      self.trust,
+      self.run_id,
+      step=step,
+      used=self._used_tokens,
+      authorities=getattr(self.task, "override_authorities", None),
+    )
+    self.writer.append_record(
+      rec.OVERRIDE,
+      bodies.override_body(
+        step=step, token_kind=token.kind, token_id=token.id, token=token.to_bytes()
+      ),
+    )
     self._used_tokens.add(token.id)
 
   def head(self, *, sign: bool = False) -> log.LogHead:
@@ -343,7 +471,7 @@ class GovernedRun:
         self.writer.abandon()
         self.checkpoints.close()
 
-  def __enter__(self) -> "GovernedRun":
+  def __enter__(self) -> GovernedRun:
     return self
 
   def __exit__(self, exc_type, exc, tb) -> None:
@@ -371,25 +499,36 @@ def _parent_ref(parent: Path, layout: RunLayout, trusted: Sequence[PublicKey]) -
     keys.append(keylib.load_public_key(own))
   trust = TrustStore.of(keys)
   if start.body["signer"] not in trust:
-    raise LineageError(f"parent run {start.body['run_id']} is signed by key {start.body['signer'][:16]}..., which "
-                       "is not among the keys given; pass the parent run's public key (obtained out of band) in "
-                       "trust=")
+    raise LineageError(
+      f"parent run {start.body['run_id']} is signed by key {start.body['signer'][:16]}..., which "
+      "is not among the keys given; pass the parent run's public key (obtained out of band) in "
+      "trust="
+    )
   report = verify_lineage(parent, trust)
   heads, _ = log.read_heads(parent / "lineage")
   if not heads:
     raise LineageError(f"parent run {parent} has no signed tree head to continue from")
   last = heads[-1]
   _write_public(trust.get(start.body["signer"]), layout.keys)
-  return bodies.ParentRef(report.run_id, last.id, int(last.payload["size"]), str(last.payload["root"]),
-                       os.path.relpath(parent.absolute(), layout.root.absolute()))
+  return bodies.ParentRef(
+    report.run_id,
+    last.id,
+    int(last.payload["size"]),
+    str(last.payload["root"]),
+    os.path.relpath(parent.absolute(), layout.root.absolute()),
+  )
 
 
 def _check_restored(restored, ref: hist.CheckpointRef, scan: log.LogScan) -> None:
   for item, recorded in (ref.digests or {"params": ref.params_sha256}).items():
     if restored.digests.get(item) != recorded:
-      raise CheckpointError(f"checkpoint at step {ref.step} ({ref.path}) holds {item} hashing to "
-                            f"{str(restored.digests.get(item))[:16]}..., but lineage record {ref.index} recorded "
-                            f"{recorded[:16]}...: the checkpoint was altered; restore it from a backup")
+      raise CheckpointError(
+        f"checkpoint at step {ref.step} ({ref.path}) holds {item} hashing to "
+        f"{str(restored.digests.get(item))[:16]}..., but lineage record {ref.index} recorded "
+        f"{recorded[:16]}...: the checkpoint was altered; restore it from a backup"
+      )
   if restored.head.size != ref.index or restored.head.root != scan.roots_before[ref.index]:
-    raise CheckpointError(f"checkpoint at step {ref.step} was taken at a different log position than record "
-                          f"{ref.index} says; it belongs to another run or log")
+    raise CheckpointError(
+      f"checkpoint at step {ref.step} was taken at a different log position than record "
+      f"{ref.index} says; it belongs to another run or log"
+    )

@@ -16,24 +16,26 @@ class LogScan(NamedTuple):
   """One pass over a log: hashes, the bodies asked for, and where it ends."""
 
   size: int
-  record_hashes: bytes            # 32 bytes per record, concatenated
-  leaf_hash_bytes: bytes          # the Merkle leaf hash of each record, concatenated
+  record_hashes: bytes  # 32 bytes per record, concatenated
+  leaf_hash_bytes: bytes  # the Merkle leaf hash of each record, concatenated
   kinds: tuple[str, ...]
-  bodies: dict[int, dict]         # index -> body, for the kinds requested
-  roots: dict[int, bytes]         # size -> Merkle root, for the sizes requested
+  bodies: dict[int, dict]  # index -> body, for the kinds requested
+  roots: dict[int, bytes]  # size -> Merkle root, for the sizes requested
   torn: TornTail | None
-  compact: merkle.CompactRange    # the root accumulator after the last record
-  roots_before: dict[int, bytes]  # index -> Merkle root of the records before it, for the kinds requested
+  compact: merkle.CompactRange  # the root accumulator after the last record
+  roots_before: dict[
+    int, bytes
+  ]  # index -> Merkle root of the records before it, for the kinds requested
 
   def record_hash(self, index: int) -> bytes:
     """The hash of record `index`."""
-    return self.record_hashes[32 * index: 32 * index + 32]
+    return self.record_hashes[32 * index : 32 * index + 32]
 
   def leaf_hashes(self, size: int | None = None) -> list[bytes]:
     """The Merkle leaf hashes of the first `size` records (all by default)."""
     n = self.size if size is None else size
     b = self.leaf_hash_bytes
-    return [b[32 * i: 32 * i + 32] for i in range(n)]
+    return [b[32 * i : 32 * i + 32] for i in range(n)]
 
   def head(self, size: int | None = None) -> LogHead:
     """Where the log stood after `size` records (at its end by default)."""
@@ -47,8 +49,14 @@ class LogScan(NamedTuple):
     return [(i, self.bodies[i]) for i, k in enumerate(self.kinds) if k == kind and i in self.bodies]
 
 
-def scan(lineage_dir: str | os.PathLike, *, bodies: Sequence[str] = (), roots_at: Sequence[int] = (),
-         roots_before: Sequence[str] = (), check: Sequence[str] = ()) -> LogScan:
+def scan(
+  lineage_dir: str | os.PathLike,
+  *,
+  bodies: Sequence[str] = (),
+  roots_at: Sequence[int] = (),
+  roots_before: Sequence[str] = (),
+  check: Sequence[str] = (),
+) -> LogScan:
   """Read a whole log once (see `LogReader`), decoding the bodies of the kinds in `bodies`, keeping
   the Merkle roots at the sizes in `roots_at` (the final size is always kept) and the root just
   before each record of a kind in `roots_before`. Bodies of the kinds in `check` are decoded and
@@ -83,4 +91,14 @@ def scan(lineage_dir: str | os.PathLike, *, bodies: Sequence[str] = (), roots_at
       if r.kind == rec.STEP:
         rec.check_step(body, r.seq)
   roots[compact.size] = compact.root
-  return LogScan(reader.size, bytes(hashes), bytes(leaves), tuple(kinds), decoded, roots, reader.torn, compact, before)
+  return LogScan(
+    reader.size,
+    bytes(hashes),
+    bytes(leaves),
+    tuple(kinds),
+    decoded,
+    roots,
+    reader.torn,
+    compact,
+    before,
+  )

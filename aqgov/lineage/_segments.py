@@ -67,7 +67,9 @@ class _Framing(NamedTuple):
   """Where the complete frames of a file start, and how the file ends."""
 
   starts: list[int]
-  problem: LineageError | None    # raised when iteration reaches it (so earlier bad records come first)
+  problem: (
+    LineageError | None
+  )  # raised when iteration reaches it (so earlier bad records come first)
   torn: TornTail | None
 
 
@@ -80,12 +82,26 @@ def _framing(data: Buffer, path: Path, what: str, first_index: int, may_tear: bo
     n = _LEN.unpack_from(data, off)[0] if remaining >= _LEN.size else None
     at = index if what == "record" else None
     if n is not None and n > MAX_FRAME:
-      return _Framing(starts, LineageError(f"{what} {index}: frame length {n} is implausible ({path.name} at byte "
-                                           f"{off}); the file was altered", index=at), None)
+      return _Framing(
+        starts,
+        LineageError(
+          f"{what} {index}: frame length {n} is implausible ({path.name} at byte "
+          f"{off}); the file was altered",
+          index=at,
+        ),
+        None,
+      )
     if n is None or remaining < _LEN.size + n + _DIGEST:
       if not may_tear:
-        return _Framing(starts, LineageError(f"{what} {index}: {path.name} ends inside a frame but later segments "
-                                             "follow; the file was truncated or altered", index=at), None)
+        return _Framing(
+          starts,
+          LineageError(
+            f"{what} {index}: {path.name} ends inside a frame but later segments "
+            "follow; the file was truncated or altered",
+            index=at,
+          ),
+          None,
+        )
       return _Framing(starts, None, TornTail(str(path), off, remaining))
     starts.append(off)
     off += _LEN.size + n + _DIGEST
@@ -98,27 +114,36 @@ def _digests(view: memoryview, starts: Sequence[int]) -> list[bytes]:
   out = []
   for off in starts:
     n = _LEN.unpack_from(view, off)[0]
-    out.append(hashlib.sha256(view[off + _LEN.size: off + _LEN.size + n]).digest())
+    out.append(hashlib.sha256(view[off + _LEN.size : off + _LEN.size + n]).digest())
   return out
 
 
-def frames(data: Buffer, path: Path, what: str, first_index: int, may_tear: bool,
-           pool: ThreadPoolExecutor | None = None) -> Generator[tuple[int, memoryview, bytes], None, TornTail | None]:
+def frames(
+  data: Buffer,
+  path: Path,
+  what: str,
+  first_index: int,
+  may_tear: bool,
+  pool: ThreadPoolExecutor | None = None,
+) -> Generator[tuple[int, memoryview, bytes], None, TornTail | None]:
   """(index, payload, digest) for each complete frame, digests checked; returns the TornTail (or None)."""
   framing = _framing(data, path, what, first_index, may_tear)
   view = memoryview(data)
   starts = framing.starts
-  chunks = [starts[i:i + _CHUNK] for i in range(0, len(starts), _CHUNK)]
+  chunks = [starts[i : i + _CHUNK] for i in range(0, len(starts), _CHUNK)]
   futures = [pool.submit(_digests, view, c) for c in chunks] if pool is not None else None
   index = first_index
   for k, chunk in enumerate(chunks):
     digests = futures[k].result() if futures is not None else _digests(view, chunk)
     for off, digest in zip(chunk, digests, strict=True):
       n = _LEN.unpack_from(view, off)[0]
-      if digest != view[off + _LEN.size + n: off + _LEN.size + n + _DIGEST]:
-        raise LineageError(f"{what} {index}: bytes do not match their frame digest ({path.name} at byte {off}); "
-                           "the record was altered or corrupted", index=index if what == "record" else None)
-      yield index, view[off + _LEN.size: off + _LEN.size + n], digest
+      if digest != view[off + _LEN.size + n : off + _LEN.size + n + _DIGEST]:
+        raise LineageError(
+          f"{what} {index}: bytes do not match their frame digest ({path.name} at byte {off}); "
+          "the record was altered or corrupted",
+          index=index if what == "record" else None,
+        )
+      yield index, view[off + _LEN.size : off + _LEN.size + n], digest
       index += 1
   if framing.problem is not None:
     raise framing.problem
@@ -142,7 +167,7 @@ def _map(path: Path) -> Buffer:
 def read_header(data: Buffer, path: Path, magic: bytes, may_tear: bool) -> int | None:
   """The first seq a file's header names; None if the header was torn as the file was created."""
   if len(data) < HEADER.size:
-    if may_tear and magic.startswith(data[:len(magic)]):
+    if may_tear and magic.startswith(data[: len(magic)]):
       return None  # the file was being created when the process died
     raise LineageError(f"{path} is too short to be an aqgov lineage file")
   m, first = HEADER.unpack_from(data, 0)
@@ -170,11 +195,15 @@ class LogReader:
     """The segment files, in order."""
     seg_dir = self.dir / "segments"
     if not seg_dir.is_dir():
-      raise LineageError(f"{self.dir} holds no lineage (no segments/ directory); is this a run's lineage/ dir?")
+      raise LineageError(
+        f"{self.dir} holds no lineage (no segments/ directory); is this a run's lineage/ dir?"
+      )
     return sorted(seg_dir.glob("*.seg"))
 
   def __iter__(self) -> Iterator[rec.Record]:
-    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="aqgov-verify") as pool:
+    with ThreadPoolExecutor(
+      max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="aqgov-verify"
+    ) as pool:
       yield from self._records(pool)
 
   def _records(self, pool: ThreadPoolExecutor) -> Iterator[rec.Record]:
@@ -190,8 +219,10 @@ class LogReader:
         break
       if first != expected or path.name != segment_name(first):
         raise LineageError(
-            f"record {expected}: segment {path.name} starts at record {first} but {expected} records precede it; "
-            "a segment was deleted, renamed or added", index=expected)
+          f"record {expected}: segment {path.name} starts at record {first} but {expected} records precede it; "
+          "a segment was deleted, renamed or added",
+          index=expected,
+        )
       gen = frames(data, path, "record", expected, last, pool)
       while True:
         try:
@@ -204,16 +235,27 @@ class LogReader:
           if digest == prev:
             raise LineageError(f"record {index} duplicates record {index - 1}", index=index)
           if prev2 is not None and r.prev == prev2:
-            raise LineageError(f"record {index - 1} is not part of the chain: record {index} links to record "
-                               f"{index - 2} (a record was inserted at {index - 1})", index=index - 1)
-          raise LineageError(f"record {index} does not link to record {index - 1} (chain broken: a record was "
-                             "deleted, reordered or altered here)", index=index)
+            raise LineageError(
+              f"record {index - 1} is not part of the chain: record {index} links to record "
+              f"{index - 2} (a record was inserted at {index - 1})",
+              index=index - 1,
+            )
+          raise LineageError(
+            f"record {index} does not link to record {index - 1} (chain broken: a record was "
+            "deleted, reordered or altered here)",
+            index=index,
+          )
         if r.seq != index:
-          raise LineageError(f"record {index} carries sequence number {r.seq}; records were deleted, reordered "
-                             "or inserted", index=index)
+          raise LineageError(
+            f"record {index} carries sequence number {r.seq}; records were deleted, reordered "
+            "or inserted",
+            index=index,
+          )
         if (index == 0) != (r.kind == rec.RUN_START):
-          raise LineageError(f"record {index} is a {r.kind!r} record; a log starts with exactly one run-start",
-                             index=index)
+          raise LineageError(
+            f"record {index} is a {r.kind!r} record; a log starts with exactly one run-start",
+            index=index,
+          )
         yield r
         prev2, prev = prev, digest
         expected = index + 1
@@ -221,13 +263,19 @@ class LogReader:
       if isinstance(data, mmap.mmap):
         data.close()
       if self.torn is not None and not last:
-        raise LineageError(f"record {expected}: torn frame in {path.name}, which is not the last segment",
-                           index=expected)
+        raise LineageError(
+          f"record {expected}: torn frame in {path.name}, which is not the last segment",
+          index=expected,
+        )
     self.size, self.last_hash = expected, prev
 
 
-def records(lineage_dir: str | os.PathLike, kinds: Sequence[str] | None = None,
-            start: int = 0, stop: int | None = None) -> Iterator[tuple[int, str, dict]]:
+def records(
+  lineage_dir: str | os.PathLike,
+  kinds: Sequence[str] | None = None,
+  start: int = 0,
+  stop: int | None = None,
+) -> Iterator[tuple[int, str, dict]]:
   """(index, kind, body) of each record in [`start`, `stop`) (of the given kinds), with the reader's checks;
   no body from `stop` on is decoded (an unsigned tail is never read)."""
   want = None if kinds is None else set(kinds)

@@ -76,8 +76,9 @@ def _mix32(x: Array) -> Array:
 
 def _coefficients(seed: Array, n: int, dim: int) -> Array:
   """[dim, n] pseudo-random float32 coefficients in [-1, 1), a pure function of `seed`."""
-  counter = (jax.lax.broadcasted_iota(jnp.uint32, (dim, n), 0) * n
-             + jax.lax.broadcasted_iota(jnp.uint32, (dim, n), 1))
+  counter = jax.lax.broadcasted_iota(jnp.uint32, (dim, n), 0) * n + jax.lax.broadcasted_iota(
+    jnp.uint32, (dim, n), 1
+  )
   h = _mix32(counter ^ _mix32(seed))
   return ((h >> 8).astype(jnp.float32) - 2.0**23) * 2.0**-23
 
@@ -107,7 +108,9 @@ def _leaf_projection(leaf: Array, seed: Array, dim: int) -> Array:
   return jnp.sum((s @ x) * t, axis=1)
 
 
-def fingerprint(params: PyTree, leaf_group: Sequence[int], num_groups: int, key: Array | int, dim: int = 8) -> Array:
+def fingerprint(
+  params: PyTree, leaf_group: Sequence[int], num_groups: int, key: Array | int, dim: int = 8
+) -> Array:
   """[num_groups, dim] float32 random projections of each group's parameters.
 
   `leaf_group[l]` is the group of the l-th leaf in `jax.tree_util.tree_leaves(params)` order (the
@@ -117,8 +120,10 @@ def fingerprint(params: PyTree, leaf_group: Sequence[int], num_groups: int, key:
   """
   leaves = jax.tree_util.tree_leaves(params)
   if len(leaves) != len(leaf_group):
-    raise ValueError(f"fingerprint: params have {len(leaves)} leaves but leaf_group names {len(leaf_group)}; "
-                     "pass the leaf_group of the compiled policy bound to these params")
+    raise ValueError(
+      f"fingerprint: params have {len(leaves)} leaves but leaf_group names {len(leaf_group)}; "
+      "pass the leaf_group of the compiled policy bound to these params"
+    )
   if isinstance(key, int):
     key = jax.random.key(key)
   seeds = jax.random.bits(key, (max(len(leaves), 1),), jnp.uint32)
@@ -130,23 +135,35 @@ def fingerprint(params: PyTree, leaf_group: Sequence[int], num_groups: int, key:
   return out
 
 
-def summarize(*, step: Array, example_index: Array, route_class: Array, weights: Array,
-              contribution_norms: Array, loss: Array, params: PyTree, leaf_group: Sequence[int],
-              key: Array | int, dim: int = 8, measurements: Mapping[str, Array] | None = None,
-              events: Events | tuple[()] = (), seen: Array | None = None) -> StepSummary:
+def summarize(
+  *,
+  step: Array,
+  example_index: Array,
+  route_class: Array,
+  weights: Array,
+  contribution_norms: Array,
+  loss: Array,
+  params: PyTree,
+  leaf_group: Sequence[int],
+  key: Array | int,
+  dim: int = 8,
+  measurements: Mapping[str, Array] | None = None,
+  events: Events | tuple[()] = (),
+  seen: Array | None = None,
+) -> StepSummary:
   """Build a `StepSummary` inside a step, fingerprinting `params` (the params after the update)."""
   weights = jnp.asarray(weights, jnp.float32)
   return StepSummary(
-      step=jnp.asarray(step, jnp.int32),
-      example_index=jnp.asarray(example_index, jnp.int32),
-      route_class=jnp.asarray(route_class, jnp.int32),
-      weights=weights,
-      contribution_norms=jnp.asarray(contribution_norms, jnp.float32),
-      loss=jnp.asarray(loss, jnp.float32),
-      fingerprint=fingerprint(params, leaf_group, weights.shape[-1], key, dim),
-      measurements=dict(measurements or {}),
-      events=events,
-      seen=None if seen is None else jnp.asarray(seen, bool),
+    step=jnp.asarray(step, jnp.int32),
+    example_index=jnp.asarray(example_index, jnp.int32),
+    route_class=jnp.asarray(route_class, jnp.int32),
+    weights=weights,
+    contribution_norms=jnp.asarray(contribution_norms, jnp.float32),
+    loss=jnp.asarray(loss, jnp.float32),
+    fingerprint=fingerprint(params, leaf_group, weights.shape[-1], key, dim),
+    measurements=dict(measurements or {}),
+    events=events,
+    seen=None if seen is None else jnp.asarray(seen, bool),
   )
 
 

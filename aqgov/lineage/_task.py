@@ -69,11 +69,14 @@ class Task(Protocol):
 
   def make_batch(self, examples: Sequence[Example]) -> tuple[PyTree, Mapping[str, Array]]: ...
 
-  def step(self, state: TrainState, batch: PyTree, labels: Mapping[str, Array]) -> tuple[TrainState, StepSummary]: ...
+  def step(
+    self, state: TrainState, batch: PyTree, labels: Mapping[str, Array]
+  ) -> tuple[TrainState, StepSummary]: ...
 
 
-def load_task(ref: str, config: Mapping[str, Any], run_dir: str | os.PathLike,
-              trust: TrustStore | None = None) -> Task:
+def load_task(
+  ref: str, config: Mapping[str, Any], run_dir: str | os.PathLike, trust: TrustStore | None = None
+) -> Task:
   """Import `module:attr` and build the task: `attr(config, run_dir)`.
 
   Only call it with a reference the caller trusts (see `aqgov.lineage._trust.resolve_task`); with
@@ -81,16 +84,24 @@ def load_task(ref: str, config: Mapping[str, Any], run_dir: str | os.PathLike,
   """
   module_name, sep, attr = str(ref).partition(":")
   if not sep or not module_name or not attr:
-    raise LineageError(f"task reference {ref!r} is not 'module:attr' (e.g. 'aqgov.examples.task:make_task')")
+    raise LineageError(
+      f"task reference {ref!r} is not 'module:attr' (e.g. 'aqgov.examples.task:make_task')"
+    )
   try:
     module = importlib.import_module(module_name)
   except ImportError as exc:
-    raise LineageError(f"cannot import task module {module_name!r} ({exc}); install it or put it on PYTHONPATH "
-                       "before replaying") from None
+    raise LineageError(
+      f"cannot import task module {module_name!r} ({exc}); install it or put it on PYTHONPATH "
+      "before replaying"
+    ) from None
   factory = getattr(module, attr, None)
   if not callable(factory):
-    raise LineageError(f"{module_name} has no callable {attr!r}; the run-start task reference is {ref!r}")
+    raise LineageError(
+      f"{module_name} has no callable {attr!r}; the run-start task reference is {ref!r}"
+    )
   task = factory(dict(config), Path(run_dir) if trust is None else RunContext(Path(run_dir), trust))
   if not isinstance(task, Task):
-    raise LineageError(f"{ref} returned {type(task).__name__}, which lacks group_names/init/make_batch/step")
+    raise LineageError(
+      f"{ref} returned {type(task).__name__}, which lacks group_names/init/make_batch/step"
+    )
   return task

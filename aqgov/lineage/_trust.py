@@ -30,7 +30,11 @@ from aqgov.documents._keys import PublicKey, SigningKey, TrustStore
 from aqgov.errors import LineageError
 
 TASK_GROUP = "aqgov.tasks"
-DOCUMENT_DIRS = (("policies", "policy"), ("profiles", "profile"), ("manifests", "credential manifest"))
+DOCUMENT_DIRS = (
+  ("policies", "policy"),
+  ("profiles", "profile"),
+  ("manifests", "credential manifest"),
+)
 
 
 def default_key_dir(run_id: str) -> Path:
@@ -44,8 +48,10 @@ def check_outside(key_dir: str | os.PathLike, run_dir: str | os.PathLike) -> Pat
   """`key_dir`, refused when it is the run directory or lies inside it (private keys never go there)."""
   k, r = Path(key_dir).absolute().resolve(), Path(run_dir).absolute().resolve()
   if k == r or r in k.parents:
-    raise LineageError(f"key directory {key_dir} lies inside the run directory {run_dir}: whoever holds the run "
-                       "directory would hold the run key; choose a key directory outside it")
+    raise LineageError(
+      f"key directory {key_dir} lies inside the run directory {run_dir}: whoever holds the run "
+      "directory would hold the run key; choose a key directory outside it"
+    )
   return Path(key_dir)
 
 
@@ -56,11 +62,15 @@ def find_run_key(key_dir: str | os.PathLike, key_id: str) -> SigningKey:
     k = keylib.load_signing_key(path)
     if k.key_id == key_id:
       return k
-  raise LineageError(f"the run's signing key ({key_id[:16]}...) is not in {d}; pass key= or key_dir= "
-                     "(--key-dir) naming the directory the run key was written to")
+  raise LineageError(
+    f"the run's signing key ({key_id[:16]}...) is not in {d}; pass key= or key_dir= "
+    "(--key-dir) naming the directory the run key was written to"
+  )
 
 
-def as_trust_store(trust: TrustStore | Iterable[PublicKey | SigningKey | str | os.PathLike]) -> TrustStore:
+def as_trust_store(
+  trust: TrustStore | Iterable[PublicKey | SigningKey | str | os.PathLike],
+) -> TrustStore:
   """A trust store from a store, keys or `.pub` paths."""
   if isinstance(trust, TrustStore):
     return trust
@@ -77,15 +87,20 @@ def recorded_trust(start: Mapping[str, Any], trust: TrustStore, *, exact: bool) 
   recorded = set(start.get("trust", ()))
   missing = sorted(recorded - set(trust.keys))
   if missing:
-    raise LineageError(f"run {start['run_id']} trusts key(s) {', '.join(k[:16] + '...' for k in missing)}, which "
-                       "were not given; pass those authorities' public keys (obtained out of band) with trust= / "
-                       "--trust", index=0)
+    raise LineageError(
+      f"run {start['run_id']} trusts key(s) {', '.join(k[:16] + '...' for k in missing)}, which "
+      "were not given; pass those authorities' public keys (obtained out of band) with trust= / "
+      "--trust",
+      index=0,
+    )
   extra = sorted(set(trust.keys) - recorded - {start["signer"]})
   if exact and extra:
     names = ", ".join(f"{trust.keys[k].name} ({k[:16]}...)" for k in extra)
-    raise LineageError(f"key(s) {names} are not among those run {start['run_id']} recorded trusting at start; a "
-                       "run's trust is fixed by its run-start record: give exactly the keys it started with",
-                       index=0)
+    raise LineageError(
+      f"key(s) {names} are not among those run {start['run_id']} recorded trusting at start; a "
+      "run's trust is fixed by its run-start record: give exactly the keys it started with",
+      index=0,
+    )
   return TrustStore({k: trust.keys[k] for k in sorted(recorded)})
 
 
@@ -105,16 +120,25 @@ def check_documents(run_dir: str | os.PathLike, start: Mapping[str, Any]) -> Non
       recorded[name] = ref
     on_disk = {p.name for p in (root / field).glob("*.signed")}
     for name in sorted(set(recorded) - on_disk):
-      raise LineageError(f"run-start names {what} {recorded[name]['id'][:16]}... but {root / field / name} is "
-                         "missing; restore it from the run's authorities before resuming or replaying", index=0)
+      raise LineageError(
+        f"run-start names {what} {recorded[name]['id'][:16]}... but {root / field / name} is "
+        "missing; restore it from the run's authorities before resuming or replaying",
+        index=0,
+      )
     for name in sorted(on_disk - set(recorded)):
-      raise LineageError(f"{root / field / name} is not a {what} run-start recorded; remove it (a run is governed "
-                         "by the documents it started with)", index=0)
+      raise LineageError(
+        f"{root / field / name} is not a {what} run-start recorded; remove it (a run is governed "
+        "by the documents it started with)",
+        index=0,
+      )
     for name, ref in recorded.items():
       digest = hashlib.sha256((root / field / name).read_bytes()).hexdigest()
       if digest != ref["sha256"]:
-        raise LineageError(f"{root / field / name} does not have the SHA-256 run-start recorded for {what} "
-                           f"{ref['id'][:16]}...: the file was replaced or altered", index=0)
+        raise LineageError(
+          f"{root / field / name} does not have the SHA-256 run-start recorded for {what} "
+          f"{ref['id'][:16]}...: the file was replaced or altered",
+          index=0,
+        )
 
 
 def registered_tasks() -> dict[str, str]:
@@ -126,14 +150,20 @@ def resolve_task(recorded: str, named: str | None = None) -> str:
   """The task reference to import: `named` (it must be the recorded one) or an installed entry point."""
   if named is not None:
     if named != recorded:
-      raise LineageError(f"task {named!r} is not the task run-start recorded ({recorded!r}); name the recorded "
-                         "task if you trust its code", index=0)
+      raise LineageError(
+        f"task {named!r} is not the task run-start recorded ({recorded!r}); name the recorded "
+        "task if you trust its code",
+        index=0,
+      )
     return named
   if recorded in registered_tasks():
     return recorded
-  raise LineageError(f"run-start names task {recorded!r}, which is not an installed {TASK_GROUP!r} entry point; "
-                     f"nothing named by a run directory is imported unless you name it: if you trust that code, "
-                     f"pass task={recorded!r} (--task {recorded})", index=0)
+  raise LineageError(
+    f"run-start names task {recorded!r}, which is not an installed {TASK_GROUP!r} entry point; "
+    f"nothing named by a run directory is imported unless you name it: if you trust that code, "
+    f"pass task={recorded!r} (--task {recorded})",
+    index=0,
+  )
 
 
 def task_source_sha256(ref: str) -> str | None:
@@ -150,6 +180,9 @@ def check_task_source(start: Mapping[str, Any], ref: str) -> None:
     return
   got = task_source_sha256(ref)
   if got != recorded:
-    raise LineageError(f"the source of task module {ref.partition(':')[0]!r} hashes to {str(got)[:16]}..., but "
-                       f"run-start recorded {recorded[:16]}...: the task code changed since the run started; "
-                       "install the version the run used", index=0)
+    raise LineageError(
+      f"the source of task module {ref.partition(':')[0]!r} hashes to {str(got)[:16]}..., but "
+      f"run-start recorded {recorded[:16]}...: the task code changed since the run started; "
+      "install the version the run used",
+      index=0,
+    )

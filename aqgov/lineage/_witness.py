@@ -70,7 +70,9 @@ def parse_request(body: bytes) -> Request:
     raise NoteError("the request body is not UTF-8") from None
   head, sep, rest = text.partition("\n\n")
   if not sep:
-    raise NoteError("the request needs an old size line, proof lines, a blank line and a checkpoint")
+    raise NoteError(
+      "the request needs an old size line, proof lines, a blank line and a checkpoint"
+    )
   lines = head.split("\n")
   if not lines[0].startswith("old "):
     raise NoteError("the request must start with 'old <size>'")
@@ -99,8 +101,15 @@ class Witness:
   concurrent requests cannot roll the state back.
   """
 
-  def __init__(self, key: SigningKey, name: str, logs: Mapping[str, Sequence[notes.NoteKey]],
-               state_dir: str | os.PathLike, *, clock=time.time):
+  def __init__(
+    self,
+    key: SigningKey,
+    name: str,
+    logs: Mapping[str, Sequence[notes.NoteKey]],
+    state_dir: str | os.PathLike,
+    *,
+    clock=time.time,
+  ):
     self.key, self.name = key, notes.check_name(name)
     self.logs = {notes.check_name(o): tuple(ks) for o, ks in logs.items()}
     if not self.logs:
@@ -129,8 +138,10 @@ class Witness:
         raise ValueError(f"it is the state of {doc['origin']!r}")
       return LogState(int(doc["size"]), bytes.fromhex(doc["root"]))
     except (ValueError, KeyError, TypeError) as exc:
-      raise LineageError(f"witness state {path} for {origin!r} is unreadable ({exc}); restore it from a backup "
-                         "(never delete it: the witness would forget what it cosigned)") from None
+      raise LineageError(
+        f"witness state {path} for {origin!r} is unreadable ({exc}); restore it from a backup "
+        "(never delete it: the witness would forget what it cosigned)"
+      ) from None
 
   def _store(self, cp: notes.Checkpoint, t: int) -> None:
     doc = {"origin": cp.origin, "size": cp.size, "root": cp.root.hex(), "time": t}
@@ -150,7 +161,9 @@ class Witness:
     except NoteError as exc:
       return Reply(403, f"checkpoint is not signed by the key of {cp.origin!r}: {exc}\n".encode())
     if req.old > cp.size:
-      return Reply(400, f"old size {req.old} is larger than the checkpoint size {cp.size}\n".encode())
+      return Reply(
+        400, f"old size {req.old} is larger than the checkpoint size {cp.size}\n".encode()
+      )
     with self._lock:
       held = self.state(cp.origin)
       if req.old != held.size:
@@ -164,7 +177,9 @@ class Witness:
         if req.proof:
           return Reply(422, b"the proof must be empty when old is 0\n")
       elif not merkle.verify_consistency(req.old, cp.size, held.root, cp.root, req.proof):
-        return Reply(422, f"the consistency proof from {req.old} to {cp.size} does not verify\n".encode())
+        return Reply(
+          422, f"the consistency proof from {req.old} to {cp.size} does not verify\n".encode()
+        )
       t = int(self.clock())
       self._store(cp, t)
     sig = notes.cosign(req.note.text, self.key, self.name, t)
@@ -203,7 +218,9 @@ class WitnessServer(ThreadingHTTPServer):
 
   daemon_threads = True
 
-  def __init__(self, witness: Witness, host: str = "127.0.0.1", port: int = 0, *, verbose: bool = False):
+  def __init__(
+    self, witness: Witness, host: str = "127.0.0.1", port: int = 0, *, verbose: bool = False
+  ):
     self.witness, self.verbose = witness, verbose
     super().__init__((host, port), _Handler)
 

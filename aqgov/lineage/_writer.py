@@ -30,12 +30,12 @@ from typing import Any
 
 from aqgov.documents import _merkle as merkle
 from aqgov.documents import _signing as signing
-from aqgov.documents._files import fsync_dir
-from aqgov.documents._keys import SigningKey, TrustStore
-from aqgov.errors import LineageError, SignatureError
-from aqgov.lineage import _record as rec
-from aqgov.lineage import _bodies as record_bodies
 from aqgov.documents._document_type import sign, verify
+from aqgov.documents._files import fsync_dir
+from aqgov.documents._keys import SigningKey
+from aqgov.errors import LineageError, SignatureError
+from aqgov.lineage import _bodies as record_bodies
+from aqgov.lineage import _record as rec
 from aqgov.lineage._cosign import Publisher, as_witness
 from aqgov.lineage._heads import HEAD, LogHead, head_payload, read_heads, run_trust
 from aqgov.lineage._scan import LogScan, scan
@@ -61,18 +61,32 @@ def lock_log(lineage_dir: Path) -> int:
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
   except BlockingIOError:
     os.close(fd)
-    raise LineageError(f"{lineage_dir} is already open for writing by another writer (a running or resuming "
-                       "run holds its lock); only one process may write a run's lineage at a time: wait for "
-                       "it to close or stop it, then resume") from None
+    raise LineageError(
+      f"{lineage_dir} is already open for writing by another writer (a running or resuming "
+      "run holds its lock); only one process may write a run's lineage at a time: wait for "
+      "it to close or stop it, then resume"
+    ) from None
   return fd
 
 
 class _Appender:
   """The synchronous core: appends framed records, rotates segments, keeps the root, signs heads."""
 
-  def __init__(self, lineage_dir: Path, key: SigningKey, run_id: str, *, size: int, last_hash: bytes,
-               compact: merkle.CompactRange, prev_head: str | None, fsync: str, head_every: int,
-               segment_bytes: int, lock: int):
+  def __init__(
+    self,
+    lineage_dir: Path,
+    key: SigningKey,
+    run_id: str,
+    *,
+    size: int,
+    last_hash: bytes,
+    compact: merkle.CompactRange,
+    prev_head: str | None,
+    fsync: str,
+    head_every: int,
+    segment_bytes: int,
+    lock: int,
+  ):
     self._lock = lock  # released by close()
     if fsync not in FSYNC_POLICIES:
       raise LineageError(f"fsync policy {fsync!r} is not one of {', '.join(FSYNC_POLICIES)}")
@@ -83,7 +97,9 @@ class _Appender:
     self.fsync, self.head_every, self.segment_bytes = fsync, head_every, segment_bytes
     self.since_head = 0
     self.head_size = -1
-    self.witness: Publisher | None = None  # submits signed heads to witnesses, when the run names any
+    self.witness: Publisher | None = (
+      None  # submits signed heads to witnesses, when the run names any
+    )
     (self.dir / "segments").mkdir(parents=True, exist_ok=True)
     self._seg_fd: int | None = None
     self._seg_bytes = 0
@@ -178,13 +194,25 @@ class LineageWriter:
     self._closed = False
     self._last_step = 0
     self._cpu_s = 0.0
-    self._thread = threading.Thread(target=self._run, name=f"aqgov-lineage-{appender.run_id[:8]}", daemon=True)
+    self._thread = threading.Thread(
+      target=self._run, name=f"aqgov-lineage-{appender.run_id[:8]}", daemon=True
+    )
     self._thread.start()
 
   @classmethod
-  def create(cls, lineage_dir: str | os.PathLike, key: SigningKey, run_start: Mapping[str, Any], *,
-             fsync: str = "tree-head", head_every: int = 1024, segment_bytes: int = 64 << 20,
-             queue_size: int = 64, witnesses: Sequence = (), witness_timeout: float = 10.0) -> LineageWriter:
+  def create(
+    cls,
+    lineage_dir: str | os.PathLike,
+    key: SigningKey,
+    run_start: Mapping[str, Any],
+    *,
+    fsync: str = "tree-head",
+    head_every: int = 1024,
+    segment_bytes: int = 64 << 20,
+    queue_size: int = 64,
+    witnesses: Sequence = (),
+    witness_timeout: float = 10.0,
+  ) -> LineageWriter:
     """Start a new log in `lineage_dir` (which must hold none) with `run_start` as record 0.
 
     `witnesses` are `(url, key)` pairs (see `aqgov.lineage.cosign`): every signed head is submitted
@@ -195,10 +223,22 @@ class LineageWriter:
     lock = lock_log(d)
     try:
       if (d / "segments").exists() and any((d / "segments").iterdir()):
-        raise LineageError(f"{d} already holds a lineage; resume it with open_for_resume or choose a new directory")
-      app = _Appender(d, key, str(run_start["run_id"]), size=0, last_hash=rec.GENESIS,
-                      compact=merkle.CompactRange(), prev_head=None, fsync=fsync, head_every=head_every,
-                      segment_bytes=segment_bytes, lock=lock)
+        raise LineageError(
+          f"{d} already holds a lineage; resume it with open_for_resume or choose a new directory"
+        )
+      app = _Appender(
+        d,
+        key,
+        str(run_start["run_id"]),
+        size=0,
+        last_hash=rec.GENESIS,
+        compact=merkle.CompactRange(),
+        prev_head=None,
+        fsync=fsync,
+        head_every=head_every,
+        segment_bytes=segment_bytes,
+        lock=lock,
+      )
     except BaseException:
       os.close(lock)
       raise
@@ -232,9 +272,10 @@ class LineageWriter:
 
   def _check(self) -> None:
     if self._error is not None:
-      raise LineageError(f"the lineage writer failed: {type(self._error).__name__}: {self._error}; "
-                         "the log is intact up to its last complete record, resume it with open_for_resume") \
-          from self._error
+      raise LineageError(
+        f"the lineage writer failed: {type(self._error).__name__}: {self._error}; "
+        "the log is intact up to its last complete record, resume it with open_for_resume"
+      ) from self._error
     if self._closed:
       raise LineageError("the lineage writer is closed")
 
@@ -250,12 +291,21 @@ class LineageWriter:
     self._check()
     return done.result
 
-  def append(self, summary: StepSummary, example_ids: Sequence[str],
-             example_sha256: Sequence[bytes | str] | None = None) -> None:
+  def append(
+    self,
+    summary: StepSummary,
+    example_ids: Sequence[str],
+    example_sha256: Sequence[bytes | str] | None = None,
+  ) -> None:
     """Queue a "step" record for `summary`; `example_ids` is the host-side id list the batch was
     built from and `example_sha256` the content hash of each (see `record.step_body`)."""
-    self._submit(self._write_step, summary, list(example_ids),
-                 None if example_sha256 is None else list(example_sha256), time.time())
+    self._submit(
+      self._write_step,
+      summary,
+      list(example_ids),
+      None if example_sha256 is None else list(example_sha256),
+      time.time(),
+    )
 
   def _write_step(self, summary, ids, sha, t) -> None:
     body = rec.step_body(summary, ids, sha, time_s=t)
@@ -270,10 +320,12 @@ class LineageWriter:
 
   def flush(self, *, sign_head: bool = False) -> LogHead:
     """Wait until every queued record is written (and a head signed, if asked); the head now."""
+
     def op():
       if sign_head and self._app.head_size != self._app.size:
         self._app.sign_head()
       return self._app.head()
+
     return self._call(op)
 
   @property
@@ -290,11 +342,16 @@ class LineageWriter:
 
     With witnesses, raises `WitnessError` (after closing) unless each cosigned the final head.
     """
+
     def op():
-      self._app.append(rec.RUN_END, record_bodies.run_end_body(step=self._last_step if step is None else step, status=status))
+      self._app.append(
+        rec.RUN_END,
+        record_bodies.run_end_body(step=self._last_step if step is None else step, status=status),
+      )
       if self._app.head_size != self._app.size:
         self._app.sign_head()
       return self._app.head()
+
     try:
       head = self._call(op)
     finally:
@@ -324,10 +381,18 @@ class _Done:
     self.event = threading.Event()
 
 
-def open_for_resume(lineage_dir: str | os.PathLike, key: SigningKey, *, fsync: str = "tree-head",
-                    head_every: int = 1024, segment_bytes: int = 64 << 20, queue_size: int = 64,
-                    bodies: Sequence[str] = (), witnesses: Sequence = (),
-                    witness_timeout: float = 10.0) -> tuple[LineageWriter, LogScan]:
+def open_for_resume(
+  lineage_dir: str | os.PathLike,
+  key: SigningKey,
+  *,
+  fsync: str = "tree-head",
+  head_every: int = 1024,
+  segment_bytes: int = 64 << 20,
+  queue_size: int = 64,
+  bodies: Sequence[str] = (),
+  witnesses: Sequence = (),
+  witness_timeout: float = 10.0,
+) -> tuple[LineageWriter, LogScan]:
   """Reopen a log for appending after a crash or a clean stop.
 
   Checks every record (frame digests, chain, seq) and every tree head (signature by `key`, root and
@@ -342,16 +407,36 @@ def open_for_resume(lineage_dir: str | os.PathLike, key: SigningKey, *, fsync: s
   d = Path(lineage_dir)
   lock = lock_log(d)  # before anything is read or cut: a second writer must not race this one
   try:
-    return _reopen(d, key, lock, fsync=fsync, head_every=head_every, segment_bytes=segment_bytes,
-                   queue_size=queue_size, bodies=bodies, witnesses=witnesses, witness_timeout=witness_timeout)
+    return _reopen(
+      d,
+      key,
+      lock,
+      fsync=fsync,
+      head_every=head_every,
+      segment_bytes=segment_bytes,
+      queue_size=queue_size,
+      bodies=bodies,
+      witnesses=witnesses,
+      witness_timeout=witness_timeout,
+    )
   except BaseException:
     os.close(lock)
     raise
 
 
-def _reopen(d: Path, key: SigningKey, lock: int, *, fsync: str, head_every: int, segment_bytes: int,
-            queue_size: int, bodies: Sequence[str], witnesses: Sequence,
-            witness_timeout: float) -> tuple[LineageWriter, LogScan]:
+def _reopen(
+  d: Path,
+  key: SigningKey,
+  lock: int,
+  *,
+  fsync: str,
+  head_every: int,
+  segment_bytes: int,
+  queue_size: int,
+  bodies: Sequence[str],
+  witnesses: Sequence,
+  witness_timeout: float,
+) -> tuple[LineageWriter, LogScan]:
   heads, heads_torn = read_heads(d)
   sizes = [int(h.payload["size"]) for h in heads]
   log = scan(d, bodies=(rec.RUN_START, *bodies), roots_at=sizes, roots_before=(rec.CHECKPOINT,))
@@ -363,28 +448,51 @@ def _reopen(d: Path, key: SigningKey, lock: int, *, fsync: str, head_every: int,
       raise LineageError(f"tree head {k} is not signed by this run's key: {exc}") from None
     size = sizes[k]
     if size > log.size:
-      raise LineageError(f"tree head {k} covers {size} records but only {log.size} are intact; records a signed "
-                         "head covers were lost (a power loss with fsync='never'?)", index=log.size)
-    if bytes.fromhex(h.payload["root"]) != log.roots[size] or \
-       bytes.fromhex(h.payload["last_record"]) != log.record_hash(size - 1):
-      raise LineageError(f"tree head {k} does not match records 0..{size - 1}; verify the log to find out why")
-  ended = [i for i, kind in enumerate(log.kinds[:sizes[-1] if sizes else 0]) if kind == rec.RUN_END]
+      raise LineageError(
+        f"tree head {k} covers {size} records but only {log.size} are intact; records a signed "
+        "head covers were lost (a power loss with fsync='never'?)",
+        index=log.size,
+      )
+    if bytes.fromhex(h.payload["root"]) != log.roots[size] or bytes.fromhex(
+      h.payload["last_record"]
+    ) != log.record_hash(size - 1):
+      raise LineageError(
+        f"tree head {k} does not match records 0..{size - 1}; verify the log to find out why"
+      )
+  ended = [
+    i for i, kind in enumerate(log.kinds[: sizes[-1] if sizes else 0]) if kind == rec.RUN_END
+  ]
   if ended:
-    raise LineageError(f"the log was closed (signed run-end at record {ended[0]}): a closed run is final and "
-                       "nothing may follow its run-end; continue it as a child run (GovernedRun.start with "
-                       "parent=)", index=ended[0] + 1)
+    raise LineageError(
+      f"the log was closed (signed run-end at record {ended[0]}): a closed run is final and "
+      "nothing may follow its run-end; continue it as a child run (GovernedRun.start with "
+      "parent=)",
+      index=ended[0] + 1,
+    )
   for torn in (log.torn, heads_torn):
     if torn is not None and torn.offset == 0:
       os.unlink(torn.path)  # the file was being created: not even its header is complete
     elif torn is not None:
       os.truncate(torn.path, torn.offset)
   if log.size == 0:
-    raise LineageError(f"{d} holds no complete record (not even run-start); start a new run instead")
+    raise LineageError(
+      f"{d} holds no complete record (not even run-start); start a new run instead"
+    )
   start = log.bodies[0]
   refs = [as_witness(w) for w in witnesses]
-  app = _Appender(d, key, str(start["run_id"]), size=log.size, last_hash=log.record_hash(log.size - 1),
-                  compact=log.compact, prev_head=heads[-1].id if heads else None, fsync=fsync,
-                  head_every=head_every, segment_bytes=segment_bytes, lock=lock)
+  app = _Appender(
+    d,
+    key,
+    str(start["run_id"]),
+    size=log.size,
+    last_hash=log.record_hash(log.size - 1),
+    compact=log.compact,
+    prev_head=heads[-1].id if heads else None,
+    fsync=fsync,
+    head_every=head_every,
+    segment_bytes=segment_bytes,
+    lock=lock,
+  )
   if refs:
     app.witness = Publisher(d, key, app.run_id, refs, log.leaf_hashes(), timeout=witness_timeout)
   if heads:

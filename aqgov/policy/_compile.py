@@ -57,7 +57,9 @@ from aqgov.policy import _conditions as expressions
 from aqgov.policy import _paths as paths
 from aqgov.policy._policy import UNCOVERED_GROUP, Policy, PolicySet, compose
 
-MAX_ROUTE_CLASSES = 4096  # larger compositions make [C, leaves] tables and explain output impractically large
+MAX_ROUTE_CLASSES = (
+  4096  # larger compositions make [C, leaves] tables and explain output impractically large
+)
 
 
 class UncoveredParametersWarning(UserWarning):
@@ -83,7 +85,7 @@ class CompiledPolicy:
   classify: Callable[[Mapping[str, Any]], Any]
   leaf_shapes: tuple[tuple[int, ...], ...] = ()
   warnings: tuple[str, ...] = ()
-  leaf_hidden: np.ndarray | None = None   # bool [C, L]: the leaf acts as zero for the class
+  leaf_hidden: np.ndarray | None = None  # bool [C, L]: the leaf acts as zero for the class
 
   @property
   def has_visibility(self) -> bool:
@@ -113,8 +115,10 @@ class CompiledPolicy:
       return jax.tree_util.tree_unflatten(self.treedef, [None] * self.num_leaves)
     hot = _one_hot(self.route_class(labels), self.num_classes)
     columns, which = np.unique(self.leaf_hidden, axis=1, return_inverse=True)
-    per_column = [None if not columns[:, j].any() else ~jnp.any(hot & jnp.asarray(columns[:, j]), axis=-1)
-                  for j in range(columns.shape[1])]
+    per_column = [
+      None if not columns[:, j].any() else ~jnp.any(hot & jnp.asarray(columns[:, j]), axis=-1)
+      for j in range(columns.shape[1])
+    ]
     return jax.tree_util.tree_unflatten(self.treedef, [per_column[j] for j in np.ravel(which)])
 
   @property
@@ -136,7 +140,9 @@ class CompiledPolicy:
   def group_weights(self, labels: Mapping[str, Any]) -> jax.Array:
     """float32 [B, G]: `table[route_class(labels)]`."""
     hot = _one_hot(self.route_class(labels), self.num_classes)
-    return jnp.sum(jnp.where(hot[..., None], jnp.asarray(self.table, jnp.float32), jnp.float32(0)), axis=-2)
+    return jnp.sum(
+      jnp.where(hot[..., None], jnp.asarray(self.table, jnp.float32), jnp.float32(0)), axis=-2
+    )
 
   def leaf_weights(self, labels: Mapping[str, Any]) -> Any:
     """Params-shaped pytree; each leaf float32 [B] (broadcast it over the leaf's own axes)."""
@@ -150,9 +156,14 @@ class CompiledPolicy:
     got = paths.tree_paths(params_like)
     if tuple(got) != self.leaf_paths:
       raise PolicyError(
-          f"tree with {len(got)} leaves does not match the {self.num_leaves} compiled parameter paths "
-          "(first difference: " + _first_difference(got, self.leaf_paths) + "); compile the policy for this tree")
-    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params_like), list(self.leaf_group))
+        f"tree with {len(got)} leaves does not match the {self.num_leaves} compiled parameter paths "
+        "(first difference: "
+        + _first_difference(got, self.leaf_paths)
+        + "); compile the policy for this tree"
+      )
+    return jax.tree_util.tree_unflatten(
+      jax.tree_util.tree_structure(params_like), list(self.leaf_group)
+    )
 
   def uncovered_leaves(self) -> tuple[str, ...]:
     """Paths of leaves no composed policy covers."""
@@ -212,7 +223,9 @@ def _policy_leaf_table(policy: Policy, leaf_groups: list[int]) -> np.ndarray:
 
 def _policy_leaf_hidden(policy: Policy, leaf_groups: list[int], table: np.ndarray) -> np.ndarray:
   """bool [n_rules + 2, L]: the leaf's group is `visible = "routed"` and the class's weight is 0."""
-  routed = np.array([g >= 0 and policy.groups[g][0] in policy.routed_visibility for g in leaf_groups], bool)
+  routed = np.array(
+    [g >= 0 and policy.groups[g][0] in policy.routed_visibility for g in leaf_groups], bool
+  )
   return routed[None, :] & (table == 0)
 
 
@@ -220,15 +233,17 @@ def _classifier(pset: PolicySet, space: LabelSpace | None, num_classes: int) -> 
   if space is None:
 
     def unbound(labels: Mapping[str, Any]):
-      raise PolicyError("this policy was compiled without taxonomies, so it cannot classify examples; "
-                        "call compile_policy(..., labels=<Taxonomy | LabelSpace>)")
+      raise PolicyError(
+        "this policy was compiled without taxonomies, so it cannot classify examples; "
+        "call compile_policy(..., labels=<Taxonomy | LabelSpace>)"
+      )
 
     return unbound
   per_policy = []
   for p in pset.policies:
     per_policy.append([expressions.compile_expr(r.when, space) for r in p.rules])
   radices = [len(p.rules) + 1 for p in pset.policies]
-  strides = [int(np.prod(radices[i + 1:], dtype=np.int64)) for i in range(len(radices))]
+  strides = [int(np.prod(radices[i + 1 :], dtype=np.int64)) for i in range(len(radices))]
   uncredentialed = num_classes - 1
 
   def classify(labels: Mapping[str, Any]):
@@ -256,13 +271,17 @@ def check_route_classes(pset: PolicySet) -> None:
   if n > MAX_ROUTE_CLASSES:
     sizes = " x ".join(f"{p.name!r} ({len(p.rules)} rules + default)" for p in pset.policies)
     raise PolicyError(
-        f"composing {sizes} gives {n:,} route classes, more than the {MAX_ROUTE_CLASSES} a compiled policy may "
-        "have (every class gets a row of weights per parameter); merge rules that route alike, drop rules that "
-        "match no example, or compose fewer policies")
+      f"composing {sizes} gives {n:,} route classes, more than the {MAX_ROUTE_CLASSES} a compiled policy may "
+      "have (every class gets a row of weights per parameter); merge rules that route alike, drop rules that "
+      "match no example, or compose fewer policies"
+    )
 
 
-def compile_policy(policy_or_policies: Policy | PolicySet | Iterable[Policy], params: Any,
-                   labels: Taxonomy | LabelSpace | Iterable[Taxonomy] | None) -> CompiledPolicy:
+def compile_policy(
+  policy_or_policies: Policy | PolicySet | Iterable[Policy],
+  params: Any,
+  labels: Taxonomy | LabelSpace | Iterable[Taxonomy] | None,
+) -> CompiledPolicy:
   """Bind verified policies (composed: most restrictive wins) to `params` and a label space.
 
   `params` is any pytree (plain dicts, Linen params, `nnx.State`, Equinox modules); only its
@@ -276,10 +295,14 @@ def compile_policy(policy_or_policies: Policy | PolicySet | Iterable[Policy], pa
   with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
   leaf_paths = tuple(paths.path_string(kp) for kp, _ in with_path)
   if not leaf_paths:
-    raise PolicyError("params has no array leaves; pass the parameter pytree the policy should govern")
+    raise PolicyError(
+      "params has no array leaves; pass the parameter pytree the policy should govern"
+    )
   if len(set(leaf_paths)) != len(leaf_paths):
     dup = next(p for p in leaf_paths if leaf_paths.count(p) > 1)
-    raise PolicyError(f"two parameters share the path {dup!r}; policies address parameters by path, so make keys unique")
+    raise PolicyError(
+      f"two parameters share the path {dup!r}; policies address parameters by path, so make keys unique"
+    )
   candidates = [_match_paths(kp) for kp, _ in with_path]
   shapes = tuple(tuple(int(d) for d in getattr(x, "shape", np.shape(x))) for _, x in with_path)
 
@@ -297,16 +320,20 @@ def compile_policy(policy_or_policies: Policy | PolicySet | Iterable[Policy], pa
   hidden = np.zeros((1, n_leaves), bool)
   for h in hiddens:
     hidden = (hidden[:, None, :] | h[None, :-1, :]).reshape(-1, n_leaves)
-  leaf_hidden = np.concatenate([hidden, np.any(np.stack([h[-1] for h in hiddens]), axis=0, keepdims=True)])
+  leaf_hidden = np.concatenate(
+    [hidden, np.any(np.stack([h[-1] for h in hiddens]), axis=0, keepdims=True)]
+  )
   names = [p.class_names for p in pset.policies]
   class_names = tuple(
-      "|".join(f"{p.name}:{k}" for p, k in zip(pset.policies, combo))
-      for combo in itertools.product(*[n[:-1] for n in names])) + (
-          "|".join(f"{p.name}:uncredentialed" for p in pset.policies),)
+    "|".join(f"{p.name}:{k}" for p, k in zip(pset.policies, combo))
+    for combo in itertools.product(*[n[:-1] for n in names])
+  ) + ("|".join(f"{p.name}:uncredentialed" for p in pset.policies),)
 
   group_names = list(pset.group_names)
-  leaf_group = [next((g for g, name in enumerate(group_names) if _covers(pset.patterns(name), cands)), -1)
-                for cands in candidates]
+  leaf_group = [
+    next((g for g, name in enumerate(group_names) if _covers(pset.patterns(name), cands)), -1)
+    for cands in candidates
+  ]
   if -1 in leaf_group:
     group_names.append(UNCOVERED_GROUP)
     leaf_group = [len(group_names) - 1 if g < 0 else g for g in leaf_group]
@@ -317,14 +344,24 @@ def compile_policy(policy_or_policies: Policy | PolicySet | Iterable[Policy], pa
     warnings.warn("; ".join(uncovered), UncoveredParametersWarning, stacklevel=2)
   notes = uncovered + _group_notes(pset, group_names, leaf_group, leaf_table)
   return CompiledPolicy(
-      policy_ids=pset.policy_ids, group_names=tuple(group_names), class_names=class_names, table=table,
-      leaf_paths=leaf_paths, leaf_group=tuple(leaf_group), leaf_table=leaf_table, treedef=treedef,
-      classify=_classifier(pset, space, len(class_names)), leaf_shapes=shapes, warnings=tuple(notes),
-      leaf_hidden=leaf_hidden)
+    policy_ids=pset.policy_ids,
+    group_names=tuple(group_names),
+    class_names=class_names,
+    table=table,
+    leaf_paths=leaf_paths,
+    leaf_group=tuple(leaf_group),
+    leaf_table=leaf_table,
+    treedef=treedef,
+    classify=_classifier(pset, space, len(class_names)),
+    leaf_shapes=shapes,
+    warnings=tuple(notes),
+    leaf_hidden=leaf_hidden,
+  )
 
 
-def _group_table(pset: PolicySet, group_names: list[str], leaf_group: list[int],
-                 leaf_table: np.ndarray) -> np.ndarray:
+def _group_table(
+  pset: PolicySet, group_names: list[str], leaf_group: list[int], leaf_table: np.ndarray
+) -> np.ndarray:
   table = np.zeros((leaf_table.shape[0], len(group_names)), np.float32)
   members = np.asarray(leaf_group, np.int64)
   for g, name in enumerate(group_names):
@@ -336,7 +373,9 @@ def _group_table(pset: PolicySet, group_names: list[str], leaf_group: list[int],
     per = []
     for p in pset.policies:
       routes = p.routes()
-      col = np.array([r.get(name, 0.0) for r in routes], np.float32) if name in p.group_names else None
+      col = (
+        np.array([r.get(name, 0.0) for r in routes], np.float32) if name in p.group_names else None
+      )
       per.append(col)
     rows = []
     for combo in itertools.product(*[range(len(p.rules) + 1) for p in pset.policies]):
@@ -347,8 +386,9 @@ def _group_table(pset: PolicySet, group_names: list[str], leaf_group: list[int],
   return table
 
 
-def _refuse_empty_groups(pset: PolicySet, candidates: list[tuple[str, ...]],
-                        leaf_paths: tuple[str, ...]) -> None:
+def _refuse_empty_groups(
+  pset: PolicySet, candidates: list[tuple[str, ...]], leaf_paths: tuple[str, ...]
+) -> None:
   """A group whose patterns match no parameter path would route nothing and pass trivially:
   refuse it unless every policy declaring it marks it `optional = true`."""
   for name in pset.group_names:
@@ -359,23 +399,30 @@ def _refuse_empty_groups(pset: PolicySet, candidates: list[tuple[str, ...]],
       continue
     shown = ", ".join(leaf_paths[:6]) + (", ..." if len(leaf_paths) > 6 else "")
     raise PolicyError(
-        f"group {name!r} ({', '.join(pset.patterns(name))}) of policy {declaring[0].name!r} matches no "
-        f"parameter of this model (paths look like: {shown}); fix its patterns, or declare it "
-        f"`{name} = {{ patterns = [...], optional = true }}` if it may be absent")
+      f"group {name!r} ({', '.join(pset.patterns(name))}) of policy {declaring[0].name!r} matches no "
+      f"parameter of this model (paths look like: {shown}); fix its patterns, or declare it "
+      f"`{name} = {{ patterns = [...], optional = true }}` if it may be absent"
+    )
 
 
-def _uncovered_notes(pset: PolicySet, per_groups: list[list[int]], leaf_paths: tuple[str, ...]) -> list[str]:
+def _uncovered_notes(
+  pset: PolicySet, per_groups: list[list[int]], leaf_paths: tuple[str, ...]
+) -> list[str]:
   out = []
   for p, groups in zip(pset.policies, per_groups):
     missing = [path for path, g in zip(leaf_paths, groups) if g < 0]
     if missing:
       shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
-      out.append(f"policy {p.name!r} covers {len(missing)} parameter(s) with no group: {shown}; they get its "
-                 f"uncovered weight {p.uncovered} from every example (add a group pattern or set 'uncovered')")
+      out.append(
+        f"policy {p.name!r} covers {len(missing)} parameter(s) with no group: {shown}; they get its "
+        f"uncovered weight {p.uncovered} from every example (add a group pattern or set 'uncovered')"
+      )
   return out
 
 
-def _group_notes(pset: PolicySet, group_names: list[str], leaf_group: list[int], leaf_table: np.ndarray) -> list[str]:
+def _group_notes(
+  pset: PolicySet, group_names: list[str], leaf_group: list[int], leaf_table: np.ndarray
+) -> list[str]:
   out = []
   members = np.asarray(leaf_group, np.int64)
   for g, name in enumerate(group_names):
@@ -383,8 +430,10 @@ def _group_notes(pset: PolicySet, group_names: list[str], leaf_group: list[int],
     if not cols.size and name != UNCOVERED_GROUP:
       out.append(f"group {name!r} ({', '.join(pset.patterns(name))}) covers no parameter")
     elif np.any(leaf_table[:, cols].min(axis=1) != leaf_table[:, cols].max(axis=1)):
-      out.append(f"leaves of group {name!r} get different weights under the composed policies "
-                 "(their groups differ); leaf weights are authoritative")
+      out.append(
+        f"leaves of group {name!r} get different weights under the composed policies "
+        "(their groups differ); leaf weights are authoritative"
+      )
   return out
 
 
@@ -397,13 +446,15 @@ class ExplainTable(NamedTuple):
   sizes: tuple[int, ...]
   rows: tuple[tuple[str, tuple[float, ...]], ...]
   warnings: tuple[str, ...]
-  hidden: tuple[tuple[bool, ...], ...] = ()   # per row: the group acts as zero for the class
+  hidden: tuple[tuple[bool, ...], ...] = ()  # per row: the group acts as zero for the class
 
   def cells(self) -> tuple[tuple[str, ...], ...]:
     """Per row, each group's weight as printed: `0.5`, or `0 unseen` for a hidden group."""
     hidden = self.hidden or tuple((False,) * len(self.columns) for _ in self.rows)
-    return tuple(tuple(f"{w:g}" + (" unseen" if h else "") for w, h in zip(ws, hs))
-                 for (_, ws), hs in zip(self.rows, hidden))
+    return tuple(
+      tuple(f"{w:g}" + (" unseen" if h else "") for w, h in zip(ws, hs))
+      for (_, ws), hs in zip(self.rows, hidden)
+    )
 
 
 def explain_table(compiled: CompiledPolicy) -> ExplainTable:
@@ -413,23 +464,41 @@ def explain_table(compiled: CompiledPolicy) -> ExplainTable:
   for g, shape in itertools.zip_longest(compiled.leaf_group, compiled.leaf_shapes, fillvalue=()):
     leaves[g] += 1
     sizes[g] += int(np.prod(shape, dtype=np.int64))
-  rows = tuple((name, tuple(float(w) for w in compiled.table[c])) for c, name in enumerate(compiled.class_names))
+  rows = tuple(
+    (name, tuple(float(w) for w in compiled.table[c]))
+    for c, name in enumerate(compiled.class_names)
+  )
   hidden = tuple(tuple(bool(h) for h in row) for row in compiled.hidden_table)
-  return ExplainTable(compiled.policy_ids, compiled.group_names, tuple(leaves), tuple(sizes), rows,
-                      compiled.warnings, hidden)
+  return ExplainTable(
+    compiled.policy_ids,
+    compiled.group_names,
+    tuple(leaves),
+    tuple(sizes),
+    rows,
+    compiled.warnings,
+    hidden,
+  )
 
 
 def explain(compiled: CompiledPolicy) -> str:
   """Plain-text route class x group weight table followed by warnings."""
   t = explain_table(compiled)
-  header = ["route class"] + [f"{g} ({n} leaves, {s:,} params)" for g, n, s in zip(t.columns, t.leaves, t.sizes)]
+  header = ["route class"] + [
+    f"{g} ({n} leaves, {s:,} params)" for g, n, s in zip(t.columns, t.leaves, t.sizes)
+  ]
   body = [[name, *cells] for (name, _), cells in zip(t.rows, t.cells())]
   widths = [max(len(r[i]) for r in [header] + body) for i in range(len(header))]
   fmt = lambda row: "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()  # noqa: E731
-  lines = ["policies: " + ", ".join(i[:16] for i in t.policy_ids), fmt(header), fmt(["-" * w for w in widths])]
+  lines = [
+    "policies: " + ", ".join(i[:16] for i in t.policy_ids),
+    fmt(header),
+    fmt(["-" * w for w in widths]),
+  ]
   lines += [fmt(r) for r in body]
   if any(any(hs) for hs in t.hidden):
-    lines.append("unseen: the group acts as zero in the forward pass of the class's examples (visible = \"routed\")")
+    lines.append(
+      'unseen: the group acts as zero in the forward pass of the class\'s examples (visible = "routed")'
+    )
   lines += [f"warning: {w}" for w in t.warnings]
   return "\n".join(lines)
 
@@ -448,8 +517,10 @@ def param_shapes(doc_or_path: Any) -> dict[str, Any]:
       with open(doc_or_path, encoding="utf-8") as fh:
         doc = json.load(fh)
     except (OSError, ValueError) as exc:
-      raise PolicyError(f"cannot read parameter shapes {doc_or_path}: {exc}; expected JSON like "
-                        "{\"head\": {\"kernel\": [64, 256]}}") from None
+      raise PolicyError(
+        f"cannot read parameter shapes {doc_or_path}: {exc}; expected JSON like "
+        '{"head": {"kernel": [64, 256]}}'
+      ) from None
   if not isinstance(doc, Mapping) or not doc:
     raise PolicyError("parameter shapes must be a non-empty JSON object of parameter keys")
   out: dict[str, Any] = {}
@@ -458,7 +529,9 @@ def param_shapes(doc_or_path: Any) -> dict[str, Any]:
     for key in path[:-1]:
       node = node.setdefault(key, {})
       if not isinstance(node, dict):
-        raise PolicyError(f"parameter shapes: {'/'.join(path)} nests under a leaf; give each path once")
+        raise PolicyError(
+          f"parameter shapes: {'/'.join(path)} nests under a leaf; give each path once"
+        )
     if path[-1] in node:
       raise PolicyError(f"parameter shapes: {'/'.join(path)} is given twice")
     node[path[-1]] = jax.ShapeDtypeStruct(shape, jnp.float32)
@@ -469,12 +542,18 @@ def _shape_items(doc: Mapping[str, Any], prefix: tuple[str, ...]):
   for key, value in doc.items():
     parts = tuple(k for k in str(key).split("/"))
     if not all(parts):
-      raise PolicyError(f"parameter shapes: key {key!r} under {'/'.join(prefix) or 'the top'} has an empty segment")
+      raise PolicyError(
+        f"parameter shapes: key {key!r} under {'/'.join(prefix) or 'the top'} has an empty segment"
+      )
     path = prefix + parts
     if isinstance(value, Mapping):
       yield from _shape_items(value, path)
-    elif isinstance(value, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in value):
+    elif isinstance(value, list) and all(
+      isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in value
+    ):
       yield path, tuple(value)
     else:
-      raise PolicyError(f"parameter shapes: {'/'.join(path)} = {value!r}; expected an object or a shape list "
-                        "of non-negative integers like [64, 256]")
+      raise PolicyError(
+        f"parameter shapes: {'/'.join(path)} = {value!r}; expected an object or a shape list "
+        "of non-negative integers like [64, 256]"
+      )

@@ -58,8 +58,10 @@ def namespaced(labels: Labels, space: LabelSpace) -> dict[str, Any]:
       out.update({f"{tax.authority}.{n}": labels[n] for n in names})
       return out
   missing = [k for k in keys if k not in labels]
-  raise PolicyError(f"label arrays lack {missing}; build them with LabelSpace.encode over the same taxonomies "
-                    "the policy was compiled with")
+  raise PolicyError(
+    f"label arrays lack {missing}; build them with LabelSpace.encode over the same taxonomies "
+    "the policy was compiled with"
+  )
 
 
 def _field_error(where: str, message: str) -> PolicyError:
@@ -80,37 +82,61 @@ def _check(expr: Expr, space: LabelSpace, where: Callable[[Expr], str]) -> None:
   qualified, field = _resolve(expr, space, where)
   if isinstance(expr, Member):
     if field.kind != "flags":
-      raise _field_error(where(expr), f"'in' tests a flags field, but {qualified} is {field.kind}; "
-                         f"compare it with {_ops_for(field)}")
+      raise _field_error(
+        where(expr),
+        f"'in' tests a flags field, but {qualified} is {field.kind}; "
+        f"compare it with {_ops_for(field)}",
+      )
     if expr.value not in field.values:
-      raise _field_error(where(expr), f"{expr.value!r} is not a flag of {qualified}; expected {field.allowed()}")
+      raise _field_error(
+        where(expr), f"{expr.value!r} is not a flag of {qualified}; expected {field.allowed()}"
+      )
     return
   if field.kind == "flags":
-    raise _field_error(where(expr), f"{qualified} is a flag set: test it with \"'{field.values[0]}' in {expr.field}\" "
-                       f"(flags: {', '.join(map(repr, field.values))})")
+    raise _field_error(
+      where(expr),
+      f"{qualified} is a flag set: test it with \"'{field.values[0]}' in {expr.field}\" "
+      f"(flags: {', '.join(map(repr, field.values))})",
+    )
   if field.kind in ("enum", "string") and expr.op not in ("==", "!="):
-    raise _field_error(where(expr), f"{qualified} is {field.kind}: only == and != apply, not {expr.op}")
+    raise _field_error(
+      where(expr), f"{qualified} is {field.kind}: only == and != apply, not {expr.op}"
+    )
   if field.kind == "int":
     if not isinstance(expr.value, int):
-      raise _field_error(where(expr), f"{qualified} is int: compare it with an integer, not {literal(expr.value)}")
+      raise _field_error(
+        where(expr), f"{qualified} is int: compare it with an integer, not {literal(expr.value)}"
+      )
     return
   if not isinstance(expr.value, str):
-    raise _field_error(where(expr), f"{qualified} is {field.kind}: compare it with a quoted string"
-                       + (f", one of {', '.join(map(repr, field.values))}" if field.kind == "enum" else ""))
+    raise _field_error(
+      where(expr),
+      f"{qualified} is {field.kind}: compare it with a quoted string"
+      + (f", one of {', '.join(map(repr, field.values))}" if field.kind == "enum" else ""),
+    )
   if field.kind == "enum" and expr.value not in field.values:
-    raise _field_error(where(expr), f"{expr.value!r} is not a value of {qualified}; expected {field.allowed()}")
+    raise _field_error(
+      where(expr), f"{expr.value!r} is not a value of {qualified}; expected {field.allowed()}"
+    )
 
 
 def _ops_for(field: Field) -> str:
-  return {"int": "== != < <= > >= and an integer", "enum": "== or != and a quoted value",
-          "string": "== or != and a quoted string"}.get(field.kind, "'in'")
+  return {
+    "int": "== != < <= > >= and an integer",
+    "enum": "== or != and a quoted value",
+    "string": "== or != and a quoted string",
+  }.get(field.kind, "'in'")
 
 
-def _resolve(expr: Compare | Member, space: LabelSpace, where: Callable[[Expr], str]) -> tuple[str, Field]:
+def _resolve(
+  expr: Compare | Member, space: LabelSpace, where: Callable[[Expr], str]
+) -> tuple[str, Field]:
   try:
     return space.resolve(expr.field)
   except TaxonomyError as exc:
-    raise _field_error(where(expr), f"{exc}; known fields: {', '.join(k for k in _field_keys(space))}") from None
+    raise _field_error(
+      where(expr), f"{exc}; known fields: {', '.join(k for k in _field_keys(space))}"
+    ) from None
 
 
 def _field_keys(space: LabelSpace) -> list[str]:
@@ -120,8 +146,10 @@ def _field_keys(space: LabelSpace) -> list[str]:
 def check(expr: Expr | str, space: LabelSpace) -> Expr:
   """`expr` (parsed if text) after type-checking it against `space`; `PolicyError` otherwise."""
   if not isinstance(expr, (str, Bool, Compare, Member, Not, And, Or)):
-    raise PolicyError(f"a condition is expression text (such as \"acme.tier <= 2\") or a parsed expression, got "
-                      f"{type(expr).__name__} {expr!r:.40}")
+    raise PolicyError(
+      f'a condition is expression text (such as "acme.tier <= 2") or a parsed expression, got '
+      f"{type(expr).__name__} {expr!r:.40}"
+    )
   if isinstance(expr, str):
     text = expr
     parser = Parser(text)
@@ -136,6 +164,7 @@ def check(expr: Expr | str, space: LabelSpace) -> Expr:
 
     def where(node: Expr) -> str:
       return f"policy expression {to_text(tree)!r} ({to_text(node)})"
+
   _check(tree, LabelSpace.of(space), where)
   return tree
 
@@ -196,10 +225,18 @@ def _build(expr: Expr, space: LabelSpace) -> Callable[[dict], Any]:
   op = _JNP_OPS[expr.op]
 
   def compare(lab: dict):
-    return jnp.logical_and(lab[present] != 0, op(jnp.asarray(lab[qualified], jnp.int32), jnp.int32(code)))
+    return jnp.logical_and(
+      lab[present] != 0, op(jnp.asarray(lab[qualified], jnp.int32), jnp.int32(code))
+    )
 
   return compare
 
 
-_JNP_OPS = {"==": jnp.equal, "!=": jnp.not_equal, "<": jnp.less, "<=": jnp.less_equal,
-            ">": jnp.greater, ">=": jnp.greater_equal}
+_JNP_OPS = {
+  "==": jnp.equal,
+  "!=": jnp.not_equal,
+  "<": jnp.less,
+  "<=": jnp.less_equal,
+  ">": jnp.greater,
+  ">=": jnp.greater_equal,
+}

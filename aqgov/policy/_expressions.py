@@ -101,7 +101,9 @@ def tokenize(text: str) -> list[Token]:
   if not isinstance(text, str):
     raise PolicyError(f"a policy expression must be a string, got {type(text).__name__}")
   if len(text) > MAX_LENGTH:
-    raise PolicyError(f"policy expression is {len(text)} characters long; at most {MAX_LENGTH} are allowed")
+    raise PolicyError(
+      f"policy expression is {len(text)} characters long; at most {MAX_LENGTH} are allowed"
+    )
   out: list[Token] = []
   i, n = 0, len(text)
   while i < n:
@@ -112,7 +114,7 @@ def tokenize(text: str) -> list[Token]:
       out.append(Token("lparen" if c == "(" else "rparen", c, i))
       i += 1
     elif text.startswith(("==", "!=", "<=", ">="), i):
-      out.append(Token("op", text[i:i + 2], i))
+      out.append(Token("op", text[i : i + 2], i))
       i += 2
     elif c in "<>":
       out.append(Token("op", c, i))
@@ -126,8 +128,12 @@ def tokenize(text: str) -> list[Token]:
     elif c == "=":
       raise _error(text, i, "expected a comparison operator; write '==' for equality")
     else:
-      raise _error(text, i, f"unexpected character {c!r}; expected a field name, a quoted string, an integer, "
-                   "'(' , ')' or one of == != < <= > >=")
+      raise _error(
+        text,
+        i,
+        f"unexpected character {c!r}; expected a field name, a quoted string, an integer, "
+        "'(' , ')' or one of == != < <= > >=",
+      )
   out.append(Token("end", "", n))
   return out
 
@@ -142,7 +148,7 @@ def _string(text: str, start: int, out: list[Token]) -> int:
       chars.append(text[i + 1])
       i += 2
     elif c == quote:
-      out.append(Token("str", text[start:i + 1], start, "".join(chars)))
+      out.append(Token("str", text[start : i + 1], start, "".join(chars)))
       return i + 1
     else:
       chars.append(c)
@@ -155,12 +161,20 @@ def _integer(text: str, start: int, out: list[Token]) -> int:
   while i < len(text) and text[i] in _DIGITS:
     i += 1
   if i < len(text) and text[i] in _NAME_CHARS + ".":
-    raise _error(text, start, f"{text[start:i + 1]!r}... is neither an integer nor a field name "
-                 "(field names start with a letter or '_')")
+    raise _error(
+      text,
+      start,
+      f"{text[start : i + 1]!r}... is neither an integer nor a field name "
+      "(field names start with a letter or '_')",
+    )
   value = int(text[start:i]) if i - start <= 12 else INT32_MAX + 1
   if not INT32_MIN <= value <= INT32_MAX:
-    raise _error(text, start, f"integer {text[start:i][:16]} does not fit int32 labels; expected a value in "
-                 f"[{INT32_MIN}, {INT32_MAX}]")
+    raise _error(
+      text,
+      start,
+      f"integer {text[start:i][:16]} does not fit int32 labels; expected a value in "
+      f"[{INT32_MIN}, {INT32_MAX}]",
+    )
   out.append(Token("int", text[start:i], start, value))
   return i
 
@@ -176,7 +190,9 @@ def _name(text: str, start: int, out: list[Token]) -> int:
     while i < len(text) and text[i] in _NAME_START + _DIGITS:
       i += 1
     if i < len(text) and text[i] in "-.":
-      raise _error(text, i, f"unexpected {text[i]!r} in a field name; field names use letters, digits and '_'")
+      raise _error(
+        text, i, f"unexpected {text[i]!r} in a field name; field names use letters, digits and '_'"
+      )
   word = text[start:i]
   out.append(Token("keyword" if word in KEYWORDS else "name", word, start, word))
   return i
@@ -298,7 +314,9 @@ class Parser:
       raise self.fail(f"a comparison operator or 'in' after {lit.text}")
     self.take()
     if lit.kind != "str":
-      raise _error(self.text, lit.pos, f"flag membership needs a quoted flag name, found {lit.text}")
+      raise _error(
+        self.text, lit.pos, f"flag membership needs a quoted flag name, found {lit.text}"
+      )
     field = self.peek()
     if field.kind != "name":
       raise self.fail("a flags field name after 'in'")

@@ -47,7 +47,9 @@ def _compile(pattern: str) -> re.Pattern:
       continue
     if "**" in seg:
       raise ValueError(f"glob {pattern!r}: '**' must be a whole segment")
-    parts.append("".join("[^/]*" if c == "*" else "[^/]" if c == "?" else re.escape(c) for c in seg))
+    parts.append(
+      "".join("[^/]*" if c == "*" else "[^/]" if c == "?" else re.escape(c) for c in seg)
+    )
   rx = ""
   for i, p in enumerate(parts):
     last = i == len(parts) - 1
@@ -55,7 +57,9 @@ def _compile(pattern: str) -> re.Pattern:
       rx += "(?:[^/]+(?:/[^/]+)*)?" if last else "(?:[^/]+/)*"
     else:
       rx += p + ("" if last else "/")
-  rx = rx.replace("/(?:[^/]+(?:/[^/]+)*)?", "(?:/[^/]+)*")  # trailing `/**` also matches the prefix itself
+  rx = rx.replace(
+    "/(?:[^/]+(?:/[^/]+)*)?", "(?:/[^/]+)*"
+  )  # trailing `/**` also matches the prefix itself
   return re.compile(rx + r"\Z")
 
 

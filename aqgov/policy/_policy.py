@@ -93,8 +93,12 @@ def _weight(policy: str, where: str, group: str, value: Any) -> float:
     raise _fail(policy, where, f"weight of group {group!r} is {value!r}; write a number in [0, 1]")
   w = float(value)
   if not math.isfinite(w) or not 0.0 <= w <= 1.0:
-    raise _fail(policy, where, f"weight of group {group!r} is {value!r}; weights lie in [0, 1] "
-                "(0 = never reaches the group, 1 = full gradient)")
+    raise _fail(
+      policy,
+      where,
+      f"weight of group {group!r} is {value!r}; weights lie in [0, 1] "
+      "(0 = never reaches the group, 1 = full gradient)",
+    )
   return w
 
 
@@ -106,8 +110,12 @@ def _route(policy: str, where: str, route: Any, groups: Sequence[str]) -> dict[s
   out = {}
   for g, value in route.items():
     if g not in groups:
-      raise _fail(policy, where, f"route names group {g!r}, which is not declared; declared groups: "
-                  f"{', '.join(groups) or '(none)'} (declare it under [groups] or fix the name)")
+      raise _fail(
+        policy,
+        where,
+        f"route names group {g!r}, which is not declared; declared groups: "
+        f"{', '.join(groups) or '(none)'} (declare it under [groups] or fix the name)",
+      )
     w = _weight(policy, where, g, value)
     if w != 0.0:
       out[g] = w
@@ -120,35 +128,49 @@ def _group_spec(policy: str, name: str, spec: Any) -> tuple[Any, str, bool]:
     return spec, "always", False
   unknown = set(spec) - {"patterns", "visible", "optional"}
   if unknown:
-    raise _fail(policy, f"groups.{name}", f"unknown key(s) {sorted(unknown)}; a group table has "
-                "'patterns' and optional 'visible' and 'optional'")
+    raise _fail(
+      policy,
+      f"groups.{name}",
+      f"unknown key(s) {sorted(unknown)}; a group table has "
+      "'patterns' and optional 'visible' and 'optional'",
+    )
   optional = spec.get("optional", False)
   if not isinstance(optional, bool):
     raise _fail(policy, f"groups.{name}", f"optional = {optional!r} must be true or false")
   visible = spec.get("visible", "always")
   if visible not in VISIBILITY:
-    raise _fail(policy, f"groups.{name}", f"visible = {visible!r} is not one of {list(VISIBILITY)} "
-                "('routed': the group acts as zero for examples not routed to it)")
+    raise _fail(
+      policy,
+      f"groups.{name}",
+      f"visible = {visible!r} is not one of {list(VISIBILITY)} "
+      "('routed': the group acts as zero for examples not routed to it)",
+    )
   return spec.get("patterns"), visible, optional
 
 
-def _groups(policy: str, groups: Any) -> tuple[tuple[tuple[str, tuple[str, ...]], ...], tuple[str, ...],
-                                               tuple[str, ...]]:
+def _groups(
+  policy: str, groups: Any
+) -> tuple[tuple[tuple[str, tuple[str, ...]], ...], tuple[str, ...], tuple[str, ...]]:
   """Normal form of the groups: ordered (name, patterns) pairs, the groups visible only when routed,
   and the groups allowed to match no parameter."""
   items = list(groups.items()) if isinstance(groups, Mapping) else list(groups or ())
   if not items:
-    raise _fail(policy, "groups", "declare at least one group, e.g. [groups] core = [\"blocks/**\"]")
+    raise _fail(policy, "groups", 'declare at least one group, e.g. [groups] core = ["blocks/**"]')
   out, seen, routed, optional = [], set(), [], []
   for item in items:
     if not isinstance(item, (tuple, list)) or len(item) != 2:
       raise _fail(policy, "groups", f"expected (name, patterns) pairs or a table, got {item!r}")
     name, pats = item
     if not isinstance(name, str) or not _GROUP_NAME.match(name):
-      raise _fail(policy, "groups", f"group name {name!r} must use letters, digits, '_' or '-' "
-                  "and start with a letter or '_'")
+      raise _fail(
+        policy,
+        "groups",
+        f"group name {name!r} must use letters, digits, '_' or '-' and start with a letter or '_'",
+      )
     if name in seen:
-      raise _fail(policy, "groups", f"group {name!r} is declared twice; merge its patterns into one list")
+      raise _fail(
+        policy, "groups", f"group {name!r} is declared twice; merge its patterns into one list"
+      )
     seen.add(name)
     pats, visible, may_be_empty = _group_spec(policy, name, pats)
     if visible == "routed":
@@ -158,12 +180,16 @@ def _groups(policy: str, groups: Any) -> tuple[tuple[tuple[str, tuple[str, ...]]
     if isinstance(pats, str):
       pats = [pats]
     if not isinstance(pats, (list, tuple)) or not pats or not all(isinstance(p, str) for p in pats):
-      raise _fail(policy, f"groups.{name}", "expected a non-empty list of glob patterns like \"blocks/**\"")
+      raise _fail(
+        policy, f"groups.{name}", 'expected a non-empty list of glob patterns like "blocks/**"'
+      )
     for p in pats:
       try:
         paths.glob_match(p, "")
       except ValueError as exc:
-        raise _fail(policy, f"groups.{name}", f"{exc} ('*' matches within a segment, '**' whole segments)") from None
+        raise _fail(
+          policy, f"groups.{name}", f"{exc} ('*' matches within a segment, '**' whole segments)"
+        ) from None
     out.append((name, tuple(sorted(set(pats)))))
   return tuple(out), tuple(routed), tuple(optional)
 
@@ -173,18 +199,30 @@ def _rule(policy: str, i: int, rule: Any, groups: Sequence[str]) -> Rule:
   if isinstance(rule, Mapping):
     unknown = set(rule) - {"when", "route", "name"}
     if unknown:
-      raise _fail(policy, where, f"unknown key(s) {sorted(unknown)}; a rule has 'when', 'route' and optional 'name'")
+      raise _fail(
+        policy,
+        where,
+        f"unknown key(s) {sorted(unknown)}; a rule has 'when', 'route' and optional 'name'",
+      )
     if "when" not in rule:
       raise _fail(policy, where, "missing 'when = \"<condition>\"'")
     rule = Rule(rule["when"], rule.get("route", {}), rule.get("name", ""))
   elif not isinstance(rule, Rule):
-    raise _fail(policy, where, f"expected a Rule(when=..., route=...) or a table, got {type(rule).__name__}")
+    raise _fail(
+      policy, where, f"expected a Rule(when=..., route=...) or a table, got {type(rule).__name__}"
+    )
   if not isinstance(rule.name, str) or (rule.name and not _GROUP_NAME.match(rule.name)):
     raise _fail(policy, where, f"rule name {rule.name!r} must use letters, digits, '_' or '-'")
   if rule.name in ("default", "uncredentialed"):
-    raise _fail(policy, where, f"rule name {rule.name!r} is reserved for the {rule.name} route; choose another")
+    raise _fail(
+      policy,
+      where,
+      f"rule name {rule.name!r} is reserved for the {rule.name} route; choose another",
+    )
   if not isinstance(rule.when, str):
-    raise _fail(policy, where, f"'when' must be a string expression, got {type(rule.when).__name__}")
+    raise _fail(
+      policy, where, f"'when' must be a string expression, got {type(rule.when).__name__}"
+    )
   try:
     when = expressions.canonical_text(rule.when)
   except PolicyError as exc:
@@ -220,13 +258,21 @@ class Policy:
     name = self.name
     if not isinstance(name, str) or not _POLICY_NAME.match(name):
       raise PolicyError(f"policy name {name!r} must use letters, digits, '_', '-' or '.'")
-    if not isinstance(self.authority, str) or (self.authority and not _POLICY_NAME.match(self.authority)):
-      raise PolicyError(f"policy {name!r}: authority {self.authority!r} must be an authority's name, e.g. \"acme-data\"")
+    if not isinstance(self.authority, str) or (
+      self.authority and not _POLICY_NAME.match(self.authority)
+    ):
+      raise PolicyError(
+        f'policy {name!r}: authority {self.authority!r} must be an authority\'s name, e.g. "acme-data"'
+      )
     norm_groups, routed, optional = _groups(name, self.groups)
     names = [g for g, _ in norm_groups]
     declared = set(routed) | set(self.routed_visibility)
     if declared - set(names):
-      raise _fail(name, "groups", f"routed_visibility names undeclared group(s) {sorted(declared - set(names))}")
+      raise _fail(
+        name,
+        "groups",
+        f"routed_visibility names undeclared group(s) {sorted(declared - set(names))}",
+      )
     rules = self.rules
     if isinstance(rules, (str, bytes, Mapping)) or not isinstance(rules, Iterable):
       raise _fail(name, "rules", "expected a list of rules")
@@ -237,28 +283,51 @@ class Policy:
     object.__setattr__(self, "groups", norm_groups)
     object.__setattr__(self, "rules", norm_rules)
     object.__setattr__(self, "default", _route(name, "default.route", self.default, names))
-    object.__setattr__(self, "uncredentialed", _route(name, "uncredentialed.route", self.uncredentialed, names))
+    object.__setattr__(
+      self, "uncredentialed", _route(name, "uncredentialed.route", self.uncredentialed, names)
+    )
     object.__setattr__(self, "uncovered", _weight(name, "uncovered", "(uncovered)", self.uncovered))
     object.__setattr__(self, "routed_visibility", tuple(g for g in names if g in declared))
     optional = set(optional) | set(self.optional_groups)
     if optional - set(names):
-      raise _fail(name, "groups", f"optional_groups names undeclared group(s) {sorted(optional - set(names))}")
+      raise _fail(
+        name, "groups", f"optional_groups names undeclared group(s) {sorted(optional - set(names))}"
+      )
     object.__setattr__(self, "optional_groups", tuple(g for g in names if g in optional))
 
   def _group_options(self, group: str) -> dict[str, Any]:
     """A group's non-default options as its table form writes them (absent when default, so ids
     of policies without them do not change)."""
-    return {**({"visible": "routed"} if group in self.routed_visibility else {}),
-            **({"optional": True} if group in self.optional_groups else {})}
+    return {
+      **({"visible": "routed"} if group in self.routed_visibility else {}),
+      **({"optional": True} if group in self.optional_groups else {}),
+    }
 
   @classmethod
-  def create(cls, name: str, groups: Any, rules: Iterable[Any] = (), default: Any = None,
-             uncredentialed: Any = None, uncovered: float = 0.0,
-             routed_visibility: Iterable[str] = (), optional_groups: Iterable[str] = (),
-             authority: str = "") -> Policy:
+  def create(
+    cls,
+    name: str,
+    groups: Any,
+    rules: Iterable[Any] = (),
+    default: Any = None,
+    uncredentialed: Any = None,
+    uncovered: float = 0.0,
+    routed_visibility: Iterable[str] = (),
+    optional_groups: Iterable[str] = (),
+    authority: str = "",
+  ) -> Policy:
     """Same as `Policy(...)`."""
-    return cls(name, groups, rules, default, uncredentialed, uncovered, routed_visibility, optional_groups,
-               authority)
+    return cls(
+      name,
+      groups,
+      rules,
+      default,
+      uncredentialed,
+      uncovered,
+      routed_visibility,
+      optional_groups,
+      authority,
+    )
 
   # -- views -----------------------------------------------------------------------------------
 
@@ -270,7 +339,9 @@ class Policy:
     for g, pats in self.groups:
       if g == group:
         return pats
-    raise PolicyError(f"policy {self.name!r} has no group {group!r}; groups: {', '.join(self.group_names)}")
+    raise PolicyError(
+      f"policy {self.name!r} has no group {group!r}; groups: {', '.join(self.group_names)}"
+    )
 
   def group_of_path(self, path: str) -> str | None:
     """The first group whose patterns match `path`, or None if no group covers it."""
@@ -282,7 +353,10 @@ class Policy:
   @property
   def class_names(self) -> tuple[str, ...]:
     """Route classes in index order: one per rule, then `default`, then `uncredentialed`."""
-    return tuple(r.name or f"rule{i + 1}" for i, r in enumerate(self.rules)) + ("default", "uncredentialed")
+    return tuple(r.name or f"rule{i + 1}" for i, r in enumerate(self.rules)) + (
+      "default",
+      "uncredentialed",
+    )
 
   def routes(self) -> tuple[Route, ...]:
     """Routes in route-class order."""
@@ -293,41 +367,58 @@ class Policy:
   def to_dict(self) -> dict:
     """Canonical dict form (what is hashed and signed)."""
     return {
-        "format": FORMAT,
-        "name": self.name,
-        **({"authority": self.authority} if self.authority else {}),
-        "groups": [{"name": g, "patterns": list(p), **self._group_options(g)} for g, p in self.groups],
-        "rules": [{"name": r.name, "when": r.when, "route": dict(r.route)} for r in self.rules],
-        "default": dict(self.default),
-        "uncredentialed": dict(self.uncredentialed),
-        "uncovered": float(self.uncovered),
+      "format": FORMAT,
+      "name": self.name,
+      **({"authority": self.authority} if self.authority else {}),
+      "groups": [
+        {"name": g, "patterns": list(p), **self._group_options(g)} for g, p in self.groups
+      ],
+      "rules": [{"name": r.name, "when": r.when, "route": dict(r.route)} for r in self.rules],
+      "default": dict(self.default),
+      "uncredentialed": dict(self.uncredentialed),
+      "uncovered": float(self.uncovered),
     }
 
   @classmethod
   def from_dict(cls, doc: Mapping[str, Any]) -> Policy:
     """Inverse of `to_dict`."""
     if not isinstance(doc, Mapping) or doc.get("format") != FORMAT:
-      raise PolicyError(f"not a canonical routing policy (expected format {FORMAT!r}); "
-                        "write policies as TOML and sign them with `aqgov policy sign`")
+      raise PolicyError(
+        f"not a canonical routing policy (expected format {FORMAT!r}); "
+        "write policies as TOML and sign them with `aqgov policy sign`"
+      )
     try:
       groups = [(g["name"], {k: v for k, v in g.items() if k != "name"}) for g in doc["groups"]]
-      return cls(doc["name"], groups, doc["rules"],
-                 doc["default"], doc["uncredentialed"], doc["uncovered"], authority=doc.get("authority", ""))
+      return cls(
+        doc["name"],
+        groups,
+        doc["rules"],
+        doc["default"],
+        doc["uncredentialed"],
+        doc["uncovered"],
+        authority=doc.get("authority", ""),
+      )
     except (KeyError, TypeError) as exc:
-      raise PolicyError(f"canonical routing policy lacks or mangles {exc}; re-create it from its TOML") from None
+      raise PolicyError(
+        f"canonical routing policy lacks or mangles {exc}; re-create it from its TOML"
+      ) from None
 
   @classmethod
   def from_toml(cls, text: str) -> Policy:
     """Parse and validate the TOML form from `text` (read a file with `Policy.read`)."""
     if not isinstance(text, str):
-      raise PolicyError(f"Policy.from_toml takes TOML text, got {type(text).__name__}; read a file with Policy.read")
+      raise PolicyError(
+        f"Policy.from_toml takes TOML text, got {type(text).__name__}; read a file with Policy.read"
+      )
     doc = loads_toml(text, PolicyError, "policy")
     name = doc.get("name")
     unknown = sorted(set(doc) - set(_TOP_KEYS))
     if unknown:
-      raise PolicyError(f"policy {name!r} has unknown top-level key(s) {unknown}; allowed: {', '.join(_TOP_KEYS)}")
+      raise PolicyError(
+        f"policy {name!r} has unknown top-level key(s) {unknown}; allowed: {', '.join(_TOP_KEYS)}"
+      )
     if "name" not in doc:
-      raise PolicyError("policy needs a top-level name = \"...\"")
+      raise PolicyError('policy needs a top-level name = "..."')
     routes = {}
     for section in ("default", "uncredentialed"):
       table = doc.get(section, {})
@@ -337,8 +428,15 @@ class Policy:
     rules = doc.get("rules", [])
     if not isinstance(rules, list):
       raise _fail(str(name), "rules", "write rules as [[rules]] tables")
-    return cls(name, doc.get("groups", {}), rules, routes["default"], routes["uncredentialed"],
-               doc.get("uncovered", 0.0), authority=doc.get("authority", ""))
+    return cls(
+      name,
+      doc.get("groups", {}),
+      rules,
+      routes["default"],
+      routes["uncredentialed"],
+      doc.get("uncovered", 0.0),
+      authority=doc.get("authority", ""),
+    )
 
   @classmethod
   def read(cls, path: str | os.PathLike) -> Policy:
@@ -347,16 +445,26 @@ class Policy:
 
   def to_toml(self) -> str:
     """TOML text that `from_toml` reads back to an equal policy."""
-    rules = [{**({"name": r.name} if r.name else {}), "when": r.when, "route": InlineTable(r.route)}
-             for r in self.rules]
-    return dumps_toml({
-        "name": self.name, **({"authority": self.authority} if self.authority else {}),
-        "uncovered": self.uncovered, "groups": {
-            g: InlineTable({"patterns": list(p), **self._group_options(g)}) if self._group_options(g) else list(p)
-            for g, p in self.groups},
-        "rules": rules, "default": {"route": InlineTable(self.default)},
+    rules = [
+      {**({"name": r.name} if r.name else {}), "when": r.when, "route": InlineTable(r.route)}
+      for r in self.rules
+    ]
+    return dumps_toml(
+      {
+        "name": self.name,
+        **({"authority": self.authority} if self.authority else {}),
+        "uncovered": self.uncovered,
+        "groups": {
+          g: InlineTable({"patterns": list(p), **self._group_options(g)})
+          if self._group_options(g)
+          else list(p)
+          for g, p in self.groups
+        },
+        "rules": rules,
+        "default": {"route": InlineTable(self.default)},
         "uncredentialed": {"route": InlineTable(self.uncredentialed)},
-    })
+      }
+    )
 
   @property
   def id(self) -> str:
@@ -394,7 +502,9 @@ class PolicySet(NamedTuple):
     for p in self.policies:
       if group in p.group_names:
         return p.patterns(group)
-    raise PolicyError(f"no composed policy declares group {group!r}; groups: {', '.join(self.group_names)}")
+    raise PolicyError(
+      f"no composed policy declares group {group!r}; groups: {', '.join(self.group_names)}"
+    )
 
 
 def compose(policies: Policy | PolicySet | Iterable[Policy]) -> PolicySet:
@@ -412,8 +522,10 @@ def compose(policies: Policy | PolicySet | Iterable[Policy]) -> PolicySet:
   unique: list[Policy] = []
   for p in items:
     if not isinstance(p, Policy):
-      raise PolicyError(f"compose expects Policy objects, got {type(p).__name__}; verify signed policies first "
-                        "with aqgov.documents.verify(POLICY, signed, trust)")
+      raise PolicyError(
+        f"compose expects Policy objects, got {type(p).__name__}; verify signed policies first "
+        "with aqgov.documents.verify(POLICY, signed, trust)"
+      )
     if p.id not in {q.id for q in unique}:
       unique.append(p)
   if not unique:
@@ -421,15 +533,18 @@ def compose(policies: Policy | PolicySet | Iterable[Policy]) -> PolicySet:
   names = [p.name for p in unique]
   for n in set(names):
     if names.count(n) > 1:
-      raise PolicyError(f"two different policies are both named {n!r}; rename one so route classes stay unambiguous")
+      raise PolicyError(
+        f"two different policies are both named {n!r}; rename one so route classes stay unambiguous"
+      )
   declared: dict[str, tuple[str, tuple[str, ...]]] = {}
   for p in unique:
     for g, pats in p.groups:
       if g in declared and declared[g][1] != pats:
         other, other_pats = declared[g]
         raise PolicyError(
-            f"group {g!r} means {list(other_pats)} in policy {other!r} but {list(pats)} in policy {p.name!r}; "
-            f"rename one of them (e.g. '{p.name}-{g}') or give both the same patterns")
+          f"group {g!r} means {list(other_pats)} in policy {other!r} but {list(pats)} in policy {p.name!r}; "
+          f"rename one of them (e.g. '{p.name}-{g}') or give both the same patterns"
+        )
       declared.setdefault(g, (p.name, pats))
   return PolicySet(tuple(unique))
 
@@ -440,11 +555,22 @@ def compose(policies: Policy | PolicySet | Iterable[Policy]) -> PolicySet:
 
 def _signed_by_authority(policy: Policy, signers: tuple[str, ...]) -> Policy:
   if policy.authority and policy.authority not in signers:
-    raise PolicyError(f"routing policy {policy.name!r} names authority {policy.authority!r} but is signed by "
-                      f"{list(signers)}; only {policy.authority}'s key may sign it")
+    raise PolicyError(
+      f"routing policy {policy.name!r} names authority {policy.authority!r} but is signed by "
+      f"{list(signers)}; only {policy.authority}'s key may sign it"
+    )
   return policy
 
 
-POLICY: DocumentType[Policy] = register(DocumentType(
-    name="policy", kind=KIND, noun="routing policy", to_payload=Policy.to_dict, from_payload=Policy.from_dict,
-    error=PolicyError, from_text=Policy.from_toml, on_verified=_signed_by_authority))
+POLICY: DocumentType[Policy] = register(
+  DocumentType(
+    name="policy",
+    kind=KIND,
+    noun="routing policy",
+    to_payload=Policy.to_dict,
+    from_payload=Policy.from_dict,
+    error=PolicyError,
+    from_text=Policy.from_toml,
+    on_verified=_signed_by_authority,
+  )
+)

@@ -19,19 +19,32 @@ from aqgov.report._data import ReportData, collect
 from aqgov.report._page import render
 
 
-def build_report(run_dir: str | os.PathLike, trust: TrustStore, *, attestation: str | os.PathLike | None = None,
-                 **verify_options: Any) -> str:
+def build_report(
+  run_dir: str | os.PathLike,
+  trust: TrustStore,
+  *,
+  attestation: str | os.PathLike | None = None,
+  **verify_options: Any,
+) -> str:
   """The audit report of `run_dir` as HTML: `verify_lineage(run_dir, trust, **verify_options)` (its
   failure is shown, not raised) and what the signed part of the lineage records."""
   return render(collect(run_dir, trust, attestation_path=attestation, **verify_options))
 
 
-def write_report(run_dir: str | os.PathLike, out: str | os.PathLike, trust: TrustStore, *,
-                 attestation: str | os.PathLike | None = None, **verify_options: Any) -> ReportData:
+def write_report(
+  run_dir: str | os.PathLike,
+  out: str | os.PathLike,
+  trust: TrustStore,
+  *,
+  attestation: str | os.PathLike | None = None,
+  **verify_options: Any,
+) -> ReportData:
   """Write the audit report of `run_dir` to `out` (see `build_report`); returns its data."""
   data = collect(run_dir, trust, attestation_path=attestation, **verify_options)
   path = atomic_write(Path(out), render(data).encode("utf-8"))
-  os.chmod(path, 0o644)  # a report is for sharing, not private like the temporary file it was written through
+  os.chmod(
+    path, 0o644
+  )  # a report is for sharing, not private like the temporary file it was written through
   return data
 
 

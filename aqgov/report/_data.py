@@ -38,10 +38,10 @@ class Verification(NamedTuple):
 class Series(NamedTuple):
   """Per effective step: reach and mean contribution per group, loss, measurements."""
 
-  steps: np.ndarray                   # [S]
-  reach: np.ndarray                   # [S, G] examples with weight > 0
-  contribution: np.ndarray            # [S, G] mean contribution norm of those examples (NaN: none)
-  loss: np.ndarray                    # [S]
+  steps: np.ndarray  # [S]
+  reach: np.ndarray  # [S, G] examples with weight > 0
+  contribution: np.ndarray  # [S, G] mean contribution norm of those examples (NaN: none)
+  loss: np.ndarray  # [S]
   measurements: dict[str, np.ndarray]  # "<metric>/<group>" -> [S] (mean over heads)
 
 
@@ -50,9 +50,9 @@ class ClassTable(NamedTuple):
 
   classes: tuple[str, ...]
   groups: tuple[str, ...]
-  weights: np.ndarray   # [C, G]
+  weights: np.ndarray  # [C, G]
   examples: np.ndarray  # [C] rows that took the class
-  unseen: np.ndarray    # [C, G] the class's examples did not see the group (visible = "routed")
+  unseen: np.ndarray  # [C, G] the class's examples did not see the group (visible = "routed")
 
 
 class Event(NamedTuple):
@@ -102,7 +102,9 @@ class ReportData(NamedTuple):
 
 def verification(run_dir: Path, trust: TrustStore, **options: Any) -> Verification:
   """`verify_lineage(run_dir, trust, **options)`, its error kept as text instead of raised."""
-  keys = tuple(sorted((k.name, k.key_id, ",".join(trust.roles(k.key_id))) for k in trust.keys.values()))
+  keys = tuple(
+    sorted((k.name, k.key_id, ",".join(trust.roles(k.key_id))) for k in trust.keys.values())
+  )
   try:
     return Verification(verify_lineage(run_dir, trust, **options), None, keys)
   except AqgovError as exc:
@@ -116,9 +118,18 @@ def _events(view: rec.StepView, groups: Sequence[str]) -> list[Event]:
   out = []
   for g, m, h in zip(*np.nonzero(ev["out_of_bounds"]), strict=True):
     metric = METRICS[m]
-    out.append(Event(view.step, groups[g], metric, int(h) if ev["out_of_bounds"].shape[2] > 1 else None,
-                     float(ev["value"][g, m, h]), BOUND_NAMES[int(ev["bound"][g, m, h])],
-                     float(ev["limit"][g, m, h]), ACTION_NAMES[int(ev["action"][g, m, h])]))
+    out.append(
+      Event(
+        view.step,
+        groups[g],
+        metric,
+        int(h) if ev["out_of_bounds"].shape[2] > 1 else None,
+        float(ev["value"][g, m, h]),
+        BOUND_NAMES[int(ev["bound"][g, m, h])],
+        float(ev["limit"][g, m, h]),
+        ACTION_NAMES[int(ev["action"][g, m, h])],
+      )
+    )
   return out
 
 
@@ -137,16 +148,25 @@ def attestation(path: str | os.PathLike, trust: TrustStore) -> Attestation:
   try:
     data = p.read_bytes()
   except OSError as exc:
-    raise ReportError(f"cannot read attestation {p}: {exc.strerror or exc}; pass the file "
-                      "`aqgov lineage export --intoto` wrote") from None
+    raise ReportError(
+      f"cannot read attestation {p}: {exc.strerror or exc}; pass the file "
+      "`aqgov lineage export --intoto` wrote"
+    ) from None
   try:
-    return Attestation(str(p), hashlib.sha256(data).hexdigest(), verify_envelope(json.loads(data), trust), None)
+    return Attestation(
+      str(p), hashlib.sha256(data).hexdigest(), verify_envelope(json.loads(data), trust), None
+    )
   except (ValueError, AqgovError) as exc:
     return Attestation(str(p), hashlib.sha256(data).hexdigest(), None, str(exc))
 
 
-def collect(run_dir: str | os.PathLike, trust: TrustStore, *, attestation_path: str | os.PathLike | None = None,
-            **verify_options: Any) -> ReportData:
+def collect(
+  run_dir: str | os.PathLike,
+  trust: TrustStore,
+  *,
+  attestation_path: str | os.PathLike | None = None,
+  **verify_options: Any,
+) -> ReportData:
   """Read the report's data from the signed part of the run's lineage (see `aqgov.lineage.history`)."""
   root, ldir = lineage_dir(run_dir)
   checked = verification(root, trust, **verify_options)
@@ -167,9 +187,13 @@ def collect(run_dir: str | os.PathLike, trust: TrustStore, *, attestation_path: 
     if not history.effective(index):
       continue
     if kind == rec.EVENT:
-      for r in body.get("events", {}).get(ADMISSION, ()) if isinstance(body.get("events"), Mapping) else ():
+      for r in (
+        body.get("events", {}).get(ADMISSION, ()) if isinstance(body.get("events"), Mapping) else ()
+      ):
         if isinstance(r, Mapping):
-          refusals.append(Refusal(int(body["step"]), str(r.get("example_id")), str(r.get("reason", ""))))
+          refusals.append(
+            Refusal(int(body["step"]), str(r.get("example_id")), str(r.get("reason", "")))
+          )
       continue
     if kind == rec.ESCALATION:
       escalations.append({"step": int(body["step"]), "message": str(body["message"])})
@@ -195,15 +219,34 @@ def collect(run_dir: str | os.PathLike, trust: TrustStore, *, attestation_path: 
     refusals.extend(Refusal(view.step, e, "left out of the batch") for e in view.left_out)
   n_classes = max([len(classes)] + [c + 1 for c in rows_per_class])
   names = classes + tuple(f"class {c}" for c in range(len(classes), n_classes))
-  table = ClassTable(names, groups, np.full((n_classes, g), np.nan), np.zeros(n_classes, np.int64),
-                     np.zeros((n_classes, g), bool))
+  table = ClassTable(
+    names,
+    groups,
+    np.full((n_classes, g), np.nan),
+    np.zeros(n_classes, np.int64),
+    np.zeros((n_classes, g), bool),
+  )
   for c, total in weight_sum.items():
     table.weights[c] = total / rows_per_class[c]
     table.examples[c] = rows_per_class[c]
     table.unseen[c] = unseen[c]
-  series = Series(np.asarray(steps, np.int64), np.asarray(reach, np.int64).reshape(-1, g),
-                  np.asarray(contrib, np.float64).reshape(-1, g), np.asarray(loss, np.float64),
-                  {k: np.asarray(v, np.float64) for k, v in sorted(measured.items())})
+  series = Series(
+    np.asarray(steps, np.int64),
+    np.asarray(reach, np.int64).reshape(-1, g),
+    np.asarray(contrib, np.float64).reshape(-1, g),
+    np.asarray(loss, np.float64),
+    {k: np.asarray(v, np.float64) for k, v in sorted(measured.items())},
+  )
   att = None if attestation_path is None else attestation(attestation_path, trust)
-  return ReportData(root, checked, desc, series, table, tuple(events), _bounds(root, start),
-                    tuple(refusals), tuple(escalations), att)
+  return ReportData(
+    root,
+    checked,
+    desc,
+    series,
+    table,
+    tuple(events),
+    _bounds(root, start),
+    tuple(refusals),
+    tuple(escalations),
+    att,
+  )

@@ -143,28 +143,40 @@ def render(d: ReportData) -> str:
   try:
     import jinja2
   except ImportError:
-    raise ReportError("the audit report needs jinja2 and matplotlib; install them with pip install 'aqgov[report]'") from None
+    raise ReportError(
+      "the audit report needs jinja2 and matplotlib; install them with pip install 'aqgov[report]'"
+    ) from None
   groups = tuple(d.description.start["groups"])
   by_key = {}
   for b in d.bounds:
     by_key.setdefault(f"{b.metric}/{b.group}", []).append(b)
   svgs = {
-      "loss": plots.loss(d.series),
-      "heatmap": plots.heatmap(d.table),
-      "reach": plots.per_group(d.series, groups, "reach"),
-      "contribution": plots.per_group(d.series, groups, "contribution"),
-      "entropy": [(k, plots.entropy(d.series, k, by_key.get(k, []), list(d.events))) for k in d.series.measurements],
+    "loss": plots.loss(d.series),
+    "heatmap": plots.heatmap(d.table),
+    "reach": plots.per_group(d.series, groups, "reach"),
+    "contribution": plots.per_group(d.series, groups, "contribution"),
+    "entropy": [
+      (k, plots.entropy(d.series, k, by_key.get(k, []), list(d.events)))
+      for k in d.series.measurements
+    ],
   }
   env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
   page = env.from_string(_TEMPLATE)
-  return page.render(d=d, v=d.verification, desc=d.description._replace(last_loss=_finite_or_none(d.description.last_loss)),
-                     s=d.description.start, a=d.attestation,
-                     plots=_markup(svgs),
-                     generated=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"))
+  return page.render(
+    d=d,
+    v=d.verification,
+    desc=d.description._replace(last_loss=_finite_or_none(d.description.last_loss)),
+    s=d.description.start,
+    a=d.attestation,
+    plots=_markup(svgs),
+    generated=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+  )
 
 
 def _markup(svgs: dict) -> dict:
   """The SVGs marked safe: matplotlib wrote them, no user text goes in unescaped."""
   from markupsafe import Markup
 
-  return {k: [(key, Markup(s)) for key, s in v] if k == "entropy" else Markup(v) for k, v in svgs.items()}
+  return {
+    k: [(key, Markup(s)) for key, s in v] if k == "entropy" else Markup(v) for k, v in svgs.items()
+  }

@@ -49,10 +49,16 @@ def heatmap(table: ClassTable) -> str:
         text = f"{w:.2g}" + (" unseen" if table.unseen[i, j] else "")
         color = "white" if w < 0.6 else "black"
       if table.unseen[i, j]:
-        ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="///", edgecolor="#d62728", lw=0))
+        ax.add_patch(
+          Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="///", edgecolor="#d62728", lw=0)
+        )
       ax.text(j, i, text, ha="center", va="center", fontsize=7, color=color)
   ax.set_xticks(range(g), table.groups)
-  ax.set_yticks(range(c), [f"{n} ({int(k)})" for n, k in zip(table.classes, table.examples, strict=True)], fontsize=7)
+  ax.set_yticks(
+    range(c),
+    [f"{n} ({int(k)})" for n, k in zip(table.classes, table.examples, strict=True)],
+    fontsize=7,
+  )
   ax.xaxis.tick_top()
   fig.colorbar(im, ax=ax, fraction=0.04, label="weight")
   ax.set_title("route class (examples trained) x group weight", fontsize=9, pad=22)
@@ -85,12 +91,24 @@ def entropy(series: Series, key: str, bounds: list, events: list[Event]) -> str:
     for side, style in (("low", "--"), ("high", ":")):
       limit = getattr(b, side)
       if limit is not None:
-        ax.hlines(limit, a, z, colors="#d62728", linestyles=style,
-                  label=f"{side} {limit:.3g} ({b.action})" + (f" heads {list(b.heads)}" if b.heads else ""))
+        ax.hlines(
+          limit,
+          a,
+          z,
+          colors="#d62728",
+          linestyles=style,
+          label=f"{side} {limit:.3g} ({b.action})" + (f" heads {list(b.heads)}" if b.heads else ""),
+        )
   hit = [e for e in events if e.metric == metric and e.group == group]
   if hit:
-    ax.scatter([e.step for e in hit], [e.value for e in hit], marker="x", color="#d62728", zorder=3,
-               label=f"out of bounds ({len(hit)}): " + ", ".join(sorted({e.action for e in hit})))
+    ax.scatter(
+      [e.step for e in hit],
+      [e.value for e in hit],
+      marker="x",
+      color="#d62728",
+      zorder=3,
+      label=f"out of bounds ({len(hit)}): " + ", ".join(sorted({e.action for e in hit})),
+    )
   ax.set_xlabel("step")
   ax.set_title(f"{metric} of {group}", fontsize=9)
   ax.legend(fontsize=7)

@@ -23,9 +23,10 @@ FALLBACK = "the per_example strategy will be used"
 
 class Kind(NamedTuple):
   """What a value depends on: the example (batched under vmap) and which parameter leaves."""
+
   ex: bool
   leaves: frozenset
-  raw: int | None = None   # the value *is* parameter leaf `raw`, unmodified
+  raw: int | None = None  # the value *is* parameter leaf `raw`, unmodified
 
 
 CONST = Kind(False, frozenset())
@@ -66,11 +67,12 @@ class Site(NamedTuple):
   Its per-example gradient norm is computed after the step from the other operands and the
   output cotangent: by the ghost form for a matmul, from input patches for a convolution kernel,
   else by that equation's own VJP per example."""
+
   leaf: int
   eqn: Any
-  param_pos: int                       # operand index of the parameter leaf
-  dot: ghost_norms.DotSite | None      # set for dot_general
-  conv: bool                           # a convolution kernel with a patch form
+  param_pos: int  # operand index of the parameter leaf
+  dot: ghost_norms.DotSite | None  # set for dot_general
+  conv: bool  # a convolution kernel with a patch form
   out_shape: tuple[int, ...]
 
 
@@ -82,7 +84,7 @@ class Uses:
 
   def __init__(self):
     self.by_leaf: dict[int, list[tuple[tuple | None, Site | None]]] = {}
-    self.operands: list[tuple[tuple | None, frozenset]] = []   # parameter leaves of each use
+    self.operands: list[tuple[tuple | None, frozenset]] = []  # parameter leaves of each use
 
   def add(self, path: tuple | None, leaves, site: Site | None = None) -> None:
     self.operands.append((path, frozenset(leaves)))
@@ -92,7 +94,8 @@ class Uses:
 
 def unsupported(name: str, why: str) -> UnsupportedPrimitiveError:
   return UnsupportedPrimitiveError(
-      f"the cotangent strategy does not transform `{name}`{why}; {FALLBACK}", primitive=name)
+    f"the cotangent strategy does not transform `{name}`{why}; {FALLBACK}", primitive=name
+  )
 
 
 def check_eqn(eqn) -> None:
@@ -102,9 +105,10 @@ def check_eqn(eqn) -> None:
     raise unsupported(name, "")
   if jc.is_collective(eqn):
     raise BatchCouplingError(
-        f"the loss uses the collective `{name}` over a named axis, which mixes examples; "
-        "per-example routing would be wrong: compute batch statistics outside the loss "
-        "(e.g. BatchNorm in inference mode) or make the loss depend on one example only")
+      f"the loss uses the collective `{name}` over a named axis, which mixes examples; "
+      "per-example routing would be wrong: compute batch statistics outside the loss "
+      "(e.g. BatchNorm in inference mode) or make the loss depend on one example only"
+    )
 
 
 def analyze(closed, in_kinds, uses: Uses | None = None, path: tuple | None = ()) -> list[Kind]:
@@ -136,8 +140,12 @@ def _site(eqn, ins) -> Site | None:
   if jc.name(eqn) == jc.DOT_GENERAL:
     act = eqn.invars[1 - pos]
     dot = ghost_norms.DotSite(
-        leaf=ins[pos].raw, param_is_rhs=pos == 1, dimension_numbers=jc.dot_dimension_numbers(eqn),
-        act_shape=tuple(act.aval.shape), out_shape=out_shape)
+      leaf=ins[pos].raw,
+      param_is_rhs=pos == 1,
+      dimension_numbers=jc.dot_dimension_numbers(eqn),
+      act_shape=tuple(act.aval.shape),
+      out_shape=out_shape,
+    )
   conv = jc.name(eqn) == jc.CONV and pos == 1 and ghost_norms.conv_supported(eqn.params)
   return Site(ins[pos].raw, eqn, pos, dot, conv, out_shape)
 
@@ -178,7 +186,7 @@ def scan_carry_kinds(eqn, ins: list[Kind]) -> list[Kind]:
   p = jc.scan_params(eqn)
   nc, nk = p.num_consts, p.num_carry
   ins = strip(ins)
-  consts, carry, xs = ins[:nc], ins[nc:nc + nk], ins[nc + nk:]
+  consts, carry, xs = ins[:nc], ins[nc : nc + nk], ins[nc + nk :]
   force = any(k.ex for k in ins)
   while True:
     if force:
@@ -196,10 +204,10 @@ def _scan_kinds(eqn, ins, uses):
   p = jc.scan_params(eqn)
   nc, nk = p.num_consts, p.num_carry
   carry = scan_carry_kinds(eqn, ins)
-  body_in = strip(ins[:nc]) + carry + strip(ins[nc + nk:])
+  body_in = strip(ins[:nc]) + carry + strip(ins[nc + nk :])
   outs = analyze(p.jaxpr, body_in, uses, None)
   if uses is not None:
-    for init, c, out in zip(ins[nc:nc + nk], carry, outs[:nk]):
+    for init, c, out in zip(ins[nc : nc + nk], carry, outs[:nk]):
       if c.ex:
         uses.add(None, init.leaves if is_param(init) else ())
         uses.add(None, out.leaves if is_param(out) else ())
@@ -222,11 +230,12 @@ def _cond_kinds(eqn, ins, uses):
 
 def _while_kinds(eqn, ins):
   if any(k.leaves for k in ins):
-    raise unsupported(jc.WHILE, " (a while_loop whose inputs depend on parameters is not "
-                      "reverse-differentiable)")
+    raise unsupported(
+      jc.WHILE, " (a while_loop whose inputs depend on parameters is not reverse-differentiable)"
+    )
   p = jc.while_params(eqn)
   nc, nb = p.cond_nconsts, p.body_nconsts
-  cond_consts, body_consts, carry = ins[:nc], ins[nc:nc + nb], strip(ins[nc + nb:])
+  cond_consts, body_consts, carry = ins[:nc], ins[nc : nc + nb], strip(ins[nc + nb :])
   while True:  # as vmap batches it: a carry is batched if the body makes it so, or all are if
     pred = analyze(p.cond_jaxpr, cond_consts + carry)[0]  # the predicate is batched
     if pred.ex:
@@ -248,8 +257,13 @@ def check_visibility(uses: Uses, vis_key: tuple) -> None:
     if keys == {None}:
       continue
     if len(keys) > 1:
-      raise unsupported("visibility", " for a value computed from parameters of groups with different "
-                        "visibility (e.g. a hidden adapter's weight times a shared one)")
+      raise unsupported(
+        "visibility",
+        " for a value computed from parameters of groups with different "
+        "visibility (e.g. a hidden adapter's weight times a shared one)",
+      )
     if path is None:
-      raise unsupported("visibility", " inside scan, cond, while or remat, or for a loss that depends "
-                        "on hidden parameters alone")
+      raise unsupported(
+        "visibility",
+        " inside scan, cond, while or remat, or for a loss that depends on hidden parameters alone",
+      )

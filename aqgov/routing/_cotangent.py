@@ -58,8 +58,9 @@ PyTree = Any
 _sg = jax.lax.stop_gradient
 
 
-def check_supported(loss_fn: Callable, params: PyTree, example: PyTree, *,
-                    visibility: PyTree | None = None) -> None:
+def check_supported(
+  loss_fn: Callable, params: PyTree, example: PyTree, *, visibility: PyTree | None = None
+) -> None:
   """Raise `UnsupportedPrimitiveError` / `BatchCouplingError` if the cotangent strategy cannot
   transform `loss_fn(params, example)` (one example, no batch axis); return None if it can.
 
@@ -74,8 +75,9 @@ def check_supported(loss_fn: Callable, params: PyTree, example: PyTree, *,
   check_visibility(uses, _visibility_keys(p_def, visibility)[0])
 
 
-def norm_methods(loss_fn: Callable, params: PyTree, example: PyTree, *,
-                 has_aux: bool = False) -> PyTree:
+def norm_methods(
+  loss_fn: Callable, params: PyTree, example: PyTree, *, has_aux: bool = False
+) -> PyTree:
   """How `with_norms` gets each leaf's per-example contribution norm (params-shaped strings).
 
   "ghost": Gram-matrix form of a matmul (no per-example gradient); "patches": input patches of
@@ -84,8 +86,9 @@ def norm_methods(loss_fn: Callable, params: PyTree, example: PyTree, *,
   per-example product is cheaper than its Gram form); "none": the loss does not depend on it."""
   p_leaves, p_def = jax.tree.flatten(params)
   ex_leaves, ex_def = jax.tree.flatten(example)
-  plan = make_plan(loss_fn, p_leaves, p_def, tuple(struct(x) for x in ex_leaves), ex_def,
-                   frozenset(), has_aux)
+  plan = make_plan(
+    loss_fn, p_leaves, p_def, tuple(struct(x) for x in ex_leaves), ex_def, frozenset(), has_aux
+  )
   return jax.tree.unflatten(p_def, norms.methods(plan))
 
 
@@ -105,8 +108,9 @@ def _visibility_keys(p_def, visibility: PyTree | None) -> tuple[tuple, list]:
   return tuple(keys), arrays
 
 
-def cotangent_value_and_grad(loss_fn: Callable, *, has_aux: bool = False,
-                             with_norms: bool = False) -> Callable:
+def cotangent_value_and_grad(
+  loss_fn: Callable, *, has_aux: bool = False, with_norms: bool = False
+) -> Callable:
   """`fn(params, batch, leaf_weights, visibility=None)` -> `(loss_mean, grads)` with
   `grads_l = (1/B) Σ_i w_i[l] ∇_l loss_fn(params ⊙ seen_i, example_i)`.
 
@@ -131,13 +135,23 @@ def cotangent_value_and_grad(loss_fn: Callable, *, has_aux: bool = False,
     if any(jnp.shape(b)[0] != size for b in b_leaves):
       raise RoutingError("every batch leaf needs the same leading batch axis")
     w_flat = p_def.flatten_up_to(leaf_weights)
-    weights, slices = zip(*(per_example_weights(w, p, size) for w, p in zip(w_flat, p_leaves))) \
-        if p_leaves else ((), ())
+    weights, slices = (
+      zip(*(per_example_weights(w, p, size) for w, p in zip(w_flat, p_leaves)))
+      if p_leaves
+      else ((), ())
+    )
     slice_leaves = frozenset(i for i, s in enumerate(slices) if s)
-    ex_structs = tuple(jax.ShapeDtypeStruct(jnp.shape(b)[1:], jnp.result_type(b))
-                       for b in b_leaves)
+    ex_structs = tuple(jax.ShapeDtypeStruct(jnp.shape(b)[1:], jnp.result_type(b)) for b in b_leaves)
     vis_key, seen = _visibility_keys(p_def, visibility)
-    key = (p_def, tuple(struct(p) for p in p_leaves), b_def, ex_structs, slice_leaves, has_aux, vis_key)
+    key = (
+      p_def,
+      tuple(struct(p) for p in p_leaves),
+      b_def,
+      ex_structs,
+      slice_leaves,
+      has_aux,
+      vis_key,
+    )
     plan = cache.get(key)
     if plan is None:
       plan = make_plan(loss_fn, p_leaves, p_def, ex_structs, b_def, slice_leaves, has_aux, vis_key)
@@ -156,8 +170,17 @@ def _zero_grad(p):
   return jnp.zeros_like(p)
 
 
-def _run(plan: Plan, p_leaves, p_def, b_leaves, weights, size: int, has_aux: bool,
-        with_norms: bool, seen: list = ()):
+def _run(
+  plan: Plan,
+  p_leaves,
+  p_def,
+  b_leaves,
+  weights,
+  size: int,
+  has_aux: bool,
+  with_norms: bool,
+  seen: list = (),
+):
   """`(loss_mean, grads)` (with `has_aux` `((loss_mean, aux), grads)`; with `with_norms` a
   trailing params-shaped pytree of [B] squared norms) for one batch under `plan`."""
   materialised = plan.materialised if with_norms else frozenset()
@@ -178,12 +201,21 @@ def _run(plan: Plan, p_leaves, p_def, b_leaves, weights, size: int, has_aux: boo
       values[i] = _sg(leaves[i]) + weigh(b - _sg(b), w_i[i])
       if plan.vis_key[i] is not None:  # a slice-weighted leaf is batched already: mask it directly
         values[i] = jnp.where(seen_i[plan.vis_key[i]], values[i], jnp.zeros_like(values[i]))
-    ctx = Ctx(weights=w_i, leaf_branch=branch, materialised=materialised,
-              site_probes={k: (sites[k], v) for k, v in gprobes_i.items()}, site_acts={},
-              vis_key=plan.vis_key, seen=dict(enumerate(seen_i)))
+    ctx = Ctx(
+      weights=w_i,
+      leaf_branch=branch,
+      materialised=materialised,
+      site_probes={k: (sites[k], v) for k, v in gprobes_i.items()},
+      site_acts={},
+      vis_key=plan.vis_key,
+      seen=dict(enumerate(seen_i)),
+    )
     env = Env(ctx)
-    for v, val, k in zip(plan.closed.jaxpr.invars, values + list(ex_vals),
-                         in_kinds(p_leaves, len(ex_vals), plan.slice_leaves)):
+    for v, val, k in zip(
+      plan.closed.jaxpr.invars,
+      values + list(ex_vals),
+      in_kinds(p_leaves, len(ex_vals), plan.slice_leaves),
+    ):
       env.write(v, val, k)
     outvars = emit(plan.closed, env, ())
     loss_atom = outvars[0]
@@ -194,14 +226,16 @@ def _run(plan: Plan, p_leaves, p_def, b_leaves, weights, size: int, has_aux: boo
   def total(diff_vals, probes, gprobes):
     w_dict = {i: weights[i] for i in range(n_p)}
     losses, (aux, acts) = jax.vmap(per_example, in_axes=(None, 0, 0, 0, 0, 0))(
-        diff_vals, probes, gprobes, list(b_leaves), w_dict, list(seen))
+      diff_vals, probes, gprobes, list(b_leaves), w_dict, list(seen)
+    )
     # the sum, not the mean: each example's cotangent starts at 1, exactly as in brute force, so
     # custom rules that are not linear in their cotangent (gradient clipping) see their own
     return jnp.sum(losses), (aux, acts)
 
   diff_vals = [p_leaves[i] for i in diff]
   (loss_sum, (aux, acts)), (g_diff, g_probes, g_sites) = jax.value_and_grad(
-      total, argnums=(0, 1, 2), has_aux=True)(diff_vals, probes, gprobes)
+    total, argnums=(0, 1, 2), has_aux=True
+  )(diff_vals, probes, gprobes)
   loss = loss_sum / jnp.asarray(size, loss_sum.dtype)
   grads = [_zero_grad(p) for p in p_leaves]
   for i, g in zip(diff, g_diff):

@@ -38,12 +38,14 @@ from aqgov.routing._plan import check_output
 
 PyTree = Any
 
-REMEDY = ("Per-example routing needs each example's loss to depend on that example alone. Run "
-          "BatchNorm in inference mode for routed steps (Flax: use_running_average=True; Equinox: "
-          "inference=True; Haiku: is_training=False), or use a per-example normalisation "
-          "(LayerNorm, GroupNorm, RMSNorm) instead.")
-_SEARCH_DEPTH = 3      # how many references deep the NNX search follows from the loss function
-_SEARCH_WIDTH = 256    # at most this many items of one container are looked at
+REMEDY = (
+  "Per-example routing needs each example's loss to depend on that example alone. Run "
+  "BatchNorm in inference mode for routed steps (Flax: use_running_average=True; Equinox: "
+  "inference=True; Haiku: is_training=False), or use a per-example normalisation "
+  "(LayerNorm, GroupNorm, RMSNorm) instead."
+)
+_SEARCH_DEPTH = 3  # how many references deep the NNX search follows from the loss function
+_SEARCH_WIDTH = 256  # at most this many items of one container are looked at
 _SEARCH_LIMIT = 10_000  # at most this many objects are looked at in all
 
 
@@ -58,8 +60,9 @@ class _LinenWatch:
     module = context.module
     if isinstance(module, self.linen.BatchNorm) and context.method_name == "__call__":
       if _linen_running_average(module, args, kwargs) is False:
-        self.found.append(f"flax.linen {type(module).__name__} runs in training mode "
-                          "(use_running_average=False)")
+        self.found.append(
+          f"flax.linen {type(module).__name__} runs in training mode (use_running_average=False)"
+        )
     before = _batch_stats(module)
     out = next_fun(*args, **kwargs)
     if before is not None and _changed(before, _batch_stats(module)):
@@ -88,8 +91,9 @@ def _batch_stats(module) -> list | None:
 
 
 def _changed(before: list, after: list | None) -> bool:
-  return after is not None and (len(before) != len(after)
-                                or any(a is not b for a, b in zip(before, after)))
+  return after is not None and (
+    len(before) != len(after) or any(a is not b for a, b in zip(before, after))
+  )
 
 
 def _references(root: Any) -> Iterator[Any]:
@@ -117,8 +121,12 @@ def _children(obj: Any) -> list:
       refs = inspect.getclosurevars(obj)
     except (TypeError, ValueError):
       return []
-    return [*refs.nonlocals.values(), *refs.globals.values(), *(obj.__defaults__ or ()),
-            *(obj.__kwdefaults__ or {}).values()]
+    return [
+      *refs.nonlocals.values(),
+      *refs.globals.values(),
+      *(obj.__defaults__ or ()),
+      *(obj.__kwdefaults__ or {}).values(),
+    ]
   if isinstance(obj, (list, tuple, set, frozenset)):
     return list(obj)[:_SEARCH_WIDTH]
   if isinstance(obj, dict):
@@ -150,8 +158,10 @@ def _nnx_coupling(loss_fn: Callable, params: PyTree) -> list[str]:
     for path, node in nnx.iter_graph(graph):
       if isinstance(node, nnx.BatchNorm) and node.use_running_average is False:
         where = "/".join(map(str, path)) or type(graph).__name__
-        found.append(f"flax.nnx {type(node).__name__} at {where} runs in training mode "
-                     "(use_running_average=False)")
+        found.append(
+          f"flax.nnx {type(node).__name__} at {where} runs in training mode "
+          "(use_running_average=False)"
+        )
   return found
 
 
@@ -162,6 +172,7 @@ def _abstract(tree: PyTree) -> PyTree:
 def _value_and_grad(loss_fn: Callable, has_aux: bool) -> Callable:
   """`value_and_grad(loss_fn)`, refusing a loss that is not one float scalar (`RoutingError` with
   the reason, not JAX's TypeError) before differentiating it."""
+
   def fn(params, example):
     if has_aux:
       loss, vjp, aux = jax.vjp(lambda p: loss_fn(p, example), params, has_aux=True)
@@ -170,6 +181,7 @@ def _value_and_grad(loss_fn: Callable, has_aux: bool) -> Callable:
     loss, vjp = jax.vjp(lambda p: loss_fn(p, example), params)
     check_output(loss, has_aux)
     return loss, vjp(jnp.ones_like(loss))[0]
+
   return fn
 
 
@@ -195,8 +207,9 @@ def _trace(grad_fn: Callable, params: PyTree, example: PyTree, found: list[str])
       found += watch.found
 
 
-def check_per_example(loss_fn: Callable, params: PyTree, example: PyTree, *,
-                      has_aux: bool = False) -> None:
+def check_per_example(
+  loss_fn: Callable, params: PyTree, example: PyTree, *, has_aux: bool = False
+) -> None:
   """Raise `BatchCouplingError` when the per-example loss mixes examples.
 
   Traces `value_and_grad(loss_fn)` once on abstract values (`params`, `example` may be arrays or
@@ -211,14 +224,17 @@ def check_per_example(loss_fn: Callable, params: PyTree, example: PyTree, *,
   closed, error = _trace(_value_and_grad(loss_fn, has_aux), params, example, found)
   if found:
     raise BatchCouplingError(
-        f"the loss is batch-coupled: {'; '.join(dict.fromkeys(found))}. Its statistics mix "
-        f"the examples of a batch, so per-example routed gradients would not hold. {REMEDY}")
+      f"the loss is batch-coupled: {'; '.join(dict.fromkeys(found))}. Its statistics mix "
+      f"the examples of a batch, so per-example routed gradients would not hold. {REMEDY}"
+    )
   if error is not None:
     raise BatchCouplingError(
-        f"the per-example loss uses a collective over a batch axis ({str(error).split('.')[0]}); "
-        f"a loss that communicates across examples cannot be routed per example. {REMEDY}") from None
+      f"the per-example loss uses a collective over a batch axis ({str(error).split('.')[0]}); "
+      f"a loss that communicates across examples cannot be routed per example. {REMEDY}"
+    ) from None
   collectives = jc.collectives(closed.jaxpr)
   if collectives:
     raise BatchCouplingError(
-        "the per-example loss communicates across a mapped axis "
-        f"({', '.join(dict.fromkeys(collectives))}); per-example routing would be wrong. {REMEDY}")
+      "the per-example loss communicates across a mapped axis "
+      f"({', '.join(dict.fromkeys(collectives))}); per-example routing would be wrong. {REMEDY}"
+    )

@@ -88,13 +88,14 @@ _join.defvjp(_join_fwd, _join_bwd)
 
 class Ctx(NamedTuple):
   """What every environment of one per-example evaluation shares."""
-  weights: dict            # leaf -> per-example scalar weight
-  leaf_branch: dict        # leaf -> value used on the parameter side (leaf, or leaf + probe)
+
+  weights: dict  # leaf -> per-example scalar weight
+  leaf_branch: dict  # leaf -> value used on the parameter side (leaf, or leaf + probe)
   materialised: frozenset  # leaves whose per-example gradient is materialised via a probe
-  site_probes: dict        # inlining path -> (Site, zero probe added to its parameter side)
-  site_acts: dict          # inlining path -> recorded non-parameter operands (output)
-  vis_key: tuple = ()      # leaf -> visibility key (None: seen by every example)
-  seen: dict = {}          # visibility key -> per-example bool: the example sees those leaves
+  site_probes: dict  # inlining path -> (Site, zero probe added to its parameter side)
+  site_acts: dict  # inlining path -> recorded non-parameter operands (output)
+  vis_key: tuple = ()  # leaf -> visibility key (None: seen by every example)
+  seen: dict = {}  # visibility key -> per-example bool: the example sees those leaves
 
 
 class Env:
@@ -193,7 +194,9 @@ class Env:
     each leaf's cotangent scaled by its weight."""
     val = self.read(a)
     if _visibility_key(self.ctx, self.kind(a).leaves) is not None:
-      raise RoutingError("internal: a hidden parameter reached an example-dependent position unmasked")
+      raise RoutingError(
+        "internal: a hidden parameter reached an example-dependent position unmasked"
+      )
     out = _sg(val)
     for leaf in sorted(self.kind(a).leaves):
       view = self.iso(a, leaf)
@@ -388,7 +391,8 @@ def _emit_remat(eqn, env: Env, ins):
   keys, extra = _pack_seeds(_iso_seeds(env, eqn.invars))
   n = len(eqn.invars)
   body = _KindRecorder(
-      lambda *args: _run_sub(env, closed, kinds_in, args[:n], _unpack_seeds(n, keys, args[n:])))
+    lambda *args: _run_sub(env, closed, kinds_in, args[:n], _unpack_seeds(n, keys, args[n:]))
+  )
   outs = jax.checkpoint(body, **jc.remat_options(eqn))(*[env.read(a) for a in eqn.invars], *extra)
   return outs, body.kinds
 
@@ -398,14 +402,19 @@ def _emit_scan(eqn, env: Env, ins):
   nc, nk = p.num_consts, p.num_carry
   carry_kinds = scan_carry_kinds(eqn, ins)
   const_atoms, init_atoms, xs_atoms = (
-      eqn.invars[:nc], eqn.invars[nc:nc + nk], eqn.invars[nc + nk:])
+    eqn.invars[:nc],
+    eqn.invars[nc : nc + nk],
+    eqn.invars[nc + nk :],
+  )
   consts = [env.read(a) for a in const_atoms]
   const_seeds = _iso_seeds(env, const_atoms)
-  init = [env.lift(a) if c.ex and is_param(env.kind(a)) else env.read(a)
-          for a, c in zip(init_atoms, carry_kinds)]
+  init = [
+    env.lift(a) if c.ex and is_param(env.kind(a)) else env.read(a)
+    for a, c in zip(init_atoms, carry_kinds)
+  ]
   xs_keys, xs_extra = _pack_seeds(_iso_seeds(env, xs_atoms))
   xs = [env.read(a) for a in xs_atoms]
-  kinds_in = strip(ins[:nc]) + carry_kinds + strip(ins[nc + nk:])
+  kinds_in = strip(ins[:nc]) + carry_kinds + strip(ins[nc + nk :])
   lift_to = [c.ex for c in carry_kinds] + [False] * (len(eqn.outvars) - nk)
 
   def step(carry, x):
@@ -415,8 +424,9 @@ def _emit_scan(eqn, env: Env, ins):
     return (outs[:nk], outs[nk:]), kinds
 
   body = _KindRecorder(step)
-  carry_out, ys = jax.lax.scan(body, init, (xs, xs_extra), length=p.length,
-                               reverse=p.reverse, unroll=p.unroll)
+  carry_out, ys = jax.lax.scan(
+    body, init, (xs, xs_extra), length=p.length, reverse=p.reverse, unroll=p.unroll
+  )
   ys_kinds = body.kinds[nk:]
   return [*carry_out, *ys], carry_kinds + ys_kinds
 
@@ -434,8 +444,10 @@ def _emit_cond(eqn, env: Env, ins):
     def fn(*args):
       outs, _ = _run_sub(env, branch, kinds_in, args[:n], _unpack_seeds(n, keys, args[n:]), lift_to)
       return outs
+
     return fn
 
-  outs = jax.lax.switch(env.read(eqn.invars[0]), [make(b) for b in branches],
-                        *[env.read(a) for a in ops_atoms], *extra)
+  outs = jax.lax.switch(
+    env.read(eqn.invars[0]), [make(b) for b in branches], *[env.read(a) for a in ops_atoms], *extra
+  )
   return list(outs), out_kinds

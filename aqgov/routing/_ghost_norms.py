@@ -23,11 +23,12 @@ Array = jax.Array
 
 class DotSite(NamedTuple):
   """A `dot_general` whose parameter operand is one raw parameter leaf."""
-  leaf: int                      # index of the parameter leaf (tree_leaves order)
-  param_is_rhs: bool             # which operand of the dot_general is the parameter
-  dimension_numbers: tuple       # ((lhs_contract, rhs_contract), (lhs_batch, rhs_batch))
-  act_shape: tuple[int, ...]     # per-example shape of the activation operand
-  out_shape: tuple[int, ...]     # per-example shape of the dot_general output
+
+  leaf: int  # index of the parameter leaf (tree_leaves order)
+  param_is_rhs: bool  # which operand of the dot_general is the parameter
+  dimension_numbers: tuple  # ((lhs_contract, rhs_contract), (lhs_batch, rhs_batch))
+  act_shape: tuple[int, ...]  # per-example shape of the activation operand
+  out_shape: tuple[int, ...]  # per-example shape of the dot_general output
 
 
 def _sizes(site: DotSite) -> tuple[int, int, int, int]:
@@ -58,7 +59,7 @@ def _rearrange(site: DotSite, act: Array, cot: Array) -> tuple[Array, Array]:
   nw = math.prod(site.out_shape) // max(nd * nf, 1)
   if site.param_is_rhs:  # out = [batch, act free, param free]
     g = cot.reshape(nd, nf, nw)
-  else:                  # out = [batch, param free, act free]
+  else:  # out = [batch, param free, act free]
     g = jnp.swapaxes(cot.reshape(nd, nw, nf), 1, 2)
   return a.astype(jnp.float32), g.astype(jnp.float32)
 
@@ -88,8 +89,11 @@ def _patches(params: jc.ConvParams, kernel_shape: tuple[int, ...], lhs: Array) -
   nsp = len(dn.lhs_spec) - 2
   x = jnp.transpose(lhs, (dn.lhs_spec[0], *dn.lhs_spec[2:], dn.lhs_spec[1]))  # N, spatial.., C
   zero = jnp.zeros((), x.dtype)
-  config = [(0, 0, 0)] + [(lo, hi, d - 1) for (lo, hi), d in
-                          zip(params.padding, params.lhs_dilation)] + [(0, 0, 0)]
+  config = (
+    [(0, 0, 0)]
+    + [(lo, hi, d - 1) for (lo, hi), d in zip(params.padding, params.lhs_dilation)]
+    + [(0, 0, 0)]
+  )
   x = jax.lax.pad(x, zero, config)
   filt = [kernel_shape[d] for d in dn.rhs_spec[2:]]
   rhs_dil, strides = params.rhs_dilation, params.window_strides

@@ -33,19 +33,51 @@ CONV = "conv_general_dilated"
 # Control flow whose sub-jaxprs the routing core handles itself.
 # Linear in each operand (a zero parameter side stays zero through them), and products (zero when
 # one operand is): what lets a hidden parameter's use be masked without recomputing it.
-ZERO_PRESERVING = frozenset({
-    "convert_element_type", "reshape", "transpose", "broadcast_in_dim", "squeeze", "expand_dims",
-    "slice", "dynamic_slice", "neg", "copy", "copy_p", "reduce_sum", "rev", "reduce_precision"})
+ZERO_PRESERVING = frozenset(
+  {
+    "convert_element_type",
+    "reshape",
+    "transpose",
+    "broadcast_in_dim",
+    "squeeze",
+    "expand_dims",
+    "slice",
+    "dynamic_slice",
+    "neg",
+    "copy",
+    "copy_p",
+    "reduce_sum",
+    "rev",
+    "reduce_precision",
+  }
+)
 ZERO_ANNIHILATING = frozenset({"mul", DOT_GENERAL, CONV})
 STRUCTURED = INLINE | REMAT | WHOLE | {SCAN, COND, WHILE}
 
 # Primitives that communicate across a named (mapped) axis: inside a per-example loss they mix
 # examples (or shards of the batch), so per-example semantics do not hold.
-COLLECTIVES = frozenset({
-    "psum", "pmax", "pmin", "pmean", "ppermute", "pbroadcast", "all_gather",
-    "all_gather_invariant", "all_to_all", "ragged_all_to_all", "reduce_scatter", "psum_scatter",
-    "axis_index", "psum_invariant", "pgather", "psend", "precv", "unreduced_psum",
-})
+COLLECTIVES = frozenset(
+  {
+    "psum",
+    "pmax",
+    "pmin",
+    "pmean",
+    "ppermute",
+    "pbroadcast",
+    "all_gather",
+    "all_gather_invariant",
+    "all_to_all",
+    "ragged_all_to_all",
+    "reduce_scatter",
+    "psum_scatter",
+    "axis_index",
+    "psum_invariant",
+    "pgather",
+    "psend",
+    "precv",
+    "unreduced_psum",
+  }
+)
 
 
 def name(eqn) -> str:
@@ -134,7 +166,7 @@ def unbound_axis(exc: BaseException) -> bool:
 class ScanParams(NamedTuple):
   num_consts: int
   num_carry: int
-  jaxpr: Any          # ClosedJaxpr of the body
+  jaxpr: Any  # ClosedJaxpr of the body
   length: int
   reverse: bool
   unroll: Any
@@ -142,8 +174,9 @@ class ScanParams(NamedTuple):
 
 def scan_params(eqn) -> ScanParams:
   p = eqn.params
-  return ScanParams(p["num_consts"], p["num_carry"], p["jaxpr"], p["length"], p["reverse"],
-                    p["unroll"])
+  return ScanParams(
+    p["num_consts"], p["num_carry"], p["jaxpr"], p["length"], p["reverse"], p["unroll"]
+  )
 
 
 def cond_branches(eqn) -> tuple:
@@ -174,7 +207,8 @@ def dot_dimension_numbers(eqn) -> tuple:
 
 class ConvParams(NamedTuple):
   """What a convolution's per-example kernel-gradient norm needs of its parameters."""
-  dimension_numbers: Any     # ConvDimensionNumbers(lhs_spec, rhs_spec, out_spec)
+
+  dimension_numbers: Any  # ConvDimensionNumbers(lhs_spec, rhs_spec, out_spec)
   padding: tuple
   lhs_dilation: tuple
   rhs_dilation: tuple
@@ -185,6 +219,12 @@ class ConvParams(NamedTuple):
 
 def conv_params(params: dict) -> ConvParams:
   """The parameters of a `conv_general_dilated` equation (`eqn.params`)."""
-  return ConvParams(params["dimension_numbers"], params["padding"], params["lhs_dilation"],
-                    params["rhs_dilation"], params["window_strides"],
-                    params.get("feature_group_count", 1), params.get("batch_group_count", 1))
+  return ConvParams(
+    params["dimension_numbers"],
+    params["padding"],
+    params["lhs_dilation"],
+    params["rhs_dilation"],
+    params["window_strides"],
+    params.get("feature_group_count", 1),
+    params.get("batch_group_count", 1),
+  )

@@ -30,8 +30,10 @@ def methods(plan: Plan) -> list[str]:
 
 def leaf_probes(materialised: frozenset, p_leaves, size: int) -> dict:
   """leaf -> [B, *leaf] zeros whose gradient is each example's weighted gradient of the leaf."""
-  return {i: jnp.zeros((size,) + jnp.shape(p_leaves[i]), jnp.result_type(p_leaves[i]))
-          for i in sorted(materialised)}
+  return {
+    i: jnp.zeros((size,) + jnp.shape(p_leaves[i]), jnp.result_type(p_leaves[i]))
+    for i in sorted(materialised)
+  }
 
 
 def site_probes(sites: dict, size: int) -> dict:
@@ -44,14 +46,16 @@ def site_sq_norms(site: Site, leaf, acts: list, cots) -> jax.Array:
   if site.dot is not None:
     return ghost_norms.batched_dot_sq_norms(site.dot, acts[0], cots)
   if site.conv:
-    return jax.vmap(lambda lhs, cot: ghost_norms.conv_sq_norm(
-        site.eqn.params, jnp.shape(leaf), lhs, cot))(acts[0], cots)
+    return jax.vmap(
+      lambda lhs, cot: ghost_norms.conv_sq_norm(site.eqn.params, jnp.shape(leaf), lhs, cot)
+    )(acts[0], cots)
 
   def one(others, cot):
     def op(p):
       operands = list(others)
       operands.insert(site.param_pos, p)
       return jc.bind(site.eqn, operands)[0]
+
     _, vjp = jax.vjp(op, leaf)
     (g,) = vjp(cot.astype(site.eqn.outvars[0].aval.dtype))
     return jnp.sum(jnp.square(g.astype(jnp.float32)))
@@ -59,8 +63,9 @@ def site_sq_norms(site: Site, leaf, acts: list, cots) -> jax.Array:
   return jax.vmap(one)(acts, cots)
 
 
-def sq_norms(sites: dict, p_leaves, size: int, g_probes: dict, g_sites: dict,
-             acts: dict) -> list[jax.Array]:
+def sq_norms(
+  sites: dict, p_leaves, size: int, g_probes: dict, g_sites: dict, acts: dict
+) -> list[jax.Array]:
   """Per leaf, float32 [B] squared contribution norms from the probes' gradients.
 
   The probes' gradients are of the summed loss: each example's own, weighted."""

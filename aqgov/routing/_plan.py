@@ -22,14 +22,14 @@ from aqgov.routing._analysis import CONST, Kind, Uses, analyze, check_visibility
 
 
 class Plan(NamedTuple):
-  closed: Any                   # ClosedJaxpr of loss_fn(param leaves, example leaves)
-  out_tree: Any                 # pytree structure of loss_fn's output
+  closed: Any  # ClosedJaxpr of loss_fn(param leaves, example leaves)
+  out_tree: Any  # pytree structure of loss_fn's output
   n_params: int
-  slice_leaves: frozenset       # leaves weighted per slice (scaled at the leaf)
-  diff_leaves: tuple            # indices of inexact parameter leaves
-  sites: dict                   # inlining path -> Site (norms from operands + cotangent)
-  materialised: frozenset       # leaves whose per-example gradients are materialised for norms
-  vis_key: tuple = ()           # leaf -> visibility key, None when every example sees it
+  slice_leaves: frozenset  # leaves weighted per slice (scaled at the leaf)
+  diff_leaves: tuple  # indices of inexact parameter leaves
+  sites: dict  # inlining path -> Site (norms from operands + cotangent)
+  materialised: frozenset  # leaves whose per-example gradients are materialised for norms
+  vis_key: tuple = ()  # leaf -> visibility key, None when every example sees it
 
 
 def struct(x) -> jax.ShapeDtypeStruct:
@@ -38,17 +38,21 @@ def struct(x) -> jax.ShapeDtypeStruct:
 
 def trace(loss_fn: Callable, p_leaves, p_def, ex_structs, ex_def):
   """(ClosedJaxpr, output structure) of `loss_fn` on flat parameter and example leaves."""
+
   def flat(p_flat, ex_flat):
     return loss_fn(jax.tree.unflatten(p_def, p_flat), jax.tree.unflatten(ex_def, ex_flat))
+
   try:
     closed, shape = jax.make_jaxpr(flat, return_shape=True)(
-        [struct(p) for p in p_leaves], list(ex_structs))
+      [struct(p) for p in p_leaves], list(ex_structs)
+    )
   except NameError as e:
     if not jc.unbound_axis(e):
       raise
     raise BatchCouplingError(
-        f"the loss uses a collective over a named axis ({e}); that mixes examples, so "
-        "per-example routing would be wrong: make the loss depend on one example only") from e
+      f"the loss uses a collective over a named axis ({e}); that mixes examples, so "
+      "per-example routing would be wrong: make the loss depend on one example only"
+    ) from e
   return closed, jax.tree.structure(shape)
 
 
@@ -71,22 +75,34 @@ def check_output(out_shape: Any, has_aux: bool) -> None:
   out_tree = jax.tree.structure(out_shape)
   leaves = jax.tree.leaves(out_shape)
   shaped = jax.tree.unflatten(out_tree, range(out_tree.num_leaves))
-  well_formed = (isinstance(shaped, tuple) and len(shaped) == 2 and shaped[0] == 0) if has_aux \
-      else out_tree.num_leaves == 1
+  well_formed = (
+    (isinstance(shaped, tuple) and len(shaped) == 2 and shaped[0] == 0)
+    if has_aux
+    else out_tree.num_leaves == 1
+  )
   loss = leaves[0] if leaves else None
   if not well_formed or getattr(loss, "shape", None) != () or not inexact(loss):
     expected = "(scalar loss, aux pytree)" if has_aux else "one float scalar"
     raise RoutingError(
-        f"loss_fn must return {expected} per example; got structure {out_tree} with first leaf "
-        f"{loss}: reduce the loss over the example's own axes (tokens, pixels) inside loss_fn")
+      f"loss_fn must return {expected} per example; got structure {out_tree} with first leaf "
+      f"{loss}: reduce the loss over the example's own axes (tokens, pixels) inside loss_fn"
+    )
 
 
 def _check_output(closed, out_tree, has_aux: bool) -> None:
   check_output(jax.tree.unflatten(out_tree, [v.aval for v in closed.jaxpr.outvars]), has_aux)
 
 
-def make_plan(loss_fn: Callable, p_leaves, p_def, ex_structs, ex_def, slice_leaves,
-              has_aux: bool, vis_key: tuple = ()) -> Plan:
+def make_plan(
+  loss_fn: Callable,
+  p_leaves,
+  p_def,
+  ex_structs,
+  ex_def,
+  slice_leaves,
+  has_aux: bool,
+  vis_key: tuple = (),
+) -> Plan:
   closed, out_tree = trace(loss_fn, p_leaves, p_def, ex_structs, ex_def)
   _check_output(closed, out_tree, has_aux)
   uses = Uses()
@@ -98,15 +114,25 @@ def make_plan(loss_fn: Callable, p_leaves, p_def, ex_structs, ex_def, slice_leav
   sites, materialised = {}, set(slice_leaves)
   for leaf, recorded in uses.by_leaf.items():
     path, site = recorded[0]
-    if len(recorded) == 1 and site is not None and (
-        site.dot is None or ghost_norms.ghost_is_cheaper(site.dot)):
+    if (
+      len(recorded) == 1
+      and site is not None
+      and (site.dot is None or ghost_norms.ghost_is_cheaper(site.dot))
+    ):
       sites[path] = site
     else:  # several uses, or a matmul whose per-example product is cheapest inside the backward
       materialised.add(leaf)
-  diff = tuple(i for i, p in enumerate(p_leaves)
-               if jnp.issubdtype(jnp.result_type(p), jnp.inexact))
-  return Plan(closed, out_tree, len(p_leaves), frozenset(slice_leaves), diff, sites,
-              frozenset(materialised), vis_key)
+  diff = tuple(i for i, p in enumerate(p_leaves) if jnp.issubdtype(jnp.result_type(p), jnp.inexact))
+  return Plan(
+    closed,
+    out_tree,
+    len(p_leaves),
+    frozenset(slice_leaves),
+    diff,
+    sites,
+    frozenset(materialised),
+    vis_key,
+  )
 
 
 def per_example_weights(w, leaf, batch: int) -> tuple[jax.Array, bool]:
@@ -115,13 +141,15 @@ def per_example_weights(w, leaf, batch: int) -> tuple[jax.Array, bool]:
   shape = jnp.shape(leaf)
   if w.ndim == 0 or w.shape[0] != batch:
     raise RoutingError(
-        f"leaf weights must have a leading batch axis of size {batch}; got shape {w.shape}")
+      f"leaf weights must have a leading batch axis of size {batch}; got shape {w.shape}"
+    )
   rest = w.shape[1:]
   try:
     jnp.broadcast_shapes(rest, shape)
   except ValueError as e:
     raise RoutingError(
-        f"leaf weights of shape {w.shape} do not broadcast to the leaf's shape {shape}") from e
+      f"leaf weights of shape {w.shape} do not broadcast to the leaf's shape {shape}"
+    ) from e
   if math.prod(rest) == 1:
     return w.reshape(batch), False
   return w.reshape((batch,) + (1,) * (len(shape) - len(rest)) + rest), True

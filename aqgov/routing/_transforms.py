@@ -38,17 +38,19 @@ def broadcast_weight(weight: jax.Array, target: jax.Array) -> jax.Array:
   extra = target.ndim - weight.ndim
   if extra < 0:
     raise RoutingError(
-        f"a routing weight of shape {weight.shape} has more axes than the update {target.shape} it "
-        "scales; weights must be [B] or [B, *s] with s broadcastable to the parameter's shape")
+      f"a routing weight of shape {weight.shape} has more axes than the update {target.shape} it "
+      "scales; weights must be [B] or [B, *s] with s broadcastable to the parameter's shape"
+    )
   return weight.reshape(weight.shape[:1] + (1,) * extra + weight.shape[1:])
 
 
 def _check_batch(weight: jax.Array, update: jax.Array) -> None:
   if update.ndim == 0 or update.shape[0] != weight.shape[0]:
     raise RoutingError(
-        f"per-example update of shape {update.shape} does not have the labels' batch size "
-        f"{weight.shape[0]} as its leading axis; pass per-example updates "
-        "(e.g. jax.vmap(jax.grad(loss), (None, 0))) and the labels of the same batch")
+      f"per-example update of shape {update.shape} does not have the labels' batch size "
+      f"{weight.shape[0]} as its leading axis; pass per-example updates "
+      "(e.g. jax.vmap(jax.grad(loss), (None, 0))) and the labels of the same batch"
+    )
 
 
 def unsigned_zeros(x: jax.Array) -> jax.Array:
@@ -62,8 +64,9 @@ def _weighted_sum_leaf(weight: jax.Array, update: jax.Array) -> jax.Array:
   # select, not multiply: an example routed away (weight 0) adds exactly nothing, inf/NaN included
   update = jnp.where(broadcast_weight(weight, update) != 0, update, jnp.zeros((), update.dtype))
   if weight.ndim == 1:  # a contraction over the batch axis: far faster than multiply-then-sum
-    out = jnp.tensordot(weight.astype(update.dtype), update, axes=1,
-                        out_sharding=_contracted_sharding(update))
+    out = jnp.tensordot(
+      weight.astype(update.dtype), update, axes=1, out_sharding=_contracted_sharding(update)
+    )
   else:
     out = jnp.sum(broadcast_weight(weight, update).astype(update.dtype) * update, axis=0)
   return unsigned_zeros(out.astype(update.dtype))
@@ -85,9 +88,10 @@ def _map_weights(fn, leaf_weights: PyTree, updates: PyTree) -> PyTree:
   u_def = jax.tree.structure(updates)
   if w_def != u_def:
     raise RoutingError(
-        f"updates do not have the structure of the parameters the policy was compiled for:\n"
-        f"  compiled for: {w_def}\n  got: {u_def}\n"
-        "compile the policy with the same parameter pytree you differentiate")
+      f"updates do not have the structure of the parameters the policy was compiled for:\n"
+      f"  compiled for: {w_def}\n  got: {u_def}\n"
+      "compile the policy with the same parameter pytree you differentiate"
+    )
   return jax.tree.map(fn, leaf_weights, updates)
 
 
@@ -111,8 +115,9 @@ def reached(leaf_weights: PyTree) -> PyTree:
 def _labels_or_raise(labels: Any, who: str) -> Any:
   if labels is None:
     raise RoutingError(
-        f"{who}.update needs the batch's label arrays: call tx.update(updates, state, params, "
-        "labels=labels) (optax.chain forwards extra keyword arguments to every transform)")
+      f"{who}.update needs the batch's label arrays: call tx.update(updates, state, params, "
+      "labels=labels) (optax.chain forwards extra keyword arguments to every transform)"
+    )
   return labels
 
 
@@ -171,8 +176,9 @@ def strict(compiled: CompiledPolicy) -> optax.GradientTransformationExtraArgs:
 _strict = strict
 
 
-def routed(compiled: CompiledPolicy, optimizer: optax.GradientTransformation, *,
-           strict: bool = False) -> optax.GradientTransformationExtraArgs:
+def routed(
+  compiled: CompiledPolicy, optimizer: optax.GradientTransformation, *, strict: bool = False
+) -> optax.GradientTransformationExtraArgs:
   """`optax.chain(route(compiled), optimizer[, strict(compiled)])`: a governed optimizer in one call.
 
   Its `update` takes per-example updates and `labels=...` (and whatever extra arguments the

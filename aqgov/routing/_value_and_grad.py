@@ -44,10 +44,12 @@ def _abstract(tree: PyTree) -> PyTree:
 
 def example_spec(batch: PyTree) -> PyTree:
   """Shapes and dtypes of one example of `batch` (leaves lose their leading batch axis)."""
+
   def one(x):
     if jnp.ndim(x) == 0:
       raise RoutingError("every batch leaf needs a leading batch axis; got a scalar leaf")
     return jax.ShapeDtypeStruct(jnp.shape(x)[1:], jnp.result_type(x))
+
   return jax.tree.map(one, batch)
 
 
@@ -57,10 +59,12 @@ def example_spec(batch: PyTree) -> PyTree:
 
 def _squared_norms(leaf_weights: PyTree, per_example: PyTree) -> PyTree:
   """Per leaf, float32 [B]: `|| w_i * g_i ||^2` over the leaf."""
+
   def one(w, g):
     w = broadcast_weight(w, g)
     scaled = jnp.where(w != 0, w.astype(jnp.float32) * g.astype(jnp.float32), jnp.float32(0))
     return jnp.sum(jnp.square(scaled), axis=tuple(range(1, g.ndim)))
+
   return jax.tree.map(one, leaf_weights, per_example)
 
 
@@ -70,7 +74,9 @@ def _batch_size(batch: PyTree) -> int:
     raise RoutingError("the batch has no array leaves")
   sizes = {jnp.shape(x)[0] if jnp.ndim(x) else None for x in leaves}
   if len(sizes) != 1 or None in sizes:
-    raise RoutingError(f"batch leaves disagree on the leading batch axis: sizes {sorted(map(str, sizes))}")
+    raise RoutingError(
+      f"batch leaves disagree on the leading batch axis: sizes {sorted(map(str, sizes))}"
+    )
   return sizes.pop()
 
 
@@ -79,12 +85,24 @@ def hide(params: PyTree, seen: PyTree) -> PyTree:
   params-shaped, None where the leaf is always seen, else a bool scalar)."""
   p_leaves, p_def = jax.tree.flatten(params)
   flags = p_def.flatten_up_to(seen)
-  return jax.tree.unflatten(p_def, [p if s is None or not jnp.issubdtype(jnp.result_type(p), jnp.inexact)
-                                    else jnp.where(s, p, jnp.zeros_like(p)) for p, s in zip(p_leaves, flags)])
+  return jax.tree.unflatten(
+    p_def,
+    [
+      p
+      if s is None or not jnp.issubdtype(jnp.result_type(p), jnp.inexact)
+      else jnp.where(s, p, jnp.zeros_like(p))
+      for p, s in zip(p_leaves, flags)
+    ],
+  )
 
 
-def per_example_value_and_grad(loss_fn: Callable, *, has_aux: bool = False,
-                               with_norms: bool = False, microbatch: int | None = None) -> Callable:
+def per_example_value_and_grad(
+  loss_fn: Callable,
+  *,
+  has_aux: bool = False,
+  with_norms: bool = False,
+  microbatch: int | None = None,
+) -> Callable:
   """The reference strategy: `fn(params, batch, leaf_weights, visibility=None)`.
 
   With `visibility` (params-shaped; None or bool [B] per leaf, see `CompiledPolicy.leaf_visibility`)
@@ -93,6 +111,7 @@ def per_example_value_and_grad(loss_fn: Callable, *, has_aux: bool = False,
   `with_norms`, a params-shaped pytree of float32 [B] squared norms `|| w_i * grad L_i ||^2` per
   leaf. `microbatch=k` bounds memory to k materialised per-example gradients.
   """
+
   def seen_loss(params, example_seen):
     example, seen = example_seen
     return loss_fn(hide(params, seen), example)
@@ -154,11 +173,13 @@ def group_norms(compiled: CompiledPolicy, squared_norms: PyTree) -> jax.Array:
   leaves = jax.tree.leaves(squared_norms)
   if len(leaves) != len(compiled.leaf_group):
     raise RoutingError(
-        f"got squared norms for {len(leaves)} leaves but the policy was compiled for "
-        f"{len(compiled.leaf_group)}; compile it with the parameter pytree you differentiate")
+      f"got squared norms for {len(leaves)} leaves but the policy was compiled for "
+      f"{len(compiled.leaf_group)}; compile it with the parameter pytree you differentiate"
+    )
   stacked = jnp.stack([jnp.asarray(x, jnp.float32) for x in leaves])  # [L, B]
   per_group = jax.ops.segment_sum(
-      stacked, jnp.asarray(compiled.leaf_group, jnp.int32), num_segments=len(compiled.group_names))
+    stacked, jnp.asarray(compiled.leaf_group, jnp.int32), num_segments=len(compiled.group_names)
+  )
   return jnp.sqrt(per_group).T
 
 
@@ -167,9 +188,16 @@ class _Plan(NamedTuple):
   reason: str
 
 
-def routed_value_and_grad(loss_fn: Callable, compiled: CompiledPolicy, strategy: str = "auto", *,
-                          has_aux: bool = False, with_norms: bool = False,
-                          microbatch: int | None = None, per_example: bool = False) -> Callable:
+def routed_value_and_grad(
+  loss_fn: Callable,
+  compiled: CompiledPolicy,
+  strategy: str = "auto",
+  *,
+  has_aux: bool = False,
+  with_norms: bool = False,
+  microbatch: int | None = None,
+  per_example: bool = False,
+) -> Callable:
   """Routed gradients of the per-example `loss_fn(params, example)`.
 
   Args:
@@ -200,26 +228,45 @@ def routed_value_and_grad(loss_fn: Callable, compiled: CompiledPolicy, strategy:
   """
   if strategy not in STRATEGIES:
     raise RoutingError(f"unknown routing strategy {strategy!r}; choose one of {STRATEGIES}")
-  if microbatch is not None and (isinstance(microbatch, bool) or not isinstance(microbatch, int)
-                                 or microbatch < 1):
+  if microbatch is not None and (
+    isinstance(microbatch, bool) or not isinstance(microbatch, int) or microbatch < 1
+  ):
     raise RoutingError(f"microbatch must be a positive int, got {microbatch!r}")
   if strategy == "cotangent" and microbatch is not None:
     raise RoutingError(
-        "microbatch bounds the memory of the per_example strategy; the cotangent strategy does not "
-        "materialise per-example gradients. Drop microbatch or use strategy='per_example'/'auto'")
-  return _Routed(loss_fn, compiled, strategy, has_aux=has_aux, with_norms=with_norms,
-                 microbatch=microbatch, asserted=per_example)
+      "microbatch bounds the memory of the per_example strategy; the cotangent strategy does not "
+      "materialise per-example gradients. Drop microbatch or use strategy='per_example'/'auto'"
+    )
+  return _Routed(
+    loss_fn,
+    compiled,
+    strategy,
+    has_aux=has_aux,
+    with_norms=with_norms,
+    microbatch=microbatch,
+    asserted=per_example,
+  )
 
 
 class _Routed:
   """The function `routed_value_and_grad` returns: plans a strategy once per shapes, then runs it."""
 
-  def __init__(self, loss_fn: Callable, compiled, strategy: str, *, has_aux: bool,
-               with_norms: bool, microbatch: int | None, asserted: bool):
+  def __init__(
+    self,
+    loss_fn: Callable,
+    compiled,
+    strategy: str,
+    *,
+    has_aux: bool,
+    with_norms: bool,
+    microbatch: int | None,
+    asserted: bool,
+  ):
     self.loss_fn, self.compiled, self.requested = loss_fn, compiled, strategy
     self.has_aux, self.with_norms, self.asserted = has_aux, with_norms, asserted
     self.per_example = per_example_value_and_grad(
-        loss_fn, has_aux=has_aux, with_norms=with_norms, microbatch=microbatch)
+      loss_fn, has_aux=has_aux, with_norms=with_norms, microbatch=microbatch
+    )
     self.plans: dict[Any, _Plan] = {}
     self.warned = False
     self._cotangent: Callable | None = None
@@ -228,9 +275,10 @@ class _Routed:
     compiled = self.compiled
     if jax.tree.structure(params) != compiled.treedef:
       raise RoutingError(
-          f"params do not have the structure the policy was compiled for:\n  compiled for: "
-          f"{compiled.treedef}\n  got: {jax.tree.structure(params)}\ncompile the policy with the "
-          "parameter pytree you differentiate (aqgov.compile_policy(policy, params, taxonomy))")
+        f"params do not have the structure the policy was compiled for:\n  compiled for: "
+        f"{compiled.treedef}\n  got: {jax.tree.structure(params)}\ncompile the policy with the "
+        "parameter pytree you differentiate (aqgov.compile_policy(policy, params, taxonomy))"
+      )
     _check_labels(labels, batch)
     weights = compiled.leaf_weights(labels)
     visibility = compiled.leaf_visibility(labels) if compiled.has_visibility else None
@@ -249,7 +297,8 @@ class _Routed:
   def cotangent(self) -> Callable:
     if self._cotangent is None:
       self._cotangent = cotangent.cotangent_value_and_grad(
-          self.loss_fn, has_aux=self.has_aux, with_norms=self.with_norms)
+        self.loss_fn, has_aux=self.has_aux, with_norms=self.with_norms
+      )
     return self._cotangent
 
   def _plan(self, params, batch) -> _Plan:
@@ -268,8 +317,12 @@ class _Routed:
     if self.requested == "per_example":
       return _Plan("per_example", "requested")
     try:
-      cotangent.check_supported(_loss_only(self.loss_fn, self.has_aux), _abstract(params), example,
-                                visibility=_static_visibility(self.compiled))
+      cotangent.check_supported(
+        _loss_only(self.loss_fn, self.has_aux),
+        _abstract(params),
+        example,
+        visibility=_static_visibility(self.compiled),
+      )
       return _Plan("cotangent", "supported")
     except (UnsupportedPrimitiveError, BatchCouplingError) as exc:
       coupled = isinstance(exc, BatchCouplingError)
@@ -278,8 +331,11 @@ class _Routed:
       plan = _Plan("per_example", "a collective over a named axis" if coupled else _uncovered(exc))
     if not self.warned:
       self.warned = True
-      warnings.warn(f"aqgov: cotangent routing does not cover {plan.reason}; using per_example",
-                    UserWarning, stacklevel=5)
+      warnings.warn(
+        f"aqgov: cotangent routing does not cover {plan.reason}; using per_example",
+        UserWarning,
+        stacklevel=5,
+      )
     return plan
 
 
@@ -289,8 +345,9 @@ def _check_labels(labels, batch) -> None:
   batch_size = _batch_size(batch)
   if sizes and sizes != {batch_size}:
     raise RoutingError(
-        f"the labels describe {sorted(sizes)} examples but the batch has {batch_size}: pass the label "
-        "arrays admission produced for this batch (one row per example, in batch order)")
+      f"the labels describe {sorted(sizes)} examples but the batch has {batch_size}: pass the label "
+      "arrays admission produced for this batch (one row per example, in batch order)"
+    )
 
 
 def _static_visibility(compiled) -> PyTree | None:
@@ -298,7 +355,9 @@ def _static_visibility(compiled) -> PyTree | None:
   if not compiled.has_visibility:
     return None
   columns, which = np.unique(compiled.leaf_hidden, axis=1, return_inverse=True)
-  marks = [None if not columns[:, j].any() else np.ones((1,), bool) for j in range(columns.shape[1])]
+  marks = [
+    None if not columns[:, j].any() else np.ones((1,), bool) for j in range(columns.shape[1])
+  ]
   return jax.tree.unflatten(compiled.treedef, [marks[j] for j in np.ravel(which)])
 
 
