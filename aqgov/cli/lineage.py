@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -106,42 +107,55 @@ def lineage() -> None:
 _MORE_KEYS = click.argument("more_keys", nargs=-1, type=click.Path(exists=True, dir_okay=False))
 
 
+def verify_options(command: Callable) -> Callable:
+  """The options that say which keys are trusted and how strict verification is (`lineage verify`,
+  `report`): keys obtained out of band, parent runs, live runs, missing files, witnesses."""
+  for option in reversed(_VERIFY_OPTIONS):
+    command = option(command)
+  return command
+
+
+_VERIFY_OPTIONS = [
+  click.option(
+    "--trust",
+    "trust",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="A trusted public key (.pub), obtained out of band: authorities, parent runs, the run key. "
+    "Repeat it, or give several after one --trust (a shell glob works).",
+  ),
+  _RUN_KEY,
+  click.option(
+    "--parent-dir",
+    multiple=True,
+    help="Directory of a parent run (or RUN_ID=DIR) not where recorded.",
+  ),
+  click.option(
+    "--allow-open",
+    is_flag=True,
+    help="Accept a run that is still running or crashed (no signed run-end); its records after the last "
+    "signed head are reported as unsigned. Without it the run must be closed.",
+  ),
+  click.option(
+    "--allow-missing",
+    is_flag=True,
+    help="List a referenced document, parent run or checkpoint that is not present as unchecked "
+    "instead of failing.",
+  ),
+  click.option(
+    "--witness",
+    "witnesses",
+    multiple=True,
+    help="A witness that must have cosigned the final head: its verifier key (NAME+HASH+KEY) or .pub "
+    "file. Repeatable; requires a closed run even with --allow-open.",
+  ),
+]
+
+
 @lineage.command("verify")
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @_MORE_KEYS
-@click.option(
-  "--trust",
-  "trust",
-  multiple=True,
-  type=click.Path(exists=True, dir_okay=False),
-  help="A trusted public key (.pub), obtained out of band: authorities, parent runs, the run key. "
-  "Repeat it, or give several after one --trust (a shell glob works).",
-)
-@_RUN_KEY
-@click.option(
-  "--parent-dir",
-  multiple=True,
-  help="Directory of a parent run (or RUN_ID=DIR) not where recorded.",
-)
-@click.option(
-  "--allow-open",
-  is_flag=True,
-  help="Accept a run that is still running or crashed (no signed run-end); its records after the last "
-  "signed head are reported as unsigned. Without it the run must be closed.",
-)
-@click.option(
-  "--allow-missing",
-  is_flag=True,
-  help="List a referenced document, parent run or checkpoint that is not present as unchecked "
-  "instead of failing.",
-)
-@click.option(
-  "--witness",
-  "witnesses",
-  multiple=True,
-  help="A witness that must have cosigned the final head: its verifier key (NAME+HASH+KEY) or .pub "
-  "file. Repeatable; requires a closed run even with --allow-open.",
-)
+@verify_options
 def verify_cmd(
   run_dir: str,
   more_keys: tuple[str, ...],

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from aqgov.cli.lineage import _MORE_KEYS, _RUN_KEY, _parent_dirs, _trust
+from aqgov.cli.lineage import _MORE_KEYS, _parent_dirs, _trust, verify_options
 from aqgov.errors import LineageError
 
 
@@ -20,32 +20,7 @@ from aqgov.errors import LineageError
   type=click.Path(dir_okay=False),
   help="Write the HTML report here.",
 )
-@click.option(
-  "--trust",
-  "trust",
-  multiple=True,
-  type=click.Path(exists=True, dir_okay=False),
-  help="A trusted public key (.pub) obtained out of band, as for `aqgov lineage verify`.",
-)
-@_RUN_KEY
-@click.option(
-  "--parent-dir",
-  multiple=True,
-  help="Directory of a parent run (or RUN_ID=DIR) not where recorded.",
-)
-@click.option(
-  "--allow-open",
-  is_flag=True,
-  help="Accept a run that is still running or crashed (no signed run-end).",
-)
-@click.option(
-  "--allow-missing",
-  is_flag=True,
-  help="List a missing referenced file as unchecked instead of failing.",
-)
-@click.option(
-  "--witness", "witnesses", multiple=True, help="A witness that must have cosigned the final head."
-)
+@verify_options
 @click.option(
   "--attestation",
   type=click.Path(exists=True, dir_okay=False),
