@@ -75,7 +75,9 @@ def weigh(x: jax.Array, w: jax.Array) -> jax.Array:
 
 
 def _join_bwd(ws, ct):
-  scaled = tuple(ct if w is None else weigh(ct, w) for w in ws)
+  # a multiply: a select here costs a cotangent-sized buffer (measured +14% on a CNN). Where the
+  # weight rides on the operand instead (`weigh` in `_emit_scaled`) an excluded example is selected out.
+  scaled = tuple(ct if w is None else (ct * w.astype(ct.dtype)).astype(ct.dtype) for w in ws)
   return ct, scaled, tuple(None if w is None else jnp.zeros_like(w) for w in ws)
 
 
