@@ -95,8 +95,8 @@ def serve_cmd(
     click.echo(f"   following {origin}")
   try:
     server.serve_forever()
-  except KeyboardInterrupt:
-    pass
+  except KeyboardInterrupt:  # Ctrl-C is how a foreground witness is stopped; its state is on disk
+    click.echo("stopped")
   finally:
     server.server_close()
 
