@@ -63,6 +63,24 @@ class DocumentType(Generic[T]):
   on_verified: Callable[[T, tuple[str, ...]], T] | None = None
 
 
+def signed_by_named_authority(
+  noun: str, error: type[AqgovError]
+) -> Callable[[T, tuple[str, ...]], T]:
+  """An `on_verified` check for documents that name their `authority` (policies, profiles): only
+  that authority's key may sign them, so one authority cannot issue another's document."""
+
+  def check(doc: T, signers: tuple[str, ...]) -> T:
+    authority = getattr(doc, "authority", "")
+    if authority and authority not in signers:
+      raise error(
+        f"{noun} {doc.name!r} names authority {authority!r} but is signed by "
+        f"{list(signers)}; only {authority}'s key may sign it"
+      )
+    return doc
+
+  return check
+
+
 def register(doc_type: DocumentType[T]) -> DocumentType[T]:
   """Make `doc_type` findable by `document_type(name or kind)`; returns it."""
   for key in (doc_type.name, doc_type.kind):

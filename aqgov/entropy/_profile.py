@@ -39,7 +39,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from aqgov.documents import _canonical as canonical
-from aqgov.documents._document_type import DocumentType, register
+from aqgov.documents._document_type import DocumentType, register, signed_by_named_authority
 from aqgov.documents._files import read_text
 from aqgov.documents._toml import dumps_toml, loads_toml
 from aqgov.entropy._metrics import METRICS, PER_HEAD_METRICS
@@ -474,15 +474,6 @@ def _from_payload(payload: Mapping[str, Any]) -> EntropyProfile:
   )
 
 
-def _signed_by_authority(profile: EntropyProfile, signers: tuple[str, ...]) -> EntropyProfile:
-  if profile.authority and profile.authority not in signers:
-    raise ProfileError(
-      f"entropy profile {profile.name!r} names authority {profile.authority!r} but is signed by "
-      f"{list(signers)}; only {profile.authority}'s key may sign it"
-    )
-  return profile
-
-
 PROFILE: DocumentType[EntropyProfile] = register(
   DocumentType(
     name="profile",
@@ -492,6 +483,6 @@ PROFILE: DocumentType[EntropyProfile] = register(
     from_payload=_from_payload,
     error=ProfileError,
     from_text=EntropyProfile.from_toml,
-    on_verified=_signed_by_authority,
+    on_verified=signed_by_named_authority("entropy profile", ProfileError),
   )
 )

@@ -58,7 +58,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 from aqgov.documents import _canonical as canonical
-from aqgov.documents._document_type import DocumentType, register
+from aqgov.documents._document_type import DocumentType, register, signed_by_named_authority
 from aqgov.documents._files import read_text
 from aqgov.documents._toml import InlineTable, dumps_toml, loads_toml
 from aqgov.errors import PolicyError
@@ -553,15 +553,6 @@ def compose(policies: Policy | PolicySet | Iterable[Policy]) -> PolicySet:
 # Signed documents
 
 
-def _signed_by_authority(policy: Policy, signers: tuple[str, ...]) -> Policy:
-  if policy.authority and policy.authority not in signers:
-    raise PolicyError(
-      f"routing policy {policy.name!r} names authority {policy.authority!r} but is signed by "
-      f"{list(signers)}; only {policy.authority}'s key may sign it"
-    )
-  return policy
-
-
 POLICY: DocumentType[Policy] = register(
   DocumentType(
     name="policy",
@@ -571,6 +562,6 @@ POLICY: DocumentType[Policy] = register(
     from_payload=Policy.from_dict,
     error=PolicyError,
     from_text=Policy.from_toml,
-    on_verified=_signed_by_authority,
+    on_verified=signed_by_named_authority("routing policy", PolicyError),
   )
 )
