@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from aqgov import documents
+from aqgov.cli.signed import TRUST_OPTION
 from aqgov.credentials import _manifest as credlib
 from aqgov.credentials._manifest import MANIFEST
 from aqgov.credentials._taxonomy import Taxonomy
@@ -68,14 +69,7 @@ def issue(key_path: str, taxonomy_path: str, examples_path: str, out_path: str) 
 
 @credentials.command("verify")
 @click.argument("manifest_path", type=click.Path(dir_okay=False))
-@click.option(
-  "--trust",
-  "trust_paths",
-  multiple=True,
-  required=True,
-  type=click.Path(dir_okay=False),
-  help="A trusted authority .pub (repeatable).",
-)
+@TRUST_OPTION
 @click.option(
   "--examples",
   "examples_path",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from aqgov import documents
-from aqgov.cli.signed import add_sign_and_verify
+from aqgov.cli.signed import TRUST_OPTION, add_sign_and_verify
 from aqgov.documents import _keys as keylib
 from aqgov.documents._keys import TrustStore
 from aqgov.entropy._overrides import OVERRIDE, Override, admit_override
@@ -87,14 +87,7 @@ def issue(
 
 @override.command("verify")
 @click.argument("token_path", type=click.Path(exists=True, dir_okay=False))
-@click.option(
-  "--trust",
-  "trust_paths",
-  multiple=True,
-  required=True,
-  type=click.Path(dir_okay=False),
-  help="A trusted authority's .pub (repeatable).",
-)
+@TRUST_OPTION
 @click.option("--run", "run_id", required=True, help="Id of the run the override must name.")
 def verify_token(token_path: str, trust_paths: tuple[str, ...], run_id: str) -> None:
   """Verify TOKEN (signature, trust, run, expiry); exit 1 if it is refused."""

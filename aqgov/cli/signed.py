@@ -8,6 +8,16 @@ from aqgov import documents
 from aqgov.documents import _keys as keylib
 from aqgov.documents._keys import TrustStore
 
+# The keys a document is checked against, obtained out of band (never read from a directory).
+TRUST_OPTION = click.option(
+  "--trust",
+  "trust_paths",
+  multiple=True,
+  required=True,
+  type=click.Path(dir_okay=False),
+  help="A trusted signer's .pub, obtained out of band (repeatable).",
+)
+
 
 def add_sign_and_verify(group: click.Group, type_name: str) -> None:
   """Register `group sign DOC --key K --out F` and `group verify F --trust P [...]` for a document type."""
@@ -40,14 +50,7 @@ def add_sign_and_verify(group: click.Group, type_name: str) -> None:
 
   @group.command("verify")
   @click.argument("signed_path", type=click.Path(exists=True, dir_okay=False))
-  @click.option(
-    "--trust",
-    "trust_paths",
-    multiple=True,
-    required=True,
-    type=click.Path(dir_okay=False),
-    help="A trusted signer's .pub (repeatable).",
-  )
+  @TRUST_OPTION
   @click.option(
     "--min-signers",
     default=1,
