@@ -590,7 +590,8 @@ def test_norms_avoid_per_example_gradients_for_single_use_matmuls_and_convolutio
   assert all(layer["b"] == "vjp" for layer in methods["layers"])  # the add's own VJP
   params, batch = conv_setup(0)
   methods = norm_methods(conv_loss, params, jax.tree.map(lambda b: b[0], batch))
-  assert methods["k1"] == methods["k2"] == "patches"
+  # many output positions for so few kernel entries: the per-example kernel gradient is cheaper
+  assert methods["k1"] == methods["k2"] == "vjp"
 
 
 def test_tied_weights_have_their_per_example_gradients_materialised():

@@ -49,6 +49,7 @@ import jax.numpy as jnp
 from aqgov.errors import RoutingError
 from aqgov.routing import _jax_compat as jc
 from aqgov.routing import _norms as norms
+from aqgov.routing import _site_stats as site_stats
 from aqgov.routing._analysis import Uses, analyze, check_visibility, is_param
 from aqgov.routing._emission import Ctx, Env, emit, weigh
 from aqgov.routing._plan import Plan, in_kinds, make_plan, per_example_weights, struct, trace
@@ -76,18 +77,38 @@ def check_supported(
 
 
 def norm_methods(
-  loss_fn: Callable, params: PyTree, example: PyTree, *, has_aux: bool = False
+  loss_fn: Callable,
+  params: PyTree,
+  example: PyTree,
+  *,
+  has_aux: bool = False,
+  with_norms: bool | str = True,
+  sketch_dim: int = 64,
 ) -> PyTree:
   """How `with_norms` gets each leaf's per-example contribution norm (params-shaped strings).
 
-  "ghost": Gram-matrix form of a matmul (no per-example gradient); "patches": input patches of
-  a convolution kernel; "vjp": that one equation's VJP per example; "materialised": per-example
-  gradients formed in the backward pass (several uses, e.g. tied weights, or a matmul whose
-  per-example product is cheaper than its Gram form); "none": the loss does not depend on it."""
+  All but "sketch" are exact, and none but "materialised" forms a per-example gradient that
+  outlives the backward step of its use:
+  "ghost": Gram-matrix form of a matmul (inside a scan: per iteration for a stacked leaf, over
+  all iterations' rows for a shared one); "direct": a matmul's per-example product `A_iᵀ G_i`
+  reduced at once; "patches": the Gram form of a convolution's input patches (few output
+  positions); "vjp": that one equation's VJP per example (a convolution's per-example kernel
+  gradients as one grouped convolution); "sketch": an unbiased estimate from `sketch_dim` random
+  projections; "materialised": per-example gradients formed in the backward pass (several uses,
+  e.g. tied weights, or a leaf shared by a scan's iterations whose Gram form is dearer);
+  "none": the loss does not depend on it."""
   p_leaves, p_def = jax.tree.flatten(params)
   ex_leaves, ex_def = jax.tree.flatten(example)
+  spec = site_stats.norm_spec(with_norms, sketch_dim, 0) or site_stats.NormSpec()
   plan = make_plan(
-    loss_fn, p_leaves, p_def, tuple(struct(x) for x in ex_leaves), ex_def, frozenset(), has_aux
+    loss_fn,
+    p_leaves,
+    p_def,
+    tuple(struct(x) for x in ex_leaves),
+    ex_def,
+    frozenset(),
+    has_aux,
+    norms=spec,
   )
   return jax.tree.unflatten(p_def, norms.methods(plan))
 
@@ -109,7 +130,12 @@ def _visibility_keys(p_def, visibility: PyTree | None) -> tuple[tuple, list]:
 
 
 def cotangent_value_and_grad(
-  loss_fn: Callable, *, has_aux: bool = False, with_norms: bool = False
+  loss_fn: Callable,
+  *,
+  has_aux: bool = False,
+  with_norms: bool | str = False,
+  sketch_dim: int = 64,
+  sketch_seed: int = 0,
 ) -> Callable:
   """`fn(params, batch, leaf_weights, visibility=None)` -> `(loss_mean, grads)` with
   `grads_l = (1/B) Σ_i w_i[l] ∇_l loss_fn(params ⊙ seen_i, example_i)`.
@@ -121,10 +147,14 @@ def cotangent_value_and_grad(
   `leaf_weights` is params-shaped; each leaf is [B] or [B, *shape broadcastable to the leaf].
   With `has_aux`, `loss_fn` returns `(loss, aux)` and the result is `((loss_mean, aux[B,...]),
   grads)`. With `with_norms` a trailing params-shaped pytree of [B] squared per-example
-  contribution norms `||w_i[l] ⊙ ∇_l L_i||²` is added. Jit-able; traced jaxprs are cached by
-  shapes. Raises `UnsupportedPrimitiveError` / `BatchCouplingError` as `check_supported`.
+  contribution norms `||w_i[l] ⊙ ∇_l L_i||²` is added: exact with `with_norms=True` (or
+  "exact"); with "sketch", matmul and convolution kernels get an unbiased estimate from
+  `sketch_dim` random projections seeded by `sketch_seed` (`_sketch_norms`), other leaves exact.
+  Jit-able; traced jaxprs are cached by shapes. Raises `UnsupportedPrimitiveError` /
+  `BatchCouplingError` as `check_supported`.
   """
   cache: dict = {}
+  spec = site_stats.norm_spec(with_norms, sketch_dim, sketch_seed)
 
   def fn(params, batch, leaf_weights, visibility=None):
     p_leaves, p_def = jax.tree.flatten(params)
@@ -154,11 +184,21 @@ def cotangent_value_and_grad(
     )
     plan = cache.get(key)
     if plan is None:
-      plan = make_plan(loss_fn, p_leaves, p_def, ex_structs, b_def, slice_leaves, has_aux, vis_key)
+      plan = make_plan(
+        loss_fn,
+        p_leaves,
+        p_def,
+        ex_structs,
+        b_def,
+        slice_leaves,
+        has_aux,
+        vis_key,
+        spec or site_stats.NormSpec(),
+      )
       if not any(isinstance(c, jc.Tracer) for c in plan.closed.consts):
         cache[key] = plan
     seen = [jnp.broadcast_to(jnp.asarray(s, bool), (size,)) for s in seen]
-    return _run(plan, p_leaves, p_def, b_leaves, weights, size, has_aux, with_norms, seen)
+    return _run(plan, p_leaves, p_def, b_leaves, weights, size, has_aux, spec is not None, seen)
 
   return fn
 
@@ -205,8 +245,7 @@ def _run(
       weights=w_i,
       leaf_branch=branch,
       materialised=materialised,
-      site_probes={k: (sites[k], v) for k, v in gprobes_i.items()},
-      site_acts={},
+      site_probes={k: (*sites[k], v) for k, v in gprobes_i.items()},
       vis_key=plan.vis_key,
       seen=dict(enumerate(seen_i)),
     )
@@ -221,19 +260,19 @@ def _run(
     loss_atom = outvars[0]
     loss = env.lift(loss_atom) if is_param(env.kind(loss_atom)) else env.read(loss_atom)
     aux = [_sg(env.read(a)) for a in outvars[1:]]
-    return loss, (aux, dict(ctx.site_acts))
+    return loss, aux
 
   def total(diff_vals, probes, gprobes):
     w_dict = {i: weights[i] for i in range(n_p)}
-    losses, (aux, acts) = jax.vmap(per_example, in_axes=(None, 0, 0, 0, 0, 0))(
+    losses, aux = jax.vmap(per_example, in_axes=(None, 0, 0, 0, 0, 0))(
       diff_vals, probes, gprobes, list(b_leaves), w_dict, list(seen)
     )
     # the sum, not the mean: each example's cotangent starts at 1, exactly as in brute force, so
     # custom rules that are not linear in their cotangent (gradient clipping) see their own
-    return jnp.sum(losses), (aux, acts)
+    return jnp.sum(losses), aux
 
   diff_vals = [p_leaves[i] for i in diff]
-  (loss_sum, (aux, acts)), (g_diff, g_probes, g_sites) = jax.value_and_grad(
+  (loss_sum, aux), (g_diff, g_probes, g_sites) = jax.value_and_grad(
     total, argnums=(0, 1, 2), has_aux=True
   )(diff_vals, probes, gprobes)
   loss = loss_sum / jnp.asarray(size, loss_sum.dtype)
@@ -247,5 +286,5 @@ def _run(
     head = (loss, out[1])
   if not with_norms:
     return head, grads
-  sq = norms.sq_norms(sites, p_leaves, size, g_probes, g_sites, acts)
+  sq = norms.sq_norms(sites, p_leaves, size, g_probes, g_sites)
   return head, grads, jax.tree.unflatten(p_def, sq)

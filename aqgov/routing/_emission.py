@@ -37,6 +37,7 @@ import jax.numpy as jnp
 
 from aqgov.errors import RoutingError
 from aqgov.routing import _jax_compat as jc
+from aqgov.routing import _site_stats as site_stats
 from aqgov.routing._analysis import (
   CONST,
   Kind,
@@ -94,8 +95,7 @@ class Ctx(NamedTuple):
   weights: dict  # leaf -> per-example scalar weight
   leaf_branch: dict  # leaf -> value used on the parameter side (leaf, or leaf + probe)
   materialised: frozenset  # leaves whose per-example gradient is materialised via a probe
-  site_probes: dict  # inlining path -> (Site, zero probe added to its parameter side)
-  site_acts: dict  # inlining path -> recorded non-parameter operands (output)
+  site_probes: dict  # path -> (Site, SiteStat, zero probe tapped on its parameter side)
   vis_key: tuple = ()  # leaf -> visibility key (None: seen by every example)
   seen: dict = {}  # visibility key -> per-example bool: the example sees those leaves
 
@@ -238,7 +238,7 @@ def emit(closed, env: Env, path: tuple | None) -> list:
     elif name in jc.REMAT and mixes(ins):
       outs, kinds = _emit_remat(eqn, env, ins)
     elif name == jc.SCAN and mixes(ins):
-      outs, kinds = _emit_scan(eqn, env, ins)
+      outs, kinds = _emit_scan(eqn, env, ins, sub)
     elif name == jc.COND and mixes(ins):
       outs, kinds = _emit_cond(eqn, env, ins)
     else:
@@ -315,9 +315,9 @@ def _emit_scaled(eqn, env: Env, ins, kinds, path):
       args[scaled_pos] = weigh(args[scaled_pos], w)
       w = None
     if path is not None and path in env.ctx.site_probes:  # a site has exactly one leaf
-      site, probe = env.ctx.site_probes[path]
-      env.ctx.site_acts[path] = [v for j, v in enumerate(args) if j != site.param_pos]
-      y_ps.append([jc.bind(eqn, args)[0] + probe.astype(eqn.outvars[0].aval.dtype)])
+      site, stat, probe = env.ctx.site_probes[path]
+      y = jc.bind(eqn, args)[0]
+      y_ps.append([site_stats.tap(stat, y, site_stats.operands(site, stat, args), probe)])
     else:
       y_ps.append(jc.bind(eqn, args))
     ws.append(w)
@@ -346,12 +346,12 @@ def _emit_inline(eqn, env: Env, ins, path):
   return outs, kinds
 
 
-def _run_sub(env: Env, closed, invars_kinds, vals, seeds, lift_to=None):
+def _run_sub(env: Env, closed, invars_kinds, vals, seeds, lift_to=None, ctx=None, path=None):
   """Evaluate a sub-jaxpr (scan body, branch, remat body) in a fresh environment."""
-  sub = Env(env.ctx)
+  sub = Env(env.ctx if ctx is None else ctx)
   for v, val, k, s in zip(closed.jaxpr.invars, vals, invars_kinds, seeds):
     sub.seed(v, val, k, s)
-  outvars = emit(closed, sub, None)
+  outvars = emit(closed, sub, path)
   outs = []
   for j, a in enumerate(outvars):
     kind = sub.kind(a)
@@ -399,7 +399,19 @@ def _emit_remat(eqn, env: Env, ins):
   return outs, body.kinds
 
 
-def _emit_scan(eqn, env: Env, ins):
+def _body_probes(ctx: Ctx, path: tuple | None) -> tuple[dict, list]:
+  """The site probes of a scan body at `path`: (path -> entry for probes fixed across the
+  iterations, [(path, entry)] for probes scanned over, one slice per iteration)."""
+  if path is None:
+    return {}, []
+  inner = {
+    k: v for k, v in ctx.site_probes.items() if len(k) > len(path) and k[: len(path)] == path
+  }
+  fixed = {k: v for k, v in inner.items() if not v[1].per_iteration}
+  return fixed, [(k, v) for k, v in sorted(inner.items()) if v[1].per_iteration]
+
+
+def _emit_scan(eqn, env: Env, ins, path):
   p = jc.scan_params(eqn)
   nc, nk = p.num_consts, p.num_carry
   carry_kinds = scan_carry_kinds(eqn, ins)
@@ -418,16 +430,22 @@ def _emit_scan(eqn, env: Env, ins):
   xs = [env.read(a) for a in xs_atoms]
   kinds_in = strip(ins[:nc]) + carry_kinds + strip(ins[nc + nk :])
   lift_to = [c.ex for c in carry_kinds] + [False] * (len(eqn.outvars) - nk)
+  fixed, scanned = _body_probes(env.ctx, path)
+  body_path = path if fixed or scanned else None
 
   def step(carry, x):
-    x_main, x_extra = x
+    x_main, x_extra, x_probes = x
     seeds = const_seeds + [{} for _ in carry] + _unpack_seeds(len(xs), xs_keys, x_extra)
-    outs, kinds = _run_sub(env, p.jaxpr, kinds_in, [*consts, *carry, *x_main], seeds, lift_to)
+    probes = {k: (site, stat, xp) for (k, (site, stat, _)), xp in zip(scanned, x_probes)}
+    ctx = env.ctx._replace(site_probes={**fixed, **probes}) if body_path else None
+    vals = [*consts, *carry, *x_main]
+    outs, kinds = _run_sub(env, p.jaxpr, kinds_in, vals, seeds, lift_to, ctx, body_path)
     return (outs[:nk], outs[nk:]), kinds
 
   body = _KindRecorder(step)
+  x_probes = [v[2] for _, v in scanned]
   carry_out, ys = jax.lax.scan(
-    body, init, (xs, xs_extra), length=p.length, reverse=p.reverse, unroll=p.unroll
+    body, init, (xs, xs_extra, x_probes), length=p.length, reverse=p.reverse, unroll=p.unroll
   )
   ys_kinds = body.kinds[nk:]
   return [*carry_out, *ys], carry_kinds + ys_kinds

@@ -2,8 +2,8 @@
 
 A `Plan` is the traced jaxpr of `loss_fn(param leaves, example leaves)` and what the analysis
 found: which leaves are weighted per slice (scaled at the leaf), which single-use equations give
-a per-example gradient norm from their operands (`sites`), and which leaves need their
-per-example gradients materialised for norms.
+a per-example gradient norm from their operands (`sites`, each with the `SiteStat` it computes
+for the requested norms), and which leaves need their per-example gradients materialised.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import jax
 import jax.numpy as jnp
 
 from aqgov.errors import BatchCouplingError, RoutingError
-from aqgov.routing import _ghost_norms as ghost_norms
 from aqgov.routing import _jax_compat as jc
 from aqgov.routing._analysis import CONST, Kind, Uses, analyze, check_visibility, inexact, is_param
+from aqgov.routing._site_stats import EXACT, NormSpec, site_stat
 
 
 class Plan(NamedTuple):
@@ -27,7 +27,7 @@ class Plan(NamedTuple):
   n_params: int
   slice_leaves: frozenset  # leaves weighted per slice (scaled at the leaf)
   diff_leaves: tuple  # indices of inexact parameter leaves
-  sites: dict  # inlining path -> Site (norms from operands + cotangent)
+  sites: dict  # inlining path -> (Site, SiteStat): norms from operands + cotangent
   materialised: frozenset  # leaves whose per-example gradients are materialised for norms
   vis_key: tuple = ()  # leaf -> visibility key, None when every example sees it
 
@@ -102,6 +102,7 @@ def make_plan(
   slice_leaves,
   has_aux: bool,
   vis_key: tuple = (),
+  norms: NormSpec = EXACT,
 ) -> Plan:
   closed, out_tree = trace(loss_fn, p_leaves, p_def, ex_structs, ex_def)
   _check_output(closed, out_tree, has_aux)
@@ -114,13 +115,10 @@ def make_plan(
   sites, materialised = {}, set(slice_leaves)
   for leaf, recorded in uses.by_leaf.items():
     path, site = recorded[0]
-    if (
-      len(recorded) == 1
-      and site is not None
-      and (site.dot is None or ghost_norms.ghost_is_cheaper(site.dot))
-    ):
-      sites[path] = site
-    else:  # several uses, or a matmul whose per-example product is cheapest inside the backward
+    stat = site_stat(site, norms, leaf) if len(recorded) == 1 and site is not None else None
+    if stat is not None:
+      sites[path] = (site, stat)
+    else:  # several uses (tied weights), or no statistic for this use
       materialised.add(leaf)
   diff = tuple(i for i, p in enumerate(p_leaves) if jnp.issubdtype(jnp.result_type(p), jnp.inexact))
   return Plan(
