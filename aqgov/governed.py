@@ -51,12 +51,14 @@ from aqgov.errors import (
   NonFiniteError,
   OverrideError,
   PolicyError,
+  RoutingError,
 )
 from aqgov.lineage._log import LogReader
 from aqgov.lineage._summary import StepSummary, summarize
 from aqgov.lineage._task import TrainState
 from aqgov.policy._compile import CompiledPolicy, compile_policy
 from aqgov.policy._policy import POLICY
+from aqgov.routing._site_stats import norm_spec
 from aqgov.routing._transforms import strict as strict_transform
 from aqgov.routing._value_and_grad import routed_value_and_grad
 
@@ -113,17 +115,32 @@ def governed_step(
   overrides: Sequence[Any] = (),
   fingerprint_seed: int = 0,
   microbatch: int | None = None,
+  norms: str = "exact",
+  sketch_dim: int = 64,
+  sketch_seed: int = 0,
 ) -> tuple[optax.GradientTransformationExtraArgs, StepFn]:
   """The optimizer to `init` the state with, and the pure step `(state, batch, labels) -> (state, summary)`.
 
   `loss_fn(params, example)` is the per-example loss; with `has_aux` it returns `(loss, aux)` where
   `aux` holds the representations the profile names. `batch` is `{"inputs": pytree with a leading
   batch axis, "index": int32 [B]}` (row -> position in the host-side id list).
+
+  `norms` says which per-example contribution norms the summary records: `"exact"`, or
+  `"sketch"` (unbiased estimates from `sketch_dim` projections seeded by `sketch_seed`, see
+  `routed_value_and_grad`); `norms_config` gives the run-start record's account of it.
   """
+  norms_config(norms, sketch_dim, sketch_seed)  # refuses what routing would refuse, here
   tx = governed_optimizer(optimizer, compiled, profile=profile, strict=strict, overrides=overrides)
   governed = profile is not None
   grad_fn = routed_value_and_grad(
-    loss_fn, compiled, strategy, has_aux=has_aux, with_norms=True, microbatch=microbatch
+    loss_fn,
+    compiled,
+    strategy,
+    has_aux=has_aux,
+    with_norms=norms,
+    sketch_dim=sketch_dim,
+    sketch_seed=sketch_seed,
+    microbatch=microbatch,
   )
 
   def step(state: TrainState, batch: Mapping[str, Any], labels: Mapping[str, jax.Array]):
@@ -163,6 +180,17 @@ def governed_step(
     return TrainState(number, params, opt_state, GovernanceState(~finite)), summary
 
   return tx, step
+
+
+def norms_config(norms: str = "exact", sketch_dim: int = 64, sketch_seed: int = 0) -> dict:
+  """What a run's contribution norms are, as its run-start record states it (`config.norms`):
+  `{"kind": "exact"}` or `{"kind": "sketch", "sketch_dim": k, "sketch_seed": s}`."""
+  if norms not in ("exact", "sketch"):
+    raise RoutingError(f"norms must be 'exact' or 'sketch', got {norms!r}")
+  spec = norm_spec(norms, sketch_dim, sketch_seed)
+  if spec.kind == "exact":
+    return {"kind": "exact"}
+  return {"kind": "sketch", "sketch_dim": spec.sketch_dim, "sketch_seed": spec.seed}
 
 
 def _verified(doc_type: DocumentType, paths: Sequence[Path], trust: TrustStore) -> list:
@@ -225,6 +253,8 @@ class GovernedTask:
     make_inputs: `Example -> model inputs` for one example (stacked by admission).
     optimizer: the Optax optimizer.
     strategy, strict, microbatch: as for `routed_value_and_grad` / `governed_optimizer`.
+    norms, sketch_dim, sketch_seed: which contribution norms the lineage records (as for
+      `governed_step`); `GovernedRun.start` records `norms_config` in the run-start `config`.
     seed: fingerprint projection seed.
     overrides: verified override tokens admitted for this run, besides those in `run_dir/overrides/`.
     trust: the authority keys to verify the documents with; defaults to the `trust` of the
@@ -248,6 +278,9 @@ class GovernedTask:
     seed: int = 0,
     overrides: Sequence[Any] = (),
     trust: TrustStore | None = None,
+    norms: str = "exact",
+    sketch_dim: int = 64,
+    sketch_seed: int = 0,
   ):
     trust = getattr(run_dir, "trust", None) if trust is None else trust
     if not isinstance(trust, TrustStore):
@@ -257,6 +290,7 @@ class GovernedTask:
       )
     run_dir = Path(run_dir)
     self.trust = trust
+    self.norms_config = norms_config(norms, sketch_dim, sketch_seed)
     # composed in name order, so route class names do not depend on document ids
     policies = sorted(
       _verified(POLICY, sorted((run_dir / "policies").glob("*.signed")), self.trust),
@@ -298,6 +332,9 @@ class GovernedTask:
       overrides=[*overrides, *run_overrides(run_dir, self.trust, self.override_authorities)],
       fingerprint_seed=seed,
       microbatch=microbatch,
+      norms=norms,
+      sketch_dim=sketch_dim,
+      sketch_seed=sketch_seed,
     )
     self.step_without_checks = jax.jit(step)
 

@@ -27,6 +27,7 @@ from aqgov.errors import RoutingError
 from aqgov.routing import _ghost_norms as ghost_norms
 from aqgov.routing import _sketch_norms as sketch_norms
 from aqgov.routing._cotangent import cotangent_value_and_grad, norm_methods
+from aqgov.routing._site_stats import NormSpec
 
 import routed_models as rm
 
@@ -290,11 +291,13 @@ def test_sketched_norms_estimate_brute_force_within_their_error(name, loss_fn, s
   weights = random_weights(params, 3)
   _, _, ref_grads, ref_sq = brute_force(loss_fn, params, batch, weights)
   fn = jax.jit(
-    cotangent_value_and_grad(loss_fn, with_norms="sketch", sketch_dim=2048),
+    cotangent_value_and_grad(loss_fn, with_norms=NormSpec("sketch", 2048, where="all")),
     compiler_options=FAST_COMPILE,
   )
   _, grads, sq = fn(params, batch, weights)
-  methods = norm_methods(loss_fn, params, one(batch), with_norms="sketch")
+  methods = norm_methods(
+    loss_fn, params, one(batch), with_norms=NormSpec("sketch", 2048, where="all")
+  )
   for g, e in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):  # gradients stay exact
     np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-6)
   for got, want, method in zip(
@@ -332,3 +335,18 @@ def test_routed_norms_accept_exact_and_sketch_and_refuse_anything_else():
     aqgov.routed_value_and_grad(rnn_loss, compiled, with_norms="approximate")
   with pytest.raises(RoutingError, match="sketch_dim"):
     aqgov.routed_value_and_grad(rnn_loss, compiled, with_norms="sketch", sketch_dim=0)
+
+
+def test_a_sketch_is_used_where_it_is_cheaper_than_the_exact_form():
+  params, batch = stacked_setup(0, 8)
+  rnn_params, rnn_batch = rnn_setup(0)
+  sketch = lambda fn, p, b, k: norm_methods(fn, p, one(b), with_norms="sketch", sketch_dim=k)
+  # 6x3 kernels over 8 tokens: the exact forms are cheaper than 4 projections
+  assert sketch(stacked_loss, params, batch, 4)["blocks"]["up"] == "direct"
+  # a recurrent weight's projections add over the steps: sketched at any size
+  assert sketch(rnn_loss, rnn_params, rnn_batch, 64)["wh"] == "sketch"
+  wide = {"w": jnp.ones((64, 64))}
+  tokens = {"x": jnp.ones((B, 32, 64))}
+  dense = lambda p, ex: jnp.sum(jnp.tanh(ex["x"] @ p["w"]))
+  assert sketch(dense, wide, tokens, 8)["w"] == "sketch"  # 8 < 32 tokens, 8·128 < 64·64
+  assert sketch(dense, wide, tokens, 32)["w"] == "ghost"

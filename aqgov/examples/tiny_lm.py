@@ -112,7 +112,8 @@ def example_loss(params, tokens, config: Config = Config(), with_aux: bool = Fal
 def make_task(task_config: Mapping[str, Any], run_dir: str | Path):
   """The governed task of a run training this model (`aqgov.examples.tiny_lm:make_task`).
 
-  `task_config` keys: the `Config` fields, `seed`, `learning_rate`, `strategy`, `strict`.
+  `task_config` keys: the `Config` fields, `seed`, `learning_rate`, `strategy`, `strict`,
+  `norms` ("exact" or "sketch"), `sketch_dim`, `sketch_seed`.
   """
   import optax
 
@@ -129,4 +130,7 @@ def make_task(task_config: Mapping[str, Any], run_dir: str | Path):
     strategy=str(task_config.get("strategy", "auto")),
     strict=bool(task_config.get("strict", False)),
     seed=seed,
+    norms=str(task_config.get("norms", "exact")),
+    sketch_dim=int(task_config.get("sketch_dim", 64)),
+    sketch_seed=int(task_config.get("sketch_seed", 0)),
   )

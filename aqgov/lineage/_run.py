@@ -219,6 +219,7 @@ class GovernedRun:
       config={
         **dict(config or {}),
         **({"task_sha256": task_sha256} if task_sha256 else {}),
+        **({"norms": the_task.norms_config} if hasattr(the_task, "norms_config") else {}),
         "lineage": {
           "checkpoint_every": checkpoint_every,
           "head_every": head_every,

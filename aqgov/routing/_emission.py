@@ -105,6 +105,7 @@ class Env:
 
   def __init__(self, ctx: Ctx):
     self.ctx = ctx
+    self.stopped: dict = {}  # var -> its value with the gradient stopped, made outside a scan
     self.vals: dict = {}
     self.kinds: dict = {}
     self.producer: dict = {}
@@ -185,10 +186,18 @@ class Env:
     self.zero_memo[a] = out
     return out
 
+  def stop(self, a):
+    """`a`'s value with its gradient stopped. A scanned-over input's comes from outside the scan:
+    inside, `stop_gradient` would make a new value that the backward keeps as one more stacked
+    residual instead of reading the scanned-over input itself."""
+    if not jc.is_literal(a) and a in self.stopped:
+      return self.stopped[a]
+    return _sg(self.read(a))
+
   def _iso_input(self, a, leaf):
     kind = self.kind(a)
     if kind.ex:
-      return _sg(self.read(a))
+      return self.stop(a)
     return self.iso(a, leaf) if kind.leaves else self.read(a)
 
   def lift(self, a):
@@ -306,7 +315,11 @@ def _emit_scaled(eqn, env: Env, ins, kinds, path):
   y_a = jc.bind(eqn, [_sg(v) if is_param(k) else v for v, k in zip(vals, ins)])
   leaves = sorted(frozenset().union(*(k.leaves for k in ins if is_param(k))))
   scaled_pos = _scaled_operand(eqn, ins)
-  side = [_sg(v) if k.ex else v for v, k in zip(vals, ins)]
+  if scaled_pos is not None and eqn.invars[scaled_pos] in env.stopped:
+    # a scan's input read as it is needs no residual of its own; scaled it would be one more
+    # stacked residual: scale the cotangent instead
+    scaled_pos = None
+  side = [env.stop(a) if k.ex else v for a, v, k in zip(eqn.invars, vals, ins)]
   y_ps, ws = [], []
   for leaf in leaves:
     args = [env.iso(a, leaf) if is_param(k) else v for a, v, k in zip(eqn.invars, side, ins)]
@@ -338,6 +351,8 @@ def _emit_inline(eqn, env: Env, ins, path):
     sub.write(v, env.read(a), k)
     if k.leaves:
       sub.links[v] = (env, a)
+    if not jc.is_literal(a) and a in env.stopped:
+      sub.stopped[v] = env.stopped[a]
   outvars = emit(closed, sub, path)
   outs, kinds = [sub.read(a) for a in outvars], [sub.kind(a) for a in outvars]
   for v, a in zip(eqn.outvars, outvars):
@@ -346,11 +361,16 @@ def _emit_inline(eqn, env: Env, ins, path):
   return outs, kinds
 
 
-def _run_sub(env: Env, closed, invars_kinds, vals, seeds, lift_to=None, ctx=None, path=None):
-  """Evaluate a sub-jaxpr (scan body, branch, remat body) in a fresh environment."""
+def _run_sub(
+  env: Env, closed, invars_kinds, vals, seeds, lift_to=None, ctx=None, path=None, stopped=None
+):
+  """Evaluate a sub-jaxpr (scan body, branch, remat body) in a fresh environment; `stopped`
+  (input index -> value): a scan body's example-dependent inputs with their gradient stopped."""
   sub = Env(env.ctx if ctx is None else ctx)
   for v, val, k, s in zip(closed.jaxpr.invars, vals, invars_kinds, seeds):
     sub.seed(v, val, k, s)
+  for j, val in (stopped or {}).items():
+    sub.stopped[closed.jaxpr.invars[j]] = val
   outvars = emit(closed, sub, path)
   outs = []
   for j, a in enumerate(outvars):
@@ -428,24 +448,32 @@ def _emit_scan(eqn, env: Env, ins, path):
   ]
   xs_keys, xs_extra = _pack_seeds(_iso_seeds(env, xs_atoms))
   xs = [env.read(a) for a in xs_atoms]
+  xs_stopped = {j: _sg(x) for j, (x, k) in enumerate(zip(xs, ins[nc + nk :])) if k.ex}
+  consts_stopped = {j: _sg(c) for j, (c, k) in enumerate(zip(consts, ins[:nc])) if k.ex}
   kinds_in = strip(ins[:nc]) + carry_kinds + strip(ins[nc + nk :])
   lift_to = [c.ex for c in carry_kinds] + [False] * (len(eqn.outvars) - nk)
   fixed, scanned = _body_probes(env.ctx, path)
   body_path = path if fixed or scanned else None
 
   def step(carry, x):
-    x_main, x_extra, x_probes = x
+    x_main, x_extra, x_probes, x_stopped = x
     seeds = const_seeds + [{} for _ in carry] + _unpack_seeds(len(xs), xs_keys, x_extra)
     probes = {k: (site, stat, xp) for (k, (site, stat, _)), xp in zip(scanned, x_probes)}
     ctx = env.ctx._replace(site_probes={**fixed, **probes}) if body_path else None
     vals = [*consts, *carry, *x_main]
-    outs, kinds = _run_sub(env, p.jaxpr, kinds_in, vals, seeds, lift_to, ctx, body_path)
+    stopped = {**consts_stopped, **{nc + nk + j: v for j, v in x_stopped.items()}}
+    outs, kinds = _run_sub(env, p.jaxpr, kinds_in, vals, seeds, lift_to, ctx, body_path, stopped)
     return (outs[:nk], outs[nk:]), kinds
 
   body = _KindRecorder(step)
   x_probes = [v[2] for _, v in scanned]
   carry_out, ys = jax.lax.scan(
-    body, init, (xs, xs_extra, x_probes), length=p.length, reverse=p.reverse, unroll=p.unroll
+    body,
+    init,
+    (xs, xs_extra, x_probes, xs_stopped),
+    length=p.length,
+    reverse=p.reverse,
+    unroll=p.unroll,
   )
   ys_kinds = body.kinds[nk:]
   return [*carry_out, *ys], carry_kinds + ys_kinds

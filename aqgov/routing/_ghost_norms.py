@@ -31,7 +31,7 @@ class DotSite(NamedTuple):
   out_shape: tuple[int, ...]  # per-example shape of the dot_general output
 
 
-def _sizes(site: DotSite) -> tuple[int, int, int, int]:
+def sizes(site: DotSite) -> tuple[int, int, int, int]:
   """(D, F, C, W): batch, activation-free, contracting and parameter-free sizes per example."""
   (lc, rc), (lb, rb) = site.dimension_numbers
   contract, batch = (lc, lb) if site.param_is_rhs else (rc, rb)
@@ -44,7 +44,7 @@ def _sizes(site: DotSite) -> tuple[int, int, int, int]:
 
 def ghost_is_cheaper(site: DotSite) -> bool:
   """True when the Gram-matrix form costs less than forming each example's gradient."""
-  _, nf, nc, nw = _sizes(site)
+  _, nf, nc, nw = sizes(site)
   return nf * (nc + nw) <= nc * nw
 
 
@@ -82,7 +82,7 @@ def shared_rows_sq_norm(site: DotSite, rows: Array) -> Array:
   """Squared norm of `Σ_t A_tᵀ G_t` (a weight shared by the iterations of a scan) from each
   iteration's `dot_rows` stacked as [T, D, F, C + W]: the iterations are more rows of one
   product, so its Gram form has the cross terms `⟨A_t A_sᵀ, G_t G_sᵀ⟩`."""
-  _, _, nc, _ = _sizes(site)
+  _, _, nc, _ = sizes(site)
   nt, nd, nf, _ = rows.shape
   rows = jnp.swapaxes(rows, 0, 1).reshape(nd, nt * nf, -1)
   return rows_sq_norm(rows[..., :nc], rows[..., nc:])
@@ -90,7 +90,7 @@ def shared_rows_sq_norm(site: DotSite, rows: Array) -> Array:
 
 def shared_ghost_is_cheaper(site: DotSite, length: int) -> bool:
   """True when the Gram form over all `length` iterations' rows beats one per-example gradient."""
-  _, nf, nc, nw = _sizes(site)
+  _, nf, nc, nw = sizes(site)
   return length * nf * (nc + nw) <= nc * nw
 
 

@@ -20,6 +20,7 @@ statistic of the per-example gradient at the same sites only needs another `Site
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -43,15 +44,24 @@ class NormSpec(NamedTuple):
   kind: str = "exact"  # "exact" or "sketch"
   sketch_dim: int = 64  # projections per site (sketch only)
   seed: int = 0  # seed of the projections (sketch only)
+  # "cheaper": sketch a matmul or convolution where that costs less than its exact form (the
+  # exact norm is the better estimate at a lower cost elsewhere); "all": sketch every one
+  where: str = "cheaper"
 
 
 EXACT = NormSpec()
 
 
-def norm_spec(with_norms: bool | str, sketch_dim: int, seed: int) -> NormSpec | None:
+def norm_spec(with_norms: bool | str | NormSpec, sketch_dim: int, seed: int) -> NormSpec | None:
   """The `NormSpec` a `with_norms` argument asks for (None: no norms); refuses anything else."""
   if with_norms is False or with_norms is None:
     return None
+  if isinstance(with_norms, NormSpec):
+    if with_norms.where not in ("cheaper", "all"):
+      raise RoutingError(f"NormSpec.where must be 'cheaper' or 'all'; got {with_norms.where!r}")
+    return norm_spec(with_norms.kind, with_norms.sketch_dim, with_norms.seed)._replace(
+      where=with_norms.where
+    )
   kind = "exact" if with_norms is True else with_norms
   if kind not in NORM_KINDS:
     raise RoutingError(f"with_norms must be True, False, 'exact' or 'sketch'; got {with_norms!r}")
@@ -94,7 +104,12 @@ def site_stat(site: Site, spec: NormSpec, index: int) -> SiteStat | None:
   per-iteration terms and has no cheaper form here). `index` decorrelates sketch projections."""
   stacked, shared = site.role == "stacked", site.role == "shared"
   kernel = tuple(site.eqn.invars[site.param_pos].aval.shape)
-  if spec.kind == "sketch" and (site.dot is not None or site.conv):
+  sketchable = site.dot is not None or site.conv
+  if (
+    spec.kind == "sketch"
+    and sketchable
+    and (spec.where == "all" or _sketch_is_cheaper(site, kernel, spec.sketch_dim))
+  ):
     seed = int(np.random.SeedSequence([spec.seed, index]).generate_state(1)[0] >> 1)
     if site.dot is not None:
       stat = lambda ops, ct: sketch_norms.dot_sketch(site.dot, spec.sketch_dim, seed, ops[0], ct)
@@ -122,6 +137,22 @@ def site_stat(site: Site, spec: NormSpec, index: int) -> SiteStat | None:
     stat = lambda ops, ct: ghost_norms.conv_sq_norm(site.eqn.params, kernel, ops[0], ct)
     return SiteStat("patches", (), stacked, stat, _sum_sq)
   return SiteStat("vjp", (), stacked, functools.partial(_vjp_sq_norm, site), _sum_sq)
+
+
+def _sketch_is_cheaper(site: Site, kernel: tuple, k: int) -> bool:
+  """Whether `k` projections cost less than the exact norm's cheapest form. A leaf shared by a
+  scan's iterations is always sketched: its projections add up over the iterations, where the
+  exact norm keeps every iteration's rows or the whole per-example gradient."""
+  if site.role == "shared":
+    return True
+  if site.dot is not None:
+    _, nf, nc, nw = ghost_norms.sizes(site.dot)
+  else:
+    dn = jc.conv_params(site.eqn.params).dimension_numbers
+    nw = kernel[dn.rhs_spec[0]]
+    nc, nf = math.prod(kernel) // nw, math.prod(site.out_shape) // nw
+  # exact: min(F²(C + W), F·C·W); sketch: F·k·(C + W)
+  return k < nf and k * (nc + nw) < nc * nw
 
 
 def _avals(site: Site) -> tuple:

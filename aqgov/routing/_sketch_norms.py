@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from aqgov.routing import _ghost_norms as ghost_norms
 from aqgov.routing import _jax_compat as jc
@@ -23,8 +24,10 @@ Array = jax.Array
 
 
 def _gaussians(seed: int, p_shape: tuple, q_shape: tuple) -> tuple[Array, Array]:
-  kp, kq = jax.random.split(jax.random.key(seed))
-  return jax.random.normal(kp, p_shape), jax.random.normal(kq, q_shape)
+  """The projections of a site: drawn on the host once per trace, so a step only reads them."""
+  rng = np.random.default_rng(seed)
+  p = rng.standard_normal(p_shape, dtype=np.float32)
+  return jnp.asarray(p), jnp.asarray(rng.standard_normal(q_shape, dtype=np.float32))
 
 
 def dot_sketch(site: ghost_norms.DotSite, k: int, seed: int, act: Array, cot: Array) -> Array:
