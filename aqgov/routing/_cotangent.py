@@ -51,7 +51,8 @@ from aqgov.routing import _jax_compat as jc
 from aqgov.routing import _norms as norms
 from aqgov.routing import _site_stats as site_stats
 from aqgov.routing._analysis import Uses, analyze, check_visibility, is_param
-from aqgov.routing._emission import Ctx, Env, emit, weigh
+from aqgov.routing._emission import emit
+from aqgov.routing._env import Ctx, Env, weigh
 from aqgov.routing._plan import Plan, in_kinds, make_plan, per_example_weights, struct, trace
 from aqgov.routing._transforms import unsigned_zeros
 
