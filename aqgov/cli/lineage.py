@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -197,8 +198,23 @@ def verify_cmd(
       click.echo(f"   verified {c}")
     for u in r.unchecked:
       click.echo(f"   not checked: {u}")
+    _echo_refused(r.run_dir)
     _echo_trusted(store, r.signed_by)
     r = r.parent
+
+
+def _echo_refused(run_dir) -> None:
+  """One line on the examples the verified run refused at admission, if any."""
+  from aqgov.lineage._query import refusals
+
+  refused = refusals(run_dir)
+  if refused:
+    reasons = Counter(f.reason for f in refused)
+    click.echo(
+      f"   refused at admission (left out of training): {len(refused)} example(s), "
+      + ", ".join(f"{reason} {n}" for reason, n in sorted(reasons.items()))
+      + f"; list them with `aqgov lineage query {run_dir} --refused`"
+    )
 
 
 @lineage.command("show")
@@ -211,7 +227,10 @@ def show_cmd(run_dir: str) -> None:
   console = Console()
   s = d.start
   meta = Table(title=f"run {d.run_id}", show_header=False)
-  meta.add_row("task", str(s["config"].get("task")))
+  task = s["config"].get("task")
+  meta.add_row(
+    "task", "- (a loop its user owns; not replayable as recorded)" if task is None else task
+  )
   meta.add_row("signer", s["signer"][:16] + "...")
   meta.add_row("policies", ", ".join(p["id"][:16] for p in s["policies"]) or "-")
   meta.add_row("profiles", ", ".join(p["id"][:16] for p in s["profiles"]) or "-")
@@ -234,6 +253,10 @@ def show_cmd(run_dir: str) -> None:
     f"{'-' if d.last_loss is None else f'{d.last_loss:.6g}'}",
   )
   meta.add_row("examples", str(d.examples))
+  meta.add_row(
+    "refused at admission",
+    ", ".join(f"{reason}: {n}" for reason, n in d.refused.items()) or "-",
+  )
   meta.add_row("checkpoints", ", ".join(str(c.step) for c in d.checkpoints) or "-")
   meta.add_row("resumes", str(d.resumes))
   if d.torn_bytes:
@@ -250,7 +273,10 @@ def show_cmd(run_dir: str) -> None:
 
 @lineage.command("query")
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
-@click.option("--group", required=True, help="Parameter group name.")
+@click.option("--group", default=None, help="Parameter group name.")
+@click.option(
+  "--refused", is_flag=True, help="The examples refused at admission instead, with the reason."
+)
 @click.option("--step", type=int, default=None, help="Only this step.")
 @click.option(
   "--include-superseded",
@@ -261,11 +287,22 @@ def show_cmd(run_dir: str) -> None:
   "--json", "as_json", is_flag=True, help="One JSON object per line instead of a table."
 )
 def query_cmd(
-  run_dir: str, group: str, step: int | None, include_superseded: bool, as_json: bool
+  run_dir: str,
+  group: str | None,
+  refused: bool,
+  step: int | None,
+  include_superseded: bool,
+  as_json: bool,
 ) -> None:
-  """Which examples reached GROUP, at which steps, with what weight and contribution norm."""
+  """Which examples reached GROUP, at which steps, with what weight and contribution norm; or,
+  with --refused, which examples admission refused, at which steps and why."""
   from aqgov.lineage._query import membership
 
+  if refused == (group is not None):
+    raise click.UsageError("give either --group GROUP or --refused")
+  if refused:
+    _query_refused(run_dir, step, include_superseded, as_json)
+    return
   rows = membership(run_dir, group, step=step, include_superseded=include_superseded)
   if as_json:
     for m in rows:
@@ -288,6 +325,26 @@ def query_cmd(
   click.echo(
     f"{len(rows)} (step, example) pairs; {len({m.example_id for m in rows})} distinct examples"
   )
+
+
+def _query_refused(run_dir: str, step: int | None, include_superseded: bool, as_json: bool) -> None:
+  from aqgov.lineage._query import refusals
+
+  rows = refusals(run_dir, step=step, include_superseded=include_superseded)
+  if as_json:
+    for f in rows:
+      click.echo(json.dumps(f._asdict()))
+    return
+  table = Table(
+    title="examples refused at admission" + (f" at step {step}" if step is not None else "")
+  )
+  for col in ("step", "example", "reason"):
+    table.add_column(col, justify="right" if col == "step" else "left")
+  for f in rows:
+    where = str(f.step) if f.taken else f"after {f.step} (no update)"
+    table.add_row(where + (" (superseded)" if f.superseded else ""), f.example_id, f.reason)
+  Console().print(table)
+  click.echo(f"{len(rows)} refused example(s); none of them reached any group")
 
 
 @lineage.command("replay")

@@ -1,6 +1,7 @@
 """Signed, tamper-evident lineage of governed training runs.
 
-_summary     the arrays a jitted step reports (`StepSummary`), parameter fingerprints and hashes
+_summary     the arrays a jitted step reports (`StepSummary`, `routed_summary`), parameter
+             fingerprints and hashes
 _record      the canonical record schema (docs/lineage-schema.md)
 _segments    framed segment files and `LogReader`, which checks every record it reads
 _scan        `scan`: one pass for record hashes, Merkle roots and chosen bodies
@@ -17,7 +18,7 @@ _task        the `Task` protocol training and replay share
 _replay      re-execute recorded steps and check fingerprints and hashes
 _query       membership queries and run descriptions
 _export      in-toto Statement v1 in a DSSE envelope
-_run         `GovernedRun`: the run directory and the governed loop
+_run         `GovernedRun`: the run directory, the governed loop, or the user's own loop recorded
 """
 
 from aqgov.lineage._checkpoint import Checkpoints
@@ -25,12 +26,18 @@ from aqgov.lineage._cosign import WitnessRef, check_witnessed, cosign_final_head
 from aqgov.lineage._export import export_intoto, verify_envelope
 from aqgov.lineage._heads import LogHead, read_heads
 from aqgov.lineage._history import CheckpointRef, History, history
-from aqgov.lineage._query import Membership, describe, membership
+from aqgov.lineage._query import Membership, Refusal, describe, membership, refusals
 from aqgov.lineage._replay import ReplayResult, replay
 from aqgov.lineage._run import GovernedRun, RunLayout
 from aqgov.lineage._scan import scan
 from aqgov.lineage._segments import LogReader
-from aqgov.lineage._summary import StepSummary, fingerprint, params_sha256, summarize
+from aqgov.lineage._summary import (
+  StepSummary,
+  fingerprint,
+  params_sha256,
+  routed_summary,
+  summarize,
+)
 from aqgov.lineage._task import Task, TrainState, load_task
 from aqgov.lineage._verify import VerifyReport, consistency_proof, verify_lineage
 from aqgov.lineage._witness import Witness, WitnessServer
@@ -45,6 +52,7 @@ __all__ = [
   "LogHead",
   "LogReader",
   "Membership",
+  "Refusal",
   "ReplayResult",
   "RunLayout",
   "StepSummary",
@@ -67,7 +75,9 @@ __all__ = [
   "open_for_resume",
   "params_sha256",
   "read_heads",
+  "refusals",
   "replay",
+  "routed_summary",
   "scan",
   "submit",
   "summarize",
