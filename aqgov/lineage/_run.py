@@ -100,7 +100,9 @@ class RunLayout:
       d.mkdir(parents=True, exist_ok=True)
 
 
-def _as_document(doc: Document, doc_type: DocumentType) -> tuple[signing.SignedDocument, bytes]:
+def _as_document(
+  doc: Document, doc_type: DocumentType, field: str
+) -> tuple[signing.SignedDocument, bytes]:
   """The signed document of `doc_type` that `doc` is or holds (a `SignedDocument`, a `Manifest`,
   its bytes or its file), and its bytes; an unsigned document object is refused: nothing vouches
   for it."""
@@ -124,8 +126,9 @@ def _as_document(doc: Document, doc_type: DocumentType) -> tuple[signing.SignedD
     raise doc_type.error(f"not a signed {doc_type.noun}: {exc}") from None
   if signed.kind != doc_type.kind:
     raise doc_type.error(
-      f"a run's {doc_type.noun}s must be signed {doc_type.kind!r} documents, got a {signed.kind!r} "
-      "document; pass each document in its own argument (policies=, profiles=, manifests=)"
+      f"{field}= takes signed {doc_type.noun} documents ({doc_type.kind!r}), got a "
+      f"{signed.kind!r} document; pass each document in its own argument (policies=, profiles=, "
+      "manifests=)"
     )
   return signed, data
 
@@ -156,7 +159,7 @@ def _documents(
   """The signed documents a run is given, by run-start field, checked before anything is written."""
   given = {"policies": policies, "profiles": profiles, "manifests": manifests}
   return {
-    field: [_Doc(*_as_document(d, doc_type)) for d in given[field]]
+    field: [_Doc(*_as_document(d, doc_type, field)) for d in given[field]]
     for field, doc_type in _DOCUMENT_TYPES
   }
 
