@@ -28,7 +28,14 @@ from aqgov.errors import (
 )
 from aqgov.examples import sample
 from aqgov.governed import GovernedTask
-from aqgov.lineage import GovernedRun, refusals, routed_summary, verify_lineage
+from aqgov.lineage import (
+  GovernedRun,
+  export_intoto,
+  refusals,
+  routed_summary,
+  verify_envelope,
+  verify_lineage,
+)
 from aqgov.lineage import _record as rec
 from aqgov.lineage import _segments as segments
 from aqgov.lineage._query import membership
@@ -139,6 +146,10 @@ def run_pub(run_dir: Path) -> Path:
   return run_dir.parent / f"{run_dir.name}-keys" / "run.pub"
 
 
+def run_key(run_dir: Path):
+  return keylib.load_signing_key(run_dir.parent / f"{run_dir.name}-keys" / "run.key")
+
+
 def trust_of(world, run_dir: Path) -> TrustStore:
   """The authority's key and the run key, as an auditor gets them: from outside the run directory."""
   return TrustStore.from_paths([world["pub"], run_pub(run_dir)])
@@ -162,7 +173,8 @@ def test_an_nnx_model_in_its_own_jitted_loop_leaves_a_lineage_that_verifies_and_
     assert run.record(summary, batch) == step
   run.close(params, opt_state=opt_state)
 
-  report = verify_lineage(tmp_path / "run", trust_of(world, tmp_path / "run"))
+  trust = trust_of(world, tmp_path / "run")
+  report = verify_lineage(tmp_path / "run", trust)
   assert report.closed and "checkpoint at step 4" in " ".join(report.checked)
   start = next(iter(segments.LogReader(tmp_path / "run" / "lineage"))).body
   assert start["config"]["task"] is None
@@ -172,6 +184,9 @@ def test_an_nnx_model_in_its_own_jitted_loop_leaves_a_lineage_that_verifies_and_
   assert [(f.step, f.example_id, f.reason) for f in refusals(tmp_path / "run")] == [
     (2, "ex-0007", "content-hash-mismatch")
   ]
+  envelope = export_intoto(tmp_path / "run", run_key(tmp_path / "run"), trust=trust)
+  subjects = verify_envelope(envelope, trust)["subject"]
+  assert [s["name"].split("/", 1)[1] for s in subjects] == ["checkpoints/4/params"]
   reached = {m.example_id for m in membership(tmp_path / "run", "body")}
   tier = {e.id: e.labels["acme-data"]["sensitivity_tier"] for e in world["examples"]}
   assert reached == {i for i, t in tier.items() if t < 2 and i != "ex-0007"}
