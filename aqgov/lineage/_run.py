@@ -706,7 +706,7 @@ class GovernedRun:
     last recorded (a step number that goes back or skips one is refused). Only that scalar is
     read here; the writer thread fetches the rest of the summary."""
     self._check_own_loop("record")
-    self._raise_emitted()
+    self._raise_emitted(wait=False)
     ids, sha, refused = _batch_ids(examples, example_sha256, rejected)
     return self._record(summary, ids, sha, refused)
 
@@ -715,8 +715,9 @@ class GovernedRun:
     (`jax.experimental.io_callback(..., ordered=True)`), which records it as `record` would.
 
     Ids never enter jit: `stage(batch)` before each call of the step queues the batch the next
-    emitted summary describes (first in, first out). A failure on the callback is raised by the
-    next call on the run (`stage`, `record`, `checkpoint`, `head`, `close`)."""
+    emitted summary describes (first in, first out). A failure on the callback (no batch staged,
+    a step number out of order) is raised by every later call on the run: `checkpoint`, `head`
+    and `close` wait for the summaries emitted so far, `stage` and `record` do not."""
     self._emitted_any = True
     io_callback(self._emitted, None, summary, ordered=True)
 
@@ -729,7 +730,7 @@ class GovernedRun:
   ) -> None:
     """Queue the batch (as for `record`) that the next summary `emit` sends describes."""
     self._check_own_loop("stage")
-    self._raise_emitted()
+    self._raise_emitted(wait=False)
     self._staged.append(_batch_ids(examples, example_sha256, rejected))
 
   def record_refused(self, rejected: Iterable[Rejection | tuple[str, str]]) -> None:
@@ -746,7 +747,11 @@ class GovernedRun:
     )
 
   def _emitted(self, summary: StepSummary) -> None:
-    """The host side of `emit`; never raises into XLA (the next call on the run does)."""
+    """The host side of `emit`; never raises into XLA (the next call on the run does, and every
+    one after it: once a summary is lost the staged batches no longer line up, so the run must be
+    abandoned and resumed or restarted)."""
+    if self._emit_error is not None:
+      return
     try:
       if not self._staged:
         raise LineageError(
@@ -775,10 +780,12 @@ class GovernedRun:
     self._step = step
     return step
 
-  def _raise_emitted(self) -> None:
-    if self._emitted_any:
-      jax.effects_barrier()  # every emitted summary has reached `_emitted`
-    exc, self._emit_error = self._emit_error, None
+  def _raise_emitted(self, *, wait: bool = True) -> None:
+    """Raise a failure of `_emitted`; with `wait`, first let every summary emitted so far arrive
+    (`stage` and `record` do not wait, so the host keeps dispatching steps ahead)."""
+    if wait and self._emitted_any:
+      jax.effects_barrier()
+    exc = self._emit_error
     if exc is not None:
       if isinstance(exc, LineageError):
         raise exc
