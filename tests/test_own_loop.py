@@ -40,6 +40,7 @@ from aqgov.lineage import _record as rec
 from aqgov.lineage import _segments as segments
 from aqgov.lineage._query import membership
 from aqgov.policy._policy import POLICY, Policy
+from aqgov.report import write_report
 from tests import lineage_helpers as lh
 
 POLICY_TOML = """
@@ -416,6 +417,9 @@ def test_verify_and_show_list_the_refused_examples(tmp_path, world):
     main, ["lineage", "query", str(tmp_path / "run"), "--refused", "--json"]
   )
   assert '"example_id": "ex-0007", "reason": "content-hash-mismatch"' in queried.output
+  write_report(tmp_path / "run", tmp_path / "report.html", trust_of(world, tmp_path / "run"))
+  page = (tmp_path / "report.html").read_text()
+  assert "Admission refusals (1)" in page and "content-hash-mismatch" in page
 
 
 # ---- admission inside a task's run ----------------------------------------------------------------

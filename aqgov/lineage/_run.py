@@ -734,14 +734,14 @@ class GovernedRun:
     self._staged.append(_batch_ids(examples, example_sha256, rejected))
 
   def record_refused(self, rejected: Iterable[Rejection | tuple[str, str]]) -> None:
-    """Record examples refused at admission when no step was taken on them (a batch refused
-    whole): an "event" record after the last step lists them with their reasons."""
+    """Record examples refused at admission that no step was given (a batch refused whole, or
+    refusals at the loader): an "event" record after the last step lists them with their reasons."""
     self._check_open()
     self.writer.append_record(
       rec.EVENT,
       bodies.event_body(
         step=self._step,
-        events={"no_update": "every example of the batch was refused at admission"},
+        events={"refused": "refused at admission; no step trained on them"},
         rejected=list(rejected),
       ),
     )

@@ -24,7 +24,9 @@ from aqgov.lineage._query import RunDescription, describe
 from aqgov.lineage._segments import records
 from aqgov.lineage._verify import VerifyReport, lineage_dir, verify_lineage
 
-ADMISSION = "admission"  # key of an "event" record body's events: [{"example_id", "reason"}, ...]
+# key of an "event" record body's events: [{"example_id", "reason"}, ...] (logs written before
+# refusals had their own `rejected` field, which steps and events now carry)
+ADMISSION = "admission"
 
 
 class Verification(NamedTuple):
@@ -187,6 +189,10 @@ def collect(
     if not history.effective(index):
       continue
     if kind == rec.EVENT:
+      refusals.extend(
+        Refusal(int(body["step"]), r.example_id, f"{r.reason} (batch refused whole, no update)")
+        for r in rec.rejected_of(body)
+      )
       for r in (
         body.get("events", {}).get(ADMISSION, ()) if isinstance(body.get("events"), Mapping) else ()
       ):
@@ -216,6 +222,7 @@ def collect(
       rows_per_class[int(c)] = rows_per_class.get(int(c), 0) + int(rows.sum())
       unseen[int(c)] = unseen.get(int(c), np.zeros(g, bool)) | ~view.seen[rows].all(axis=0)
     events.extend(_events(view, groups))
+    refusals.extend(Refusal(view.step, r.example_id, str(r.reason)) for r in view.rejected)
     refusals.extend(Refusal(view.step, e, "left out of the batch") for e in view.left_out)
   n_classes = max([len(classes)] + [c + 1 for c in rows_per_class])
   names = classes + tuple(f"class {c}" for c in range(len(classes), n_classes))
