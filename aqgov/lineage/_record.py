@@ -524,7 +524,13 @@ def rejected_to_wire(rejected: Iterable[Any]) -> list[dict]:
   `(id, reason)` pairs or `{"id", "reason"}` maps, in the order given."""
   out = []
   for r in rejected:
-    ex_id, reason = (r["id"], r["reason"]) if isinstance(r, Mapping) else tuple(r)
+    try:
+      ex_id, reason = (r["id"], r["reason"]) if isinstance(r, Mapping) else tuple(r)
+    except (KeyError, TypeError, ValueError):
+      raise LineageError(
+        f"a refused example must be a Rejection, an (id, reason) pair or an {{id, reason}} map, "
+        f"got {r!r:.60}"
+      ) from None
     if not isinstance(ex_id, str) or not ex_id or not str(reason):
       raise LineageError(
         f"a refused example needs a non-empty id and reason, got {ex_id!r}: {reason!r}; pass the "
