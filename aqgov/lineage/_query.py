@@ -178,7 +178,9 @@ def query(
       rows_at, group_at, key = rows_at[keep], group_at[keep], key[keep]
     order = np.lexsort((group_at, rows_at, -key.astype(np.float64)))
   else:
-    order = np.lexsort((group_at, rows_at) if sort is None else (group_at, rows_at, cols.step[rows_at]))
+    order = np.lexsort(
+      (group_at, rows_at) if sort is None else (group_at, rows_at, cols.step[rows_at])
+    )
   order = order[:top] if top is not None else order
   rows = tuple(
     Membership(
