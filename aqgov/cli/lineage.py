@@ -528,16 +528,30 @@ def replay_cmd(
 @click.option(
   "--intoto",
   "out",
-  required=True,
+  default=None,
   type=click.Path(dir_okay=False),
-  help="Write the DSSE envelope here.",
+  help="Write the signed in-toto DSSE envelope here.",
+)
+@click.option(
+  "--spdx",
+  "spdx_out",
+  default=None,
+  type=click.Path(dir_okay=False),
+  help="Write an SPDX 3.0.1 JSON-LD document (AI and Dataset profiles) here.",
+)
+@click.option(
+  "--cyclonedx",
+  "cyclonedx_out",
+  default=None,
+  type=click.Path(dir_okay=False),
+  help="Write a CycloneDX 1.6 ML-BOM (JSON) here.",
 )
 @click.option(
   "--key",
   "key_path",
   type=click.Path(exists=True, dir_okay=False),
   default=None,
-  help="Signing key (default: the run's key in --key-dir).",
+  help="Signing key for --intoto (default: the run's key in --key-dir).",
 )
 @click.option(
   "--key-dir",
@@ -554,21 +568,64 @@ def replay_cmd(
 def export_cmd(
   run_dir: str,
   more_keys: tuple[str, ...],
-  out: str,
+  out: str | None,
+  spdx_out: str | None,
+  cyclonedx_out: str | None,
   key_path: str | None,
   key_dir: str | None,
   trust: tuple[str, ...],
 ) -> None:
-  """Attest the run: an in-toto Statement v1 (subjects: checkpoint digests) in a signed DSSE envelope."""
-  from aqgov.lineage._export import export_intoto
-  from aqgov.lineage._trust import default_key_dir, find_run_key
-
+  """Attest the run (in-toto Statement v1, subjects: checkpoint digests, in a signed DSSE envelope)
+  and describe it for supply-chain tools (SPDX 3.0.1, CycloneDX 1.6 ML-BOM)."""
+  if out is None and spdx_out is None and cyclonedx_out is None:
+    raise click.UsageError("name at least one output: --intoto, --spdx or --cyclonedx")
   trust = trust + more_keys
-  if key_path is None:
-    start = _start_of(run_dir)
-    key = find_run_key(key_dir or default_key_dir(start["run_id"]), start["signer"])
-  else:
-    key = keylib.load_signing_key(key_path)
+  if spdx_out is not None or cyclonedx_out is not None:
+    from aqgov.lineage._regulator import cyclonedx_bom, run_facts, spdx_document
+
+    facts = run_facts(run_dir)
+    for path, doc, what in (
+      (spdx_out, spdx_document, "SPDX 3.0.1 document"),
+      (cyclonedx_out, cyclonedx_bom, "CycloneDX 1.6 ML-BOM"),
+    ):
+      if path is not None:
+        Path(path).write_text(json.dumps(doc(run_dir, facts), indent=2) + "\n")
+        click.echo(f"wrote {path}: {what} of run {facts.run_id}")
+  if out is None:
+    return
+  from aqgov.lineage._export import export_intoto
+
+  key = _signing_key(run_dir, key_path, key_dir)
   env = export_intoto(run_dir, key, trust=TrustStore.from_paths(trust) if trust else None)
   Path(out).write_text(json.dumps(env, indent=2) + "\n")
   click.echo(f"wrote {out}: in-toto statement signed by {key.name!r} (key id {key.key_id[:16]}...)")
+
+
+@lineage.command("summary")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option(
+  "--eu-gpai",
+  is_flag=True,
+  required=True,
+  help="Draft the EU AI Office's public summary of training content (Markdown).",
+)
+@click.option(
+  "-o",
+  "--out",
+  default=None,
+  type=click.Path(dir_okay=False),
+  help="Write it here (default: stdout).",
+)
+def summary_cmd(run_dir: str, eu_gpai: bool, out: str | None) -> None:
+  """Draft a regulator's summary from the lineage and manifests; what the lineage cannot know is
+  left as a marked blank ("[to be completed by the provider: ...]")."""
+  from aqgov.lineage._regulator import eu_gpai_summary
+
+  text = eu_gpai_summary(run_dir)
+  if out is None:
+    click.echo(text)
+  else:
+    Path(out).write_text(text)
+    click.echo(
+      f"wrote {out}: EU GPAI training-content summary draft ({text.count('[to be completed')} blanks)"
+    )
