@@ -414,8 +414,10 @@ def entropy_cmd(run_dir: str, as_json: bool) -> None:
     click.echo("none (the run recorded no entropy measurement)")
     return
   table = Table(title="entropy per group and metric (mean over heads, per step)")
-  for col in ("group", "metric", "steps", "first", "min", "mean", "max", "last"):
-    table.add_column(col, justify="left" if col in ("group", "metric") else "right")
+  table.add_column("group", no_wrap=True)
+  table.add_column("metric", no_wrap=True)
+  for col in ("steps", "min", "mean", "max", "last"):
+    table.add_column(col, justify="right")
   table.add_column("bounds (profile)")
   table.add_column("out of bounds", justify="right")
   for r in rows:
@@ -423,7 +425,7 @@ def entropy_cmd(run_dir: str, as_json: bool) -> None:
       r.group,
       r.metric,
       str(r.steps),
-      *(_num(v) for v in (r.first, r.minimum, r.mean, r.maximum, r.last)),
+      *(_num(v) for v in (r.minimum, r.mean, r.maximum, r.last)),
       "\n".join(r.bounds) or "-",
       f"{r.out_of_bounds} step(s)" + (f": {', '.join(r.actions)}" if r.actions else ""),
     )
