@@ -172,7 +172,8 @@ def test_cli_query_prints_rows_or_none_and_json(run_dir):
   assert rows.exit_code == 0, rows.output
   lines = [json.loads(x) for x in rows.stdout.splitlines()]
   assert len(lines) == 2 and all(x["group"] == "adapter" for x in lines)
-  assert "scanned the signed part of the log" in rows.stderr
+  table = runner.invoke(main, ["lineage", "query", str(run_dir), "--group", "adapter"])
+  assert "scanned the signed part of the log" in table.stderr
   bad = runner.invoke(main, ["lineage", "query", str(run_dir), "--where", "tier >= 2"])
   assert bad.exit_code == 1 and "no trusted taxonomy defines field 'tier'" in bad.stderr
 
@@ -276,3 +277,16 @@ def test_a_stale_index_is_not_used_once_a_newer_head_is_signed(tmp_path):
   got = query(run, "block")
   assert got.source == "scan" and "stale" in got.note
   assert 5 in {m.step for m in got.rows}
+
+
+def test_the_quick_query_benchmark_prints_its_table():
+  import subprocess
+  import sys
+
+  bench = Path(__file__).resolve().parents[1] / "benchmarks" / "query.py"
+  out = subprocess.run(
+    [sys.executable, str(bench), "--quick"], capture_output=True, text=True, timeout=600
+  )
+  assert out.returncode == 0, out.stderr[-2000:]
+  for metric in ("| build + sign index |", "| where (index) |", "| scan / index |"):
+    assert metric in out.stdout

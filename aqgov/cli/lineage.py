@@ -316,12 +316,14 @@ def query_cmd(
     use_index=not no_index,
     trust=TrustStore.from_paths(trust) if trust else None,
   )
-  click.echo(
-    "answered from the signed index"
-    if result.source == "index"
-    else f"{result.note}; scanned the signed part of the log",
-    err=True,
-  )
+  refused = result.source == "scan" and not result.note.startswith("no index")
+  if refused or not as_json:  # JSON output stays clean unless an index was there but refused
+    click.echo(
+      "answered from the signed index"
+      if result.source == "index"
+      else f"{result.note}; scanned the signed part of the log",
+      err=True,
+    )
   if as_json:
     for m in result.rows:
       click.echo(json.dumps(m._asdict()))

@@ -41,7 +41,7 @@ from aqgov.lineage import _history as hist
 from aqgov.lineage import _record as rec
 from aqgov.lineage._heads import HEAD, read_heads, run_trust
 from aqgov.lineage._labels import RunLabels, label_space
-from aqgov.lineage._segments import LogReader, records
+from aqgov.lineage._segments import first_record, records
 
 INDEX_DIR = "index"
 FORMAT = "aqgov.lineage-index/1"
@@ -91,8 +91,9 @@ class Columns(NamedTuple):
 
 
 def _start(ldir: Path) -> dict:
-  first = next(iter(LogReader(ldir, bodies={rec.RUN_START})), None)
-  if first is None or first.kind != rec.RUN_START:
+  """The run-start body (record 0 alone: a query from the index reads nothing else of the log)."""
+  first = first_record(ldir)
+  if first is None:
     raise LineageError(f"{ldir} holds no run-start record; nothing to index")
   return first.body
 

@@ -9,6 +9,8 @@ last signed head) is never read, only counted.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
 from collections import Counter
 from collections.abc import Sequence
@@ -21,7 +23,7 @@ from aqgov.errors import LineageError
 from aqgov.lineage import _history as hist
 from aqgov.lineage import _record as rec
 from aqgov.lineage._heads import read_heads
-from aqgov.lineage._index import load_columns
+from aqgov.lineage._index import Columns, load_columns
 from aqgov.lineage._labels import matching, run_labels
 from aqgov.lineage._segments import records
 from aqgov.lineage._verify import lineage_dir
@@ -92,13 +94,35 @@ def membership(
   return out
 
 
-class QueryResult(NamedTuple):
-  """The rows a query found (the first `top` after sorting), how many matched, and their source."""
+@dataclasses.dataclass(frozen=True)
+class QueryResult:
+  """What a query found: how many rows matched, the rows (the first `top` after sorting, built on
+  first use), and where they came from."""
 
-  rows: tuple[Membership, ...]
   count: int
   source: str  # "index": the signed index; "scan": the log's signed part, read now
   note: str  # why the index was not used ("" when it was)
+  columns: Columns = dataclasses.field(repr=False)
+  at: np.ndarray = dataclasses.field(repr=False)  # row positions, in result order
+  group_at: np.ndarray = dataclasses.field(repr=False)  # group index of each
+
+  @functools.cached_property
+  def rows(self) -> tuple[Membership, ...]:
+    c = self.columns
+    return tuple(
+      Membership(
+        int(c.step[r]),
+        int(c.record[r]),
+        c.ids[int(c.example[r])],
+        int(c.route_class[r]),
+        float(c.weight[gi][r]),
+        float(c.norm[gi][r]),
+        bool(c.superseded[r]),
+        c.groups[gi],
+        class_name(c.classes, int(c.route_class[r])),
+      )
+      for r, gi in zip(self.at.tolist(), self.group_at.tolist())
+    )
 
 
 SORT_KEYS = ("norm", "weight", "step")
@@ -182,21 +206,7 @@ def query(
       (group_at, rows_at) if sort is None else (group_at, rows_at, cols.step[rows_at])
     )
   order = order[:top] if top is not None else order
-  rows = tuple(
-    Membership(
-      int(cols.step[r]),
-      int(cols.record[r]),
-      cols.ids[int(cols.example[r])],
-      int(cols.route_class[r]),
-      float(cols.weight[gi][r]),
-      float(cols.norm[gi][r]),
-      bool(cols.superseded[r]),
-      cols.groups[gi],
-      class_name(cols.classes, int(cols.route_class[r])),
-    )
-    for r, gi in zip(rows_at[order].tolist(), group_at[order].tolist())
-  )
-  return QueryResult(rows, count, loaded.source, loaded.note)
+  return QueryResult(count, loaded.source, loaded.note, cols, rows_at[order], group_at[order])
 
 
 def _first_body(ldir) -> dict:
