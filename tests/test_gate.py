@@ -218,3 +218,40 @@ def test_a_failing_gate_attests_failed(run, tmp_path):
   assert list(env.verify([_sslib_key(authority.public)], 1)) == [authority.key_id]
   p = json.loads(env.payload)["predicate"]
   assert p["verificationResult"] == "FAILED" and p["verifiedLevels"] == []
+
+
+def _log_with_escalation(run: Path, *, override: bool) -> keys.SigningKey:
+  from aqgov.lineage import _bodies as bodies
+  from aqgov.lineage import _record as rec
+  from aqgov.lineage._writer import LineageWriter
+
+  key = keys.generate("run")
+  w = LineageWriter.create(run / "lineage", key, lh.start_body(key), head_every=2, fsync="never")
+  for s in (1, 2):
+    w.append(lh.summary(s), lh.ids(s), lh.digests(s))
+  w.append_record(rec.ESCALATION, bodies.escalation_body(step=2, message="adapter collapsed"))
+  if override:
+    w.append_record(
+      rec.OVERRIDE,
+      bodies.override_body(step=2, token_kind="override", token_id="ab" * 32, token=b"t"),
+    )
+  w.close()
+  lh.publish_key(run, key)
+  return key
+
+
+def test_an_escalation_no_override_followed_fails_the_gate(tmp_path):
+  key = _log_with_escalation(tmp_path / "run", override=False)
+  from aqgov.documents._keys import TrustStore
+
+  outcome = evaluate(tmp_path / "run", ["no unresolved escalation"], TrustStore.of([key]))
+  assert outcome.report is not None and not outcome.passed
+  assert "1 unresolved, first at step 2" in outcome.results[0].detail
+
+
+def test_an_override_after_an_escalation_resolves_it_in_the_events_view(tmp_path):
+  from aqgov.lineage import events
+
+  _log_with_escalation(tmp_path / "run", override=True)
+  kinds = [(e.kind, e.resolved) for e in events(tmp_path / "run")]
+  assert kinds == [("escalation", True), ("override", None)]
