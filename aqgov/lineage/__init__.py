@@ -21,6 +21,7 @@ _query       membership and label queries (`query`), and run descriptions
 _views       entropy against the profile's bounds, and governance events
 _gate        deployment requirements and their Verification Summary Attestation
 _regulator   SPDX 3.0.1, CycloneDX 1.6 ML-BOM and the EU GPAI training-content summary
+_progress    progress callbacks of long passes, drawn as rich progress bars on a terminal
 _export      in-toto Statement v1 in a DSSE envelope
 _run         `GovernedRun`: the run directory and the governed loop
 """
@@ -32,6 +33,7 @@ from aqgov.lineage._gate import GateResult, attest, evaluate, parse_requirement,
 from aqgov.lineage._heads import LogHead, read_heads
 from aqgov.lineage._history import CheckpointRef, History, history
 from aqgov.lineage._index import build_index, load_columns
+from aqgov.lineage._progress import ProgressFn, progress_bar
 from aqgov.lineage._query import Membership, QueryResult, describe, membership, query
 from aqgov.lineage._regulator import cyclonedx_bom, eu_gpai_summary, run_facts, spdx_document
 from aqgov.lineage._replay import ReplayResult, replay
@@ -46,6 +48,8 @@ from aqgov.lineage._witness import Witness, WitnessServer
 from aqgov.lineage._writer import LineageWriter, open_for_resume
 
 __all__ = [
+  "ProgressFn",
+  "progress_bar",
   "CheckpointRef",
   "Checkpoints",
   "EntropyRow",
