@@ -290,3 +290,20 @@ def test_the_quick_query_benchmark_prints_its_table():
   assert out.returncode == 0, out.stderr[-2000:]
   for metric in ("| build + sign index |", "| where (index) |", "| scan / index |"):
     assert metric in out.stdout
+
+
+def test_record_zero_is_read_alone_and_its_digest_checked(tmp_path):
+  from aqgov.lineage._segments import first_record
+
+  key = keys.generate("run")
+  ldir = tmp_path / "run" / "lineage"
+  lh.write_log(ldir, key, 2)
+  assert first_record(ldir).body["run_id"] == "run-1"
+  seg = lh.segment_path(ldir)
+  data = bytearray(seg.read_bytes())
+  data[lh.HEADER + 8] ^= 1
+  seg.write_bytes(bytes(data))
+  with pytest.raises(LineageError, match="record 0"):
+    first_record(ldir)
+  seg.write_bytes(bytes(data[: lh.HEADER + 2]))
+  assert first_record(ldir) is None

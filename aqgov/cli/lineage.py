@@ -17,9 +17,9 @@ from aqgov.lineage._progress import progress_bar
 
 
 def _start_of(run_dir: str) -> dict:
-  from aqgov.lineage import _log as log
+  from aqgov.lineage._segments import first_record
 
-  first = next(iter(log.LogReader(Path(run_dir) / "lineage")), None)
+  first = first_record(Path(run_dir) / "lineage")
   if first is None:
     raise LineageError(f"{run_dir} holds no lineage")
   return first.body
