@@ -63,8 +63,6 @@ from aqgov.lineage._witness import Witness, WitnessServer
 from aqgov.lineage._writer import LineageWriter, open_for_resume
 
 __all__ = [
-  "ProgressFn",
-  "progress_bar",
   "CheckpointRef",
   "Checkpoints",
   "EntropyRow",
@@ -76,6 +74,7 @@ __all__ = [
   "LogHead",
   "LogReader",
   "Membership",
+  "ProgressFn",
   "QueryResult",
   "Refusal",
   "ReplayResult",
@@ -108,6 +107,7 @@ __all__ = [
   "origin_of",
   "params_sha256",
   "parse_requirement",
+  "progress_bar",
   "query",
   "read_heads",
   "read_rules",
