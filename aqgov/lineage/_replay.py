@@ -19,7 +19,10 @@ Replay imports no code a run directory names before the lineage verifies against
 run key and the authorities' keys, obtained out of band), and then only the task the caller names
 (`task="module:attr"`, which must be the recorded one) or an installed `aqgov.tasks` entry point
 recording it; the policies, profiles, manifests and task source must be those run-start recorded.
-A caller who passes a `Task` object chose the code: then `trust` is optional.
+A caller who passes a `Task` object chose the code: then `trust` is optional. A run that records
+no task (a loop its user owns, `GovernedRun.open`) replays only with a task its caller names
+(`ReplayUnavailable` otherwise): there is no recorded task code to check it against, so the
+recorded fingerprints are the whole check.
 """
 
 from __future__ import annotations
@@ -33,11 +36,12 @@ import numpy as np
 
 from aqgov.credentials._manifest import Example, as_example, content_hash, iter_examples
 from aqgov.documents._keys import TrustStore
-from aqgov.errors import CheckpointError, LineageError, ReplayDivergence
+from aqgov.errors import CheckpointError, LineageError, ReplayDivergence, ReplayUnavailable
 from aqgov.lineage import _history as hist
 from aqgov.lineage import _record as rec
 from aqgov.lineage import _trust as trustlib
 from aqgov.lineage._checkpoint import Checkpoints
+from aqgov.lineage._progress import ProgressFn, report
 from aqgov.lineage._segments import records
 from aqgov.lineage._summary import params_sha256
 from aqgov.lineage._task import Task, TrainState, load_task
@@ -87,6 +91,7 @@ def replay(
   task: Task | str | None = None,
   trust: TrustStore | None = None,
   from_checkpoint: int | None = None,
+  progress: ProgressFn | None = None,
 ) -> ReplayResult:
   """Rebuild the `TrainState` after step `step` (see the module doc); raises at the first divergence.
 
@@ -94,7 +99,8 @@ def replay(
   JSONL path. `from_checkpoint` starts from an earlier checkpoint than the nearest, so that later
   checkpoints are re-derived and checked against their recorded full hashes. `task` is a `Task`
   the caller built, or the recorded "module:attr" the caller trusts, or None for an installed
-  entry point; without a `Task`, `trust` is required (see the module doc).
+  entry point; without a `Task`, `trust` is required (see the module doc). `progress(steps
+  replayed, steps to replay)` follows the re-execution.
   """
   run_dir, ldir = lineage_dir(run_dir)
   chosen = task is not None and not isinstance(task, str) and isinstance(task, Task)
@@ -120,7 +126,16 @@ def replay(
   start = scan.bodies[0]
   groups = tuple(start["groups"])
   if not chosen:
-    ref = trustlib.resolve_task(start["config"]["task"], task)
+    recorded = start["config"].get("task")
+    if recorded is None and task is None:
+      raise ReplayUnavailable(
+        f"run {start['run_id']} records no task: it was recorded from a loop its user owns "
+        "(GovernedRun.open), so there is no recorded step code to re-execute. Verify, query and "
+        "export it as usual; to replay, name a task that re-implements the loop (task="
+        "'module:attr' / --task, or a Task object), or record runs with GovernedRun.start(task=...)",
+        index=0,
+      )
+    ref = task if recorded is None else trustlib.resolve_task(recorded, task)
     authorities = trustlib.recorded_trust(start, trust, exact=False)
     trustlib.check_documents(run_dir, start)
     trustlib.check_task_source(start, ref)
@@ -148,6 +163,7 @@ def replay(
       return ReplayResult(state, step, ref.step, 0, (ref.step,))
     pool = _example_index(examples)
     expected, checked = ref.step + 1, [ref.step]
+    report(progress, 0, step - ref.step)
     for index, _, body in records(ldir, kinds=(rec.STEP,), start=ref.index + 1):
       if not history.effective(index):
         continue
@@ -160,6 +176,7 @@ def replay(
           step=expected,
         )
       state = _replay_step(task, state, view, index, pool, groups)
+      report(progress, view.step - ref.step, step - ref.step)
       done = history.checkpoint_at(view.step)
       if done is not None:
         _check_full_hash(state, done, checkpoints, on_disk, index)
