@@ -99,11 +99,6 @@ def dot_sq_norm(site: DotSite, act: Array, cot: Array) -> Array:
   return rows_sq_norm(*rearrange(site, act, cot))
 
 
-def batched_dot_sq_norms(site: DotSite, acts: Array, cots: Array) -> Array:
-  """[B] squared per-example weight-gradient norms from stacked activations and cotangents."""
-  return jax.vmap(lambda a, g: dot_sq_norm(site, a, g))(acts, cots)
-
-
 def materialised_sq_norms(per_example_grads: Array) -> Array:
   """[B] squared norms of materialised per-example gradients [B, *leaf]."""
   g = per_example_grads.astype(jnp.float32)
