@@ -18,10 +18,12 @@ _replay      re-execute recorded steps and check fingerprints and hashes
 _query       membership queries and run descriptions
 _export      in-toto Statement v1 in a DSSE envelope
 _run         `GovernedRun`: the run directory and the governed loop
+_distributed a run over many processes: global batches, gathered summaries, one writer
 """
 
 from aqgov.lineage._checkpoint import Checkpoints
 from aqgov.lineage._cosign import WitnessRef, check_witnessed, cosign_final_head, origin_of, submit
+from aqgov.lineage._distributed import DataParallel, process_index
 from aqgov.lineage._export import export_intoto, verify_envelope
 from aqgov.lineage._heads import LogHead, read_heads
 from aqgov.lineage._history import CheckpointRef, History, history
@@ -39,6 +41,7 @@ from aqgov.lineage._writer import LineageWriter, open_for_resume
 __all__ = [
   "CheckpointRef",
   "Checkpoints",
+  "DataParallel",
   "GovernedRun",
   "History",
   "LineageWriter",
@@ -66,6 +69,7 @@ __all__ = [
   "origin_of",
   "open_for_resume",
   "params_sha256",
+  "process_index",
   "read_heads",
   "replay",
   "scan",

@@ -41,6 +41,7 @@ from aqgov.documents._keys import PublicKey, SigningKey, TrustStore
 from aqgov.entropy._overrides import admit_override
 from aqgov.errors import CheckpointError, GovernanceEscalation, LineageError
 from aqgov.lineage import _bodies as bodies
+from aqgov.lineage import _distributed as dist
 from aqgov.lineage import _history as hist
 from aqgov.lineage import _log as log
 from aqgov.lineage import _record as rec
@@ -125,7 +126,9 @@ class GovernedRun:
     checkpointed: Iterable[int],
     trust: TrustStore = TrustStore({}),
     used_tokens: Iterable[str] = (),
+    distributed: dist.DataParallel | None = None,
   ):
+    self.distributed = distributed  # None: this process runs alone
     self.layout, self.task, self.state, self.writer = layout, task, state, writer
     self.trust, self._used_tokens = trust, set(used_tokens)
     self.checkpoints, self.run_id, self.checkpoint_every = (
@@ -160,6 +163,8 @@ class GovernedRun:
     max_to_keep: int | None = None,
     witnesses: Sequence[tuple[str, Any]] = (),
     key_dir: str | os.PathLike | None = None,
+    mesh: Any = None,
+    distributed: bool | None = None,
   ) -> GovernedRun:
     """Create `run_dir` (empty or absent), record run-start and checkpoint the initial state.
 
@@ -171,7 +176,17 @@ class GovernedRun:
     as the signer of a policy, profile, override or manifest. `witnesses` are (url,
     witness key) pairs: each signed head is submitted to them for a cosignature, and `close` fails
     unless all cosign the final one.
+
+    `mesh` and `distributed` spread the run over processes (`aqgov.lineage.distributed`): with
+    `jax.distributed` initialized for several processes every process calls `start` alike and
+    `step`s with its shard of each batch; only process 0 needs `key`/`key_dir`, and only it
+    writes and signs the lineage.
     """
+    placed = dist.placement(mesh, distributed)
+    if placed is not None and not placed.writes:
+      return dist.join_start(
+        cls, RunLayout(run_dir), placed, task, task_config, trust, checkpoint_every, max_to_keep
+      )
     layout = RunLayout(run_dir)
     if layout.root.exists() and any(layout.root.iterdir()):
       raise LineageError(
@@ -230,16 +245,20 @@ class GovernedRun:
     writer = log.LineageWriter.create(
       layout.lineage, key, body, fsync=fsync, head_every=head_every, witnesses=witness_refs
     )
+    if placed is not None:
+      writer = dist.SharedWriter(placed, writer)
+      placed.announce("start", {"run_id": run_id})
     run = cls(
       layout,
       the_task,
-      the_task.init(),
+      the_task.init() if placed is None else placed.place_state(the_task.init()),
       writer,
       Checkpoints(layout.checkpoints, max_to_keep=max_to_keep),
       run_id=run_id,
       checkpoint_every=checkpoint_every,
       checkpointed=(),
       trust=authorities,
+      distributed=placed,
     )
     run.checkpoint()
     return run
@@ -254,6 +273,8 @@ class GovernedRun:
     key_dir: str | os.PathLike | None = None,
     max_to_keep: int | None = None,
     witnesses: Sequence[tuple[str, Any]] | None = None,
+    mesh: Any = None,
+    distributed: bool | None = None,
   ) -> GovernedRun:
     """Continue a run after a crash, an escalation or `abandon` (see the resume rule). A closed run
     (signed run-end) is final: continue it as a child run (`start(..., parent=)`).
@@ -263,7 +284,10 @@ class GovernedRun:
     the run directory): exactly the key ids run-start recorded. The run key is `key`, or is read
     from `key_dir` (default: where `start` put it). The log must verify under the run key, and the
     documents and task code must be those run-start recorded. `witnesses` default to those
-    run-start recorded."""
+    run-start recorded. `mesh` and `distributed` as for `start`: all processes resume together."""
+    placed = dist.placement(mesh, distributed)
+    if placed is not None and not placed.writes:
+      return dist.join_resume(cls, RunLayout(run_dir), placed, trust, max_to_keep)
     layout = RunLayout(run_dir)
     first = next(iter(log.LogReader(layout.lineage)), None)
     if first is None:
@@ -306,15 +330,18 @@ class GovernedRun:
       checkpoints = Checkpoints(layout.checkpoints, max_to_keep=max_to_keep)
       on_disk = set(checkpoints.steps())
       ref = next((c for c in reversed(history.checkpoints) if c.step in on_disk), None)
+      superseded = [s for s in sorted(on_disk) if s > (ref.step if ref else 0) or ref is None]
+      if placed is not None:
+        placed.announce("resume", {"checkpoint": ref and ref.step, "delete": superseded})
+      template = task.init() if placed is None else placed.place_state(task.init())
       if ref is None:
-        state, ck_step, ck_index = task.init(), 0, None
+        state, ck_step, ck_index = template, 0, None
       else:
-        restored = checkpoints.restore(ref.step, task.init())
+        restored = checkpoints.restore(ref.step, template)
         _check_restored(restored, ref, scan)
         state, ck_step, ck_index = restored.state, ref.step, ref.index
-      for s in sorted(on_disk):
-        if s > ck_step or (ref is None and s == 0):
-          checkpoints.delete(s)  # superseded or never recorded: the resumed run writes its own
+      for s in superseded:
+        checkpoints.delete(s)  # superseded or never recorded: the resumed run writes its own
       writer.append_record(
         rec.RUN_RESUME,
         bodies.resume_body(
@@ -323,9 +350,14 @@ class GovernedRun:
           superseded=((ck_index + 1) if ck_index is not None else 1, scan.size),
         ),
       )
-    except BaseException:
+    except BaseException as exc:
       writer.abandon()
+      if placed is not None:
+        placed.announce("resumed", error=f"{type(exc).__name__}: {exc}")
       raise
+    if placed is not None:
+      writer = dist.SharedWriter(placed, writer)
+      placed.announce("resumed")
     run = cls(
       layout,
       task,
@@ -337,6 +369,7 @@ class GovernedRun:
       checkpointed=() if ref is None else (ck_step,),
       trust=authorities,
       used_tokens=_used_tokens(scan),
+      distributed=placed,
     )
     if ref is None:
       run.checkpoint()
@@ -359,6 +392,8 @@ class GovernedRun:
         "so skip empty batches in the data loader"
       )
     batch, labels = self.task.make_batch(exs)
+    if self.distributed is not None:
+      batch, labels = self.distributed.place_batch(batch, labels)
     try:
       state, summary = self.task.step(self.state, batch, labels)
     except GovernanceEscalation as exc:
@@ -366,12 +401,12 @@ class GovernedRun:
       raise
     self.state = state
     self._step += 1
-    self.writer.append(
+    gathered = self.writer.append(
       summary, [e.id for e in exs], [bytes.fromhex(content_hash(e.content)) for e in exs]
     )
     if self._step % self.checkpoint_every == 0:
       self.checkpoint()
-    return summary
+    return summary if gathered is None else gathered  # distributed: the global batch's, on host
 
   def checkpoint(self) -> int:
     """Checkpoint the current state now (once it is complete, a "checkpoint" record names it)."""
