@@ -3,8 +3,8 @@
 `python tests/multiprocess_worker.py '<json>'` with keys: processes, process, port, devices (per
 process), run, authorities, key_dir, mode ("start" | "resume"), steps, batch (global rows per
 step), checkpoint_every, mesh ("auto" | "explicit"), kill ([process, step]: exit before that
-step), diverge (perturb this process's replica of the parameters), out (where to write the step
-times). One process with `processes` 1 runs the same global batches alone, on a mesh of its own
+step), diverge (perturb this process's replica of the parameters), profile (false: no entropy
+profile), cache (a compilation cache directory), out (where to write the step times). One process with `processes` 1 runs the same global batches alone, on a mesh of its own
 devices. Used by tests/test_multiprocess.py and benchmarks/multiprocess.py.
 """
 
@@ -35,6 +35,9 @@ def main(cfg: dict) -> None:
 
   jax.config.update("jax_platforms", "cpu")
   jax.config.update("jax_num_cpu_devices", int(cfg.get("devices", 2)))
+  if cfg.get("cache"):  # compiled steps shared by the runs of one test session
+    jax.config.update("jax_compilation_cache_dir", cfg["cache"])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
   n_proc = int(cfg.get("processes", 1))
   if n_proc > 1:
     jax.distributed.initialize(
@@ -43,6 +46,7 @@ def main(cfg: dict) -> None:
       process_id=int(cfg["process"]),
       initialization_timeout=120,
       heartbeat_timeout_seconds=int(cfg.get("heartbeat_s", 10)),
+      shutdown_timeout_seconds=20,
     )
   import numpy as np
   from jax.sharding import AxisType, Mesh
@@ -58,6 +62,8 @@ def main(cfg: dict) -> None:
   )
   me = jax.process_index()
   docs = documents(Path(cfg["authorities"]))
+  if not cfg.get("profile", True):
+    docs["profiles"] = []
   key_dir = cfg["key_dir"] if me == 0 else None  # only process 0 holds the run key
   if cfg.get("mode", "start") == "start":
     run = GovernedRun.start(
@@ -90,7 +96,17 @@ def main(cfg: dict) -> None:
     times.append(time.perf_counter() - t)
   run.close()
   if cfg.get("out"):
-    Path(cfg["out"]).write_text(json.dumps({"process": me, "step_s": times}))
+    steps = max(len(times), 1)
+    Path(cfg["out"]).write_text(
+      json.dumps(
+        {
+          "process": me,
+          "step_s": times,
+          "gathered_bytes_per_step": run.distributed.gathered_bytes / steps,
+          "record_s_per_step": run.distributed.record_seconds / steps,
+        }
+      )
+    )
 
 
 if __name__ == "__main__":

@@ -146,6 +146,8 @@ class DataParallel:
     self.rows = NamedSharding(self.mesh, P(tuple(self.mesh.axis_names)))
     self.replicated = NamedSharding(self.mesh, P())
     self.local_devices = sum(d.process_index == self.process for d in self.mesh.devices.flat)
+    self.gathered_bytes = 0  # what this process received from the step gathers so far
+    self.record_seconds = 0.0  # time spent gathering, building and agreeing on step records
 
   # ---- placing --------------------------------------------------------------------------------
 
@@ -186,6 +188,7 @@ class DataParallel:
     self, summary: StepSummary, ids: Sequence[str], sha256: Sequence[bytes]
   ) -> tuple[StepSummary, dict]:
     """The gathered host summary and the step record body (time 0) every process agreed on."""
+    started = time.perf_counter()
     rows = int(np.shape(summary.example_index)[0]) // self.processes
     id_bytes, sha_bytes = "\x00".join(ids).encode("utf-8"), b"".join(sha256)
     start = min(
@@ -218,7 +221,11 @@ class DataParallel:
       example_index=np.where(index >= 0, index + offset[owner], -1).astype(np.int32)
     )
     body = rec.step_body(host, all_ids, all_sha if sha_bytes else None, time_s=0.0)
+    self.gathered_bytes += (
+      counts.nbytes + packed.nbytes + sum(np.asarray(x).nbytes for x in jax.tree.leaves(host))
+    ) * (self.processes > 1) + 32 * self.processes
     self.agree(hashlib.sha256(rec.encode_step_body(body)).digest(), f"step {body['step']}")
+    self.record_seconds += time.perf_counter() - started
     return host, body
 
   def agree(self, digest: bytes, what: str) -> None:
@@ -243,7 +250,7 @@ class DataParallel:
     if head is not None:
       row[:8] = np.frombuffer(np.int64(head.size).tobytes(), np.uint8)
       row[8:40] = np.frombuffer(head.root, np.uint8)
-      row[40:] = np.frombuffer(head.last_hash, np.uint8)
+      row[40:] = np.frombuffer(head.last_record, np.uint8)
     out = np.asarray(multihost_utils.broadcast_one_to_all(row))
     size = int(np.frombuffer(out[:8].tobytes(), np.int64)[0])
     return LogHead(size, bytes(out[8:40]), bytes(out[40:]))
