@@ -278,6 +278,14 @@ class DataParallel:
     return got["value"]
 
 
+def announce(
+  placed: DataParallel | None, what: str, value: Mapping[str, Any] | None = None, error: str = ""
+) -> None:
+  """`placed.announce(...)` in a distributed run; nothing in a plain one."""
+  if placed is not None:
+    placed.announce(what, value, error)
+
+
 def _client() -> Any:
   from jax._src import distributed  # the coordination service's key-value store
 
@@ -387,18 +395,20 @@ def join_resume(
 ) -> Any:
   """`GovernedRun.resume` on a process other than 0: process 0 checks the log and names the
   checkpoint; every process restores it (and deletes the superseded ones) together."""
-  resumed = placed.wait("resume")
-  start = next(iter(log.LogReader(layout.lineage))).body  # process 0 checked the log
+  placed.wait("resume")  # process 0 checked the log, the documents and the task code
+  start = next(iter(log.LogReader(layout.lineage))).body
   authorities = trustlib.recorded_trust(start, trustlib.as_trust_store(trust), exact=True)
   config = start["config"]
   task = load_task(config["task"], config.get("task_config", {}), layout.root, trust=authorities)
   checkpoints = Checkpoints(layout.checkpoints, max_to_keep=max_to_keep)
+  resumed = placed.wait("resume")
   state, step = placed.place_state(task.init()), resumed["checkpoint"]
   if step is not None:
     state = checkpoints.restore(int(step), state).state
+  placed.wait("resume")  # process 0 checked the restored state against the lineage
   for s in resumed["delete"]:
     checkpoints.delete(int(s))
-  placed.wait("resumed")
+  placed.wait("resume")
   run = cls(
     layout,
     task,

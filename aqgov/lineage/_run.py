@@ -247,7 +247,7 @@ class GovernedRun:
     )
     if placed is not None:
       writer = dist.SharedWriter(placed, writer)
-      placed.announce("start", {"run_id": run_id})
+    dist.announce(placed, "start", {"run_id": run_id})
     run = cls(
       layout,
       the_task,
@@ -327,12 +327,12 @@ class GovernedRun:
         layout.root,
         trust=authorities,
       )
+      dist.announce(placed, "open")  # the others open the checkpoints with process 0
       checkpoints = Checkpoints(layout.checkpoints, max_to_keep=max_to_keep)
       on_disk = set(checkpoints.steps())
       ref = next((c for c in reversed(history.checkpoints) if c.step in on_disk), None)
       superseded = [s for s in sorted(on_disk) if s > (ref.step if ref else 0) or ref is None]
-      if placed is not None:
-        placed.announce("resume", {"checkpoint": ref and ref.step, "delete": superseded})
+      dist.announce(placed, "resume", {"checkpoint": ref and ref.step, "delete": superseded})
       template = task.init() if placed is None else placed.place_state(task.init())
       if ref is None:
         state, ck_step, ck_index = template, 0, None
@@ -340,6 +340,7 @@ class GovernedRun:
         restored = checkpoints.restore(ref.step, template)
         _check_restored(restored, ref, scan)
         state, ck_step, ck_index = restored.state, ref.step, ref.index
+      dist.announce(placed, "restore")
       for s in superseded:
         checkpoints.delete(s)  # superseded or never recorded: the resumed run writes its own
       writer.append_record(
@@ -352,12 +353,11 @@ class GovernedRun:
       )
     except BaseException as exc:
       writer.abandon()
-      if placed is not None:
-        placed.announce("resumed", error=f"{type(exc).__name__}: {exc}")
+      dist.announce(placed, "resume", error=f"{type(exc).__name__}: {exc}")
       raise
     if placed is not None:
       writer = dist.SharedWriter(placed, writer)
-      placed.announce("resumed")
+    dist.announce(placed, "resume")
     run = cls(
       layout,
       task,
