@@ -101,9 +101,10 @@ def main() -> None:
   base = results[counts[0]]["step_ms"]
   print(f"governed tiny_lm run, global batch {args.batch}, {steps} steps, 4 CPU devices in all")
   print(
-    "| processes | step (ms, median) | vs 1 process | gathered B/step/process | record B/step |"
+    "| processes | step (ms, median) | vs 1 process | gather + agree (ms) "
+    "| gathered B/step/process | record B/step |"
   )
-  print("|---|---|---|---|---|")
+  print("|---|---|---|---|---|---|")
   for n, r in results.items():
     print(
       f"| {n} | {r['step_ms']:.1f} | {r['step_ms'] / base:.2f}x | {r['record_ms']:.2f} "

@@ -242,3 +242,23 @@ def test_a_manual_axis_mesh_is_refused_naming_it(tmp_path, authorities):
     GovernedRun.start(
       tmp_path / "run", task=worker.TASK, mesh=mesh, **worker.documents(authorities.root)
     )
+
+
+def test_the_summary_gather_moves_every_bit_of_each_sharded_array():
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  from aqgov.lineage._distributed import _pack, _unpack
+
+  rows = NamedSharding(Mesh(np.asarray(jax.devices()[:4]), ("data",)), P("data"))
+  rng = np.random.default_rng(0)
+  parts = [
+    rng.standard_normal((8, 3)).astype(np.float32),
+    np.asarray([np.nan, -0.0, np.inf, 1e-45] * 2, np.float32),
+    rng.integers(-5, 5, 8).astype(np.int32),
+    rng.random((8, 2, 2)) > 0.5,
+    rng.standard_normal((8,)).astype(jax.numpy.bfloat16),
+  ]
+  on_devices = [jax.device_put(p, rows) for p in parts]
+  for sent, got in zip(parts, _unpack(np.asarray(_pack(on_devices)), on_devices), strict=True):
+    assert (got.dtype, got.shape, got.tobytes()) == (sent.dtype, sent.shape, sent.tobytes())

@@ -118,6 +118,51 @@ def auto_axes(mesh: Mesh) -> Mesh:
   return Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
 
 
+def _as_bits(dtype: np.dtype) -> np.dtype:
+  """The unsigned integer type with `dtype`'s bits (bool: uint8)."""
+  return np.dtype(np.uint8) if dtype == np.bool_ else np.dtype(f"uint{8 * dtype.itemsize}")
+
+
+@jax.jit
+def _pack(parts: list[jax.Array]) -> jax.Array:
+  """[B, k] uint32: the bits of each [B, ...] array side by side, for one all-gather of all."""
+  cols = []
+  for x in parts:
+    x = x.reshape(x.shape[0], -1)
+    bits = (
+      x.astype(np.uint8)
+      if x.dtype == np.bool_
+      else jax.lax.bitcast_convert_type(x, _as_bits(x.dtype))
+    )
+    if x.dtype.itemsize > 4:  # 64-bit: two uint32 words per entry
+      bits = jax.lax.bitcast_convert_type(bits, np.uint32)
+    cols.append(bits.reshape(x.shape[0], -1).astype(np.uint32))
+  return jax.numpy.concatenate(cols, axis=1)
+
+
+def _unpack(packed: np.ndarray, parts: list[jax.Array]) -> list[np.ndarray]:
+  """The arrays `_pack` packed, from the host copy of its result."""
+  out, col = [], 0
+  for x in parts:
+    words = int(np.prod(x.shape[1:], dtype=np.int64)) * max(x.dtype.itemsize // 4, 1)
+    bits = np.ascontiguousarray(packed[:, col : col + words])
+    col += words
+    if x.dtype.itemsize < 4:
+      bits = bits.astype(_as_bits(x.dtype))
+    value = bits.astype(bool) if x.dtype == np.bool_ else bits.view(x.dtype)
+    out.append(value.reshape(x.shape))
+  return out
+
+
+def _on_device(x: Any) -> bool:
+  return isinstance(x, jax.Array)
+
+
+def _distributed_leaf(x: Any) -> bool:
+  """A leaf of the step's output that this process holds only part of."""
+  return _on_device(x) and not x.sharding.is_fully_replicated
+
+
 def _bytes_row(data: bytes, length: int) -> np.ndarray:
   row = np.zeros((length,), np.uint8)
   row[: len(data)] = np.frombuffer(data, np.uint8)
@@ -209,12 +254,8 @@ class DataParallel:
       n = int(counts[p, 0])
       all_ids.extend(bytes(packed[p, : counts[p, 1]]).decode("utf-8").split("\x00"))
       all_sha.extend(bytes(packed[p, width + 32 * k : width + 32 * (k + 1)]) for k in range(n))
-    host = jax.tree.map(
-      np.asarray,
-      jax.device_get(summary)
-      if self.processes == 1
-      else multihost_utils.process_allgather(summary, tiled=True),
-    )
+    host = jax.device_get(summary) if self.processes == 1 else self._gather(summary)
+    host = jax.tree.map(np.asarray, host)
     index = host.example_index.astype(np.int64)
     owner = order[np.arange(index.shape[0]) // rows]
     host = host._replace(
@@ -222,11 +263,35 @@ class DataParallel:
     )
     body = rec.step_body(host, all_ids, all_sha if sha_bytes else None, time_s=0.0)
     self.gathered_bytes += (
-      counts.nbytes + packed.nbytes + sum(np.asarray(x).nbytes for x in jax.tree.leaves(host))
+      counts.nbytes + packed.nbytes + self._gathered_summary_bytes(summary)
     ) * (self.processes > 1) + 32 * self.processes
     self.agree(hashlib.sha256(rec.encode_step_body(body)).digest(), f"step {body['step']}")
     self.record_seconds += time.perf_counter() - started
     return host, body
+
+  @staticmethod
+  def _gathered_summary_bytes(tree: Any) -> int:
+    return sum(
+      x.dtype.itemsize * int(np.prod(x.shape, dtype=np.int64))
+      for x in jax.tree.leaves(tree)
+      if _distributed_leaf(x)
+    )
+
+  def _gather(self, tree: Any) -> Any:
+    """`tree` on the host: replicated leaves from this process's own copy (so that the record
+    digest compares each process's replica), the others in one all-gather of their bits."""
+    leaves, treedef = jax.tree.flatten(tree)
+    split = [k for k, x in enumerate(leaves) if _distributed_leaf(x)]
+    out = [
+      None if k in split else np.asarray(x.addressable_data(0) if _on_device(x) else x)
+      for k, x in enumerate(leaves)
+    ]
+    if split:
+      parts = [leaves[k] for k in split]
+      packed = np.asarray(multihost_utils.process_allgather(_pack(parts), tiled=True))
+      for k, value in zip(split, _unpack(packed, parts), strict=True):
+        out[k] = value
+    return jax.tree.unflatten(treedef, out)
 
   def agree(self, digest: bytes, what: str) -> None:
     """Every process holds the same `digest` of `what`, or every process raises `LineageError`."""
