@@ -213,6 +213,7 @@ def test_the_process_index_is_refused_in_a_launched_job_before_initialize(monkey
   assert process_index() == 0
 
 
+@pytest.mark.slow
 def test_an_explicit_axis_mesh_records_what_an_auto_axis_mesh_records(tmp_path, authorities):
   docs = worker.documents(authorities.root)
   devices = np.asarray(jax.devices()[:4])
