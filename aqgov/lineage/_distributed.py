@@ -43,6 +43,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from aqgov.documents import _canonical as canonical
 from aqgov.documents._keys import TrustStore
 from aqgov.errors import LineageError
 from aqgov.lineage import _log as log
@@ -202,6 +203,18 @@ class DataParallel:
       lambda x: jax.make_array_from_process_local_data(self.replicated, np.asarray(x)), state
     )
 
+  def check_rows(self, admitted: int, refused: int) -> None:
+    """Every process admitted as many examples this step, and at least one (or all raise)."""
+    counts = self._allgather(np.asarray([admitted, refused], np.int64))
+    rows = counts[:, 0].tolist()
+    if len(set(rows)) > 1 or rows[0] == 0:
+      raise LineageError(
+        f"the processes admitted {rows} examples this step (by process index; "
+        f"{counts[:, 1].tolist()} refused); a distributed step needs the same number of rows, at "
+        "least one, from every process, so nothing was recorded: replace refused examples in "
+        "the loader (refusals are recorded with the step that leaves them out) and resume"
+      )
+
   def place_batch(self, batch: Any, labels: Any) -> tuple[Any, Any]:
     """This process's admitted shard as its part of the global batch (rows over the mesh)."""
     leaves = jax.tree.leaves((batch, labels))
@@ -211,12 +224,6 @@ class DataParallel:
         f"process {self.process} fed a batch whose arrays have {sorted(rows)} rows; every "
         f"array needs the same number of rows, a multiple of this process's "
         f"{self.local_devices} device(s) (pad with example_index -1 rows if needed)"
-      )
-    counts = self._allgather(np.asarray(next(iter(rows)), np.int64))
-    if len(set(counts.tolist())) > 1:
-      raise LineageError(
-        f"the processes fed batches of {counts.tolist()} rows (by process index); every process "
-        "feeds the same number of rows per step"
       )
     put = lambda x: jax.make_array_from_process_local_data(self.rows, np.asarray(x))  # noqa: E731
     return jax.tree.map(put, batch), jax.tree.map(put, labels)
@@ -230,30 +237,43 @@ class DataParallel:
     return np.asarray(multihost_utils.process_allgather(np.asarray(x)))
 
   def record(
-    self, summary: StepSummary, ids: Sequence[str], sha256: Sequence[bytes]
+    self,
+    summary: StepSummary,
+    ids: Sequence[str],
+    sha256: Sequence[bytes],
+    rejected: Sequence[Any] = (),
   ) -> tuple[StepSummary, dict]:
     """The gathered host summary and the step record body (time 0) every process agreed on."""
     started = time.perf_counter()
     rows = int(np.shape(summary.example_index)[0]) // self.processes
     id_bytes, sha_bytes = "\x00".join(ids).encode("utf-8"), b"".join(sha256)
+    refused = canonical.encode(rec.rejected_to_wire(rejected))
     start = min(
       (i[0].start or 0)
       for i in self.rows.addressable_devices_indices_map((rows * self.processes,)).values()
     )
-    counts = self._allgather(np.asarray([len(ids), len(id_bytes), start], np.int64))
+    counts = self._allgather(np.asarray([len(ids), len(id_bytes), start, len(refused)], np.int64))
     order = np.argsort(counts[:, 2], kind="stable")  # processes in global row order
     width, most = int(counts[:, 1].max()), int(counts[:, 0].max()) * 32 * bool(sha_bytes)
     packed = self._allgather(
-      np.concatenate([_bytes_row(id_bytes, width), _bytes_row(sha_bytes, most)])
+      np.concatenate(
+        [
+          _bytes_row(id_bytes, width),
+          _bytes_row(sha_bytes, most),
+          _bytes_row(refused, int(counts[:, 3].max())),
+        ]
+      )
     )
     all_ids: list[str] = []
     all_sha: list[bytes] = []
+    all_refused: list[dict] = []
     offset = np.zeros((self.processes,), np.int64)
     for p in order:
       offset[p] = len(all_ids)
       n = int(counts[p, 0])
       all_ids.extend(bytes(packed[p, : counts[p, 1]]).decode("utf-8").split("\x00"))
       all_sha.extend(bytes(packed[p, width + 32 * k : width + 32 * (k + 1)]) for k in range(n))
+      all_refused.extend(canonical.decode(bytes(packed[p, width + most :][: counts[p, 3]])))
     host = jax.device_get(summary) if self.processes == 1 else self._gather(summary)
     host = jax.tree.map(np.asarray, host)
     index = host.example_index.astype(np.int64)
@@ -262,6 +282,7 @@ class DataParallel:
       example_index=np.where(index >= 0, index + offset[owner], -1).astype(np.int32)
     )
     body = rec.step_body(host, all_ids, all_sha if sha_bytes else None, time_s=0.0)
+    body = rec.with_rejected(body, [(r["id"], r["reason"]) for r in all_refused])
     self.gathered_bytes += (
       counts.nbytes + packed.nbytes + self._gathered_summary_bytes(summary)
     ) * (self.processes > 1) + 32 * self.processes
@@ -400,9 +421,13 @@ class SharedWriter:
     return 0.0 if self.writer is None else self.writer.cpu_seconds
 
   def append(
-    self, summary: StepSummary, ids: Sequence[str], sha256: Sequence[bytes] | None = None
+    self,
+    summary: StepSummary,
+    ids: Sequence[str],
+    sha256: Sequence[bytes] | None = None,
+    rejected: Sequence[Any] = (),
   ) -> StepSummary:
-    host, body = self.placement.record(summary, ids, sha256 or [])
+    host, body = self.placement.record(summary, ids, sha256 or [], rejected)
     if self.writer is not None:
       self.writer.append_step_body({**body, "time": time.time()})
     return host
@@ -433,6 +458,7 @@ def join_start(
   trust: Any,
   checkpoint_every: int,
   max_to_keep: int | None,
+  on_reject: str = "record",
 ) -> Any:
   """`GovernedRun.start` on a process other than 0: once process 0 has written run-start, build
   the same task from the run directory and checkpoint the initial state with it."""
@@ -449,6 +475,7 @@ def join_start(
     checkpoint_every=checkpoint_every,
     checkpointed=(),
     trust=authorities,
+    on_reject=on_reject,
     distributed=placed,
   )
   run.checkpoint()
@@ -484,6 +511,7 @@ def join_resume(
     checkpoint_every=int(config.get("lineage", {}).get("checkpoint_every", 100)),
     checkpointed=() if step is None else (int(step),),
     trust=authorities,
+    on_reject=config.get("lineage", {}).get("on_reject", "raise"),
     distributed=placed,
   )
   if step is None:
