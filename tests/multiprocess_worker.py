@@ -4,7 +4,8 @@
 process), run, authorities, key_dir, mode ("start" | "resume"), steps, batch (global rows per
 step), checkpoint_every, mesh ("auto" | "explicit"), kill ([process, step]: exit before that
 step), diverge (perturb this process's replica of the parameters), profile (false: no entropy
-profile), cache (a compilation cache directory), out (where to write the step times). One process with `processes` 1 runs the same global batches alone, on a mesh of its own
+profile), refuse ([process, step]: feed one uncredentialed example), cache (a compilation cache
+directory), out (where to write the step times). One process with `processes` 1 runs the same global batches alone, on a mesh of its own
 devices. Used by tests/test_multiprocess.py and benchmarks/multiprocess.py.
 """
 
@@ -91,6 +92,8 @@ def main(cfg: dict) -> None:
       os._exit(17)  # as a host that dies: no cleanup, no flush
     start = (s - 1) * rows % (len(examples) - rows)
     batch = examples[start : start + rows][me * mine : (me + 1) * mine]
+    if cfg.get("refuse") == [me, s]:  # an example no manifest vouches for
+      batch = [batch[0]._replace(id="uncredentialed", content=b"scraped text"), *batch[1:]]
     t = time.perf_counter()
     run.step(batch)
     times.append(time.perf_counter() - t)

@@ -195,6 +195,19 @@ def test_processes_whose_replicas_diverge_stop_before_anything_is_recorded(
   assert steps_of(tmp_path / "run") == {}
 
 
+@pytest.mark.slow
+def test_a_refusal_on_one_process_stops_every_process_naming_the_counts(
+  tmp_path, authorities, cache
+):
+  results = finish(
+    launch(2, tmp_path / "run", authorities, steps=2, devices=1, refuse=[1, 2], cache=cache)
+  )
+  for rc, text in results:
+    assert rc != 0
+    assert "the processes admitted [4, 3] examples this step" in text
+  assert sorted(steps_of(tmp_path / "run")) == [1]
+
+
 # -- in this process --------------------------------------------------------------------------
 
 
