@@ -35,7 +35,8 @@ if TYPE_CHECKING:
   from jax.typing import ArrayLike
 
 
-VERSION = 1
+VERSION = 2
+READS = (1, 2)  # version 2 adds optional fields only (step `sketch`): version-1 logs still read
 GENESIS = bytes(32)
 
 RUN_START = "run-start"
@@ -135,9 +136,10 @@ def decode_record(
       f"record {index}: not a lineage record envelope (fields v, seq, kind, prev, body)",
       index=index,
     )
-  if env["v"] != VERSION:
+  if env["v"] not in READS:
     raise LineageError(
-      f"record {index}: schema version {env['v']!r}, this aqgov reads version {VERSION}; "
+      f"record {index}: schema version {env['v']!r}, this aqgov reads versions "
+      f"{', '.join(map(str, READS))}; "
       "upgrade aqgov to verify this log",
       index=index,
     )
@@ -220,6 +222,18 @@ def _is(*types: type) -> Any:
   return lambda v: isinstance(v, types)
 
 
+def _is_sketch_field(v: Any) -> bool:
+  return (
+    isinstance(v, dict)
+    and set(v) == {"chunk", "dim", "dtype", "sha256"}
+    and isinstance(v["chunk"], str)
+    and _is_count(v["dim"])
+    and isinstance(v["dtype"], str)
+    and isinstance(v["sha256"], bytes)
+    and len(v["sha256"]) == 32
+  )
+
+
 _STEP_NUMBER = {"step": _is_count, "time": _is_number}
 # kind -> field -> (check, what the field must be); docs/lineage-schema.md lists the same fields
 _SCHEMAS: dict[str, dict[str, tuple[Any, str]]] = {
@@ -287,6 +301,7 @@ _OPTIONAL = {
     "example_sha256": (_is(bytes), "bin"),
     "rows": (_is(dict), "an array"),
     "hidden": (_is(dict), "a weights map"),
+    "sketch": (_is_sketch_field, "a sketch map (chunk, dim, dtype, sha256)"),
   }
 }
 
