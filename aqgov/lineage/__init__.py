@@ -15,11 +15,21 @@ _checkpoint  Orbax checkpoints bound to the lineage
 _checkpoint_files  a checkpoint directory's file digest and lineage item, checked without Orbax
 _task        the `Task` protocol training and replay share
 _replay      re-execute recorded steps and check fingerprints and hashes
+_sketches    the sketch store: per-step gradient sketch blocks bound to their step records
+_attribute   routing-aware TracIn attribution from sketches (or checkpoints), signed results
 _query       membership queries and run descriptions
 _export      in-toto Statement v1 in a DSSE envelope
 _run         `GovernedRun`: the run directory and the governed loop
 """
 
+from aqgov.lineage._attribute import (
+  ATTRIBUTION,
+  AttributionResult,
+  Score,
+  attribute,
+  self_influence,
+  verify_attribution,
+)
 from aqgov.lineage._checkpoint import Checkpoints
 from aqgov.lineage._cosign import WitnessRef, check_witnessed, cosign_final_head, origin_of, submit
 from aqgov.lineage._export import export_intoto, verify_envelope
@@ -37,6 +47,12 @@ from aqgov.lineage._witness import Witness, WitnessServer
 from aqgov.lineage._writer import LineageWriter, open_for_resume
 
 __all__ = [
+  "ATTRIBUTION",
+  "AttributionResult",
+  "Score",
+  "attribute",
+  "self_influence",
+  "verify_attribution",
   "CheckpointRef",
   "Checkpoints",
   "GovernedRun",

@@ -79,6 +79,16 @@ def _first_difference(a: np.ndarray, b: np.ndarray) -> int | None:
   return int(rows[0]) if rows.size else None
 
 
+def trusted_task(run_dir, start: Mapping[str, Any], task: str | None, trust: TrustStore) -> Task:
+  """The run's task, imported only once its lineage verified (the caller's job): the recorded
+  reference (or `task`, which must be it), its documents and source checked against run-start."""
+  ref = trustlib.resolve_task(start["config"]["task"], task)
+  authorities = trustlib.recorded_trust(start, trust, exact=False)
+  trustlib.check_documents(run_dir, start)
+  trustlib.check_task_source(start, ref)
+  return load_task(ref, start["config"].get("task_config", {}), run_dir, trust=authorities)
+
+
 def replay(
   run_dir: str | os.PathLike,
   *,
@@ -120,11 +130,7 @@ def replay(
   start = scan.bodies[0]
   groups = tuple(start["groups"])
   if not chosen:
-    ref = trustlib.resolve_task(start["config"]["task"], task)
-    authorities = trustlib.recorded_trust(start, trust, exact=False)
-    trustlib.check_documents(run_dir, start)
-    trustlib.check_task_source(start, ref)
-    task = load_task(ref, start["config"].get("task_config", {}), run_dir, trust=authorities)
+    task = trusted_task(run_dir, start, task, trust)
   checkpoints = Checkpoints(run_dir / "checkpoints")
   try:
     on_disk = set(checkpoints.steps())
