@@ -81,6 +81,18 @@ def test_the_fallback_over_checkpoints_ranks_as_the_sketches_do(sketched_run):
   np.testing.assert_allclose(
     [s.score for s in a.scores[0]], [s.score for s in b.scores[0]], rtol=0.05
   )
+  c = attribute(run_dir, probe, trust=trust, top=8, normalize=True)
+  d = attribute(
+    run_dir,
+    probe,
+    trust=trust,
+    top=8,
+    normalize=True,
+    method="checkpoints",
+    examples=sample.examples(),
+  )
+  assert c.normalized and c.scores[0][0].key == probe[0].id
+  assert [s.key for s in c.scores[0]] == [s.key for s in d.scores[0]]
 
 
 def test_without_data_the_fallback_says_what_it_needs(sketched_run):
@@ -128,7 +140,7 @@ def test_the_cli_prints_a_table_and_json_and_writes_a_signed_result(sketched, tm
   key = next((tmp_path / "k").glob("*.key"))
   base = ["lineage", "attribute", str(run_dir), "--probe", str(probe), "--top", "3"]
   base += _keys_args(run_dir, tmp_path)
-  table = CliRunner().invoke(main, [*base, "--group", "adapter"])
+  table = CliRunner().invoke(main, [*base, "--group", "adapter", "--normalize"])
   assert table.exit_code == 0, table.output
   assert ex.id in table.output and "adapter" in table.output and "signed head" in table.output
   out = tmp_path / "result.signed"

@@ -199,3 +199,54 @@ def test_a_rewritten_block_with_a_recomputed_frame_digest_fails_verify(sketched_
   assert hashlib.sha256(bytes(out)).digest()  # a self-consistent file, only the record disagrees
   with pytest.raises(LineageError, match="sketch store was altered"):
     verify_lineage(copy, trust)
+
+
+def test_a_log_written_at_schema_version_1_still_verifies_and_reads(tmp_path, monkeypatch):
+  from aqgov.documents import _keys as keys
+  from aqgov.documents._keys import TrustStore
+  from aqgov.lineage import LogReader, verify_lineage
+  from aqgov.lineage import _record as rec
+
+  import lineage_helpers as lh
+
+  key = keys.generate("run", roles=(keys.RUN,))
+  monkeypatch.setattr(rec, "VERSION", 1)
+  lh.write_log(tmp_path / "run" / "lineage", key, 3)
+  monkeypatch.undo()
+  assert rec.VERSION == 2
+  report = verify_lineage(tmp_path / "run", TrustStore.of([key.public]))
+  assert report.closed and report.size == 5
+  assert [r.kind for r in LogReader(tmp_path / "run" / "lineage")][1] == "step"
+
+
+def test_the_writer_binds_each_steps_sketch_block_to_its_record(tmp_path):
+  from aqgov.documents import _keys as keys
+  from aqgov.documents._keys import TrustStore
+  from aqgov.lineage import LineageWriter, verify_lineage
+  from aqgov.lineage import _sketches as store
+  from aqgov.lineage._segments import records
+
+  import lineage_helpers as lh
+
+  key = keys.generate("run", roles=(keys.RUN,))
+  w = LineageWriter.create(tmp_path / "run" / "lineage", key, lh.start_body(key), fsync="never")
+  rng = np.random.default_rng(0)
+  sketches = {}
+  for s in range(1, 4):
+    sk = jnp.asarray(rng.normal(size=(4, len(lh.GROUPS), 8)), jnp.bfloat16)
+    sketches[s] = np.asarray(sk)
+    w.append(lh.summary(s)._replace(sketch=sk), lh.ids(s), lh.digests(s))
+  w.close()
+  trust = TrustStore.of([key.public])
+  assert any(
+    "3 sketch block(s)" in line for line in verify_lineage(tmp_path / "run", trust).checked
+  )
+  blocks = store.read_blocks(tmp_path / "run")
+  for index, _, body in records(tmp_path / "run" / "lineage", kinds=("step",)):
+    assert body["sketch"]["dim"] == 8 and body["sketch"]["dtype"] == "bfloat16"
+    got = blocks[index]
+    assert got.step == body["step"] and got.sha256 == body["sketch"]["sha256"]
+    np.testing.assert_array_equal(got.sketch.view(np.uint16), sketches[got.step].view(np.uint16))
+  (tmp_path / "run" / "sketches" / body["sketch"]["chunk"]).unlink()
+  with pytest.raises(LineageError, match="holds none"):
+    verify_lineage(tmp_path / "run", trust)

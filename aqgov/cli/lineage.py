@@ -479,6 +479,11 @@ def _step_range(value: str | None) -> tuple[int, int] | None:
   default=None,
   help="Write the signed result document here (with --key).",
 )
+@click.option(
+  "--normalize",
+  is_flag=True,
+  help="Cosine TracIn: divide each step's inner product by both sketches' norms.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def attribute_cmd(
   run_dir: str,
@@ -495,6 +500,7 @@ def attribute_cmd(
   task_ref: str | None,
   key_path: str | None,
   out: str | None,
+  normalize: bool,
   as_json: bool,
 ) -> None:
   """Which training examples shaped the probe's behaviour, per group (TracIn from the run's sketches)."""
@@ -519,6 +525,7 @@ def attribute_cmd(
       by=by,
       examples=data,
       method=method,
+      normalize=normalize,
       progress=lambda done, total: bar.update(job, completed=done, total=total),
     )
   signed = None
@@ -535,7 +542,7 @@ def attribute_cmd(
   console = Console()
   for (probe_id, _), scores in zip(result.probes, result.scores):
     table = Table(
-      title=f"probe {probe_id}: {result.method}, groups {', '.join(result.groups)}, "
+      title=f"probe {probe_id}: {result.method}{', cosine' if result.normalized else ''}, groups {', '.join(result.groups)}, "
       f"steps {result.steps[0]}..{result.steps[1]}"
     )
     table.add_column("#", justify="right")

@@ -74,6 +74,7 @@ class AttributionResult:
   steps: tuple[int, int]  # first and last step included
   by: str
   learning_rate: float
+  normalized: bool
   sketch: Mapping[str, Any]  # the spec the projections used
   probes: tuple[tuple[str, str], ...]  # (id, content sha256)
   scores: tuple[tuple[Score, ...], ...]  # per probe, best first
@@ -88,6 +89,7 @@ class AttributionResult:
       "steps": list(self.steps),
       "by": self.by,
       "learning_rate": canonical.canonical_float(self.learning_rate),
+      "normalized": self.normalized,
       "sketch": dict(self.sketch),
       "probes": [{"id": i, "sha256": h} for i, h in self.probes],
       "scores": [
@@ -116,6 +118,7 @@ class AttributionResult:
         steps=(int(p["steps"][0]), int(p["steps"][1])),
         by=str(p["by"]),
         learning_rate=float(p["learning_rate"]),
+        normalized=bool(p["normalized"]),
         sketch=dict(p["sketch"]),
         probes=tuple((str(q["id"]), str(q["sha256"])) for q in p["probes"]),
         scores=tuple(
@@ -275,6 +278,7 @@ def attribute(
   examples: Any = None,
   learning_rate: float = 1.0,
   method: str | None = None,
+  normalize: bool = False,
   progress: Callable[[int, int], None] | None = None,
 ) -> AttributionResult:
   """Score the run's training examples for each probe example (see the module doc).
@@ -285,6 +289,9 @@ def attribute(
   `examples`: the training data (mapping, iterable or JSONL), needed only without sketches.
   `method`: "sketches" or "checkpoints" (default: sketches when every step in range has them).
   `task`: as for `replay` (a `Task`, the recorded "module:attr", or None for an entry point).
+  `normalize`: each step's inner product divided by both sketches' norms (over all groups):
+  cosine TracIn, which keeps examples whose gradients are merely large (early steps, outliers)
+  from outranking the ones that point the probe's way.
   `progress(done, total)` is called as checkpoints are processed."""
   if by not in BY:
     raise LineageError(f"--by must be one of {', '.join(BY)}, got {by!r}")
@@ -329,7 +336,17 @@ def attribute(
   probes = _probe_examples(probe)
   key_of = _keyer(by, task, tuple(start.get("classes", ())))
   scores = _scores(
-    run_dir, task, in_range, history, probes, method, examples, key_of, learning_rate, progress
+    run_dir,
+    task,
+    in_range,
+    history,
+    probes,
+    method,
+    examples,
+    key_of,
+    learning_rate,
+    normalize,
+    progress,
   )
   mask = np.asarray([g in selected for g in run_groups])
   ranked = []
@@ -349,6 +366,7 @@ def attribute(
     steps=(in_range[0].view.step, in_range[-1].view.step),
     by=by,
     learning_rate=float(learning_rate),
+    normalized=bool(normalize),
     sketch=spec.to_wire(),
     probes=tuple((e.id, content_hash(e.content)) for e in probes),
     scores=tuple(ranked),
@@ -365,7 +383,9 @@ def _groups(group, run_groups: tuple[str, ...]) -> tuple[str, ...]:
   return names
 
 
-def _scores(run_dir, task, in_range, history, probes, method, examples, key_of, eta, progress):
+def _scores(
+  run_dir, task, in_range, history, probes, method, examples, key_of, eta, normalize, progress
+):
   """key -> float64 [P, G] summed scores."""
   ckpts = Checkpoints(run_dir / "checkpoints")
   try:
@@ -387,12 +407,19 @@ def _scores(run_dir, task, in_range, history, probes, method, examples, key_of, 
     for done, (ck_step, group_steps) in enumerate(sorted(by_ckpt.items())):
       params = _restored_params(ckpts, refs[ck_step], task)
       phi = np.asarray(task.sketch_examples(params, probes), np.float64)  # [P, G, k]
+      phi_norm = np.sqrt(np.sum(np.square(phi), axis=(1, 2)))  # [P]
       if method == SKETCHES:
         for s in group_steps:
           sk = _block(s, blocks).astype(np.float64)  # [B, G, k]
-          _add(out, s, np.einsum("pgk,bgk->bpg", phi, sk) * eta, key_of)
+          contrib = np.einsum("pgk,bgk->bpg", phi, sk) * eta
+          if normalize:
+            sk_norm = np.sqrt(np.sum(np.square(sk), axis=(1, 2)))  # [B]
+            contrib = contrib / _safe(sk_norm[:, None, None] * phi_norm[None, :, None])
+          _add(out, s, contrib, key_of)
       else:
-        _add_recomputed(out, task, params, phi, group_steps, pool, eta, key_of)
+        _add_recomputed(
+          out, task, params, phi, phi_norm if normalize else None, group_steps, pool, eta, key_of
+        )
       if progress is not None:
         progress(done + 1, len(by_ckpt))
     return out
@@ -417,34 +444,42 @@ def _add(out: dict, s: _Step, contrib: np.ndarray, key_of) -> None:
     out[key] = out.get(key, 0.0) + contrib[row]
 
 
-def _add_recomputed(out, task, params, phi, group_steps, pool, eta, key_of) -> None:
+def _safe(norms: np.ndarray) -> np.ndarray:
+  """Divisors for cosine scores: a zero sketch (routed away everywhere) keeps a score of 0."""
+  return np.where(norms > 0, norms, 1.0)
+
+
+def _add_recomputed(out, task, params, phi, phi_norm, group_steps, pool, eta, key_of) -> None:
   """TracIn over one checkpoint: each example the steps trained on, projected once at `params`
-  with unit weights, times its recorded weights summed over those steps (sketches are linear in
-  the weights; a weight of 0 contributes exactly 0)."""
-  weights: dict[tuple[str, str], np.ndarray] = {}
+  with unit weights, then weighted by each step's recorded weights (sketches are linear in the
+  weights; a weight of 0 contributes exactly 0)."""
   wanted: dict[str, Example] = {}
   for s in group_steps:
     for row, ex_id in enumerate(s.view.row_ids):
       ex = pool.get(ex_id)
-      k = s.view.rows[row]
       if ex is None:
         raise LineageError(
           f"step {s.view.step}: example {ex_id!r} is not in the data given; attribution from "
           "checkpoints needs every example the steps trained on",
           index=s.index,
         )
+      k = s.view.rows[row]
       if s.view.example_sha256 is not None and content_hash(ex.content) != s.view.example_sha256[k]:
         raise LineageError(
           f"step {s.view.step}: example {ex_id!r} is not the bytes the lineage recorded",
           index=s.index,
         )
       wanted[ex_id] = ex
-      key = (ex_id, key_of(ex_id, int(s.view.route_class[row])))
-      weights[key] = weights.get(key, 0.0) + s.view.weights[row].astype(np.float64)
   ids = sorted(wanted)
+  at = {i: n for n, i in enumerate(ids)}
   unit = np.asarray(task.sketch_examples(params, [wanted[i] for i in ids]), np.float64)
   dots = np.einsum("pgk,ngk->npg", phi, unit)  # [N, P, G]
-  at = {i: n for n, i in enumerate(ids)}
-  for (ex_id, key), w in weights.items():
-    contrib = np.where(w[None, :] != 0, dots[at[ex_id]] * w[None, :], 0.0) * eta
-    out[key] = out.get(key, 0.0) + contrib
+  sq = np.sum(np.square(unit), axis=2)  # [N, G]
+  for s in group_steps:
+    w = s.view.weights.astype(np.float64)  # [B, G]
+    rows = np.asarray([at[i] for i in s.view.row_ids])
+    contrib = np.where(w[:, None, :] != 0, dots[rows] * w[:, None, :], 0.0) * eta  # [B, P, G]
+    if phi_norm is not None:
+      norms = np.sqrt(np.sum(np.square(w) * sq[rows], axis=1))  # [B]
+      contrib = contrib / _safe(norms[:, None, None] * phi_norm[None, :, None])
+    _add(out, s, contrib, key_of)

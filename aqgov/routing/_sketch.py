@@ -6,12 +6,13 @@ gradients, which is what TracIn-style attribution needs). The projections `R_l` 
 function of `SketchSpec.seed` and the leaf's position in the parameter tree, so a probe's
 gradient is projected identically later, from the spec alone.
 
-Each leaf is viewed as a matrix X [m, n] (`leaf_view`: all axes but the last, by the last). For a
+Each leaf is viewed as a matrix X [m, n] (`leaf_view`: all axes but the last, by the last; a vector
+folded to about √n by √n). For a
 matrix leaf `R_l` is Kronecker-structured as in LoGra: `R_l vec(X) = vec(P X Qᵀ)` with P [k1, m],
 Q [k2, n], k1·k2 = dim. At a matmul whose per-example gradient is `A_iᵀ G_i` (operand A_i [F, m],
 output cotangent G_i [F, n], as the cotangent path records them for norms) that is
 `(A_i Pᵀ)ᵀ (G_i Qᵀ)`, and at a convolution the same with A_i the input patches: no per-example
-gradient is formed. A vector leaf (bias, scale) or one too small to factor has a dense R [dim, m·n].
+gradient is formed. A leaf too small (or too thin) to factor has a dense R [dim, m·n].
 Anywhere else (a gather, an elementwise parameter, tied weights, a layout the Kronecker form does
 not match) the example's gradient of that leaf is formed (one equation's VJP per example, or the
 materialised probe gradient) and projected; it is the fallback, exact but not free.
@@ -23,6 +24,7 @@ multiply), so an example routed away from a group has a bitwise-zero sketch at i
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -67,9 +69,13 @@ class SketchSpec:
 
 
 def leaf_view(shape: tuple[int, ...]) -> tuple[int, int]:
-  """(m, n): the matrix a leaf of `shape` is viewed as (all axes but the last, by the last)."""
+  """(m, n): the matrix a leaf of `shape` is viewed as: all axes but the last, by the last; a
+  vector of n entries as [m, n / m] with m its largest divisor not above √n (so that a bias's
+  projection is Kronecker too, ~√n times cheaper than a dense one)."""
   if len(shape) <= 1:
-    return 1, math.prod(shape)
+    n = math.prod(shape)
+    m = max(d for d in range(1, math.isqrt(max(n, 1)) + 1) if n % d == 0) if n else 1
+    return m, n // m if m else 0
   return math.prod(shape[:-1]), shape[-1]
 
 
@@ -82,16 +88,23 @@ def is_kronecker(spec: SketchSpec, shape: tuple[int, ...]) -> bool:
 def projections(spec: SketchSpec, leaf: int, shape: tuple[int, ...]) -> tuple[jax.Array, ...]:
   """The projection of parameter leaf number `leaf`: (P [k1, m], Q [k2, n]) or (R [dim, m·n],).
 
-  Gaussian, scaled so that E‖R x‖² = ‖x‖²; a pure function of (seed, leaf, shape)."""
-  key = jax.random.fold_in(jax.random.key(spec.seed), leaf)
-  m, n = leaf_view(tuple(shape))
-  if is_kronecker(spec, tuple(shape)):
-    k1, k2 = spec.factors
-    kp, kq = jax.random.split(key)
-    p = jax.random.normal(kp, (k1, m), jnp.float32) / np.sqrt(k1)
-    q = jax.random.normal(kq, (k2, n), jnp.float32) / np.sqrt(k2)
-    return p, q
-  return (jax.random.normal(key, (spec.dim, m * n), jnp.float32) / np.sqrt(spec.dim),)
+  Gaussian, scaled so that E‖R x‖² = ‖x‖²; a pure function of (seed, leaf, shape). Computed once
+  per (spec, leaf, shape) and entered into a jitted step as constants, never regenerated per step."""
+  return tuple(jnp.asarray(x) for x in _projections(spec, int(leaf), tuple(int(d) for d in shape)))
+
+
+@functools.lru_cache(maxsize=256)
+def _projections(spec: SketchSpec, leaf: int, shape: tuple[int, ...]) -> tuple[np.ndarray, ...]:
+  with jax.ensure_compile_time_eval():
+    key = jax.random.fold_in(jax.random.key(spec.seed), leaf)
+    m, n = leaf_view(shape)
+    if is_kronecker(spec, shape):
+      k1, k2 = spec.factors
+      kp, kq = jax.random.split(key)
+      p = jax.random.normal(kp, (k1, m), jnp.float32) / np.sqrt(k1)
+      q = jax.random.normal(kq, (k2, n), jnp.float32) / np.sqrt(k2)
+      return np.asarray(p), np.asarray(q)
+    return (np.asarray(jax.random.normal(key, (spec.dim, m * n), jnp.float32) / np.sqrt(spec.dim)),)
 
 
 def project(proj: tuple[jax.Array, ...], grads: jax.Array) -> jax.Array:
@@ -99,17 +112,21 @@ def project(proj: tuple[jax.Array, ...], grads: jax.Array) -> jax.Array:
   b = grads.shape[0]
   g = grads.astype(jnp.float32)
   if len(proj) == 1:
-    return jnp.einsum("kx,bx->bk", proj[0], g.reshape(b, -1), precision=_HI)
+    return jnp.matmul(g.reshape(b, -1), proj[0].T, precision=_HI)
   p, q = proj
   x = g.reshape(b, p.shape[1], q.shape[1])
   return jnp.einsum("im,bmn,jn->bij", p, x, q, precision=_HI).reshape(b, -1)
 
 
 def _kron(p, q, a, g) -> jax.Array:
-  """[B, k1·k2] = (A_b Pᵀ)ᵀ (G_b Qᵀ) for A [B, F, m], G [B, F, n]."""
-  ap = jnp.einsum("bfm,im->bfi", a, p, precision=_HI)
-  gq = jnp.einsum("bfn,jn->bfj", g, q, precision=_HI)
-  return jnp.einsum("bfi,bfj->bij", ap, gq, precision=_HI).reshape(a.shape[0], -1)
+  """[B, k1·k2] = (A_b Pᵀ)ᵀ (G_b Qᵀ) for A [B, F, m], G [B, F, n]: two plain matmuls over all
+  rows of the batch, then one small product per example."""
+  b, f = a.shape[:2]
+  ap = jnp.matmul(a.reshape(b * f, -1), p.T, precision=_HI).reshape(b, f, -1)
+  gq = jnp.matmul(g.reshape(b * f, -1), q.T, precision=_HI).reshape(b, f, -1)
+  if f == 1:
+    return (ap[:, 0, :, None] * gq[:, 0, None, :]).reshape(b, -1)
+  return jnp.einsum("bfi,bfj->bij", ap, gq, precision=_HI).reshape(b, -1)
 
 
 def _dot_layout(site: Site, shape: tuple[int, ...]) -> str | None:
@@ -121,9 +138,11 @@ def _dot_layout(site: Site, shape: tuple[int, ...]) -> str | None:
     return None
   nd = len(shape)
   pc = tuple(pc)
-  if nd >= 2 and pc == tuple(range(nd - 1)):
+  if nd < 2:  # a vector's [m, n] view is not its gradient's layout at a matmul
+    return None
+  if pc == tuple(range(nd - 1)):
     return "CW"
-  if nd >= 1 and pc == (nd - 1,):
+  if pc == (nd - 1,):
     return "WC"
   return None
 
@@ -192,11 +211,13 @@ def group_sketches(
       f"got sketches for {len(leaf_sketches)} leaves but the policy was compiled for "
       f"{len(leaf_group)}; compile it with the parameter pytree you differentiate"
     )
-  out = jnp.zeros((size, num_groups, spec.dim), jnp.float32)
+  per_group: list = [None] * num_groups
   for s, g in zip(leaf_sketches, leaf_group):
     if s is not None:
-      out = out.at[:, int(g)].add(s.astype(jnp.float32))
-  return out.astype(spec.dtype)
+      s = s.astype(jnp.float32)
+      per_group[int(g)] = s if per_group[int(g)] is None else per_group[int(g)] + s
+  zero = jnp.zeros((size, spec.dim), jnp.float32)
+  return jnp.stack([zero if s is None else s for s in per_group], axis=1).astype(spec.dtype)
 
 
 def per_example_sketches(spec: SketchSpec, weights: list, grads: list) -> list:
