@@ -13,6 +13,7 @@ from rich.table import Table
 from aqgov.documents import _keys as keylib
 from aqgov.documents._keys import TrustStore
 from aqgov.errors import LineageError
+from aqgov.lineage._progress import progress_bar
 
 
 def _start_of(run_dir: str) -> dict:
@@ -173,14 +174,16 @@ def verify_cmd(
   from aqgov.lineage._verify import verify_lineage
 
   store = _trust(run_dir, trust + more_keys, run_key)
-  report = verify_lineage(
-    run_dir,
-    store,
-    parent_dirs=_parent_dirs(parent_dir),
-    require_closed=not allow_open,
-    require_references=not allow_missing,
-    witnesses=witnesses,
-  )
+  with progress_bar("verifying records") as progress:
+    report = verify_lineage(
+      run_dir,
+      store,
+      parent_dirs=_parent_dirs(parent_dir),
+      require_closed=not allow_open,
+      require_references=not allow_missing,
+      witnesses=witnesses,
+      progress=progress,
+    )
   if report.witnessed:
     click.echo(
       f"OK final head (size {report.size}) cosigned by witness(es) {', '.join(report.witnessed)}"
@@ -332,14 +335,16 @@ def replay_cmd(
   """Re-execute the recorded steps and check every fingerprint (and full hashes where recorded)."""
   from aqgov.lineage._replay import replay
 
-  result = replay(
-    run_dir,
-    step=step,
-    examples=data,
-    trust=_trust(run_dir, trust + more_keys, run_key),
-    task=task_ref,
-    from_checkpoint=from_checkpoint,
-  )
+  with progress_bar("replaying steps") as progress:
+    result = replay(
+      run_dir,
+      step=step,
+      examples=data,
+      trust=_trust(run_dir, trust + more_keys, run_key),
+      task=task_ref,
+      from_checkpoint=from_checkpoint,
+      progress=progress,
+    )
   if not result.steps_replayed:
     click.echo(
       f"OK step {result.step} is a recorded checkpoint and its params hash matches the record "
@@ -504,16 +509,13 @@ def attribute_cmd(
   as_json: bool,
 ) -> None:
   """Which training examples shaped the probe's behaviour, per group (TracIn from the run's sketches)."""
-  from rich.progress import Progress
-
   from aqgov.documents._document_type import sign, write
   from aqgov.lineage._attribute import ATTRIBUTION, attribute
 
   if out is not None and key_path is None:
     raise click.UsageError("--out writes the signed result: give the signing key with --key")
   keys = _trust(run_dir, trust + more_keys, run_key)
-  with Progress(transient=True, disable=as_json) as bar:
-    job = bar.add_task("checkpoints", total=None)
+  with progress_bar("attributing per checkpoint") as progress:
     result = attribute(
       run_dir,
       probe,
@@ -526,7 +528,7 @@ def attribute_cmd(
       examples=data,
       method=method,
       normalize=normalize,
-      progress=lambda done, total: bar.update(job, completed=done, total=total),
+      progress=progress,
     )
   signed = None
   if key_path is not None:

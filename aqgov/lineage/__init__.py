@@ -18,6 +18,7 @@ _replay      re-execute recorded steps and check fingerprints and hashes
 _sketches    the sketch store: per-step gradient sketch blocks bound to their step records
 _attribute   routing-aware TracIn attribution from sketches (or checkpoints), signed results
 _query       membership queries and run descriptions
+_progress    progress callbacks of long passes, drawn as rich progress bars on a terminal
 _export      in-toto Statement v1 in a DSSE envelope
 _run         `GovernedRun`: the run directory and the governed loop
 """
@@ -35,6 +36,7 @@ from aqgov.lineage._cosign import WitnessRef, check_witnessed, cosign_final_head
 from aqgov.lineage._export import export_intoto, verify_envelope
 from aqgov.lineage._heads import LogHead, read_heads
 from aqgov.lineage._history import CheckpointRef, History, history
+from aqgov.lineage._progress import ProgressFn, progress_bar
 from aqgov.lineage._query import Membership, describe, membership
 from aqgov.lineage._replay import ReplayResult, replay
 from aqgov.lineage._run import GovernedRun, RunLayout
@@ -53,6 +55,8 @@ __all__ = [
   "attribute",
   "self_influence",
   "verify_attribution",
+  "ProgressFn",
+  "progress_bar",
   "CheckpointRef",
   "Checkpoints",
   "GovernedRun",

@@ -43,6 +43,7 @@ from aqgov.lineage import _record as rec
 from aqgov.lineage import _sketches as sketch_store
 from aqgov.lineage._checkpoint import Checkpoints
 from aqgov.lineage._heads import read_heads
+from aqgov.lineage._progress import ProgressFn, report
 from aqgov.lineage._replay import _example_index, trusted_task
 from aqgov.lineage._segments import records
 from aqgov.lineage._task import Task
@@ -279,7 +280,7 @@ def attribute(
   learning_rate: float = 1.0,
   method: str | None = None,
   normalize: bool = False,
-  progress: Callable[[int, int], None] | None = None,
+  progress: ProgressFn | None = None,
 ) -> AttributionResult:
   """Score the run's training examples for each probe example (see the module doc).
 
@@ -420,8 +421,7 @@ def _scores(
         _add_recomputed(
           out, task, params, phi, phi_norm if normalize else None, group_steps, pool, eta, key_of
         )
-      if progress is not None:
-        progress(done + 1, len(by_ckpt))
+      report(progress, done + 1, len(by_ckpt))
     return out
   finally:
     ckpts.close()

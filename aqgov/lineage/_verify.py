@@ -62,6 +62,7 @@ from aqgov.lineage import _sketches as sketch_store
 from aqgov.lineage._checkpoint_files import check_checkpoint_files
 from aqgov.lineage._cosign import check_witnessed, cosigner_key
 from aqgov.lineage._heads import LogHead, read_heads
+from aqgov.lineage._progress import ProgressFn
 from aqgov.lineage._segments import records
 from aqgov.policy import _policy  # noqa: F401
 
@@ -218,6 +219,7 @@ def verify_lineage(
   check_checkpoints: bool = True,
   check_consistency: bool = True,
   witnesses: Sequence = (),
+  progress: ProgressFn | None = None,
   _depth: int = 0,
 ) -> VerifyReport:
   """Verify the lineage of `run_dir` against the `trust`ed keys (see the module doc for the checks).
@@ -229,7 +231,7 @@ def verify_lineage(
   lists a missing reference (document, parent run, checkpoint) as unchecked instead of failing;
   `check_checkpoints=False` skips the checkpoint directories.
   `witnesses` (public keys, `.pub` paths or verifier-key strings) must each have cosigned the final
-  head of a closed log.
+  head of a closed log. `progress(records read, records signed)` follows the pass over the log.
   """
   run_dir, ldir = lineage_dir(run_dir)
   parent_dirs = dict(parent_dirs or {})
@@ -241,6 +243,8 @@ def verify_lineage(
     roots_at=sizes,
     roots_before=(rec.CHECKPOINT,),
     check=(rec.STEP, rec.EVENT, rec.ESCALATION),
+    progress=progress,
+    expected=sizes[-1] if sizes else None,
   )
   if scan.size == 0:
     raise LineageError(f"{ldir} holds no complete record", index=0)
