@@ -250,3 +250,14 @@ def test_the_writer_binds_each_steps_sketch_block_to_its_record(tmp_path):
   (tmp_path / "run" / "sketches" / body["sketch"]["chunk"]).unlink()
   with pytest.raises(LineageError, match="holds none"):
     verify_lineage(tmp_path / "run", trust)
+
+
+def test_the_microbatched_reference_sketches_as_the_whole_batch_does():
+  from aqgov.routing._value_and_grad import per_example_value_and_grad
+
+  params, batch = _params_batch("dense", jax.random.key(3))
+  w = {"w": jnp.asarray([1.0, 0.0, 2.0, 0.5, 1.0])}
+  whole = per_example_value_and_grad(_dense, sketch=SPEC)(params, batch, w)[2]
+  chunks = per_example_value_and_grad(_dense, sketch=SPEC, microbatch=2)(params, batch, w)[2]
+  np.testing.assert_allclose(whole[0], chunks[0], rtol=1e-5, atol=1e-6)
+  assert not np.asarray(chunks[0][1]).view(np.uint32).any()
