@@ -152,3 +152,11 @@ def test_the_cli_prints_a_table_and_json_and_writes_a_signed_result(sketched, tm
   assert signed.id == doc["id"]
   bad = CliRunner().invoke(main, [*base, "--steps", "3:1"])
   assert bad.exit_code != 0 and "A <= B" in bad.output
+
+
+def test_replay_reproduces_the_recorded_sketches_bit_for_bit(sketched_run):
+  from aqgov.lineage import replay
+
+  run_dir, trust = sketched_run
+  result = replay(run_dir, step=2, examples=sample.examples(), trust=trust, from_checkpoint=0)
+  assert result.steps_replayed == 2
