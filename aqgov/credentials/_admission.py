@@ -196,11 +196,6 @@ class Admission:
     """Authorities with at least one verified manifest."""
     return tuple(sorted(self._index))
 
-  def credential_labels(self, example_id: str) -> dict[str, Mapping[str, Any]]:
-    """authority -> the labels its verified manifests give example `example_id` (by id alone: the
-    content hash is checked at admission, not here)."""
-    return {a: index[example_id].labels for a, index in self._index.items() if example_id in index}
-
   def decide(self, example: Example | Mapping[str, Any]) -> Verdict:
     """The admission decision for one example (never raises for a rejection)."""
     ex = as_example(example)

@@ -43,6 +43,7 @@ from aqgov.lineage import _record as rec
 from aqgov.lineage import _sketches as sketch_store
 from aqgov.lineage._checkpoint import Checkpoints
 from aqgov.lineage._heads import read_heads
+from aqgov.lineage._labels import run_labels
 from aqgov.lineage._progress import ProgressFn, report
 from aqgov.lineage._replay import _example_index, trusted_task
 from aqgov.lineage._segments import records
@@ -204,19 +205,18 @@ def _verified(run_dir, trust: TrustStore | None, chosen: bool):
     )
 
 
-def _keyer(by: str, task: Any, classes: Sequence[str]) -> Callable[[str, int], str]:
+def _keyer(by: str, labels, classes: Sequence[str]) -> Callable[[str, int], str]:
+  """Key of a training row: its example id, its route class name, or its credentialed `source`
+  (through the run's manifests, `aqgov.lineage._labels`)."""
   if by == "example":
     return lambda ex_id, rc: ex_id
   if by == "label":
     return lambda ex_id, rc: classes[rc] if rc < len(classes) else f"class {rc}"
-  labels_of = getattr(getattr(task, "admission", None), "credential_labels", None)
-  if labels_of is None:
-    raise LineageError("--by source needs a task whose admission knows the credentials")
 
   def source(ex_id: str, rc: int) -> str:
-    for labels in labels_of(ex_id).values():
-      if "source" in labels:
-        return str(labels["source"])
+    for authority_labels in (labels.labels_of(ex_id) or {}).values():
+      if "source" in authority_labels:
+        return str(authority_labels["source"])
     return "(no source)"
 
   return source
@@ -335,7 +335,8 @@ def attribute(
         f"task projects to {spec.dim}-dim {spec.dtype}: not the run's task configuration"
       )
   probes = _probe_examples(probe)
-  key_of = _keyer(by, task, tuple(start.get("classes", ())))
+  labels = run_labels(run_dir, start, trust) if by == "source" else None
+  key_of = _keyer(by, labels, tuple(start.get("classes", ())))
   scores = _scores(
     run_dir,
     task,

@@ -336,6 +336,10 @@ def verify_lineage(
   if sketch_store.store_dir(run_dir).is_dir():
     n = sketch_store.check_blocks(run_dir, _step_bodies(ldir, scan.size))
     checked.append(f"{n} sketch block(s) in {sketch_store.DIRNAME}/ match their step records")
+  if (run_dir / "index" / "index.json").is_file():
+    from aqgov.lineage._index import check_index
+
+    checked.append(check_index(run_dir, ldir, start, scan, signed_size))
 
   parent_report = None
   parent = start.get("parent")
