@@ -30,8 +30,10 @@ import optax
 from aqgov.errors import BatchCouplingError, RoutingError, UnsupportedPrimitiveError
 from aqgov.policy._compile import CompiledPolicy
 from aqgov.routing import _cotangent as cotangent
+from aqgov.routing import _slices as slices
 from aqgov.routing._coupling import check_per_example
 from aqgov.routing._plan import check_output
+from aqgov.routing._slices import slice_axis
 from aqgov.routing._transforms import broadcast_weight, weighted_sum
 
 PyTree = Any
@@ -58,11 +60,15 @@ def example_spec(batch: PyTree) -> PyTree:
 
 
 def _squared_norms(leaf_weights: PyTree, per_example: PyTree) -> PyTree:
-  """Per leaf, float32 [B]: `|| w_i * g_i ||^2` over the leaf."""
+  """Per leaf, float32 [B]: `|| w_i * g_i ||^2` over the leaf ([B, n] per position of the axis
+  of a sliced leaf's weight)."""
 
   def one(w, g):
     w = broadcast_weight(w, g)
     scaled = jnp.where(w != 0, w.astype(jnp.float32) * g.astype(jnp.float32), jnp.float32(0))
+    axis = slice_axis(w.shape[1:], g.shape[1:])
+    if axis is not None:
+      return slices.positional_sq_norms(scaled, axis)
     return jnp.sum(jnp.square(scaled), axis=tuple(range(1, g.ndim)))
 
   return jax.tree.map(one, leaf_weights, per_example)
@@ -169,16 +175,11 @@ def _microbatched(chunk, params, batch, leaf_weights, size: int, k: int):
 
 
 def group_norms(compiled: CompiledPolicy, squared_norms: PyTree) -> jax.Array:
-  """float32 [B, G]: per-example per-group contribution norms from per-leaf squared norms [B]."""
-  leaves = jax.tree.leaves(squared_norms)
-  if len(leaves) != len(compiled.leaf_group):
-    raise RoutingError(
-      f"got squared norms for {len(leaves)} leaves but the policy was compiled for "
-      f"{len(compiled.leaf_group)}; compile it with the parameter pytree you differentiate"
-    )
-  stacked = jnp.stack([jnp.asarray(x, jnp.float32) for x in leaves])  # [L, B]
+  """float32 [B, G]: per-example per-group contribution norms from per-leaf squared norms [B]
+  ([B, n] per position of a sliced leaf's axis: each part counts in its own group)."""
+  stacked = jnp.stack(slices.part_sq_norms(compiled, squared_norms))  # [U, B]
   per_group = jax.ops.segment_sum(
-    stacked, jnp.asarray(compiled.leaf_group, jnp.int32), num_segments=len(compiled.group_names)
+    stacked, jnp.asarray(compiled.part_group, jnp.int32), num_segments=len(compiled.group_names)
   )
   return jnp.sqrt(per_group).T
 
