@@ -8,18 +8,28 @@ contribution norms of each group summed over its parts.
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
+from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import aqgov
+from aqgov.cli import main
+from aqgov.documents._document_type import sign, verify
+from aqgov.documents._keys import TrustStore, generate
+from aqgov.entropy._metrics import gradient_entropy, group_gradient_entropy
+from aqgov.errors import PolicyError
 from aqgov.examples import moe
-from aqgov.policy import Policy, compile_policy
+from aqgov.governed import governed_step
+from aqgov.lineage._task import TrainState
+from aqgov.policy import POLICY, Policy, compile_policy, compose, explain, explain_table
 from aqgov.routing import _plan as plan_lib
 from aqgov.routing import routed_value_and_grad
 
@@ -224,3 +234,209 @@ def test_heads_and_experts_are_scaled_at_their_uses_without_batching_the_paramet
   fast, batched = _fast_axes(moe_loss, params, example, compiled, labels)
   assert fast == {"blocks/0/moe/w_in": 0, "blocks/0/moe/w_out": 0, "blocks/0/attn/wo": 0}
   assert not batched
+
+
+# ---------------------------------------------------------------------------------------------
+# Policy syntax, explain, composition, signing.
+
+
+def _policy(groups: str, route: str = "{}") -> Policy:
+  return Policy.from_toml(f'name = "p"\n[groups]\n{groups}\n[default]\nroute = {route}\n')
+
+
+def _compiled(policy, params=None):
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", aqgov.policy.UncoveredParametersWarning)
+    return compile_policy(policy, params or attention_params(0), TAXONOMY)
+
+
+def test_a_slice_group_takes_its_parts_and_the_rest_of_the_leaf_stays_in_its_whole_leaf_group():
+  policy = _policy(
+    'heads_0_1 = { pattern = "attn/wq", axis = 1, split = 4, index = "0:2" }\ncore = ["**"]',
+    "{ heads_0_1 = 0.5, core = 1.0 }",
+  )
+  compiled = _compiled(policy)
+  wq = compiled.leaf_paths.index("attn/wq")
+  parts = [p for p in compiled.parts_list if p.leaf == wq]
+  names = [compiled.group_names[p.group] for p in parts]
+  assert [(n, p.axis, p.start, p.stop) for n, p in zip(names, parts)] == [
+    ("heads_0_1", 1, 0, 4),
+    ("core", 1, 4, 8),
+  ]
+  weights = compiled.leaf_weights(labels_of([0, 3]))
+  assert weights["attn"]["wq"].shape == (2, 8)
+  np.testing.assert_array_equal(weights["attn"]["wq"][0], [0.5] * 4 + [1.0] * 4)
+  np.testing.assert_array_equal(weights["attn"]["wk"], [1.0, 1.0])
+
+
+def test_per_declares_one_group_per_part_and_a_route_naming_it_sets_every_part():
+  policy = _policy(
+    'expert = { pattern = "attn/wq", axis = 1, split = 4, per = "expert" }',
+    '{ expert = 1.0, "expert[2]" = 0.25 }',
+  )
+  assert policy.group_names == ("expert[0]", "expert[1]", "expert[2]", "expert[3]")
+  assert policy.default == {"expert[0]": 1.0, "expert[1]": 1.0, "expert[2]": 0.25, "expert[3]": 1.0}
+  assert policy.slice_of("expert[2]") == aqgov.policy.Slice(1, 4, (2,))
+
+
+@pytest.mark.parametrize(
+  "groups, message",
+  [
+    (
+      'a = { pattern = "attn/wq", axis = 1, split = 4, index = "0:2" }\n'
+      'b = { pattern = "attn/*", axis = 1, split = 8, index = 3 }',
+      r"'a' \(\[0:4\]\) and 'b' \(\[3:4\]\) overlap on axis 1 of 'attn/wq'",
+    ),
+    (
+      'a = { pattern = "attn/wq", axis = 0, split = 2, index = 0 }\n'
+      'b = { pattern = "attn/wq", axis = 1, split = 2, index = 1 }',
+      "along different axes",
+    ),
+    ('a = { pattern = "attn/wq", axis = 1, split = 3, index = 0 }', "do not divide it"),
+    ('a = { pattern = "attn/wq", axis = 2, split = 2, index = 0 }', "cuts axis 2 of 'attn/wq'"),
+  ],
+)
+def test_slices_that_overlap_or_do_not_fit_the_leaf_are_policy_errors(groups, message):
+  with pytest.raises(PolicyError, match=message):
+    _compiled(_policy(groups + '\ncore = ["**"]'))
+
+
+@pytest.mark.parametrize(
+  "spec, message",
+  [
+    ('{ pattern = "x", axis = 1, split = 4 }', "needs 'index'"),
+    ('{ pattern = "x", split = 4, index = 0 }', "needs 'axis' and 'split'"),
+    ('{ pattern = "x", axis = 1, split = 4, index = "2:9" }', "distinct parts among 0..3"),
+    ('{ pattern = "x", axis = 1, split = 4, index = 0, per = "head" }', "not both"),
+    ('{ pattern = "x", axis = 1, split = 0, per = "head" }', "at least 1"),
+    ('{ pattern = "x", axis = 1, split = 2, per = "wombat" }', "per = 'wombat'"),
+    ('{ pattern = "x", axis = 1, split = 2, index = 0, visible = "routed" }', "whole-leaf groups"),
+    ('{ pattern = "x", axis = "1", split = 2, index = 0 }', "must be an integer"),
+  ],
+)
+def test_malformed_slice_declarations_say_what_to_write(spec, message):
+  with pytest.raises(PolicyError, match=message):
+    _policy(f"a = {spec}")
+
+
+def test_slice_policies_round_trip_keep_their_id_and_sign_and_verify():
+  policy = Policy.from_toml(HEADS)
+  assert Policy.from_toml(policy.to_toml()) == policy
+  assert Policy.from_dict(policy.to_dict()).id == policy.id
+  other = Policy.from_toml(HEADS.replace("split = 2, index = 0", "split = 2, index = 1"))
+  assert other.id != policy.id
+  key = generate("lab")
+  signed = sign(POLICY, policy, key)
+  assert verify(POLICY, signed, TrustStore.of([key])).id == policy.id
+
+
+def test_composition_takes_the_most_restrictive_weight_per_slice():
+  heads = _policy(
+    'h = { pattern = "attn/wq", axis = 1, split = 4, per = "head" }\ncore = ["**"]',
+    '{ h = 1.0, "h[1]" = 0.5, core = 1.0 }',
+  )
+  coarse = Policy.from_toml(
+    'name = "coarse"\n[groups]\nattn = ["attn/**"]\nrest = ["**"]\n'
+    "[default]\nroute = { attn = 0.25, rest = 1.0 }\n"
+  )
+  compiled = _compiled(compose([heads, coarse]))
+  wq = compiled.leaf_weights(labels_of([0]))["attn"]["wq"][0]
+  np.testing.assert_array_equal(wq, [0.25] * 8)  # min(1, 0.25), min(0.5, 0.25)
+  strict_heads = Policy.from_toml(
+    'name = "coarse"\n[groups]\nattn = ["attn/**"]\nrest = ["**"]\n'
+    "[default]\nroute = { attn = 0.75, rest = 1.0 }\n"
+  )
+  wq = _compiled(compose([heads, strict_heads])).leaf_weights(labels_of([0]))["attn"]["wq"][0]
+  np.testing.assert_array_equal(wq, [0.75, 0.75, 0.5, 0.5, 0.75, 0.75, 0.75, 0.75])
+  clash = _policy('h = { pattern = "attn/wq", axis = 1, split = 2, per = "head" }')
+  with pytest.raises(PolicyError, match="'h\\[0\\]' means"):
+    compose([heads, clash.__class__.create("other", clash.groups, default={})])
+
+
+def test_explain_shows_slice_groups_with_their_sizes(tmp_path):
+  compiled = _compiled(Policy.from_toml(HEADS))
+  table = explain_table(compiled)
+  sizes = dict(zip(table.columns, table.sizes))
+  assert sizes["q[0]"] == sizes["o[3]"] == D * 2 and sizes["kv_low"] == 2 * D * 4
+  assert sizes["core"] == 16 * D + D + D * 16 + 2 * D * 4
+  text = explain(compiled)
+  assert "q[0] (1 leaves, 16 params)" in text
+  assert "slice kv_low = attn/wk[axis 1: 0:4], attn/wv[axis 1: 0:4]" in text
+  (tmp_path / "p.toml").write_text(HEADS)
+  shapes = {"embed": [16, D], "attn": {k: [D, D] for k in ("wq", "wk", "wv", "wo")}, "scale": [D]}
+  shapes["head"] = [16, D]
+  (tmp_path / "shapes.json").write_text(json.dumps(shapes))
+  out = CliRunner().invoke(
+    main, ["policy", "explain", str(tmp_path / "p.toml"), "--params", str(tmp_path / "shapes.json")]
+  )
+  assert out.exit_code == 0, out.output
+  assert "slice o[2] = attn/wo[axis 0: 4:6]" in out.output and "q[3]" in out.output
+
+
+# ---------------------------------------------------------------------------------------------
+# Strict mode, fingerprints and entropies per slice group.
+
+
+def _state(params, optimizer, compiled):
+  return TrainState(
+    jnp.zeros((), jnp.int32),
+    params,
+    optimizer.init(params),
+    aqgov.governed.GovernanceState(jnp.zeros((compiled.num_groups,), bool)),
+  )
+
+
+def _batch(size, seed=0):
+  tokens = jax.random.randint(jax.random.key(seed), (size, 7), 0, 16)
+  return {"inputs": tokens, "index": jnp.arange(size, dtype=jnp.int32)}
+
+
+def test_strict_mode_freezes_the_slices_no_example_reached_despite_momentum():
+  params = attention_params(0)
+  compiled = _compiled(Policy.from_toml(HEADS), params)
+  optimizer = optax.adam(1e-2)
+  tx, step = governed_step(attention_loss, compiled, optimizer, strict=True)
+  step = jax.jit(step)
+  state, _ = step(_state(params, tx, compiled), _batch(4), labels_of([0] * 4))
+  before = state.params
+  state, _ = step(state, _batch(4, 1), labels_of([1] * 4))  # reaches q[0], o[2] and core only
+  wq_new, wq_old = np.asarray(state.params["attn"]["wq"]), np.asarray(before["attn"]["wq"])
+  np.testing.assert_array_equal(wq_new[:, 2:], wq_old[:, 2:])
+  assert np.all(wq_new[:, :2] != wq_old[:, :2])
+  wo_new, wo_old = np.asarray(state.params["attn"]["wo"]), np.asarray(before["attn"]["wo"])
+  np.testing.assert_array_equal(np.delete(wo_new, [4, 5], 0), np.delete(wo_old, [4, 5], 0))
+  assert np.all(wo_new[4:6] != wo_old[4:6])
+  wk_new, wk_old = np.asarray(state.params["attn"]["wk"]), np.asarray(before["attn"]["wk"])
+  np.testing.assert_array_equal(wk_new[:, :4], wk_old[:, :4])  # kv_low: not in the route
+  assert np.all(wk_new[:, 4:] != wk_old[:, 4:])  # the rest of wk is core
+
+
+def test_a_sliced_leaf_fingerprints_each_slice_into_its_own_group():
+  params = attention_params(0)
+  compiled = _compiled(Policy.from_toml(HEADS), params)
+  optimizer = optax.sgd(0.0)  # the step leaves the parameters as they are
+  tx, step = governed_step(attention_loss, compiled, optimizer)
+  step = jax.jit(step)
+  labels = labels_of([3, 3])
+  _, a = step(_state(params, tx, compiled), _batch(2), labels)
+  changed = jax.tree.map(lambda x: x, params)
+  changed["attn"]["wq"] = changed["attn"]["wq"].at[3, 5].add(1.0)  # head 2 of wq
+  _, b = step(_state(changed, tx, compiled), _batch(2), labels)
+  differs = np.any(np.asarray(a.fingerprint) != np.asarray(b.fingerprint), axis=1)
+  assert [compiled.group_names[g] for g in np.flatnonzero(differs)] == ["q[2]"]
+  unsliced = _compiled(Policy.from_toml('name = "w"\n[groups]\nall = ["**"]\n'), params)
+  plain = aqgov.lineage.fingerprint(params, unsliced.leaf_group, 1, 0)
+  np.testing.assert_array_equal(
+    plain, aqgov.lineage.fingerprint(unsliced.parts(params), unsliced.part_group, 1, 0)
+  )
+
+
+def test_gradient_entropy_of_a_slice_group_is_measured_over_its_slices():
+  params = attention_params(3)
+  compiled = _compiled(Policy.from_toml(HEADS), params)
+  grads = jax.tree.map(lambda x: jnp.abs(x) + 0.1, params)
+  got = group_gradient_entropy(grads, compiled)
+  np.testing.assert_allclose(got["q[1]"], gradient_entropy(grads["attn"]["wq"][:, 2:4]), rtol=1e-6)
+  core = [grads["embed"], grads["scale"], grads["head"]]
+  core += [grads["attn"][k][:, 4:] for k in ("wk", "wv")]
+  np.testing.assert_allclose(got["core"], gradient_entropy(core), rtol=1e-6)
