@@ -123,7 +123,8 @@ def cotangent_value_and_grad(
   `leaf_weights` is params-shaped; each leaf is [B] or [B, *shape broadcastable to the leaf].
   With `has_aux`, `loss_fn` returns `(loss, aux)` and the result is `((loss_mean, aux[B,...]),
   grads)`. With `with_norms` a trailing params-shaped pytree of [B] squared per-example
-  contribution norms `||w_i[l] ⊙ ∇_l L_i||²` is added. Jit-able; traced jaxprs are cached by
+  contribution norms `||w_i[l] ⊙ ∇_l L_i||²` is added ([B, n] per position of its axis for a
+  leaf whose weight varies along one axis, so that each slice's norm can be summed). Jit-able; traced jaxprs are cached by
   shapes. Raises `UnsupportedPrimitiveError` / `BatchCouplingError` as `check_supported`.
   """
   cache: dict = {}
