@@ -440,3 +440,118 @@ def test_gradient_entropy_of_a_slice_group_is_measured_over_its_slices():
   core = [grads["embed"], grads["scale"], grads["head"]]
   core += [grads["attn"][k][:, 4:] for k in ("wk", "wv")]
   np.testing.assert_allclose(got["core"], gradient_entropy(core), rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Subspace routes.
+
+SUBSPACE = """
+name = "subspace"
+[groups]
+attn = ["attn/**"]
+rest = ["**"]
+[[rules]]
+when = "tier == 1"
+route = { attn = 1.0, rest = 0.5 }
+subspace = { attn = { rank = 3, seed = 1234 } }
+[[rules]]
+when = "tier == 2"
+route = { attn = 0.5, rest = 1.0 }
+subspace = { attn = { rank = 2, seed = 7 }, rest = { rank = 5, seed = 8 } }
+[default]
+route = { attn = 1.0, rest = 1.0 }
+"""
+
+
+def subspace_brute_force(loss_fn, compiled, params, batch, labels):
+  """Per example: each leaf's gradient projected (U Uᵀ, the published basis) when its class is
+  confined there, times its weight; the mean over the batch and [B, G] norms."""
+  from aqgov.policy._subspaces import basis
+
+  classes = np.asarray(compiled.route_class(labels))
+  grad = _jitted(("brute", loss_fn), lambda: jax.jit(jax.vmap(jax.grad(loss_fn), (None, 0))))
+  leaves, treedef = jax.tree.flatten(grad(params, batch))
+  where = {(c, leaf): s for c, leaf, s in compiled.subspaces}
+  out, sq = [], np.zeros((len(classes), compiled.num_groups))
+  for leaf, g in enumerate(leaves):
+    g = np.asarray(g, np.float64)
+    rows = []
+    for i, c in enumerate(classes):
+      gi = g[i].reshape(-1)
+      if (c, leaf) in where:
+        u = basis(where[c, leaf], compiled.leaf_paths[leaf], gi.size).astype(np.float64)
+        gi = u @ (u.T @ gi)
+      gi = gi * compiled.leaf_table[c, leaf]
+      sq[i, compiled.leaf_group[leaf]] += np.sum(gi**2)
+      rows.append(gi.reshape(g.shape[1:]))
+    out.append(np.mean(rows, axis=0))
+  return jax.tree.unflatten(treedef, out), np.sqrt(sq)
+
+
+@pytest.mark.parametrize("strategy", ["cotangent", "per_example"])
+@settings(max_examples=5, deadline=None)
+@given(seed=st.integers(0, 2**16), tiers=st.lists(st.integers(0, 3), min_size=5, max_size=5))
+def test_a_subspace_route_projects_its_class_gradient_onto_the_published_basis(
+  strategy, seed, tiers
+):
+  params = attention_params(seed)
+  batch = jax.random.randint(jax.random.key(seed + 1), (5, 7), 0, 16)
+  compiled = _jitted(
+    ("compiled", SUBSPACE), lambda: compile_policy(Policy.from_toml(SUBSPACE), params, TAXONOMY)
+  )
+  fn = _jitted(
+    ("fn", SUBSPACE, strategy),
+    lambda: jax.jit(routed_value_and_grad(attention_loss, compiled, strategy, with_norms=True)),
+  )
+  labels = labels_of(tiers)
+  _, grads, norms = fn(params, batch, labels)
+  expected, expected_norms = subspace_brute_force(attention_loss, compiled, params, batch, labels)
+  assert_close(grads, expected, rtol=5e-5)
+  np.testing.assert_allclose(np.asarray(norms), expected_norms, rtol=2e-4, atol=1e-6)
+
+
+def test_a_subspace_basis_is_orthonormal_derivable_from_the_policy_and_has_a_digest():
+  from aqgov.policy._subspaces import Subspace, basis
+
+  params = attention_params(0)
+  compiled = _compiled(Policy.from_toml(SUBSPACE), params)
+  digests = compiled.subspace_digests()
+  assert {(d["leaf"], d["rank"]) for d in digests} >= {("attn/wq", 3), ("attn/wq", 2), ("head", 5)}
+  u = basis(Subspace(3, 1234), "attn/wq", D * D)
+  np.testing.assert_allclose(u.T @ u, np.eye(3), atol=1e-6)
+  again = _compiled(Policy.from_toml(SUBSPACE), attention_params(1)).subspace_digests()
+  assert again == digests  # the basis depends on the policy and the shapes, not the values
+  import hashlib
+
+  wq = next(d for d in digests if d["leaf"] == "attn/wq" and d["rank"] == 3)
+  assert wq["basis_sha256"] == hashlib.sha256(u.astype("<f4").tobytes()).hexdigest()
+  assert wq["group"] == "attn" and wq["seed"] == 1234
+
+
+@pytest.mark.parametrize(
+  "rule, message",
+  [
+    ("route = { rest = 1.0 }\nsubspace = { attn = { rank = 2, seed = 1 } }", "does not reach"),
+    ("route = { attn = 1.0 }\nsubspace = { attn = { rank = 0, seed = 1 } }", "integer >= 1"),
+    ("route = { attn = 1.0 }\nsubspace = { attn = { rank = 2 } }", "rank = <int>, seed = <int>"),
+  ],
+)
+def test_malformed_subspace_routes_are_policy_errors(rule, message):
+  text = f'name = "s"\n[groups]\nattn = ["attn/**"]\nrest = ["**"]\n[[rules]]\nwhen = "tier == 1"\n{rule}\n'
+  with pytest.raises(PolicyError, match=message):
+    Policy.from_toml(text)
+
+
+def test_a_subspace_on_a_sliced_leaf_is_refused():
+  text = """
+name = "s"
+[groups]
+h = { pattern = "attn/wq", axis = 1, split = 4, per = "head" }
+attn = ["attn/**"]
+[[rules]]
+when = "tier == 1"
+route = { attn = 1.0 }
+subspace = { attn = { rank = 2, seed = 1 } }
+"""
+  with pytest.raises(PolicyError, match="cut by slice groups and also confined to a subspace"):
+    _compiled(Policy.from_toml(text))

@@ -56,6 +56,7 @@ from aqgov.credentials._taxonomy import LabelSpace, Taxonomy
 from aqgov.errors import PolicyError
 from aqgov.policy import _paths as paths
 from aqgov.policy import _slices as slices
+from aqgov.policy import _subspaces as subspaces
 from aqgov.policy._classes import check_route_classes, class_names_of, classifier
 from aqgov.policy._policy import UNCOVERED_GROUP, Policy, PolicySet, compose
 from aqgov.policy._slices import Part, part_groups, policy_part_groups, refuse_hidden_slices
@@ -87,6 +88,21 @@ class CompiledPolicy:
   leaf_hidden: np.ndarray | None = None  # bool [C, L]: the leaf acts as zero for the class
   leaf_parts: tuple[Part, ...] = ()  # every leaf's parts in leaf order (empty: one per leaf)
   part_table: np.ndarray | None = None  # float32 [C, U]: each part's weight per class
+  subspaces: tuple = ()  # (class, leaf, Subspace): the class's gradient of the leaf is projected
+
+  def subspace_digests(self) -> list[dict]:
+    """Per leaf and subspace a class is confined to: group, leaf path, rank, seed and the
+    SHA-256 of its basis (what the lineage's run-start should record)."""
+    seen = sorted({(leaf, s) for _, leaf, s in self.subspaces})
+    return [
+      {
+        "group": self.group_names[self.leaf_group[leaf]],
+        "leaf": self.leaf_paths[leaf],
+        **s.to_dict(),
+        "basis_sha256": subspaces.basis_sha256(s, self.leaf_paths[leaf], self.leaf_shapes[leaf]),
+      }
+      for leaf, s in seen
+    ]
 
   @property
   def parts_list(self) -> tuple[Part, ...]:
@@ -349,6 +365,9 @@ def compile_policy(
     leaf_hidden=leaf_hidden,
     leaf_parts=tuple(parts) if any(p.axis is not None for p in parts) else (),
     part_table=part_table,
+    subspaces=subspaces.class_subspaces(
+      pset.policies, per_leaf, {p.leaf for p in parts if p.axis is not None}, leaf_paths
+    ),
   )
 
 

@@ -65,6 +65,7 @@ from aqgov.errors import PolicyError
 from aqgov.policy import _expressions as expressions
 from aqgov.policy import _paths as paths
 from aqgov.policy._slices import SLICE_KEYS, Slice, parse_slice
+from aqgov.policy._subspaces import Subspace, parse_subspaces
 
 KIND = "routing-policy"
 FORMAT = "aqgov-routing-policy/1"
@@ -79,11 +80,13 @@ Route = Mapping[str, float]
 
 
 class Rule(NamedTuple):
-  """`when` (expression text) -> `route` (group -> weight); `name` labels its route class."""
+  """`when` (expression text) -> `route` (group -> weight); `name` labels its route class;
+  `subspace` (group -> `Subspace`) confines the class's gradient in those groups to a subspace."""
 
   when: str
   route: Route
   name: str = ""
+  subspace: Mapping[str, Subspace] = {}
 
 
 def _fail(policy: str, where: str, message: str) -> PolicyError:
@@ -229,16 +232,17 @@ def _rule(
 ) -> Rule:
   where = f"rules[{i}]"
   if isinstance(rule, Mapping):
-    unknown = set(rule) - {"when", "route", "name"}
+    unknown = set(rule) - {"when", "route", "name", "subspace"}
     if unknown:
       raise _fail(
         policy,
         where,
-        f"unknown key(s) {sorted(unknown)}; a rule has 'when', 'route' and optional 'name'",
+        f"unknown key(s) {sorted(unknown)}; a rule has 'when', 'route' and optional 'name' "
+        "and 'subspace'",
       )
     if "when" not in rule:
       raise _fail(policy, where, "missing 'when = \"<condition>\"'")
-    rule = Rule(rule["when"], rule.get("route", {}), rule.get("name", ""))
+    rule = Rule(rule["when"], rule.get("route", {}), rule.get("name", ""), rule.get("subspace"))
   elif not isinstance(rule, Rule):
     raise _fail(
       policy, where, f"expected a Rule(when=..., route=...) or a table, got {type(rule).__name__}"
@@ -259,7 +263,12 @@ def _rule(
     when = expressions.canonical_text(rule.when)
   except PolicyError as exc:
     raise _fail(policy, where, str(exc)) from None
-  return Rule(when, _route(policy, f"{where}.route", rule.route, groups, aliases), rule.name)
+  route = _route(policy, f"{where}.route", rule.route, groups, aliases)
+  try:
+    subspace = parse_subspaces(rule.subspace, route)
+  except ValueError as exc:
+    raise _fail(policy, f"{where}.subspace", str(exc)) from None
+  return Rule(when, route, rule.name, subspace)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -416,7 +425,15 @@ class Policy:
       "groups": [
         {"name": g, "patterns": list(p), **self._group_options(g)} for g, p in self.groups
       ],
-      "rules": [{"name": r.name, "when": r.when, "route": dict(r.route)} for r in self.rules],
+      "rules": [
+        {
+          "name": r.name,
+          "when": r.when,
+          "route": dict(r.route),
+          **({"subspace": {g: s.to_dict() for g, s in r.subspace.items()}} if r.subspace else {}),
+        }
+        for r in self.rules
+      ],
       "default": dict(self.default),
       "uncredentialed": dict(self.uncredentialed),
       "uncovered": float(self.uncovered),
@@ -489,7 +506,16 @@ class Policy:
   def to_toml(self) -> str:
     """TOML text that `from_toml` reads back to an equal policy."""
     rules = [
-      {**({"name": r.name} if r.name else {}), "when": r.when, "route": InlineTable(r.route)}
+      {
+        **({"name": r.name} if r.name else {}),
+        "when": r.when,
+        "route": InlineTable(r.route),
+        **(
+          {"subspace": InlineTable({g: InlineTable(s.to_dict()) for g, s in r.subspace.items()})}
+          if r.subspace
+          else {}
+        ),
+      }
       for r in self.rules
     ]
     return dumps_toml(

@@ -31,6 +31,7 @@ from aqgov.errors import BatchCouplingError, RoutingError, UnsupportedPrimitiveE
 from aqgov.policy._compile import CompiledPolicy
 from aqgov.routing import _cotangent as cotangent
 from aqgov.routing import _slices as slices
+from aqgov.routing import _subspace as subspace
 from aqgov.routing._coupling import check_per_example
 from aqgov.routing._plan import check_output
 from aqgov.routing._slices import slice_axis
@@ -265,8 +266,10 @@ class _Routed:
   ):
     self.loss_fn, self.compiled, self.requested = loss_fn, compiled, strategy
     self.has_aux, self.with_norms, self.asserted = has_aux, with_norms, asserted
+    self.confined = subspace.confined(compiled)  # subspace routes: the loss sees p + U z
+    self.inner = subspace.extended_loss(loss_fn, self.confined) if self.confined else loss_fn
     self.per_example = per_example_value_and_grad(
-      loss_fn, has_aux=has_aux, with_norms=with_norms, microbatch=microbatch
+      self.inner, has_aux=has_aux, with_norms=with_norms, microbatch=microbatch
     )
     self.plans: dict[Any, _Plan] = {}
     self.warned = False
@@ -284,7 +287,16 @@ class _Routed:
     weights = compiled.leaf_weights(labels)
     visibility = compiled.leaf_visibility(labels) if compiled.has_visibility else None
     impl = self.per_example if self.strategy(params, batch) == "per_example" else self.cotangent
-    out = impl(params, batch, weights, visibility)
+    if self.confined:
+      extended, weights, visibility = subspace.extend(
+        self.confined, params, weights, visibility, compiled.route_class(labels)
+      )
+      out = impl(extended, batch, weights, visibility)
+      out = (out[0], subspace.fold_grads(self.confined, out[1]), *out[2:])
+      if self.with_norms:
+        out = (*out[:2], subspace.fold_norms(self.confined, out[2]))
+    else:
+      out = impl(params, batch, weights, visibility)
     if self.with_norms:
       head, grads, sq = out
       return head, grads, group_norms(compiled, sq)
@@ -298,7 +310,7 @@ class _Routed:
   def cotangent(self) -> Callable:
     if self._cotangent is None:
       self._cotangent = cotangent.cotangent_value_and_grad(
-        self.loss_fn, has_aux=self.has_aux, with_norms=self.with_norms
+        self.inner, has_aux=self.has_aux, with_norms=self.with_norms
       )
     return self._cotangent
 
