@@ -555,3 +555,16 @@ subspace = { attn = { rank = 2, seed = 1 } }
 """
   with pytest.raises(PolicyError, match="cut by slice groups and also confined to a subspace"):
     _compiled(Policy.from_toml(text))
+
+
+def test_per_group_values_spread_over_each_leafs_parts():
+  params = attention_params(0)
+  compiled = _compiled(Policy.from_toml(HEADS), params)
+  values = jnp.arange(compiled.num_groups, dtype=jnp.float32)
+  spread = compiled.per_leaf(values)
+  names = compiled.group_names
+  wq = jnp.broadcast_to(spread["attn"]["wq"], (D, D))
+  np.testing.assert_array_equal(wq[0], np.repeat([names.index(f"q[{h}]") for h in range(H)], 2))
+  wk = jnp.broadcast_to(spread["attn"]["wk"], (D, D))
+  np.testing.assert_array_equal(wk[0], [names.index("kv_low")] * 4 + [names.index("core")] * 4)
+  assert float(spread["embed"]) == names.index("core")

@@ -32,7 +32,8 @@ patterns match a path with or without that trailing `/value`.
 Granularity. A leaf is a sequence of `parts` (`policy/_slices.py`): the whole leaf, or, when
 slice groups cut it (attention heads, experts), contiguous ranges along one axis, each in its own
 group. `part_table` [C, U] holds each part's weight per class; `leaf_table` [C, L] each leaf's
-largest; `leaf_group` a leaf's whole-leaf group (the group of its remainder). `leaf_weights` gives a
+largest; `leaf_group` a leaf's whole-leaf group (the group of its remainder; of its first part
+when slices cover it). `per_leaf(values)` spreads per-group values [..., G] over each leaf's parts. `leaf_weights` gives a
 sliced leaf float32 [B, n, 1, ..., 1] (a weight per position of its sliced axis, broadcastable to
 the leaf), every other leaf [B]; callers multiply leaf weights with broadcasting over trailing
 axes, never by reshaping to [B]. Whatever sums per group (norms, fingerprints, entropies, finite
@@ -120,6 +121,15 @@ class CompiledPolicy:
   def has_slices(self) -> bool:
     return any(p.axis is not None for p in self.parts_list)
 
+  def per_leaf(self, values: jax.Array) -> Any:
+    """Params-shaped pytree of per-group `values` [G] placed on each leaf: a scalar for a whole
+    leaf, [n, 1, ..., 1] along a sliced leaf's axis (broadcastable to the leaf), e.g. to scale or
+    mask updates per group."""
+    out = [values[g] for g in self.leaf_group]
+    for leaf, parts in slices.by_leaf(self.parts_list).items():
+      out[leaf] = slices.spread(values, parts, self.leaf_shapes[leaf])
+    return jax.tree_util.tree_unflatten(self.treedef, out)
+
   def parts(self, tree: Any) -> list[Any]:
     """The parts of a params-shaped `tree` (params, gradients, updates), in `parts_list` order:
     a whole leaf, or its slice along the sliced axis (jit-safe static slices)."""
@@ -195,11 +205,7 @@ class CompiledPolicy:
     columns, which = np.unique(np.asarray(self.leaf_table, np.float32), axis=1, return_inverse=True)
     per_column = [_select(hot, columns[:, j]) for j in range(columns.shape[1])]
     out = [per_column[j] for j in np.ravel(which)]
-    by_leaf: dict[int, list] = {}
-    for u, p in enumerate(self.parts_list):
-      if p.axis is not None:
-        by_leaf.setdefault(p.leaf, []).append((u, p))
-    for leaf, parts in by_leaf.items():
+    for leaf, parts in slices.by_leaf(self.parts_list).items():
       out[leaf] = slices.sliced_weight(hot, parts, self.part_table, self.leaf_shapes[leaf])
     return jax.tree_util.tree_unflatten(self.treedef, out)
 
@@ -244,19 +250,8 @@ def _first_difference(a: Iterable[str], b: Iterable[str]) -> str:
 
 def _policy_leaf_groups(policy: Policy, candidates: list[tuple[str, ...]]) -> list[int]:
   """Index into `policy.groups` of each leaf's first matching whole-leaf group, -1 when uncovered."""
-  out = []
-  for cands in candidates:
-    out.append(
-      next(
-        (
-          i
-          for i, (g, pats) in enumerate(policy.groups)
-          if policy.slice_of(g) is None and paths.covers(pats, cands)
-        ),
-        -1,
-      )
-    )
-  return out
+  whole = [(i, pats) for i, (g, pats) in enumerate(policy.groups) if policy.slice_of(g) is None]
+  return [next((i for i, pats in whole if paths.covers(pats, c)), -1) for c in candidates]
 
 
 def _policy_leaf_table(policy: Policy, leaf_groups: list[int]) -> np.ndarray:

@@ -16,6 +16,7 @@ TOML form:
   embed = ["embed/**"]
   core = ["blocks/**"]
   adapter = { patterns = ["adapter/**"], visible = "routed" }   # optional visibility
+  heads = { pattern = "blocks/*/attn/wo", axis = 0, split = 8, per = "head" }  # heads[0]..heads[7]
   [[rules]]
   name = "unknown-license"             # optional; names the route class in reports
   when = "license_class == 'unknown'"
@@ -23,10 +24,16 @@ TOML form:
   [[rules]]
   when = "sensitivity_tier >= 2 or 'EU' in jurisdictions"
   route = { core = 0.5 }
+  subspace = { core = { rank = 8, seed = 1234 } }   # optional: project onto a published basis
   [default]
   route = { embed = 1.0, core = 1.0 }
   [uncredentialed]                     # optional
   route = {}
+
+Slices. A group table with `axis` and `split` (and `index`, or `per` for one group `name[k]` per
+part) takes those parts of one axis of every leaf it matches; the rest of the leaf stays in its
+first matching whole-leaf group (see `aqgov.policy._slices`). Subspaces: see
+`aqgov.policy._subspaces`.
 
 Visibility. A group declared `visible = "routed"` is seen only by the examples routed to it: for
 every example whose weight in the group is 0, the group's parameters act as zero in that example's

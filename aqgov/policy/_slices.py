@@ -206,6 +206,23 @@ def sliced_weight(
   return out.reshape(out.shape + (1,) * (len(shape) - axis - 1))
 
 
+def by_leaf(parts: Sequence[Part]) -> dict[int, list[tuple[int, Part]]]:
+  """Sliced leaf -> its (part index, part) pairs, in order along the axis."""
+  out: dict[int, list[tuple[int, Part]]] = {}
+  for u, p in enumerate(parts):
+    if p.axis is not None:
+      out.setdefault(p.leaf, []).append((u, p))
+  return out
+
+
+def spread(values: jax.Array, parts: Sequence[tuple[int, Part]], shape: tuple[int, ...]):
+  """Per-group `values` [G] along a sliced leaf's axis: [n, 1, ..., 1], each part's group value
+  over its range."""
+  axis = parts[0][1].axis
+  vec = jnp.concatenate([jnp.broadcast_to(values[p.group], (p.stop - p.start,)) for _, p in parts])
+  return vec.reshape(vec.shape + (1,) * (len(shape) - axis - 1))
+
+
 def describe(
   parts: Sequence[Part], leaf_paths: Sequence[str], group_names: Sequence[str]
 ) -> list[str]:
