@@ -13,6 +13,7 @@ from rich.table import Table
 from aqgov.documents import _keys as keylib
 from aqgov.documents._keys import TrustStore
 from aqgov.errors import LineageError
+from aqgov.lineage._progress import progress_bar
 
 
 def _start_of(run_dir: str) -> dict:
@@ -173,14 +174,16 @@ def verify_cmd(
   from aqgov.lineage._verify import verify_lineage
 
   store = _trust(run_dir, trust + more_keys, run_key)
-  report = verify_lineage(
-    run_dir,
-    store,
-    parent_dirs=_parent_dirs(parent_dir),
-    require_closed=not allow_open,
-    require_references=not allow_missing,
-    witnesses=witnesses,
-  )
+  with progress_bar("verifying records") as progress:
+    report = verify_lineage(
+      run_dir,
+      store,
+      parent_dirs=_parent_dirs(parent_dir),
+      require_closed=not allow_open,
+      require_references=not allow_missing,
+      witnesses=witnesses,
+      progress=progress,
+    )
   if report.witnessed:
     click.echo(
       f"OK final head (size {report.size}) cosigned by witness(es) {', '.join(report.witnessed)}"
@@ -332,14 +335,16 @@ def replay_cmd(
   """Re-execute the recorded steps and check every fingerprint (and full hashes where recorded)."""
   from aqgov.lineage._replay import replay
 
-  result = replay(
-    run_dir,
-    step=step,
-    examples=data,
-    trust=_trust(run_dir, trust + more_keys, run_key),
-    task=task_ref,
-    from_checkpoint=from_checkpoint,
-  )
+  with progress_bar("replaying steps") as progress:
+    result = replay(
+      run_dir,
+      step=step,
+      examples=data,
+      trust=_trust(run_dir, trust + more_keys, run_key),
+      task=task_ref,
+      from_checkpoint=from_checkpoint,
+      progress=progress,
+    )
   if not result.steps_replayed:
     click.echo(
       f"OK step {result.step} is a recorded checkpoint and its params hash matches the record "

@@ -16,6 +16,7 @@ _checkpoint_files  a checkpoint directory's file digest and lineage item, checke
 _task        the `Task` protocol training and replay share
 _replay      re-execute recorded steps and check fingerprints and hashes
 _query       membership queries and run descriptions
+_progress    progress callbacks of long passes, drawn as rich progress bars on a terminal
 _export      in-toto Statement v1 in a DSSE envelope
 _run         `GovernedRun`: the run directory and the governed loop
 """
@@ -25,6 +26,7 @@ from aqgov.lineage._cosign import WitnessRef, check_witnessed, cosign_final_head
 from aqgov.lineage._export import export_intoto, verify_envelope
 from aqgov.lineage._heads import LogHead, read_heads
 from aqgov.lineage._history import CheckpointRef, History, history
+from aqgov.lineage._progress import ProgressFn, progress_bar
 from aqgov.lineage._query import Membership, describe, membership
 from aqgov.lineage._replay import ReplayResult, replay
 from aqgov.lineage._run import GovernedRun, RunLayout
@@ -37,6 +39,8 @@ from aqgov.lineage._witness import Witness, WitnessServer
 from aqgov.lineage._writer import LineageWriter, open_for_resume
 
 __all__ = [
+  "ProgressFn",
+  "progress_bar",
   "CheckpointRef",
   "Checkpoints",
   "GovernedRun",
