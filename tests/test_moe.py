@@ -130,7 +130,8 @@ def test_expert_utilisation_is_one_for_balanced_experts_and_zero_for_one_expert(
   with pytest.raises(ValueError, match="at least 2 experts"):
     expert_utilisation(jnp.ones((3, 1)))
   params = moe.init(jax.random.key(1), CONFIG)
-  _, aux = moe.example_loss(params, jnp.ones((CONFIG.seq_len + 1,), jnp.int32), CONFIG, True)
+  tokens = jnp.ones((CONFIG.seq_len + 1,), jnp.int32)
+  aux = jax.jit(lambda p, x: moe.example_loss(p, x, CONFIG, True)[1])(params, tokens)
   value = expert_utilisation(aux["router"]["blocks/0"])
   assert 0.0 <= float(value) <= 1.0
   assert aqgov.entropy.METRICS[-1] == "expert_utilisation"
