@@ -329,6 +329,10 @@ def verify_lineage(
   signed_by += _check_overrides(scan, doc_trust, run_id, authorities)
   if check_checkpoints:
     _check_checkpoints(run_dir, scan, signed_size, run_id, require_references, checked, unchecked)
+  if (run_dir / "index" / "index.json").is_file():
+    from aqgov.lineage._index import check_index
+
+    checked.append(check_index(run_dir, ldir, start, scan, signed_size))
 
   parent_report = None
   parent = start.get("parent")
