@@ -245,6 +245,11 @@ class DataParallel:
   ) -> tuple[StepSummary, dict]:
     """The gathered host summary and the step record body (time 0) every process agreed on."""
     started = time.perf_counter()
+    if getattr(summary, "sketch", None) is not None:  # every process has the same summary fields
+      raise LineageError(
+        "a distributed run does not record gradient sketches yet (the writer stores them from "
+        "one process's summary); build the task without sketch= to run it over processes"
+      )
     rows = int(np.shape(summary.example_index)[0]) // self.processes
     id_bytes, sha_bytes = "\x00".join(ids).encode("utf-8"), b"".join(sha256)
     refused = canonical.encode(rec.rejected_to_wire(rejected))
