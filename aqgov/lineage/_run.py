@@ -230,9 +230,12 @@ class _Begun(NamedTuple):
     task_config: Mapping[str, Any],
     config: Mapping[str, Any],
     lineage: Mapping[str, Any],
+    compiled: Any = None,
   ) -> dict:
-    """The run-start body; `lineage` are the writer's settings (`config.lineage`)."""
+    """The run-start body; `lineage` are the writer's settings (`config.lineage`). The compiled
+    policy's subspace routes, if any, are recorded with their basis digests (`config.subspaces`)."""
     witnesses = [w.to_wire() for w in self.witnesses]
+    subspaces = compiled.subspace_digests() if compiled is not None else []
     return bodies.run_start_body(
       run_id=self.run_id,
       signer=self.key.key_id,
@@ -247,6 +250,7 @@ class _Begun(NamedTuple):
       task_config=task_config,
       config={
         **dict(config),
+        **({"subspaces": subspaces} if subspaces else {}),
         "lineage": {
           **dict(lineage),
           "on_reject": self.on_reject,
@@ -412,6 +416,7 @@ class GovernedRun:
       task_config=task_config,
       config={**dict(config or {}), **({"task_sha256": task_sha256} if task_sha256 else {})},
       lineage={"checkpoint_every": checkpoint_every, "head_every": head_every, "fsync": fsync},
+      compiled=getattr(the_task, "compiled", None),
     )
     writer = log.LineageWriter.create(
       begun.layout.lineage,
@@ -510,6 +515,7 @@ class GovernedRun:
       task_config={},
       config=dict(config or {}),
       lineage={"head_every": head_every, "fsync": fsync},
+      compiled=compiled,
     )
     writer = log.LineageWriter.create(
       begun.layout.lineage,
