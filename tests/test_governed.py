@@ -234,7 +234,7 @@ def test_a_non_finite_update_is_never_applied_even_when_the_gradients_are_finite
   [
     ({}, {"kind": "exact"}),
     (
-      {"norms": "sketch", "sketch_dim": 16, "sketch_seed": 3},
+      {"norms": "sketch", "norms_sketch_dim": 16, "norms_sketch_seed": 3},
       {"kind": "sketch", "sketch_dim": 16, "sketch_seed": 3},
     ),
   ],

@@ -113,11 +113,13 @@ def make_task(task_config: Mapping[str, Any], run_dir: str | Path):
   """The governed task of a run training this model (`aqgov.examples.tiny_lm:make_task`).
 
   `task_config` keys: the `Config` fields, `seed`, `learning_rate`, `strategy`, `strict`,
-  `norms` ("exact" or "sketch"), `sketch_dim`, `sketch_seed`.
+  `norms` ("exact" or "sketch") with `norms_sketch_dim` / `norms_sketch_seed` for sketched norms,
+  and `sketch_dim` / `sketch_seed` / `sketch_dtype` to record gradient sketches for attribution.
   """
   import optax
 
   from aqgov.governed import GovernedTask
+  from aqgov.routing import SketchSpec
 
   config = Config(**{k: int(task_config[k]) for k in Config._fields if k in task_config})
   seed = int(task_config.get("seed", 0))
@@ -131,6 +133,13 @@ def make_task(task_config: Mapping[str, Any], run_dir: str | Path):
     strict=bool(task_config.get("strict", False)),
     seed=seed,
     norms=str(task_config.get("norms", "exact")),
-    sketch_dim=int(task_config.get("sketch_dim", 64)),
-    sketch_seed=int(task_config.get("sketch_seed", 0)),
+    sketch_dim=int(task_config.get("norms_sketch_dim", 64)),
+    sketch_seed=int(task_config.get("norms_sketch_seed", 0)),
+    sketch=SketchSpec(
+      int(task_config["sketch_dim"]),
+      int(task_config.get("sketch_seed", 0)),
+      str(task_config.get("sketch_dtype", "bfloat16")),
+    )
+    if task_config.get("sketch_dim")
+    else None,
   )

@@ -90,11 +90,13 @@ class Uses:
   def __init__(self):
     self.by_leaf: dict[int, list[tuple[tuple | None, Site | None]]] = {}
     self.operands: list[tuple[tuple | None, frozenset]] = []  # parameter leaves of each use
+    self.eqns: list[tuple[frozenset, Any, Any]] = []  # (leaves, equation or None, input kinds)
     self.scan_length: int | None = None  # set while a scan body with a path is analysed
 
-  def add(self, path: tuple | None, leaves, site: Site | None = None) -> None:
+  def add(self, path: tuple | None, leaves, site: Site | None = None, eqn=None, ins=None) -> None:
     # for visibility, a use inside a loop counts as one without a path (it cannot be masked)
     self.operands.append((None if self.scan_length else path, frozenset(leaves)))
+    self.eqns.append((frozenset(leaves), eqn, ins))
     for leaf in leaves:
       self.by_leaf.setdefault(leaf, []).append((path, site))
 
@@ -186,7 +188,8 @@ def eqn_kinds(eqn, ins: list[Kind], uses: Uses | None, path: tuple | None) -> li
     outs = [union(ins)] * n_out
   if mixes(ins) and uses is not None:
     leaves = frozenset().union(*(k.leaves for k in ins if is_param(k)))
-    uses.add(path, leaves, None if path is None else _site(eqn, ins, uses.scan_length))
+    site = None if path is None else _site(eqn, ins, uses.scan_length)
+    uses.add(path, leaves, site, eqn, ins)
   return outs
 
 

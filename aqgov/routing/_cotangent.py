@@ -50,10 +50,13 @@ from aqgov.errors import RoutingError
 from aqgov.routing import _jax_compat as jc
 from aqgov.routing import _norms as norms
 from aqgov.routing import _site_stats as site_stats
+from aqgov.routing import _sketch as sketches
+from aqgov.routing import _slices as slices
 from aqgov.routing._analysis import Uses, analyze, check_visibility, is_param
 from aqgov.routing._emission import emit
 from aqgov.routing._env import Ctx, Env, weigh
 from aqgov.routing._plan import Plan, in_kinds, make_plan, per_example_weights, struct, trace
+from aqgov.routing._slices import slice_axis
 from aqgov.routing._transforms import unsigned_zeros
 
 PyTree = Any
@@ -137,6 +140,7 @@ def cotangent_value_and_grad(
   with_norms: bool | str = False,
   sketch_dim: int = 64,
   sketch_seed: int = 0,
+  sketch: sketches.SketchSpec | None = None,
 ) -> Callable:
   """`fn(params, batch, leaf_weights, visibility=None)` -> `(loss_mean, grads)` with
   `grads_l = (1/B) Σ_i w_i[l] ∇_l loss_fn(params ⊙ seen_i, example_i)`.
@@ -148,10 +152,13 @@ def cotangent_value_and_grad(
   `leaf_weights` is params-shaped; each leaf is [B] or [B, *shape broadcastable to the leaf].
   With `has_aux`, `loss_fn` returns `(loss, aux)` and the result is `((loss_mean, aux[B,...]),
   grads)`. With `with_norms` a trailing params-shaped pytree of [B] squared per-example
-  contribution norms `||w_i[l] ⊙ ∇_l L_i||²` is added: exact with `with_norms=True` (or
-  "exact"); with "sketch", matmul and convolution kernels get an unbiased estimate from
-  `sketch_dim` random projections seeded by `sketch_seed` (`_sketch_norms`), other leaves exact.
-  Jit-able; traced jaxprs are cached by shapes. Raises `UnsupportedPrimitiveError` /
+  contribution norms `||w_i[l] ⊙ ∇_l L_i||²` is added ([B, n] per position of its axis for a
+  leaf whose weight varies along one axis, so that each slice's norm can be summed): exact with
+  `with_norms=True` (or "exact"); with "sketch", matmul and convolution kernels get an unbiased
+  estimate from `sketch_dim` random projections seeded by `sketch_seed` (`_sketch_norms`), other
+  leaves exact. With `sketch` (a `SketchSpec`) a trailing list of per-leaf [B, dim] float32
+  sketches of `w_i[l] ⊙ ∇_l L_i` (None for a leaf without gradient; see `aqgov.routing._sketch`)
+  is added. Jit-able; traced jaxprs are cached by shapes. Raises `UnsupportedPrimitiveError` /
   `BatchCouplingError` as `check_supported`.
   """
   cache: dict = {}
@@ -166,12 +173,14 @@ def cotangent_value_and_grad(
     if any(jnp.shape(b)[0] != size for b in b_leaves):
       raise RoutingError("every batch leaf needs the same leading batch axis")
     w_flat = p_def.flatten_up_to(leaf_weights)
-    weights, slices = (
+    weights, is_slice = (
       zip(*(per_example_weights(w, p, size) for w, p in zip(w_flat, p_leaves)))
       if p_leaves
       else ((), ())
     )
-    slice_leaves = frozenset(i for i, s in enumerate(slices) if s)
+    slice_leaves = frozenset(i for i, s in enumerate(is_slice) if s)
+    axes = {i: slice_axis(weights[i].shape[1:], jnp.shape(p_leaves[i])) for i in slice_leaves}
+    axes = {i: a for i, a in axes.items() if a is not None}
     ex_structs = tuple(jax.ShapeDtypeStruct(jnp.shape(b)[1:], jnp.result_type(b)) for b in b_leaves)
     vis_key, seen = _visibility_keys(p_def, visibility)
     key = (
@@ -180,6 +189,7 @@ def cotangent_value_and_grad(
       b_def,
       ex_structs,
       slice_leaves,
+      tuple(sorted(axes.items())),
       has_aux,
       vis_key,
     )
@@ -194,14 +204,27 @@ def cotangent_value_and_grad(
         slice_leaves,
         has_aux,
         vis_key,
-        spec or site_stats.NormSpec(),
+        axes,
+        norms=spec or site_stats.NormSpec(),
+        sketch=sketch,
       )
       if not any(isinstance(c, jc.Tracer) for c in plan.closed.consts):
         cache[key] = plan
     seen = [jnp.broadcast_to(jnp.asarray(s, bool), (size,)) for s in seen]
-    return _run(plan, p_leaves, p_def, b_leaves, weights, size, has_aux, spec is not None, seen)
+    with_norms = spec is not None
+    return _run(plan, p_leaves, p_def, b_leaves, weights, size, has_aux, with_norms, seen, sketch)
 
   return fn
+
+
+def _sliced_axes(plan: Plan, weights, p_leaves) -> dict:
+  """leaf -> sliced axis of every leaf whose weight varies along one axis (fast or not)."""
+  out = dict(plan.slice_axes)
+  for i in plan.slice_leaves:
+    axis = slice_axis(weights[i].shape[1:], jnp.shape(p_leaves[i]))
+    if axis is not None:
+      out[i] = axis
+  return out
 
 
 def _zero_grad(p):
@@ -221,17 +244,22 @@ def _run(
   has_aux: bool,
   with_norms: bool,
   seen: list = (),
+  sketch: sketches.SketchSpec | None = None,
 ):
   """`(loss_mean, grads)` (with `has_aux` `((loss_mean, aux), grads)`; with `with_norms` a
-  trailing params-shaped pytree of [B] squared norms) for one batch under `plan`."""
-  materialised = plan.materialised if with_norms else frozenset()
-  sites = plan.sites if with_norms else {}
+  trailing params-shaped pytree of [B] squared norms; with `sketch` trailing per-leaf sketches)
+  for one batch under `plan`."""
+  probed = with_norms or sketch is not None
+  materialised = plan.materialised if probed else frozenset()
+  sites = plan.sites if probed else {}
   diff = plan.diff_leaves
+  sketch_sites = plan.sketch_sites if sketch is not None else {}
   probes = norms.leaf_probes(materialised, p_leaves, size)
   gprobes = norms.site_probes(sites, size)
+  kprobes = norms.site_probes(sketch_sites, size)
   n_p = plan.n_params
 
-  def per_example(diff_vals, probes_i, gprobes_i, ex_vals, w_i, seen_i):
+  def per_example(diff_vals, probes_i, gprobes_i, kprobes_i, ex_vals, w_i, seen_i):
     leaves = list(p_leaves)
     for i, v in zip(diff, diff_vals):
       leaves[i] = v
@@ -249,6 +277,8 @@ def _run(
       site_probes={k: (*sites[k], v) for k, v in gprobes_i.items()},
       vis_key=plan.vis_key,
       seen=dict(enumerate(seen_i)),
+      slice_axes=plan.slice_axes,
+      sketch_probes={k: (*sketch_sites[k], v) for k, v in kprobes_i.items()},
     )
     env = Env(ctx)
     for v, val, k in zip(
@@ -263,19 +293,19 @@ def _run(
     aux = [_sg(env.read(a)) for a in outvars[1:]]
     return loss, aux
 
-  def total(diff_vals, probes, gprobes):
+  def total(diff_vals, probes, gprobes, kprobes):
     w_dict = {i: weights[i] for i in range(n_p)}
-    losses, aux = jax.vmap(per_example, in_axes=(None, 0, 0, 0, 0, 0))(
-      diff_vals, probes, gprobes, list(b_leaves), w_dict, list(seen)
+    losses, aux = jax.vmap(per_example, in_axes=(None, 0, 0, 0, 0, 0, 0))(
+      diff_vals, probes, gprobes, kprobes, list(b_leaves), w_dict, list(seen)
     )
     # the sum, not the mean: each example's cotangent starts at 1, exactly as in brute force, so
     # custom rules that are not linear in their cotangent (gradient clipping) see their own
     return jnp.sum(losses), aux
 
   diff_vals = [p_leaves[i] for i in diff]
-  (loss_sum, aux), (g_diff, g_probes, g_sites) = jax.value_and_grad(
-    total, argnums=(0, 1, 2), has_aux=True
-  )(diff_vals, probes, gprobes)
+  (loss_sum, aux), (g_diff, g_probes, g_sites, g_sk) = jax.value_and_grad(
+    total, argnums=(0, 1, 2, 3), has_aux=True
+  )(diff_vals, probes, gprobes, kprobes)
   loss = loss_sum / jnp.asarray(size, loss_sum.dtype)
   grads = [_zero_grad(p) for p in p_leaves]
   for i, g in zip(diff, g_diff):
@@ -285,7 +315,27 @@ def _run(
   if has_aux:
     out = jax.tree.unflatten(plan.out_tree, [loss] + list(aux))
     head = (loss, out[1])
-  if not with_norms:
-    return head, grads
-  sq = norms.sq_norms(sites, p_leaves, size, g_probes, g_sites)
-  return head, grads, jax.tree.unflatten(p_def, sq)
+  out = (head, grads)
+  if with_norms:
+    sq = norms.sq_norms(sites, p_leaves, size, g_probes, g_sites)
+    for i, axis in _sliced_axes(plan, weights, p_leaves).items():  # kept per position of the axis
+      sq[i] = slices.positional_sq_norms(g_probes[i], axis)
+    out += (jax.tree.unflatten(p_def, sq),)
+  if sketch is not None:
+    out += (_leaf_sketches(sketch, plan.sketch_sites, p_leaves, weights, diff, g_probes, g_sk),)
+  return out
+
+
+def _leaf_sketches(spec, sketch_sites, p_leaves, weights, diff, g_probes, g_sk) -> list:
+  """Per leaf, [B, dim] sketches of the weighted per-example gradients (None: not differentiable):
+  a materialised leaf's gradient projected, a site's sketch from its probe's gradient."""
+  out: list = [None] * len(p_leaves)
+  size = jnp.shape(weights[0])[0] if weights else 0
+  for i in diff:  # a differentiable leaf the loss does not use: a zero gradient
+    out[i] = jnp.zeros((size, spec.dim), jnp.float32)
+  for i, g in g_probes.items():
+    proj = sketches.projections(spec, i, jnp.shape(p_leaves[i]))
+    out[i] = sketches.project(proj, g)
+  for path, (site, _) in sketch_sites.items():
+    out[site.leaf] = g_sk[path]
+  return [s if s is None else sketches.routed_only(s, weights[i]) for i, s in enumerate(out)]

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 
 from aqgov.routing import _jax_compat as jc
 from aqgov.routing import _site_stats as site_stats
+from aqgov.routing import _slices as slices
 from aqgov.routing._analysis import (
   CONST,
   Kind,
@@ -149,13 +150,19 @@ def _emit_scaled(eqn, env: Env, ins, kinds, path):
   for leaf in leaves:
     args = [env.iso(a, leaf) if is_param(k) else v for a, v, k in zip(eqn.invars, side, ins)]
     w = env.ctx.weights[leaf]
-    if scaled_pos is not None:
+    if leaf in env.ctx.slice_axes:
+      args, w = slices.scale(eqn, ins, leaf, env.ctx.slice_axes[leaf], args, w, weigh)
+    elif scaled_pos is not None:
       args[scaled_pos] = weigh(args[scaled_pos], w)
       w = None
     if path is not None and path in env.ctx.site_probes:  # a site has exactly one leaf
       site, stat, probe = env.ctx.site_probes[path]
       y = jc.bind(eqn, args)[0]
-      y_ps.append([site_stats.tap(stat, y, site_stats.operands(site, stat, args), probe)])
+      y = site_stats.tap(stat, y, site_stats.operands(site, stat, args), probe)
+      if path in env.ctx.sketch_probes:
+        _, sketch, probe = env.ctx.sketch_probes[path]
+        y = site_stats.tap(sketch, y, [_sg(a) for a in args], probe)
+      y_ps.append([y])
     else:
       y_ps.append(jc.bind(eqn, args))
     ws.append(w)

@@ -36,6 +36,8 @@ class Ctx(NamedTuple):
   site_probes: dict  # path -> (Site, SiteStat, zero probe tapped on its parameter side)
   vis_key: tuple = ()  # leaf -> visibility key (None: seen by every example)
   seen: dict = {}  # visibility key -> per-example bool: the example sees those leaves
+  slice_axes: dict = {}  # sliced leaf scaled at its uses -> its sliced axis (`_slices`)
+  sketch_probes: dict = {}  # path -> (Site, SiteStat, zero probe) of a gradient sketch (a site)
 
 
 class Env:

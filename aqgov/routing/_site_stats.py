@@ -31,6 +31,7 @@ import numpy as np
 from aqgov.errors import RoutingError
 from aqgov.routing import _ghost_norms as ghost_norms
 from aqgov.routing import _jax_compat as jc
+from aqgov.routing import _sketch as sketches
 from aqgov.routing import _sketch_norms as sketch_norms
 from aqgov.routing._analysis import Site
 
@@ -196,3 +197,16 @@ def tap(stat: SiteStat, y: Array, ops: list, probe: Array) -> Array:
 
   identity.defvjp(fwd, bwd)
   return identity(y, ops, probe)
+
+
+def sketch_stat(site: Site, spec: sketches.SketchSpec) -> SiteStat:
+  """A site's gradient sketch (`_sketch.site_sketch`) for one example, from every operand of the
+  use (the parameter's with its gradient stopped) and the output cotangent. Only for a site
+  outside any scan: a leaf's projection is of the whole leaf."""
+  pos = site.param_pos
+
+  def stat(ops, ct):
+    others = [o[None] for j, o in enumerate(ops) if j != pos]
+    return sketches.site_sketch(spec, site, ops[pos], others, ct[None])[0]
+
+  return SiteStat("sketch", (spec.dim,), False, stat, lambda g: g)
