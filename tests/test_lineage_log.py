@@ -294,3 +294,32 @@ def test_a_writer_killed_mid_write_leaves_a_log_that_verifies_and_resumes_withou
   steps = [b["step"] for _, _, b in segments.records(lineage_dir, kinds=(rec.STEP,))]
   assert after.closed and after.size == scan.size + 4 and after.torn_bytes == 0
   assert steps == list(range(1, last + 4))
+
+
+@pytest.mark.parametrize("batch_steps", [1, 3])
+def test_steps_handed_over_in_batches_keep_their_order_with_other_records(tmp_path, batch_steps):
+  from aqgov.lineage import _bodies as bodies
+
+  d = tmp_path / "lineage"
+  w = LineageWriter.create(d, KEY, lh.start_body(KEY), fsync="never", batch_steps=batch_steps)
+  for s in range(1, 6):
+    w.append(lh.summary(s), lh.ids(s), lh.digests(s))
+  w.append_record(rec.EVENT, bodies.event_body(step=5, events={}, time_s=0.0))
+  assert w.flush().size == 7  # run-start, 5 steps, the event: nothing left pending
+  w.append(lh.summary(6), lh.ids(6), lh.digests(6))
+  w.append(lh.summary(7), lh.ids(7), lh.digests(7))
+  w.abandon()  # steps still pending on the training thread are written too
+  got = [(kind, body.get("step")) for _, kind, body in segments.records(d)]
+  assert got == [
+    (rec.RUN_START, None),
+    *[(rec.STEP, s) for s in range(1, 6)],
+    (rec.EVENT, 5),
+    (rec.STEP, 6),
+    (rec.STEP, 7),
+  ]
+  assert verify_lineage(d, TRUST, require_closed=False).size == 9
+
+
+def test_a_writer_refuses_a_batch_of_no_steps(tmp_path):
+  with pytest.raises(LineageError, match="batch_steps"):
+    LineageWriter.create(tmp_path / "lineage", KEY, lh.start_body(KEY), batch_steps=0)

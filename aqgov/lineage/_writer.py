@@ -9,7 +9,11 @@ fsync policy (`fsync=`):
 
 `LineageWriter` runs the writing on a background thread: `append` only enqueues the summary
 (device arrays stay where they are until the thread fetches them), so the training loop never
-waits on hashing, encoding or the disk unless the bounded queue is full.
+waits on hashing, encoding or the disk unless the bounded queue is full. Step records go to the
+thread `batch_steps` at a time (and whenever anything else is queued, flushed or closed, so
+records keep their order): one hand-over per batch instead of one per step, and the thread then
+encodes the batch back to back, which costs it markedly less CPU per record than one record per
+wake-up between training steps.
 
 One writer per log: creating or reopening a log takes an exclusive `flock` on `lineage/.lock`,
 held until the writer is closed or abandoned (or its process dies, which releases it), so a
@@ -44,8 +48,10 @@ from aqgov.lineage._segments import (
   HEADS_MAGIC,
   SEGMENT_MAGIC,
   frame,
+  frame_parts,
   segment_name,
   write_all,
+  write_parts,
 )
 from aqgov.lineage._summary import StepSummary
 
@@ -135,12 +141,10 @@ class _Appender:
     data = rec.encode_record(self.size, kind, self.last_hash, body)
     if self._seg_fd is None or self._seg_bytes >= self.segment_bytes:
       self._rotate()
-    framed = frame(data)
-    write_all(self._seg_fd, framed)
+    digest = rec.record_hash(data)  # the frame digest is the record hash: hashed once
+    self._seg_bytes += write_parts(self._seg_fd, frame_parts(data, digest))
     if self.fsync == "always":
       os.fsync(self._seg_fd)
-    self._seg_bytes += len(framed)
-    digest = rec.record_hash(data)
     self.size += 1
     self.last_hash = digest
     leaf = merkle.leaf_hash(digest)
@@ -178,18 +182,29 @@ class _Appender:
 _STOP = object()
 
 
+def _check_batch_steps(batch_steps: int) -> None:
+  if batch_steps < 1:
+    raise LineageError(
+      f"batch_steps must be at least 1 (steps handed over at once), got {batch_steps}"
+    )
+
+
 class LineageWriter:
   """Asynchronous lineage writer: a background thread turns summaries into signed, chained records.
 
-  `append` and `append_record` return at once (they block only when `queue_size` items are
-  already waiting). `flush` waits until everything queued is on disk and returns the head;
+  `append` and `append_record` return at once (they block only when about `queue_size` steps
+  are already waiting). Steps are handed to the thread `batch_steps` at a time (see the module
+  doc). `flush` waits until everything queued is on disk and returns the head;
   `close` writes the run-end record, signs the final head and stops the thread. An error on the
   thread is re-raised (as `LineageError`) by the next call.
   """
 
-  def __init__(self, appender: _Appender, *, queue_size: int = 64):
+  def __init__(self, appender: _Appender, *, queue_size: int = 64, batch_steps: int = 8):
+    _check_batch_steps(batch_steps)
     self._app = appender
-    self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
+    self._batch_steps = batch_steps
+    self._pending: list[tuple] = []  # steps not yet handed to the thread, in order
+    self._queue: queue.Queue = queue.Queue(maxsize=max(1, queue_size // batch_steps))
     self._error: BaseException | None = None
     self._closed = False
     self._last_step = 0
@@ -210,6 +225,7 @@ class LineageWriter:
     head_every: int = 1024,
     segment_bytes: int = 64 << 20,
     queue_size: int = 64,
+    batch_steps: int = 8,
     witnesses: Sequence = (),
     witness_timeout: float = 10.0,
   ) -> LineageWriter:
@@ -220,6 +236,7 @@ class LineageWriter:
     """
     d = Path(lineage_dir)
     refs = [as_witness(w) for w in witnesses]
+    _check_batch_steps(batch_steps)
     lock = lock_log(d)
     try:
       if (d / "segments").exists() and any((d / "segments").iterdir()):
@@ -246,7 +263,7 @@ class LineageWriter:
       app.witness = Publisher(d, key, app.run_id, refs, timeout=witness_timeout)
     app.append(rec.RUN_START, run_start)
     app.sign_head()
-    return cls(app, queue_size=queue_size)
+    return cls(app, queue_size=queue_size, batch_steps=batch_steps)
 
   @property
   def run_id(self) -> str:
@@ -279,12 +296,20 @@ class LineageWriter:
     if self._closed:
       raise LineageError("the lineage writer is closed")
 
+  def _hand_over(self) -> None:
+    """Queue the pending steps (before anything else is queued: records keep their order)."""
+    if self._pending:
+      batch, self._pending = self._pending, []
+      self._queue.put((self._write_steps, (batch,), None))
+
   def _submit(self, op, *args) -> None:
     self._check()
+    self._hand_over()
     self._queue.put((op, args, None))
 
   def _call(self, op, *args):
     self._check()
+    self._hand_over()
     done = _Done()
     self._queue.put((op, args, done))
     done.event.wait()
@@ -299,13 +324,21 @@ class LineageWriter:
   ) -> None:
     """Queue a "step" record for `summary`; `example_ids` is the host-side id list the batch was
     built from and `example_sha256` the content hash of each (see `record.step_body`)."""
-    self._submit(
-      self._write_step,
-      summary,
-      list(example_ids),
-      None if example_sha256 is None else list(example_sha256),
-      time.time(),
+    self._check()
+    self._pending.append(
+      (
+        summary,
+        list(example_ids),
+        None if example_sha256 is None else list(example_sha256),
+        time.time(),
+      )
     )
+    if len(self._pending) >= self._batch_steps:
+      self._hand_over()
+
+  def _write_steps(self, batch: list[tuple]) -> None:
+    for item in batch:
+      self._write_step(*item)
 
   def _write_step(self, summary, ids, sha, t) -> None:
     body = rec.step_body(summary, ids, sha, time_s=t)
@@ -355,6 +388,8 @@ class LineageWriter:
     try:
       head = self._call(op)
     finally:
+      if not self._closed:
+        self._hand_over()  # after a failure: queued steps are still written, as by abandon
       self._closed = True
       self._queue.put(_STOP)
       self._thread.join()
@@ -367,6 +402,7 @@ class LineageWriter:
     """Stop without a run-end record (the log stays resumable); queued records are still written."""
     if self._closed:
       return
+    self._hand_over()
     self._closed = True
     self._queue.put(_STOP)
     self._thread.join()
@@ -389,6 +425,7 @@ def open_for_resume(
   head_every: int = 1024,
   segment_bytes: int = 64 << 20,
   queue_size: int = 64,
+  batch_steps: int = 8,
   bodies: Sequence[str] = (),
   witnesses: Sequence = (),
   witness_timeout: float = 10.0,
@@ -405,6 +442,7 @@ def open_for_resume(
   part holds a run-end is final and is refused: nothing may follow a signed run-end.
   """
   d = Path(lineage_dir)
+  _check_batch_steps(batch_steps)
   lock = lock_log(d)  # before anything is read or cut: a second writer must not race this one
   try:
     return _reopen(
@@ -415,6 +453,7 @@ def open_for_resume(
       head_every=head_every,
       segment_bytes=segment_bytes,
       queue_size=queue_size,
+      batch_steps=batch_steps,
       bodies=bodies,
       witnesses=witnesses,
       witness_timeout=witness_timeout,
@@ -433,6 +472,7 @@ def _reopen(
   head_every: int,
   segment_bytes: int,
   queue_size: int,
+  batch_steps: int,
   bodies: Sequence[str],
   witnesses: Sequence,
   witness_timeout: float,
@@ -497,4 +537,4 @@ def _reopen(
     app.witness = Publisher(d, key, app.run_id, refs, log.leaf_hashes(), timeout=witness_timeout)
   if heads:
     app.head_size = sizes[-1]
-  return LineageWriter(app, queue_size=queue_size), log
+  return LineageWriter(app, queue_size=queue_size, batch_steps=batch_steps), log
