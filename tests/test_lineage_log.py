@@ -323,3 +323,18 @@ def test_steps_handed_over_in_batches_keep_their_order_with_other_records(tmp_pa
 def test_a_writer_refuses_a_batch_of_no_steps(tmp_path):
   with pytest.raises(LineageError, match="batch_steps"):
     LineageWriter.create(tmp_path / "lineage", KEY, lh.start_body(KEY), batch_steps=0)
+
+
+def test_a_batch_of_steps_spanning_heads_and_segments_verifies(tmp_path):
+  d = tmp_path / "lineage"
+  w = LineageWriter.create(
+    d, KEY, lh.start_body(KEY), head_every=3, segment_bytes=2000, batch_steps=5, fsync="tree-head"
+  )
+  for s in range(1, 14):
+    w.append(lh.summary(s), lh.ids(s), lh.digests(s))
+  head = w.close()
+  report = verify_lineage(d, TRUST)
+  assert report.size == head.size == 15 and report.signed_size == 15
+  assert len(list((d / "segments").iterdir())) > 2
+  steps = [body["step"] for _, _, body in segments.records(d, kinds=(rec.STEP,))]
+  assert steps == list(range(1, 14))

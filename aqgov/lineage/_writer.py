@@ -57,6 +57,8 @@ from aqgov.lineage._summary import StepSummary
 
 FSYNC_POLICIES = ("always", "tree-head", "never")
 LOCK_FILE = ".lock"
+_FRAMING = 4 + 32  # a frame's length prefix and digest around its record
+_IOV_PARTS = 768  # frame parts per writev (under the usual IOV_MAX of 1024)
 
 
 def lock_log(lineage_dir: Path) -> int:
@@ -109,6 +111,7 @@ class _Appender:
     (self.dir / "segments").mkdir(parents=True, exist_ok=True)
     self._seg_fd: int | None = None
     self._seg_bytes = 0
+    self._unwritten: list[bytes] = []  # frame parts of deferred appends, in order
     self._heads_fd = self._open_append(self.dir / "heads.seg", HEADS_MAGIC, 0)
     segs = sorted((self.dir / "segments").glob("*.seg"))
     if segs:
@@ -125,7 +128,14 @@ class _Appender:
       fsync_dir(path.parent)
     return fd
 
+  def write_out(self) -> None:
+    """Write the frames `append(defer=True)` left in memory (one `writev` per few hundred)."""
+    parts, self._unwritten = self._unwritten, []
+    for i in range(0, len(parts), _IOV_PARTS):
+      write_parts(self._seg_fd, parts[i : i + _IOV_PARTS])
+
   def _rotate(self) -> None:
+    self.write_out()  # frames still in memory belong to the segment being closed
     if self._seg_fd is not None:
       if self.fsync != "never":
         os.fsync(self._seg_fd)
@@ -137,12 +147,17 @@ class _Appender:
   def head(self) -> LogHead:
     return LogHead(self.size, self.compact.root, self.last_hash)
 
-  def append(self, kind: str, body: Mapping[str, Any] | bytes) -> bytes:
+  def append(self, kind: str, body: Mapping[str, Any] | bytes, *, defer: bool = False) -> bytes:
+    """Append one record; its hash. `defer`: keep the frame in memory until `write_out` (or a
+    head, a new segment) writes it with the frames after it; ignored with fsync="always"."""
     data = rec.encode_record(self.size, kind, self.last_hash, body)
     if self._seg_fd is None or self._seg_bytes >= self.segment_bytes:
       self._rotate()
     digest = rec.record_hash(data)  # the frame digest is the record hash: hashed once
-    self._seg_bytes += write_parts(self._seg_fd, frame_parts(data, digest))
+    self._unwritten += frame_parts(data, digest)
+    self._seg_bytes += _FRAMING + len(data)
+    if not defer or self.fsync == "always":
+      self.write_out()
     if self.fsync == "always":
       os.fsync(self._seg_fd)
     self.size += 1
@@ -157,6 +172,7 @@ class _Appender:
     return digest
 
   def sign_head(self) -> signing.SignedDocument:
+    self.write_out()  # a head covers only records on disk
     if self.fsync != "never" and self._seg_fd is not None:
       os.fsync(self._seg_fd)
     doc = sign(HEAD, head_payload(self.run_id, self.head(), self.prev_head), self.key)
@@ -337,13 +353,16 @@ class LineageWriter:
       self._hand_over()
 
   def _write_steps(self, batch: list[tuple]) -> None:
-    for item in batch:
-      self._write_step(*item)
+    try:
+      for item in batch:
+        self._write_step(*item, defer=True)
+    finally:
+      self._app.write_out()  # the batch's frames in one write
 
-  def _write_step(self, summary, ids, sha, t) -> None:
+  def _write_step(self, summary, ids, sha, t, *, defer: bool = False) -> None:
     body = rec.step_body(summary, ids, sha, time_s=t)
     self._last_step = body["step"]
-    self._app.append(rec.STEP, rec.encode_step_body(body))
+    self._app.append(rec.STEP, rec.encode_step_body(body), defer=defer)
 
   def append_record(self, kind: str, body: Mapping[str, Any]) -> None:
     """Queue a record of any other kind, in order with the step records."""
