@@ -48,8 +48,6 @@ from aqgov.lineage._witness import Witness, WitnessServer
 from aqgov.lineage._writer import LineageWriter, open_for_resume
 
 __all__ = [
-  "ProgressFn",
-  "progress_bar",
   "CheckpointRef",
   "Checkpoints",
   "EntropyRow",
@@ -61,6 +59,7 @@ __all__ = [
   "LogHead",
   "LogReader",
   "Membership",
+  "ProgressFn",
   "QueryResult",
   "ReplayResult",
   "RunLayout",
@@ -92,6 +91,7 @@ __all__ = [
   "origin_of",
   "params_sha256",
   "parse_requirement",
+  "progress_bar",
   "query",
   "read_heads",
   "read_rules",
