@@ -446,7 +446,7 @@ def _split_ids(data: bytes) -> tuple[str, ...]:
 def _count_ids(data: bytes) -> int:
   """len(_split_ids(data)), without building the id strings."""
   try:
-    data.decode("utf-8")
+    data.isascii() or data.decode("utf-8")  # ASCII is UTF-8, and checked without a copy
   except UnicodeDecodeError:
     raise LineageError("example_ids is not UTF-8 text") from None
   return data.count(b"\x00") + 1 if data else 0
@@ -593,9 +593,10 @@ def _wire_dtype(name: Any) -> np.dtype | None:
   )
 
 
-def _wire_shape(w: Any, what: str) -> tuple[tuple[int, ...], np.dtype]:
-  """(shape, dtype) of an array map, checked to hold exactly that many bytes."""
-  if type(w) is dict and len(w) == 3:  # the decoded form: plain types, checked without numpy
+def _wire_shape_of(w: Any) -> tuple[tuple[int, ...], np.dtype] | None:
+  """(shape, dtype) of a well-formed array map as decoded (plain types), checked without numpy;
+  None for anything else (`_wire_shape` then says what is wrong)."""
+  if type(w) is dict and len(w) == 3:
     data, name, shape = w.get("data"), w.get("dtype"), w.get("shape")
     if type(data) is bytes and type(name) is str and type(shape) is list:
       dtype = _wire_dtype(name)
@@ -604,6 +605,14 @@ def _wire_shape(w: Any, what: str) -> tuple[tuple[int, ...], np.dtype]:
         n = n * d if type(d) is int and d >= 0 and n >= 0 else -1
       if n == len(data):
         return tuple(shape), dtype
+  return None
+
+
+def _wire_shape(w: Any, what: str) -> tuple[tuple[int, ...], np.dtype]:
+  """(shape, dtype) of an array map, checked to hold exactly that many bytes."""
+  known = _wire_shape_of(w)
+  if known is not None:
+    return known
   if not isinstance(w, Mapping) or set(w) != {"data", "dtype", "shape"}:
     raise LineageError(f"{what} is not an array map (data, dtype, shape)")
   dtype = _wire_dtype(w["dtype"]) if isinstance(w["dtype"], str) else None
@@ -679,7 +688,8 @@ def _check_step(body: Mapping[str, Any], groups: int | None, fields_checked: boo
     )
   for field in ("measurements", "events"):
     for k, v in body[field].items():
-      _wire_shape(v, f"{field[:-1]} {k!r}")
+      if _wire_shape_of(v) is None:  # the message only for a bad one
+        _wire_shape(v, f"{field[:-1]} {k!r}")
   return g
 
 

@@ -112,6 +112,7 @@ class _Appender:
     self._seg_fd: int | None = None
     self._seg_bytes = 0
     self._unwritten: list[bytes] = []  # frame parts of deferred appends, in order
+    self.deferring = False  # set while a batch of steps is appended (see `append`)
     self._heads_fd = self._open_append(self.dir / "heads.seg", HEADS_MAGIC, 0)
     segs = sorted((self.dir / "segments").glob("*.seg"))
     if segs:
@@ -147,16 +148,17 @@ class _Appender:
   def head(self) -> LogHead:
     return LogHead(self.size, self.compact.root, self.last_hash)
 
-  def append(self, kind: str, body: Mapping[str, Any] | bytes, *, defer: bool = False) -> bytes:
-    """Append one record; its hash. `defer`: keep the frame in memory until `write_out` (or a
-    head, a new segment) writes it with the frames after it; ignored with fsync="always"."""
+  def append(self, kind: str, body: Mapping[str, Any] | bytes) -> bytes:
+    """Append one record; its hash. While `deferring`, the frame stays in memory until
+    `write_out` (or a head, a new segment) writes it with the frames after it (not with
+    fsync="always")."""
     data = rec.encode_record(self.size, kind, self.last_hash, body)
     if self._seg_fd is None or self._seg_bytes >= self.segment_bytes:
       self._rotate()
     digest = rec.record_hash(data)  # the frame digest is the record hash: hashed once
     self._unwritten += frame_parts(data, digest)
     self._seg_bytes += _FRAMING + len(data)
-    if not defer or self.fsync == "always":
+    if not self.deferring or self.fsync == "always":
       self.write_out()
     if self.fsync == "always":
       os.fsync(self._seg_fd)
@@ -353,16 +355,18 @@ class LineageWriter:
       self._hand_over()
 
   def _write_steps(self, batch: list[tuple]) -> None:
+    self._app.deferring = True
     try:
       for item in batch:
-        self._write_step(*item, defer=True)
+        self._write_step(*item)
     finally:
+      self._app.deferring = False
       self._app.write_out()  # the batch's frames in one write
 
-  def _write_step(self, summary, ids, sha, t, *, defer: bool = False) -> None:
+  def _write_step(self, summary, ids, sha, t) -> None:
     body = rec.step_body(summary, ids, sha, time_s=t)
     self._last_step = body["step"]
-    self._app.append(rec.STEP, rec.encode_step_body(body), defer=defer)
+    self._app.append(rec.STEP, rec.encode_step_body(body))
 
   def append_record(self, kind: str, body: Mapping[str, Any]) -> None:
     """Queue a record of any other kind, in order with the step records."""
