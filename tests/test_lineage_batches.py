@@ -59,3 +59,23 @@ def test_a_batch_of_steps_spanning_heads_and_segments_verifies(tmp_path):
   assert len(list((d / "segments").iterdir())) > 2
   steps = [body["step"] for _, _, body in segments.records(d, kinds=(rec.STEP,))]
   assert steps == list(range(1, 14))
+
+
+def test_steps_appended_from_another_thread_stay_in_order_while_this_one_flushes(tmp_path):
+  import threading
+
+  d = tmp_path / "lineage"
+  w = LineageWriter.create(d, KEY, lh.start_body(KEY), fsync="never", batch_steps=3)
+
+  def host_callback():  # as `GovernedRun.emit`'s ordered host callback appends
+    for s in range(1, 41):
+      w.append(lh.summary(s), lh.ids(s), lh.digests(s))
+
+  t = threading.Thread(target=host_callback)
+  t.start()
+  while t.is_alive():
+    w.flush()
+  t.join()
+  w.close()
+  steps = [body["step"] for _, _, body in segments.records(d, kinds=(rec.STEP,))]
+  assert steps == list(range(1, 41))

@@ -32,6 +32,7 @@ from aqgov.policy import _paths as paths
 
 if TYPE_CHECKING:
   from aqgov.entropy import Events
+  from aqgov.policy import CompiledPolicy
 
 Array = jax.Array | np.ndarray  # on the device in the step, on the host once fetched
 PyTree = Any  # a JAX pytree of arrays (parameters, optimizer state, a batch)
@@ -164,6 +165,44 @@ def summarize(
     measurements=dict(measurements or {}),
     events=events,
     seen=None if seen is None else jnp.asarray(seen, bool),
+  )
+
+
+def routed_summary(
+  compiled: CompiledPolicy,
+  labels: Mapping[str, Array],
+  *,
+  step: Array,
+  loss: Array,
+  contribution_norms: Array,
+  params: PyTree,
+  example_index: Array | None = None,
+  key: Array | int = 0,
+  measurements: Mapping[str, Array] | None = None,
+  events: Events | tuple[()] = (),
+) -> StepSummary:
+  """`summarize` for a step routed by `compiled`, inside the user's own jitted step.
+
+  Route classes, weights and (for `visible = "routed"` groups) what each example saw follow from
+  the policy and `labels`; `loss` and `contribution_norms` are the value and norms
+  `routed_value_and_grad(..., with_norms=True)` returned; `params` are the params after the
+  update; `step` counts the updates applied including this one. `example_index` defaults to
+  0..B-1: row i is the i-th id of the list handed to `GovernedRun.record`.
+  """
+  route_class = compiled.route_class(labels)
+  return summarize(
+    step=step,
+    example_index=jnp.arange(route_class.shape[0]) if example_index is None else example_index,
+    route_class=route_class,
+    weights=compiled.group_weights(labels),
+    contribution_norms=contribution_norms,
+    loss=loss,
+    params=params,
+    leaf_group=compiled.leaf_group,
+    key=key,
+    measurements=measurements,
+    events=events,
+    seen=compiled.group_visibility(labels) if compiled.has_visibility else None,
   )
 
 

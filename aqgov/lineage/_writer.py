@@ -28,7 +28,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -222,6 +222,7 @@ class LineageWriter:
     self._app = appender
     self._batch_steps = batch_steps
     self._pending: list[tuple] = []  # steps not yet handed to the thread, in order
+    self._order = threading.Lock()  # held while steps or records are queued
     self._queue: queue.Queue = queue.Queue(maxsize=max(1, queue_size // batch_steps))
     self._error: BaseException | None = None
     self._closed = False
@@ -315,21 +316,28 @@ class LineageWriter:
       raise LineageError("the lineage writer is closed")
 
   def _hand_over(self) -> None:
-    """Queue the pending steps (before anything else is queued: records keep their order)."""
+    """Queue the pending steps (before anything else is queued: records keep their order).
+    Callers hold `_order`."""
     if self._pending:
       batch, self._pending = self._pending, []
       self._queue.put((self._write_steps, (batch,), None))
 
+  def _put(self, item: tuple | None = None) -> None:
+    """Queue the pending steps, then `item`; under `_order`, so that steps appended from another
+    thread (a host callback) never overtake each other or what this thread queues."""
+    with self._order:
+      self._hand_over()
+      if item is not None:
+        self._queue.put(item)
+
   def _submit(self, op, *args) -> None:
     self._check()
-    self._hand_over()
-    self._queue.put((op, args, None))
+    self._put((op, args, None))
 
   def _call(self, op, *args):
     self._check()
-    self._hand_over()
     done = _Done()
-    self._queue.put((op, args, done))
+    self._put((op, args, done))
     done.event.wait()
     self._check()
     return done.result
@@ -339,20 +347,23 @@ class LineageWriter:
     summary: StepSummary,
     example_ids: Sequence[str],
     example_sha256: Sequence[bytes | str] | None = None,
+    rejected: Iterable[Any] = (),
   ) -> None:
     """Queue a "step" record for `summary`; `example_ids` is the host-side id list the batch was
-    built from and `example_sha256` the content hash of each (see `record.step_body`)."""
+    built from and `example_sha256` the content hash of each (see `record.step_body`); `rejected`
+    are the examples refused at admission and left out of the batch (`record.with_rejected`)."""
     self._check()
-    self._pending.append(
-      (
-        summary,
-        list(example_ids),
-        None if example_sha256 is None else list(example_sha256),
-        time.time(),
-      )
+    item = (
+      summary,
+      list(example_ids),
+      None if example_sha256 is None else list(example_sha256),
+      time.time(),
+      rec.rejected_to_wire(rejected),
     )
-    if len(self._pending) >= self._batch_steps:
-      self._hand_over()
+    with self._order:
+      self._pending.append(item)
+      if len(self._pending) >= self._batch_steps:
+        self._hand_over()
 
   def _write_steps(self, batch: list[tuple]) -> None:
     self._app.deferring = True
@@ -363,8 +374,8 @@ class LineageWriter:
       self._app.deferring = False
       self._app.write_out()  # the batch's frames in one write
 
-  def _write_step(self, summary, ids, sha, t) -> None:
-    body = rec.step_body(summary, ids, sha, time_s=t)
+  def _write_step(self, summary, ids, sha, t, rejected=()) -> None:
+    body = rec.with_rejected(rec.step_body(summary, ids, sha, time_s=t), rejected)
     self._last_step = body["step"]
     self._app.append(rec.STEP, rec.encode_step_body(body))
 
@@ -412,7 +423,7 @@ class LineageWriter:
       head = self._call(op)
     finally:
       if not self._closed:
-        self._hand_over()  # after a failure: queued steps are still written, as by abandon
+        self._put()  # after a failure: queued steps are still written, as by abandon
       self._closed = True
       self._queue.put(_STOP)
       self._thread.join()
@@ -425,7 +436,7 @@ class LineageWriter:
     """Stop without a run-end record (the log stays resumable); queued records are still written."""
     if self._closed:
       return
-    self._hand_over()
+    self._put()
     self._closed = True
     self._queue.put(_STOP)
     self._thread.join()
