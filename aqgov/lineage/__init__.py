@@ -16,6 +16,8 @@ _checkpoint  Orbax checkpoints bound to the lineage
 _checkpoint_files  a checkpoint directory's file digest and lineage item, checked without Orbax
 _task        the `Task` protocol training and replay share
 _replay      re-execute recorded steps and check fingerprints and hashes
+_sketches    the sketch store: per-step gradient sketch blocks bound to their step records
+_attribute   routing-aware TracIn attribution from sketches (or checkpoints), signed results
 _labels      credential labels of example ids, through the run's manifests
 _index       the signed columnar index queries read (`build_index`, `load_columns`)
 _query       membership and label queries (`query`), and run descriptions
@@ -25,10 +27,20 @@ _regulator   SPDX 3.0.1, CycloneDX 1.6 ML-BOM and the EU GPAI training-content s
 _progress    progress callbacks of long passes, drawn as rich progress bars on a terminal
 _export      in-toto Statement v1 in a DSSE envelope
 _run         `GovernedRun`: the run directory, the governed loop, or the user's own loop recorded
+_distributed a run over many processes: global batches, gathered summaries, one writer
 """
 
+from aqgov.lineage._attribute import (
+  ATTRIBUTION,
+  AttributionResult,
+  Score,
+  attribute,
+  self_influence,
+  verify_attribution,
+)
 from aqgov.lineage._checkpoint import Checkpoints
 from aqgov.lineage._cosign import WitnessRef, check_witnessed, cosign_final_head, origin_of, submit
+from aqgov.lineage._distributed import DataParallel, process_index
 from aqgov.lineage._export import export_intoto, verify_envelope
 from aqgov.lineage._gate import GateResult, attest, evaluate, parse_requirement, read_rules
 from aqgov.lineage._heads import LogHead, read_heads
@@ -63,8 +75,11 @@ from aqgov.lineage._witness import Witness, WitnessServer
 from aqgov.lineage._writer import LineageWriter, open_for_resume
 
 __all__ = [
+  "ATTRIBUTION",
+  "AttributionResult",
   "CheckpointRef",
   "Checkpoints",
+  "DataParallel",
   "EntropyRow",
   "GateResult",
   "GovernanceEvent",
@@ -79,6 +94,7 @@ __all__ = [
   "Refusal",
   "ReplayResult",
   "RunLayout",
+  "Score",
   "StepSummary",
   "Task",
   "TrainState",
@@ -87,6 +103,7 @@ __all__ = [
   "WitnessRef",
   "WitnessServer",
   "attest",
+  "attribute",
   "build_index",
   "check_witnessed",
   "consistency_proof",
@@ -107,6 +124,7 @@ __all__ = [
   "origin_of",
   "params_sha256",
   "parse_requirement",
+  "process_index",
   "progress_bar",
   "query",
   "read_heads",
@@ -116,9 +134,11 @@ __all__ = [
   "routed_summary",
   "run_facts",
   "scan",
+  "self_influence",
   "spdx_document",
   "submit",
   "summarize",
+  "verify_attribution",
   "verify_envelope",
   "verify_lineage",
 ]
