@@ -210,7 +210,7 @@ def run(
   run = GovernedRun.start(
     out,
     task=TASK,
-    task_config={"seed": seed, "learning_rate": 3e-3},
+    task_config={"seed": seed, "learning_rate": 3e-3, "sketch_dim": 64},
     policies=auth.policies,
     profiles=[auth.profile],
     manifests=auth.manifests,
