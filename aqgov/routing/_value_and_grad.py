@@ -183,6 +183,21 @@ def group_norms(compiled: CompiledPolicy, squared_norms: PyTree) -> jax.Array:
   return jnp.sqrt(per_group).T
 
 
+def scaled_leaf_weights(compiled: CompiledPolicy, leaf_weights: PyTree, scale: jax.Array) -> PyTree:
+  """`leaf_weights` ([B] per leaf) times `scale[:, group of the leaf]`; leaves that shared one
+  weight array and one group still share one (the routing strategies group leaves by it)."""
+  scale = jnp.asarray(scale, jnp.float32)
+  leaves, treedef = jax.tree.flatten(leaf_weights)
+  cache: dict = {}
+  out = []
+  for w, g in zip(leaves, compiled.leaf_group):
+    key = (id(w), int(g))
+    if key not in cache:
+      cache[key] = jnp.where(scale[:, g] == 0, jnp.float32(0), w * scale[:, g])
+    out.append(cache[key])
+  return jax.tree.unflatten(treedef, out)
+
+
 class _Plan(NamedTuple):
   strategy: str
   reason: str
@@ -271,7 +286,9 @@ class _Routed:
     self.warned = False
     self._cotangent: Callable | None = None
 
-  def __call__(self, params, batch, labels):
+  def __call__(self, params, batch, labels, example_scale=None):
+    """`example_scale` (float32 [B, G], optional) multiplies each example's policy weight per group
+    before the gradient: 0 routes the example away from the group exactly (as the policy's 0)."""
     compiled = self.compiled
     if jax.tree.structure(params) != compiled.treedef:
       raise RoutingError(
@@ -281,6 +298,8 @@ class _Routed:
       )
     _check_labels(labels, batch)
     weights = compiled.leaf_weights(labels)
+    if example_scale is not None:
+      weights = scaled_leaf_weights(compiled, weights, example_scale)
     visibility = compiled.leaf_visibility(labels) if compiled.has_visibility else None
     impl = self.per_example if self.strategy(params, batch) == "per_example" else self.cotangent
     out = impl(params, batch, weights, visibility)
