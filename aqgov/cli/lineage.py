@@ -241,8 +241,8 @@ def show_cmd(run_dir: str) -> None:
   console.print(meta)
   groups = Table(title="groups")
   groups.add_column("group")
-  groups.add_column("examples reached (step x example)", justify="right")
-  groups.add_column("sum of contribution norms", justify="right")
+  groups.add_column("examples reached (step x example, as applied)", justify="right")
+  groups.add_column("sum of applied contribution norms", justify="right")
   for g in s["groups"]:
     groups.add_row(g, str(d.group_reach[g]), f"{d.group_norm[g]:.6g}")
   console.print(groups)
@@ -258,30 +258,48 @@ def show_cmd(run_dir: str) -> None:
   help="Also steps whose effect was lost to a crash and resume.",
 )
 @click.option(
+  "--policy",
+  "policy",
+  is_flag=True,
+  help="What the policy allowed, instead of what was applied (pause, reroute, freeze, fallback "
+  "routes and dropped examples included).",
+)
+@click.option(
   "--json", "as_json", is_flag=True, help="One JSON object per line instead of a table."
 )
 def query_cmd(
-  run_dir: str, group: str, step: int | None, include_superseded: bool, as_json: bool
+  run_dir: str,
+  group: str,
+  step: int | None,
+  include_superseded: bool,
+  policy: bool,
+  as_json: bool,
 ) -> None:
-  """Which examples reached GROUP, at which steps, with what weight and contribution norm."""
+  """Which examples reached GROUP, at which steps, with what weight and contribution norm (as
+  applied; --policy: as the policy allowed)."""
   from aqgov.lineage._query import membership
 
-  rows = membership(run_dir, group, step=step, include_superseded=include_superseded)
+  rows = membership(
+    run_dir, group, step=step, include_superseded=include_superseded, policy=policy
+  )
   if as_json:
     for m in rows:
       click.echo(json.dumps(m._asdict()))
     return
   table = Table(
-    title=f"examples that reached {group!r}" + (f" at step {step}" if step is not None else "")
+    title=f"examples {'the policy allowed to reach' if policy else 'that reached'} {group!r}"
+    + (f" at step {step}" if step is not None else "")
   )
-  for col in ("step", "example", "route class", "weight", "contribution norm"):
+  weights = ["policy weight"] if policy else ["applied weight", "policy weight"]
+  for col in ("step", "example", "route class", *weights, "contribution norm"):
     table.add_column(col, justify="right" if col != "example" else "left")
   for m in rows:
+    cells = [f"{m.weight:.6g}"] + ([] if policy else [f"{m.policy_weight:.6g}"])
     table.add_row(
       str(m.step) + (" (superseded)" if m.superseded else ""),
       m.example_id,
       str(m.route_class),
-      f"{m.weight:.6g}",
+      *cells,
       f"{m.contribution_norm:.6g}",
     )
   Console().print(table)

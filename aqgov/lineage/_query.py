@@ -1,7 +1,10 @@
 """Questions an auditor asks of a lineage: which examples reached a group, and what a run did.
 
-Membership: an example *reached* group g at a step when its weight in g was positive there; the
-contribution norm says how much of its gradient actually arrived (`|| w_i[g] * grad_g L_i ||`).
+Membership: an example *reached* group g at a step when the weight its gradient was actually
+applied with in g was positive there (`StepView.applied_weights`: the policy weight after fallback
+routes, dropped examples, pause, reroute and freeze); the contribution norm says how much of its
+gradient arrived (`applied_scale[g] * || w_i[g] * grad_g L_i ||`). `policy=True` asks what the
+policy allowed instead (the `weights` a step record also keeps).
 Only effective records count unless `include_superseded` (see `aqgov.lineage.history`), and only
 records a signed tree head covers: an unsigned tail (records anyone could have appended after the
 last signed head) is never read, only counted.
@@ -39,9 +42,10 @@ class Membership(NamedTuple):
   record: int
   example_id: str
   route_class: int
-  weight: float
+  weight: float  # the weight applied (the policy's with `policy=True`)
   contribution_norm: float
   superseded: bool
+  policy_weight: float = 0.0  # the weight the policy gave
 
 
 def membership(
@@ -50,8 +54,10 @@ def membership(
   *,
   step: int | None = None,
   include_superseded: bool = False,
+  policy: bool = False,
 ) -> list[Membership]:
-  """Every (step, example) whose weight in `group` was positive, in log order."""
+  """Every (step, example) whose applied weight in `group` was positive (with `policy`: whose
+  policy weight was), in log order."""
   _, ldir = lineage_dir(run_dir)
   scan, history = hist.load(ldir)
   groups = list(_run_start(scan, ldir)["groups"])
@@ -67,8 +73,9 @@ def membership(
       continue
     view = rec.view_step(body, index, len(groups))
     ids = view.row_ids
+    weights, norms = _reach(view, policy)
     for r in range(view.weights.shape[0]):
-      w = float(view.weights[r, g])
+      w = float(weights[r, g])
       if w > 0:
         out.append(
           Membership(
@@ -77,11 +84,19 @@ def membership(
             ids[r],
             int(view.route_class[r]),
             w,
-            float(view.contribution_norms[r, g]),
+            float(norms[r, g]),
             superseded,
+            float(view.weights[r, g]),
           )
         )
   return out
+
+
+def _reach(view: rec.StepView, policy: bool):
+  """([B, G] weights, [B, G] contribution norms) a membership question counts."""
+  if policy:
+    return view.weights, view.contribution_norms
+  return view.applied_weights, view.applied_norms
 
 
 class RunDescription(NamedTuple):
@@ -123,9 +138,10 @@ def describe(run_dir: str | os.PathLike) -> RunDescription:
     view = rec.view_step(body, index, len(groups))
     steps, last_step, last_loss = steps + 1, view.step, view.loss
     seen.update(view.row_ids)
+    weights, norms = _reach(view, policy=False)
     for gi, name in enumerate(groups):
-      reach[name] += int((view.weights[:, gi] > 0).sum())
-      norm[name] += float(view.contribution_norms[:, gi].sum())
+      reach[name] += int((weights[:, gi] > 0).sum())
+      norm[name] += float(norms[:, gi].sum())
   signed = history.size
   ends = [(i, b) for i, b in scan.of_kind(rec.RUN_END) if i < signed]
   closed = signed == scan.size and scan.kinds[-1] == rec.RUN_END
