@@ -309,7 +309,9 @@ def test_a_log_written_at_schema_version_1_still_verifies_and_reads(tmp_path, mo
   report = verify_lineage(d, TRUST)
   assert report.size == 5 and report.closed
   view = rec.view_step(records[1].body)
-  np.testing.assert_array_equal(view.applied_weights, view.weights)  # v1: applied as the policy said
+  np.testing.assert_array_equal(
+    view.applied_weights, view.weights
+  )  # v1: applied as the policy said
   np.testing.assert_array_equal(view.applied_scale, np.ones(len(lh.GROUPS), np.float32))
   assert view.dropped == ()
 

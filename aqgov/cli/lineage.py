@@ -279,9 +279,7 @@ def query_cmd(
   applied; --policy: as the policy allowed)."""
   from aqgov.lineage._query import membership
 
-  rows = membership(
-    run_dir, group, step=step, include_superseded=include_superseded, policy=policy
-  )
+  rows = membership(run_dir, group, step=step, include_superseded=include_superseded, policy=policy)
   if as_json:
     for m in rows:
       click.echo(json.dumps(m._asdict()))
