@@ -66,6 +66,7 @@ class Event(NamedTuple):
   bound: str
   limit: float
   action: str
+  window: tuple[int, int] | None = None  # reroute/route: first and last step the action holds
 
 
 class Refusal(NamedTuple):
