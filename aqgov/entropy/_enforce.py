@@ -10,9 +10,13 @@ applies the actions of the broken bounds:
   signed zeros included), and the inner optimizer state is kept bitwise as it was.
 * `reroute`: the group's routed gradient is multiplied by the bound's `fallback` before the inner
   optimizer, for `duration` steps starting with the violating one (re-armed while it keeps
-  violating). The fallback is a per-group scale of the routed gradient: exact for a freeze
-  (fallback 0: the group receives no gradient); with momentum optimizers a frozen group can still
-  drift on its momentum unless `strict=True`, which also replaces its updates by `-0.0`.
+  violating). A group at fallback 0 is frozen: its updates are `-0.0` and, with the profile's
+  default `optimizer_state = "hold"`, the inner state's params-shaped leaves of that group are
+  selected unchanged, so neither momentum nor weight decay moves it (`"advance"`: its state keeps
+  stepping, and only `strict=True` stops its updates).
+* `route`: a fallback route. For the `duration` steps after the violating one, the examples of the
+  bound's route `classes` may reach only the groups in `to`: `route_weights(state, compiled,
+  labels)` is the [B, G] factor (0 or 1) to multiply the policy weights by before the gradient.
 * `escalate`: the update is skipped as for a pause, `state.escalated` is set, and the step counter
   does not advance. The host calls `check_escalation(opt_state, profile, compiled)` after each
   step; it raises `GovernanceEscalation` with the events and the state to resume from. To resume,
@@ -21,7 +25,9 @@ applies the actions of the broken bounds:
 * a violation covered by a verified override token (built into the transform with `overrides=`,
   or passed per step as `override_mask=`) is admitted: recorded, no action.
 
-When several actions fire in one step, escalate > pause > reroute. Measurements that are NaN
+Steps are numbered like lineage steps: the first is 1 (`step` defaults to `state.step + 1`).
+`state.applied_scale` is what the last update applied to each group's routed gradient (0: no
+update). When several actions fire in one step, escalate > pause > reroute. Measurements that are NaN
 (not measured) are never out of bounds. Every out-of-bounds measurement is an event; the last
 step's events are fixed-size arrays in the state (`Events`) so they leave jit with the step, and
 `decode_events` turns them into `Event` records on the host.

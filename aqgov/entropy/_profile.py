@@ -11,7 +11,9 @@ A profile has two parts:
   `action` when it is broken: `pause` (skip the step's update), `reroute` (scale the group's
   routed gradient by `fallback`, 0 = frozen, for `duration` steps starting with the violating
   one; the default duration 1 holds the fallback exactly while the measurement stays out of
-  bounds) or `escalate` (stop at the step boundary for a human). `heads = [..]` restricts an
+  bounds), `route` (for the `duration` steps after the violating one, examples of the route
+  `classes` (composed route class names or globs) reach only the groups `to`) or `escalate` (stop
+  at the step boundary for a human). `heads = [..]` restricts an
   attention bound to some heads; `steps = [start, end]` restricts it to the half-open step window
   [start, end) (e.g. looser bounds during warm-up). Any violation can be admitted by a signed
   override token (`aqgov.entropy`).
@@ -19,6 +21,11 @@ A profile has two parts:
 Where several bounds on the same side (low or high) cover one (group, metric, head, step), the
 most specific wins: a windowed bound over an unwindowed one, then a per-head bound over an
 all-heads one; two equally specific overlapping bounds are a `ProfileError`.
+
+`optimizer_state` says what a frozen or paused group's optimizer state does: `"hold"` (default;
+the group gets no update at all) or `"advance"` (its state keeps stepping). Fields left at their
+defaults (`optimizer_state`, and `classes`/`to` outside route bounds) are not in the canonical
+form, so profiles that do not use them keep their ids.
 
 A profile may name its `authority` (only that authority's key may sign it) and the
 `override_authorities` whose signed tokens may admit its violations (default: its authority, else
