@@ -217,3 +217,23 @@ def test_profiles_without_routes_or_optimizer_state_keep_their_canonical_form():
   assert EntropyProfile.from_toml(routed.to_toml()) == routed
   assert routed.to_dict()["bounds"][0]["classes"] == ["a", "b"]
   assert routed.id != EntropyProfile(name="p", bounds=routed.bounds).id
+
+
+def test_a_signed_profile_with_a_route_and_held_state_round_trips_and_verifies():
+  from aqgov.documents import _keys as keys
+  from aqgov.documents._document_type import sign, verify
+  from aqgov.entropy._profile import PROFILE
+
+  key = keys.generate("safety")
+  profile = EntropyProfile(
+    name="p",
+    bounds=[_always("core", "route", classes=["*"], to=["head"], duration=2)],
+    optimizer_state="advance",
+  )
+  signed = sign(PROFILE, profile, key)
+  assert verify(PROFILE, signed, keys.TrustStore.of([key])) == profile
+  with pytest.raises(ProfileError, match=r"\[\[bound\]\] #1: .*needs `to`"):
+    EntropyProfile.from_toml(
+      'name = "p"\n[[bound]]\ngroup = "core"\nmetric = "gradient_entropy"\nlow = 1.0\n'
+      'action = "route"\nclasses = ["*"]\n'
+    )

@@ -437,3 +437,25 @@ def test_fail_refuses_a_step_with_a_non_finite_example_and_names_it(tmp_path, au
   with pytest.raises(NonFiniteError, match=r"bad-0 \(non-finite loss\)") as failed:
     task.step(task.init(), *task.make_batch(examples))
   assert "ok-0" not in str(failed.value) and "drop_example" in str(failed.value)
+
+
+def test_lineage_query_answers_which_examples_reached_a_group_as_applied(windowed_run):
+  import json
+
+  from click.testing import CliRunner
+
+  from aqgov.cli import main
+
+  *_, run_dir = windowed_run
+  applied = CliRunner().invoke(
+    main, ["lineage", "query", str(run_dir), "--group", "core", "--json"]
+  )
+  policy = CliRunner().invoke(
+    main, ["lineage", "query", str(run_dir), "--group", "core", "--json", "--policy"]
+  )
+  assert applied.exit_code == 0 and policy.exit_code == 0, applied.output + policy.output
+  steps = lambda out: {json.loads(line)["step"] for line in out.splitlines()}  # noqa: E731
+  assert steps(applied.output) == set(range(1, WINDOW_STEPS + 1)) - {3, 4, 5, 7, 10, 11}
+  assert steps(policy.output) == set(range(1, WINDOW_STEPS + 1))
+  table = CliRunner().invoke(main, ["lineage", "query", str(run_dir), "--group", "core"])
+  assert "applied" in table.output and "policy" in table.output  # both weight columns
