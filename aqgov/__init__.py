@@ -24,6 +24,7 @@ from aqgov.errors import (
   PolicyError,
   ProfileError,
   ReplayDivergence,
+  ReplayUnavailable,
   SignatureError,
 )
 from aqgov.governed import GovernedTask, governed_step
@@ -51,6 +52,7 @@ __all__ = [
   "PolicyError",
   "ProfileError",
   "ReplayDivergence",
+  "ReplayUnavailable",
   "SignatureError",
   "SigningKey",
   "Taxonomy",

@@ -43,3 +43,19 @@ def test_routing_benchmark_quick_run_prints_its_table():
     assert len(cells) == header.count("|") - 1
     for cell in cells[3:]:
       assert re.fullmatch(r"\d+\.\d\dx( \(\d+\.\d\dx\))?", cell), cell
+
+
+@pytest.mark.slow
+def test_own_loop_benchmark_quick_run_prints_its_table():
+  result = subprocess.run(
+    [sys.executable, str(ROOT / "benchmarks" / "own_loop.py"), "--quick"],
+    capture_output=True,
+    text=True,
+    timeout=900,
+    cwd=ROOT,
+  )
+  assert result.returncode == 0, result.stderr
+  rows = [
+    line.split("|")[1].strip() for line in result.stdout.splitlines() if line.startswith("| ")
+  ]
+  assert rows[:5] == ["loop", "plain", "summary", "record", "emit"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -200,8 +201,23 @@ def verify_cmd(
       click.echo(f"   verified {c}")
     for u in r.unchecked:
       click.echo(f"   not checked: {u}")
+    _echo_refused(r.run_dir)
     _echo_trusted(store, r.signed_by)
     r = r.parent
+
+
+def _echo_refused(run_dir) -> None:
+  """One line on the examples the verified run refused at admission, if any."""
+  from aqgov.lineage._query import refusals
+
+  refused = refusals(run_dir)
+  if refused:
+    reasons = Counter(f.reason for f in refused)
+    click.echo(
+      f"   refused at admission (left out of training): {len(refused)} example(s), "
+      + ", ".join(f"{reason} {n}" for reason, n in sorted(reasons.items()))
+      + f"; list them with `aqgov lineage query {run_dir} --refused`"
+    )
 
 
 @lineage.command("show")
@@ -214,7 +230,10 @@ def show_cmd(run_dir: str) -> None:
   console = Console()
   s = d.start
   meta = Table(title=f"run {d.run_id}", show_header=False)
-  meta.add_row("task", str(s["config"].get("task")))
+  task = s["config"].get("task")
+  meta.add_row(
+    "task", "- (a loop its user owns; not replayable as recorded)" if task is None else task
+  )
   meta.add_row("signer", s["signer"][:16] + "...")
   meta.add_row("policies", ", ".join(p["id"][:16] for p in s["policies"]) or "-")
   meta.add_row("profiles", ", ".join(p["id"][:16] for p in s["profiles"]) or "-")
@@ -237,6 +256,10 @@ def show_cmd(run_dir: str) -> None:
     f"{'-' if d.last_loss is None else f'{d.last_loss:.6g}'}",
   )
   meta.add_row("examples", str(d.examples))
+  meta.add_row(
+    "refused at admission",
+    ", ".join(f"{reason}: {n}" for reason, n in d.refused.items()) or "-",
+  )
   meta.add_row("checkpoints", ", ".join(str(c.step) for c in d.checkpoints) or "-")
   meta.add_row("resumes", str(d.resumes))
   if d.torn_bytes:
@@ -287,6 +310,9 @@ def _policy_query(run_dir, group, step, include_superseded, as_json, *filters) -
   '"sensitivity_tier >= 2" (labels from the run\'s manifests).',
 )
 @click.option("--example", default=None, help="Only this example id.")
+@click.option(
+  "--refused", is_flag=True, help="The examples admission refused instead, with the reason."
+)
 @click.option("--step", type=int, default=None, help="Only this step.")
 @click.option("--route-class", default=None, help="Only this route class (its name, or number).")
 @click.option(
@@ -321,6 +347,7 @@ def _policy_query(run_dir, group, step, include_superseded, as_json, *filters) -
 def query_cmd(
   run_dir: str,
   group: str | None,
+  refused: bool,
   where: str | None,
   example: str | None,
   step: int | None,
@@ -337,12 +364,21 @@ def query_cmd(
   as applied (--policy: as the policy allowed).
 
   Prints "none" when no row matches. Answered from the run's signed index (`aqgov lineage index`)
-  when it is current and intact, else from a scan of the log's signed part (stderr says which)."""
+  when it is current and intact, else from a scan of the log's signed part (stderr says which).
+  With --refused: which examples admission refused, at which steps and why."""
   from aqgov.lineage._query import query
 
   if policy:
     _policy_query(run_dir, group, step, include_superseded, as_json, where, example, route_class)
     return
+  if refused:
+    if group is not None or where is not None or route_class is not None:
+      raise click.UsageError(
+        "--refused lists refused examples: give no --group, --where or --route-class"
+      )
+    _query_refused(run_dir, step, example, include_superseded, as_json)
+    return
+
   result = query(
     run_dir,
     group,
@@ -356,8 +392,8 @@ def query_cmd(
     use_index=not no_index,
     trust=TrustStore.from_paths(trust) if trust else None,
   )
-  refused = result.source == "scan" and not result.note.startswith("no index")
-  if refused or not as_json:  # JSON output stays clean unless an index was there but refused
+  index_refused = result.source == "scan" and not result.note.startswith("no index")
+  if index_refused or not as_json:  # JSON output stays clean unless an index was there but refused
     click.echo(
       "answered from the signed index"
       if result.source == "index"
@@ -396,6 +432,32 @@ def query_cmd(
     f"{result.count} (step, example, group) rows{shown}; "
     f"{len({m.example_id for m in result.rows})} distinct examples shown"
   )
+
+
+def _query_refused(
+  run_dir: str, step: int | None, example: str | None, include_superseded: bool, as_json: bool
+) -> None:
+  from aqgov.lineage._query import refusals
+
+  rows = [
+    f
+    for f in refusals(run_dir, step=step, include_superseded=include_superseded)
+    if example is None or f.example_id == example
+  ]
+  if as_json:
+    for f in rows:
+      click.echo(json.dumps(f._asdict()))
+    return
+  table = Table(
+    title="examples refused at admission" + (f" at step {step}" if step is not None else "")
+  )
+  for col in ("step", "example", "reason"):
+    table.add_column(col, justify="right" if col == "step" else "left")
+  for f in rows:
+    where = str(f.step) if f.taken else f"after {f.step} (no update)"
+    table.add_row(where + (" (superseded)" if f.superseded else ""), f.example_id, f.reason)
+  Console().print(table)
+  click.echo(f"{len(rows)} refused example(s); none of them reached any group")
 
 
 @lineage.command("index")

@@ -264,9 +264,7 @@ def run(
   )
   for r in rejected:
     console.print(f"   refused {r.example_id}: {r.reason}")
-  run.record_event(
-    {"admission": [{"example_id": r.example_id, "reason": str(r.reason)} for r in rejected]}
-  )
+  run.record_refused(rejected)  # before any step: these examples never reach one
 
   console.print("[bold]3. policy[/bold]: groups " + ", ".join(task.compiled.group_names))
 

@@ -1,6 +1,7 @@
 """Signed, tamper-evident lineage of governed training runs.
 
-_summary     the arrays a jitted step reports (`StepSummary`), parameter fingerprints and hashes
+_summary     the arrays a jitted step reports (`StepSummary`, `routed_summary`), parameter
+             fingerprints and hashes
 _record      the canonical record schema (docs/lineage-schema.md)
 _segments    framed segment files and `LogReader`, which checks every record it reads
 _scan        `scan`: one pass for record hashes, Merkle roots and chosen bodies
@@ -23,7 +24,7 @@ _gate        deployment requirements and their Verification Summary Attestation
 _regulator   SPDX 3.0.1, CycloneDX 1.6 ML-BOM and the EU GPAI training-content summary
 _progress    progress callbacks of long passes, drawn as rich progress bars on a terminal
 _export      in-toto Statement v1 in a DSSE envelope
-_run         `GovernedRun`: the run directory and the governed loop
+_run         `GovernedRun`: the run directory, the governed loop, or the user's own loop recorded
 """
 
 from aqgov.lineage._checkpoint import Checkpoints
@@ -34,13 +35,27 @@ from aqgov.lineage._heads import LogHead, read_heads
 from aqgov.lineage._history import CheckpointRef, History, history
 from aqgov.lineage._index import build_index, load_columns
 from aqgov.lineage._progress import ProgressFn, progress_bar
-from aqgov.lineage._query import Membership, QueryResult, describe, membership, query
+from aqgov.lineage._query import (
+  Membership,
+  QueryResult,
+  Refusal,
+  describe,
+  membership,
+  query,
+  refusals,
+)
 from aqgov.lineage._regulator import cyclonedx_bom, eu_gpai_summary, run_facts, spdx_document
 from aqgov.lineage._replay import ReplayResult, replay
 from aqgov.lineage._run import GovernedRun, RunLayout
 from aqgov.lineage._scan import scan
 from aqgov.lineage._segments import LogReader
-from aqgov.lineage._summary import StepSummary, fingerprint, params_sha256, summarize
+from aqgov.lineage._summary import (
+  StepSummary,
+  fingerprint,
+  params_sha256,
+  routed_summary,
+  summarize,
+)
 from aqgov.lineage._task import Task, TrainState, load_task
 from aqgov.lineage._verify import VerifyReport, consistency_proof, verify_lineage
 from aqgov.lineage._views import EntropyRow, GovernanceEvent, entropy, events
@@ -48,8 +63,6 @@ from aqgov.lineage._witness import Witness, WitnessServer
 from aqgov.lineage._writer import LineageWriter, open_for_resume
 
 __all__ = [
-  "ProgressFn",
-  "progress_bar",
   "CheckpointRef",
   "Checkpoints",
   "EntropyRow",
@@ -61,7 +74,9 @@ __all__ = [
   "LogHead",
   "LogReader",
   "Membership",
+  "ProgressFn",
   "QueryResult",
+  "Refusal",
   "ReplayResult",
   "RunLayout",
   "StepSummary",
@@ -92,10 +107,13 @@ __all__ = [
   "origin_of",
   "params_sha256",
   "parse_requirement",
+  "progress_bar",
   "query",
   "read_heads",
   "read_rules",
+  "refusals",
   "replay",
+  "routed_summary",
   "run_facts",
   "scan",
   "spdx_document",

@@ -9,8 +9,8 @@ of the record bytes; record 0 (always "run-start") has `prev` = 32 zero bytes. N
 bytes lets a verifier check a million records by hashing them and decoding five small fields each,
 without materialising any body it does not need. Arrays inside bodies are `{"dtype", "shape",
 "data"}` maps with raw little-endian C-order bytes, so float32 values survive exactly.
-The full field list of every kind is in docs/lineage-schema.md. Version 2 added optional step
-fields (what a step actually applied); version-1 records read and verify unchanged.
+The full field list of every kind is in docs/lineage-schema.md. Version 2 only adds optional
+body fields, so records written at version 1 are read and verified as they are (`READS`).
 """
 
 from __future__ import annotations
@@ -20,13 +20,14 @@ import hashlib
 import math
 import sys
 import time
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import msgpack
 import numpy as np
 
+from aqgov.credentials._admission import Rejection
 from aqgov.documents import _canonical as canonical
 from aqgov.errors import LineageError
 from aqgov.lineage._summary import DROP_REASONS, PyTree, StepSummary
@@ -37,7 +38,7 @@ if TYPE_CHECKING:
 
 
 VERSION = 2
-READS = (1, 2)  # schema versions this aqgov reads: 2 only adds optional fields
+READS = (1, 2)  # envelope versions this aqgov reads; a log may mix them (a v1 run resumed by v2)
 GENESIS = bytes(32)
 
 RUN_START = "run-start"
@@ -137,9 +138,10 @@ def decode_record(
       f"record {index}: not a lineage record envelope (fields v, seq, kind, prev, body)",
       index=index,
     )
-  if env["v"] not in READS or isinstance(env["v"], bool):
+  if env["v"] not in READS:
     raise LineageError(
-      f"record {index}: schema version {env['v']!r}, this aqgov reads versions {list(READS)}; "
+      f"record {index}: schema version {env['v']!r}, this aqgov reads versions "
+      f"{', '.join(map(str, READS))}; "
       "upgrade aqgov to verify this log",
       index=index,
     )
@@ -222,6 +224,18 @@ def _is(*types: type) -> Any:
   return lambda v: isinstance(v, types)
 
 
+REJECTION_FIELDS = ("id", "reason")  # one entry of a "rejected" list (see `rejected_to_wire`)
+
+
+def _is_rejections(v: Any) -> bool:
+  return isinstance(v, list) and all(
+    isinstance(r, dict)
+    and set(r) == set(REJECTION_FIELDS)
+    and all(isinstance(r[k], str) and r[k] for k in REJECTION_FIELDS)
+    for r in v
+  )
+
+
 _STEP_NUMBER = {"step": _is_count, "time": _is_number}
 # kind -> field -> (check, what the field must be); docs/lineage-schema.md lists the same fields
 _SCHEMAS: dict[str, dict[str, tuple[Any, str]]] = {
@@ -284,29 +298,23 @@ _SCHEMAS: dict[str, dict[str, tuple[Any, str]]] = {
     "time": (_is_number, "a number"),
   },
 }
+_REJECTED = (_is_rejections, "a list of {id, reason} maps of non-empty strings")
 _OPTIONAL = {
   STEP: {
     "example_sha256": (_is(bytes), "bin"),
     "rows": (_is(dict), "an array"),
     "hidden": (_is(dict), "a weights map"),
-  }
+    "rejected": _REJECTED,
+  },
+  EVENT: {"rejected": _REJECTED},
 }
-
-
-def _is_drops(v: Any) -> bool:
-  return isinstance(v, list) and all(
-    isinstance(d, dict)
-    and set(d) == {"id", "reason"}
-    and all(isinstance(x, str) for x in d.values())
-    for d in v
-  )
 
 
 # what a step actually applied (schema version 2; docs/lineage-schema.md, "Applied weights")
 _APPLIED_FIELDS = {
   "applied_weights": (_is(dict), "a weights map"),
   "applied_scale": (_is(dict), "an array"),
-  "dropped": (_is_drops, "a list of {id, reason} maps"),
+  "dropped": _REJECTED,  # the same {id, reason} entries as refusals
 }
 _OPTIONAL[STEP].update(_APPLIED_FIELDS)
 
@@ -550,6 +558,42 @@ def _applied_to_wire(
   return out
 
 
+# ---- admission refusals ---------------------------------------------------------------------------
+
+
+def rejected_to_wire(rejected: Iterable[Any]) -> list[dict]:
+  """`[{"id", "reason"}]` for examples refused at admission: `aqgov.credentials.Rejection`s,
+  `(id, reason)` pairs or `{"id", "reason"}` maps, in the order given."""
+  out = []
+  for r in rejected:
+    try:
+      ex_id, reason = (r["id"], r["reason"]) if isinstance(r, Mapping) else tuple(r)
+    except (KeyError, TypeError, ValueError):
+      raise LineageError(
+        f"a refused example must be a Rejection, an (id, reason) pair or an {{id, reason}} map, "
+        f"got {r!r:.60}"
+      ) from None
+    if not isinstance(ex_id, str) or not ex_id or not str(reason):
+      raise LineageError(
+        f"a refused example needs a non-empty id and reason, got {ex_id!r}: {reason!r}; pass the "
+        "`rejected` of an AdmittedBatch (aqgov.credentials.Rejection)"
+      )
+    out.append({"id": ex_id, "reason": str(reason)})
+  return out
+
+
+def with_rejected(body: Mapping[str, Any], rejected: Iterable[Any]) -> dict:
+  """A step or event `body` with its `rejected` field (keys kept sorted, see `encode_step_body`);
+  the body unchanged when nothing was refused."""
+  wire = rejected_to_wire(rejected)
+  return dict(body) if not wire else dict(sorted({**body, "rejected": wire}.items()))
+
+
+def rejected_of(body: Mapping[str, Any]) -> tuple[Rejection, ...]:
+  """The refused examples a step or event body records (checked: `check_body`)."""
+  return tuple(Rejection(r["id"], r["reason"]) for r in body.get("rejected", ()))
+
+
 def encode_step_body(body: Mapping[str, Any]) -> bytes:
   """Canonical bytes of a `step_body` result, without the generic normalisation pass.
 
@@ -578,6 +622,7 @@ class StepView(NamedTuple):
   applied_weights: np.ndarray | None = None  # float32 [B, G]; what each row was applied with
   applied_scale: np.ndarray | None = None  # float32 [G]; scale applied to each group's gradient
   dropped: tuple[tuple[str, str], ...] = ()  # (example id, reason) of examples dropped
+  rejected: tuple[Rejection, ...] = ()  # examples refused at admission, left out of the batch
 
   @property
   def applied_norms(self) -> np.ndarray:
@@ -781,4 +826,5 @@ def _view_step(body: Mapping[str, Any], groups: int | None) -> StepView:
     events={k: array_from_wire(v, f"event {k!r}") for k, v in body["events"].items()},
     seen=np.ones(per_row, bool) if hidden is None else hidden == 0,
     **_view_applied(body, weights, route_class),
+    rejected=rejected_of(body),
   )

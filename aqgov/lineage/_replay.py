@@ -19,7 +19,10 @@ Replay imports no code a run directory names before the lineage verifies against
 run key and the authorities' keys, obtained out of band), and then only the task the caller names
 (`task="module:attr"`, which must be the recorded one) or an installed `aqgov.tasks` entry point
 recording it; the policies, profiles, manifests and task source must be those run-start recorded.
-A caller who passes a `Task` object chose the code: then `trust` is optional.
+A caller who passes a `Task` object chose the code: then `trust` is optional. A run that records
+no task (a loop its user owns, `GovernedRun.open`) replays only with a task its caller names
+(`ReplayUnavailable` otherwise): there is no recorded task code to check it against, so the
+recorded fingerprints are the whole check.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import numpy as np
 
 from aqgov.credentials._manifest import Example, as_example, content_hash, iter_examples
 from aqgov.documents._keys import TrustStore
-from aqgov.errors import CheckpointError, LineageError, ReplayDivergence
+from aqgov.errors import CheckpointError, LineageError, ReplayDivergence, ReplayUnavailable
 from aqgov.lineage import _history as hist
 from aqgov.lineage import _record as rec
 from aqgov.lineage import _trust as trustlib
@@ -123,7 +126,16 @@ def replay(
   start = scan.bodies[0]
   groups = tuple(start["groups"])
   if not chosen:
-    ref = trustlib.resolve_task(start["config"]["task"], task)
+    recorded = start["config"].get("task")
+    if recorded is None and task is None:
+      raise ReplayUnavailable(
+        f"run {start['run_id']} records no task: it was recorded from a loop its user owns "
+        "(GovernedRun.open), so there is no recorded step code to re-execute. Verify, query and "
+        "export it as usual; to replay, name a task that re-implements the loop (task="
+        "'module:attr' / --task, or a Task object), or record runs with GovernedRun.start(task=...)",
+        index=0,
+      )
+    ref = task if recorded is None else trustlib.resolve_task(recorded, task)
     authorities = trustlib.recorded_trust(start, trust, exact=False)
     trustlib.check_documents(run_dir, start)
     trustlib.check_task_source(start, ref)

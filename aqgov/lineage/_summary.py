@@ -32,6 +32,7 @@ from aqgov.policy import _paths as paths
 
 if TYPE_CHECKING:
   from aqgov.entropy import Events
+  from aqgov.policy import CompiledPolicy
 
 # why `StepSummary.dropped` dropped a row (0: kept)
 FINITE, NONFINITE_LOSS, NONFINITE_GRADIENT = 0, 1, 2
@@ -195,6 +196,44 @@ def _applied(applied_weights: Array | None, applied_scale: Array | None, dropped
     "applied_scale": None if applied_scale is None else jnp.asarray(applied_scale, jnp.float32),
     "dropped": None if dropped is None else jnp.asarray(dropped, jnp.int8),
   }
+
+
+def routed_summary(
+  compiled: CompiledPolicy,
+  labels: Mapping[str, Array],
+  *,
+  step: Array,
+  loss: Array,
+  contribution_norms: Array,
+  params: PyTree,
+  example_index: Array | None = None,
+  key: Array | int = 0,
+  measurements: Mapping[str, Array] | None = None,
+  events: Events | tuple[()] = (),
+) -> StepSummary:
+  """`summarize` for a step routed by `compiled`, inside the user's own jitted step.
+
+  Route classes, weights and (for `visible = "routed"` groups) what each example saw follow from
+  the policy and `labels`; `loss` and `contribution_norms` are the value and norms
+  `routed_value_and_grad(..., with_norms=True)` returned; `params` are the params after the
+  update; `step` counts the updates applied including this one. `example_index` defaults to
+  0..B-1: row i is the i-th id of the list handed to `GovernedRun.record`.
+  """
+  route_class = compiled.route_class(labels)
+  return summarize(
+    step=step,
+    example_index=jnp.arange(route_class.shape[0]) if example_index is None else example_index,
+    route_class=route_class,
+    weights=compiled.group_weights(labels),
+    contribution_norms=contribution_norms,
+    loss=loss,
+    params=params,
+    leaf_group=compiled.leaf_group,
+    key=key,
+    measurements=measurements,
+    events=events,
+    seen=compiled.group_visibility(labels) if compiled.has_visibility else None,
+  )
 
 
 def params_sha256(params: PyTree) -> str:

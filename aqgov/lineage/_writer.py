@@ -24,7 +24,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -296,19 +296,22 @@ class LineageWriter:
     summary: StepSummary,
     example_ids: Sequence[str],
     example_sha256: Sequence[bytes | str] | None = None,
+    rejected: Iterable[Any] = (),
   ) -> None:
     """Queue a "step" record for `summary`; `example_ids` is the host-side id list the batch was
-    built from and `example_sha256` the content hash of each (see `record.step_body`)."""
+    built from and `example_sha256` the content hash of each (see `record.step_body`); `rejected`
+    are the examples refused at admission and left out of the batch (`record.with_rejected`)."""
     self._submit(
       self._write_step,
       summary,
       list(example_ids),
       None if example_sha256 is None else list(example_sha256),
       time.time(),
+      rec.rejected_to_wire(rejected),
     )
 
-  def _write_step(self, summary, ids, sha, t) -> None:
-    body = rec.step_body(summary, ids, sha, time_s=t)
+  def _write_step(self, summary, ids, sha, t, rejected=()) -> None:
+    body = rec.with_rejected(rec.step_body(summary, ids, sha, time_s=t), rejected)
     self._last_step = body["step"]
     self._app.append(rec.STEP, rec.encode_step_body(body))
 
