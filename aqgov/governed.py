@@ -71,8 +71,9 @@ from aqgov.lineage._summary import (
 from aqgov.lineage._task import TrainState
 from aqgov.policy._compile import CompiledPolicy, compile_policy
 from aqgov.policy._policy import POLICY
+from aqgov.routing._sketch import SketchSpec
 from aqgov.routing._transforms import strict as strict_transform
-from aqgov.routing._value_and_grad import routed_value_and_grad
+from aqgov.routing._value_and_grad import gradient_sketches, routed_value_and_grad
 
 
 class GovernanceState(NamedTuple):
@@ -165,12 +166,15 @@ def governed_step(
   fingerprint_seed: int = 0,
   microbatch: int | None = None,
   on_nonfinite: str = "fail",
+  sketch: SketchSpec | None = None,
 ) -> tuple[optax.GradientTransformationExtraArgs, StepFn]:
   """The optimizer to `init` the state with, and the pure step `(state, batch, labels) -> (state, summary)`.
 
   `loss_fn(params, example)` is the per-example loss; with `has_aux` it returns `(loss, aux)` where
   `aux` holds the representations the profile names. `batch` is `{"inputs": pytree with a leading
-  batch axis, "index": int32 [B]}` (row -> position in the host-side id list).
+  batch axis, "index": int32 [B]}` (row -> position in the host-side id list). With `sketch`
+  (opt-in) the summary also carries [B, G, dim] sketches of each example's routed gradient, which
+  a governed run writes to its sketch store for attribution (`aqgov.lineage.attribute`).
 
   `on_nonfinite`: `"fail"` (default) applies nothing when anything is NaN/inf and the summary's
   `dropped` names the offending rows; `"drop_example"` gives the offending examples (non-finite
@@ -192,7 +196,13 @@ def governed_step(
     return loss, (aux, loss)
 
   grad_fn = routed_value_and_grad(
-    with_losses, compiled, strategy, has_aux=True, with_norms=True, microbatch=microbatch
+    with_losses,
+    compiled,
+    strategy,
+    has_aux=True,
+    with_norms=True,
+    microbatch=microbatch,
+    sketch=sketch,
   )
 
   def step(state: TrainState, batch: Mapping[str, Any], labels: Mapping[str, jax.Array]):
@@ -200,7 +210,7 @@ def governed_step(
     routing = route_weights(state.opt_state, compiled, labels) if routes else jnp.ones_like(weights)
     scale_arg = routing if routes else None
     out = grad_fn(state.params, batch["inputs"], labels, scale_arg)
-    (_, (_, losses)), _, norms = out
+    (_, (_, losses)), _, norms, *_ = out
     offending = offending_rows(losses, norms)
     if drop_examples:
       drop = offending != FINITE
@@ -211,7 +221,7 @@ def governed_step(
 
       out = jax.lax.cond(jnp.any(drop), without_offenders, lambda _: out, None)
       routing = jnp.where(drop[:, None], 0.0, routing)
-    ((mean_loss, (aux, losses)), grads, norms) = out
+    (mean_loss, (aux, losses)), grads, norms, *sketched = out
     if drop_examples:
       kept = offending == FINITE
       kept_mean = jnp.sum(jnp.where(kept, losses, 0.0)) / jnp.maximum(jnp.sum(kept), 1)
@@ -256,6 +266,7 @@ def governed_step(
       applied_weights=effective,
       applied_scale=applied_scale,
       dropped=offending,
+      sketch=sketched[0] if sketched else None,
     )
     return TrainState(number, params, opt_state, GovernanceState(~finite)), summary
 
@@ -324,6 +335,7 @@ class GovernedTask:
     strategy, strict, microbatch: as for `routed_value_and_grad` / `governed_optimizer`.
     on_nonfinite: `"fail"` (default) or `"drop_example"`, as for `governed_step`.
     seed: fingerprint projection seed.
+    sketch: a `SketchSpec` to record per-example gradient sketches (opt-in; see `governed_step`).
     overrides: verified override tokens admitted for this run, besides those in `run_dir/overrides/`.
     trust: the authority keys to verify the documents with; defaults to the `trust` of the
       `RunContext` a governed run passes as `run_dir`. Key files in the run directory never count.
@@ -347,6 +359,7 @@ class GovernedTask:
     overrides: Sequence[Any] = (),
     trust: TrustStore | None = None,
     on_nonfinite: str = "fail",
+    sketch: SketchSpec | None = None,
   ):
     trust = getattr(run_dir, "trust", None) if trust is None else trust
     if not isinstance(trust, TrustStore):
@@ -399,8 +412,12 @@ class GovernedTask:
       fingerprint_seed=seed,
       microbatch=microbatch,
       on_nonfinite=on_nonfinite,
+      sketch=sketch,
     )
     self.step_without_checks = jax.jit(step)
+    self.sketch_spec = sketch
+    self._loss_fn, self._strategy = loss_fn, strategy
+    self._sketcher: Callable | None = None
     self._batch_ids: tuple[Any, tuple[str, ...]] = (
       None,
       (),
@@ -423,6 +440,28 @@ class GovernedTask:
       f"Non-finite example(s): {listed}. Remove them from the batch, or train with "
       "on_nonfinite='drop_example' to drop such examples from their step (recorded). "
     )
+
+  def sketch_examples(
+    self, params: Any, examples: Sequence[Example], group_weights: Any = None
+  ) -> np.ndarray:
+    """[N, G, dim] sketches of `examples`' gradients at `params`, projected as the run's steps
+    project theirs (weights [N, G], default 1: a probe shapes every group). The examples are not
+    admitted: a probe is the auditor's question, not training data."""
+    if self.sketch_spec is None:
+      raise LineageError("this task records no sketches; build it with sketch=SketchSpec(...)")
+    if self._sketcher is None:
+      self._sketcher = jax.jit(
+        gradient_sketches(
+          self._loss_fn,
+          self.sketch_spec,
+          self.compiled.leaf_group,
+          self.compiled.num_groups,
+          has_aux=True,
+          strategy=self._strategy,
+        )
+      )
+    inputs = jax.tree.map(lambda *xs: np.stack(xs), *[self._make_inputs(e) for e in examples])
+    return np.asarray(self._sketcher(params, inputs, group_weights))
 
   def init(self) -> TrainState:
     params = self._init_params()

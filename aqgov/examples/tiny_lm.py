@@ -113,11 +113,13 @@ def make_task(task_config: Mapping[str, Any], run_dir: str | Path):
   """The governed task of a run training this model (`aqgov.examples.tiny_lm:make_task`).
 
   `task_config` keys: the `Config` fields, `seed`, `learning_rate`, `strategy`, `strict`,
-  `on_nonfinite` (`"fail"` or `"drop_example"`, see `aqgov.governed_step`).
+  `on_nonfinite` (`"fail"` or `"drop_example"`, see `aqgov.governed_step`), and
+  `sketch_dim` / `sketch_seed` / `sketch_dtype` to record gradient sketches for attribution.
   """
   import optax
 
   from aqgov.governed import GovernedTask
+  from aqgov.routing import SketchSpec
 
   config = Config(**{k: int(task_config[k]) for k in Config._fields if k in task_config})
   seed = int(task_config.get("seed", 0))
@@ -131,4 +133,11 @@ def make_task(task_config: Mapping[str, Any], run_dir: str | Path):
     strict=bool(task_config.get("strict", False)),
     on_nonfinite=str(task_config.get("on_nonfinite", "fail")),
     seed=seed,
+    sketch=SketchSpec(
+      int(task_config["sketch_dim"]),
+      int(task_config.get("sketch_seed", 0)),
+      str(task_config.get("sketch_dtype", "bfloat16")),
+    )
+    if task_config.get("sketch_dim")
+    else None,
   )

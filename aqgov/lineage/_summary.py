@@ -64,6 +64,8 @@ class StepSummary(NamedTuple):
     `applied_scale[g] * contribution_norms[i, g]` (None: all ones).
   dropped: int8 [B] or None — per row 0, or why the example was dropped from the step
     (`DROP_REASONS`: 1 non-finite loss, 2 non-finite gradient).
+  sketch: [B, G, dim] (bfloat16/float16/float32) or None — seeded projections of each example's
+    routed gradient per group (`aqgov.routing.SketchSpec`), written to the sketch store.
   """
 
   step: Array
@@ -79,6 +81,7 @@ class StepSummary(NamedTuple):
   applied_weights: Array | None = None
   applied_scale: Array | None = None
   dropped: Array | None = None
+  sketch: Array | None = None
 
 
 def _mix32(x: Array) -> Array:
@@ -169,6 +172,7 @@ def summarize(
   applied_weights: Array | None = None,
   applied_scale: Array | None = None,
   dropped: Array | None = None,
+  sketch: Array | None = None,
 ) -> StepSummary:
   """Build a `StepSummary` inside a step, fingerprinting `params` (the params after the update)."""
   weights = jnp.asarray(weights, jnp.float32)
@@ -184,6 +188,7 @@ def summarize(
     events=events,
     seen=None if seen is None else jnp.asarray(seen, bool),
     **_applied(applied_weights, applied_scale, dropped),
+    sketch=sketch,
   )
 
 
