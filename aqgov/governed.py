@@ -107,11 +107,11 @@ def governed_optimizer(
 
 
 def group_finite(grads: Any, loss: jax.Array, compiled: CompiledPolicy) -> jax.Array:
-  """bool [G]: every entry of the group's leaves in `grads` (gradients, updates or params, in the
-  params' structure), and the loss, is finite."""
-  finite = [jnp.all(jnp.isfinite(g)) for g in jax.tree_util.tree_leaves(grads)]
+  """bool [G]: every entry of the group's leaves (or slices of leaves) in `grads` (gradients,
+  updates or params, in the params' structure), and the loss, is finite."""
+  finite = [jnp.all(jnp.isfinite(g)) for g in compiled.parts(grads)]
   per_group = jnp.ones((compiled.num_groups,), bool)
-  for leaf_ok, g in zip(finite, compiled.leaf_group):
+  for leaf_ok, g in zip(finite, compiled.part_group):
     per_group = per_group.at[g].set(per_group[g] & leaf_ok)
   return per_group & jnp.isfinite(loss)
 
@@ -257,8 +257,8 @@ def governed_step(
       weights=weights,
       contribution_norms=norms,
       loss=loss,
-      params=params,
-      leaf_group=compiled.leaf_group,
+      params=compiled.parts(params),  # a sliced leaf fingerprints each slice into its group
+      leaf_group=compiled.part_group,
       key=fingerprint_seed,
       measurements=measurements,
       events=enforce_state(opt_state).events if governed else (),

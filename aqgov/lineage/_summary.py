@@ -232,8 +232,8 @@ def routed_summary(
     weights=compiled.group_weights(labels),
     contribution_norms=contribution_norms,
     loss=loss,
-    params=params,
-    leaf_group=compiled.leaf_group,
+    params=compiled.parts(params),  # a sliced leaf fingerprints each slice into its group
+    leaf_group=compiled.part_group,
     key=key,
     measurements=measurements,
     events=events,

@@ -31,8 +31,11 @@ from aqgov.errors import BatchCouplingError, RoutingError, UnsupportedPrimitiveE
 from aqgov.policy._compile import CompiledPolicy
 from aqgov.routing import _cotangent as cotangent
 from aqgov.routing import _sketch as sketches
+from aqgov.routing import _slices as slices
+from aqgov.routing import _subspace as subspace
 from aqgov.routing._coupling import check_per_example
 from aqgov.routing._plan import check_output
+from aqgov.routing._slices import slice_axis
 from aqgov.routing._transforms import broadcast_weight, weighted_sum
 
 PyTree = Any
@@ -59,11 +62,15 @@ def example_spec(batch: PyTree) -> PyTree:
 
 
 def _squared_norms(leaf_weights: PyTree, per_example: PyTree) -> PyTree:
-  """Per leaf, float32 [B]: `|| w_i * g_i ||^2` over the leaf."""
+  """Per leaf, float32 [B]: `|| w_i * g_i ||^2` over the leaf ([B, n] per position of the axis
+  of a sliced leaf's weight)."""
 
   def one(w, g):
     w = broadcast_weight(w, g)
     scaled = jnp.where(w != 0, w.astype(jnp.float32) * g.astype(jnp.float32), jnp.float32(0))
+    axis = slice_axis(w.shape[1:], g.shape[1:])
+    if axis is not None:
+      return slices.positional_sq_norms(scaled, axis)
     return jnp.sum(jnp.square(scaled), axis=tuple(range(1, g.ndim)))
 
   return jax.tree.map(one, leaf_weights, per_example)
@@ -177,16 +184,11 @@ def _microbatched(chunk, params, batch, leaf_weights, size: int, k: int):
 
 
 def group_norms(compiled: CompiledPolicy, squared_norms: PyTree) -> jax.Array:
-  """float32 [B, G]: per-example per-group contribution norms from per-leaf squared norms [B]."""
-  leaves = jax.tree.leaves(squared_norms)
-  if len(leaves) != len(compiled.leaf_group):
-    raise RoutingError(
-      f"got squared norms for {len(leaves)} leaves but the policy was compiled for "
-      f"{len(compiled.leaf_group)}; compile it with the parameter pytree you differentiate"
-    )
-  stacked = jnp.stack([jnp.asarray(x, jnp.float32) for x in leaves])  # [L, B]
+  """float32 [B, G]: per-example per-group contribution norms from per-leaf squared norms [B]
+  ([B, n] per position of a sliced leaf's axis: each part counts in its own group)."""
+  stacked = jnp.stack(slices.part_sq_norms(compiled, squared_norms))  # [U, B]
   per_group = jax.ops.segment_sum(
-    stacked, jnp.asarray(compiled.leaf_group, jnp.int32), num_segments=len(compiled.group_names)
+    stacked, jnp.asarray(compiled.part_group, jnp.int32), num_segments=len(compiled.group_names)
   )
   return jnp.sqrt(per_group).T
 
@@ -295,8 +297,16 @@ class _Routed:
     self.loss_fn, self.compiled, self.requested = loss_fn, compiled, strategy
     self.has_aux, self.with_norms, self.asserted = has_aux, with_norms, asserted
     self.sketch = sketch
+    self.confined = subspace.confined(compiled)  # subspace routes: the loss sees p + U z
+    if sketch is not None and (self.confined or compiled.has_slices):
+      raise RoutingError(
+        "gradient sketches are taken per parameter leaf, and this policy has slice or subspace "
+        "groups (a head, an expert or a subspace of a leaf); record sketches with whole-leaf "
+        "groups, or drop sketch= for this policy"
+      )
+    self.inner = subspace.extended_loss(loss_fn, self.confined) if self.confined else loss_fn
     self.per_example = per_example_value_and_grad(
-      loss_fn, has_aux=has_aux, with_norms=with_norms, microbatch=microbatch, sketch=sketch
+      self.inner, has_aux=has_aux, with_norms=with_norms, microbatch=microbatch, sketch=sketch
     )
     self.plans: dict[Any, _Plan] = {}
     self.warned = False
@@ -318,7 +328,16 @@ class _Routed:
       weights = scaled_leaf_weights(compiled, weights, example_scale)
     visibility = compiled.leaf_visibility(labels) if compiled.has_visibility else None
     impl = self.per_example if self.strategy(params, batch) == "per_example" else self.cotangent
-    out = impl(params, batch, weights, visibility)
+    if self.confined:
+      extended, weights, visibility = subspace.extend(
+        self.confined, params, weights, visibility, compiled.route_class(labels)
+      )
+      out = impl(extended, batch, weights, visibility)
+      out = (out[0], subspace.fold_grads(self.confined, out[1]), *out[2:])
+      if self.with_norms:
+        out = (*out[:2], subspace.fold_norms(self.confined, out[2]), *out[3:])
+    else:
+      out = impl(params, batch, weights, visibility)
     head, grads, rest = out[0], out[1], list(out[2:])
     if self.with_norms:
       rest[0] = group_norms(compiled, rest[0])
@@ -337,7 +356,7 @@ class _Routed:
   def cotangent(self) -> Callable:
     if self._cotangent is None:
       self._cotangent = cotangent.cotangent_value_and_grad(
-        self.loss_fn, has_aux=self.has_aux, with_norms=self.with_norms, sketch=self.sketch
+        self.inner, has_aux=self.has_aux, with_norms=self.with_norms, sketch=self.sketch
       )
     return self._cotangent
 
