@@ -194,16 +194,19 @@ def group_norms(compiled: CompiledPolicy, squared_norms: PyTree) -> jax.Array:
 
 
 def scaled_leaf_weights(compiled: CompiledPolicy, leaf_weights: PyTree, scale: jax.Array) -> PyTree:
-  """`leaf_weights` ([B] per leaf) times `scale[:, group of the leaf]`; leaves that shared one
-  weight array and one group still share one (the routing strategies group leaves by it)."""
+  """`leaf_weights` ([B], or [B, n, 1, ...] for a sliced leaf) times the per-example group `scale`
+  [B, G] placed on each leaf; 0 stays an exact 0. Whole leaves that shared one weight array and
+  one group still share one (the routing strategies group leaves by it)."""
   scale = jnp.asarray(scale, jnp.float32)
   leaves, treedef = jax.tree.flatten(leaf_weights)
+  placed = jax.tree.leaves(jax.vmap(compiled.per_leaf)(scale)) if compiled.has_slices else None
   cache: dict = {}
   out = []
-  for w, g in zip(leaves, compiled.leaf_group):
-    key = (id(w), int(g))
+  for i, (w, g) in enumerate(zip(leaves, compiled.leaf_group)):
+    s = scale[:, g] if placed is None else placed[i]
+    key = (id(w), int(g)) if jnp.ndim(s) == 1 else (id(w), -1 - i)
     if key not in cache:
-      cache[key] = jnp.where(scale[:, g] == 0, jnp.float32(0), w * scale[:, g])
+      cache[key] = jnp.where(s == 0, jnp.float32(0), w * s)
     out.append(cache[key])
   return jax.tree.unflatten(treedef, out)
 
