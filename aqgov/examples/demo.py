@@ -166,6 +166,37 @@ def train(
   return reached, events, None
 
 
+def no_update_claims(out: Path, group: str) -> list[str]:
+  """What the step records of `out` show for each window of steps in which `group` got no update
+  (frozen by a reroute to 0, or paused): effective weights and the group's fingerprint."""
+  from aqgov.lineage import _record as rec
+  from aqgov.lineage._segments import records
+
+  ldir = out / "lineage"
+  views = [rec.view_step(b, i) for i, _, b in records(ldir, kinds=(rec.STEP,))]
+  groups = list(next(iter(records(ldir, kinds=(rec.RUN_START,))))[2]["groups"])
+  g = groups.index(group)
+  claims, t = [], 0
+  while t < len(views):
+    if views[t].applied_scale[g] != 0:
+      t += 1
+      continue
+    end = t
+    while end + 1 < len(views) and views[end + 1].applied_scale[g] == 0:
+      end += 1
+    window = views[max(t - 1, 0) : end + 1]  # the record before holds the fingerprint it keeps
+    admitted = sum(int((v.weights[:, g] > 0).sum()) for v in views[t : end + 1])
+    applied = sum(int((v.applied_weights[:, g] > 0).sum()) for v in views[t : end + 1])
+    same = all(np.array_equal(window[0].fingerprint[g], v.fingerprint[g]) for v in window)
+    claims.append(
+      f"{group} got no update at steps {views[t].step}-{views[end].step}: its records show "
+      f"effective weight 0 for {admitted - applied} of {admitted} policy-admitted examples and its "
+      f"fingerprint {'unchanged' if same else 'CHANGED'}"
+    )
+    t = end + 1
+  return claims
+
+
 def _run_key_id(out: Path) -> str:
   from aqgov.lineage import LogReader
 
@@ -253,6 +284,9 @@ def run(
     collections.Counter((e.group, e.metric, e.action) for e in events).items()
   ):
     console.print(f"   governance: {metric}/{group} out of bounds on {n} step(s) -> {action}")
+  frozen = no_update_claims(out, "core")
+  for claim in frozen:
+    console.print(f"   lineage: {claim}")
 
   run_key = _run_key_id(out)
   # an escalated run is stopped for a human, not closed: it is verified as a live run
@@ -295,4 +329,5 @@ def run(
     "events": [e._asdict() for e in events],
     "escalation": escalation,
     "records": report.size,
+    "core_no_update": frozen,
   }
