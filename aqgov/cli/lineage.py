@@ -672,6 +672,157 @@ def export_cmd(
   click.echo(f"wrote {out}: in-toto statement signed by {key.name!r} (key id {key.key_id[:16]}...)")
 
 
+def _step_range(value: str | None) -> tuple[int, int] | None:
+  if value is None:
+    return None
+  a, sep, b = value.partition(":")
+  try:
+    lo = int(a) if a else 1
+    hi = int(b) if b else 2**62
+  except ValueError:
+    raise click.UsageError(
+      f"--steps {value!r} is not A:B (step numbers, either may be empty)"
+    ) from None
+  if not sep or lo > hi:
+    raise click.UsageError(f"--steps {value!r} is not A:B with A <= B")
+  return lo, hi
+
+
+@lineage.command("attribute")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@_MORE_KEYS
+@click.option(
+  "--probe",
+  required=True,
+  type=click.Path(exists=True, dir_okay=False),
+  help="The examples whose behaviour to explain (JSONL: id, content).",
+)
+@click.option("--group", "groups", multiple=True, help="Score only this group (repeatable).")
+@click.option("--steps", default=None, help="Only steps A:B (inclusive; either end may be empty).")
+@click.option("--top", type=int, default=10, show_default=True, help="Keys listed per probe.")
+@click.option(
+  "--by",
+  type=click.Choice(["example", "source", "label"]),
+  default="example",
+  show_default=True,
+  help="Score training examples, their credentialed source, or their route class.",
+)
+@click.option(
+  "--data",
+  type=click.Path(exists=True, dir_okay=False),
+  default=None,
+  help="Training examples (JSONL); needed only for a run without sketches (TracIn over checkpoints).",
+)
+@click.option(
+  "--method",
+  type=click.Choice(["sketches", "checkpoints"]),
+  default=None,
+  help="Default: sketches when every step in range recorded them.",
+)
+@click.option(
+  "--trust",
+  multiple=True,
+  type=click.Path(exists=True, dir_okay=False),
+  help="The authorities' public keys (and the run key), obtained out of band; the lineage must "
+  "verify against them before anything is imported.",
+)
+@_RUN_KEY
+@click.option(
+  "--task",
+  "task_ref",
+  default=None,
+  help="The task factory to import (module:attr); it must be the one run-start recorded.",
+)
+@click.option(
+  "--key",
+  "key_path",
+  type=click.Path(exists=True, dir_okay=False),
+  default=None,
+  help="Sign the result with this (governance or authority) key.",
+)
+@click.option(
+  "--out",
+  type=click.Path(dir_okay=False),
+  default=None,
+  help="Write the signed result document here (with --key).",
+)
+@click.option(
+  "--normalize",
+  is_flag=True,
+  help="Cosine TracIn: divide each step's inner product by both sketches' norms.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def attribute_cmd(
+  run_dir: str,
+  more_keys: tuple[str, ...],
+  probe: str,
+  groups: tuple[str, ...],
+  steps: str | None,
+  top: int,
+  by: str,
+  data: str | None,
+  method: str | None,
+  trust: tuple[str, ...],
+  run_key: str | None,
+  task_ref: str | None,
+  key_path: str | None,
+  out: str | None,
+  normalize: bool,
+  as_json: bool,
+) -> None:
+  """Which training examples shaped the probe's behaviour, per group (TracIn from the run's sketches)."""
+  from aqgov.documents._document_type import sign, write
+  from aqgov.lineage._attribute import ATTRIBUTION, attribute
+
+  if out is not None and key_path is None:
+    raise click.UsageError("--out writes the signed result: give the signing key with --key")
+  keys = _trust(run_dir, trust + more_keys, run_key)
+  with progress_bar("attributing per checkpoint") as progress:
+    result = attribute(
+      run_dir,
+      probe,
+      trust=keys,
+      task=task_ref,
+      group=groups or None,
+      steps=_step_range(steps),
+      top=top,
+      by=by,
+      examples=data,
+      method=method,
+      normalize=normalize,
+      progress=progress,
+    )
+  signed = None
+  if key_path is not None:
+    signed = sign(ATTRIBUTION, result, keylib.load_signing_key(key_path))
+    if out is not None:
+      write(ATTRIBUTION, signed, out)
+  if as_json:
+    doc = result.to_payload()
+    if signed is not None:
+      doc = {"result": doc, "id": signed.id}
+    click.echo(json.dumps(doc, indent=2))
+    return
+  console = Console()
+  for (probe_id, _), scores in zip(result.probes, result.scores):
+    table = Table(
+      title=f"probe {probe_id}: {result.method}{', cosine' if result.normalized else ''}, groups {', '.join(result.groups)}, "
+      f"steps {result.steps[0]}..{result.steps[1]}"
+    )
+    table.add_column("#", justify="right")
+    table.add_column(result.by)
+    table.add_column("score", justify="right")
+    for g in result.run_groups:
+      table.add_column(g, justify="right")
+    for rank, s in enumerate(scores, 1):
+      table.add_row(str(rank), s.key, f"{s.score:.4g}", *(f"{v:.3g}" for v in s.groups))
+    console.print(table)
+  click.echo(
+    f"computed against signed head {result.head_size} / {result.head_root[:16]}... of run "
+    f"{result.run_id}" + (f"; signed result written to {out}" if out else "")
+  )
+
+
 @lineage.command("summary")
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.option(

@@ -39,7 +39,8 @@ from aqgov.errors import GovernanceEscalation
 from aqgov.examples import efficacy as efficacy
 from aqgov.examples import sample as sample
 from aqgov.lineage import GovernedRun, progress_bar, verify_lineage
-from aqgov.policy._compile import CompiledPolicy, explain_table
+from aqgov.policy._compile import CompiledPolicy
+from aqgov.policy._explain import explain_table
 from aqgov.policy._policy import POLICY, Policy
 
 PROFILE_SIGNER = "acme-data"

@@ -16,6 +16,8 @@ _checkpoint  Orbax checkpoints bound to the lineage
 _checkpoint_files  a checkpoint directory's file digest and lineage item, checked without Orbax
 _task        the `Task` protocol training and replay share
 _replay      re-execute recorded steps and check fingerprints and hashes
+_sketches    the sketch store: per-step gradient sketch blocks bound to their step records
+_attribute   routing-aware TracIn attribution from sketches (or checkpoints), signed results
 _labels      credential labels of example ids, through the run's manifests
 _index       the signed columnar index queries read (`build_index`, `load_columns`)
 _query       membership and label queries (`query`), and run descriptions
@@ -27,6 +29,14 @@ _export      in-toto Statement v1 in a DSSE envelope
 _run         `GovernedRun`: the run directory, the governed loop, or the user's own loop recorded
 """
 
+from aqgov.lineage._attribute import (
+  ATTRIBUTION,
+  AttributionResult,
+  Score,
+  attribute,
+  self_influence,
+  verify_attribution,
+)
 from aqgov.lineage._checkpoint import Checkpoints
 from aqgov.lineage._cosign import WitnessRef, check_witnessed, cosign_final_head, origin_of, submit
 from aqgov.lineage._export import export_intoto, verify_envelope
@@ -63,6 +73,8 @@ from aqgov.lineage._witness import Witness, WitnessServer
 from aqgov.lineage._writer import LineageWriter, open_for_resume
 
 __all__ = [
+  "ATTRIBUTION",
+  "AttributionResult",
   "CheckpointRef",
   "Checkpoints",
   "EntropyRow",
@@ -79,6 +91,7 @@ __all__ = [
   "Refusal",
   "ReplayResult",
   "RunLayout",
+  "Score",
   "StepSummary",
   "Task",
   "TrainState",
@@ -87,6 +100,7 @@ __all__ = [
   "WitnessRef",
   "WitnessServer",
   "attest",
+  "attribute",
   "build_index",
   "check_witnessed",
   "consistency_proof",
@@ -116,9 +130,11 @@ __all__ = [
   "routed_summary",
   "run_facts",
   "scan",
+  "self_influence",
   "spdx_document",
   "submit",
   "summarize",
+  "verify_attribution",
   "verify_envelope",
   "verify_lineage",
 ]

@@ -236,6 +236,18 @@ def _is_rejections(v: Any) -> bool:
   )
 
 
+def _is_sketch_field(v: Any) -> bool:
+  return (
+    isinstance(v, dict)
+    and set(v) == {"chunk", "dim", "dtype", "sha256"}
+    and isinstance(v["chunk"], str)
+    and _is_count(v["dim"])
+    and isinstance(v["dtype"], str)
+    and isinstance(v["sha256"], bytes)
+    and len(v["sha256"]) == 32
+  )
+
+
 _STEP_NUMBER = {"step": _is_count, "time": _is_number}
 # kind -> field -> (check, what the field must be); docs/lineage-schema.md lists the same fields
 _SCHEMAS: dict[str, dict[str, tuple[Any, str]]] = {
@@ -305,6 +317,7 @@ _OPTIONAL = {
     "rows": (_is(dict), "an array"),
     "hidden": (_is(dict), "a weights map"),
     "rejected": _REJECTED,
+    "sketch": (_is_sketch_field, "a sketch map (chunk, dim, dtype, sha256)"),
   },
   EVENT: {"rejected": _REJECTED},
 }

@@ -52,6 +52,8 @@ class StepSummary(NamedTuple):
   events: pytree of arrays — governance events (a fixed-size NamedTuple), `()` when none.
   seen: bool [B, G] or None — which groups each example saw in its forward pass (None: all;
     see `visible = "routed"` groups in aqgov.policy).
+  sketch: [B, G, dim] (bfloat16/float16/float32) or None — seeded projections of each example's
+    routed gradient per group (`aqgov.routing.SketchSpec`), written to the sketch store.
   """
 
   step: Array
@@ -64,6 +66,7 @@ class StepSummary(NamedTuple):
   measurements: Mapping[str, Array] = {}
   events: Events | tuple[()] = ()
   seen: Array | None = None
+  sketch: Array | None = None
 
 
 def _mix32(x: Array) -> Array:
@@ -151,6 +154,7 @@ def summarize(
   measurements: Mapping[str, Array] | None = None,
   events: Events | tuple[()] = (),
   seen: Array | None = None,
+  sketch: Array | None = None,
 ) -> StepSummary:
   """Build a `StepSummary` inside a step, fingerprinting `params` (the params after the update)."""
   weights = jnp.asarray(weights, jnp.float32)
@@ -165,6 +169,7 @@ def summarize(
     measurements=dict(measurements or {}),
     events=events,
     seen=None if seen is None else jnp.asarray(seen, bool),
+    sketch=sketch,
   )
 
 
@@ -197,8 +202,8 @@ def routed_summary(
     weights=compiled.group_weights(labels),
     contribution_norms=contribution_norms,
     loss=loss,
-    params=params,
-    leaf_group=compiled.leaf_group,
+    params=compiled.parts(params),  # a sliced leaf fingerprints each slice into its group
+    leaf_group=compiled.part_group,
     key=key,
     measurements=measurements,
     events=events,
