@@ -98,9 +98,9 @@ def world(tmp_path_factory):
 def open_run(world, run_dir: Path, **kw) -> GovernedRun:
   graphdef, params = nnx.split(Net(nnx.Rngs(0)), nnx.Param)
   kw.setdefault("params", params)
+  kw.setdefault("policies", [world["policy"]])
   return GovernedRun.open(
     run_dir,
-    policies=[world["policy"]],
     manifests=[world["manifest"]],
     trust=[world["pub"]],
     key_dir=run_dir.parent / f"{run_dir.name}-keys",
@@ -503,3 +503,19 @@ def test_on_reject_raise_keeps_raising_admission_errors_in_a_task_run(tmp_path, 
   run.abandon()
   start = next(iter(segments.LogReader(tmp_path / "run" / "lineage"))).body
   assert start["config"]["lineage"]["on_reject"] == "raise"
+
+
+def test_run_start_records_each_subspace_route_with_the_digest_of_its_basis(world, tmp_path):
+  confined = POLICY_TOML.replace('name = "own-loop"', 'name = "confined"').replace(
+    "route = { head = 1.0 }", "route = { head = 1.0 }\nsubspace = { head = { rank = 2, seed = 5 } }"
+  )
+  signed = tmp_path / "confined.signed"
+  write(POLICY, sign(POLICY, Policy.from_toml(confined), world["key"]), signed)
+  run = open_run(world, tmp_path / "run", policies=[signed])
+  expected = run.compiled.subspace_digests()
+  run.close(nnx.split(Net(nnx.Rngs(0)), nnx.Param)[1])
+  start = next(iter(segments.LogReader(tmp_path / "run" / "lineage"))).body
+  assert expected and start["config"]["subspaces"] == expected
+  assert {s["group"] for s in expected} == {"head"} and all(
+    len(s["basis_sha256"]) == 64 and s["rank"] == 2 for s in expected
+  )

@@ -42,6 +42,7 @@ from aqgov.integrations import _wandb_store as store
 from aqgov.lineage import _history as hist
 from aqgov.lineage import _record as rec
 from aqgov.lineage._cosign import note_path
+from aqgov.lineage._distributed import process_index
 from aqgov.lineage._heads import LogHead, read_heads
 from aqgov.lineage._scan import scan
 from aqgov.lineage._segments import LogReader
@@ -62,8 +63,10 @@ def _wandb():
 
 
 def is_primary() -> bool:
-  """True on the process that logs (process 0 of a multi-process JAX job)."""
-  return jax.process_index() == 0
+  """True on the process that logs (process 0 of a multi-process JAX job); a `LineageError`
+  before `jax.distributed.initialize` in a job a launcher started as several processes, where
+  every process would otherwise claim to be process 0."""
+  return process_index() == 0
 
 
 # ---- per-step metrics ---------------------------------------------------------------------------

@@ -27,6 +27,7 @@ _regulator   SPDX 3.0.1, CycloneDX 1.6 ML-BOM and the EU GPAI training-content s
 _progress    progress callbacks of long passes, drawn as rich progress bars on a terminal
 _export      in-toto Statement v1 in a DSSE envelope
 _run         `GovernedRun`: the run directory, the governed loop, or the user's own loop recorded
+_distributed a run over many processes: global batches, gathered summaries, one writer
 """
 
 from aqgov.lineage._attribute import (
@@ -39,6 +40,7 @@ from aqgov.lineage._attribute import (
 )
 from aqgov.lineage._checkpoint import Checkpoints
 from aqgov.lineage._cosign import WitnessRef, check_witnessed, cosign_final_head, origin_of, submit
+from aqgov.lineage._distributed import DataParallel, process_index
 from aqgov.lineage._export import export_intoto, verify_envelope
 from aqgov.lineage._gate import GateResult, attest, evaluate, parse_requirement, read_rules
 from aqgov.lineage._heads import LogHead, read_heads
@@ -77,6 +79,7 @@ __all__ = [
   "AttributionResult",
   "CheckpointRef",
   "Checkpoints",
+  "DataParallel",
   "EntropyRow",
   "GateResult",
   "GovernanceEvent",
@@ -121,6 +124,7 @@ __all__ = [
   "origin_of",
   "params_sha256",
   "parse_requirement",
+  "process_index",
   "progress_bar",
   "query",
   "read_heads",

@@ -62,6 +62,7 @@ from aqgov.errors import (
   SignatureError,
 )
 from aqgov.lineage import _bodies as bodies
+from aqgov.lineage import _distributed as dist
 from aqgov.lineage import _history as hist
 from aqgov.lineage import _log as log
 from aqgov.lineage import _record as rec
@@ -229,9 +230,12 @@ class _Begun(NamedTuple):
     task_config: Mapping[str, Any],
     config: Mapping[str, Any],
     lineage: Mapping[str, Any],
+    compiled: Any = None,
   ) -> dict:
-    """The run-start body; `lineage` are the writer's settings (`config.lineage`)."""
+    """The run-start body; `lineage` are the writer's settings (`config.lineage`). The compiled
+    policy's subspace routes, if any, are recorded with their basis digests (`config.subspaces`)."""
     witnesses = [w.to_wire() for w in self.witnesses]
+    subspaces = compiled.subspace_digests() if compiled is not None else []
     return bodies.run_start_body(
       run_id=self.run_id,
       signer=self.key.key_id,
@@ -246,6 +250,7 @@ class _Begun(NamedTuple):
       task_config=task_config,
       config={
         **dict(config),
+        **({"subspaces": subspaces} if subspaces else {}),
         "lineage": {
           **dict(lineage),
           "on_reject": self.on_reject,
@@ -313,7 +318,9 @@ class GovernedRun:
     used_tokens: Iterable[str] = (),
     on_reject: str = "record",
     admission: Admission | None = None,
+    distributed: dist.DataParallel | None = None,
   ):
+    self.distributed = distributed  # None: this process runs alone
     self.layout, self.task, self.state, self.writer = layout, task, state, writer
     self.trust, self._used_tokens = trust, set(used_tokens)
     self.checkpoints, self.run_id, self.checkpoint_every = (
@@ -356,6 +363,8 @@ class GovernedRun:
     witnesses: Sequence[tuple[str, Any]] = (),
     key_dir: str | os.PathLike | None = None,
     on_reject: str = "record",
+    mesh: Any = None,
+    distributed: bool | None = None,
   ) -> GovernedRun:
     """Create `run_dir` (empty or absent), record run-start and checkpoint the initial state.
 
@@ -371,7 +380,25 @@ class GovernedRun:
     to them for a cosignature, and `close` fails unless all cosign the final one. `on_reject`
     says what `step` does with examples the task's admission refuses: "record" leaves them out of
     the step and lists them, with the reason, in its record; "raise" raises `AdmissionError`.
+
+    `mesh` and `distributed` spread the run over processes (`aqgov.lineage.distributed`): with
+    `jax.distributed` initialized for several processes every process calls `start` alike and
+    `step`s with its shard of each batch; only process 0 needs `key`/`key_dir`, and only it
+    writes and signs the lineage.
     """
+    placed = dist.placement(mesh, distributed)
+    if placed is not None and not placed.writes:
+      return dist.join_start(
+        cls,
+        RunLayout(run_dir),
+        placed,
+        task,
+        task_config,
+        trust,
+        checkpoint_every,
+        max_to_keep,
+        on_reject,
+      )
     if checkpoint_every < 1:
       raise LineageError(f"checkpoint_every must be at least 1, got {checkpoint_every}")
     task_config = dict(task_config or {})
@@ -389,6 +416,7 @@ class GovernedRun:
       task_config=task_config,
       config={**dict(config or {}), **({"task_sha256": task_sha256} if task_sha256 else {})},
       lineage={"checkpoint_every": checkpoint_every, "head_every": head_every, "fsync": fsync},
+      compiled=getattr(the_task, "compiled", None),
     )
     writer = log.LineageWriter.create(
       begun.layout.lineage,
@@ -398,10 +426,13 @@ class GovernedRun:
       head_every=head_every,
       witnesses=begun.witnesses,
     )
+    if placed is not None:
+      writer = dist.SharedWriter(placed, writer)
+    dist.announce(placed, "start", {"run_id": begun.run_id})
     run = cls(
       begun.layout,
       the_task,
-      the_task.init(),
+      the_task.init() if placed is None else placed.place_state(the_task.init()),
       writer,
       Checkpoints(begun.layout.checkpoints, max_to_keep=max_to_keep),
       run_id=begun.run_id,
@@ -409,6 +440,7 @@ class GovernedRun:
       checkpointed=(),
       trust=begun.authorities,
       on_reject=on_reject,
+      distributed=placed,
     )
     run.checkpoint()
     return run
@@ -483,6 +515,7 @@ class GovernedRun:
       task_config={},
       config=dict(config or {}),
       lineage={"head_every": head_every, "fsync": fsync},
+      compiled=compiled,
     )
     writer = log.LineageWriter.create(
       begun.layout.lineage,
@@ -518,6 +551,8 @@ class GovernedRun:
     key_dir: str | os.PathLike | None = None,
     max_to_keep: int | None = None,
     witnesses: Sequence[tuple[str, Any]] | None = None,
+    mesh: Any = None,
+    distributed: bool | None = None,
   ) -> GovernedRun:
     """Continue a run after a crash, an escalation or `abandon` (see the resume rule). A closed run
     (signed run-end) is final: continue it as a child run (`start(..., parent=)`).
@@ -527,7 +562,10 @@ class GovernedRun:
     the run directory): exactly the key ids run-start recorded. The run key is `key`, or is read
     from `key_dir` (default: where `start` put it). The log must verify under the run key, and the
     documents and task code must be those run-start recorded. `witnesses` default to those
-    run-start recorded."""
+    run-start recorded. `mesh` and `distributed` as for `start`: all processes resume together."""
+    placed = dist.placement(mesh, distributed)
+    if placed is not None and not placed.writes:
+      return dist.join_resume(cls, RunLayout(run_dir), placed, trust, max_to_keep)
     layout = RunLayout(run_dir)
     first = next(iter(log.LogReader(layout.lineage)), None)
     if first is None:
@@ -574,18 +612,22 @@ class GovernedRun:
         layout.root,
         trust=authorities,
       )
+      dist.announce(placed, "open")  # the others open the checkpoints with process 0
       checkpoints = Checkpoints(layout.checkpoints, max_to_keep=max_to_keep)
       on_disk = set(checkpoints.steps())
       ref = next((c for c in reversed(history.checkpoints) if c.step in on_disk), None)
+      superseded = [s for s in sorted(on_disk) if s > (ref.step if ref else 0) or ref is None]
+      dist.announce(placed, "resume", {"checkpoint": ref and ref.step, "delete": superseded})
+      template = task.init() if placed is None else placed.place_state(task.init())
       if ref is None:
-        state, ck_step, ck_index = task.init(), 0, None
+        state, ck_step, ck_index = template, 0, None
       else:
-        restored = checkpoints.restore(ref.step, task.init())
+        restored = checkpoints.restore(ref.step, template)
         _check_restored(restored, ref, scan)
         state, ck_step, ck_index = restored.state, ref.step, ref.index
-      for s in sorted(on_disk):
-        if s > ck_step or (ref is None and s == 0):
-          checkpoints.delete(s)  # superseded or never recorded: the resumed run writes its own
+      dist.announce(placed, "restore")
+      for s in superseded:
+        checkpoints.delete(s)  # superseded or never recorded: the resumed run writes its own
       writer.append_record(
         rec.RUN_RESUME,
         bodies.resume_body(
@@ -594,9 +636,13 @@ class GovernedRun:
           superseded=((ck_index + 1) if ck_index is not None else 1, scan.size),
         ),
       )
-    except BaseException:
+    except BaseException as exc:
       writer.abandon()
+      dist.announce(placed, "resume", error=f"{type(exc).__name__}: {exc}")
       raise
+    if placed is not None:
+      writer = dist.SharedWriter(placed, writer)
+    dist.announce(placed, "resume")
     run = cls(
       layout,
       task,
@@ -609,6 +655,7 @@ class GovernedRun:
       trust=authorities,
       used_tokens=_used_tokens(scan),
       on_reject=settings.get("on_reject", "raise"),
+      distributed=placed,
     )
     if ref is None:
       run.checkpoint()
@@ -640,10 +687,14 @@ class GovernedRun:
         "so skip empty batches in the data loader"
       )
     exs, rejected = self._screen(exs)
+    if self.distributed is not None:
+      self.distributed.check_rows(len(exs), len(rejected))
     if not exs:
       self.record_refused(rejected)
       return None
     batch, labels = self.task.make_batch(exs)
+    if self.distributed is not None:
+      batch, labels = self.distributed.place_batch(batch, labels)
     try:
       state, summary = self.task.step(self.state, batch, labels)
     except GovernanceEscalation as exc:
@@ -651,7 +702,7 @@ class GovernedRun:
       raise
     self.state = state
     self._step += 1
-    self.writer.append(
+    gathered = self.writer.append(
       summary,
       [e.id for e in exs],
       [bytes.fromhex(content_hash(e.content)) for e in exs],
@@ -659,7 +710,7 @@ class GovernedRun:
     )
     if self._step % self.checkpoint_every == 0:
       self.checkpoint()
-    return summary
+    return summary if gathered is None else gathered  # distributed: the global batch's, on host
 
   def _screen(self, exs: list[Example]) -> tuple[list[Example], list[Rejection]]:
     """(admitted examples, refusals) under "record"; everything (admission raises later) else."""

@@ -325,6 +325,15 @@ class LineageWriter:
     self._last_step = body["step"]
     self._app.append(rec.STEP, rec.encode_step_body(body))
 
+  def append_step_body(self, body: Mapping[str, Any]) -> None:
+    """Queue a "step" record whose body `record.step_body` already built (a distributed run
+    builds it on every process to compare them; see `aqgov.lineage._distributed`)."""
+    self._submit(self._write_body, dict(body))
+
+  def _write_body(self, body) -> None:
+    self._last_step = body["step"]
+    self._app.append(rec.STEP, rec.encode_step_body(body))
+
   def append_record(self, kind: str, body: Mapping[str, Any]) -> None:
     """Queue a record of any other kind, in order with the step records."""
     if kind == rec.RUN_START:
