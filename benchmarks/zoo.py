@@ -140,12 +140,28 @@ def governed(s: Setup, optimizer: optax.GradientTransformation) -> tuple[Callabl
   return step, (state, batch, s.labels)
 
 
+def norm_methods(case: zoo_models.Case) -> str:
+  """How `with_norms` gets each leaf's norm, counted by method; for materialised leaves, the
+  bytes of their per-example gradients over the batch (what the norms add to a step at most)."""
+  example = jax.tree.map(lambda x: x[0], case.batch)
+  methods = aqgov.routing.norm_methods(case.loss, case.params, example)
+  counts: dict[str, int] = {}
+  materialised = 0
+  for method, leaf in zip(jax.tree.leaves(methods), jax.tree.leaves(case.params)):
+    counts[method] = counts.get(method, 0) + 1
+    if method == "materialised":
+      materialised += leaf.size * leaf.dtype.itemsize * batch_size(case.batch)
+  text = ", ".join(f"{m} {n}" for m, n in sorted(counts.items()))
+  return text + (f" ({materialised / 2**20:.1f} MiB per-example)" if materialised else "")
+
+
 class Row(NamedTuple):
   key: str
   case: zoo_models.Case
   auto: str  # the strategy `auto` picked
   error: float
   results: dict[str, Measure]
+  methods: str  # norm_methods(case)
 
 
 def run_one(key: str, size: str, reps: int, device: jax.Device) -> Row:
@@ -162,7 +178,7 @@ def run_one(key: str, size: str, reps: int, device: jax.Device) -> Row:
     named = routing_steps(case, s.compiled, s.compiled, optimizer)
     chosen = {name: (named[name], args) for name in ("plain", "cotangent", "cotangent+norms")}
     chosen["governed"] = governed(s, optimizer)
-    return Row(key, case, auto, error, measure(chosen, reps))
+    return Row(key, case, auto, error, measure(chosen, reps), norm_methods(case))
 
 
 def _ratio(value: float, plain: float) -> str:
@@ -186,6 +202,12 @@ def table(rows: Sequence[Row]) -> str:
     cells += [_ratio(row.results[s].seconds, plain.seconds) for s in STEPS]
     cells += [_ratio(row.results[s].temp, plain.temp) for s in STEPS]
     lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def methods_table(rows: Sequence[Row]) -> str:
+  lines = ["| model | framework | norms by (leaves per method) |", "|---|---|---|"]
+  lines += [f"| {r.case.name} | {r.case.framework} | {r.methods} |" for r in rows]
   return "\n".join(lines)
 
 
@@ -225,11 +247,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
   rows = []
   for name in names:
     rows.append(run_one(name, args.size, args.reps, device))
-    row = rows[-1]
-    print(
-      f"measured {name}: auto={row.auto}, max rel err {row.error:.1e}", file=sys.stderr, flush=True
-    )
-  text = preamble(args.size, args.reps, device) + "\n\n" + table(rows)
+    print(f"measured {name}:\n{table(rows[-1:])}\n{rows[-1].methods}", file=sys.stderr, flush=True)
+  text = "\n\n".join([preamble(args.size, args.reps, device), table(rows), methods_table(rows)])
   print(text)
   if args.readme:
     write_readme(text)
