@@ -69,14 +69,16 @@ def test_the_zoo_script_checks_and_measures_two_models_and_prints_its_table(caps
   rows = zoo.main(["--size", "quick", "--reps", "1", "--models", "eqx_mlp,hk_mlp"])
   assert [r.key for r in rows] == ["eqx_mlp", "hk_mlp"]
   assert all(r.error < 1e-4 and r.auto == "cotangent" for r in rows)
-  lines = capsys.readouterr().out.splitlines()
-  assert lines[0].startswith("backend: cpu")
-  header = next(line for line in lines if line.startswith("| model |"))
+  out = capsys.readouterr().out
+  assert out.startswith("backend: cpu")
+  measured, methods = [block.splitlines() for block in out.split("\n\n")[1:3]]
   for column in ("max rel err", "cotangent time", "cotangent+norms mem", "governed time"):
-    assert f"| {column} |" in header
-  body = [line for line in lines if line.startswith("| MLP |")]
-  assert [c.strip() for c in body[1].strip("|").split("|")][:3] == ["MLP", "haiku", "cotangent"]
-  assert len(body) == 2 and all(cell.endswith("x |") for cell in body)
+    assert f"| {column} |" in measured[0]
+  cells = [[c.strip() for c in line.strip("|").split("|")] for line in measured[2:]]
+  assert [c[:3] for c in cells] == [["MLP", "equinox", "cotangent"], ["MLP", "haiku", "cotangent"]]
+  assert all(cell.endswith("x") for row in cells for cell in row[6:])
+  assert methods[0] == "| model | framework | norms by (leaves per method) |"
+  assert all("ghost" in line for line in methods[2:]) and len(methods) == 4
 
 
 def test_the_readme_section_between_the_zoo_markers_is_rewritten_and_the_rest_kept(tmp_path):
