@@ -134,3 +134,7 @@ class IntegrationError(AqgovError):
 
 class ReportError(AqgovError):
   """An audit report cannot be built from what was given."""
+
+
+class GateError(AqgovError):
+  """A deployment gate's input is bad: a requirement outside the grammar, a malformed rules file."""

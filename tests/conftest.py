@@ -28,3 +28,12 @@ import pytest  # noqa: E402
 def _config_home(tmp_path_factory):
   """Run keys go to $XDG_CONFIG_HOME/aqgov/keys/: keep the tests' away from the user's config dir."""
   os.environ["XDG_CONFIG_HOME"] = str(tmp_path_factory.mktemp("config"))
+
+
+@pytest.fixture(scope="session")
+def governed_run(tmp_path_factory, _config_home):
+  """One small closed governed run with credentials, policies and a profile, shared by the query,
+  gate and export tests (read-only: copy it before changing anything)."""
+  import lineage_helpers as lh
+
+  return lh.governed_run(tmp_path_factory.mktemp("governed"))

@@ -194,3 +194,75 @@ def run_key_path(run_dir: Path) -> Path:
 def run_key(run_dir: Path):
   """The run's private key, from the key directory `GovernedRun.start` wrote it to (never the run directory)."""
   return keys.load_signing_key(run_key_path(run_dir))
+
+
+GOVERNED_LM = {
+  "seq_len": 16,
+  "d_model": 16,
+  "num_heads": 4,
+  "num_blocks": 1,
+  "adapter_dim": 4,
+  "seed": 0,
+}
+# Keeps every weight as the policy set it (fallback 1.0) while recording an out-of-bounds event
+# for the core at every step: something for the entropy and events views to show.
+EVENTFUL_PROFILE = """
+format = "aqgov.entropy-profile/1"
+name = "eventful"
+authority = "acme-data"
+[[representation]]
+path = "attention/blocks/*"
+group = "core"
+kind = "attention"
+heads = 4
+causal = true
+[[representation]]
+path = "representations/adapter"
+group = "adapter"
+kind = "features"
+[[bound]]
+group = "core"
+metric = "attention_entropy"
+high = 0.1
+action = "reroute"
+fallback = 1.0
+duration = 1
+[[bound]]
+group = "adapter"
+metric = "effective_rank"
+low = 1.0
+action = "escalate"
+"""
+
+
+def governed_run(base: Path, steps: int = 4, batch: int = 8):
+  """A closed governed run of the sample language model under the sample authorities' policies and
+  manifests (labels from credentials) and `EVENTFUL_PROFILE`; returns (run dir, authorities)."""
+  from aqgov.documents._document_type import sign, write
+  from aqgov.entropy._profile import PROFILE, EntropyProfile
+  from aqgov.examples import sample
+  from aqgov.examples.demo import create_authorities
+  from aqgov.lineage._run import GovernedRun
+
+  auth = create_authorities(base / "authorities")
+  profile = write(
+    PROFILE,
+    sign(PROFILE, EntropyProfile.from_toml(EVENTFUL_PROFILE), auth.keys["acme-data"]),
+    base / "authorities" / "profiles" / "eventful.signed",
+  )
+  run = GovernedRun.start(
+    base / "run",
+    task="aqgov.examples.tiny_lm:make_task",
+    task_config=GOVERNED_LM,
+    policies=auth.policies,
+    profiles=[profile],
+    manifests=auth.manifests,
+    trust=auth.public_keys,
+    checkpoint_every=2,
+    head_every=2,
+  )
+  examples = sample.examples()
+  for s in range(steps):
+    run.step(examples[s * batch : (s + 1) * batch])
+  run.close()
+  return base / "run", auth

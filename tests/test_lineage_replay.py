@@ -305,3 +305,37 @@ def test_a_checkpoint_interrupted_mid_write_is_never_listed(tmp_path):
   restored = store.restore(max(steps), template)
   assert float(restored.state.params["w"][0, 0]) == 1.0 + max(steps)
   store.close()
+
+
+def test_replay_and_verify_report_their_progress_to_the_end(run_dir, data_path):
+  from aqgov.lineage import verify_lineage
+
+  replayed, verified = [], []
+  replay(
+    run_dir,
+    step=7,
+    examples=data_path,
+    trust=lh.trust_of(run_dir),
+    task=lh.TASK,
+    progress=lambda done, total: replayed.append((done, total)),
+  )
+  report = verify_lineage(
+    run_dir, lh.trust_of(run_dir), progress=lambda done, total: verified.append((done, total))
+  )
+  assert replayed == [(0, 3), (1, 3), (2, 3), (3, 3)]
+  assert verified[-1] == (report.size, report.signed_size)
+
+
+def test_a_progress_bar_draws_on_a_terminal_and_stays_silent_elsewhere():
+  import io
+
+  from rich.console import Console
+
+  from aqgov.lineage import progress_bar
+
+  drawn, silent = io.StringIO(), io.StringIO()
+  for out, terminal in ((drawn, True), (silent, False)):
+    with progress_bar("replaying steps", Console(file=out, force_terminal=terminal)) as progress:
+      for done in range(4):
+        progress(done, 3)
+  assert "replaying steps" in drawn.getvalue() and silent.getvalue() == ""

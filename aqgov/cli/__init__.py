@@ -71,3 +71,7 @@ main.add_command(_report.report)
 from aqgov.cli import wandb as _wandb  # noqa: E402
 
 main.add_command(_wandb.wandb)
+
+from aqgov.cli import gate as _gate  # noqa: E402
+
+main.add_command(_gate.gate)

@@ -13,12 +13,13 @@ from rich.table import Table
 from aqgov.documents import _keys as keylib
 from aqgov.documents._keys import TrustStore
 from aqgov.errors import LineageError
+from aqgov.lineage._progress import progress_bar
 
 
 def _start_of(run_dir: str) -> dict:
-  from aqgov.lineage import _log as log
+  from aqgov.lineage._segments import first_record
 
-  first = next(iter(log.LogReader(Path(run_dir) / "lineage")), None)
+  first = first_record(Path(run_dir) / "lineage")
   if first is None:
     raise LineageError(f"{run_dir} holds no lineage")
   return first.body
@@ -173,14 +174,16 @@ def verify_cmd(
   from aqgov.lineage._verify import verify_lineage
 
   store = _trust(run_dir, trust + more_keys, run_key)
-  report = verify_lineage(
-    run_dir,
-    store,
-    parent_dirs=_parent_dirs(parent_dir),
-    require_closed=not allow_open,
-    require_references=not allow_missing,
-    witnesses=witnesses,
-  )
+  with progress_bar("verifying records") as progress:
+    report = verify_lineage(
+      run_dir,
+      store,
+      parent_dirs=_parent_dirs(parent_dir),
+      require_closed=not allow_open,
+      require_references=not allow_missing,
+      witnesses=witnesses,
+      progress=progress,
+    )
   if report.witnessed:
     click.echo(
       f"OK final head (size {report.size}) cosigned by witness(es) {', '.join(report.witnessed)}"
@@ -250,44 +253,217 @@ def show_cmd(run_dir: str) -> None:
 
 @lineage.command("query")
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
-@click.option("--group", required=True, help="Parameter group name.")
+@click.option("--group", default=None, help="Parameter group name (default: every group).")
+@click.option(
+  "--where",
+  default=None,
+  help="Only examples whose credential labels satisfy this policy expression, e.g. "
+  '"sensitivity_tier >= 2" (labels from the run\'s manifests).',
+)
+@click.option("--example", default=None, help="Only this example id.")
 @click.option("--step", type=int, default=None, help="Only this step.")
+@click.option("--route-class", default=None, help="Only this route class (its name, or number).")
+@click.option(
+  "--sort",
+  type=click.Choice(["norm", "weight", "step"]),
+  default=None,
+  help="Order rows by contribution norm or weight (largest first) or step; default: log order.",
+)
+@click.option("--top", type=click.IntRange(min=0), default=None, help="Only the first N rows.")
 @click.option(
   "--include-superseded",
   is_flag=True,
   help="Also steps whose effect was lost to a crash and resume.",
 )
+@click.option("--no-index", is_flag=True, help="Scan the log even when a signed index is present.")
+@click.option(
+  "--trust",
+  multiple=True,
+  type=click.Path(exists=True, dir_okay=False),
+  help="Authority keys (obtained out of band) to check the manifests' signatures with; without "
+  "it each manifest is only held to the SHA-256 run-start recorded.",
+)
 @click.option(
   "--json", "as_json", is_flag=True, help="One JSON object per line instead of a table."
 )
 def query_cmd(
-  run_dir: str, group: str, step: int | None, include_superseded: bool, as_json: bool
+  run_dir: str,
+  group: str | None,
+  where: str | None,
+  example: str | None,
+  step: int | None,
+  route_class: str | None,
+  sort: str | None,
+  top: int | None,
+  include_superseded: bool,
+  no_index: bool,
+  trust: tuple[str, ...],
+  as_json: bool,
 ) -> None:
-  """Which examples reached GROUP, at which steps, with what weight and contribution norm."""
-  from aqgov.lineage._query import membership
+  """Which examples reached GROUP (weight > 0), at which steps, with what weight and norm.
 
-  rows = membership(run_dir, group, step=step, include_superseded=include_superseded)
+  Prints "none" when no row matches. Answered from the run's signed index (`aqgov lineage index`)
+  when it is current and intact, else from a scan of the log's signed part (stderr says which)."""
+  from aqgov.lineage._query import query
+
+  result = query(
+    run_dir,
+    group,
+    where=where,
+    example=example,
+    step=step,
+    route_class=route_class,
+    sort=sort,
+    top=top,
+    include_superseded=include_superseded,
+    use_index=not no_index,
+    trust=TrustStore.from_paths(trust) if trust else None,
+  )
+  refused = result.source == "scan" and not result.note.startswith("no index")
+  if refused or not as_json:  # JSON output stays clean unless an index was there but refused
+    click.echo(
+      "answered from the signed index"
+      if result.source == "index"
+      else f"{result.note}; scanned the signed part of the log",
+      err=True,
+    )
   if as_json:
-    for m in rows:
+    for m in result.rows:
       click.echo(json.dumps(m._asdict()))
     return
+  if not result.rows:
+    click.echo("none")
+    return
+  what = f"{group!r}" if group else "each group"
   table = Table(
-    title=f"examples that reached {group!r}" + (f" at step {step}" if step is not None else "")
+    title=f"examples that reached {what}"
+    + (f" where {where}" if where else "")
+    + (f" at step {step}" if step is not None else "")
   )
-  for col in ("step", "example", "route class", "weight", "contribution norm"):
-    table.add_column(col, justify="right" if col != "example" else "left")
-  for m in rows:
+  for col in ("step", "example", "group", "route class", "weight", "contribution norm"):
+    table.add_column(
+      col, justify="right" if col in ("step", "weight", "contribution norm") else "left"
+    )
+  for m in result.rows:
     table.add_row(
       str(m.step) + (" (superseded)" if m.superseded else ""),
       m.example_id,
-      str(m.route_class),
+      m.group,
+      m.route_class_name,
       f"{m.weight:.6g}",
       f"{m.contribution_norm:.6g}",
     )
   Console().print(table)
+  shown = f" ({len(result.rows)} shown)" if len(result.rows) < result.count else ""
   click.echo(
-    f"{len(rows)} (step, example) pairs; {len({m.example_id for m in rows})} distinct examples"
+    f"{result.count} (step, example, group) rows{shown}; "
+    f"{len({m.example_id for m in result.rows})} distinct examples shown"
   )
+
+
+@lineage.command("index")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option(
+  "--key",
+  "key_path",
+  type=click.Path(exists=True, dir_okay=False),
+  default=None,
+  help="The run key (default: the run's key in --key-dir).",
+)
+@click.option(
+  "--key-dir",
+  type=click.Path(exists=True, file_okay=False),
+  default=None,
+  help="Directory holding the run key (default: $XDG_CONFIG_HOME/aqgov/keys/RUN_ID/).",
+)
+def index_cmd(run_dir: str, key_path: str | None, key_dir: str | None) -> None:
+  """Build RUN/index/, the columnar index of the signed log that queries read, signed by the run key."""
+  from aqgov.lineage._index import build_index
+
+  payload = build_index(run_dir, _signing_key(run_dir, key_path, key_dir))
+  click.echo(
+    f"wrote {Path(run_dir) / 'index'}: {payload['rows']} rows, {payload['ids']} example ids, "
+    f"covering signed head {payload['head']['id'][:16]}... ({payload['head']['size']} records)"
+  )
+
+
+def _signing_key(run_dir: str, key_path: str | None, key_dir: str | None) -> keylib.SigningKey:
+  """--key, or the run key found in --key-dir (default: the run's default key directory)."""
+  from aqgov.lineage._trust import default_key_dir, find_run_key
+
+  if key_path is not None:
+    return keylib.load_signing_key(key_path)
+  start = _start_of(run_dir)
+  return find_run_key(key_dir or default_key_dir(start["run_id"]), start["signer"])
+
+
+def _num(v: float) -> str:
+  return "-" if v != v else f"{v:.4g}"
+
+
+@lineage.command("entropy")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option(
+  "--json", "as_json", is_flag=True, help="One JSON object per line instead of a table."
+)
+def entropy_cmd(run_dir: str, as_json: bool) -> None:
+  """Each group's entropy measurements over the steps, beside the profile's bounds."""
+  from aqgov.lineage._views import entropy
+
+  rows = entropy(run_dir)
+  if as_json:
+    for r in rows:
+      click.echo(json.dumps(r._asdict()))
+    return
+  if not rows:
+    click.echo("none (the run recorded no entropy measurement)")
+    return
+  table = Table(title="entropy per group and metric (mean over heads, per step)")
+  table.add_column("group", no_wrap=True)
+  table.add_column("metric", no_wrap=True)
+  for col in ("steps", "min", "mean", "max", "last"):
+    table.add_column(col, justify="right")
+  table.add_column("bounds (profile)")
+  table.add_column("out of bounds", justify="right")
+  for r in rows:
+    table.add_row(
+      r.group,
+      r.metric,
+      str(r.steps),
+      *(_num(v) for v in (r.minimum, r.mean, r.maximum, r.last)),
+      "\n".join(r.bounds) or "-",
+      f"{r.out_of_bounds} step(s)" + (f": {', '.join(r.actions)}" if r.actions else ""),
+    )
+  Console().print(table)
+
+
+@lineage.command("events")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option(
+  "--json", "as_json", is_flag=True, help="One JSON object per line instead of a table."
+)
+def events_cmd(run_dir: str, as_json: bool) -> None:
+  """Governance events with their steps: out-of-bounds measurements, host events, escalations
+  (and whether an override resolved them) and overrides."""
+  from aqgov.lineage._views import events
+
+  rows = events(run_dir)
+  if as_json:
+    for r in rows:
+      click.echo(json.dumps(r._asdict()))
+    return
+  if not rows:
+    click.echo("none")
+    return
+  table = Table(title="governance events")
+  for col in ("step", "record", "kind", "group", "detail", "action"):
+    table.add_column(col, justify="right" if col in ("step", "record") else "left")
+  for r in rows:
+    action = r.action or "-"
+    if r.resolved is not None:
+      action += " (resolved by override)" if r.resolved else " (unresolved)"
+    table.add_row(str(r.step), str(r.record), r.kind, r.group or "-", r.detail, action)
+  Console().print(table)
 
 
 @lineage.command("replay")
@@ -332,14 +508,16 @@ def replay_cmd(
   """Re-execute the recorded steps and check every fingerprint (and full hashes where recorded)."""
   from aqgov.lineage._replay import replay
 
-  result = replay(
-    run_dir,
-    step=step,
-    examples=data,
-    trust=_trust(run_dir, trust + more_keys, run_key),
-    task=task_ref,
-    from_checkpoint=from_checkpoint,
-  )
+  with progress_bar("replaying steps") as progress:
+    result = replay(
+      run_dir,
+      step=step,
+      examples=data,
+      trust=_trust(run_dir, trust + more_keys, run_key),
+      task=task_ref,
+      from_checkpoint=from_checkpoint,
+      progress=progress,
+    )
   if not result.steps_replayed:
     click.echo(
       f"OK step {result.step} is a recorded checkpoint and its params hash matches the record "
@@ -359,16 +537,30 @@ def replay_cmd(
 @click.option(
   "--intoto",
   "out",
-  required=True,
+  default=None,
   type=click.Path(dir_okay=False),
-  help="Write the DSSE envelope here.",
+  help="Write the signed in-toto DSSE envelope here.",
+)
+@click.option(
+  "--spdx",
+  "spdx_out",
+  default=None,
+  type=click.Path(dir_okay=False),
+  help="Write an SPDX 3.0.1 JSON-LD document (AI and Dataset profiles) here.",
+)
+@click.option(
+  "--cyclonedx",
+  "cyclonedx_out",
+  default=None,
+  type=click.Path(dir_okay=False),
+  help="Write a CycloneDX 1.6 ML-BOM (JSON) here.",
 )
 @click.option(
   "--key",
   "key_path",
   type=click.Path(exists=True, dir_okay=False),
   default=None,
-  help="Signing key (default: the run's key in --key-dir).",
+  help="Signing key for --intoto (default: the run's key in --key-dir).",
 )
 @click.option(
   "--key-dir",
@@ -385,21 +577,64 @@ def replay_cmd(
 def export_cmd(
   run_dir: str,
   more_keys: tuple[str, ...],
-  out: str,
+  out: str | None,
+  spdx_out: str | None,
+  cyclonedx_out: str | None,
   key_path: str | None,
   key_dir: str | None,
   trust: tuple[str, ...],
 ) -> None:
-  """Attest the run: an in-toto Statement v1 (subjects: checkpoint digests) in a signed DSSE envelope."""
-  from aqgov.lineage._export import export_intoto
-  from aqgov.lineage._trust import default_key_dir, find_run_key
-
+  """Attest the run (in-toto Statement v1, subjects: checkpoint digests, in a signed DSSE envelope)
+  and describe it for supply-chain tools (SPDX 3.0.1, CycloneDX 1.6 ML-BOM)."""
+  if out is None and spdx_out is None and cyclonedx_out is None:
+    raise click.UsageError("name at least one output: --intoto, --spdx or --cyclonedx")
   trust = trust + more_keys
-  if key_path is None:
-    start = _start_of(run_dir)
-    key = find_run_key(key_dir or default_key_dir(start["run_id"]), start["signer"])
-  else:
-    key = keylib.load_signing_key(key_path)
+  if spdx_out is not None or cyclonedx_out is not None:
+    from aqgov.lineage._regulator import cyclonedx_bom, run_facts, spdx_document
+
+    facts = run_facts(run_dir)
+    for path, doc, what in (
+      (spdx_out, spdx_document, "SPDX 3.0.1 document"),
+      (cyclonedx_out, cyclonedx_bom, "CycloneDX 1.6 ML-BOM"),
+    ):
+      if path is not None:
+        Path(path).write_text(json.dumps(doc(run_dir, facts), indent=2) + "\n")
+        click.echo(f"wrote {path}: {what} of run {facts.run_id}")
+  if out is None:
+    return
+  from aqgov.lineage._export import export_intoto
+
+  key = _signing_key(run_dir, key_path, key_dir)
   env = export_intoto(run_dir, key, trust=TrustStore.from_paths(trust) if trust else None)
   Path(out).write_text(json.dumps(env, indent=2) + "\n")
   click.echo(f"wrote {out}: in-toto statement signed by {key.name!r} (key id {key.key_id[:16]}...)")
+
+
+@lineage.command("summary")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option(
+  "--eu-gpai",
+  is_flag=True,
+  required=True,
+  help="Draft the EU AI Office's public summary of training content (Markdown).",
+)
+@click.option(
+  "-o",
+  "--out",
+  default=None,
+  type=click.Path(dir_okay=False),
+  help="Write it here (default: stdout).",
+)
+def summary_cmd(run_dir: str, eu_gpai: bool, out: str | None) -> None:
+  """Draft a regulator's summary from the lineage and manifests; what the lineage cannot know is
+  left as a marked blank ("[to be completed by the provider: ...]")."""
+  from aqgov.lineage._regulator import eu_gpai_summary
+
+  text = eu_gpai_summary(run_dir)
+  if out is None:
+    click.echo(text)
+  else:
+    Path(out).write_text(text)
+    click.echo(
+      f"wrote {out}: EU GPAI training-content summary draft ({text.count('[to be completed')} blanks)"
+    )

@@ -6,6 +6,7 @@ import click
 
 from aqgov.cli.lineage import _MORE_KEYS, _parent_dirs, _trust, verify_options
 from aqgov.errors import LineageError
+from aqgov.lineage._progress import progress_bar
 
 
 @click.command()
@@ -43,16 +44,18 @@ def report(
   verify`), routing, reach, entropy and events, admission refusals, checkpoints and the attestation."""
   from aqgov.report import write_report
 
-  data = write_report(
-    run_dir,
-    out,
-    _trust(run_dir, trust + more_keys, run_key),
-    attestation=attestation,
-    parent_dirs=_parent_dirs(parent_dir),
-    require_closed=not allow_open,
-    require_references=not allow_missing,
-    witnesses=witnesses,
-  )
+  with progress_bar("verifying records") as progress:
+    data = write_report(
+      run_dir,
+      out,
+      _trust(run_dir, trust + more_keys, run_key),
+      attestation=attestation,
+      parent_dirs=_parent_dirs(parent_dir),
+      require_closed=not allow_open,
+      require_references=not allow_missing,
+      witnesses=witnesses,
+      progress=progress,
+    )
   if data.verification.error:
     raise LineageError(
       f"wrote {out}, which shows that the run does NOT verify: {data.verification.error}"

@@ -38,7 +38,7 @@ from aqgov.entropy._profile import PROFILE, EntropyProfile
 from aqgov.errors import GovernanceEscalation
 from aqgov.examples import efficacy as efficacy
 from aqgov.examples import sample as sample
-from aqgov.lineage import GovernedRun, verify_lineage
+from aqgov.lineage import GovernedRun, progress_bar, verify_lineage
 from aqgov.policy._compile import CompiledPolicy, explain_table
 from aqgov.policy._policy import POLICY, Policy
 
@@ -140,19 +140,23 @@ def train(
   reached = np.zeros(len(task.compiled.class_names), np.int64)
   events, last_kinds = [], set()
   try:
-    for _ in range(steps):
-      batch = next(batches)
-      s = jax.device_get(run.step([Example(i, c, None) for i, c in zip(batch.ids, batch.content)]))
-      np.add.at(reached, np.asarray(s.route_class), 1)
-      step_events = decode_events(s.events, task.profile, task.compiled)
-      events += step_events
-      kinds = {(e.group, e.metric, e.action) for e in step_events}
-      if int(s.step) % 5 == 0 or kinds != last_kinds:
-        console.print(
-          f"   step {int(s.step):3d}  loss {float(s.loss):.3f}"
-          + "".join(f"\n     event: {e.describe()}" for e in step_events if kinds != last_kinds)
+    with progress_bar("training", console) as progress:
+      for done in range(steps):
+        progress(done, steps)
+        batch = next(batches)
+        s = jax.device_get(
+          run.step([Example(i, c, None) for i, c in zip(batch.ids, batch.content)])
         )
-      last_kinds = kinds
+        np.add.at(reached, np.asarray(s.route_class), 1)
+        step_events = decode_events(s.events, task.profile, task.compiled)
+        events += step_events
+        kinds = {(e.group, e.metric, e.action) for e in step_events}
+        if int(s.step) % 5 == 0 or kinds != last_kinds:
+          console.print(
+            f"   step {int(s.step):3d}  loss {float(s.loss):.3f}"
+            + "".join(f"\n     event: {e.describe()}" for e in step_events if kinds != last_kinds)
+          )
+        last_kinds = kinds
   except GovernanceEscalation as exc:
     console.print(f"[red]   escalation[/red]: {exc}")
     run.abandon()

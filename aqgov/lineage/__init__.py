@@ -15,7 +15,13 @@ _checkpoint  Orbax checkpoints bound to the lineage
 _checkpoint_files  a checkpoint directory's file digest and lineage item, checked without Orbax
 _task        the `Task` protocol training and replay share
 _replay      re-execute recorded steps and check fingerprints and hashes
-_query       membership queries and run descriptions
+_labels      credential labels of example ids, through the run's manifests
+_index       the signed columnar index queries read (`build_index`, `load_columns`)
+_query       membership and label queries (`query`), and run descriptions
+_views       entropy against the profile's bounds, and governance events
+_gate        deployment requirements and their Verification Summary Attestation
+_regulator   SPDX 3.0.1, CycloneDX 1.6 ML-BOM and the EU GPAI training-content summary
+_progress    progress callbacks of long passes, drawn as rich progress bars on a terminal
 _export      in-toto Statement v1 in a DSSE envelope
 _run         `GovernedRun`: the run directory and the governed loop
 """
@@ -23,9 +29,13 @@ _run         `GovernedRun`: the run directory and the governed loop
 from aqgov.lineage._checkpoint import Checkpoints
 from aqgov.lineage._cosign import WitnessRef, check_witnessed, cosign_final_head, origin_of, submit
 from aqgov.lineage._export import export_intoto, verify_envelope
+from aqgov.lineage._gate import GateResult, attest, evaluate, parse_requirement, read_rules
 from aqgov.lineage._heads import LogHead, read_heads
 from aqgov.lineage._history import CheckpointRef, History, history
-from aqgov.lineage._query import Membership, describe, membership
+from aqgov.lineage._index import build_index, load_columns
+from aqgov.lineage._progress import ProgressFn, progress_bar
+from aqgov.lineage._query import Membership, QueryResult, describe, membership, query
+from aqgov.lineage._regulator import cyclonedx_bom, eu_gpai_summary, run_facts, spdx_document
 from aqgov.lineage._replay import ReplayResult, replay
 from aqgov.lineage._run import GovernedRun, RunLayout
 from aqgov.lineage._scan import scan
@@ -33,18 +43,25 @@ from aqgov.lineage._segments import LogReader
 from aqgov.lineage._summary import StepSummary, fingerprint, params_sha256, summarize
 from aqgov.lineage._task import Task, TrainState, load_task
 from aqgov.lineage._verify import VerifyReport, consistency_proof, verify_lineage
+from aqgov.lineage._views import EntropyRow, GovernanceEvent, entropy, events
 from aqgov.lineage._witness import Witness, WitnessServer
 from aqgov.lineage._writer import LineageWriter, open_for_resume
 
 __all__ = [
+  "ProgressFn",
+  "progress_bar",
   "CheckpointRef",
   "Checkpoints",
+  "EntropyRow",
+  "GateResult",
+  "GovernanceEvent",
   "GovernedRun",
   "History",
   "LineageWriter",
   "LogHead",
   "LogReader",
   "Membership",
+  "QueryResult",
   "ReplayResult",
   "RunLayout",
   "StepSummary",
@@ -54,21 +71,34 @@ __all__ = [
   "Witness",
   "WitnessRef",
   "WitnessServer",
+  "attest",
+  "build_index",
   "check_witnessed",
-  "cosign_final_head",
   "consistency_proof",
+  "cosign_final_head",
+  "cyclonedx_bom",
   "describe",
+  "entropy",
+  "eu_gpai_summary",
+  "evaluate",
+  "events",
   "export_intoto",
   "fingerprint",
   "history",
+  "load_columns",
   "load_task",
   "membership",
-  "origin_of",
   "open_for_resume",
+  "origin_of",
   "params_sha256",
+  "parse_requirement",
+  "query",
   "read_heads",
+  "read_rules",
   "replay",
+  "run_facts",
   "scan",
+  "spdx_document",
   "submit",
   "summarize",
   "verify_envelope",

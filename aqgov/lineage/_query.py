@@ -9,14 +9,22 @@ last signed head) is never read, only counted.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
 from collections import Counter
+from collections.abc import Sequence
 from typing import NamedTuple
 
+import numpy as np
+
+from aqgov.documents._keys import TrustStore
 from aqgov.errors import LineageError
 from aqgov.lineage import _history as hist
 from aqgov.lineage import _record as rec
 from aqgov.lineage._heads import read_heads
+from aqgov.lineage._index import Columns, load_columns
+from aqgov.lineage._labels import matching, run_labels
 from aqgov.lineage._segments import records
 from aqgov.lineage._verify import lineage_dir
 
@@ -42,6 +50,8 @@ class Membership(NamedTuple):
   weight: float
   contribution_norm: float
   superseded: bool
+  group: str = ""
+  route_class_name: str = ""
 
 
 def membership(
@@ -82,6 +92,127 @@ def membership(
           )
         )
   return out
+
+
+@dataclasses.dataclass(frozen=True)
+class QueryResult:
+  """What a query found: how many rows matched, the rows (the first `top` after sorting, built on
+  first use), and where they came from."""
+
+  count: int
+  source: str  # "index": the signed index; "scan": the log's signed part, read now
+  note: str  # why the index was not used ("" when it was)
+  columns: Columns = dataclasses.field(repr=False)
+  at: np.ndarray = dataclasses.field(repr=False)  # row positions, in result order
+  group_at: np.ndarray = dataclasses.field(repr=False)  # group index of each
+
+  @functools.cached_property
+  def rows(self) -> tuple[Membership, ...]:
+    c = self.columns
+    return tuple(
+      Membership(
+        int(c.step[r]),
+        int(c.record[r]),
+        c.ids[int(c.example[r])],
+        int(c.route_class[r]),
+        float(c.weight[gi][r]),
+        float(c.norm[gi][r]),
+        bool(c.superseded[r]),
+        c.groups[gi],
+        class_name(c.classes, int(c.route_class[r])),
+      )
+      for r, gi in zip(self.at.tolist(), self.group_at.tolist())
+    )
+
+
+SORT_KEYS = ("norm", "weight", "step")
+
+
+def class_name(classes: Sequence[str], c: int) -> str:
+  """The name of route class `c` (run-start's class names; `class c` beyond them)."""
+  return classes[c] if 0 <= c < len(classes) else f"class {c}"
+
+
+def class_number(classes: Sequence[str], value: str | int) -> int:
+  """The route class a name (or number) denotes; `LineageError` listing the names otherwise."""
+  if isinstance(value, int) or str(value).isdigit():
+    return int(value)
+  if value in classes:
+    return list(classes).index(value)
+  raise LineageError(
+    f"route class {value!r} is not one of this run's: {', '.join(classes) or '(none recorded)'}"
+  )
+
+
+def query(
+  run_dir: str | os.PathLike,
+  group: str | None = None,
+  *,
+  where: str | None = None,
+  example: str | None = None,
+  step: int | None = None,
+  route_class: str | int | None = None,
+  sort: str | None = None,
+  top: int | None = None,
+  include_superseded: bool = False,
+  use_index: bool = True,
+  trust: TrustStore | None = None,
+) -> QueryResult:
+  """The (step, example, group) rows where an example reached `group` (every group when None),
+  optionally only examples whose credential labels satisfy `where` (the policy expression
+  language, see `aqgov.policy`), one `example`, one `step` or one `route_class` (name or number);
+  sorted by `sort` (norm, weight: largest first; step) and cut to `top`.
+
+  Answered from the run's signed index when it is current and intact, else by a scan of the log's
+  signed part (`QueryResult.note` says why); both give the same rows. Labels come from the
+  manifests run-start names (checked against its record, and against `trust` when given)."""
+  if sort is not None and sort not in SORT_KEYS:
+    raise LineageError(f"sort by one of {', '.join(SORT_KEYS)}, not {sort!r}")
+  if top is not None and top < 0:
+    raise LineageError(f"top must be a non-negative count, not {top}")
+  labels = None
+  if trust is not None:
+    root, ldir = lineage_dir(run_dir)
+    labels = run_labels(root, _first_body(ldir), trust)
+  loaded = load_columns(
+    run_dir, groups=None if group is None else [group], use_index=use_index, labels=labels
+  )
+  cols = loaded.columns
+  names = [group] if group is not None else list(cols.groups)
+  gis = [cols.group(n) for n in names]
+  base = np.ones(cols.size, bool) if include_superseded else ~cols.superseded
+  if step is not None:
+    base &= cols.step == step
+  if route_class is not None:
+    base &= cols.route_class == class_number(cols.classes, route_class)
+  if example is not None:
+    where_id = [i for i, e in enumerate(cols.ids) if e == example]
+    base &= cols.example == (where_id[0] if where_id else -1)
+  if where is not None:
+    base &= matching(where, cols.space, cols.label_table())[cols.example]
+  picked = [(gi, np.flatnonzero(base & cols.reached[gi])) for gi in gis]
+  rows_at = np.concatenate([p for _, p in picked]) if picked else np.zeros(0, np.int64)
+  group_at = np.concatenate([np.full(p.size, gi) for gi, p in picked]) if picked else rows_at
+  count = int(rows_at.size)
+  if sort in ("norm", "weight"):
+    column = cols.norm if sort == "norm" else cols.weight
+    key = np.concatenate([column[gi][p] for gi, p in picked]) if picked else np.zeros(0)
+    if top is not None and top < key.size:
+      keep = np.argpartition(-key, top - 1)[:top] if top else np.zeros(0, np.int64)
+      rows_at, group_at, key = rows_at[keep], group_at[keep], key[keep]
+    order = np.lexsort((group_at, rows_at, -key.astype(np.float64)))
+  else:
+    order = np.lexsort(
+      (group_at, rows_at) if sort is None else (group_at, rows_at, cols.step[rows_at])
+    )
+  order = order[:top] if top is not None else order
+  return QueryResult(count, loaded.source, loaded.note, cols, rows_at[order], group_at[order])
+
+
+def _first_body(ldir) -> dict:
+  from aqgov.lineage._index import _start
+
+  return _start(ldir)
 
 
 class RunDescription(NamedTuple):

@@ -38,6 +38,7 @@ from aqgov.lineage import _history as hist
 from aqgov.lineage import _record as rec
 from aqgov.lineage import _trust as trustlib
 from aqgov.lineage._checkpoint import Checkpoints
+from aqgov.lineage._progress import ProgressFn, report
 from aqgov.lineage._segments import records
 from aqgov.lineage._summary import params_sha256
 from aqgov.lineage._task import Task, TrainState, load_task
@@ -87,6 +88,7 @@ def replay(
   task: Task | str | None = None,
   trust: TrustStore | None = None,
   from_checkpoint: int | None = None,
+  progress: ProgressFn | None = None,
 ) -> ReplayResult:
   """Rebuild the `TrainState` after step `step` (see the module doc); raises at the first divergence.
 
@@ -94,7 +96,8 @@ def replay(
   JSONL path. `from_checkpoint` starts from an earlier checkpoint than the nearest, so that later
   checkpoints are re-derived and checked against their recorded full hashes. `task` is a `Task`
   the caller built, or the recorded "module:attr" the caller trusts, or None for an installed
-  entry point; without a `Task`, `trust` is required (see the module doc).
+  entry point; without a `Task`, `trust` is required (see the module doc). `progress(steps
+  replayed, steps to replay)` follows the re-execution.
   """
   run_dir, ldir = lineage_dir(run_dir)
   chosen = task is not None and not isinstance(task, str) and isinstance(task, Task)
@@ -148,6 +151,7 @@ def replay(
       return ReplayResult(state, step, ref.step, 0, (ref.step,))
     pool = _example_index(examples)
     expected, checked = ref.step + 1, [ref.step]
+    report(progress, 0, step - ref.step)
     for index, _, body in records(ldir, kinds=(rec.STEP,), start=ref.index + 1):
       if not history.effective(index):
         continue
@@ -160,6 +164,7 @@ def replay(
           step=expected,
         )
       state = _replay_step(task, state, view, index, pool, groups)
+      report(progress, view.step - ref.step, step - ref.step)
       done = history.checkpoint_at(view.step)
       if done is not None:
         _check_full_hash(state, done, checkpoints, on_disk, index)

@@ -9,6 +9,7 @@ from typing import NamedTuple
 from aqgov.documents import _merkle as merkle
 from aqgov.lineage import _record as rec
 from aqgov.lineage._heads import LogHead
+from aqgov.lineage._progress import ProgressFn, report
 from aqgov.lineage._segments import LogReader, TornTail
 
 
@@ -49,6 +50,9 @@ class LogScan(NamedTuple):
     return [(i, self.bodies[i]) for i, k in enumerate(self.kinds) if k == kind and i in self.bodies]
 
 
+_PROGRESS_EVERY = 4096
+
+
 def scan(
   lineage_dir: str | os.PathLike,
   *,
@@ -56,11 +60,14 @@ def scan(
   roots_at: Sequence[int] = (),
   roots_before: Sequence[str] = (),
   check: Sequence[str] = (),
+  progress: ProgressFn | None = None,
+  expected: int | None = None,
 ) -> LogScan:
   """Read a whole log once (see `LogReader`), decoding the bodies of the kinds in `bodies`, keeping
   the Merkle roots at the sizes in `roots_at` (the final size is always kept) and the root just
   before each record of a kind in `roots_before`. Bodies of the kinds in `check` are decoded and
-  checked against their schema (a step body's array shapes too: `check_step`), but not kept."""
+  checked against their schema (a step body's array shapes too: `check_step`), but not kept.
+  `progress(records read, expected)` is called every few thousand records and at the end."""
   reader = LogReader(lineage_dir, bodies=set(bodies) | set(check))
   check = set(check) - set(bodies)
   hashes = bytearray()
@@ -90,6 +97,9 @@ def scan(
       body = r.body
       if r.kind == rec.STEP:
         rec.check_step(body, r.seq)
+    if progress is not None and compact.size % _PROGRESS_EVERY == 0:
+      progress(compact.size, expected)
+  report(progress, compact.size, expected)
   roots[compact.size] = compact.root
   return LogScan(
     reader.size,

@@ -176,6 +176,39 @@ def read_header(data: Buffer, path: Path, magic: bytes, may_tear: bool) -> int |
   return first
 
 
+def first_record(lineage_dir: str | os.PathLike) -> rec.Record | None:
+  """Record 0 of a log (its run-start), read without the rest of the log: frame digest, envelope
+  and kind checked; None when the log holds no complete record. The chain after it is not checked
+  (`LogReader` does that)."""
+  segs = sorted((Path(lineage_dir) / "segments").glob("*.seg"))
+  if not segs or segs[0].name != segment_name(0):
+    return None
+  path = segs[0]
+  try:
+    with open(path, "rb") as fh:
+      head = fh.read(HEADER.size + _LEN.size)
+      if len(head) < HEADER.size + _LEN.size or read_header(head, path, SEGMENT_MAGIC, True) != 0:
+        return None
+      n = _LEN.unpack_from(head, HEADER.size)[0]
+      if n > MAX_FRAME:
+        raise LineageError(f"record 0: frame length {n} is implausible ({path.name})", index=0)
+      rest = fh.read(n + _DIGEST)
+  except OSError as exc:
+    raise LineageError(f"cannot read lineage segment {path}: {exc.strerror or exc}") from None
+  if len(rest) < n + _DIGEST:
+    return None
+  payload, digest = rest[:n], hashlib.sha256(rest[:n]).digest()
+  if digest != rest[n:]:
+    raise LineageError(
+      f"record 0: bytes do not match their frame digest ({path.name}); the record was altered",
+      index=0,
+    )
+  r = rec.decode_record(payload, 0, digest=digest)
+  if r.kind != rec.RUN_START or r.seq != 0 or r.prev != rec.GENESIS:
+    raise LineageError(f"record 0 is a {r.kind!r} record, not run-start", index=0)
+  return r
+
+
 class LogReader:
   """Iterates a lineage directory's records, checking each frame digest, envelope, seq and chain link.
 

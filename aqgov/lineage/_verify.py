@@ -59,6 +59,7 @@ from aqgov.lineage import _scan as logscan
 from aqgov.lineage._checkpoint_files import check_checkpoint_files
 from aqgov.lineage._cosign import check_witnessed, cosigner_key
 from aqgov.lineage._heads import LogHead, read_heads
+from aqgov.lineage._progress import ProgressFn
 from aqgov.policy import _policy  # noqa: F401
 
 
@@ -214,6 +215,7 @@ def verify_lineage(
   check_checkpoints: bool = True,
   check_consistency: bool = True,
   witnesses: Sequence = (),
+  progress: ProgressFn | None = None,
   _depth: int = 0,
 ) -> VerifyReport:
   """Verify the lineage of `run_dir` against the `trust`ed keys (see the module doc for the checks).
@@ -225,7 +227,7 @@ def verify_lineage(
   lists a missing reference (document, parent run, checkpoint) as unchecked instead of failing;
   `check_checkpoints=False` skips the checkpoint directories.
   `witnesses` (public keys, `.pub` paths or verifier-key strings) must each have cosigned the final
-  head of a closed log.
+  head of a closed log. `progress(records read, records signed)` follows the pass over the log.
   """
   run_dir, ldir = lineage_dir(run_dir)
   parent_dirs = dict(parent_dirs or {})
@@ -237,6 +239,8 @@ def verify_lineage(
     roots_at=sizes,
     roots_before=(rec.CHECKPOINT,),
     check=(rec.STEP, rec.EVENT, rec.ESCALATION),
+    progress=progress,
+    expected=sizes[-1] if sizes else None,
   )
   if scan.size == 0:
     raise LineageError(f"{ldir} holds no complete record", index=0)
@@ -325,6 +329,10 @@ def verify_lineage(
   signed_by += _check_overrides(scan, doc_trust, run_id, authorities)
   if check_checkpoints:
     _check_checkpoints(run_dir, scan, signed_size, run_id, require_references, checked, unchecked)
+  if (run_dir / "index" / "index.json").is_file():
+    from aqgov.lineage._index import check_index
+
+    checked.append(check_index(run_dir, ldir, start, scan, signed_size))
 
   parent_report = None
   parent = start.get("parent")

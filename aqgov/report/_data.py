@@ -5,17 +5,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 
-from aqgov.documents._document_type import payload_of
 from aqgov.documents._keys import TrustStore
-from aqgov.documents._signing import SignedDocument
-from aqgov.entropy._enforce import ACTION_NAMES, BOUND_NAMES, METRICS
-from aqgov.entropy._profile import PROFILE, Bound
+from aqgov.entropy._profile import Bound
 from aqgov.errors import AqgovError, ReportError
 from aqgov.lineage import _history as hist
 from aqgov.lineage import _record as rec
@@ -23,6 +20,8 @@ from aqgov.lineage._export import verify_envelope
 from aqgov.lineage._query import RunDescription, describe
 from aqgov.lineage._segments import records
 from aqgov.lineage._verify import VerifyReport, lineage_dir, verify_lineage
+from aqgov.lineage._views import Event, profile_bounds
+from aqgov.lineage._views import step_events as _events
 
 ADMISSION = "admission"  # key of an "event" record body's events: [{"example_id", "reason"}, ...]
 
@@ -53,19 +52,6 @@ class ClassTable(NamedTuple):
   weights: np.ndarray  # [C, G]
   examples: np.ndarray  # [C] rows that took the class
   unseen: np.ndarray  # [C, G] the class's examples did not see the group (visible = "routed")
-
-
-class Event(NamedTuple):
-  """An out-of-bounds measurement recorded in a step record."""
-
-  step: int
-  group: str
-  metric: str
-  head: int | None
-  value: float
-  bound: str
-  limit: float
-  action: str
 
 
 class Refusal(NamedTuple):
@@ -109,37 +95,6 @@ def verification(run_dir: Path, trust: TrustStore, **options: Any) -> Verificati
     return Verification(verify_lineage(run_dir, trust, **options), None, keys)
   except AqgovError as exc:
     return Verification(None, f"{type(exc).__name__}: {exc}", keys)
-
-
-def _events(view: rec.StepView, groups: Sequence[str]) -> list[Event]:
-  ev = view.events
-  if "out_of_bounds" not in ev:
-    return []
-  out = []
-  for g, m, h in zip(*np.nonzero(ev["out_of_bounds"]), strict=True):
-    metric = METRICS[m]
-    out.append(
-      Event(
-        view.step,
-        groups[g],
-        metric,
-        int(h) if ev["out_of_bounds"].shape[2] > 1 else None,
-        float(ev["value"][g, m, h]),
-        BOUND_NAMES[int(ev["bound"][g, m, h])],
-        float(ev["limit"][g, m, h]),
-        ACTION_NAMES[int(ev["action"][g, m, h])],
-      )
-    )
-  return out
-
-
-def _bounds(run_dir: Path, start: Mapping[str, Any]) -> tuple[Bound, ...]:
-  out: list[Bound] = []
-  for ref in start["profiles"]:
-    path = run_dir / ref["file"]
-    if path.is_file():
-      out.extend(payload_of(PROFILE, SignedDocument.from_bytes(path.read_bytes())).bounds)
-  return tuple(out)
 
 
 def attestation(path: str | os.PathLike, trust: TrustStore) -> Attestation:
@@ -245,7 +200,7 @@ def collect(
     series,
     table,
     tuple(events),
-    _bounds(root, start),
+    profile_bounds(root, start),
     tuple(refusals),
     tuple(escalations),
     att,
