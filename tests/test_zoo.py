@@ -8,6 +8,7 @@ batch and are refused. The zoo script itself runs end to end on two models.
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -76,7 +77,8 @@ def test_the_zoo_script_checks_and_measures_two_models_and_prints_its_table(caps
     assert f"| {column} |" in measured[0]
   cells = [[c.strip() for c in line.strip("|").split("|")] for line in measured[2:]]
   assert [c[:3] for c in cells] == [["MLP", "equinox", "cotangent"], ["MLP", "haiku", "cotangent"]]
-  assert all(cell.endswith("x") for row in cells for cell in row[6:])
+  assert all(re.fullmatch(r"\d+\.\d\dx", cell) for row in cells for cell in row[6:9])
+  assert all(re.fullmatch(r"(\d+\.\d\dx|n/a) \(\d+\.\d\dx\)", c) for row in cells for c in row[9:])
   assert methods[0] == "| model | framework | norms by (leaves per method) |"
   assert all("ghost" in line for line in methods[2:]) and len(methods) == 4
 
