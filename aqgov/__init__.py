@@ -24,12 +24,13 @@ from aqgov.errors import (
   PolicyError,
   ProfileError,
   ReplayDivergence,
+  ReplayUnavailable,
   SignatureError,
 )
 from aqgov.governed import GovernedTask, governed_step
-from aqgov.lineage import GovernedRun, replay, verify_lineage
+from aqgov.lineage import GovernedRun, attribute, replay, verify_lineage
 from aqgov.policy import CompiledPolicy, Policy, compile_policy
-from aqgov.routing import route, routed, routed_value_and_grad, strict
+from aqgov.routing import SketchSpec, route, routed, routed_value_and_grad, strict
 
 __version__ = "0.1.0"
 
@@ -51,10 +52,13 @@ __all__ = [
   "PolicyError",
   "ProfileError",
   "ReplayDivergence",
+  "ReplayUnavailable",
   "SignatureError",
   "SigningKey",
+  "SketchSpec",
   "Taxonomy",
   "TrustStore",
+  "attribute",
   "compile_policy",
   "enforce",
   "governed_step",

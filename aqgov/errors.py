@@ -115,6 +115,11 @@ class ReplayDivergence(LineageError):
     self.field = field
 
 
+class ReplayUnavailable(LineageError):
+  """A run cannot be replayed as recorded: it records no task (a loop its user owns, recorded with
+  `GovernedRun.open`), so there is no step code to re-execute."""
+
+
 class WitnessError(LineageError):
   """A witness refused a checkpoint, could not be reached, or did not cosign; `status` is its HTTP status."""
 

@@ -57,8 +57,9 @@ from aqgov.lineage._summary import StepSummary, summarize
 from aqgov.lineage._task import TrainState
 from aqgov.policy._compile import CompiledPolicy, compile_policy
 from aqgov.policy._policy import POLICY
+from aqgov.routing._sketch import SketchSpec
 from aqgov.routing._transforms import strict as strict_transform
-from aqgov.routing._value_and_grad import routed_value_and_grad
+from aqgov.routing._value_and_grad import gradient_sketches, routed_value_and_grad
 
 
 class GovernanceState(NamedTuple):
@@ -92,11 +93,11 @@ def governed_optimizer(
 
 
 def group_finite(grads: Any, loss: jax.Array, compiled: CompiledPolicy) -> jax.Array:
-  """bool [G]: every entry of the group's leaves in `grads` (gradients, updates or params, in the
-  params' structure), and the loss, is finite."""
-  finite = [jnp.all(jnp.isfinite(g)) for g in jax.tree_util.tree_leaves(grads)]
+  """bool [G]: every entry of the group's leaves (or slices of leaves) in `grads` (gradients,
+  updates or params, in the params' structure), and the loss, is finite."""
+  finite = [jnp.all(jnp.isfinite(g)) for g in compiled.parts(grads)]
   per_group = jnp.ones((compiled.num_groups,), bool)
-  for leaf_ok, g in zip(finite, compiled.leaf_group):
+  for leaf_ok, g in zip(finite, compiled.part_group):
     per_group = per_group.at[g].set(per_group[g] & leaf_ok)
   return per_group & jnp.isfinite(loss)
 
@@ -113,21 +114,30 @@ def governed_step(
   overrides: Sequence[Any] = (),
   fingerprint_seed: int = 0,
   microbatch: int | None = None,
+  sketch: SketchSpec | None = None,
 ) -> tuple[optax.GradientTransformationExtraArgs, StepFn]:
   """The optimizer to `init` the state with, and the pure step `(state, batch, labels) -> (state, summary)`.
 
   `loss_fn(params, example)` is the per-example loss; with `has_aux` it returns `(loss, aux)` where
   `aux` holds the representations the profile names. `batch` is `{"inputs": pytree with a leading
-  batch axis, "index": int32 [B]}` (row -> position in the host-side id list).
+  batch axis, "index": int32 [B]}` (row -> position in the host-side id list). With `sketch`
+  (opt-in) the summary also carries [B, G, dim] sketches of each example's routed gradient, which
+  a governed run writes to its sketch store for attribution (`aqgov.lineage.attribute`).
   """
   tx = governed_optimizer(optimizer, compiled, profile=profile, strict=strict, overrides=overrides)
   governed = profile is not None
   grad_fn = routed_value_and_grad(
-    loss_fn, compiled, strategy, has_aux=has_aux, with_norms=True, microbatch=microbatch
+    loss_fn,
+    compiled,
+    strategy,
+    has_aux=has_aux,
+    with_norms=True,
+    microbatch=microbatch,
+    sketch=sketch,
   )
 
   def step(state: TrainState, batch: Mapping[str, Any], labels: Mapping[str, jax.Array]):
-    value, grads, norms = grad_fn(state.params, batch["inputs"], labels)
+    value, grads, norms, *sketched = grad_fn(state.params, batch["inputs"], labels)
     loss, aux = value if has_aux else (value, None)
     measurements = measure(profile, compiled, grads=grads, representations=aux) if governed else {}
     # enforcement numbers steps like the lineage: the step being taken is state.step + 1
@@ -153,12 +163,13 @@ def governed_step(
       weights=compiled.group_weights(labels),
       contribution_norms=norms,
       loss=loss,
-      params=params,
-      leaf_group=compiled.leaf_group,
+      params=compiled.parts(params),  # a sliced leaf fingerprints each slice into its group
+      leaf_group=compiled.part_group,
       key=fingerprint_seed,
       measurements=measurements,
       events=enforce_state(opt_state).events if governed else (),
       seen=compiled.group_visibility(labels) if compiled.has_visibility else None,
+      sketch=sketched[0] if sketched else None,
     )
     return TrainState(number, params, opt_state, GovernanceState(~finite)), summary
 
@@ -226,6 +237,7 @@ class GovernedTask:
     optimizer: the Optax optimizer.
     strategy, strict, microbatch: as for `routed_value_and_grad` / `governed_optimizer`.
     seed: fingerprint projection seed.
+    sketch: a `SketchSpec` to record per-example gradient sketches (opt-in; see `governed_step`).
     overrides: verified override tokens admitted for this run, besides those in `run_dir/overrides/`.
     trust: the authority keys to verify the documents with; defaults to the `trust` of the
       `RunContext` a governed run passes as `run_dir`. Key files in the run directory never count.
@@ -248,6 +260,7 @@ class GovernedTask:
     seed: int = 0,
     overrides: Sequence[Any] = (),
     trust: TrustStore | None = None,
+    sketch: SketchSpec | None = None,
   ):
     trust = getattr(run_dir, "trust", None) if trust is None else trust
     if not isinstance(trust, TrustStore):
@@ -298,8 +311,34 @@ class GovernedTask:
       overrides=[*overrides, *run_overrides(run_dir, self.trust, self.override_authorities)],
       fingerprint_seed=seed,
       microbatch=microbatch,
+      sketch=sketch,
     )
     self.step_without_checks = jax.jit(step)
+    self.sketch_spec = sketch
+    self._loss_fn, self._strategy = loss_fn, strategy
+    self._sketcher: Callable | None = None
+
+  def sketch_examples(
+    self, params: Any, examples: Sequence[Example], group_weights: Any = None
+  ) -> np.ndarray:
+    """[N, G, dim] sketches of `examples`' gradients at `params`, projected as the run's steps
+    project theirs (weights [N, G], default 1: a probe shapes every group). The examples are not
+    admitted: a probe is the auditor's question, not training data."""
+    if self.sketch_spec is None:
+      raise LineageError("this task records no sketches; build it with sketch=SketchSpec(...)")
+    if self._sketcher is None:
+      self._sketcher = jax.jit(
+        gradient_sketches(
+          self._loss_fn,
+          self.sketch_spec,
+          self.compiled.leaf_group,
+          self.compiled.num_groups,
+          has_aux=True,
+          strategy=self._strategy,
+        )
+      )
+    inputs = jax.tree.map(lambda *xs: np.stack(xs), *[self._make_inputs(e) for e in examples])
+    return np.asarray(self._sketcher(params, inputs, group_weights))
 
   def init(self) -> TrainState:
     params = self._init_params()

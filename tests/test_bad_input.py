@@ -37,7 +37,8 @@ from aqgov.lineage._query import describe, membership
 from aqgov.lineage._replay import replay
 from aqgov.lineage._run import GovernedRun
 from aqgov.lineage._verify import verify_lineage
-from aqgov.policy._compile import MAX_ROUTE_CLASSES, compile_policy
+from aqgov.policy._classes import MAX_ROUTE_CLASSES
+from aqgov.policy._compile import compile_policy
 from aqgov.policy._conditions import compile_expr
 from aqgov.policy._policy import Policy
 

@@ -43,3 +43,37 @@ def test_routing_benchmark_quick_run_prints_its_table():
     assert len(cells) == header.count("|") - 1
     for cell in cells[3:]:
       assert re.fullmatch(r"\d+\.\d\dx( \(\d+\.\d\dx\))?", cell), cell
+
+
+@pytest.mark.slow
+def test_own_loop_benchmark_quick_run_prints_its_table():
+  result = subprocess.run(
+    [sys.executable, str(ROOT / "benchmarks" / "own_loop.py"), "--quick"],
+    capture_output=True,
+    text=True,
+    timeout=900,
+    cwd=ROOT,
+  )
+  assert result.returncode == 0, result.stderr
+  rows = [
+    line.split("|")[1].strip() for line in result.stdout.splitlines() if line.startswith("| ")
+  ]
+  assert rows[:5] == ["loop", "plain", "summary", "record", "emit"]
+
+
+@pytest.mark.slow
+def test_slices_benchmark_quick_run_prints_ratios_for_heads_and_experts():
+  result = subprocess.run(
+    [sys.executable, str(ROOT / "benchmarks" / "slices.py"), "--quick"],
+    capture_output=True,
+    text=True,
+    timeout=900,
+    cwd=ROOT,
+  )
+  assert result.returncode == 0, result.stderr
+  lines = result.stdout.splitlines()
+  header = next(line for line in lines if line.startswith("| model |"))
+  for column in ("plain step", "per_example time", "cotangent time", "cotangent+norms time"):
+    assert f"| {column} |" in header
+  rows = [line for line in lines if line.startswith(("| attention LM", "| MoE"))]
+  assert len(rows) == 2 and all(re.search(r"\d\.\d\dx", row) for row in rows)

@@ -12,7 +12,8 @@ from click.testing import CliRunner
 from aqgov.cli import main
 from aqgov.credentials._taxonomy import LabelSpace, Taxonomy
 from aqgov.documents._document_type import read
-from aqgov.policy._compile import compile_policy, param_shapes
+from aqgov.policy._compile import compile_policy
+from aqgov.policy._explain import param_shapes
 from aqgov.policy._policy import POLICY, Policy
 
 from policy_reference import ACME_TOML, EU_TOML, POLICY_TOML

@@ -23,10 +23,8 @@ from aqgov.policy._compile import (
   CompiledPolicy,
   UncoveredParametersWarning,
   compile_policy,
-  explain,
-  explain_table,
-  param_shapes,
 )
+from aqgov.policy._explain import explain, explain_table, param_shapes
 from aqgov.policy._expressions import to_text
 from aqgov.policy._paths import glob_match, tree_paths
 from aqgov.policy._policy import UNCOVERED_GROUP, Policy, Rule

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -200,8 +201,23 @@ def verify_cmd(
       click.echo(f"   verified {c}")
     for u in r.unchecked:
       click.echo(f"   not checked: {u}")
+    _echo_refused(r.run_dir)
     _echo_trusted(store, r.signed_by)
     r = r.parent
+
+
+def _echo_refused(run_dir) -> None:
+  """One line on the examples the verified run refused at admission, if any."""
+  from aqgov.lineage._query import refusals
+
+  refused = refusals(run_dir)
+  if refused:
+    reasons = Counter(f.reason for f in refused)
+    click.echo(
+      f"   refused at admission (left out of training): {len(refused)} example(s), "
+      + ", ".join(f"{reason} {n}" for reason, n in sorted(reasons.items()))
+      + f"; list them with `aqgov lineage query {run_dir} --refused`"
+    )
 
 
 @lineage.command("show")
@@ -214,7 +230,10 @@ def show_cmd(run_dir: str) -> None:
   console = Console()
   s = d.start
   meta = Table(title=f"run {d.run_id}", show_header=False)
-  meta.add_row("task", str(s["config"].get("task")))
+  task = s["config"].get("task")
+  meta.add_row(
+    "task", "- (a loop its user owns; not replayable as recorded)" if task is None else task
+  )
   meta.add_row("signer", s["signer"][:16] + "...")
   meta.add_row("policies", ", ".join(p["id"][:16] for p in s["policies"]) or "-")
   meta.add_row("profiles", ", ".join(p["id"][:16] for p in s["profiles"]) or "-")
@@ -237,6 +256,10 @@ def show_cmd(run_dir: str) -> None:
     f"{'-' if d.last_loss is None else f'{d.last_loss:.6g}'}",
   )
   meta.add_row("examples", str(d.examples))
+  meta.add_row(
+    "refused at admission",
+    ", ".join(f"{reason}: {n}" for reason, n in d.refused.items()) or "-",
+  )
   meta.add_row("checkpoints", ", ".join(str(c.step) for c in d.checkpoints) or "-")
   meta.add_row("resumes", str(d.resumes))
   if d.torn_bytes:
@@ -261,6 +284,9 @@ def show_cmd(run_dir: str) -> None:
   '"sensitivity_tier >= 2" (labels from the run\'s manifests).',
 )
 @click.option("--example", default=None, help="Only this example id.")
+@click.option(
+  "--refused", is_flag=True, help="The examples admission refused instead, with the reason."
+)
 @click.option("--step", type=int, default=None, help="Only this step.")
 @click.option("--route-class", default=None, help="Only this route class (its name, or number).")
 @click.option(
@@ -289,6 +315,7 @@ def show_cmd(run_dir: str) -> None:
 def query_cmd(
   run_dir: str,
   group: str | None,
+  refused: bool,
   where: str | None,
   example: str | None,
   step: int | None,
@@ -303,8 +330,17 @@ def query_cmd(
   """Which examples reached GROUP (weight > 0), at which steps, with what weight and norm.
 
   Prints "none" when no row matches. Answered from the run's signed index (`aqgov lineage index`)
-  when it is current and intact, else from a scan of the log's signed part (stderr says which)."""
+  when it is current and intact, else from a scan of the log's signed part (stderr says which).
+  With --refused: which examples admission refused, at which steps and why."""
   from aqgov.lineage._query import query
+
+  if refused:
+    if group is not None or where is not None or route_class is not None:
+      raise click.UsageError(
+        "--refused lists refused examples: give no --group, --where or --route-class"
+      )
+    _query_refused(run_dir, step, example, include_superseded, as_json)
+    return
 
   result = query(
     run_dir,
@@ -319,8 +355,8 @@ def query_cmd(
     use_index=not no_index,
     trust=TrustStore.from_paths(trust) if trust else None,
   )
-  refused = result.source == "scan" and not result.note.startswith("no index")
-  if refused or not as_json:  # JSON output stays clean unless an index was there but refused
+  index_refused = result.source == "scan" and not result.note.startswith("no index")
+  if index_refused or not as_json:  # JSON output stays clean unless an index was there but refused
     click.echo(
       "answered from the signed index"
       if result.source == "index"
@@ -359,6 +395,32 @@ def query_cmd(
     f"{result.count} (step, example, group) rows{shown}; "
     f"{len({m.example_id for m in result.rows})} distinct examples shown"
   )
+
+
+def _query_refused(
+  run_dir: str, step: int | None, example: str | None, include_superseded: bool, as_json: bool
+) -> None:
+  from aqgov.lineage._query import refusals
+
+  rows = [
+    f
+    for f in refusals(run_dir, step=step, include_superseded=include_superseded)
+    if example is None or f.example_id == example
+  ]
+  if as_json:
+    for f in rows:
+      click.echo(json.dumps(f._asdict()))
+    return
+  table = Table(
+    title="examples refused at admission" + (f" at step {step}" if step is not None else "")
+  )
+  for col in ("step", "example", "reason"):
+    table.add_column(col, justify="right" if col == "step" else "left")
+  for f in rows:
+    where = str(f.step) if f.taken else f"after {f.step} (no update)"
+    table.add_row(where + (" (superseded)" if f.superseded else ""), f.example_id, f.reason)
+  Console().print(table)
+  click.echo(f"{len(rows)} refused example(s); none of them reached any group")
 
 
 @lineage.command("index")
@@ -608,6 +670,157 @@ def export_cmd(
   env = export_intoto(run_dir, key, trust=TrustStore.from_paths(trust) if trust else None)
   Path(out).write_text(json.dumps(env, indent=2) + "\n")
   click.echo(f"wrote {out}: in-toto statement signed by {key.name!r} (key id {key.key_id[:16]}...)")
+
+
+def _step_range(value: str | None) -> tuple[int, int] | None:
+  if value is None:
+    return None
+  a, sep, b = value.partition(":")
+  try:
+    lo = int(a) if a else 1
+    hi = int(b) if b else 2**62
+  except ValueError:
+    raise click.UsageError(
+      f"--steps {value!r} is not A:B (step numbers, either may be empty)"
+    ) from None
+  if not sep or lo > hi:
+    raise click.UsageError(f"--steps {value!r} is not A:B with A <= B")
+  return lo, hi
+
+
+@lineage.command("attribute")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@_MORE_KEYS
+@click.option(
+  "--probe",
+  required=True,
+  type=click.Path(exists=True, dir_okay=False),
+  help="The examples whose behaviour to explain (JSONL: id, content).",
+)
+@click.option("--group", "groups", multiple=True, help="Score only this group (repeatable).")
+@click.option("--steps", default=None, help="Only steps A:B (inclusive; either end may be empty).")
+@click.option("--top", type=int, default=10, show_default=True, help="Keys listed per probe.")
+@click.option(
+  "--by",
+  type=click.Choice(["example", "source", "label"]),
+  default="example",
+  show_default=True,
+  help="Score training examples, their credentialed source, or their route class.",
+)
+@click.option(
+  "--data",
+  type=click.Path(exists=True, dir_okay=False),
+  default=None,
+  help="Training examples (JSONL); needed only for a run without sketches (TracIn over checkpoints).",
+)
+@click.option(
+  "--method",
+  type=click.Choice(["sketches", "checkpoints"]),
+  default=None,
+  help="Default: sketches when every step in range recorded them.",
+)
+@click.option(
+  "--trust",
+  multiple=True,
+  type=click.Path(exists=True, dir_okay=False),
+  help="The authorities' public keys (and the run key), obtained out of band; the lineage must "
+  "verify against them before anything is imported.",
+)
+@_RUN_KEY
+@click.option(
+  "--task",
+  "task_ref",
+  default=None,
+  help="The task factory to import (module:attr); it must be the one run-start recorded.",
+)
+@click.option(
+  "--key",
+  "key_path",
+  type=click.Path(exists=True, dir_okay=False),
+  default=None,
+  help="Sign the result with this (governance or authority) key.",
+)
+@click.option(
+  "--out",
+  type=click.Path(dir_okay=False),
+  default=None,
+  help="Write the signed result document here (with --key).",
+)
+@click.option(
+  "--normalize",
+  is_flag=True,
+  help="Cosine TracIn: divide each step's inner product by both sketches' norms.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def attribute_cmd(
+  run_dir: str,
+  more_keys: tuple[str, ...],
+  probe: str,
+  groups: tuple[str, ...],
+  steps: str | None,
+  top: int,
+  by: str,
+  data: str | None,
+  method: str | None,
+  trust: tuple[str, ...],
+  run_key: str | None,
+  task_ref: str | None,
+  key_path: str | None,
+  out: str | None,
+  normalize: bool,
+  as_json: bool,
+) -> None:
+  """Which training examples shaped the probe's behaviour, per group (TracIn from the run's sketches)."""
+  from aqgov.documents._document_type import sign, write
+  from aqgov.lineage._attribute import ATTRIBUTION, attribute
+
+  if out is not None and key_path is None:
+    raise click.UsageError("--out writes the signed result: give the signing key with --key")
+  keys = _trust(run_dir, trust + more_keys, run_key)
+  with progress_bar("attributing per checkpoint") as progress:
+    result = attribute(
+      run_dir,
+      probe,
+      trust=keys,
+      task=task_ref,
+      group=groups or None,
+      steps=_step_range(steps),
+      top=top,
+      by=by,
+      examples=data,
+      method=method,
+      normalize=normalize,
+      progress=progress,
+    )
+  signed = None
+  if key_path is not None:
+    signed = sign(ATTRIBUTION, result, keylib.load_signing_key(key_path))
+    if out is not None:
+      write(ATTRIBUTION, signed, out)
+  if as_json:
+    doc = result.to_payload()
+    if signed is not None:
+      doc = {"result": doc, "id": signed.id}
+    click.echo(json.dumps(doc, indent=2))
+    return
+  console = Console()
+  for (probe_id, _), scores in zip(result.probes, result.scores):
+    table = Table(
+      title=f"probe {probe_id}: {result.method}{', cosine' if result.normalized else ''}, groups {', '.join(result.groups)}, "
+      f"steps {result.steps[0]}..{result.steps[1]}"
+    )
+    table.add_column("#", justify="right")
+    table.add_column(result.by)
+    table.add_column("score", justify="right")
+    for g in result.run_groups:
+      table.add_column(g, justify="right")
+    for rank, s in enumerate(scores, 1):
+      table.add_row(str(rank), s.key, f"{s.score:.4g}", *(f"{v:.3g}" for v in s.groups))
+    console.print(table)
+  click.echo(
+    f"computed against signed head {result.head_size} / {result.head_root[:16]}... of run "
+    f"{result.run_id}" + (f"; signed result written to {out}" if out else "")
+  )
 
 
 @lineage.command("summary")

@@ -6,12 +6,14 @@ import warnings
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from aqgov import documents
 from aqgov.cli.signed import add_sign_and_verify
 from aqgov.credentials._taxonomy import Taxonomy
 from aqgov.policy import _compile as compiledlib
+from aqgov.policy import _explain as explainlib
 from aqgov.policy._policy import POLICY
 
 
@@ -55,8 +57,8 @@ def explain(
   taxonomies = [Taxonomy.read(t) for t in taxonomy_paths] or None
   with warnings.catch_warnings():
     warnings.simplefilter("ignore", compiledlib.UncoveredParametersWarning)
-    bound = compiledlib.compile_policy(policies, compiledlib.param_shapes(params_path), taxonomies)
-  t = compiledlib.explain_table(bound)
+    bound = compiledlib.compile_policy(policies, explainlib.param_shapes(params_path), taxonomies)
+  t = explainlib.explain_table(bound)
   name_width = max(len("route class"), *(len(name) for name, _ in t.rows))
   console = Console(width=max(100, name_width + 20 * len(t.columns) + 8))
   for p in policies:
@@ -64,10 +66,12 @@ def explain(
   table = Table(title="route class x group weights")
   table.add_column("route class", no_wrap=True, min_width=name_width)
   for g, n, s in zip(t.columns, t.leaves, t.sizes):
-    table.add_column(f"{g}\n{n} leaves\n{s:,} params", justify="right")
+    table.add_column(escape(f"{g}\n{n} leaves\n{s:,} params"), justify="right")
   for (name, _), cells in zip(t.rows, t.cells()):
     table.add_row(name, *cells)
   console.print(table)
+  for line in t.slices:
+    console.print("slice " + escape(line), highlight=False)
   if taxonomies is None:
     console.print(
       "note: conditions were parsed but not type-checked; pass --taxonomy to check them",

@@ -1,6 +1,6 @@
 """Entropy metrics as traced reductions, and the measurements an entropy profile governs.
 
-Four metrics, each a pure jit-able reduction (all in float32):
+Five metrics, each a pure jit-able reduction (all in float32):
 
 * `attention_entropy(probs)`: per attention head, the mean over queries (and any leading axes) of
   `-sum_k p_k log p_k / log n`, where `n` is the number of keys the query may attend to (all keys,
@@ -13,6 +13,8 @@ Four metrics, each a pure jit-able reduction (all in float32):
   `N D min(N, D)`.
 * `effective_rank(reps)`: RankMe, `exp(-sum_k q_k log q_k)` with `q = s / sum(s)` over the
   singular values `s` of `X`; in [1, min(N, D)].
+* `expert_utilisation(router_probs)`: normalised entropy of a mixture-of-experts router's load,
+  the mean router probability per expert over tokens; 1 = balanced experts, 0 = one expert.
 * `gradient_entropy(tree)`: Shannon entropy of `|g| / sum |g|` over every entry of a gradient
   pytree, normalised by `log n` (n entries). 1 = the gradient is spread evenly, 0 = one entry.
 
@@ -56,11 +58,18 @@ if TYPE_CHECKING:
 
 PyTree = Any
 
-METRICS = ("attention_entropy", "renyi2", "effective_rank", "gradient_entropy")
+METRICS = (
+  "attention_entropy",
+  "renyi2",
+  "effective_rank",
+  "gradient_entropy",
+  "expert_utilisation",
+)
 """Metric names, in the order used by event arrays."""
 
 PER_HEAD_METRICS = ("attention_entropy",)
 FEATURE_METRICS = ("renyi2", "effective_rank")
+ROUTER_METRICS = ("expert_utilisation",)
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -102,6 +111,22 @@ def attention_entropy(probs: jax.Array, mask: jax.Array | None = None) -> jax.Ar
   count = valid.sum(axis=axes)
   total = (per_query * valid).sum(axis=axes)
   return jnp.where(count > 0, total / jnp.maximum(count, 1.0), jnp.nan)
+
+
+def expert_utilisation(router_probs: jax.Array) -> jax.Array:
+  """Normalised entropy in [0, 1] of a mixture-of-experts router's load: the mean over tokens
+  (and any leading axes) of the router probabilities `router_probs` [..., experts], whose entropy
+  is divided by log(experts). 1 = every expert gets the same share, 0 = one expert gets all."""
+  p = jnp.asarray(router_probs, jnp.float32)
+  if p.ndim < 1 or p.shape[-1] < 2:
+    raise ValueError(
+      f"router probs must be [..., experts] with at least 2 experts, got shape {p.shape}"
+    )
+  load = jnp.mean(p.reshape(-1, p.shape[-1]), axis=0)
+  total = jnp.sum(load)
+  share = load / jnp.where(total > 0, total, 1.0)
+  h = -jnp.sum(_xlogx(share)) / math.log(p.shape[-1])
+  return jnp.where(total > 0, jnp.clip(h, 0.0, 1.0), jnp.nan)
 
 
 def _as_matrix(reps: jax.Array, center: bool) -> jax.Array:
@@ -235,16 +260,16 @@ def split_key(name: str) -> tuple[str, str]:
 
 
 def group_gradient_entropy(grads: PyTree, compiled: CompiledPolicy) -> dict[str, jax.Array]:
-  """`{group: gradient entropy}` for every group of `compiled` with at least two entries."""
+  """`{group: gradient entropy}` for every group of `compiled` with at least two entries (a slice
+  group over its slices of the leaves)."""
   leaves = jax.tree_util.tree_leaves(grads)
-  leaf_group = tuple(compiled.leaf_group)
-  if len(leaves) != len(leaf_group):
+  if len(leaves) != compiled.num_leaves:
     raise ProfileError(
       f"the gradient pytree has {len(leaves)} leaves but the compiled policy was bound to "
-      f"{len(leaf_group)}; measure the gradients of the parameters the policy was compiled for"
+      f"{compiled.num_leaves}; measure the gradients of the parameters the policy was compiled for"
     )
   by_group: dict[int, list[jax.Array]] = {}
-  for g, leaf in zip(leaf_group, leaves):
+  for g, leaf in zip(compiled.part_group, compiled.parts(grads)):
     by_group.setdefault(int(g), []).append(leaf)
   out = {}
   for g, group_leaves in sorted(by_group.items()):
@@ -303,6 +328,8 @@ def representation_metrics(
         per.setdefault(("attention_entropy", entry.group), []).append(
           attention_entropy(value, mask)
         )
+      if entry.kind == "router" and "expert_utilisation" in metrics:
+        per.setdefault(("expert_utilisation", entry.group), []).append(expert_utilisation(value))
       if entry.kind == "features":
         for metric, fn in (("renyi2", renyi2), ("effective_rank", effective_rank)):
           if metric in metrics:
@@ -328,7 +355,9 @@ def measure(
   profile.check_groups(compiled.group_names)
   sources: dict[str, set[str]] = {}
   for entry in profile.representations:
-    kinds = ("attention_entropy",) if entry.kind == "attention" else FEATURE_METRICS
+    kinds = {"attention": ("attention_entropy",), "router": ROUTER_METRICS}.get(
+      entry.kind, FEATURE_METRICS
+    )
     sources.setdefault(entry.group, set()).update(kinds)
   if metrics is None:
     wanted: dict[str, set[str]] = {}

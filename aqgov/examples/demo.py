@@ -39,7 +39,8 @@ from aqgov.errors import GovernanceEscalation
 from aqgov.examples import efficacy as efficacy
 from aqgov.examples import sample as sample
 from aqgov.lineage import GovernedRun, progress_bar, verify_lineage
-from aqgov.policy._compile import CompiledPolicy, explain_table
+from aqgov.policy._compile import CompiledPolicy
+from aqgov.policy._explain import explain_table
 from aqgov.policy._policy import POLICY, Policy
 
 PROFILE_SIGNER = "acme-data"
@@ -233,9 +234,7 @@ def run(
   )
   for r in rejected:
     console.print(f"   refused {r.example_id}: {r.reason}")
-  run.record_event(
-    {"admission": [{"example_id": r.example_id, "reason": str(r.reason)} for r in rejected]}
-  )
+  run.record_refused(rejected)  # before any step: these examples never reach one
 
   console.print("[bold]3. policy[/bold]: groups " + ", ".join(task.compiled.group_names))
 

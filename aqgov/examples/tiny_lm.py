@@ -112,11 +112,13 @@ def example_loss(params, tokens, config: Config = Config(), with_aux: bool = Fal
 def make_task(task_config: Mapping[str, Any], run_dir: str | Path):
   """The governed task of a run training this model (`aqgov.examples.tiny_lm:make_task`).
 
-  `task_config` keys: the `Config` fields, `seed`, `learning_rate`, `strategy`, `strict`.
+  `task_config` keys: the `Config` fields, `seed`, `learning_rate`, `strategy`, `strict`, and
+  `sketch_dim` / `sketch_seed` / `sketch_dtype` to record gradient sketches for attribution.
   """
   import optax
 
   from aqgov.governed import GovernedTask
+  from aqgov.routing import SketchSpec
 
   config = Config(**{k: int(task_config[k]) for k in Config._fields if k in task_config})
   seed = int(task_config.get("seed", 0))
@@ -129,4 +131,11 @@ def make_task(task_config: Mapping[str, Any], run_dir: str | Path):
     strategy=str(task_config.get("strategy", "auto")),
     strict=bool(task_config.get("strict", False)),
     seed=seed,
+    sketch=SketchSpec(
+      int(task_config["sketch_dim"]),
+      int(task_config.get("sketch_seed", 0)),
+      str(task_config.get("sketch_dtype", "bfloat16")),
+    )
+    if task_config.get("sketch_dim")
+    else None,
   )

@@ -182,8 +182,11 @@ class WandbLogger:
       log_manifests(wandb_run, governed_run.layout.root)
 
   def step(self, examples: Sequence[Any]) -> Any:
-    """`governed_run.step(examples)`, then its metrics logged at the step's number."""
+    """`governed_run.step(examples)`, then its metrics logged at the step's number (nothing is
+    logged for a batch admission refused whole: no step was taken)."""
     summary = self.run.step(examples)
+    if summary is None:
+      return None
     step = self.run.next_step - 1
     head = self.run.head() if step % self.lineage_every == 0 else None
     log_step(

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import jax
 import numpy as np
 
-from aqgov.lineage._record import array_to_wire
+from aqgov.lineage._record import array_to_wire, with_rejected
 
 if TYPE_CHECKING:
   from aqgov.entropy import Event
@@ -118,13 +118,21 @@ def resume_body(
   }
 
 
-def event_body(*, step: int, events: Mapping[str, Any], time_s: float | None = None) -> dict:
-  """Body of an "event" record: governance events noticed on the host at `step`."""
-  return {
+def event_body(
+  *,
+  step: int,
+  events: Mapping[str, Any],
+  rejected: Sequence[Any] = (),
+  time_s: float | None = None,
+) -> dict:
+  """Body of an "event" record: governance events noticed on the host at `step`; `rejected` are
+  examples refused at admission outside any step (a batch refused whole: no update was taken)."""
+  body = {
     "step": int(step),
     "events": _plain(events),
     "time": time.time() if time_s is None else float(time_s),
   }
+  return with_rejected(body, rejected)
 
 
 def escalation_body(

@@ -3,8 +3,9 @@
 The statement's subjects are the effective checkpoints of the log's signed part (name
 `<run id>/checkpoints/<step>/params`, digest: the SHA-256 of the params as
 `aqgov.lineage.summary.params_sha256` computes it, recomputed from the checkpoint on disk and
-refused unless every item digest equals its record: an attestation names only what is there). The
-predicate (type `PREDICATE_TYPE`) binds them to the lineage: the last signed tree head (id, size,
+refused unless every item digest equals its record: an attestation names only what is there; a
+run that records no task, whose checkpoints nothing can restore, is attested by its checkpoint
+files, which must hash to their records). The predicate (type `PREDICATE_TYPE`) binds them to the lineage: the last signed tree head (id, size,
 Merkle root, last record hash, signer key id), the policy, profile and credential manifest ids the
 run started under, the task reference and the parent run's head. Any DSSE verifier can check the
 envelope: payloadType "application/vnd.in-toto+json", signature over
@@ -27,7 +28,8 @@ from aqgov.errors import CheckpointError, LineageError
 from aqgov.lineage import _history as hist
 from aqgov.lineage import _trust as trustlib
 from aqgov.lineage._checkpoint import Checkpoints
-from aqgov.lineage._heads import read_heads
+from aqgov.lineage._checkpoint_files import check_checkpoint_files
+from aqgov.lineage._heads import LogHead, read_heads
 from aqgov.lineage._segments import LogReader
 from aqgov.lineage._task import Task, load_task
 from aqgov.lineage._verify import VerifyReport, lineage_dir, verify_lineage
@@ -80,6 +82,36 @@ def params_on_disk(
     store.close()
 
 
+def params_from_files(
+  run_dir: Path, scan: Any, checkpoints: Sequence[hist.CheckpointRef], run_id: str
+) -> dict[int, str]:
+  """Record index -> params digest of each checkpoint of a run that records no task (nothing to
+  restore it with): its files must hash to the record's `files_sha256` and its lineage item name
+  this run, the step, the log head and the record's item digests, so the files are exactly those
+  the recorded digests were computed from when they were saved."""
+  out = {}
+  for c in checkpoints:
+    path = run_dir / c.path
+    if not path.is_dir() or c.files_sha256 is None or c.digests is None:
+      raise LineageError(
+        f"the checkpoint at step {c.step} ({path}) is not on disk or its record carries no file "
+        "digest: an attestation names only checkpoints it can check",
+        index=c.index,
+      )
+    head = LogHead(c.index, scan.roots_before[c.index], scan.record_hash(c.index - 1))
+    check_checkpoint_files(
+      path,
+      index=c.index,
+      step=c.step,
+      run_id=run_id,
+      head=head,
+      files_digest=c.files_sha256,
+      digests=c.digests,
+    )
+    out[c.index] = c.digests["params"]
+  return out
+
+
 def statement(
   run_dir: str | os.PathLike,
   report: VerifyReport,
@@ -103,7 +135,10 @@ def statement(
     raise LineageError(
       "the signed part of the log records no checkpoint: there is nothing to name as a subject"
     )
-  digests = params_on_disk(run_dir, start, checkpoints, task, trust)
+  if task is None and start["config"].get("task") is None:  # a loop its user owns
+    digests = params_from_files(run_dir, scan, checkpoints, start["run_id"])
+  else:
+    digests = params_on_disk(run_dir, start, checkpoints, task, trust)
   subjects = [
     {"name": f"{report.run_id}/checkpoints/{c.step}/params", "digest": {"sha256": digests[c.index]}}
     for c in checkpoints

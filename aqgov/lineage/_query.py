@@ -1,4 +1,5 @@
-"""Questions an auditor asks of a lineage: which examples reached a group, and what a run did.
+"""Questions an auditor asks of a lineage: which examples reached a group, which were refused at
+admission, and what a run did.
 
 Membership: an example *reached* group g at a step when its weight in g was positive there; the
 contribution norm says how much of its gradient actually arrived (`|| w_i[g] * grad_g L_i ||`).
@@ -215,6 +216,37 @@ def _first_body(ldir) -> dict:
   return _start(ldir)
 
 
+class Refusal(NamedTuple):
+  """An example refused at admission: left out of the batch of `step` (or, for a batch refused
+  whole, of any step: `taken` is False and `step` is the last step taken before it)."""
+
+  step: int
+  record: int
+  example_id: str
+  reason: str
+  taken: bool
+  superseded: bool
+
+
+def refusals(
+  run_dir: str | os.PathLike, *, step: int | None = None, include_superseded: bool = False
+) -> list[Refusal]:
+  """Every example refused at admission that the signed part of the log records, in log order."""
+  _, ldir = lineage_dir(run_dir)
+  scan, history = hist.load(ldir)
+  _run_start(scan, ldir)
+  out = []
+  for index, kind, body in records(ldir, kinds=(rec.STEP, rec.EVENT), stop=history.size):
+    superseded = not history.effective(index)
+    if (superseded and not include_superseded) or (step is not None and int(body["step"]) != step):
+      continue
+    out += [
+      Refusal(int(body["step"]), index, r.example_id, str(r.reason), kind == rec.STEP, superseded)
+      for r in rec.rejected_of(body)
+    ]
+  return out
+
+
 class RunDescription(NamedTuple):
   """What `aqgov lineage show` prints."""
 
@@ -236,6 +268,7 @@ class RunDescription(NamedTuple):
   group_norm: dict[str, float]
   torn_bytes: int
   unsigned: int = 0  # records after the last signed head: counted, never read
+  refused: dict[str, int] = {}  # reason -> examples refused at admission (effective records)
 
 
 def describe(run_dir: str | os.PathLike) -> RunDescription:
@@ -247,11 +280,15 @@ def describe(run_dir: str | os.PathLike) -> RunDescription:
   groups = list(start["groups"])
   heads, _ = read_heads(ldir)
   steps, last_step, last_loss, seen = 0, 0, None, set()
-  reach, norm = Counter(), Counter()
-  for index, _, body in records(ldir, kinds=(rec.STEP,), stop=history.size):
+  reach, norm, refused = Counter(), Counter(), Counter()
+  for index, kind, body in records(ldir, kinds=(rec.STEP, rec.EVENT), stop=history.size):
     if not history.effective(index):
       continue
+    if kind == rec.EVENT:
+      refused.update(str(r.reason) for r in rec.rejected_of(body))
+      continue
     view = rec.view_step(body, index, len(groups))
+    refused.update(str(r.reason) for r in view.rejected)
     steps, last_step, last_loss = steps + 1, view.step, view.loss
     seen.update(view.row_ids)
     for gi, name in enumerate(groups):
@@ -279,4 +316,5 @@ def describe(run_dir: str | os.PathLike) -> RunDescription:
     group_norm={g: norm[g] for g in groups},
     torn_bytes=scan.torn.nbytes if scan.torn else 0,
     unsigned=scan.size - signed,
+    refused=dict(sorted(refused.items())),
   )

@@ -2,14 +2,15 @@
 
 A record is the canonical msgpack (`aqgov.documents`) of
 
-    {"v": 1, "seq": i, "kind": str, "prev": <32-byte hash of record i-1>, "body": <bytes>}
+    {"v": 2, "seq": i, "kind": str, "prev": <32-byte hash of record i-1>, "body": <bytes>}
 
 where `body` is itself the canonical msgpack of the kind's body map. The record hash is SHA-256
 of the record bytes; record 0 (always "run-start") has `prev` = 32 zero bytes. Nesting the body as
 bytes lets a verifier check a million records by hashing them and decoding five small fields each,
 without materialising any body it does not need. Arrays inside bodies are `{"dtype", "shape",
 "data"}` maps with raw little-endian C-order bytes, so float32 values survive exactly.
-The full field list of every kind is in docs/lineage-schema.md.
+The full field list of every kind is in docs/lineage-schema.md. Version 2 only adds optional
+body fields, so records written at version 1 are read and verified as they are (`READS`).
 """
 
 from __future__ import annotations
@@ -19,13 +20,14 @@ import hashlib
 import math
 import sys
 import time
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import msgpack
 import numpy as np
 
+from aqgov.credentials._admission import Rejection
 from aqgov.documents import _canonical as canonical
 from aqgov.errors import LineageError
 from aqgov.lineage._summary import PyTree, StepSummary
@@ -35,7 +37,8 @@ if TYPE_CHECKING:
   from jax.typing import ArrayLike
 
 
-VERSION = 1
+VERSION = 2
+READS = (1, 2)  # envelope versions this aqgov reads; a log may mix them (a v1 run resumed by v2)
 GENESIS = bytes(32)
 
 RUN_START = "run-start"
@@ -135,9 +138,10 @@ def decode_record(
       f"record {index}: not a lineage record envelope (fields v, seq, kind, prev, body)",
       index=index,
     )
-  if env["v"] != VERSION:
+  if env["v"] not in READS:
     raise LineageError(
-      f"record {index}: schema version {env['v']!r}, this aqgov reads version {VERSION}; "
+      f"record {index}: schema version {env['v']!r}, this aqgov reads versions "
+      f"{', '.join(map(str, READS))}; "
       "upgrade aqgov to verify this log",
       index=index,
     )
@@ -220,6 +224,30 @@ def _is(*types: type) -> Any:
   return lambda v: isinstance(v, types)
 
 
+REJECTION_FIELDS = ("id", "reason")  # one entry of a "rejected" list (see `rejected_to_wire`)
+
+
+def _is_rejections(v: Any) -> bool:
+  return isinstance(v, list) and all(
+    isinstance(r, dict)
+    and set(r) == set(REJECTION_FIELDS)
+    and all(isinstance(r[k], str) and r[k] for k in REJECTION_FIELDS)
+    for r in v
+  )
+
+
+def _is_sketch_field(v: Any) -> bool:
+  return (
+    isinstance(v, dict)
+    and set(v) == {"chunk", "dim", "dtype", "sha256"}
+    and isinstance(v["chunk"], str)
+    and _is_count(v["dim"])
+    and isinstance(v["dtype"], str)
+    and isinstance(v["sha256"], bytes)
+    and len(v["sha256"]) == 32
+  )
+
+
 _STEP_NUMBER = {"step": _is_count, "time": _is_number}
 # kind -> field -> (check, what the field must be); docs/lineage-schema.md lists the same fields
 _SCHEMAS: dict[str, dict[str, tuple[Any, str]]] = {
@@ -282,12 +310,16 @@ _SCHEMAS: dict[str, dict[str, tuple[Any, str]]] = {
     "time": (_is_number, "a number"),
   },
 }
+_REJECTED = (_is_rejections, "a list of {id, reason} maps of non-empty strings")
 _OPTIONAL = {
   STEP: {
     "example_sha256": (_is(bytes), "bin"),
     "rows": (_is(dict), "an array"),
     "hidden": (_is(dict), "a weights map"),
-  }
+    "rejected": _REJECTED,
+    "sketch": (_is_sketch_field, "a sketch map (chunk, dim, dtype, sha256)"),
+  },
+  EVENT: {"rejected": _REJECTED},
 }
 
 
@@ -497,6 +529,42 @@ def step_body(
   return dict(sorted(body.items()))  # sorted keys and builtin types only: see encode_step_body
 
 
+# ---- admission refusals ---------------------------------------------------------------------------
+
+
+def rejected_to_wire(rejected: Iterable[Any]) -> list[dict]:
+  """`[{"id", "reason"}]` for examples refused at admission: `aqgov.credentials.Rejection`s,
+  `(id, reason)` pairs or `{"id", "reason"}` maps, in the order given."""
+  out = []
+  for r in rejected:
+    try:
+      ex_id, reason = (r["id"], r["reason"]) if isinstance(r, Mapping) else tuple(r)
+    except (KeyError, TypeError, ValueError):
+      raise LineageError(
+        f"a refused example must be a Rejection, an (id, reason) pair or an {{id, reason}} map, "
+        f"got {r!r:.60}"
+      ) from None
+    if not isinstance(ex_id, str) or not ex_id or not str(reason):
+      raise LineageError(
+        f"a refused example needs a non-empty id and reason, got {ex_id!r}: {reason!r}; pass the "
+        "`rejected` of an AdmittedBatch (aqgov.credentials.Rejection)"
+      )
+    out.append({"id": ex_id, "reason": str(reason)})
+  return out
+
+
+def with_rejected(body: Mapping[str, Any], rejected: Iterable[Any]) -> dict:
+  """A step or event `body` with its `rejected` field (keys kept sorted, see `encode_step_body`);
+  the body unchanged when nothing was refused."""
+  wire = rejected_to_wire(rejected)
+  return dict(body) if not wire else dict(sorted({**body, "rejected": wire}.items()))
+
+
+def rejected_of(body: Mapping[str, Any]) -> tuple[Rejection, ...]:
+  """The refused examples a step or event body records (checked: `check_body`)."""
+  return tuple(Rejection(r["id"], r["reason"]) for r in body.get("rejected", ()))
+
+
 def encode_step_body(body: Mapping[str, Any]) -> bytes:
   """Canonical bytes of a `step_body` result, without the generic normalisation pass.
 
@@ -522,6 +590,7 @@ class StepView(NamedTuple):
   measurements: dict[str, np.ndarray]
   events: dict[str, np.ndarray]
   seen: np.ndarray | None = None  # bool [B, G]; groups each row saw in its forward pass
+  rejected: tuple[Rejection, ...] = ()  # examples refused at admission, left out of the batch
 
   @property
   def row_ids(self) -> tuple[str, ...]:
@@ -687,4 +756,5 @@ def _view_step(body: Mapping[str, Any], groups: int | None) -> StepView:
     },
     events={k: array_from_wire(v, f"event {k!r}") for k, v in body["events"].items()},
     seen=np.ones(per_row, bool) if hidden is None else hidden == 0,
+    rejected=rejected_of(body),
   )

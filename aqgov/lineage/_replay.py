@@ -8,7 +8,8 @@
   admission checked against its credential); a different or missing example is named;
 - each step's recomputed record must equal the recorded one bit for bit, field by field in this
   order: the batch rows, route classes, weights, contribution norms, loss, entropy measurements,
-  governance events, then the fingerprint; the first field that differs is named with the step
+  governance events, then the fingerprint, then (when the step recorded them) the gradient
+  sketches, whose block must hash to the record's `sketch.sha256`; the first field that differs is named with the step
   and, where it has one, the example and group (`ReplayDivergence.field`, `.step`, `.example_id`,
   `.group`). All of them are float32 (or integer) outputs of the same jitted step, so on the same
   platform and device configuration they reproduce exactly: there is no tolerance;
@@ -19,11 +20,15 @@ Replay imports no code a run directory names before the lineage verifies against
 run key and the authorities' keys, obtained out of band), and then only the task the caller names
 (`task="module:attr"`, which must be the recorded one) or an installed `aqgov.tasks` entry point
 recording it; the policies, profiles, manifests and task source must be those run-start recorded.
-A caller who passes a `Task` object chose the code: then `trust` is optional.
+A caller who passes a `Task` object chose the code: then `trust` is optional. A run that records
+no task (a loop its user owns, `GovernedRun.open`) replays only with a task its caller names
+(`ReplayUnavailable` otherwise): there is no recorded task code to check it against, so the
+recorded fingerprints are the whole check.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
@@ -33,9 +38,10 @@ import numpy as np
 
 from aqgov.credentials._manifest import Example, as_example, content_hash, iter_examples
 from aqgov.documents._keys import TrustStore
-from aqgov.errors import CheckpointError, LineageError, ReplayDivergence
+from aqgov.errors import CheckpointError, LineageError, ReplayDivergence, ReplayUnavailable
 from aqgov.lineage import _history as hist
 from aqgov.lineage import _record as rec
+from aqgov.lineage import _sketches as sketch_store
 from aqgov.lineage import _trust as trustlib
 from aqgov.lineage._checkpoint import Checkpoints
 from aqgov.lineage._progress import ProgressFn, report
@@ -78,6 +84,27 @@ def _first_difference(a: np.ndarray, b: np.ndarray) -> int | None:
     return 0
   rows = np.nonzero((a32 != b32).any(axis=1))[0]
   return int(rows[0]) if rows.size else None
+
+
+def trusted_task(run_dir, start: Mapping[str, Any], task: str | None, trust: TrustStore) -> Task:
+  """The run's task, imported only once its lineage verified (the caller's job): the recorded
+  reference (or `task`, which must be it), its documents and source checked against run-start.
+  A run recorded from its user's own loop records no task: then only a named `task` re-executes it,
+  else `ReplayUnavailable`."""
+  recorded = start["config"].get("task")
+  if recorded is None and task is None:
+    raise ReplayUnavailable(
+      f"run {start['run_id']} records no task: it was recorded from a loop its user owns "
+      "(GovernedRun.open), so there is no recorded step code to re-execute. Verify, query and "
+      "export it as usual; to replay, name a task that re-implements the loop (task="
+      "'module:attr' / --task, or a Task object), or record runs with GovernedRun.start(task=...)",
+      index=0,
+    )
+  ref = task if recorded is None else trustlib.resolve_task(recorded, task)
+  authorities = trustlib.recorded_trust(start, trust, exact=False)
+  trustlib.check_documents(run_dir, start)
+  trustlib.check_task_source(start, ref)
+  return load_task(ref, start["config"].get("task_config", {}), run_dir, trust=authorities)
 
 
 def replay(
@@ -123,11 +150,7 @@ def replay(
   start = scan.bodies[0]
   groups = tuple(start["groups"])
   if not chosen:
-    ref = trustlib.resolve_task(start["config"]["task"], task)
-    authorities = trustlib.recorded_trust(start, trust, exact=False)
-    trustlib.check_documents(run_dir, start)
-    trustlib.check_task_source(start, ref)
-    task = load_task(ref, start["config"].get("task_config", {}), run_dir, trust=authorities)
+    task = trusted_task(run_dir, start, task, trust)
   checkpoints = Checkpoints(run_dir / "checkpoints")
   try:
     on_disk = set(checkpoints.steps())
@@ -163,7 +186,7 @@ def replay(
           index=index,
           step=expected,
         )
-      state = _replay_step(task, state, view, index, pool, groups)
+      state = _replay_step(task, state, view, index, pool, groups, body.get("sketch"))
       report(progress, view.step - ref.step, step - ref.step)
       done = history.checkpoint_at(view.step)
       if done is not None:
@@ -249,6 +272,7 @@ def _replay_step(
   index: int,
   pool: Mapping[str, Example],
   groups: tuple[str, ...],
+  sketch: Mapping[str, Any] | None = None,
 ) -> TrainState:
   batch_examples = []
   for k, ex_id in enumerate(view.example_ids):
@@ -288,7 +312,26 @@ def _replay_step(
       group=name,
       field="fingerprint",
     )
+  if sketch is not None:
+    _check_sketch(summary, sketch, view, index)
   return state
+
+
+def _check_sketch(summary, recorded: Mapping[str, Any], view: rec.StepView, index: int) -> None:
+  """The replayed step's sketch block must hash to the digest its record holds, bit for bit."""
+  got = getattr(summary, "sketch", None)
+  digest = None
+  if got is not None:
+    rows = sketch_store.sketch_rows(jax.device_get(got), jax.device_get(summary.example_index))
+    digest = hashlib.sha256(sketch_store.encode_block(index, view.step, rows)).digest()
+  if digest != bytes(recorded["sha256"]):
+    raise ReplayDivergence(
+      f"step {view.step}: the replayed gradient sketches diverge from the recorded block "
+      f"({recorded['chunk']}); the step computed other sketches than it recorded",
+      index=index,
+      step=view.step,
+      field="sketch",
+    )
 
 
 def _check_full_hash(

@@ -32,6 +32,7 @@ from aqgov.policy import _paths as paths
 
 if TYPE_CHECKING:
   from aqgov.entropy import Events
+  from aqgov.policy import CompiledPolicy
 
 Array = jax.Array | np.ndarray  # on the device in the step, on the host once fetched
 PyTree = Any  # a JAX pytree of arrays (parameters, optimizer state, a batch)
@@ -51,6 +52,8 @@ class StepSummary(NamedTuple):
   events: pytree of arrays — governance events (a fixed-size NamedTuple), `()` when none.
   seen: bool [B, G] or None — which groups each example saw in its forward pass (None: all;
     see `visible = "routed"` groups in aqgov.policy).
+  sketch: [B, G, dim] (bfloat16/float16/float32) or None — seeded projections of each example's
+    routed gradient per group (`aqgov.routing.SketchSpec`), written to the sketch store.
   """
 
   step: Array
@@ -63,6 +66,7 @@ class StepSummary(NamedTuple):
   measurements: Mapping[str, Array] = {}
   events: Events | tuple[()] = ()
   seen: Array | None = None
+  sketch: Array | None = None
 
 
 def _mix32(x: Array) -> Array:
@@ -150,6 +154,7 @@ def summarize(
   measurements: Mapping[str, Array] | None = None,
   events: Events | tuple[()] = (),
   seen: Array | None = None,
+  sketch: Array | None = None,
 ) -> StepSummary:
   """Build a `StepSummary` inside a step, fingerprinting `params` (the params after the update)."""
   weights = jnp.asarray(weights, jnp.float32)
@@ -164,6 +169,45 @@ def summarize(
     measurements=dict(measurements or {}),
     events=events,
     seen=None if seen is None else jnp.asarray(seen, bool),
+    sketch=sketch,
+  )
+
+
+def routed_summary(
+  compiled: CompiledPolicy,
+  labels: Mapping[str, Array],
+  *,
+  step: Array,
+  loss: Array,
+  contribution_norms: Array,
+  params: PyTree,
+  example_index: Array | None = None,
+  key: Array | int = 0,
+  measurements: Mapping[str, Array] | None = None,
+  events: Events | tuple[()] = (),
+) -> StepSummary:
+  """`summarize` for a step routed by `compiled`, inside the user's own jitted step.
+
+  Route classes, weights and (for `visible = "routed"` groups) what each example saw follow from
+  the policy and `labels`; `loss` and `contribution_norms` are the value and norms
+  `routed_value_and_grad(..., with_norms=True)` returned; `params` are the params after the
+  update; `step` counts the updates applied including this one. `example_index` defaults to
+  0..B-1: row i is the i-th id of the list handed to `GovernedRun.record`.
+  """
+  route_class = compiled.route_class(labels)
+  return summarize(
+    step=step,
+    example_index=jnp.arange(route_class.shape[0]) if example_index is None else example_index,
+    route_class=route_class,
+    weights=compiled.group_weights(labels),
+    contribution_norms=contribution_norms,
+    loss=loss,
+    params=compiled.parts(params),  # a sliced leaf fingerprints each slice into its group
+    leaf_group=compiled.part_group,
+    key=key,
+    measurements=measurements,
+    events=events,
+    seen=compiled.group_visibility(labels) if compiled.has_visibility else None,
   )
 
 

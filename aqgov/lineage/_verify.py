@@ -26,6 +26,8 @@ problem, with `index` naming the first bad record when the problem is in a recor
 - every override record carries a token that `aqgov.entropy.admit_override` accepts as of the
   record: signed by an override authority of the run's profile, for this run, covering the
   record's step, unexpired at the record's time, and recorded once;
+- when the run has a sketch store (`RUN/sketches/`), every step record's `sketch` digest matches
+  its block there (`aqgov.lineage._sketches`);
 - a parent run named by run-start verifies too (its directory recorded relative to this run, or
   given), and holds the signed head this run names;
 - with `witnesses`, the log is closed and each witness cosigned its final head (the checkpoint in
@@ -56,10 +58,12 @@ from aqgov.lineage import _heads as log
 from aqgov.lineage import _history as hist
 from aqgov.lineage import _record as rec
 from aqgov.lineage import _scan as logscan
+from aqgov.lineage import _sketches as sketch_store
 from aqgov.lineage._checkpoint_files import check_checkpoint_files
 from aqgov.lineage._cosign import check_witnessed, cosigner_key
 from aqgov.lineage._heads import LogHead, read_heads
 from aqgov.lineage._progress import ProgressFn
+from aqgov.lineage._segments import records
 from aqgov.policy import _policy  # noqa: F401
 
 
@@ -329,6 +333,9 @@ def verify_lineage(
   signed_by += _check_overrides(scan, doc_trust, run_id, authorities)
   if check_checkpoints:
     _check_checkpoints(run_dir, scan, signed_size, run_id, require_references, checked, unchecked)
+  if sketch_store.store_dir(run_dir).is_dir():
+    n = sketch_store.check_blocks(run_dir, _step_bodies(ldir, scan.size))
+    checked.append(f"{n} sketch block(s) in {sketch_store.DIRNAME}/ match their step records")
   if (run_dir / "index" / "index.json").is_file():
     from aqgov.lineage._index import check_index
 
@@ -385,6 +392,11 @@ def verify_lineage(
     witnessed,
     tuple(signed_by),
   )
+
+
+def _step_bodies(ldir: Path, size: int):
+  for index, _, body in records(ldir, kinds=(rec.STEP,), stop=size):
+    yield index, body
 
 
 def _check_heads(

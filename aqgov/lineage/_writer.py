@@ -24,7 +24,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ from aqgov.documents._keys import SigningKey
 from aqgov.errors import LineageError, SignatureError
 from aqgov.lineage import _bodies as record_bodies
 from aqgov.lineage import _record as rec
+from aqgov.lineage import _sketches as sketch_store
 from aqgov.lineage._cosign import Publisher, as_witness
 from aqgov.lineage._heads import HEAD, LogHead, head_payload, read_heads, run_trust
 from aqgov.lineage._scan import LogScan, scan
@@ -194,6 +195,7 @@ class LineageWriter:
     self._closed = False
     self._last_step = 0
     self._cpu_s = 0.0
+    self._sketches: sketch_store.SketchStore | None = None
     self._thread = threading.Thread(
       target=self._run, name=f"aqgov-lineage-{appender.run_id[:8]}", daemon=True
     )
@@ -296,19 +298,30 @@ class LineageWriter:
     summary: StepSummary,
     example_ids: Sequence[str],
     example_sha256: Sequence[bytes | str] | None = None,
+    rejected: Iterable[Any] = (),
   ) -> None:
     """Queue a "step" record for `summary`; `example_ids` is the host-side id list the batch was
-    built from and `example_sha256` the content hash of each (see `record.step_body`)."""
+    built from and `example_sha256` the content hash of each (see `record.step_body`); `rejected`
+    are the examples refused at admission and left out of the batch (`record.with_rejected`)."""
     self._submit(
       self._write_step,
       summary,
       list(example_ids),
       None if example_sha256 is None else list(example_sha256),
       time.time(),
+      rec.rejected_to_wire(rejected),
     )
 
-  def _write_step(self, summary, ids, sha, t) -> None:
-    body = rec.step_body(summary, ids, sha, time_s=t)
+  def _write_step(self, summary, ids, sha, t, rejected=()) -> None:
+    body = rec.with_rejected(rec.step_body(summary, ids, sha, time_s=t), rejected)
+    if getattr(summary, "sketch", None) is not None:  # the block first: a record never dangles
+      rows = sketch_store.sketch_rows(summary.sketch, summary.example_index)
+      if self._sketches is None:
+        self._sketches = sketch_store.SketchStore(
+          sketch_store.store_dir(self._app.dir.parent), fsync=self._app.fsync != "never"
+        )
+      stored = self._sketches.append(self._app.size, body["step"], rows)
+      body = dict(sorted({**body, "sketch": sketch_store.record_field(stored, rows)}.items()))
     self._last_step = body["step"]
     self._app.append(rec.STEP, rec.encode_step_body(body))
 
@@ -359,6 +372,8 @@ class LineageWriter:
       self._queue.put(_STOP)
       self._thread.join()
       self._app.close()
+      if self._sketches is not None:
+        self._sketches.close()
     if self._app.witness is not None:
       self._app.witness.finish(head)
     return head
@@ -371,6 +386,8 @@ class LineageWriter:
     self._queue.put(_STOP)
     self._thread.join()
     self._app.close()
+    if self._sketches is not None:
+      self._sketches.close()
 
 
 class _Done:

@@ -2,9 +2,11 @@
 
 from aqgov.policy._compile import (
   CompiledPolicy,
-  ExplainTable,
   UncoveredParametersWarning,
   compile_policy,
+)
+from aqgov.policy._explain import (
+  ExplainTable,
   explain,
   explain_table,
   param_shapes,
@@ -27,6 +29,10 @@ from aqgov.policy._policy import (
   Rule,
   compose,
 )
+from aqgov.policy._slices import (
+  Part,
+  Slice,
+)
 
 __all__ = [
   "compile_policy",
@@ -39,11 +45,13 @@ __all__ = [
   "param_shapes",
   "parse",
   "path_string",
+  "Part",
   "Policy",
   "POLICY",
   "PolicySet",
   "Route",
   "Rule",
+  "Slice",
   "to_text",
   "tree_paths",
   "UNCOVERED_GROUP",

@@ -29,37 +29,38 @@ authoritative and `warnings` names the groups whose leaves differ.
 Flax NNX states keep each array under its Variable's `value` attribute (`head/kernel/value`):
 patterns match a path with or without that trailing `/value`.
 
-Granularity. Groups are whole leaves today, so `leaf_table` is [C, L] and every leaf weight is
-[B]. A group that is a slice of a leaf (one attention head, one expert) will add, per leaf, a
-weight block of shape broadcastable to the leaf (e.g. [C, H, 1, 1] for heads); `leaf_weights`
-will then return [B, *broadcastable] for those leaves, `leaf_table` keeps each leaf's largest
-weight per class for reporting, and nothing else in this API changes. Callers therefore multiply
-leaf weights with broadcasting over trailing axes, never by reshaping to [B].
+Granularity. A leaf is a sequence of `parts` (`policy/_slices.py`): the whole leaf, or, when
+slice groups cut it (attention heads, experts), contiguous ranges along one axis, each in its own
+group. `part_table` [C, U] holds each part's weight per class; `leaf_table` [C, L] each leaf's
+largest; `leaf_group` a leaf's whole-leaf group (the group of its remainder; of its first part
+when slices cover it). `per_leaf(values)` spreads per-group values [..., G] over each leaf's parts. `leaf_weights` gives a
+sliced leaf float32 [B, n, 1, ..., 1] (a weight per position of its sliced axis, broadcastable to
+the leaf), every other leaf [B]; callers multiply leaf weights with broadcasting over trailing
+axes, never by reshaping to [B]. Whatever sums per group (norms, fingerprints, entropies, finite
+checks) goes through `parts(tree)` and `part_group`, which equal the leaves and `leaf_group` when
+nothing is sliced.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
-import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from aqgov.credentials._taxonomy import CREDENTIALED, LabelSpace, Taxonomy
+from aqgov.credentials._taxonomy import LabelSpace, Taxonomy
 from aqgov.errors import PolicyError
-from aqgov.policy import _conditions as expressions
 from aqgov.policy import _paths as paths
+from aqgov.policy import _slices as slices
+from aqgov.policy import _subspaces as subspaces
+from aqgov.policy._classes import check_route_classes, class_names_of, classifier
 from aqgov.policy._policy import UNCOVERED_GROUP, Policy, PolicySet, compose
-
-MAX_ROUTE_CLASSES = (
-  4096  # larger compositions make [C, leaves] tables and explain output impractically large
-)
+from aqgov.policy._slices import Part, part_groups, policy_part_groups, refuse_hidden_slices
 
 
 class UncoveredParametersWarning(UserWarning):
@@ -86,6 +87,59 @@ class CompiledPolicy:
   leaf_shapes: tuple[tuple[int, ...], ...] = ()
   warnings: tuple[str, ...] = ()
   leaf_hidden: np.ndarray | None = None  # bool [C, L]: the leaf acts as zero for the class
+  leaf_parts: tuple[Part, ...] = ()  # every leaf's parts in leaf order (empty: one per leaf)
+  part_table: np.ndarray | None = None  # float32 [C, U]: each part's weight per class
+  subspaces: tuple = ()  # (class, leaf, Subspace): the class's gradient of the leaf is projected
+
+  def subspace_digests(self) -> list[dict]:
+    """Per leaf and subspace a class is confined to: group, leaf path, rank, seed and the
+    SHA-256 of its basis (what the lineage's run-start should record)."""
+    seen = sorted({(leaf, s) for _, leaf, s in self.subspaces})
+    return [
+      {
+        "group": self.group_names[self.leaf_group[leaf]],
+        "leaf": self.leaf_paths[leaf],
+        **s.to_dict(),
+        "basis_sha256": subspaces.basis_sha256(s, self.leaf_paths[leaf], self.leaf_shapes[leaf]),
+      }
+      for leaf, s in seen
+    ]
+
+  @property
+  def parts_list(self) -> tuple[Part, ...]:
+    """Every leaf's parts, in leaf order (a whole leaf is one part)."""
+    if self.leaf_parts:
+      return self.leaf_parts
+    return tuple(Part(leaf, g) for leaf, g in enumerate(self.leaf_group))
+
+  @property
+  def part_group(self) -> tuple[int, ...]:
+    """The group of each part (equals `leaf_group` when no leaf is sliced)."""
+    return tuple(p.group for p in self.parts_list)
+
+  @property
+  def has_slices(self) -> bool:
+    return any(p.axis is not None for p in self.parts_list)
+
+  def per_leaf(self, values: jax.Array) -> Any:
+    """Params-shaped pytree of per-group `values` [G] placed on each leaf: a scalar for a whole
+    leaf, [n, 1, ..., 1] along a sliced leaf's axis (broadcastable to the leaf), e.g. to scale or
+    mask updates per group."""
+    out = [values[g] for g in self.leaf_group]
+    for leaf, parts in slices.by_leaf(self.parts_list).items():
+      out[leaf] = slices.spread(values, parts, self.leaf_shapes[leaf])
+    return jax.tree_util.tree_unflatten(self.treedef, out)
+
+  def parts(self, tree: Any) -> list[Any]:
+    """The parts of a params-shaped `tree` (params, gradients, updates), in `parts_list` order:
+    a whole leaf, or its slice along the sliced axis (jit-safe static slices)."""
+    leaves = jax.tree_util.tree_leaves(tree)
+    if len(leaves) != self.num_leaves:
+      raise PolicyError(
+        f"tree with {len(leaves)} leaves does not match the {self.num_leaves} compiled parameter "
+        "paths; pass a tree shaped like the params the policy was compiled for"
+      )
+    return [slices.take(p, leaves[p.leaf]) for p in self.parts_list]
 
   @property
   def has_visibility(self) -> bool:
@@ -145,11 +199,15 @@ class CompiledPolicy:
     )
 
   def leaf_weights(self, labels: Mapping[str, Any]) -> Any:
-    """Params-shaped pytree; each leaf float32 [B] (broadcast it over the leaf's own axes)."""
+    """Params-shaped pytree; each leaf float32 [B] (broadcast it over the leaf's own axes), or for
+    a sliced leaf [B, n, 1, ..., 1]: a weight per position of its sliced axis."""
     hot = _one_hot(self.route_class(labels), self.num_classes)
     columns, which = np.unique(np.asarray(self.leaf_table, np.float32), axis=1, return_inverse=True)
     per_column = [_select(hot, columns[:, j]) for j in range(columns.shape[1])]
-    return jax.tree_util.tree_unflatten(self.treedef, [per_column[j] for j in np.ravel(which)])
+    out = [per_column[j] for j in np.ravel(which)]
+    for leaf, parts in slices.by_leaf(self.parts_list).items():
+      out[leaf] = slices.sliced_weight(hot, parts, self.part_table, self.leaf_shapes[leaf])
+    return jax.tree_util.tree_unflatten(self.treedef, out)
 
   def group_of(self, params_like: Any) -> Any:
     """Params-shaped pytree (structure of `params_like`) of each leaf's int group index."""
@@ -190,25 +248,10 @@ def _first_difference(a: Iterable[str], b: Iterable[str]) -> str:
   return "none"
 
 
-def _match_paths(key_path: tuple) -> tuple[str, ...]:
-  """The leaf's path, and for a Variable's `.value` leaf also the path without it."""
-  full = paths.path_string(key_path)
-  last = key_path[-1] if key_path else None
-  if isinstance(last, jax.tree_util.GetAttrKey) and last.name == "value" and len(key_path) > 1:
-    return (full, paths.path_string(key_path[:-1]))
-  return (full,)
-
-
-def _covers(patterns: Iterable[str], candidates: tuple[str, ...]) -> bool:
-  return any(paths.glob_match(p, c) for p in patterns for c in candidates)
-
-
 def _policy_leaf_groups(policy: Policy, candidates: list[tuple[str, ...]]) -> list[int]:
-  """Index into `policy.groups` of each leaf's first matching group, -1 when uncovered."""
-  out = []
-  for cands in candidates:
-    out.append(next((i for i, (_, pats) in enumerate(policy.groups) if _covers(pats, cands)), -1))
-  return out
+  """Index into `policy.groups` of each leaf's first matching whole-leaf group, -1 when uncovered."""
+  whole = [(i, pats) for i, (g, pats) in enumerate(policy.groups) if policy.slice_of(g) is None]
+  return [next((i for i, pats in whole if paths.covers(pats, c)), -1) for c in candidates]
 
 
 def _policy_leaf_table(policy: Policy, leaf_groups: list[int]) -> np.ndarray:
@@ -227,54 +270,6 @@ def _policy_leaf_hidden(policy: Policy, leaf_groups: list[int], table: np.ndarra
     [g >= 0 and policy.groups[g][0] in policy.routed_visibility for g in leaf_groups], bool
   )
   return routed[None, :] & (table == 0)
-
-
-def _classifier(pset: PolicySet, space: LabelSpace | None, num_classes: int) -> Callable:
-  if space is None:
-
-    def unbound(labels: Mapping[str, Any]):
-      raise PolicyError(
-        "this policy was compiled without taxonomies, so it cannot classify examples; "
-        "call compile_policy(..., labels=<Taxonomy | LabelSpace>)"
-      )
-
-    return unbound
-  per_policy = []
-  for p in pset.policies:
-    per_policy.append([expressions.compile_expr(r.when, space) for r in p.rules])
-  radices = [len(p.rules) + 1 for p in pset.policies]
-  strides = [int(np.prod(radices[i + 1 :], dtype=np.int64)) for i in range(len(radices))]
-  uncredentialed = num_classes - 1
-
-  def classify(labels: Mapping[str, Any]):
-    lab = expressions.namespaced(labels, space)
-    credentialed = jnp.asarray(lab[CREDENTIALED]) != 0
-    cls = jnp.zeros(jnp.shape(credentialed), jnp.int32)
-    for conds, stride in zip(per_policy, strides):
-      idx = jnp.full(jnp.shape(credentialed), len(conds), jnp.int32)
-      for i in reversed(range(len(conds))):
-        idx = jnp.where(conds[i](lab), jnp.int32(i), idx)
-      cls = cls + idx * jnp.int32(stride)
-    return jnp.where(credentialed, cls, jnp.int32(uncredentialed))
-
-  return classify
-
-
-def num_route_classes(pset: PolicySet) -> int:
-  """Route classes of a composition: the product over policies of (rules + default), plus uncredentialed."""
-  return math.prod(len(p.rules) + 1 for p in pset.policies) + 1
-
-
-def check_route_classes(pset: PolicySet) -> None:
-  """Raise `PolicyError` when the composition has more than `MAX_ROUTE_CLASSES` route classes."""
-  n = num_route_classes(pset)
-  if n > MAX_ROUTE_CLASSES:
-    sizes = " x ".join(f"{p.name!r} ({len(p.rules)} rules + default)" for p in pset.policies)
-    raise PolicyError(
-      f"composing {sizes} gives {n:,} route classes, more than the {MAX_ROUTE_CLASSES} a compiled policy may "
-      "have (every class gets a row of weights per parameter); merge rules that route alike, drop rules that "
-      "match no example, or compose fewer policies"
-    )
 
 
 def compile_policy(
@@ -303,46 +298,53 @@ def compile_policy(
     raise PolicyError(
       f"two parameters share the path {dup!r}; policies address parameters by path, so make keys unique"
     )
-  candidates = [_match_paths(kp) for kp, _ in with_path]
+  candidates = [paths.match_paths(kp) for kp, _ in with_path]
   shapes = tuple(tuple(int(d) for d in getattr(x, "shape", np.shape(x))) for _, x in with_path)
 
-  per_groups = [_policy_leaf_groups(p, candidates) for p in pset.policies]
+  group_names = list(pset.group_names)
+  parts = part_groups(pset, group_names, candidates, leaf_paths, shapes)
+  if any(p.group < 0 for p in parts):
+    group_names.append(UNCOVERED_GROUP)
+    parts = [p._replace(group=len(group_names) - 1) if p.group < 0 else p for p in parts]
+  per_leaf = [_policy_leaf_groups(p, candidates) for p in pset.policies]
+  per_groups = [
+    policy_part_groups(p, parts, group_names, g) for p, g in zip(pset.policies, per_leaf)
+  ]
   tables = [_policy_leaf_table(p, g) for p, g in zip(pset.policies, per_groups)]
-  n_leaves = len(leaf_paths)
+  n_units = len(parts)
   # credentialed classes: mixed-radix product of (rules + default); then all-uncredentialed
-  credentialed = np.full((1, n_leaves), np.inf, np.float32)
+  credentialed = np.full((1, n_units), np.inf, np.float32)
   for t in tables:
-    credentialed = np.minimum(credentialed[:, None, :], t[None, :-1, :]).reshape(-1, n_leaves)
+    credentialed = np.minimum(credentialed[:, None, :], t[None, :-1, :]).reshape(-1, n_units)
   uncred = np.min(np.stack([t[-1] for t in tables]), axis=0, keepdims=True)
-  leaf_table = np.concatenate([credentialed, uncred]).astype(np.float32)
+  part_table = np.concatenate([credentialed, uncred]).astype(np.float32)
   # hidden if any policy hides it: the most restrictive wins, enumerated like the weights
   hiddens = [_policy_leaf_hidden(p, g, t) for p, g, t in zip(pset.policies, per_groups, tables)]
-  hidden = np.zeros((1, n_leaves), bool)
+  hidden = np.zeros((1, n_units), bool)
   for h in hiddens:
-    hidden = (hidden[:, None, :] | h[None, :-1, :]).reshape(-1, n_leaves)
-  leaf_hidden = np.concatenate(
+    hidden = (hidden[:, None, :] | h[None, :-1, :]).reshape(-1, n_units)
+  part_hidden = np.concatenate(
     [hidden, np.any(np.stack([h[-1] for h in hiddens]), axis=0, keepdims=True)]
   )
-  names = [p.class_names for p in pset.policies]
-  class_names = tuple(
-    "|".join(f"{p.name}:{k}" for p, k in zip(pset.policies, combo))
-    for combo in itertools.product(*[n[:-1] for n in names])
-  ) + ("|".join(f"{p.name}:uncredentialed" for p in pset.policies),)
+  part_leaf = np.asarray([p.leaf for p in parts], np.int64)
+  leaf_table = np.stack([part_table[:, part_leaf == i].max(axis=1) for i in range(len(shapes))], 1)
+  leaf_hidden = np.stack(
+    [part_hidden[:, part_leaf == i].any(axis=1) for i in range(len(shapes))], 1
+  )
+  refuse_hidden_slices(parts, part_hidden, leaf_paths)
+  class_names = class_names_of(pset)
 
-  group_names = list(pset.group_names)
-  leaf_group = [
-    next((g for g, name in enumerate(group_names) if _covers(pset.patterns(name), cands)), -1)
-    for cands in candidates
-  ]
-  if -1 in leaf_group:
-    group_names.append(UNCOVERED_GROUP)
-    leaf_group = [len(group_names) - 1 if g < 0 else g for g in leaf_group]
+  part_group = [p.group for p in parts]
+  leaf_group = [next(p.group for p in parts if p.leaf == i) for i in range(len(shapes))]
+  for p in parts:
+    if p.remainder:
+      leaf_group[p.leaf] = p.group  # a sliced leaf's whole-leaf group holds its remainder
   _refuse_empty_groups(pset, candidates, leaf_paths)
-  table = _group_table(pset, group_names, leaf_group, leaf_table)
-  uncovered = _uncovered_notes(pset, per_groups, leaf_paths)
+  table = _group_table(pset, group_names, part_group, part_table)
+  uncovered = _uncovered_notes(pset, per_leaf, leaf_paths)
   if uncovered:
     warnings.warn("; ".join(uncovered), UncoveredParametersWarning, stacklevel=2)
-  notes = uncovered + _group_notes(pset, group_names, leaf_group, leaf_table)
+  notes = uncovered + _group_notes(pset, group_names, part_group, part_table)
   return CompiledPolicy(
     policy_ids=pset.policy_ids,
     group_names=tuple(group_names),
@@ -352,16 +354,22 @@ def compile_policy(
     leaf_group=tuple(leaf_group),
     leaf_table=leaf_table,
     treedef=treedef,
-    classify=_classifier(pset, space, len(class_names)),
+    classify=classifier(pset, space, len(class_names)),
     leaf_shapes=shapes,
     warnings=tuple(notes),
     leaf_hidden=leaf_hidden,
+    leaf_parts=tuple(parts) if any(p.axis is not None for p in parts) else (),
+    part_table=part_table,
+    subspaces=subspaces.class_subspaces(
+      pset.policies, per_leaf, {p.leaf for p in parts if p.axis is not None}, leaf_paths
+    ),
   )
 
 
 def _group_table(
   pset: PolicySet, group_names: list[str], leaf_group: list[int], leaf_table: np.ndarray
 ) -> np.ndarray:
+  """[C, G]: the largest weight of any part of each group (`leaf_group`/`leaf_table` per part)."""
   table = np.zeros((leaf_table.shape[0], len(group_names)), np.float32)
   members = np.asarray(leaf_group, np.int64)
   for g, name in enumerate(group_names):
@@ -392,7 +400,7 @@ def _refuse_empty_groups(
   """A group whose patterns match no parameter path would route nothing and pass trivially:
   refuse it unless every policy declaring it marks it `optional = true`."""
   for name in pset.group_names:
-    if any(_covers(pset.patterns(name), cands) for cands in candidates):
+    if any(paths.covers(pset.patterns(name), cands) for cands in candidates):
       continue
     declaring = [p for p in pset.policies if name in p.group_names]
     if all(name in p.optional_groups for p in declaring):
@@ -435,125 +443,3 @@ def _group_notes(
         "(their groups differ); leaf weights are authoritative"
       )
   return out
-
-
-class ExplainTable(NamedTuple):
-  """What `explain` prints: one row per route class, one column per group."""
-
-  policy_ids: tuple[str, ...]
-  columns: tuple[str, ...]
-  leaves: tuple[int, ...]
-  sizes: tuple[int, ...]
-  rows: tuple[tuple[str, tuple[float, ...]], ...]
-  warnings: tuple[str, ...]
-  hidden: tuple[tuple[bool, ...], ...] = ()  # per row: the group acts as zero for the class
-
-  def cells(self) -> tuple[tuple[str, ...], ...]:
-    """Per row, each group's weight as printed: `0.5`, or `0 unseen` for a hidden group."""
-    hidden = self.hidden or tuple((False,) * len(self.columns) for _ in self.rows)
-    return tuple(
-      tuple(f"{w:g}" + (" unseen" if h else "") for w, h in zip(ws, hs))
-      for (_, ws), hs in zip(self.rows, hidden)
-    )
-
-
-def explain_table(compiled: CompiledPolicy) -> ExplainTable:
-  """Route class x group weights, leaf and parameter counts per group, and warnings."""
-  leaves = [0] * compiled.num_groups
-  sizes = [0] * compiled.num_groups
-  for g, shape in itertools.zip_longest(compiled.leaf_group, compiled.leaf_shapes, fillvalue=()):
-    leaves[g] += 1
-    sizes[g] += int(np.prod(shape, dtype=np.int64))
-  rows = tuple(
-    (name, tuple(float(w) for w in compiled.table[c]))
-    for c, name in enumerate(compiled.class_names)
-  )
-  hidden = tuple(tuple(bool(h) for h in row) for row in compiled.hidden_table)
-  return ExplainTable(
-    compiled.policy_ids,
-    compiled.group_names,
-    tuple(leaves),
-    tuple(sizes),
-    rows,
-    compiled.warnings,
-    hidden,
-  )
-
-
-def explain(compiled: CompiledPolicy) -> str:
-  """Plain-text route class x group weight table followed by warnings."""
-  t = explain_table(compiled)
-  header = ["route class"] + [
-    f"{g} ({n} leaves, {s:,} params)" for g, n, s in zip(t.columns, t.leaves, t.sizes)
-  ]
-  body = [[name, *cells] for (name, _), cells in zip(t.rows, t.cells())]
-  widths = [max(len(r[i]) for r in [header] + body) for i in range(len(header))]
-  fmt = lambda row: "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()  # noqa: E731
-  lines = [
-    "policies: " + ", ".join(i[:16] for i in t.policy_ids),
-    fmt(header),
-    fmt(["-" * w for w in widths]),
-  ]
-  lines += [fmt(r) for r in body]
-  if any(any(hs) for hs in t.hidden):
-    lines.append(
-      'unseen: the group acts as zero in the forward pass of the class\'s examples (visible = "routed")'
-    )
-  lines += [f"warning: {w}" for w in t.warnings]
-  return "\n".join(lines)
-
-
-def param_shapes(doc_or_path: Any) -> dict[str, Any]:
-  """A parameter tree of `jax.ShapeDtypeStruct` (float32) from a shapes document.
-
-  The document (a dict, or a path to a JSON file) nests parameter keys down to shape lists,
-  `{"blocks": {"0": {"kernel": [64, 256]}}, "head/bias": [256]}`; a key holding '/' stands for
-  that many nested keys. This is all `explain` needs to know about a model.
-  """
-  if isinstance(doc_or_path, Mapping):
-    doc = doc_or_path
-  else:
-    try:
-      with open(doc_or_path, encoding="utf-8") as fh:
-        doc = json.load(fh)
-    except (OSError, ValueError) as exc:
-      raise PolicyError(
-        f"cannot read parameter shapes {doc_or_path}: {exc}; expected JSON like "
-        '{"head": {"kernel": [64, 256]}}'
-      ) from None
-  if not isinstance(doc, Mapping) or not doc:
-    raise PolicyError("parameter shapes must be a non-empty JSON object of parameter keys")
-  out: dict[str, Any] = {}
-  for path, shape in _shape_items(doc, ()):
-    node = out
-    for key in path[:-1]:
-      node = node.setdefault(key, {})
-      if not isinstance(node, dict):
-        raise PolicyError(
-          f"parameter shapes: {'/'.join(path)} nests under a leaf; give each path once"
-        )
-    if path[-1] in node:
-      raise PolicyError(f"parameter shapes: {'/'.join(path)} is given twice")
-    node[path[-1]] = jax.ShapeDtypeStruct(shape, jnp.float32)
-  return out
-
-
-def _shape_items(doc: Mapping[str, Any], prefix: tuple[str, ...]):
-  for key, value in doc.items():
-    parts = tuple(k for k in str(key).split("/"))
-    if not all(parts):
-      raise PolicyError(
-        f"parameter shapes: key {key!r} under {'/'.join(prefix) or 'the top'} has an empty segment"
-      )
-    path = prefix + parts
-    if isinstance(value, Mapping):
-      yield from _shape_items(value, path)
-    elif isinstance(value, list) and all(
-      isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in value
-    ):
-      yield path, tuple(value)
-    else:
-      raise PolicyError(
-        f"parameter shapes: {'/'.join(path)} = {value!r}; expected an object or a shape list "
-        "of non-negative integers like [64, 256]"
-      )

@@ -66,3 +66,17 @@ def _compile(pattern: str) -> re.Pattern:
 def glob_match(pattern: str, path: str) -> bool:
   """True iff parameter `path` matches `pattern`."""
   return _compile(pattern).match(path) is not None
+
+
+def match_paths(key_path: tuple) -> tuple[str, ...]:
+  """The leaf's path, and for a Variable's `.value` leaf also the path without it."""
+  full = path_string(key_path)
+  last = key_path[-1] if key_path else None
+  if isinstance(last, jax.tree_util.GetAttrKey) and last.name == "value" and len(key_path) > 1:
+    return (full, path_string(key_path[:-1]))
+  return (full,)
+
+
+def covers(patterns, candidates: tuple[str, ...]) -> bool:
+  """Whether some pattern matches one of a leaf's candidate paths (see `match_paths`)."""
+  return any(glob_match(p, c) for p in patterns for c in candidates)

@@ -16,6 +16,7 @@ TOML form:
   embed = ["embed/**"]
   core = ["blocks/**"]
   adapter = { patterns = ["adapter/**"], visible = "routed" }   # optional visibility
+  heads = { pattern = "blocks/*/attn/wo", axis = 0, split = 8, per = "head" }  # heads[0]..heads[7]
   [[rules]]
   name = "unknown-license"             # optional; names the route class in reports
   when = "license_class == 'unknown'"
@@ -23,10 +24,16 @@ TOML form:
   [[rules]]
   when = "sensitivity_tier >= 2 or 'EU' in jurisdictions"
   route = { core = 0.5 }
+  subspace = { core = { rank = 8, seed = 1234 } }   # optional: project onto a published basis
   [default]
   route = { embed = 1.0, core = 1.0 }
   [uncredentialed]                     # optional
   route = {}
+
+Slices. A group table with `axis` and `split` (and `index`, or `per` for one group `name[k]` per
+part) takes those parts of one axis of every leaf it matches; the rest of the leaf stays in its
+first matching whole-leaf group (see `aqgov.policy._slices`). Subspaces: see
+`aqgov.policy._subspaces`.
 
 Visibility. A group declared `visible = "routed"` is seen only by the examples routed to it: for
 every example whose weight in the group is 0, the group's parameters act as zero in that example's
@@ -64,11 +71,14 @@ from aqgov.documents._toml import InlineTable, dumps_toml, loads_toml
 from aqgov.errors import PolicyError
 from aqgov.policy import _expressions as expressions
 from aqgov.policy import _paths as paths
+from aqgov.policy._slices import SLICE_KEYS, Slice, parse_slice
+from aqgov.policy._subspaces import Subspace, parse_subspaces
 
 KIND = "routing-policy"
 FORMAT = "aqgov-routing-policy/1"
 UNCOVERED_GROUP = "(uncovered)"
-_GROUP_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*\Z", re.ASCII)
+_GROUP_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*(\[[0-9]+\])?\Z", re.ASCII)
+_RULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*\Z", re.ASCII)
 _POLICY_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*\Z", re.ASCII)
 _TOP_KEYS = ("name", "authority", "groups", "rules", "default", "uncredentialed", "uncovered")
 VISIBILITY = ("always", "routed")
@@ -77,11 +87,13 @@ Route = Mapping[str, float]
 
 
 class Rule(NamedTuple):
-  """`when` (expression text) -> `route` (group -> weight); `name` labels its route class."""
+  """`when` (expression text) -> `route` (group -> weight); `name` labels its route class;
+  `subspace` (group -> `Subspace`) confines the class's gradient in those groups to a subspace."""
 
   when: str
   route: Route
   name: str = ""
+  subspace: Mapping[str, Subspace] = {}
 
 
 def _fail(policy: str, where: str, message: str) -> PolicyError:
@@ -102,14 +114,18 @@ def _weight(policy: str, where: str, group: str, value: Any) -> float:
   return w
 
 
-def _route(policy: str, where: str, route: Any, groups: Sequence[str]) -> dict[str, float]:
+def _route(
+  policy: str, where: str, route: Any, groups: Sequence[str], aliases: Mapping[str, Any]
+) -> dict[str, float]:
+  """A route in normal form; a name in `aliases` (a `per` declaration's name) sets each part
+  (a part named in the route itself keeps its own weight)."""
   if route is None:
     return {}
   if not isinstance(route, Mapping):
     raise _fail(policy, where, f"a route is a table group -> weight, got {type(route).__name__}")
   out = {}
   for g, value in route.items():
-    if g not in groups:
+    if g not in groups and g not in aliases:
       raise _fail(
         policy,
         where,
@@ -117,23 +133,27 @@ def _route(policy: str, where: str, route: Any, groups: Sequence[str]) -> dict[s
         f"{', '.join(groups) or '(none)'} (declare it under [groups] or fix the name)",
       )
     w = _weight(policy, where, g, value)
-    if w != 0.0:
-      out[g] = w
-  return dict(sorted(out.items()))
+    for member in aliases.get(g, (g,)):
+      if member == g or member not in route:
+        out[member] = w
+  return dict(sorted((g, w) for g, w in out.items() if w != 0.0))
 
 
-def _group_spec(policy: str, name: str, spec: Any) -> tuple[Any, str, bool]:
-  """(patterns, visibility, optional) of one group declared as a pattern list or a table."""
+def _group_spec(policy: str, name: str, spec: Any) -> tuple[Any, str, bool, Any]:
+  """(patterns, visibility, optional, slice keys or None) of one group declared as a pattern
+  list or a table."""
   if not isinstance(spec, Mapping):
-    return spec, "always", False
-  unknown = set(spec) - {"patterns", "visible", "optional"}
+    return spec, "always", False, None
+  unknown = set(spec) - {"patterns", "pattern", "visible", "optional", *SLICE_KEYS}
   if unknown:
     raise _fail(
       policy,
       f"groups.{name}",
-      f"unknown key(s) {sorted(unknown)}; a group table has "
-      "'patterns' and optional 'visible' and 'optional'",
+      f"unknown key(s) {sorted(unknown)}; a group table has 'patterns' (or 'pattern'), optional "
+      "'visible' and 'optional', and for a slice of its leaves 'axis', 'split', 'index' or 'per'",
     )
+  if "pattern" in spec and "patterns" in spec:
+    raise _fail(policy, f"groups.{name}", "give 'pattern' or 'patterns', not both")
   optional = spec.get("optional", False)
   if not isinstance(optional, bool):
     raise _fail(policy, f"groups.{name}", f"optional = {optional!r} must be true or false")
@@ -145,18 +165,30 @@ def _group_spec(policy: str, name: str, spec: Any) -> tuple[Any, str, bool]:
       f"visible = {visible!r} is not one of {list(VISIBILITY)} "
       "('routed': the group acts as zero for examples not routed to it)",
     )
-  return spec.get("patterns"), visible, optional
+  sliced = {k: spec[k] for k in SLICE_KEYS if k in spec} or None
+  if sliced is not None and visible == "routed":
+    raise _fail(
+      policy,
+      f"groups.{name}",
+      'visible = "routed" applies to whole-leaf groups; a slice group is always visible',
+    )
+  return spec.get("patterns", spec.get("pattern")), visible, optional, sliced
 
 
-def _groups(
-  policy: str, groups: Any
-) -> tuple[tuple[tuple[str, tuple[str, ...]], ...], tuple[str, ...], tuple[str, ...]]:
-  """Normal form of the groups: ordered (name, patterns) pairs, the groups visible only when routed,
-  and the groups allowed to match no parameter."""
+class _Groups(NamedTuple):
+  groups: tuple[tuple[str, tuple[str, ...]], ...]  # ordered (name, patterns)
+  routed: tuple[str, ...]  # declared visible = "routed"
+  optional: tuple[str, ...]  # allowed to match no parameter
+  slices: tuple[tuple[str, Slice], ...]  # the slice groups and their slices
+  aliases: dict[str, tuple[str, ...]]  # a `per` declaration's name -> its parts
+
+
+def _groups(policy: str, groups: Any) -> _Groups:
+  """Normal form of the groups, a `per` declaration expanded into one group per part."""
   items = list(groups.items()) if isinstance(groups, Mapping) else list(groups or ())
   if not items:
     raise _fail(policy, "groups", 'declare at least one group, e.g. [groups] core = ["blocks/**"]')
-  out, seen, routed, optional = [], set(), [], []
+  out, seen, routed, optional, slices, aliases = [], set(), [], [], [], {}
   for item in items:
     if not isinstance(item, (tuple, list)) or len(item) != 2:
       raise _fail(policy, "groups", f"expected (name, patterns) pairs or a table, got {item!r}")
@@ -167,16 +199,7 @@ def _groups(
         "groups",
         f"group name {name!r} must use letters, digits, '_' or '-' and start with a letter or '_'",
       )
-    if name in seen:
-      raise _fail(
-        policy, "groups", f"group {name!r} is declared twice; merge its patterns into one list"
-      )
-    seen.add(name)
-    pats, visible, may_be_empty = _group_spec(policy, name, pats)
-    if visible == "routed":
-      routed.append(name)
-    if may_be_empty:
-      optional.append(name)
+    pats, visible, may_be_empty, sliced = _group_spec(policy, name, pats)
     if isinstance(pats, str):
       pats = [pats]
     if not isinstance(pats, (list, tuple)) or not pats or not all(isinstance(p, str) for p in pats):
@@ -190,28 +213,48 @@ def _groups(
         raise _fail(
           policy, f"groups.{name}", f"{exc} ('*' matches within a segment, '**' whole segments)"
         ) from None
-    out.append((name, tuple(sorted(set(pats)))))
-  return tuple(out), tuple(routed), tuple(optional)
+    try:
+      parts = [(name, None)] if sliced is None else parse_slice(name, sliced)
+    except ValueError as exc:
+      raise _fail(policy, f"groups.{name}", str(exc)) from None
+    if parts[0][0] != name:
+      aliases[name] = tuple(n for n, _ in parts)
+    for part, sl in parts:
+      if part in seen or part in aliases and part != name:
+        raise _fail(
+          policy, "groups", f"group {part!r} is declared twice; merge its patterns into one list"
+        )
+      seen.add(part)
+      routed += [part] if visible == "routed" else []
+      optional += [part] if may_be_empty else []
+      slices += [(part, sl)] if sl is not None else []
+      out.append((part, tuple(sorted(set(pats)))))
+  if set(aliases) & seen:
+    raise _fail(policy, "groups", f"group name(s) {sorted(set(aliases) & seen)} declared twice")
+  return _Groups(tuple(out), tuple(routed), tuple(optional), tuple(slices), aliases)
 
 
-def _rule(policy: str, i: int, rule: Any, groups: Sequence[str]) -> Rule:
+def _rule(
+  policy: str, i: int, rule: Any, groups: Sequence[str], aliases: Mapping[str, Any]
+) -> Rule:
   where = f"rules[{i}]"
   if isinstance(rule, Mapping):
-    unknown = set(rule) - {"when", "route", "name"}
+    unknown = set(rule) - {"when", "route", "name", "subspace"}
     if unknown:
       raise _fail(
         policy,
         where,
-        f"unknown key(s) {sorted(unknown)}; a rule has 'when', 'route' and optional 'name'",
+        f"unknown key(s) {sorted(unknown)}; a rule has 'when', 'route' and optional 'name' "
+        "and 'subspace'",
       )
     if "when" not in rule:
       raise _fail(policy, where, "missing 'when = \"<condition>\"'")
-    rule = Rule(rule["when"], rule.get("route", {}), rule.get("name", ""))
+    rule = Rule(rule["when"], rule.get("route", {}), rule.get("name", ""), rule.get("subspace"))
   elif not isinstance(rule, Rule):
     raise _fail(
       policy, where, f"expected a Rule(when=..., route=...) or a table, got {type(rule).__name__}"
     )
-  if not isinstance(rule.name, str) or (rule.name and not _GROUP_NAME.match(rule.name)):
+  if not isinstance(rule.name, str) or (rule.name and not _RULE_NAME.match(rule.name)):
     raise _fail(policy, where, f"rule name {rule.name!r} must use letters, digits, '_' or '-'")
   if rule.name in ("default", "uncredentialed"):
     raise _fail(
@@ -227,7 +270,12 @@ def _rule(policy: str, i: int, rule: Any, groups: Sequence[str]) -> Rule:
     when = expressions.canonical_text(rule.when)
   except PolicyError as exc:
     raise _fail(policy, where, str(exc)) from None
-  return Rule(when, _route(policy, f"{where}.route", rule.route, groups), rule.name)
+  route = _route(policy, f"{where}.route", rule.route, groups, aliases)
+  try:
+    subspace = parse_subspaces(rule.subspace, route)
+  except ValueError as exc:
+    raise _fail(policy, f"{where}.subspace", str(exc)) from None
+  return Rule(when, route, rule.name, subspace)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,6 +301,7 @@ class Policy:
   routed_visibility: Iterable[str] = ()
   optional_groups: Iterable[str] = ()
   authority: str = ""
+  slices: Any = ()  # derived from the group tables: (group, Slice) of each slice group
 
   def __post_init__(self):
     name = self.name
@@ -264,7 +313,8 @@ class Policy:
       raise PolicyError(
         f'policy {name!r}: authority {self.authority!r} must be an authority\'s name, e.g. "acme-data"'
       )
-    norm_groups, routed, optional = _groups(name, self.groups)
+    norm = _groups(name, self.groups)
+    norm_groups, routed, optional, aliases = norm.groups, norm.routed, norm.optional, norm.aliases
     names = [g for g, _ in norm_groups]
     declared = set(routed) | set(self.routed_visibility)
     if declared - set(names):
@@ -276,15 +326,18 @@ class Policy:
     rules = self.rules
     if isinstance(rules, (str, bytes, Mapping)) or not isinstance(rules, Iterable):
       raise _fail(name, "rules", "expected a list of rules")
-    norm_rules = tuple(_rule(name, i, r, names) for i, r in enumerate(rules))
+    norm_rules = tuple(_rule(name, i, r, names, aliases) for i, r in enumerate(rules))
     labels = [r.name for r in norm_rules if r.name]
     if len(set(labels)) != len(labels):
       raise _fail(name, "rules", f"rule names must be unique, got {labels}")
     object.__setattr__(self, "groups", norm_groups)
     object.__setattr__(self, "rules", norm_rules)
-    object.__setattr__(self, "default", _route(name, "default.route", self.default, names))
+    object.__setattr__(self, "slices", norm.slices)
+    object.__setattr__(self, "default", _route(name, "default.route", self.default, names, aliases))
     object.__setattr__(
-      self, "uncredentialed", _route(name, "uncredentialed.route", self.uncredentialed, names)
+      self,
+      "uncredentialed",
+      _route(name, "uncredentialed.route", self.uncredentialed, names, aliases),
     )
     object.__setattr__(self, "uncovered", _weight(name, "uncovered", "(uncovered)", self.uncovered))
     object.__setattr__(self, "routed_visibility", tuple(g for g in names if g in declared))
@@ -298,10 +351,16 @@ class Policy:
   def _group_options(self, group: str) -> dict[str, Any]:
     """A group's non-default options as its table form writes them (absent when default, so ids
     of policies without them do not change)."""
+    sl = self.slice_of(group)
     return {
       **({"visible": "routed"} if group in self.routed_visibility else {}),
       **({"optional": True} if group in self.optional_groups else {}),
+      **(sl.to_dict() if sl is not None else {}),
     }
+
+  def slice_of(self, group: str) -> Slice | None:
+    """The slice a slice group takes of each leaf it matches; None for a whole-leaf group."""
+    return dict(self.slices).get(group)
 
   @classmethod
   def create(
@@ -373,7 +432,15 @@ class Policy:
       "groups": [
         {"name": g, "patterns": list(p), **self._group_options(g)} for g, p in self.groups
       ],
-      "rules": [{"name": r.name, "when": r.when, "route": dict(r.route)} for r in self.rules],
+      "rules": [
+        {
+          "name": r.name,
+          "when": r.when,
+          "route": dict(r.route),
+          **({"subspace": {g: s.to_dict() for g, s in r.subspace.items()}} if r.subspace else {}),
+        }
+        for r in self.rules
+      ],
       "default": dict(self.default),
       "uncredentialed": dict(self.uncredentialed),
       "uncovered": float(self.uncovered),
@@ -446,7 +513,16 @@ class Policy:
   def to_toml(self) -> str:
     """TOML text that `from_toml` reads back to an equal policy."""
     rules = [
-      {**({"name": r.name} if r.name else {}), "when": r.when, "route": InlineTable(r.route)}
+      {
+        **({"name": r.name} if r.name else {}),
+        "when": r.when,
+        "route": InlineTable(r.route),
+        **(
+          {"subspace": InlineTable({g: InlineTable(s.to_dict()) for g, s in r.subspace.items()})}
+          if r.subspace
+          else {}
+        ),
+      }
       for r in self.rules
     ]
     return dumps_toml(
@@ -506,6 +582,13 @@ class PolicySet(NamedTuple):
       f"no composed policy declares group {group!r}; groups: {', '.join(self.group_names)}"
     )
 
+  def slice_of(self, group: str) -> Slice | None:
+    """The slice of a slice group (the same in every policy declaring it), else None."""
+    for p in self.policies:
+      if group in p.group_names:
+        return p.slice_of(group)
+    return None
+
 
 def compose(policies: Policy | PolicySet | Iterable[Policy]) -> PolicySet:
   """Policies composed so the most restrictive wins (leaf weight = minimum over policies).
@@ -536,16 +619,18 @@ def compose(policies: Policy | PolicySet | Iterable[Policy]) -> PolicySet:
       raise PolicyError(
         f"two different policies are both named {n!r}; rename one so route classes stay unambiguous"
       )
-  declared: dict[str, tuple[str, tuple[str, ...]]] = {}
+  declared: dict[str, tuple[str, tuple[str, ...], Any]] = {}
   for p in unique:
     for g, pats in p.groups:
-      if g in declared and declared[g][1] != pats:
-        other, other_pats = declared[g]
+      if g in declared and declared[g][1:] != (pats, p.slice_of(g)):
+        other, other_pats, other_slice = declared[g]
+        what = lambda pats, sl: str(list(pats)) + ("" if sl is None else f" sliced {sl.to_dict()}")  # noqa: E731
         raise PolicyError(
-          f"group {g!r} means {list(other_pats)} in policy {other!r} but {list(pats)} in policy {p.name!r}; "
+          f"group {g!r} means {what(other_pats, other_slice)} in policy {other!r} but "
+          f"{what(pats, p.slice_of(g))} in policy {p.name!r}; "
           f"rename one of them (e.g. '{p.name}-{g}') or give both the same patterns"
         )
-      declared.setdefault(g, (p.name, pats))
+      declared.setdefault(g, (p.name, pats, p.slice_of(g)))
   return PolicySet(tuple(unique))
 
 

@@ -23,7 +23,9 @@ from aqgov.lineage._verify import VerifyReport, lineage_dir, verify_lineage
 from aqgov.lineage._views import Event, profile_bounds
 from aqgov.lineage._views import step_events as _events
 
-ADMISSION = "admission"  # key of an "event" record body's events: [{"example_id", "reason"}, ...]
+# key of an "event" record body's events: [{"example_id", "reason"}, ...] (logs written before
+# refusals had their own `rejected` field, which steps and events now carry)
+ADMISSION = "admission"
 
 
 class Verification(NamedTuple):
@@ -142,6 +144,10 @@ def collect(
     if not history.effective(index):
       continue
     if kind == rec.EVENT:
+      refusals.extend(
+        Refusal(int(body["step"]), r.example_id, f"{r.reason} (batch refused whole, no update)")
+        for r in rec.rejected_of(body)
+      )
       for r in (
         body.get("events", {}).get(ADMISSION, ()) if isinstance(body.get("events"), Mapping) else ()
       ):
@@ -171,6 +177,7 @@ def collect(
       rows_per_class[int(c)] = rows_per_class.get(int(c), 0) + int(rows.sum())
       unseen[int(c)] = unseen.get(int(c), np.zeros(g, bool)) | ~view.seen[rows].all(axis=0)
     events.extend(_events(view, groups))
+    refusals.extend(Refusal(view.step, r.example_id, str(r.reason)) for r in view.rejected)
     refusals.extend(Refusal(view.step, e, "left out of the batch") for e in view.left_out)
   n_classes = max([len(classes)] + [c + 1 for c in rows_per_class])
   names = classes + tuple(f"class {c}" for c in range(len(classes), n_classes))

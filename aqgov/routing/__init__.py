@@ -4,6 +4,7 @@ from aqgov.routing._cotangent import (
   cotangent_value_and_grad,
   norm_methods,
 )
+from aqgov.routing._sketch import SketchSpec
 from aqgov.routing._transforms import (
   reached,
   route,
@@ -12,6 +13,7 @@ from aqgov.routing._transforms import (
 )
 from aqgov.routing._value_and_grad import (
   STRATEGIES,
+  gradient_sketches,
   group_norms,
   per_example_value_and_grad,
   routed_value_and_grad,
@@ -19,6 +21,7 @@ from aqgov.routing._value_and_grad import (
 
 __all__ = [
   "cotangent_value_and_grad",
+  "gradient_sketches",
   "group_norms",
   "norm_methods",
   "per_example_value_and_grad",
@@ -26,6 +29,7 @@ __all__ = [
   "route",
   "routed",
   "routed_value_and_grad",
+  "SketchSpec",
   "STRATEGIES",
   "strict",
 ]

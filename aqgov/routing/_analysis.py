@@ -85,9 +85,11 @@ class Uses:
   def __init__(self):
     self.by_leaf: dict[int, list[tuple[tuple | None, Site | None]]] = {}
     self.operands: list[tuple[tuple | None, frozenset]] = []  # parameter leaves of each use
+    self.eqns: list[tuple[frozenset, Any, Any]] = []  # (leaves, equation or None, input kinds)
 
-  def add(self, path: tuple | None, leaves, site: Site | None = None) -> None:
+  def add(self, path: tuple | None, leaves, site: Site | None = None, eqn=None, ins=None) -> None:
     self.operands.append((path, frozenset(leaves)))
+    self.eqns.append((frozenset(leaves), eqn, ins))
     for leaf in leaves:
       self.by_leaf.setdefault(leaf, []).append((path, site))
 
@@ -176,7 +178,7 @@ def eqn_kinds(eqn, ins: list[Kind], uses: Uses | None, path: tuple | None) -> li
     outs = [union(ins)] * n_out
   if mixes(ins) and uses is not None:
     leaves = frozenset().union(*(k.leaves for k in ins if is_param(k)))
-    uses.add(path, leaves, None if path is None else _site(eqn, ins))
+    uses.add(path, leaves, None if path is None else _site(eqn, ins), eqn, ins)
   return outs
 
 

@@ -49,9 +49,12 @@ import jax.numpy as jnp
 from aqgov.errors import RoutingError
 from aqgov.routing import _jax_compat as jc
 from aqgov.routing import _norms as norms
+from aqgov.routing import _sketch as sketches
+from aqgov.routing import _slices as slices
 from aqgov.routing._analysis import Uses, analyze, check_visibility, is_param
 from aqgov.routing._emission import Ctx, Env, emit, weigh
 from aqgov.routing._plan import Plan, in_kinds, make_plan, per_example_weights, struct, trace
+from aqgov.routing._slices import slice_axis
 from aqgov.routing._transforms import unsigned_zeros
 
 PyTree = Any
@@ -109,7 +112,11 @@ def _visibility_keys(p_def, visibility: PyTree | None) -> tuple[tuple, list]:
 
 
 def cotangent_value_and_grad(
-  loss_fn: Callable, *, has_aux: bool = False, with_norms: bool = False
+  loss_fn: Callable,
+  *,
+  has_aux: bool = False,
+  with_norms: bool = False,
+  sketch: sketches.SketchSpec | None = None,
 ) -> Callable:
   """`fn(params, batch, leaf_weights, visibility=None)` -> `(loss_mean, grads)` with
   `grads_l = (1/B) Σ_i w_i[l] ∇_l loss_fn(params ⊙ seen_i, example_i)`.
@@ -121,7 +128,10 @@ def cotangent_value_and_grad(
   `leaf_weights` is params-shaped; each leaf is [B] or [B, *shape broadcastable to the leaf].
   With `has_aux`, `loss_fn` returns `(loss, aux)` and the result is `((loss_mean, aux[B,...]),
   grads)`. With `with_norms` a trailing params-shaped pytree of [B] squared per-example
-  contribution norms `||w_i[l] ⊙ ∇_l L_i||²` is added. Jit-able; traced jaxprs are cached by
+  contribution norms `||w_i[l] ⊙ ∇_l L_i||²` is added ([B, n] per position of its axis for a
+  leaf whose weight varies along one axis, so that each slice's norm can be summed); with `sketch`
+  (a `SketchSpec`) a trailing list of per-leaf [B, dim] float32 sketches of `w_i[l] ⊙ ∇_l L_i`
+  (None for a leaf without gradient; see `aqgov.routing._sketch`). Jit-able; traced jaxprs are cached by
   shapes. Raises `UnsupportedPrimitiveError` / `BatchCouplingError` as `check_supported`.
   """
   cache: dict = {}
@@ -135,12 +145,14 @@ def cotangent_value_and_grad(
     if any(jnp.shape(b)[0] != size for b in b_leaves):
       raise RoutingError("every batch leaf needs the same leading batch axis")
     w_flat = p_def.flatten_up_to(leaf_weights)
-    weights, slices = (
+    weights, is_slice = (
       zip(*(per_example_weights(w, p, size) for w, p in zip(w_flat, p_leaves)))
       if p_leaves
       else ((), ())
     )
-    slice_leaves = frozenset(i for i, s in enumerate(slices) if s)
+    slice_leaves = frozenset(i for i, s in enumerate(is_slice) if s)
+    axes = {i: slice_axis(weights[i].shape[1:], jnp.shape(p_leaves[i])) for i in slice_leaves}
+    axes = {i: a for i, a in axes.items() if a is not None}
     ex_structs = tuple(jax.ShapeDtypeStruct(jnp.shape(b)[1:], jnp.result_type(b)) for b in b_leaves)
     vis_key, seen = _visibility_keys(p_def, visibility)
     key = (
@@ -149,18 +161,31 @@ def cotangent_value_and_grad(
       b_def,
       ex_structs,
       slice_leaves,
+      tuple(sorted(axes.items())),
       has_aux,
       vis_key,
     )
     plan = cache.get(key)
     if plan is None:
-      plan = make_plan(loss_fn, p_leaves, p_def, ex_structs, b_def, slice_leaves, has_aux, vis_key)
+      plan = make_plan(
+        loss_fn, p_leaves, p_def, ex_structs, b_def, slice_leaves, has_aux, vis_key, axes
+      )
       if not any(isinstance(c, jc.Tracer) for c in plan.closed.consts):
         cache[key] = plan
     seen = [jnp.broadcast_to(jnp.asarray(s, bool), (size,)) for s in seen]
-    return _run(plan, p_leaves, p_def, b_leaves, weights, size, has_aux, with_norms, seen)
+    return _run(plan, p_leaves, p_def, b_leaves, weights, size, has_aux, with_norms, seen, sketch)
 
   return fn
+
+
+def _sliced_axes(plan: Plan, weights, p_leaves) -> dict:
+  """leaf -> sliced axis of every leaf whose weight varies along one axis (fast or not)."""
+  out = dict(plan.slice_axes)
+  for i in plan.slice_leaves:
+    axis = slice_axis(weights[i].shape[1:], jnp.shape(p_leaves[i]))
+    if axis is not None:
+      out[i] = axis
+  return out
 
 
 def _zero_grad(p):
@@ -180,11 +205,14 @@ def _run(
   has_aux: bool,
   with_norms: bool,
   seen: list = (),
+  sketch: sketches.SketchSpec | None = None,
 ):
   """`(loss_mean, grads)` (with `has_aux` `((loss_mean, aux), grads)`; with `with_norms` a
-  trailing params-shaped pytree of [B] squared norms) for one batch under `plan`."""
-  materialised = plan.materialised if with_norms else frozenset()
-  sites = plan.sites if with_norms else {}
+  trailing params-shaped pytree of [B] squared norms; with `sketch` trailing per-leaf sketches)
+  for one batch under `plan`."""
+  probed = with_norms or sketch is not None
+  materialised = plan.materialised if probed else frozenset()
+  sites = plan.sites if probed else {}
   diff = plan.diff_leaves
   probes = norms.leaf_probes(materialised, p_leaves, size)
   gprobes = norms.site_probes(sites, size)
@@ -209,6 +237,7 @@ def _run(
       site_acts={},
       vis_key=plan.vis_key,
       seen=dict(enumerate(seen_i)),
+      slice_axes=plan.slice_axes,
     )
     env = Env(ctx)
     for v, val, k in zip(
@@ -245,7 +274,28 @@ def _run(
   if has_aux:
     out = jax.tree.unflatten(plan.out_tree, [loss] + list(aux))
     head = (loss, out[1])
-  if not with_norms:
-    return head, grads
-  sq = norms.sq_norms(sites, p_leaves, size, g_probes, g_sites, acts)
-  return head, grads, jax.tree.unflatten(p_def, sq)
+  out = (head, grads)
+  if with_norms:
+    sq = norms.sq_norms(sites, p_leaves, size, g_probes, g_sites, acts)
+    for i, axis in _sliced_axes(plan, weights, p_leaves).items():  # kept per position of the axis
+      sq[i] = slices.positional_sq_norms(g_probes[i], axis)
+    out += (jax.tree.unflatten(p_def, sq),)
+  if sketch is not None:
+    out += (_leaf_sketches(sketch, sites, p_leaves, weights, diff, g_probes, g_sites, acts),)
+  return out
+
+
+def _leaf_sketches(spec, sites, p_leaves, weights, diff, g_probes, g_sites, acts) -> list:
+  """Per leaf, [B, dim] sketches of the weighted per-example gradients (None: not differentiable)."""
+  out: list = [None] * len(p_leaves)
+  size = jnp.shape(weights[0])[0] if weights else 0
+  for i in diff:  # a differentiable leaf the loss does not use: a zero gradient
+    out[i] = jnp.zeros((size, spec.dim), jnp.float32)
+  for i, g in g_probes.items():
+    proj = sketches.projections(spec, i, jnp.shape(p_leaves[i]))
+    out[i] = sketches.project(proj, g)
+  for path, site in sites.items():
+    out[site.leaf] = sketches.site_sketch(
+      spec, site, p_leaves[site.leaf], acts[path], g_sites[path]
+    )
+  return [s if s is None else sketches.routed_only(s, weights[i]) for i, s in enumerate(out)]

@@ -12,6 +12,9 @@ checks, on one abstract trace of the per-example `value_and_grad`:
   False.
 - Collectives over a named axis in the traced jaxpr (`psum`, `pmean`, `all_gather`, ...), and
   ones whose axis is unbound because they expect a batch axis that per-example evaluation lacks.
+  This is how a per-example loss reaches the rest of its batch at all, so it also catches a
+  mixture-of-experts router with an expert capacity shared by the batch (tokens dropped by
+  competing with other examples' tokens).
 
 Not detected: an NNX `BatchNorm` put in training mode by a call argument
 (`bn(x, use_running_average=False)`) or built inside the loss from nothing reachable; Haiku's
@@ -43,6 +46,13 @@ REMEDY = (
   "BatchNorm in inference mode for routed steps (Flax: use_running_average=True; Equinox: "
   "inference=True; Haiku: is_training=False), or use a per-example normalisation "
   "(LayerNorm, GroupNorm, RMSNorm) instead."
+)
+COLLECTIVE_REMEDY = (
+  "Batch statistics (BatchNorm in training mode) and a mixture-of-experts router whose expert "
+  "capacity is shared by the batch (tokens dropped by competing with other examples' tokens) "
+  "communicate this way. Per-example routing needs each example's loss to depend on that example "
+  "alone: compute statistics outside the loss, and route experts per example (top-k token choice "
+  "with no capacity, or a capacity counted over the example's own tokens)."
 )
 _SEARCH_DEPTH = 3  # how many references deep the NNX search follows from the loss function
 _SEARCH_WIDTH = 256  # at most this many items of one container are looked at
@@ -230,11 +240,12 @@ def check_per_example(
   if error is not None:
     raise BatchCouplingError(
       f"the per-example loss uses a collective over a batch axis ({str(error).split('.')[0]}); "
-      f"a loss that communicates across examples cannot be routed per example. {REMEDY}"
+      f"a loss that communicates across examples cannot be routed per example. {COLLECTIVE_REMEDY}"
     ) from None
   collectives = jc.collectives(closed.jaxpr)
   if collectives:
     raise BatchCouplingError(
       "the per-example loss communicates across a mapped axis "
-      f"({', '.join(dict.fromkeys(collectives))}); per-example routing would be wrong. {REMEDY}"
+      f"({', '.join(dict.fromkeys(collectives))}); per-example routing would be wrong. "
+      f"{COLLECTIVE_REMEDY}"
     )

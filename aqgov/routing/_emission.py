@@ -37,6 +37,7 @@ import jax.numpy as jnp
 
 from aqgov.errors import RoutingError
 from aqgov.routing import _jax_compat as jc
+from aqgov.routing import _slices as slices
 from aqgov.routing._analysis import (
   CONST,
   Kind,
@@ -98,6 +99,7 @@ class Ctx(NamedTuple):
   site_acts: dict  # inlining path -> recorded non-parameter operands (output)
   vis_key: tuple = ()  # leaf -> visibility key (None: seen by every example)
   seen: dict = {}  # visibility key -> per-example bool: the example sees those leaves
+  slice_axes: dict = {}  # sliced leaf scaled at its uses -> its sliced axis (`_slices`)
 
 
 class Env:
@@ -311,7 +313,9 @@ def _emit_scaled(eqn, env: Env, ins, kinds, path):
   for leaf in leaves:
     args = [env.iso(a, leaf) if is_param(k) else v for a, v, k in zip(eqn.invars, side, ins)]
     w = env.ctx.weights[leaf]
-    if scaled_pos is not None:
+    if leaf in env.ctx.slice_axes:
+      args, w = slices.scale(eqn, ins, leaf, env.ctx.slice_axes[leaf], args, w, weigh)
+    elif scaled_pos is not None:
       args[scaled_pos] = weigh(args[scaled_pos], w)
       w = None
     if path is not None and path in env.ctx.site_probes:  # a site has exactly one leaf

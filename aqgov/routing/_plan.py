@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from aqgov.errors import BatchCouplingError, RoutingError
 from aqgov.routing import _ghost_norms as ghost_norms
 from aqgov.routing import _jax_compat as jc
+from aqgov.routing import _slices as slices
 from aqgov.routing._analysis import CONST, Kind, Uses, analyze, check_visibility, inexact, is_param
 
 
@@ -30,6 +31,7 @@ class Plan(NamedTuple):
   sites: dict  # inlining path -> Site (norms from operands + cotangent)
   materialised: frozenset  # leaves whose per-example gradients are materialised for norms
   vis_key: tuple = ()  # leaf -> visibility key, None when every example sees it
+  slice_axes: dict = {}  # sliced leaves scaled at their uses (not batched): leaf -> sliced axis
 
 
 def struct(x) -> jax.ShapeDtypeStruct:
@@ -102,18 +104,31 @@ def make_plan(
   slice_leaves,
   has_aux: bool,
   vis_key: tuple = (),
+  slice_axes: dict | None = None,
 ) -> Plan:
+  """The plan for these shapes. `slice_leaves` are weighted per slice; those in `slice_axes`
+  (leaf -> the one axis the weight varies along) are scaled at their uses when every use allows
+  it (`_slices`), the others at the leaf."""
   closed, out_tree = trace(loss_fn, p_leaves, p_def, ex_structs, ex_def)
   _check_output(closed, out_tree, has_aux)
-  uses = Uses()
-  outs = analyze(closed, in_kinds(p_leaves, len(ex_structs), slice_leaves), uses, ())
-  if is_param(outs[0]):
-    uses.add(None, outs[0].leaves)
+  fast = dict(slice_axes or {})
+  while True:  # batching a leaf can add uses to others: repeat until no sliced leaf changes
+    slow = frozenset(slice_leaves) - fast.keys()
+    uses = Uses()
+    outs = analyze(closed, in_kinds(p_leaves, len(ex_structs), slow), uses, ())
+    if is_param(outs[0]):
+      uses.add(None, outs[0].leaves)
+    keep = slices.fast_leaves(uses, fast)
+    if keep == fast.keys():
+      break
+    fast = {leaf: fast[leaf] for leaf in keep}
   vis_key = tuple(vis_key) or (None,) * len(p_leaves)
   check_visibility(uses, vis_key)
   sites, materialised = {}, set(slice_leaves)
   for leaf, recorded in uses.by_leaf.items():
     path, site = recorded[0]
+    if leaf in fast:  # norms per position of the sliced axis come from a materialised probe
+      continue
     if (
       len(recorded) == 1
       and site is not None
@@ -127,11 +142,12 @@ def make_plan(
     closed,
     out_tree,
     len(p_leaves),
-    frozenset(slice_leaves),
+    slow,
     diff,
     sites,
     frozenset(materialised),
     vis_key,
+    fast,
   )
 
 

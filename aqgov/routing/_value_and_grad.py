@@ -30,8 +30,12 @@ import optax
 from aqgov.errors import BatchCouplingError, RoutingError, UnsupportedPrimitiveError
 from aqgov.policy._compile import CompiledPolicy
 from aqgov.routing import _cotangent as cotangent
+from aqgov.routing import _sketch as sketches
+from aqgov.routing import _slices as slices
+from aqgov.routing import _subspace as subspace
 from aqgov.routing._coupling import check_per_example
 from aqgov.routing._plan import check_output
+from aqgov.routing._slices import slice_axis
 from aqgov.routing._transforms import broadcast_weight, weighted_sum
 
 PyTree = Any
@@ -58,11 +62,15 @@ def example_spec(batch: PyTree) -> PyTree:
 
 
 def _squared_norms(leaf_weights: PyTree, per_example: PyTree) -> PyTree:
-  """Per leaf, float32 [B]: `|| w_i * g_i ||^2` over the leaf."""
+  """Per leaf, float32 [B]: `|| w_i * g_i ||^2` over the leaf ([B, n] per position of the axis
+  of a sliced leaf's weight)."""
 
   def one(w, g):
     w = broadcast_weight(w, g)
     scaled = jnp.where(w != 0, w.astype(jnp.float32) * g.astype(jnp.float32), jnp.float32(0))
+    axis = slice_axis(w.shape[1:], g.shape[1:])
+    if axis is not None:
+      return slices.positional_sq_norms(scaled, axis)
     return jnp.sum(jnp.square(scaled), axis=tuple(range(1, g.ndim)))
 
   return jax.tree.map(one, leaf_weights, per_example)
@@ -102,6 +110,7 @@ def per_example_value_and_grad(
   has_aux: bool = False,
   with_norms: bool = False,
   microbatch: int | None = None,
+  sketch: sketches.SketchSpec | None = None,
 ) -> Callable:
   """The reference strategy: `fn(params, batch, leaf_weights, visibility=None)`.
 
@@ -109,7 +118,9 @@ def per_example_value_and_grad(
   each example's loss and gradient are taken at `hide(params, seen_i)`: its hidden leaves zeroed.
   Returns `(loss_mean, grads)` (`((loss_mean, aux[B, ...]), grads)` with `has_aux`), plus, with
   `with_norms`, a params-shaped pytree of float32 [B] squared norms `|| w_i * grad L_i ||^2` per
-  leaf. `microbatch=k` bounds memory to k materialised per-example gradients.
+  leaf, and with `sketch` a trailing list of per-leaf [B, dim] float32 sketches of
+  `w_i * grad L_i` (see `aqgov.routing._sketch`). `microbatch=k` bounds memory to k materialised
+  per-example gradients.
   """
 
   def seen_loss(params, example_seen):
@@ -122,7 +133,11 @@ def per_example_value_and_grad(
     out, grads = jax.vmap(vg, in_axes=(None, 0))(params, examples)
     sums = weighted_sum(weights, grads)
     sq = _squared_norms(weights, grads) if with_norms else None
-    return out, sums, sq
+    sk = None
+    if sketch is not None:
+      w_flat = jax.tree.structure(grads).flatten_up_to(weights)
+      sk = sketches.per_example_sketches(sketch, w_flat, jax.tree.leaves(grads))
+    return out, sums, (sq, sk)
 
   def fn(params, batch, leaf_weights, visibility=None):
     size = _batch_size(batch)
@@ -132,14 +147,14 @@ def per_example_value_and_grad(
     flags = [None if s is None else jnp.broadcast_to(jnp.asarray(s, bool), (size,)) for s in flags]
     batch = (batch, jax.tree.unflatten(p_def, flags))
     if microbatch is None or microbatch >= size:
-      out, sums, sq = chunk(params, batch, leaf_weights)
+      out, sums, (sq, sk) = chunk(params, batch, leaf_weights)
     else:
-      out, sums, sq = _microbatched(chunk, params, batch, leaf_weights, size, microbatch)
+      out, sums, (sq, sk) = _microbatched(chunk, params, batch, leaf_weights, size, microbatch)
     losses, aux = out if has_aux else (out, None)
     loss = jnp.mean(losses)
     grads = jax.tree.map(lambda s: s / jnp.asarray(size, s.dtype), sums)
     head = (loss, aux) if has_aux else loss
-    return (head, grads, sq) if with_norms else (head, grads)
+    return (head, grads) + ((sq,) if with_norms else ()) + ((sk,) if sketch is not None else ())
 
   return fn
 
@@ -169,16 +184,11 @@ def _microbatched(chunk, params, batch, leaf_weights, size: int, k: int):
 
 
 def group_norms(compiled: CompiledPolicy, squared_norms: PyTree) -> jax.Array:
-  """float32 [B, G]: per-example per-group contribution norms from per-leaf squared norms [B]."""
-  leaves = jax.tree.leaves(squared_norms)
-  if len(leaves) != len(compiled.leaf_group):
-    raise RoutingError(
-      f"got squared norms for {len(leaves)} leaves but the policy was compiled for "
-      f"{len(compiled.leaf_group)}; compile it with the parameter pytree you differentiate"
-    )
-  stacked = jnp.stack([jnp.asarray(x, jnp.float32) for x in leaves])  # [L, B]
+  """float32 [B, G]: per-example per-group contribution norms from per-leaf squared norms [B]
+  ([B, n] per position of a sliced leaf's axis: each part counts in its own group)."""
+  stacked = jnp.stack(slices.part_sq_norms(compiled, squared_norms))  # [U, B]
   per_group = jax.ops.segment_sum(
-    stacked, jnp.asarray(compiled.leaf_group, jnp.int32), num_segments=len(compiled.group_names)
+    stacked, jnp.asarray(compiled.part_group, jnp.int32), num_segments=len(compiled.group_names)
   )
   return jnp.sqrt(per_group).T
 
@@ -197,6 +207,7 @@ def routed_value_and_grad(
   with_norms: bool = False,
   microbatch: int | None = None,
   per_example: bool = False,
+  sketch: sketches.SketchSpec | None = None,
 ) -> Callable:
   """Routed gradients of the per-example `loss_fn(params, example)`.
 
@@ -213,10 +224,14 @@ def routed_value_and_grad(
     per_example: "I assert the loss is per-example; skip the checks". The batch-coupling checks
       (BatchNorm in training mode, `batch_stats` writes, collectives) are not run; a collective
       the cotangent strategy cannot transform then makes `"auto"` use `"per_example"`.
+    sketch: a `SketchSpec`: also return [B, G, dim] sketches (in `sketch.dtype`) of each example's
+      routed gradient `w_i[g] * grad_g L_i`, seeded projections summed over each group's leaves
+      (`aqgov.routing._sketch`); exactly zero where the example is routed away from the group.
 
   Returns:
     `fn(params, batch, labels)` returning `(mean_loss, grads)`; with `has_aux`
-    `((mean_loss, aux), grads)`; with `with_norms` a trailing `norms`. Works under `jax.jit` and
+    `((mean_loss, aux), grads)`; with `with_norms` a trailing `norms`, then with `sketch` a
+    trailing `sketches`. Works under `jax.jit` and
     with the batch and labels sharded over devices. `fn.strategy(params, batch)` says which
     strategy it uses for these shapes.
 
@@ -245,6 +260,7 @@ def routed_value_and_grad(
     with_norms=with_norms,
     microbatch=microbatch,
     asserted=per_example,
+    sketch=sketch,
   )
 
 
@@ -261,11 +277,21 @@ class _Routed:
     with_norms: bool,
     microbatch: int | None,
     asserted: bool,
+    sketch: sketches.SketchSpec | None = None,
   ):
     self.loss_fn, self.compiled, self.requested = loss_fn, compiled, strategy
     self.has_aux, self.with_norms, self.asserted = has_aux, with_norms, asserted
+    self.sketch = sketch
+    self.confined = subspace.confined(compiled)  # subspace routes: the loss sees p + U z
+    if sketch is not None and (self.confined or compiled.has_slices):
+      raise RoutingError(
+        "gradient sketches are taken per parameter leaf, and this policy has slice or subspace "
+        "groups (a head, an expert or a subspace of a leaf); record sketches with whole-leaf "
+        "groups, or drop sketch= for this policy"
+      )
+    self.inner = subspace.extended_loss(loss_fn, self.confined) if self.confined else loss_fn
     self.per_example = per_example_value_and_grad(
-      loss_fn, has_aux=has_aux, with_norms=with_norms, microbatch=microbatch
+      self.inner, has_aux=has_aux, with_norms=with_norms, microbatch=microbatch, sketch=sketch
     )
     self.plans: dict[Any, _Plan] = {}
     self.warned = False
@@ -283,11 +309,25 @@ class _Routed:
     weights = compiled.leaf_weights(labels)
     visibility = compiled.leaf_visibility(labels) if compiled.has_visibility else None
     impl = self.per_example if self.strategy(params, batch) == "per_example" else self.cotangent
-    out = impl(params, batch, weights, visibility)
+    if self.confined:
+      extended, weights, visibility = subspace.extend(
+        self.confined, params, weights, visibility, compiled.route_class(labels)
+      )
+      out = impl(extended, batch, weights, visibility)
+      out = (out[0], subspace.fold_grads(self.confined, out[1]), *out[2:])
+      if self.with_norms:
+        out = (*out[:2], subspace.fold_norms(self.confined, out[2]), *out[3:])
+    else:
+      out = impl(params, batch, weights, visibility)
+    head, grads, rest = out[0], out[1], list(out[2:])
     if self.with_norms:
-      head, grads, sq = out
-      return head, grads, group_norms(compiled, sq)
-    return out
+      rest[0] = group_norms(compiled, rest[0])
+    if self.sketch is not None:
+      size = _batch_size(batch)
+      rest[-1] = sketches.group_sketches(
+        self.sketch, rest[-1], compiled.leaf_group, compiled.num_groups, size
+      )
+    return (head, grads, *rest)
 
   def strategy(self, params, batch) -> str:
     """The strategy used for these shapes: "cotangent" or "per_example"."""
@@ -297,7 +337,7 @@ class _Routed:
   def cotangent(self) -> Callable:
     if self._cotangent is None:
       self._cotangent = cotangent.cotangent_value_and_grad(
-        self.loss_fn, has_aux=self.has_aux, with_norms=self.with_norms
+        self.inner, has_aux=self.has_aux, with_norms=self.with_norms, sketch=self.sketch
       )
     return self._cotangent
 
@@ -372,3 +412,47 @@ def _uncovered(exc: UnsupportedPrimitiveError) -> str:
   if exc.primitive:
     return exc.primitive
   return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def gradient_sketches(
+  loss_fn: Callable,
+  sketch: sketches.SketchSpec,
+  leaf_group,
+  num_groups: int,
+  *,
+  has_aux: bool = False,
+  strategy: str = "auto",
+) -> Callable:
+  """`fn(params, batch, group_weights=None)` -> [B, G, dim] sketches of `w_i[g] * grad_g L_i`.
+
+  The same projections as a routed step with the same `sketch` uses, without a policy: what a
+  probe's gradient (all weights 1) or a recorded example's (its recorded weights [B, G]) is
+  projected with at attribution time. `leaf_group` maps `tree_leaves(params)` to groups."""
+  loss_only = _loss_only(loss_fn, has_aux)
+  groups = jnp.asarray(leaf_group, jnp.int32)
+  chosen: dict = {}
+
+  def fn(params, batch, group_weights=None):
+    size = _batch_size(batch)
+    w = jnp.ones((size, num_groups), jnp.float32) if group_weights is None else group_weights
+    w = jnp.asarray(w, jnp.float32)
+    p_def = jax.tree.structure(params)
+    leaf_weights = jax.tree.unflatten(p_def, [w[:, g] for g in np.asarray(groups)])
+    key = (p_def, tuple(jnp.shape(x) for x in jax.tree.leaves(params)))
+    if key not in chosen:
+      impl = "per_example"
+      if strategy != "per_example":
+        try:
+          cotangent.check_supported(loss_only, _abstract(params), example_spec(batch))
+          impl = "cotangent"
+        except (UnsupportedPrimitiveError, BatchCouplingError):
+          if strategy == "cotangent":
+            raise
+      maker = (
+        cotangent.cotangent_value_and_grad if impl == "cotangent" else per_example_value_and_grad
+      )
+      chosen[key] = maker(loss_only, sketch=sketch)
+    _, _, leaf_sketches = chosen[key](params, batch, leaf_weights)
+    return sketches.group_sketches(sketch, leaf_sketches, leaf_group, num_groups, size)
+
+  return fn
