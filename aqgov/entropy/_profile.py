@@ -57,11 +57,12 @@ FORMAT = "aqgov.entropy-profile/1"
 KIND = "entropy-profile"
 ACTIONS = ("pause", "reroute", "route", "escalate")
 OPTIMIZER_STATES = ("hold", "advance")
-REPRESENTATION_KINDS = ("attention", "features")
+REPRESENTATION_KINDS = ("attention", "features", "router")
 _SOURCE_KIND = {
   "attention_entropy": "attention",
   "renyi2": "features",
   "effective_rank": "features",
+  "expert_utilisation": "router",
 }
 
 
