@@ -109,3 +109,10 @@ def test_demo_records_show_the_frozen_core_got_no_update(demo_run):
   for _, _, zero, admitted, fingerprint in claims:
     # every example the policy admitted to the core got weight 0 there, and the core stood still
     assert zero == admitted and fingerprint == "unchanged"
+
+
+def test_the_demo_ends_with_the_table_of_the_governance_claims_it_measured(demo_run):
+  output = " ".join(demo_run[1].split())
+  assert "governance claims, as measured in this run" in output
+  assert "none did" in output  # no sensitive example reached the core
+  assert "no witness configured for the demo run" in output

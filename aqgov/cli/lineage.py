@@ -83,6 +83,18 @@ _RUN_KEY = click.option(
 )
 
 
+def _IMPORT_TRUST(f):  # noqa: N802 (a decorator, named like the option constants)
+  """--trust and --run-key for commands that import the run's task once its lineage verifies."""
+  f = _RUN_KEY(f)
+  return click.option(
+    "--trust",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="The authorities' public keys (and the run key), obtained out of band; the lineage must "
+    "verify against them before anything is imported.",
+  )(f)
+
+
 def _parent_dirs(values: tuple[str, ...]) -> dict[str, str]:
   """--parent-dir DIR (run id read from its lineage) or RUN_ID=DIR."""
   from aqgov.lineage import _log as log
@@ -579,14 +591,7 @@ def events_cmd(run_dir: str, as_json: bool) -> None:
   default=None,
   help="Start from the checkpoint at or before this step instead of the nearest.",
 )
-@click.option(
-  "--trust",
-  multiple=True,
-  type=click.Path(exists=True, dir_okay=False),
-  help="The authorities' public keys (and the run key), obtained out of band; the lineage must "
-  "verify against them before anything is imported.",
-)
-@_RUN_KEY
+@_IMPORT_TRUST
 @click.option(
   "--task",
   "task_ref",
@@ -756,14 +761,7 @@ def _step_range(value: str | None) -> tuple[int, int] | None:
   default=None,
   help="Default: sketches when every step in range recorded them.",
 )
-@click.option(
-  "--trust",
-  multiple=True,
-  type=click.Path(exists=True, dir_okay=False),
-  help="The authorities' public keys (and the run key), obtained out of band; the lineage must "
-  "verify against them before anything is imported.",
-)
-@_RUN_KEY
+@_IMPORT_TRUST
 @click.option(
   "--task",
   "task_ref",
