@@ -83,6 +83,18 @@ _RUN_KEY = click.option(
 )
 
 
+def _IMPORT_TRUST(f):  # noqa: N802 (a decorator, named like the option constants)
+  """--trust and --run-key for commands that import the run's task once its lineage verifies."""
+  f = _RUN_KEY(f)
+  return click.option(
+    "--trust",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="The authorities' public keys (and the run key), obtained out of band; the lineage must "
+    "verify against them before anything is imported.",
+  )(f)
+
+
 def _parent_dirs(values: tuple[str, ...]) -> dict[str, str]:
   """--parent-dir DIR (run id read from its lineage) or RUN_ID=DIR."""
   from aqgov.lineage import _log as log
@@ -267,11 +279,37 @@ def show_cmd(run_dir: str) -> None:
   console.print(meta)
   groups = Table(title="groups")
   groups.add_column("group")
-  groups.add_column("examples reached (step x example)", justify="right")
-  groups.add_column("sum of contribution norms", justify="right")
+  groups.add_column("examples reached (step x example, as applied)", justify="right")
+  groups.add_column("sum of applied contribution norms", justify="right")
   for g in s["groups"]:
     groups.add_row(g, str(d.group_reach[g]), f"{d.group_norm[g]:.6g}")
   console.print(groups)
+
+
+def _policy_query(run_dir, group, step, include_superseded, as_json, *filters) -> None:
+  """`lineage query --policy`: the rows the policy allowed, from a scan of the signed log."""
+  from aqgov.lineage._query import membership
+
+  if group is None or any(f is not None for f in filters):
+    raise click.UsageError("--policy answers --group GROUP (and --step) only")
+  rows = membership(run_dir, group, step=step, include_superseded=include_superseded, policy=True)
+  if as_json:
+    for m in rows:
+      click.echo(json.dumps(m._asdict()))
+    return
+  table = Table(title=f"examples the policy allowed to reach {group!r}")
+  for col in ("step", "example", "route class", "policy weight", "contribution norm"):
+    table.add_column(col, justify="left" if col == "example" else "right")
+  for m in rows:
+    table.add_row(
+      str(m.step) + (" (superseded)" if m.superseded else ""),
+      m.example_id,
+      str(m.route_class),
+      f"{m.weight:.6g}",
+      f"{m.contribution_norm:.6g}",
+    )
+  Console().print(table)
+  click.echo(f"{len(rows)} (step, example) rows the policy allowed")
 
 
 @lineage.command("query")
@@ -310,6 +348,12 @@ def show_cmd(run_dir: str) -> None:
   "it each manifest is only held to the SHA-256 run-start recorded.",
 )
 @click.option(
+  "--policy",
+  is_flag=True,
+  help="What the policy allowed instead of what was applied (the default counts pause, reroute, "
+  "freeze, fallback routes and dropped examples); with --group and --step only.",
+)
+@click.option(
   "--json", "as_json", is_flag=True, help="One JSON object per line instead of a table."
 )
 def query_cmd(
@@ -325,15 +369,20 @@ def query_cmd(
   include_superseded: bool,
   no_index: bool,
   trust: tuple[str, ...],
+  policy: bool,
   as_json: bool,
 ) -> None:
-  """Which examples reached GROUP (weight > 0), at which steps, with what weight and norm.
+  """Which examples reached GROUP (applied weight > 0), at which steps, with what weight and norm
+  as applied (--policy: as the policy allowed).
 
   Prints "none" when no row matches. Answered from the run's signed index (`aqgov lineage index`)
   when it is current and intact, else from a scan of the log's signed part (stderr says which).
   With --refused: which examples admission refused, at which steps and why."""
   from aqgov.lineage._query import query
 
+  if policy:
+    _policy_query(run_dir, group, step, include_superseded, as_json, where, example, route_class)
+    return
   if refused:
     if group is not None or where is not None or route_class is not None:
       raise click.UsageError(
@@ -542,14 +591,7 @@ def events_cmd(run_dir: str, as_json: bool) -> None:
   default=None,
   help="Start from the checkpoint at or before this step instead of the nearest.",
 )
-@click.option(
-  "--trust",
-  multiple=True,
-  type=click.Path(exists=True, dir_okay=False),
-  help="The authorities' public keys (and the run key), obtained out of band; the lineage must "
-  "verify against them before anything is imported.",
-)
-@_RUN_KEY
+@_IMPORT_TRUST
 @click.option(
   "--task",
   "task_ref",
@@ -719,14 +761,7 @@ def _step_range(value: str | None) -> tuple[int, int] | None:
   default=None,
   help="Default: sketches when every step in range recorded them.",
 )
-@click.option(
-  "--trust",
-  multiple=True,
-  type=click.Path(exists=True, dir_okay=False),
-  help="The authorities' public keys (and the run key), obtained out of band; the lineage must "
-  "verify against them before anything is imported.",
-)
-@_RUN_KEY
+@_IMPORT_TRUST
 @click.option(
   "--task",
   "task_ref",

@@ -112,7 +112,8 @@ def example_loss(params, tokens, config: Config = Config(), with_aux: bool = Fal
 def make_task(task_config: Mapping[str, Any], run_dir: str | Path):
   """The governed task of a run training this model (`aqgov.examples.tiny_lm:make_task`).
 
-  `task_config` keys: the `Config` fields, `seed`, `learning_rate`, `strategy`, `strict`, and
+  `task_config` keys: the `Config` fields, `seed`, `learning_rate`, `strategy`, `strict`,
+  `on_nonfinite` (`"fail"` or `"drop_example"`, see `aqgov.governed_step`), and
   `sketch_dim` / `sketch_seed` / `sketch_dtype` to record gradient sketches for attribution.
   """
   import optax
@@ -130,6 +131,7 @@ def make_task(task_config: Mapping[str, Any], run_dir: str | Path):
     optimizer=optax.adamw(float(task_config.get("learning_rate", 3e-3))),
     strategy=str(task_config.get("strategy", "auto")),
     strict=bool(task_config.get("strict", False)),
+    on_nonfinite=str(task_config.get("on_nonfinite", "fail")),
     seed=seed,
     sketch=SketchSpec(
       int(task_config["sketch_dim"]),

@@ -30,7 +30,7 @@ import numpy as np
 from aqgov.credentials._admission import Rejection
 from aqgov.documents import _canonical as canonical
 from aqgov.errors import LineageError
-from aqgov.lineage._summary import PyTree, StepSummary
+from aqgov.lineage._summary import DROP_REASONS, PyTree, StepSummary
 from aqgov.policy import _paths as paths
 
 if TYPE_CHECKING:
@@ -329,6 +329,15 @@ _OPTIONAL = {
 }
 
 
+# what a step actually applied (schema version 2; docs/lineage-schema.md, "Applied weights")
+_APPLIED_FIELDS = {
+  "applied_weights": (_is(dict), "a weights map"),
+  "applied_scale": (_is(dict), "an array"),
+  "dropped": _REJECTED,  # the same {id, reason} entries as refusals
+}
+_OPTIONAL[STEP].update(_APPLIED_FIELDS)
+
+
 def check_body(kind: str, body: Mapping[str, Any], index: int | None = None) -> None:
   """Raise `LineageError` unless `body` has every field of a `kind` body, each of its type."""
   schema = _SCHEMAS.get(kind)
@@ -532,6 +541,7 @@ def step_body(
   }
   if seen is not None and not seen.all():
     body["hidden"] = weights_to_wire((~seen).astype(np.uint8), route_class)
+  body.update(_applied_to_wire(s, keep, every, weights, route_class, example_ids, index))
   if not (rows.size == len(example_ids) and np.array_equal(rows, np.arange(rows.size))):
     body["rows"] = array_to_wire(rows.astype(_index_dtype(max(len(example_ids) - 1, 0))))
   if example_sha256 is not None:
@@ -545,6 +555,38 @@ def step_body(
       )
     body["example_sha256"] = joined
   return dict(sorted(body.items()))  # sorted keys and builtin types only: see encode_step_body
+
+
+def _applied_to_wire(
+  s: StepSummary,
+  keep: np.ndarray,
+  every: bool,
+  weights: np.ndarray,
+  route_class: np.ndarray,
+  example_ids: Sequence[str],
+  index: np.ndarray,
+) -> dict:
+  """The optional step fields saying what was actually applied, each left out when it says
+  nothing new: `applied_weights` when they differ from `weights`, `applied_scale` when some group
+  was not scaled by 1, `dropped` when an example was dropped."""
+  out: dict[str, Any] = {}
+  if s.applied_weights is not None:
+    applied = np.asarray(s.applied_weights, np.float32)
+    applied = applied if every else applied[keep]
+    if applied.shape != weights.shape or not np.array_equal(applied, weights):
+      out["applied_weights"] = weights_to_wire(applied, route_class)
+  if s.applied_scale is not None:
+    scale = np.asarray(s.applied_scale, np.float32)
+    if not (scale == 1).all():
+      out["applied_scale"] = array_to_wire(scale)
+  if s.dropped is not None:
+    why = np.asarray(s.dropped)
+    rows = np.flatnonzero((why != 0) & keep)
+    if rows.size:
+      out["dropped"] = [
+        {"id": example_ids[int(index[r])], "reason": DROP_REASONS[int(why[r])]} for r in rows
+      ]
+  return out
 
 
 # ---- admission refusals ---------------------------------------------------------------------------
@@ -608,7 +650,15 @@ class StepView(NamedTuple):
   measurements: dict[str, np.ndarray]
   events: dict[str, np.ndarray]
   seen: np.ndarray | None = None  # bool [B, G]; groups each row saw in its forward pass
+  applied_weights: np.ndarray | None = None  # float32 [B, G]; what each row was applied with
+  applied_scale: np.ndarray | None = None  # float32 [G]; scale applied to each group's gradient
+  dropped: tuple[tuple[str, str], ...] = ()  # (example id, reason) of examples dropped
   rejected: tuple[Rejection, ...] = ()  # examples refused at admission, left out of the batch
+
+  @property
+  def applied_norms(self) -> np.ndarray:
+    """float32 [B, G]: the contribution of each row that reached each group's update."""
+    return (self.contribution_norms * self.applied_scale[None, :]).astype(np.float32)
 
   @property
   def row_ids(self) -> tuple[str, ...]:
@@ -748,6 +798,7 @@ def _check_step(body: Mapping[str, Any], groups: int | None, fields_checked: boo
     )
   g = fp_shape[0]
   _check_per_row(body["weights"], rc_shape[0], g, "weights")
+  _check_applied(body, rc_shape[0], g, ids)
   if "hidden" in body:
     _check_per_row(body["hidden"], rc_shape[0], g, "hidden")
   norms_shape, _ = _wire_shape(body["contribution_norms"], "contribution_norms")
@@ -760,6 +811,37 @@ def _check_step(body: Mapping[str, Any], groups: int | None, fields_checked: boo
       if _wire_shape_of(v) is None:  # the message only for a bad one
         _wire_shape(v, f"{field[:-1]} {k!r}")
   return g
+
+
+def _check_applied(body: Mapping[str, Any], rows: int, g: int, ids: Sequence[str]) -> None:
+  if "applied_weights" in body:
+    _check_per_row(body["applied_weights"], rows, g, "applied_weights")
+  if "applied_scale" in body:
+    shape, dtype = _wire_shape(body["applied_scale"], "applied_scale")
+    if shape != (g,) or dtype.kind != "f":
+      raise LineageError(f"applied_scale must be a float [G] array with G = {g}, got {list(shape)}")
+  known = set(ids)
+  for d in body.get("dropped", ()):
+    if d["id"] not in known:
+      raise LineageError(
+        f"dropped names example {d['id']!r:.60}, which is not among the step's ids"
+      )
+
+
+def _view_applied(body: Mapping[str, Any], weights: np.ndarray, route_class: np.ndarray) -> dict:
+  """The applied fields of a step view; a record without them applied exactly its `weights`."""
+  applied = (
+    weights
+    if "applied_weights" not in body
+    else weights_from_wire(body["applied_weights"], route_class, "applied_weights")
+  )
+  scale = (
+    np.ones(weights.shape[1], np.float32)
+    if "applied_scale" not in body
+    else array_from_wire(body["applied_scale"], "applied_scale").astype(np.float32)
+  )
+  dropped = tuple((d["id"], d["reason"]) for d in body.get("dropped", ()))
+  return {"applied_weights": applied, "applied_scale": scale, "dropped": dropped}
 
 
 def _view_step(body: Mapping[str, Any], groups: int | None) -> StepView:
@@ -799,5 +881,6 @@ def _view_step(body: Mapping[str, Any], groups: int | None) -> StepView:
     },
     events={k: array_from_wire(v, f"event {k!r}") for k, v in body["events"].items()},
     seen=np.ones(per_row, bool) if hidden is None else hidden == 0,
+    **_view_applied(body, weights, route_class),
     rejected=rejected_of(body),
   )
