@@ -798,7 +798,7 @@ def _check_step(body: Mapping[str, Any], groups: int | None, fields_checked: boo
     )
   g = fp_shape[0]
   _check_per_row(body["weights"], rc_shape[0], g, "weights")
-  _check_applied(body, rc_shape[0], g, ids)
+  _check_applied(body, rc_shape[0], g)
   if "hidden" in body:
     _check_per_row(body["hidden"], rc_shape[0], g, "hidden")
   norms_shape, _ = _wire_shape(body["contribution_norms"], "contribution_norms")
@@ -813,14 +813,14 @@ def _check_step(body: Mapping[str, Any], groups: int | None, fields_checked: boo
   return g
 
 
-def _check_applied(body: Mapping[str, Any], rows: int, g: int, ids: Sequence[str]) -> None:
+def _check_applied(body: Mapping[str, Any], rows: int, g: int) -> None:
   if "applied_weights" in body:
     _check_per_row(body["applied_weights"], rows, g, "applied_weights")
   if "applied_scale" in body:
     shape, dtype = _wire_shape(body["applied_scale"], "applied_scale")
     if shape != (g,) or dtype.kind != "f":
       raise LineageError(f"applied_scale must be a float [G] array with G = {g}, got {list(shape)}")
-  known = set(ids)
+  known = set(_split_ids(body["example_ids"])) if body.get("dropped") else set()
   for d in body.get("dropped", ()):
     if d["id"] not in known:
       raise LineageError(
