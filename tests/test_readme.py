@@ -80,7 +80,7 @@ def test_the_auditors_path_answers_each_question_with_one_command(demo_dir, monk
       outputs.get(" ".join(command.split()[1:3]), "") + result.output
     )
   assert "none" in outputs["lineage query"]  # no sensitive example reached the core
-  assert "ex-0001" in outputs["lineage attribute"]  # the probe is the text of ex-0001
+  assert "ex-0173" in outputs["lineage attribute"]  # the probe is the text of ex-0173
   assert "PASS" in outputs["gate demo-out"].upper()
   for name in ("gate.intoto.json", "report.html", "bom.cdx.json", "bom.spdx.json"):
     assert (demo_dir / name).is_file(), name
