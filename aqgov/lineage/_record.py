@@ -72,14 +72,20 @@ def encode_record(seq: int, kind: str, prev: bytes, body: Mapping[str, Any] | by
     raise LineageError(f"unknown record kind {kind!r}; expected one of {', '.join(KINDS)}")
   if len(prev) != 32:
     raise LineageError(f"prev must be a 32-byte hash, got {len(prev)} bytes")
-  return canonical.encode(
+  seq = int(seq)
+  if not 0 <= seq < 2**63:
+    raise LineageError(f"seq must be a record index, got {seq}")
+  # keys in canonical (sorted) order and only str, bytes and int values: plain msgpack already
+  # yields the canonical bytes, without `canonical.encode`'s normalisation pass over the body
+  return msgpack.packb(
     {
-      "v": VERSION,
-      "seq": int(seq),
+      "body": body if isinstance(body, bytes) else canonical.encode(dict(body)),
       "kind": kind,
       "prev": bytes(prev),
-      "body": body if isinstance(body, bytes) else canonical.encode(dict(body)),
-    }
+      "seq": seq,
+      "v": VERSION,
+    },
+    use_bin_type=True,
   )
 
 
@@ -337,7 +343,7 @@ def check_body(kind: str, body: Mapping[str, Any], index: int | None = None) -> 
   schema = _SCHEMAS.get(kind)
   if schema is None:
     raise LineageError(f"record {index}: unknown record kind {kind!r}", index=index)
-  missing = sorted(set(schema) - set(body))
+  missing = () if schema.keys() <= body.keys() else sorted(set(schema) - set(body))
   if missing:
     raise LineageError(
       f"record {index}: {kind} body lacks field(s) {', '.join(missing)}; the record is malformed "
@@ -401,13 +407,16 @@ def _index_dtype(max_value: int) -> np.dtype:
 
 def weights_to_wire(weights: np.ndarray, route_class: np.ndarray) -> dict:
   """[B, G] weights as `{"by_class": [C, G]}` when every row equals its route class's row (the
-  usual case: weights come from the policy table), else `{"full": [B, G]}`. Lossless either way;
-  rows of classes absent from the batch are zero."""
-  if weights.shape[0] and route_class.min() >= 0 and route_class.max() < 65536:
-    by_class = np.zeros((int(route_class.max()) + 1, weights.shape[1]), weights.dtype)
-    by_class[route_class] = weights  # rows of one class agree iff the round trip below is exact
-    if (by_class[route_class] == weights).all():
-      return {"by_class": array_to_wire(by_class)}
+  usual case: weights come from the policy table), else `{"full": [B, G]}`. Lossless either way
+  (rows are compared bit for bit, so 0.0 and -0.0 differ and a NaN equals itself); rows of
+  classes absent from the batch are zero."""
+  if weights.shape[0]:
+    lo, hi = int(route_class.min()), int(route_class.max())
+    if lo >= 0 and hi < 65536:
+      by_class = np.zeros((hi + 1, weights.shape[1]), weights.dtype)
+      by_class[route_class] = weights  # rows of one class agree iff the round trip is exact
+      if by_class.take(route_class, axis=0).tobytes() == weights.tobytes():
+        return {"by_class": array_to_wire(by_class)}
   return {"full": array_to_wire(weights)}
 
 
@@ -473,6 +482,15 @@ def _split_ids(data: bytes) -> tuple[str, ...]:
     return tuple(data.decode("utf-8").split("\x00")) if data else ()
   except UnicodeDecodeError:
     raise LineageError("example_ids is not UTF-8 text") from None
+
+
+def _count_ids(data: bytes) -> int:
+  """len(_split_ids(data)), without building the id strings."""
+  try:
+    data.isascii() or data.decode("utf-8")  # ASCII is UTF-8, and checked without a copy
+  except UnicodeDecodeError:
+    raise LineageError("example_ids is not UTF-8 text") from None
+  return data.count(b"\x00") + 1 if data else 0
 
 
 def step_body(
@@ -655,13 +673,18 @@ class StepView(NamedTuple):
 
 
 def check_step(
-  body: Mapping[str, Any], index: int | None = None, groups: int | None = None
+  body: Mapping[str, Any],
+  index: int | None = None,
+  groups: int | None = None,
+  *,
+  fields_checked: bool = False,
 ) -> None:
   """Raise `LineageError` unless a "step" body has every field, and arrays whose dtypes, byte counts and
   shapes fit together ([B] rows, [B, G] or [C, G] per-row maps, [G, dim] fingerprint), without
-  building the arrays (what `verify_lineage` checks of every step record)."""
+  building the arrays (what `verify_lineage` checks of every step record). `fields_checked`: the
+  caller already ran `check_body` on it (as `decode_body` with a kind does), so it is not rerun."""
   try:
-    _check_step(body, groups)
+    _check_step(body, groups, fields_checked)
   except LineageError as exc:
     raise LineageError(f"record {index}: malformed step body: {exc}", index=index) from None
 
@@ -689,8 +712,26 @@ def _wire_dtype(name: Any) -> np.dtype | None:
   )
 
 
+def _wire_shape_of(w: Any) -> tuple[tuple[int, ...], np.dtype] | None:
+  """(shape, dtype) of a well-formed array map as decoded (plain types), checked without numpy;
+  None for anything else (`_wire_shape` then says what is wrong)."""
+  if type(w) is dict and len(w) == 3:
+    data, name, shape = w.get("data"), w.get("dtype"), w.get("shape")
+    if type(data) is bytes and type(name) is str and type(shape) is list:
+      dtype = _wire_dtype(name)
+      n = -1 if dtype is None else dtype.itemsize
+      for d in shape:
+        n = n * d if type(d) is int and d >= 0 and n >= 0 else -1
+      if n == len(data):
+        return tuple(shape), dtype
+  return None
+
+
 def _wire_shape(w: Any, what: str) -> tuple[tuple[int, ...], np.dtype]:
   """(shape, dtype) of an array map, checked to hold exactly that many bytes."""
+  known = _wire_shape_of(w)
+  if known is not None:
+    return known
   if not isinstance(w, Mapping) or set(w) != {"data", "dtype", "shape"}:
     raise LineageError(f"{what} is not an array map (data, dtype, shape)")
   dtype = _wire_dtype(w["dtype"]) if isinstance(w["dtype"], str) else None
@@ -725,13 +766,14 @@ def _check_per_row(w: Any, rows: int, g: int, what: str) -> None:
     )
 
 
-def _check_step(body: Mapping[str, Any], groups: int | None) -> int:
-  check_body(STEP, body)
-  ids = _split_ids(body["example_ids"])
+def _check_step(body: Mapping[str, Any], groups: int | None, fields_checked: bool = False) -> int:
+  if not fields_checked:
+    check_body(STEP, body)
+  n_ids = _count_ids(body["example_ids"])
   sha = body.get("example_sha256")
-  if sha is not None and len(sha) != 32 * len(ids):
+  if sha is not None and len(sha) != 32 * n_ids:
     raise LineageError(
-      f"example_sha256 holds {len(sha)} bytes, not 32 for each of the {len(ids)} example ids"
+      f"example_sha256 holds {len(sha)} bytes, not 32 for each of the {n_ids} example ids"
     )
   rc_shape, rc_dtype = _wire_shape(body["route_class"], "route_class")
   if len(rc_shape) != 1 or rc_dtype.kind not in "iu":
@@ -744,9 +786,9 @@ def _check_step(body: Mapping[str, Any], groups: int | None) -> int:
       raise LineageError(
         f"rows must be a [B] integer array with B = {rc_shape[0]}, got {list(rows_shape)}"
       )
-  elif rc_shape[0] != len(ids):
+  elif rc_shape[0] != n_ids:
     raise LineageError(
-      f"{rc_shape[0]} batch rows but {len(ids)} example ids, and no rows map between them"
+      f"{rc_shape[0]} batch rows but {n_ids} example ids, and no rows map between them"
     )
   fp_shape, _ = _wire_shape(body["fingerprint"], "fingerprint")
   if len(fp_shape) != 2 or (groups is not None and fp_shape[0] != groups):
@@ -756,7 +798,7 @@ def _check_step(body: Mapping[str, Any], groups: int | None) -> int:
     )
   g = fp_shape[0]
   _check_per_row(body["weights"], rc_shape[0], g, "weights")
-  _check_applied(body, rc_shape[0], g, ids)
+  _check_applied(body, rc_shape[0], g)
   if "hidden" in body:
     _check_per_row(body["hidden"], rc_shape[0], g, "hidden")
   norms_shape, _ = _wire_shape(body["contribution_norms"], "contribution_norms")
@@ -766,18 +808,19 @@ def _check_step(body: Mapping[str, Any], groups: int | None) -> int:
     )
   for field in ("measurements", "events"):
     for k, v in body[field].items():
-      _wire_shape(v, f"{field[:-1]} {k!r}")
+      if _wire_shape_of(v) is None:  # the message only for a bad one
+        _wire_shape(v, f"{field[:-1]} {k!r}")
   return g
 
 
-def _check_applied(body: Mapping[str, Any], rows: int, g: int, ids: Sequence[str]) -> None:
+def _check_applied(body: Mapping[str, Any], rows: int, g: int) -> None:
   if "applied_weights" in body:
     _check_per_row(body["applied_weights"], rows, g, "applied_weights")
   if "applied_scale" in body:
     shape, dtype = _wire_shape(body["applied_scale"], "applied_scale")
     if shape != (g,) or dtype.kind != "f":
       raise LineageError(f"applied_scale must be a float [G] array with G = {g}, got {list(shape)}")
-  known = set(ids)
+  known = set(_split_ids(body["example_ids"])) if body.get("dropped") else set()
   for d in body.get("dropped", ()):
     if d["id"] not in known:
       raise LineageError(
