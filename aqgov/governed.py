@@ -41,7 +41,13 @@ from aqgov.credentials._manifest import MANIFEST, Example
 from aqgov.documents._document_type import DocumentType, read, verify
 from aqgov.documents._keys import TrustStore
 from aqgov.documents._signing import verify_signatures
-from aqgov.entropy._enforce import check_escalation, enforce, enforce_state
+from aqgov.entropy._enforce import (
+  check_escalation,
+  enforce,
+  enforce_state,
+  route_bounds,
+  route_weights,
+)
 from aqgov.entropy._metrics import measure
 from aqgov.entropy._overrides import OVERRIDE, Override, admit_override
 from aqgov.entropy._profile import PROFILE, EntropyProfile
@@ -54,7 +60,14 @@ from aqgov.errors import (
   RoutingError,
 )
 from aqgov.lineage._log import LogReader
-from aqgov.lineage._summary import StepSummary, summarize
+from aqgov.lineage._summary import (
+  DROP_REASONS,
+  FINITE,
+  NONFINITE_GRADIENT,
+  NONFINITE_LOSS,
+  StepSummary,
+  summarize,
+)
 from aqgov.lineage._task import TrainState
 from aqgov.policy._compile import CompiledPolicy, compile_policy
 from aqgov.policy._policy import POLICY
@@ -104,6 +117,43 @@ def group_finite(grads: Any, loss: jax.Array, compiled: CompiledPolicy) -> jax.A
   return per_group & jnp.isfinite(loss)
 
 
+ON_NONFINITE = ("fail", "drop_example")
+
+
+def offending_rows(losses: jax.Array, norms: jax.Array) -> jax.Array:
+  """int8 [B]: why each example would make the step non-finite (`FINITE`, `NONFINITE_LOSS`, or
+  `NONFINITE_GRADIENT`: a non-finite per-example contribution norm in some group)."""
+  bad_loss = ~jnp.isfinite(losses)
+  bad_grad = ~jnp.all(jnp.isfinite(norms), axis=-1)
+  return jnp.where(
+    bad_loss, NONFINITE_LOSS, jnp.where(bad_grad, NONFINITE_GRADIENT, FINITE)
+  ).astype(jnp.int8)
+
+
+def _substitute_rows(inputs: Any, drop: jax.Array) -> Any:
+  """`inputs` with each dropped row replaced by the first kept row: a dropped example then has
+  finite values as well as weight 0, so no routing strategy can carry its inf/NaN anywhere."""
+  donor = jnp.argmax(~drop)
+
+  def one(x):
+    mask = jnp.reshape(drop, (-1,) + (1,) * (jnp.ndim(x) - 1))
+    return jnp.where(mask, x[donor], x)
+
+  return jax.tree.map(one, inputs)
+
+
+def applied_weights(
+  weights: jax.Array, routing: jax.Array, scale: jax.Array, applied: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+  """(float32 [B, G] effective weights, float32 [G] applied scale) of one step: the policy
+  `weights` times the `routing` factor the gradient was taken with (fallback routes, dropped
+  examples), times the per-group `scale` enforcement applied (pause, reroute, freeze), all 0
+  where the step was not `applied`."""
+  scale = jnp.where(applied, scale, 0.0).astype(jnp.float32)
+  effective = jnp.where((routing == 0) | (scale == 0)[None, :], 0.0, weights * routing * scale)
+  return effective.astype(jnp.float32), scale
+
+
 def governed_step(
   loss_fn: Callable,
   compiled: CompiledPolicy,
@@ -117,41 +167,82 @@ def governed_step(
   fingerprint_seed: int = 0,
   microbatch: int | None = None,
   norms: str = "exact",
-  sketch_dim: int = 64,
-  sketch_seed: int = 0,
+  norms_sketch_dim: int = 64,
+  norms_sketch_seed: int = 0,
+  on_nonfinite: str = "fail",
   sketch: SketchSpec | None = None,
 ) -> tuple[optax.GradientTransformationExtraArgs, StepFn]:
   """The optimizer to `init` the state with, and the pure step `(state, batch, labels) -> (state, summary)`.
 
   `loss_fn(params, example)` is the per-example loss; with `has_aux` it returns `(loss, aux)` where
   `aux` holds the representations the profile names. `batch` is `{"inputs": pytree with a leading
-  batch axis, "index": int32 [B]}` (row -> position in the host-side id list).
+  batch axis, "index": int32 [B]}` (row -> position in the host-side id list). With `sketch`
+  (opt-in) the summary also carries [B, G, dim] sketches of each example's routed gradient, which
+  a governed run writes to its sketch store for attribution (`aqgov.lineage.attribute`).
+
+  `on_nonfinite`: `"fail"` (default) applies nothing when anything is NaN/inf and the summary's
+  `dropped` names the offending rows; `"drop_example"` gives the offending examples (non-finite
+  loss or contribution norm) weight 0 in every group and recomputes the step without them (only
+  when there is one: a `lax.cond`), recording them in `dropped`; the loss is then the mean over
+  the kept examples and the gradient keeps its 1/B (as for any example routed away). A step still
+  non-finite after that (e.g. a NaN learning rate) fails closed as with `"fail"`.
 
   `norms` says which per-example contribution norms the summary records: `"exact"`, or
-  `"sketch"` (unbiased estimates from `sketch_dim` projections seeded by `sketch_seed`, see
-  `routed_value_and_grad`); `norms_config` gives the run-start record's account of it. With
-  `sketch` (opt-in) the summary also carries [B, G, dim] sketches of each example's routed
-  gradient, which a governed run writes to its sketch store for attribution
-  (`aqgov.lineage.attribute`).
+  `"sketch"` (unbiased estimates from `norms_sketch_dim` projections seeded by
+  `norms_sketch_seed`, see `routed_value_and_grad`); `norms_config` gives the run-start record's
+  account of it.
   """
-  norms_config(norms, sketch_dim, sketch_seed)  # refuses what routing would refuse, here
+  norms_config(
+    norms, norms_sketch_dim, norms_sketch_seed
+  )  # refuses what routing would refuse, here
+  if on_nonfinite not in ON_NONFINITE:
+    raise RoutingError(f"on_nonfinite = {on_nonfinite!r}; use one of {list(ON_NONFINITE)}")
   tx = governed_optimizer(optimizer, compiled, profile=profile, strict=strict, overrides=overrides)
   governed = profile is not None
+  routes = governed and bool(route_bounds(profile))
+  drop_examples = on_nonfinite == "drop_example"
+
+  def with_losses(params, example):  # per-example losses ride in aux to find offending examples
+    out = loss_fn(params, example)
+    loss, aux = out if has_aux else (out, None)
+    return loss, (aux, loss)
+
   grad_fn = routed_value_and_grad(
-    loss_fn,
+    with_losses,
     compiled,
     strategy,
-    has_aux=has_aux,
+    has_aux=True,
     with_norms=norms,
-    sketch_dim=sketch_dim,
-    sketch_seed=sketch_seed,
+    sketch_dim=norms_sketch_dim,
+    sketch_seed=norms_sketch_seed,
     microbatch=microbatch,
     sketch=sketch,
   )
 
   def step(state: TrainState, batch: Mapping[str, Any], labels: Mapping[str, jax.Array]):
-    value, grads, norms, *sketched = grad_fn(state.params, batch["inputs"], labels)
-    loss, aux = value if has_aux else (value, None)
+    weights = compiled.group_weights(labels)
+    routing = route_weights(state.opt_state, compiled, labels) if routes else jnp.ones_like(weights)
+    scale_arg = routing if routes else None
+    out = grad_fn(state.params, batch["inputs"], labels, scale_arg)
+    (_, (_, losses)), _, norms, *_ = out
+    offending = offending_rows(losses, norms)
+    if drop_examples:
+      drop = offending != FINITE
+
+      def without_offenders(_):
+        inputs = _substitute_rows(batch["inputs"], drop)
+        return grad_fn(state.params, inputs, labels, routing * ~drop[:, None])
+
+      out = jax.lax.cond(jnp.any(drop), without_offenders, lambda _: out, None)
+      routing = jnp.where(drop[:, None], 0.0, routing)
+    (mean_loss, (aux, losses)), grads, norms, *sketched = out
+    if drop_examples:
+      kept = offending == FINITE
+      kept_mean = jnp.sum(jnp.where(kept, losses, 0.0)) / jnp.maximum(jnp.sum(kept), 1)
+      loss = jnp.where(jnp.all(kept), mean_loss, kept_mean.astype(mean_loss.dtype))
+    else:
+      loss = mean_loss
+    aux = aux if has_aux else None
     measurements = measure(profile, compiled, grads=grads, representations=aux) if governed else {}
     # enforcement numbers steps like the lineage: the step being taken is state.step + 1
     extra = {"measurements": measurements, "step": state.step + 1} if governed else {}
@@ -169,11 +260,15 @@ def governed_step(
     opt_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), opt_state, state.opt_state)
     escalated = enforce_state(opt_state).escalated if governed else jnp.zeros((), bool)
     number = jnp.where(escalated | ~ok, state.step, state.step + 1).astype(jnp.int32)
+    group_scale = (
+      enforce_state(opt_state).applied_scale if governed else jnp.ones((compiled.num_groups,))
+    )
+    effective, applied_scale = applied_weights(weights, routing, group_scale, ok)
     summary = summarize(
       step=number,
       example_index=batch["index"],
       route_class=compiled.route_class(labels),
-      weights=compiled.group_weights(labels),
+      weights=weights,
       contribution_norms=norms,
       loss=loss,
       params=compiled.parts(params),  # a sliced leaf fingerprints each slice into its group
@@ -182,6 +277,9 @@ def governed_step(
       measurements=measurements,
       events=enforce_state(opt_state).events if governed else (),
       seen=compiled.group_visibility(labels) if compiled.has_visibility else None,
+      applied_weights=effective,
+      applied_scale=applied_scale,
+      dropped=offending,
       sketch=sketched[0] if sketched else None,
     )
     return TrainState(number, params, opt_state, GovernanceState(~finite)), summary
@@ -260,8 +358,9 @@ class GovernedTask:
     make_inputs: `Example -> model inputs` for one example (stacked by admission).
     optimizer: the Optax optimizer.
     strategy, strict, microbatch: as for `routed_value_and_grad` / `governed_optimizer`.
-    norms, sketch_dim, sketch_seed: which contribution norms the lineage records (as for
-      `governed_step`); `GovernedRun.start` records `norms_config` in the run-start `config`.
+    norms, norms_sketch_dim, norms_sketch_seed: which contribution norms the lineage records (as
+      for `governed_step`); `GovernedRun.start` records `norms_config` in the run-start `config`.
+    on_nonfinite: `"fail"` (default) or `"drop_example"`, as for `governed_step`.
     seed: fingerprint projection seed.
     sketch: a `SketchSpec` to record per-example gradient sketches (opt-in; see `governed_step`).
     overrides: verified override tokens admitted for this run, besides those in `run_dir/overrides/`.
@@ -287,8 +386,9 @@ class GovernedTask:
     overrides: Sequence[Any] = (),
     trust: TrustStore | None = None,
     norms: str = "exact",
-    sketch_dim: int = 64,
-    sketch_seed: int = 0,
+    norms_sketch_dim: int = 64,
+    norms_sketch_seed: int = 0,
+    on_nonfinite: str = "fail",
     sketch: SketchSpec | None = None,
   ):
     trust = getattr(run_dir, "trust", None) if trust is None else trust
@@ -299,7 +399,8 @@ class GovernedTask:
       )
     run_dir = Path(run_dir)
     self.trust = trust
-    self.norms_config = norms_config(norms, sketch_dim, sketch_seed)
+    self.norms_config = norms_config(norms, norms_sketch_dim, norms_sketch_seed)
+    self.on_nonfinite = on_nonfinite
     # composed in name order, so route class names do not depend on document ids
     policies = sorted(
       _verified(POLICY, sorted((run_dir / "policies").glob("*.signed")), self.trust),
@@ -342,14 +443,37 @@ class GovernedTask:
       fingerprint_seed=seed,
       microbatch=microbatch,
       norms=norms,
-      sketch_dim=sketch_dim,
-      sketch_seed=sketch_seed,
+      norms_sketch_dim=norms_sketch_dim,
+      norms_sketch_seed=norms_sketch_seed,
+      on_nonfinite=on_nonfinite,
       sketch=sketch,
     )
     self.step_without_checks = jax.jit(step)
     self.sketch_spec = sketch
     self._loss_fn, self._strategy = loss_fn, strategy
     self._sketcher: Callable | None = None
+    self._batch_ids: tuple[Any, tuple[str, ...]] = (
+      None,
+      (),
+    )  # (index array, ids) of the last batch
+
+  def _offenders(self, batch: Any, summary: StepSummary) -> str:
+    """A sentence naming the examples that made a step non-finite, and what to do."""
+    why = np.asarray(jax.device_get(summary.dropped))
+    rows = np.flatnonzero(why)
+    if not rows.size:
+      return "No single example is non-finite: check the learning rate and the optimizer. "
+    names = self._row_names(batch, rows)
+    listed = "; ".join(f"{n} ({DROP_REASONS[int(why[r])]})" for n, r in zip(names, rows))
+    if self.on_nonfinite == "drop_example":
+      return (
+        f"Dropping example(s) {listed} did not make it finite: check the learning rate and the "
+        "optimizer. "
+      )
+    return (
+      f"Non-finite example(s): {listed}. Remove them from the batch, or train with "
+      "on_nonfinite='drop_example' to drop such examples from their step (recorded). "
+    )
 
   def sketch_examples(
     self, params: Any, examples: Sequence[Example], group_weights: Any = None
@@ -381,10 +505,17 @@ class GovernedTask:
   def make_batch(self, examples: Sequence[Example]) -> tuple[dict, dict]:
     """Admit `examples` against the run's manifests: labels come only from verified credentials."""
     admitted = self.admission.admit(examples, transform=self._make_inputs)
-    return {
-      "inputs": admitted.inputs,
-      "index": np.arange(len(admitted.ids), dtype=np.int32),
-    }, admitted.labels
+    index = np.arange(len(admitted.ids), dtype=np.int32)
+    self._batch_ids = (index, tuple(admitted.ids))
+    return {"inputs": admitted.inputs, "index": index}, admitted.labels
+
+  def _row_names(self, batch: Any, rows: np.ndarray) -> list[str]:
+    """Example ids of batch `rows` when the batch is the one `make_batch` built last, else rows."""
+    index, ids = self._batch_ids
+    positions = np.asarray(jax.device_get(batch["index"]))[rows]
+    if batch.get("index") is index:
+      return [ids[int(p)] for p in positions]
+    return [f"row {int(r)}" for r in rows]
 
   def step(self, state: TrainState, batch: Any, labels: Any) -> tuple[TrainState, StepSummary]:
     """`step_without_checks`, then raise for a non-finite step or an escalation (host side)."""
@@ -395,8 +526,8 @@ class GovernedTask:
       raise NonFiniteError(
         f"step {int(jax.device_get(state.step)) + 1}: the loss, or the routed gradient, update or updated "
         f"parameters of group(s) {groups} is NaN/inf, so the step was not applied (parameters and optimizer "
-        "state are unchanged). Check this batch's examples and the learning rate; the run stays resumable "
-        "from its last checkpoint."
+        f"state are unchanged). {self._offenders(batch, summary)}The run stays resumable from its last "
+        "checkpoint."
       )
     if self.profile is not None:
       try:

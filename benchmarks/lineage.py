@@ -8,6 +8,9 @@ Prints one table:
   and the writer thread's CPU time per record;
 - verify: records per second of `verify_lineage` over that log (every check, consistency proofs),
   and records per CPU-second (all threads), which a busy shared machine distorts much less;
+- raw SHA-256: how many of those records per second `hashlib.sha256` alone gets through on one
+  thread and on a thread per core (hashlib releases the GIL), measured around the verify pass,
+  and verify as a fraction of the all-cores figure: what hashing the frames would cost at best;
 - the training-loop cost of lineage on a small jitted MLP step at batch B: the in-step summary
   (fingerprint and summary arrays) as % of the plain step, and the asynchronous writer as % of the
   step that already returns its summary (the target is <= 3%): the time `append` blocks the
@@ -23,11 +26,13 @@ right shape: computing real norms is the routing benchmark's business.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import jax
@@ -68,6 +73,31 @@ def _host_summaries(
   return out
 
 
+def _sha256_records_per_s(chunks: list[bytes], threads: int) -> float:
+  """Records per second `hashlib.sha256` hashes `chunks` at, split over `threads` threads."""
+
+  def hash_all(part):
+    for c in part:
+      hashlib.sha256(c).digest()
+
+  parts = [chunks[i::threads] for i in range(threads)]
+  with ThreadPoolExecutor(threads) as pool:
+    t0 = time.perf_counter()
+    list(pool.map(hash_all, parts))
+    return len(chunks) / (time.perf_counter() - t0)
+
+
+def bench_sha256(directory: Path, records: int) -> dict[str, float]:
+  """Raw SHA-256 throughput over record-sized chunks of the log's bytes, in records per second."""
+  data = b"".join(p.read_bytes() for p in sorted((directory / "segments").iterdir()))
+  size = len(data) // records
+  chunks = [data[i : i + size] for i in range(0, size * records, size)]
+  return {
+    "sha_1": _sha256_records_per_s(chunks, 1),
+    "sha_all": _sha256_records_per_s(chunks, os.cpu_count() or 1),
+  }
+
+
 def bench_write_verify(records: int, batch: int, groups: int, directory: Path) -> dict[str, float]:
   key = keys.generate("bench")
   summaries = _host_summaries(min(records, 64), batch, groups)
@@ -82,9 +112,11 @@ def bench_write_verify(records: int, batch: int, groups: int, directory: Path) -
     writer.append(summaries[s % len(summaries)]._replace(step=np.int32(s + 1)), ids, digests)
   writer.close()
   write_wall = time.perf_counter() - t0
+  sha = [bench_sha256(directory / "lineage", records + 2)]
   c0, t0 = time.process_time(), time.perf_counter()
   report = verify_lineage(directory, TrustStore.of([key]))
   verify_wall, verify_cpu = time.perf_counter() - t0, time.process_time() - c0
+  sha.append(bench_sha256(directory / "lineage", records + 2))
   size = sum(p.stat().st_size for p in (directory / "lineage" / "segments").iterdir())
   return {
     "write": records / write_wall,
@@ -92,6 +124,7 @@ def bench_write_verify(records: int, batch: int, groups: int, directory: Path) -
     "verify": report.size / verify_wall,
     "verify_per_cpu_s": report.size / verify_cpu,
     "record_bytes": size / report.size,
+    **{k: statistics.mean(m[k] for m in sha) for k in sha[0]},
   }
 
 
@@ -241,6 +274,14 @@ def main(argv=None) -> int:
   )
   print(
     f"| verify | {wv['verify']:,.0f} records/s ({wv['verify_per_cpu_s']:,.0f} records per CPU-second) |"
+  )
+  print(
+    f"| raw SHA-256 of the same records | {wv['sha_1']:,.0f} records/s on one thread, "
+    f"{wv['sha_all']:,.0f} on {os.cpu_count()} threads |"
+  )
+  print(
+    f"| verify / raw SHA-256 (all cores) | {wv['verify'] / wv['sha_all']:.2f} "
+    f"(one thread: {wv['verify'] / wv['sha_1']:.2f}) |"
   )
   print(f"| plain MLP step (B={args.batch}, {args.groups} layers) | {over['step_ms']:.2f} ms |")
   print(

@@ -20,11 +20,7 @@ argument + output + temp bytes: the buffers the step needs at its peak, as plann
 from __future__ import annotations
 
 import argparse
-import math
-import os
-import statistics
 import sys
-import time
 import warnings
 from collections.abc import Callable
 from typing import NamedTuple
@@ -33,43 +29,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from _measure import Measure, labels_for, machine, measure, policy_toml, taxonomy
 
 import aqgov
 from aqgov.examples import tiny_lm as tiny_lm
-
-TAXONOMY = """
-[authority]
-name = "bench"
-[fields.source]
-type = "enum"
-values = ["open", "licensed", "restricted"]
-"""
-
-
-def policy_toml(groups: dict[str, list[str]], visibility: bool = False) -> str:
-  """Open data reaches every group, licensed data all but the last, restricted only the first;
-  with `visibility`, groups after the first are seen only by the examples routed to them."""
-  names = list(groups)
-  lines = ['name = "bench-routing"', "[groups]"]
-  for i, (g, patterns) in enumerate(groups.items()):
-    listed = f"{patterns!r}".replace("'", '"')
-    lines.append(
-      f'{g} = {{ patterns = {listed}, visible = "routed" }}'
-      if visibility and i
-      else f"{g} = {listed}"
-    )
-  lines += [
-    "[[rules]]",
-    "when = \"source == 'licensed'\"",
-    "route = {" + ", ".join(f"{g} = 0.5" for g in names[:-1]) + "}",
-  ]
-  lines += [
-    "[[rules]]",
-    "when = \"source == 'restricted'\"",
-    "route = {" + f"{names[0]} = 1.0" + "}",
-  ]
-  lines += ["[default]", "route = {" + ", ".join(f"{g} = 1.0" for g in names) + "}"]
-  return "\n".join(lines) + "\n"
 
 
 class Case(NamedTuple):
@@ -256,49 +219,6 @@ def cases(quick: bool) -> list[Case]:
   ]
 
 
-def labels_for(space, batch_size: int) -> dict:
-  names = ["open", "licensed", "restricted"]
-  return space.encode([{"bench": {"source": names[i % 3]}} for i in range(batch_size)])
-
-
-class Measure(NamedTuple):
-  seconds: float  # median
-  best: float  # fastest round
-  bytes: int
-
-
-def measure(named_steps: dict[str, Callable], args: tuple, reps: int) -> dict[str, Measure]:
-  """Compile every step, then time them round-robin so that load drifting on a shared machine
-  affects all of them alike. In a round each step runs once untimed (so no step pays for caches
-  another left cold), then `calls` times back to back, timed together; `calls` makes the plain
-  step's share of a round at least 0.1 s, so fast steps are not timed at the clock's noise floor."""
-  compiled, peak = {}, {}
-  for name, step in named_steps.items():
-    try:
-      compiled[name] = jax.jit(step).lower(*args).compile()
-    except aqgov.errors.UnsupportedPrimitiveError as e:  # e.g. visibility inside a scan
-      print(f"  {name}: not measured ({str(e).splitlines()[0]})", file=sys.stderr)
-      continue
-    mem = compiled[name].memory_analysis()
-    peak[name] = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
-    jax.block_until_ready(compiled[name](*args))  # warm-up
-  start = time.perf_counter()
-  jax.block_until_ready(compiled["plain"](*args))
-  calls = max(1, math.ceil(0.1 / (time.perf_counter() - start)))
-  times: dict[str, list[float]] = {name: [] for name in compiled}
-  for _ in range(reps):
-    for name, fn in compiled.items():
-      jax.block_until_ready(fn(*args))
-      start = time.perf_counter()
-      for _ in range(calls):
-        out = fn(*args)
-      jax.block_until_ready(out)
-      times[name].append((time.perf_counter() - start) / calls)
-  return {
-    name: Measure(statistics.median(times[name]), min(times[name]), peak[name]) for name in compiled
-  }
-
-
 def steps(case: Case, compiled_policy, hiding_policy, optimizer) -> dict[str, Callable]:
   """The jittable steps compared: (params, opt_state, batch, labels) -> (loss, params, opt_state)."""
 
@@ -334,21 +254,22 @@ def steps(case: Case, compiled_policy, hiding_policy, optimizer) -> dict[str, Ca
 
 
 def run(quick: bool, reps: int, only: tuple[str, ...] = ()) -> list[tuple[str, dict[str, Measure]]]:
-  taxonomy = aqgov.Taxonomy.from_toml(TAXONOMY)
-  space = aqgov.credentials.LabelSpace.of(taxonomy)
+  tax = taxonomy()
+  space = aqgov.credentials.LabelSpace.of(tax)
   rows = []
   for case in cases(quick):
     if only and not case.name.lower().startswith(only):
       continue
     policy = aqgov.Policy.from_toml(policy_toml(case.groups))
-    compiled_policy = aqgov.compile_policy(policy, case.params, taxonomy)
+    compiled_policy = aqgov.compile_policy(policy, case.params, tax)
     hiding = aqgov.compile_policy(
-      aqgov.Policy.from_toml(policy_toml(case.groups, visibility=True)), case.params, taxonomy
+      aqgov.Policy.from_toml(policy_toml(case.groups, visibility=True)), case.params, tax
     )
     optimizer = optax.adam(1e-3)
     batch_size = jax.tree.leaves(case.batch)[0].shape[0]
     args = (case.params, optimizer.init(case.params), case.batch, labels_for(space, batch_size))
-    results = measure(steps(case, compiled_policy, hiding, optimizer), args, reps)
+    named = steps(case, compiled_policy, hiding, optimizer)
+    results = measure({name: (step, args) for name, step in named.items()}, reps)
     rows.append((case.name, results))
     print(f"measured {case.name}", file=sys.stderr, flush=True)
   return rows
@@ -400,8 +321,7 @@ def main(argv: list[str] | None = None) -> None:
   reps = args.reps or (2 if args.quick else 10)
   warnings.simplefilter("default")
   print(
-    f"backend: {jax.default_backend()} ({jax.devices()[0].device_kind}), {os.cpu_count()} CPU cores, "
-    f"jax {jax.__version__}, optax {optax.__version__}; median (and best) of {reps} interleaved rounds; "
+    f"{machine()}; median (and best) of {reps} interleaved rounds; "
     "memory = XLA compiled memory analysis (argument + output + temp bytes) of the jitted step."
   )
   print(

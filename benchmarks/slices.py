@@ -29,7 +29,7 @@ import aqgov
 from aqgov.examples import moe, tiny_lm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from routing import TAXONOMY, labels_for, measure  # noqa: E402
+from _measure import TAXONOMY, labels_for, measure  # noqa: E402
 
 
 def head_policy(num_heads: int) -> str:
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     example = lambda p, ex, loss=loss: loss(p, ex)  # noqa: E731
     batch_size = tokens.shape[0]
     call = (params, optimizer.init(params), tokens, labels_for(space, batch_size))
-    res = measure(steps(example, compiled, optimizer), call, reps)
+    res = measure({n: (s, call) for n, s in steps(example, compiled, optimizer).items()}, reps)
     plain = res["plain"]
     cells = [name, str(compiled.num_groups), f"{plain.seconds * 1e3:.1f} ms"]
     cells += [

@@ -162,3 +162,14 @@ def test_unsupported_types_are_refused():
 def test_digest_hex_is_sha256_of_the_encoding(value):
   assert canonical.digest_hex(value) == hashlib.sha256(canonical.encode(value)).hexdigest()
   assert canonical.sha256(canonical.encode(value)).hex() == canonical.digest_hex(value)
+
+
+def test_a_map_with_keys_out_of_order_is_rejected_after_the_same_keys_in_order_decoded():
+  in_order = {"data": b"x", "dtype": "float32", "shape": [1]}
+  assert canonical.decode(canonical.encode(in_order)) == in_order  # its key tuple is now known
+  out_of_order = msgpack.packb({"shape": [1], "dtype": "float32", "data": b"x"}, use_bin_type=True)
+  with pytest.raises(CanonicalError):
+    canonical.decode(out_of_order)
+  nested = msgpack.packb({"a": [{"b": 1, "a": 2}]}, use_bin_type=True)
+  with pytest.raises(CanonicalError):
+    canonical.decode(nested)

@@ -1,6 +1,7 @@
 """The main job: `aqgov demo` runs a governed, recorded training run on the embedded sample data."""
 
 import json
+import re
 import stat
 
 import pytest
@@ -94,3 +95,24 @@ def test_demo_ends_with_the_measured_efficacy_claims(demo_run):
   assert "6. efficacy" in output
   assert "control memorises the canaries: exposure" in output
   assert "adapter ablated: exposure" in output and "vs filtered" in output
+
+
+def test_demo_records_show_the_frozen_core_got_no_update(demo_run):
+  _, output = demo_run
+  text = " ".join(output.split())
+  claims = re.findall(
+    r"core got no update at steps (\d+)-(\d+): its records show effective weight 0 for (\d+) of "
+    r"(\d+) policy-admitted examples and its fingerprint (\w+)",
+    text,
+  )
+  assert claims, text
+  for _, _, zero, admitted, fingerprint in claims:
+    # every example the policy admitted to the core got weight 0 there, and the core stood still
+    assert zero == admitted and fingerprint == "unchanged"
+
+
+def test_the_demo_ends_with_the_table_of_the_governance_claims_it_measured(demo_run):
+  output = " ".join(demo_run[1].split())
+  assert "governance claims, as measured in this run" in output
+  assert "none did" in output  # no sensitive example reached the core
+  assert "no witness configured for the demo run" in output

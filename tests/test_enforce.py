@@ -45,11 +45,12 @@ def _compiled():
   return aqgov.compile_policy(am.policy(), _params(), am.taxonomy())
 
 
-def _profile(*bounds: Bound) -> EntropyProfile:
+def _profile(*bounds: Bound, optimizer_state: str = "hold") -> EntropyProfile:
   return EntropyProfile(
     name="synthetic",
     representations=[Representation(path="attention", group="core", kind="attention", heads=2)],
     bounds=bounds,
+    optimizer_state=optimizer_state,
   )
 
 
@@ -170,17 +171,21 @@ def test_reroute_with_default_duration_holds_only_while_out_of_bounds():
   assert core == [0.0, 0.0, -0.5]
 
 
-def test_strict_reroute_also_stops_momentum_of_a_frozen_group():
+def test_with_an_advancing_optimizer_state_only_strict_stops_momentum_of_a_frozen_group():
   bound = Bound(group="core", metric="gradient_entropy", low=0.5, action="reroute", duration=2)
+  profile = _profile(bound, optimizer_state="advance")
   loose = _run(
-    enforce(_profile(bound), _compiled(), optax.sgd(0.1, momentum=0.9)), [_meas(), _meas(core=0.1)]
+    enforce(profile, _compiled(), optax.sgd(0.1, momentum=0.9)), [_meas(), _meas(core=0.1)]
   )
   strict = _run(
-    enforce(_profile(bound), _compiled(), optax.sgd(0.1, momentum=0.9), strict=True),
+    enforce(profile, _compiled(), optax.sgd(0.1, momentum=0.9), strict=True),
     [_meas(), _meas(core=0.1)],
   )
+  held = _run(
+    enforce(_profile(bound), _compiled(), optax.sgd(0.1, momentum=0.9)), [_meas(), _meas(core=0.1)]
+  )
   moved = lambda run: not _same_bits(run[1][0]["core"], run[0][0]["core"])
-  assert moved(loose) and not moved(strict)
+  assert moved(loose) and not moved(strict) and not moved(held)
   assert not _same_bits(strict[1][0]["head"], strict[0][0]["head"])
 
 
@@ -197,11 +202,12 @@ def test_escalate_stops_without_taking_the_step_and_the_host_raises():
   with pytest.raises(GovernanceEscalation) as info:
     check_escalation(s2, profile, _compiled(), run_id=RUN)
   exc = info.value
-  assert exc.step == 1 and exc.state is s2
-  assert [(e.group, e.metric, e.head, e.bound, e.action) for e in exc.events] == [
-    ("core", "attention_entropy", 1, "low", "escalate")
+  assert exc.step == 2 and exc.state is s2  # numbered like lineage steps: the first step is 1
+  assert [(e.step, e.group, e.metric, e.head, e.bound, e.action) for e in exc.events] == [
+    (2, "core", "attention_entropy", 1, "low", "escalate")
   ]
-  assert "--steps 1 --groups core --metrics attention_entropy" in str(exc)
+  assert "before applying step 2" in str(exc)
+  assert "--steps 2 --groups core --metrics attention_entropy" in str(exc)
 
 
 def test_escalation_priority_over_pause_over_reroute():
@@ -228,7 +234,7 @@ def test_escalation_priority_over_pause_over_reroute():
 def test_step_windows_apply_looser_bounds_during_warm_up():
   profile = _profile(
     Bound(group="core", metric="gradient_entropy", low=0.5, action="pause"),
-    Bound(group="core", metric="gradient_entropy", low=0.1, steps=(0, 2), action="pause"),
+    Bound(group="core", metric="gradient_entropy", low=0.1, steps=(1, 3), action="pause"),
   )
   got = _run(enforce(profile, _compiled(), optax.sgd(1.0)), [_meas(core=0.3)] * 4)
   assert [int(s.counters.paused) for _, s in got] == [0, 0, 1, 2]
@@ -255,9 +261,9 @@ def test_events_record_every_out_of_bounds_measurement():
   )
   events = decode_events(got[1][1], profile, _compiled())
   assert sorted((e.step, e.group, e.metric, e.head, e.bound, e.action) for e in events) == [
-    (1, "core", "attention_entropy", 0, "low", "pause"),
-    (1, "core", "attention_entropy", 1, "low", "pause"),
-    (1, "head", "gradient_entropy", None, "high", "reroute"),
+    (2, "core", "attention_entropy", 0, "low", "pause"),
+    (2, "core", "attention_entropy", 1, "low", "pause"),
+    (2, "head", "gradient_entropy", None, "high", "reroute"),
   ]
   head = next(e for e in events if e.group == "head")
   assert head.value == pytest.approx(0.75) and head.limit == pytest.approx(0.7)
@@ -359,7 +365,7 @@ def test_override_admits_only_the_steps_groups_and_metrics_it_names(authority):
     profile,
     _compiled(),
     optax.sgd(1.0),
-    overrides=[_token(authority)],
+    overrides=[_token(authority, steps="2-3")],
     trust=keys.TrustStore.of([authority]),
     run_id=RUN,
     now=NOW,
@@ -371,7 +377,7 @@ def test_override_admits_only_the_steps_groups_and_metrics_it_names(authority):
     1,
     2,
     3,
-  ]  # step 0 and 3 not named; step 2: head acts
+  ]  # steps 1 and 4 not named; step 3: head acts
   assert [e.action for e in decode_events(got[1][1], profile, _compiled())] == ["admitted"]
   assert sorted((e.group, e.action) for e in decode_events(got[2][1], profile, _compiled())) == [
     ("core", "admitted"),
@@ -391,10 +397,10 @@ def test_a_per_step_host_mask_admits_like_a_built_in_override(authority):
     )
   )
   paused = []
-  for step in range(4):
+  for step in range(1, 5):
     _, state = update(state, host_mask([override], _compiled().group_names, step))
     paused.append(int(state.counters.paused))
-  assert paused == [1, 1, 1, 2]
+  assert paused == [0, 0, 1, 2]
 
 
 # --- end to end: a run that collapses attention, via each representation source ----------------
@@ -436,9 +442,12 @@ def _collapse_run(
   return compiled, trace
 
 
-def _collapse_profile(src: am.Source, low: float, action: str, **kw) -> EntropyProfile:
+def _collapse_profile(
+  src: am.Source, low: float, action: str, optimizer_state: str = "hold", **kw
+) -> EntropyProfile:
   return EntropyProfile(
     name="collapse",
+    optimizer_state=optimizer_state,
     representations=[
       Representation(
         path=src.attention_path, group="core", kind="attention", heads=am.HEADS, causal=True
@@ -470,7 +479,7 @@ def test_pause_takes_effect_at_the_collapse_step_aux_dict():
   assert [decode_events(s, profile, compiled) != [] for _, s, _ in trace] == [False] * k + [
     True
   ] * (7 - k)
-  assert decode_events(trace[k][1], profile, compiled)[0].step == k
+  assert decode_events(trace[k][1], profile, compiled)[0].step == k + 1  # trace[i] is step i + 1
   for i in range(k, 7):
     assert _same_bits(trace[i][0], trace[k - 1][0])
     assert _same_bits(trace[i][1].inner, trace[k - 1][1].inner)
@@ -486,7 +495,10 @@ def _record() -> optax.GradientTransformation:
 def test_reroute_zeroes_the_group_gradient_for_the_next_steps_nnx():
   low = 0.95
   src = am.source("nnx")
-  profile = _collapse_profile(src, low, "reroute", fallback=0.0, duration=3)
+  # `advance`: the recording transform's state is params-shaped, and would be held for a frozen group
+  profile = _collapse_profile(
+    src, low, "reroute", fallback=0.0, duration=3, optimizer_state="advance"
+  )
   compiled, trace = _collapse_run(
     "nnx", profile, steps=8, inner=optax.chain(_record(), optax.adam(0.05))
   )
@@ -519,11 +531,12 @@ def test_escalate_stops_then_resumes_under_an_override_linen(authority):
   with pytest.raises(GovernanceEscalation) as info:
     check_escalation(stopped, profile, compiled, run_id=RUN)
   exc = info.value
-  assert exc.step == k and exc.events[0].metric == "attention_entropy" and exc.state is stopped
+  step = k + 1  # trace[i] is step i + 1
+  assert exc.step == step and exc.events[0].metric == "attention_entropy" and exc.state is stopped
   assert int(stopped.step) == k and bool(stopped.escalated)
 
   # Resume: the same state, the same step, now admitted by a signed override for step k only.
-  token = _token(authority, steps=str(k), expires="2999-01-01T00:00:00Z")
+  token = _token(authority, steps=str(step), expires="2999-01-01T00:00:00Z")
   override = admit_override(token, keys.TrustStore.of([authority]), RUN)
   compiled, trace = _collapse_run(
     "linen",
@@ -536,9 +549,9 @@ def test_escalate_stops_then_resumes_under_an_override_linen(authority):
   )
   resumed, after = trace[0][1], trace[1][1]
   events = decode_events(resumed, profile, compiled)
-  assert events and all(e.action == "admitted" and e.step == k for e in events)
+  assert events and all(e.action == "admitted" and e.step == step for e in events)
   assert not bool(resumed.escalated) and int(resumed.step) == k + 1
   assert not _same_bits(trace[0][0], params_before)
   with pytest.raises(GovernanceEscalation) as again:
     check_escalation(after, profile, compiled)
-  assert again.value.step == k + 1
+  assert again.value.step == step + 1

@@ -14,5 +14,5 @@ def test_the_quick_lineage_benchmark_prints_its_table():
     [sys.executable, str(BENCH), "--quick"], capture_output=True, text=True, timeout=600
   )
   assert out.returncode == 0, out.stderr[-2000:]
-  for metric in ("| write |", "| verify |", "async writer on the training loop"):
+  for metric in ("| write |", "| verify |", "raw SHA-256", "async writer on the training loop"):
     assert metric in out.stdout

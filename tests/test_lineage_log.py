@@ -16,6 +16,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from aqgov.documents import _canonical as canonical
 from aqgov.documents import _keys as keys
 from aqgov.documents import _merkle as merkle
 from aqgov.documents._keys import TrustStore
@@ -243,6 +244,7 @@ def test_append_returns_before_the_record_is_written(tmp_path):
 
 _KILLED_WRITER = """
 import sys
+from aqgov.documents import _canonical as canonical
 from aqgov.documents import _keys as keys
 sys.path.insert(0, sys.argv[3])
 import lineage_helpers as lh
@@ -294,3 +296,45 @@ def test_a_writer_killed_mid_write_leaves_a_log_that_verifies_and_resumes_withou
   steps = [b["step"] for _, _, b in segments.records(lineage_dir, kinds=(rec.STEP,))]
   assert after.closed and after.size == scan.size + 4 and after.torn_bytes == 0
   assert steps == list(range(1, last + 4))
+
+
+def test_a_log_written_at_schema_version_1_still_verifies_and_reads(tmp_path, monkeypatch):
+  d = tmp_path / "v1" / "lineage"
+  with monkeypatch.context() as m:
+    m.setattr(rec, "VERSION", 1)  # the encoder as it was at version 1
+    lh.write_log(d, KEY, 3)
+  _, frames = lh.split_frames(lh.segment_path(d).read_bytes())
+  assert {canonical.decode(lh.payload(f))["v"] for f in frames} == {1}
+  records = list(segments.LogReader(d))
+  report = verify_lineage(d, TRUST)
+  assert report.size == 5 and report.closed
+  view = rec.view_step(records[1].body)
+  np.testing.assert_array_equal(
+    view.applied_weights, view.weights
+  )  # v1: applied as the policy said
+  np.testing.assert_array_equal(view.applied_scale, np.ones(len(lh.GROUPS), np.float32))
+  assert view.dropped == ()
+
+
+def test_step_records_keep_what_was_applied_only_where_it_differs_from_the_policy(tmp_path):
+  s = lh.summary(1)
+  applied = s.weights * np.asarray([1.0, 0.0, 0.5], np.float32)
+  ids = lh.ids(1)
+  same = rec.step_body(s._replace(applied_weights=s.weights, applied_scale=np.ones(3)), ids)
+  assert not {"applied_weights", "applied_scale", "dropped"} & set(same)
+  body = rec.step_body(
+    s._replace(
+      applied_weights=applied,
+      applied_scale=np.asarray([1.0, 0.0, 0.5], np.float32),
+      dropped=np.asarray([0, 2, 0, 1], np.int8),
+    ),
+    ids,
+  )
+  assert "by_class" in body["applied_weights"]  # still one row per route class
+  view = rec.view_step(canonical.decode(rec.encode_step_body(body)))
+  np.testing.assert_array_equal(view.applied_weights, applied)
+  np.testing.assert_array_equal(view.applied_norms[:, 1], 0)
+  assert view.dropped == ((ids[1], "non-finite gradient"), (ids[3], "non-finite loss"))
+  bad = dict(body, dropped=[{"id": "nobody", "reason": "non-finite loss"}])
+  with pytest.raises(LineageError, match="dropped names example 'nobody'"):
+    rec.check_step(bad, 1)

@@ -127,3 +127,30 @@ def test_example_ids_must_be_non_empty_and_free_of_nul(bad):
 def test_a_summary_row_pointing_past_the_ids_is_refused():
   with pytest.raises(LineageError, match="example_index"):
     rec.step_body(lh.summary(1, batch=4), ["a", "b"])
+
+
+def test_a_record_envelope_is_the_canonical_encoding_of_its_five_fields():
+  body = rec.encode_step_body(rec.step_body(lh.summary(3), lh.ids(3), lh.digests(3), time_s=1.5))
+  for seq in (0, 1, 127, 128, 65535, 65536, 2**32, 2**63 - 1):
+    for kind in rec.KINDS:
+      prev = bytes(range(32))
+      expected = canonical.encode(
+        {"v": rec.VERSION, "seq": seq, "kind": kind, "prev": prev, "body": body}
+      )
+      assert rec.encode_record(seq, kind, prev, body) == expected
+  with pytest.raises(LineageError):
+    rec.encode_record(-1, rec.STEP, bytes(32), body)
+
+
+def test_weights_differing_only_in_the_sign_of_zero_are_recorded_whole_and_kept_exactly():
+  route_class = np.asarray([0, 0, 1], np.int64)
+  weights = np.asarray([[0.0, 1.0], [-0.0, 1.0], [0.5, 0.5]], np.float32)
+  wire = rec.weights_to_wire(weights, route_class)
+  assert set(wire) == {"full"}
+  back = rec.weights_from_wire(wire, route_class)
+  assert back.tobytes() == weights.tobytes()
+  same = np.asarray([[0.0, 1.0], [0.0, 1.0], [0.5, 0.5]], np.float32)
+  assert set(rec.weights_to_wire(same, route_class)) == {"by_class"}
+  assert rec.weights_from_wire(rec.weights_to_wire(same, route_class), route_class).tobytes() == (
+    same.tobytes()
+  )

@@ -9,6 +9,7 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from click.testing import CliRunner
 
@@ -135,3 +136,35 @@ def test_expert_utilisation_is_one_for_balanced_experts_and_zero_for_one_expert(
   value = expert_utilisation(aux["router"]["blocks/0"])
   assert 0.0 <= float(value) <= 1.0
   assert aqgov.entropy.METRICS[-1] == "expert_utilisation"
+
+
+def test_a_profile_bounds_the_routers_load_entropy_and_acts_on_its_group():
+  profile = aqgov.EntropyProfile.from_toml("""
+name = "moe-load"
+[[representation]]
+path = "router/blocks/*"
+group = "shared"
+kind = "router"
+[[bound]]
+group = "shared"
+metric = "expert_utilisation"
+low = 1.01
+action = "pause"
+""")
+  params = moe.init(jax.random.key(0), CONFIG)
+  taxonomy = sample.taxonomies()["acme-data"]
+  compiled = compile_policy(Policy.from_toml(moe.policy_text(CONFIG)), params, taxonomy)
+  labels = taxonomy.encode(
+    [{"license_class": "cc-by", "sensitivity_tier": 0, "jurisdictions": [], "source": "x"}] * 3
+  )
+  tokens = jax.random.randint(jax.random.key(1), (3, CONFIG.seq_len + 1), 0, 256)
+  loss = functools.partial(moe.example_loss, config=CONFIG, with_aux=True)
+  (_, aux), grads = routed_value_and_grad(loss, compiled, has_aux=True)(params, tokens, labels)
+  measured = aqgov.measure(profile, compiled, grads=grads, representations=aux)
+  load = float(measured["expert_utilisation/shared"])
+  assert 0.0 < load <= 1.0  # a normalised entropy: no router load reaches the bound of 1.01
+  tx = aqgov.enforce(profile, compiled, optax.sgd(0.1))
+  updates, _ = tx.update(grads, tx.init(params), params, measurements=measured, step=1)
+  shared = compiled.group_names.index("shared")
+  paused = [u for u, g in zip(jax.tree.leaves(updates), compiled.leaf_group) if g == shared]
+  assert paused and all(float(jnp.abs(u).max()) == 0.0 for u in paused)

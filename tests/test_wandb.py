@@ -217,6 +217,8 @@ def _summary_with_events():
     np.zeros((g, m, h), np.int32),
     np.zeros((g, m, h), np.float32),
     action,
+    np.zeros((g, m, h), np.int32),
+    np.full((g, m, h), -1, np.int32),
   )
   return s._replace(events=ev)
 

@@ -85,22 +85,48 @@ def encode(value: Any) -> bytes:
 
 
 _NAN_BITS = struct.pack(">d", NAN)
-_SCALARS = (str, bytes, int, bool, type(None))
+_SCALARS = frozenset((str, bytes, int, bool, type(None)))
+_SORTED_KEYS: set[tuple[str, ...]] = set()  # key tuples already found sorted (maps repeat them)
+_SORTED_KEYS_MAX = 4096  # key tuples remembered, each of at most _SORTED_KEYS_LEN keys
+_SORTED_KEYS_LEN = 64
+
+
+def _sorted_str_keys(keys: tuple) -> bool:
+  """Whether map keys are all strings in canonical order. For text, code point order is UTF-8
+  byte order, so comparing the strings themselves is comparing their encodings."""
+  if keys in _SORTED_KEYS:
+    return True
+  if not all(type(k) is str for k in keys) or list(keys) != sorted(keys):
+    return False
+  if len(keys) <= _SORTED_KEYS_LEN and len(_SORTED_KEYS) < _SORTED_KEYS_MAX:
+    _SORTED_KEYS.add(keys)
+  return True
 
 
 def _in_canonical_form(value: Any, depth: int = 0) -> bool:
   """Whether a decoded value is what `_normalise` makes: sorted str keys, one NaN, known types, shallow."""
   kind = type(value)
   if kind is dict:
-    keys = [k.encode("utf-8") if type(k) is str else None for k in value]
-    return (
-      depth < MAX_DEPTH
-      and None not in keys
-      and keys == sorted(keys)
-      and all(_in_canonical_form(v, depth + 1) for v in value.values())
-    )
-  if kind is list:
-    return depth < MAX_DEPTH and all(_in_canonical_form(v, depth + 1) for v in value)
+    if depth >= MAX_DEPTH or not _sorted_str_keys(tuple(value)):
+      return False
+    items = value.values()
+  elif kind is list:
+    if depth >= MAX_DEPTH:
+      return False
+    items = value
+  else:
+    return _canonical_scalar(value, kind)
+  for v in items:  # scalars inline: most values of a record are
+    k = type(v)
+    if k is dict or k is list:
+      if not _in_canonical_form(v, depth + 1):
+        return False
+    elif not _canonical_scalar(v, k):
+      return False
+  return True
+
+
+def _canonical_scalar(value: Any, kind: type) -> bool:
   if kind is float:
     return value == value or struct.pack(">d", value) == _NAN_BITS
   return kind in _SCALARS

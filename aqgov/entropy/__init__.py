@@ -9,6 +9,7 @@ from aqgov.entropy._enforce import (
   decode_events,
   enforce,
   enforce_state,
+  route_weights,
 )
 from aqgov.entropy._metrics import (
   METRICS,
@@ -61,4 +62,5 @@ __all__ = [
   "PROFILE",
   "renyi2",
   "Representation",
+  "route_weights",
 ]

@@ -11,7 +11,9 @@ A profile has two parts:
   `action` when it is broken: `pause` (skip the step's update), `reroute` (scale the group's
   routed gradient by `fallback`, 0 = frozen, for `duration` steps starting with the violating
   one; the default duration 1 holds the fallback exactly while the measurement stays out of
-  bounds) or `escalate` (stop at the step boundary for a human). `heads = [..]` restricts an
+  bounds), `route` (for the `duration` steps after the violating one, examples of the route
+  `classes` (composed route class names or globs) reach only the groups `to`) or `escalate` (stop
+  at the step boundary for a human). `heads = [..]` restricts an
   attention bound to some heads; `steps = [start, end]` restricts it to the half-open step window
   [start, end) (e.g. looser bounds during warm-up). Any violation can be admitted by a signed
   override token (`aqgov.entropy`).
@@ -19,6 +21,11 @@ A profile has two parts:
 Where several bounds on the same side (low or high) cover one (group, metric, head, step), the
 most specific wins: a windowed bound over an unwindowed one, then a per-head bound over an
 all-heads one; two equally specific overlapping bounds are a `ProfileError`.
+
+`optimizer_state` says what a frozen or paused group's optimizer state does: `"hold"` (default;
+the group gets no update at all) or `"advance"` (its state keeps stepping). Fields left at their
+defaults (`optimizer_state`, and `classes`/`to` outside route bounds) are not in the canonical
+form, so profiles that do not use them keep their ids.
 
 A profile may name its `authority` (only that authority's key may sign it) and the
 `override_authorities` whose signed tokens may admit its violations (default: its authority, else
@@ -48,12 +55,14 @@ from aqgov.policy._paths import glob_match
 
 FORMAT = "aqgov.entropy-profile/1"
 KIND = "entropy-profile"
-ACTIONS = ("pause", "reroute", "escalate")
-REPRESENTATION_KINDS = ("attention", "features")
+ACTIONS = ("pause", "reroute", "route", "escalate")
+OPTIMIZER_STATES = ("hold", "advance")
+REPRESENTATION_KINDS = ("attention", "features", "router")
 _SOURCE_KIND = {
   "attention_entropy": "attention",
   "renyi2": "features",
   "effective_rank": "features",
+  "expert_utilisation": "router",
 }
 
 
@@ -126,6 +135,8 @@ class Bound:
   steps: tuple[int, int] | None = None
   fallback: float | None = None
   duration: int | None = None
+  classes: tuple[str, ...] | None = None
+  to: tuple[str, ...] | None = None
 
   def describe(self) -> str:
     extra = f", heads {list(self.heads)}" if self.heads is not None else ""
@@ -175,6 +186,7 @@ class Bound:
           f"{where}: steps [{start}, {end}] is empty; end is exclusive and must exceed start"
         )
       object.__setattr__(self, "steps", (start, end))
+    self._check_route(where)
     if self.action == "reroute":
       fallback = 0.0 if self.fallback is None else _number(self.fallback, f"{where}: fallback")
       if not 0.0 <= fallback <= 1.0:
@@ -184,10 +196,40 @@ class Bound:
       duration = 1 if self.duration is None else _integer(self.duration, f"{where}: duration", 1)
       object.__setattr__(self, "fallback", fallback)
       object.__setattr__(self, "duration", duration)
+    elif self.action == "route":
+      duration = 1 if self.duration is None else _integer(self.duration, f"{where}: duration", 1)
+      object.__setattr__(self, "duration", duration)
     elif self.fallback is not None or self.duration is not None:
       raise ProfileError(
-        f"{where}: fallback/duration only apply to action = 'reroute'; remove them"
+        f"{where}: fallback/duration only apply to action = 'reroute' or 'route'; remove them"
       )
+
+  def _check_route(self, where: str) -> None:
+    """`classes` and `to` are given together, exactly for action = 'route'."""
+    if self.action != "route":
+      if self.classes is not None or self.to is not None:
+        raise ProfileError(f"{where}: classes/to only apply to action = 'route'; remove them")
+      return
+    if self.fallback is not None:
+      raise ProfileError(
+        f"{where}: action = 'route' sends route classes to other groups (`classes`, `to`); "
+        "`fallback` scales a group's gradient (action = 'reroute'); remove it"
+      )
+    for name in ("classes", "to"):
+      value = getattr(self, name)
+      if (
+        isinstance(value, (str, bytes))
+        or not isinstance(value, Sequence)
+        or not all(isinstance(v, str) and v for v in value)
+        or (name == "classes" and not value)
+      ):
+        example = '["acme:sensitive*"]' if name == "classes" else '["adapter"]'
+        raise ProfileError(
+          f"{where}: action = 'route' needs `{name}`, a list of "
+          f"{'route class names or globs' if name == 'classes' else 'group names'}, "
+          f"e.g. {name} = {example}"
+        )
+      object.__setattr__(self, name, tuple(sorted(set(value))))
 
   def to_dict(self) -> dict:
     return {
@@ -200,6 +242,8 @@ class Bound:
       "steps": None if self.steps is None else list(self.steps),
       "fallback": self.fallback,
       "duration": self.duration,
+      # only route bounds carry these, so other profiles keep their canonical form and id
+      **({"classes": list(self.classes), "to": list(self.to)} if self.action == "route" else {}),
     }
 
   def covers(self, step: int, head: int | None) -> bool:
@@ -244,10 +288,17 @@ class EntropyProfile:
   description: str = ""
   authority: str = ""
   override_authorities: tuple[str, ...] = ()
+  optimizer_state: str = "hold"
 
   def __post_init__(self):
     if not isinstance(self.name, str) or not self.name:
       raise ProfileError("an entropy profile needs a non-empty name")
+    if self.optimizer_state not in OPTIMIZER_STATES:
+      raise ProfileError(
+        f"profile {self.name!r}: optimizer_state = {self.optimizer_state!r:.40}; use 'hold' (a "
+        "frozen or paused group's optimizer state is held, so it gets no update at all) or "
+        "'advance' (its state keeps stepping, e.g. momentum decays)"
+      )
     if not isinstance(self.description, str):
       raise ProfileError("profile description must be a string")
     if not isinstance(self.authority, str):
@@ -311,7 +362,10 @@ class EntropyProfile:
   @property
   def groups(self) -> tuple[str, ...]:
     """Groups the profile names, sorted."""
-    return tuple(sorted({r.group for r in self.representations} | {b.group for b in self.bounds}))
+    routed_to = {g for b in self.bounds if b.to for g in b.to}
+    return tuple(
+      sorted({r.group for r in self.representations} | {b.group for b in self.bounds} | routed_to)
+    )
 
   def heads(self, group: str) -> int:
     """Number of attention heads declared for `group` (0 if it has no attention representation)."""
@@ -346,6 +400,8 @@ class EntropyProfile:
         if self.override_authorities
         else {}
       ),
+      # the default is left out, so profiles that do not set it keep their canonical form and id
+      **({"optimizer_state": self.optimizer_state} if self.optimizer_state != "hold" else {}),
       "representations": [r.to_dict() for r in self.representations],
       "bounds": [b.to_dict() for b in self.bounds],
     }
@@ -366,6 +422,7 @@ class EntropyProfile:
       "description",
       "authority",
       "override_authorities",
+      "optimizer_state",
       "representations",
       "representation",
       "bounds",
@@ -397,6 +454,7 @@ class EntropyProfile:
         description=doc.get("description", ""),
         authority=doc.get("authority", ""),
         override_authorities=tuple(doc.get("override_authorities", ())),
+        optimizer_state=doc.get("optimizer_state", "hold"),
       )
     except ProfileError as exc:
       raise ProfileError(f"{where}: {exc}") from None
@@ -426,6 +484,8 @@ class EntropyProfile:
       doc["authority"] = self.authority
     if self.override_authorities:
       doc["override_authorities"] = list(self.override_authorities)
+    if self.optimizer_state != "hold":
+      doc["optimizer_state"] = self.optimizer_state
     for table, entries in (("representation", self.representations), ("bound", self.bounds)):
       if entries:
         doc[table] = [

@@ -5,8 +5,8 @@ and a check of a logged W&B run against the signed lineage. Needs the `wandb` ex
 Every key is logged with `run.log(..., step=step)` at the caller's step, so it lands in the same
 history row as the caller's own metrics for that step (wandb merges the calls of one step):
 
-    aqgov/reach/<group>              examples with a weight > 0 in the group
-    aqgov/contribution/<group>       mean contribution norm of those examples (0 when none)
+    aqgov/reach/<group>              examples with an applied weight > 0 in the group
+    aqgov/contribution/<group>       mean applied contribution norm of those examples (0 when none)
     aqgov/entropy/<metric>/<group>   the measurement (mean over heads for per-head metrics)
     aqgov/bound/<metric>/<group>/low, .../high   the profile's bound covering the step
     aqgov/events                     out-of-bounds measurements at the step
@@ -80,8 +80,13 @@ def step_metrics(
   s = jax.device_get(summary)
   groups = list(compiled.group_names)
   real = np.asarray(s.example_index) >= 0
-  weights = np.asarray(s.weights, np.float64)[real]
+  # as applied (after fallback routes, dropped examples, pause, reroute, freeze) when it says
+  applied = getattr(s, "applied_weights", None)
+  scale = getattr(s, "applied_scale", None)
+  weights = np.asarray(s.weights if applied is None else applied, np.float64)[real]
   norms = np.asarray(s.contribution_norms, np.float64)[real]
+  if scale is not None:
+    norms = norms * np.asarray(scale, np.float64)[None, :]
   out: dict[str, Any] = {}
   for g, name in enumerate(groups):
     reached = weights[:, g] > 0

@@ -5,7 +5,9 @@ row per (step record, batch row), as plain `.npy` files a query reads only when 
 
   step.npy, record.npy, example.npy, route_class.npy   int32 [N]
   superseded.npy                                      bool [N]
-  weight-<g>.npy, norm-<g>.npy                        float32 [N], per group index g
+  weight-<g>.npy, norm-<g>.npy                        float32 [N], per group index g: the weight
+                                                      and contribution norm as applied
+                                                      (`StepView.applied_weights`, `applied_norms`)
   reached-<g>.npy                                     bool [N], per group (see `reached`)
   ids.json                                            the id table: example ids, `example` indexes it
   labels.npy                                          int32 [K, len(ids)], the label table
@@ -53,8 +55,7 @@ _PER_GROUP = ("weight", "norm", "reached")
 def reached(view: rec.StepView) -> np.ndarray:
   """bool [B, G]: the rows whose update reached each group (weight > 0, and the weight actually
   applied > 0 where the record says what was applied after pause, reroute or strict mode)."""
-  applied = getattr(view, "applied_weights", None)
-  return (view.weights > 0) if applied is None else (view.weights > 0) & (applied > 0)
+  return (view.weights > 0) & (view.applied_weights > 0)
 
 
 class Columns(NamedTuple):
@@ -116,8 +117,8 @@ def build_columns(
     example.append(np.fromiter((ids.setdefault(i, len(ids)) for i in row_ids), np.int32, n))
     rclass.append(view.route_class.astype(np.int32))
     superseded.append(np.full(n, not history.effective(index), bool))
-    weight.append(view.weights.astype(np.float32).reshape(n, g))
-    norm.append(view.contribution_norms.astype(np.float32).reshape(n, g))
+    weight.append(view.applied_weights.astype(np.float32).reshape(n, g))
+    norm.append(view.applied_norms.astype(np.float32).reshape(n, g))
     hit.append(reached(view).reshape(n, g))
 
   def cat(parts: list, dtype, shape=(0,)) -> np.ndarray:

@@ -1,8 +1,11 @@
 """Questions an auditor asks of a lineage: which examples reached a group, which were refused at
 admission, and what a run did.
 
-Membership: an example *reached* group g at a step when its weight in g was positive there; the
-contribution norm says how much of its gradient actually arrived (`|| w_i[g] * grad_g L_i ||`).
+Membership: an example *reached* group g at a step when the weight its gradient was actually
+applied with in g was positive there (`StepView.applied_weights`: the policy weight after fallback
+routes, dropped examples, pause, reroute and freeze); the weight and contribution norm reported are
+the applied ones (`applied_scale[g] * || w_i[g] * grad_g L_i ||`). `membership(..., policy=True)`
+asks what the policy allowed instead (the `weights` a step record also keeps).
 Only effective records count unless `include_superseded` (see `aqgov.lineage.history`), and only
 records a signed tree head covers: an unsigned tail (records anyone could have appended after the
 last signed head) is never read, only counted.
@@ -61,8 +64,10 @@ def membership(
   *,
   step: int | None = None,
   include_superseded: bool = False,
+  policy: bool = False,
 ) -> list[Membership]:
-  """Every (step, example) whose weight in `group` was positive, in log order."""
+  """Every (step, example) whose applied weight in `group` was positive (with `policy`: whose
+  policy weight was), in log order."""
   _, ldir = lineage_dir(run_dir)
   scan, history = hist.load(ldir)
   groups = list(_run_start(scan, ldir)["groups"])
@@ -78,8 +83,9 @@ def membership(
       continue
     view = rec.view_step(body, index, len(groups))
     ids = view.row_ids
+    weights, norms = reach(view, policy)
     for r in range(view.weights.shape[0]):
-      w = float(view.weights[r, g])
+      w = float(weights[r, g])
       if w > 0:
         out.append(
           Membership(
@@ -88,8 +94,9 @@ def membership(
             ids[r],
             int(view.route_class[r]),
             w,
-            float(view.contribution_norms[r, g]),
+            float(norms[r, g]),
             superseded,
+            group,
           )
         )
   return out
@@ -216,6 +223,14 @@ def _first_body(ldir) -> dict:
   return _start(ldir)
 
 
+def reach(view: rec.StepView, policy: bool = False) -> tuple:
+  """([B, G] weights, [B, G] contribution norms) of a step a membership question counts: as
+  applied (default), or as the policy allowed."""
+  if policy:
+    return view.weights, view.contribution_norms
+  return view.applied_weights, view.applied_norms
+
+
 class Refusal(NamedTuple):
   """An example refused at admission: left out of the batch of `step` (or, for a batch refused
   whole, of any step: `taken` is False and `step` is the last step taken before it)."""
@@ -280,7 +295,7 @@ def describe(run_dir: str | os.PathLike) -> RunDescription:
   groups = list(start["groups"])
   heads, _ = read_heads(ldir)
   steps, last_step, last_loss, seen = 0, 0, None, set()
-  reach, norm, refused = Counter(), Counter(), Counter()
+  reached, norm, refused = Counter(), Counter(), Counter()
   for index, kind, body in records(ldir, kinds=(rec.STEP, rec.EVENT), stop=history.size):
     if not history.effective(index):
       continue
@@ -291,9 +306,10 @@ def describe(run_dir: str | os.PathLike) -> RunDescription:
     refused.update(str(r.reason) for r in view.rejected)
     steps, last_step, last_loss = steps + 1, view.step, view.loss
     seen.update(view.row_ids)
+    weights, norms = reach(view, policy=False)
     for gi, name in enumerate(groups):
-      reach[name] += int((view.weights[:, gi] > 0).sum())
-      norm[name] += float(view.contribution_norms[:, gi].sum())
+      reached[name] += int((weights[:, gi] > 0).sum())
+      norm[name] += float(norms[:, gi].sum())
   signed = history.size
   ends = [(i, b) for i, b in scan.of_kind(rec.RUN_END) if i < signed]
   closed = signed == scan.size and scan.kinds[-1] == rec.RUN_END
@@ -312,7 +328,7 @@ def describe(run_dir: str | os.PathLike) -> RunDescription:
     checkpoints=history.checkpoints,
     resumes=sum(1 for i, _ in scan.of_kind(rec.RUN_RESUME) if i < signed),
     kinds=dict(Counter(scan.kinds[:signed])),
-    group_reach={g: reach[g] for g in groups},
+    group_reach={g: reached[g] for g in groups},
     group_norm={g: norm[g] for g in groups},
     torn_bytes=scan.torn.nbytes if scan.torn else 0,
     unsigned=scan.size - signed,

@@ -30,7 +30,7 @@ import numpy as np
 from aqgov.credentials._admission import Rejection
 from aqgov.documents import _canonical as canonical
 from aqgov.errors import LineageError
-from aqgov.lineage._summary import PyTree, StepSummary
+from aqgov.lineage._summary import DROP_REASONS, PyTree, StepSummary
 from aqgov.policy import _paths as paths
 
 if TYPE_CHECKING:
@@ -72,14 +72,20 @@ def encode_record(seq: int, kind: str, prev: bytes, body: Mapping[str, Any] | by
     raise LineageError(f"unknown record kind {kind!r}; expected one of {', '.join(KINDS)}")
   if len(prev) != 32:
     raise LineageError(f"prev must be a 32-byte hash, got {len(prev)} bytes")
-  return canonical.encode(
+  seq = int(seq)
+  if not 0 <= seq < 2**63:
+    raise LineageError(f"seq must be a record index, got {seq}")
+  # keys in canonical (sorted) order and only str, bytes and int values: plain msgpack already
+  # yields the canonical bytes, without `canonical.encode`'s normalisation pass over the body
+  return msgpack.packb(
     {
-      "v": VERSION,
-      "seq": int(seq),
+      "body": body if isinstance(body, bytes) else canonical.encode(dict(body)),
       "kind": kind,
       "prev": bytes(prev),
-      "body": body if isinstance(body, bytes) else canonical.encode(dict(body)),
-    }
+      "seq": seq,
+      "v": VERSION,
+    },
+    use_bin_type=True,
   )
 
 
@@ -323,12 +329,21 @@ _OPTIONAL = {
 }
 
 
+# what a step actually applied (schema version 2; docs/lineage-schema.md, "Applied weights")
+_APPLIED_FIELDS = {
+  "applied_weights": (_is(dict), "a weights map"),
+  "applied_scale": (_is(dict), "an array"),
+  "dropped": _REJECTED,  # the same {id, reason} entries as refusals
+}
+_OPTIONAL[STEP].update(_APPLIED_FIELDS)
+
+
 def check_body(kind: str, body: Mapping[str, Any], index: int | None = None) -> None:
   """Raise `LineageError` unless `body` has every field of a `kind` body, each of its type."""
   schema = _SCHEMAS.get(kind)
   if schema is None:
     raise LineageError(f"record {index}: unknown record kind {kind!r}", index=index)
-  missing = sorted(set(schema) - set(body))
+  missing = () if schema.keys() <= body.keys() else sorted(set(schema) - set(body))
   if missing:
     raise LineageError(
       f"record {index}: {kind} body lacks field(s) {', '.join(missing)}; the record is malformed "
@@ -392,13 +407,16 @@ def _index_dtype(max_value: int) -> np.dtype:
 
 def weights_to_wire(weights: np.ndarray, route_class: np.ndarray) -> dict:
   """[B, G] weights as `{"by_class": [C, G]}` when every row equals its route class's row (the
-  usual case: weights come from the policy table), else `{"full": [B, G]}`. Lossless either way;
-  rows of classes absent from the batch are zero."""
-  if weights.shape[0] and route_class.min() >= 0 and route_class.max() < 65536:
-    by_class = np.zeros((int(route_class.max()) + 1, weights.shape[1]), weights.dtype)
-    by_class[route_class] = weights  # rows of one class agree iff the round trip below is exact
-    if (by_class[route_class] == weights).all():
-      return {"by_class": array_to_wire(by_class)}
+  usual case: weights come from the policy table), else `{"full": [B, G]}`. Lossless either way
+  (rows are compared bit for bit, so 0.0 and -0.0 differ and a NaN equals itself); rows of
+  classes absent from the batch are zero."""
+  if weights.shape[0]:
+    lo, hi = int(route_class.min()), int(route_class.max())
+    if lo >= 0 and hi < 65536:
+      by_class = np.zeros((hi + 1, weights.shape[1]), weights.dtype)
+      by_class[route_class] = weights  # rows of one class agree iff the round trip is exact
+      if by_class.take(route_class, axis=0).tobytes() == weights.tobytes():
+        return {"by_class": array_to_wire(by_class)}
   return {"full": array_to_wire(weights)}
 
 
@@ -466,6 +484,15 @@ def _split_ids(data: bytes) -> tuple[str, ...]:
     raise LineageError("example_ids is not UTF-8 text") from None
 
 
+def _count_ids(data: bytes) -> int:
+  """len(_split_ids(data)), without building the id strings."""
+  try:
+    data.isascii() or data.decode("utf-8")  # ASCII is UTF-8, and checked without a copy
+  except UnicodeDecodeError:
+    raise LineageError("example_ids is not UTF-8 text") from None
+  return data.count(b"\x00") + 1 if data else 0
+
+
 def step_body(
   summary: StepSummary,
   example_ids: Sequence[str],
@@ -514,6 +541,7 @@ def step_body(
   }
   if seen is not None and not seen.all():
     body["hidden"] = weights_to_wire((~seen).astype(np.uint8), route_class)
+  body.update(_applied_to_wire(s, keep, every, weights, route_class, example_ids, index))
   if not (rows.size == len(example_ids) and np.array_equal(rows, np.arange(rows.size))):
     body["rows"] = array_to_wire(rows.astype(_index_dtype(max(len(example_ids) - 1, 0))))
   if example_sha256 is not None:
@@ -527,6 +555,38 @@ def step_body(
       )
     body["example_sha256"] = joined
   return dict(sorted(body.items()))  # sorted keys and builtin types only: see encode_step_body
+
+
+def _applied_to_wire(
+  s: StepSummary,
+  keep: np.ndarray,
+  every: bool,
+  weights: np.ndarray,
+  route_class: np.ndarray,
+  example_ids: Sequence[str],
+  index: np.ndarray,
+) -> dict:
+  """The optional step fields saying what was actually applied, each left out when it says
+  nothing new: `applied_weights` when they differ from `weights`, `applied_scale` when some group
+  was not scaled by 1, `dropped` when an example was dropped."""
+  out: dict[str, Any] = {}
+  if s.applied_weights is not None:
+    applied = np.asarray(s.applied_weights, np.float32)
+    applied = applied if every else applied[keep]
+    if applied.shape != weights.shape or not np.array_equal(applied, weights):
+      out["applied_weights"] = weights_to_wire(applied, route_class)
+  if s.applied_scale is not None:
+    scale = np.asarray(s.applied_scale, np.float32)
+    if not (scale == 1).all():
+      out["applied_scale"] = array_to_wire(scale)
+  if s.dropped is not None:
+    why = np.asarray(s.dropped)
+    rows = np.flatnonzero((why != 0) & keep)
+    if rows.size:
+      out["dropped"] = [
+        {"id": example_ids[int(index[r])], "reason": DROP_REASONS[int(why[r])]} for r in rows
+      ]
+  return out
 
 
 # ---- admission refusals ---------------------------------------------------------------------------
@@ -590,7 +650,15 @@ class StepView(NamedTuple):
   measurements: dict[str, np.ndarray]
   events: dict[str, np.ndarray]
   seen: np.ndarray | None = None  # bool [B, G]; groups each row saw in its forward pass
+  applied_weights: np.ndarray | None = None  # float32 [B, G]; what each row was applied with
+  applied_scale: np.ndarray | None = None  # float32 [G]; scale applied to each group's gradient
+  dropped: tuple[tuple[str, str], ...] = ()  # (example id, reason) of examples dropped
   rejected: tuple[Rejection, ...] = ()  # examples refused at admission, left out of the batch
+
+  @property
+  def applied_norms(self) -> np.ndarray:
+    """float32 [B, G]: the contribution of each row that reached each group's update."""
+    return (self.contribution_norms * self.applied_scale[None, :]).astype(np.float32)
 
   @property
   def row_ids(self) -> tuple[str, ...]:
@@ -605,13 +673,18 @@ class StepView(NamedTuple):
 
 
 def check_step(
-  body: Mapping[str, Any], index: int | None = None, groups: int | None = None
+  body: Mapping[str, Any],
+  index: int | None = None,
+  groups: int | None = None,
+  *,
+  fields_checked: bool = False,
 ) -> None:
   """Raise `LineageError` unless a "step" body has every field, and arrays whose dtypes, byte counts and
   shapes fit together ([B] rows, [B, G] or [C, G] per-row maps, [G, dim] fingerprint), without
-  building the arrays (what `verify_lineage` checks of every step record)."""
+  building the arrays (what `verify_lineage` checks of every step record). `fields_checked`: the
+  caller already ran `check_body` on it (as `decode_body` with a kind does), so it is not rerun."""
   try:
-    _check_step(body, groups)
+    _check_step(body, groups, fields_checked)
   except LineageError as exc:
     raise LineageError(f"record {index}: malformed step body: {exc}", index=index) from None
 
@@ -639,8 +712,26 @@ def _wire_dtype(name: Any) -> np.dtype | None:
   )
 
 
+def _wire_shape_of(w: Any) -> tuple[tuple[int, ...], np.dtype] | None:
+  """(shape, dtype) of a well-formed array map as decoded (plain types), checked without numpy;
+  None for anything else (`_wire_shape` then says what is wrong)."""
+  if type(w) is dict and len(w) == 3:
+    data, name, shape = w.get("data"), w.get("dtype"), w.get("shape")
+    if type(data) is bytes and type(name) is str and type(shape) is list:
+      dtype = _wire_dtype(name)
+      n = -1 if dtype is None else dtype.itemsize
+      for d in shape:
+        n = n * d if type(d) is int and d >= 0 and n >= 0 else -1
+      if n == len(data):
+        return tuple(shape), dtype
+  return None
+
+
 def _wire_shape(w: Any, what: str) -> tuple[tuple[int, ...], np.dtype]:
   """(shape, dtype) of an array map, checked to hold exactly that many bytes."""
+  known = _wire_shape_of(w)
+  if known is not None:
+    return known
   if not isinstance(w, Mapping) or set(w) != {"data", "dtype", "shape"}:
     raise LineageError(f"{what} is not an array map (data, dtype, shape)")
   dtype = _wire_dtype(w["dtype"]) if isinstance(w["dtype"], str) else None
@@ -675,13 +766,14 @@ def _check_per_row(w: Any, rows: int, g: int, what: str) -> None:
     )
 
 
-def _check_step(body: Mapping[str, Any], groups: int | None) -> int:
-  check_body(STEP, body)
-  ids = _split_ids(body["example_ids"])
+def _check_step(body: Mapping[str, Any], groups: int | None, fields_checked: bool = False) -> int:
+  if not fields_checked:
+    check_body(STEP, body)
+  n_ids = _count_ids(body["example_ids"])
   sha = body.get("example_sha256")
-  if sha is not None and len(sha) != 32 * len(ids):
+  if sha is not None and len(sha) != 32 * n_ids:
     raise LineageError(
-      f"example_sha256 holds {len(sha)} bytes, not 32 for each of the {len(ids)} example ids"
+      f"example_sha256 holds {len(sha)} bytes, not 32 for each of the {n_ids} example ids"
     )
   rc_shape, rc_dtype = _wire_shape(body["route_class"], "route_class")
   if len(rc_shape) != 1 or rc_dtype.kind not in "iu":
@@ -694,9 +786,9 @@ def _check_step(body: Mapping[str, Any], groups: int | None) -> int:
       raise LineageError(
         f"rows must be a [B] integer array with B = {rc_shape[0]}, got {list(rows_shape)}"
       )
-  elif rc_shape[0] != len(ids):
+  elif rc_shape[0] != n_ids:
     raise LineageError(
-      f"{rc_shape[0]} batch rows but {len(ids)} example ids, and no rows map between them"
+      f"{rc_shape[0]} batch rows but {n_ids} example ids, and no rows map between them"
     )
   fp_shape, _ = _wire_shape(body["fingerprint"], "fingerprint")
   if len(fp_shape) != 2 or (groups is not None and fp_shape[0] != groups):
@@ -706,6 +798,7 @@ def _check_step(body: Mapping[str, Any], groups: int | None) -> int:
     )
   g = fp_shape[0]
   _check_per_row(body["weights"], rc_shape[0], g, "weights")
+  _check_applied(body, rc_shape[0], g)
   if "hidden" in body:
     _check_per_row(body["hidden"], rc_shape[0], g, "hidden")
   norms_shape, _ = _wire_shape(body["contribution_norms"], "contribution_norms")
@@ -715,8 +808,40 @@ def _check_step(body: Mapping[str, Any], groups: int | None) -> int:
     )
   for field in ("measurements", "events"):
     for k, v in body[field].items():
-      _wire_shape(v, f"{field[:-1]} {k!r}")
+      if _wire_shape_of(v) is None:  # the message only for a bad one
+        _wire_shape(v, f"{field[:-1]} {k!r}")
   return g
+
+
+def _check_applied(body: Mapping[str, Any], rows: int, g: int) -> None:
+  if "applied_weights" in body:
+    _check_per_row(body["applied_weights"], rows, g, "applied_weights")
+  if "applied_scale" in body:
+    shape, dtype = _wire_shape(body["applied_scale"], "applied_scale")
+    if shape != (g,) or dtype.kind != "f":
+      raise LineageError(f"applied_scale must be a float [G] array with G = {g}, got {list(shape)}")
+  known = set(_split_ids(body["example_ids"])) if body.get("dropped") else set()
+  for d in body.get("dropped", ()):
+    if d["id"] not in known:
+      raise LineageError(
+        f"dropped names example {d['id']!r:.60}, which is not among the step's ids"
+      )
+
+
+def _view_applied(body: Mapping[str, Any], weights: np.ndarray, route_class: np.ndarray) -> dict:
+  """The applied fields of a step view; a record without them applied exactly its `weights`."""
+  applied = (
+    weights
+    if "applied_weights" not in body
+    else weights_from_wire(body["applied_weights"], route_class, "applied_weights")
+  )
+  scale = (
+    np.ones(weights.shape[1], np.float32)
+    if "applied_scale" not in body
+    else array_from_wire(body["applied_scale"], "applied_scale").astype(np.float32)
+  )
+  dropped = tuple((d["id"], d["reason"]) for d in body.get("dropped", ()))
+  return {"applied_weights": applied, "applied_scale": scale, "dropped": dropped}
 
 
 def _view_step(body: Mapping[str, Any], groups: int | None) -> StepView:
@@ -756,5 +881,6 @@ def _view_step(body: Mapping[str, Any], groups: int | None) -> StepView:
     },
     events={k: array_from_wire(v, f"event {k!r}") for k, v in body["events"].items()},
     seen=np.ones(per_row, bool) if hidden is None else hidden == 0,
+    **_view_applied(body, weights, route_class),
     rejected=rejected_of(body),
   )

@@ -94,9 +94,9 @@ def scan(
     if r.kind in want:
       decoded[r.seq] = r.body
     elif r.kind in check:
-      body = r.body
+      body = r.body  # decoded canonically, fields checked against the kind's schema
       if r.kind == rec.STEP:
-        rec.check_step(body, r.seq)
+        rec.check_step(body, r.seq, fields_checked=True)
     if progress is not None and compact.size % _PROGRESS_EVERY == 0:
       progress(compact.size, expected)
   report(progress, compact.size, expected)

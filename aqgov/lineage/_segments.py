@@ -47,7 +47,13 @@ class TornTail(NamedTuple):
 
 def frame(payload: bytes) -> bytes:
   """`payload` framed: its length, its bytes, their SHA-256."""
-  return _LEN.pack(len(payload)) + payload + hashlib.sha256(payload).digest()
+  return b"".join(frame_parts(payload, hashlib.sha256(payload).digest()))
+
+
+def frame_parts(payload: bytes, digest: bytes) -> tuple[bytes, bytes, bytes]:
+  """The three pieces of `payload`'s frame given its SHA-256 `digest` (for `os.writev`, which
+  writes them without joining them into one copy first)."""
+  return _LEN.pack(len(payload)), payload, digest
 
 
 def segment_name(first_seq: int) -> str:
@@ -61,6 +67,16 @@ def write_all(fd: int, data: bytes) -> None:
   while view:
     n = os.write(fd, view)
     view = view[n:]
+
+
+def write_parts(fd: int, parts: Sequence[bytes]) -> int:
+  """Write `parts` to `fd` back to back with one `os.writev` (finishing a short write with
+  `write_all`); the number of bytes written."""
+  total = sum(len(p) for p in parts)
+  n = os.writev(fd, parts)
+  if n < total:
+    write_all(fd, b"".join(parts)[n:])
+  return total
 
 
 class _Framing(NamedTuple):

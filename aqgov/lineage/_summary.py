@@ -34,6 +34,10 @@ if TYPE_CHECKING:
   from aqgov.entropy import Events
   from aqgov.policy import CompiledPolicy
 
+# why `StepSummary.dropped` dropped a row (0: kept)
+FINITE, NONFINITE_LOSS, NONFINITE_GRADIENT = 0, 1, 2
+DROP_REASONS = ("", "non-finite loss", "non-finite gradient")
+
 Array = jax.Array | np.ndarray  # on the device in the step, on the host once fetched
 PyTree = Any  # a JAX pytree of arrays (parameters, optimizer state, a batch)
 
@@ -52,6 +56,14 @@ class StepSummary(NamedTuple):
   events: pytree of arrays — governance events (a fixed-size NamedTuple), `()` when none.
   seen: bool [B, G] or None — which groups each example saw in its forward pass (None: all;
     see `visible = "routed"` groups in aqgov.policy).
+  applied_weights: float32 [B, G] or None — the weight each example's gradient was actually
+    applied with: `weights` after fallback routes, dropped examples, pause, reroute and freeze
+    (None: exactly `weights`).
+  applied_scale: float32 [G] or None — the scale enforcement applied to each group's routed
+    gradient (0: the group got no update); the applied contribution of an example is
+    `applied_scale[g] * contribution_norms[i, g]` (None: all ones).
+  dropped: int8 [B] or None — per row 0, or why the example was dropped from the step
+    (`DROP_REASONS`: 1 non-finite loss, 2 non-finite gradient).
   sketch: [B, G, dim] (bfloat16/float16/float32) or None — seeded projections of each example's
     routed gradient per group (`aqgov.routing.SketchSpec`), written to the sketch store.
   """
@@ -66,6 +78,9 @@ class StepSummary(NamedTuple):
   measurements: Mapping[str, Array] = {}
   events: Events | tuple[()] = ()
   seen: Array | None = None
+  applied_weights: Array | None = None
+  applied_scale: Array | None = None
+  dropped: Array | None = None
   sketch: Array | None = None
 
 
@@ -154,6 +169,9 @@ def summarize(
   measurements: Mapping[str, Array] | None = None,
   events: Events | tuple[()] = (),
   seen: Array | None = None,
+  applied_weights: Array | None = None,
+  applied_scale: Array | None = None,
+  dropped: Array | None = None,
   sketch: Array | None = None,
 ) -> StepSummary:
   """Build a `StepSummary` inside a step, fingerprinting `params` (the params after the update)."""
@@ -169,8 +187,20 @@ def summarize(
     measurements=dict(measurements or {}),
     events=events,
     seen=None if seen is None else jnp.asarray(seen, bool),
+    **_applied(applied_weights, applied_scale, dropped),
     sketch=sketch,
   )
+
+
+def _applied(applied_weights: Array | None, applied_scale: Array | None, dropped: Array | None):
+  """The summary fields saying what a step actually applied, in their dtypes."""
+  return {
+    "applied_weights": None
+    if applied_weights is None
+    else jnp.asarray(applied_weights, jnp.float32),
+    "applied_scale": None if applied_scale is None else jnp.asarray(applied_scale, jnp.float32),
+    "dropped": None if dropped is None else jnp.asarray(dropped, jnp.int8),
+  }
 
 
 def routed_summary(

@@ -38,6 +38,7 @@ class Event(NamedTuple):
   bound: str
   limit: float
   action: str
+  window: tuple[int, int] | None = None  # reroute/route: first and last step the action holds
 
 
 def step_events(view: rec.StepView, groups: Sequence[str]) -> list[Event]:
@@ -48,6 +49,10 @@ def step_events(view: rec.StepView, groups: Sequence[str]) -> list[Event]:
   out = []
   for g, m, h in zip(*np.nonzero(ev["out_of_bounds"]), strict=True):
     metric = METRICS[m]
+    action = ACTION_NAMES[int(ev["action"][g, m, h])]
+    window = None
+    if action in ("reroute", "route") and "until" in ev:  # recorded since schema version 2
+      window = (view.step + (action == "route"), int(ev["until"][g, m, h]))
     out.append(
       Event(
         view.step,
@@ -57,7 +62,8 @@ def step_events(view: rec.StepView, groups: Sequence[str]) -> list[Event]:
         float(ev["value"][g, m, h]),
         BOUND_NAMES[int(ev["bound"][g, m, h])],
         float(ev["limit"][g, m, h]),
-        ACTION_NAMES[int(ev["action"][g, m, h])],
+        action,
+        window,
       )
     )
   return out

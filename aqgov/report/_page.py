@@ -97,7 +97,7 @@ the forward pass; grey cells are classes no example took.</p>
 <h3>Governance events ({{ d.events | length }})</h3>
 {% if d.events %}<table><tr><th>step</th><th>group</th><th>metric</th><th>head</th><th>value</th><th>bound</th><th>limit</th><th>action</th></tr>
 {% for e in d.events %}<tr><td>{{ e.step }}</td><td>{{ e.group }}</td><td>{{ e.metric }}</td><td>{{ "" if e.head is none else e.head }}</td>
-<td>{{ "%.4g" | format(e.value) }}</td><td>{{ e.bound }}</td><td>{{ "%.4g" | format(e.limit) }}</td><td>{{ e.action }}</td></tr>{% endfor %}
+<td>{{ "%.4g" | format(e.value) }}</td><td>{{ e.bound }}</td><td>{{ "%.4g" | format(e.limit) }}</td><td>{{ e.action }}{% if e.window %} (steps {{ e.window[0] }}-{{ e.window[1] }}){% endif %}</td></tr>{% endfor %}
 </table>{% else %}<p>No measurement left its bounds.</p>{% endif %}
 {% for x in d.escalations %}<div class="banner fail">escalation at step {{ x.step }}: <pre>{{ x.message }}</pre></div>{% endfor %}
 </section>

@@ -194,6 +194,24 @@ def group_norms(compiled: CompiledPolicy, squared_norms: PyTree) -> jax.Array:
   return jnp.sqrt(per_group).T
 
 
+def scaled_leaf_weights(compiled: CompiledPolicy, leaf_weights: PyTree, scale: jax.Array) -> PyTree:
+  """`leaf_weights` ([B], or [B, n, 1, ...] for a sliced leaf) times the per-example group `scale`
+  [B, G] placed on each leaf; 0 stays an exact 0. Whole leaves that shared one weight array and
+  one group still share one (the routing strategies group leaves by it)."""
+  scale = jnp.asarray(scale, jnp.float32)
+  leaves, treedef = jax.tree.flatten(leaf_weights)
+  placed = jax.tree.leaves(jax.vmap(compiled.per_leaf)(scale)) if compiled.has_slices else None
+  cache: dict = {}
+  out = []
+  for i, (w, g) in enumerate(zip(leaves, compiled.leaf_group)):
+    s = scale[:, g] if placed is None else placed[i]
+    key = (id(w), int(g)) if jnp.ndim(s) == 1 else (id(w), -1 - i)
+    if key not in cache:
+      cache[key] = jnp.where(s == 0, jnp.float32(0), w * s)
+    out.append(cache[key])
+  return jax.tree.unflatten(treedef, out)
+
+
 class _Plan(NamedTuple):
   strategy: str
   reason: str
@@ -311,7 +329,9 @@ class _Routed:
     self.warned = False
     self._cotangent: Callable | None = None
 
-  def __call__(self, params, batch, labels):
+  def __call__(self, params, batch, labels, example_scale=None):
+    """`example_scale` (float32 [B, G], optional) multiplies each example's policy weight per group
+    before the gradient: 0 routes the example away from the group exactly (as the policy's 0)."""
     compiled = self.compiled
     if jax.tree.structure(params) != compiled.treedef:
       raise RoutingError(
@@ -321,6 +341,8 @@ class _Routed:
       )
     _check_labels(labels, batch)
     weights = compiled.leaf_weights(labels)
+    if example_scale is not None:
+      weights = scaled_leaf_weights(compiled, weights, example_scale)
     visibility = compiled.leaf_visibility(labels) if compiled.has_visibility else None
     impl = self.per_example if self.strategy(params, batch) == "per_example" else self.cotangent
     if self.confined:
