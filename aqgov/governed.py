@@ -71,6 +71,7 @@ from aqgov.lineage._summary import (
 from aqgov.lineage._task import TrainState
 from aqgov.policy._compile import CompiledPolicy, compile_policy
 from aqgov.policy._policy import POLICY
+from aqgov.routing._site_stats import norm_spec
 from aqgov.routing._sketch import SketchSpec
 from aqgov.routing._transforms import strict as strict_transform
 from aqgov.routing._value_and_grad import gradient_sketches, routed_value_and_grad
@@ -165,6 +166,9 @@ def governed_step(
   overrides: Sequence[Any] = (),
   fingerprint_seed: int = 0,
   microbatch: int | None = None,
+  norms: str = "exact",
+  norms_sketch_dim: int = 64,
+  norms_sketch_seed: int = 0,
   on_nonfinite: str = "fail",
   sketch: SketchSpec | None = None,
 ) -> tuple[optax.GradientTransformationExtraArgs, StepFn]:
@@ -182,7 +186,15 @@ def governed_step(
   when there is one: a `lax.cond`), recording them in `dropped`; the loss is then the mean over
   the kept examples and the gradient keeps its 1/B (as for any example routed away). A step still
   non-finite after that (e.g. a NaN learning rate) fails closed as with `"fail"`.
+
+  `norms` says which per-example contribution norms the summary records: `"exact"`, or
+  `"sketch"` (unbiased estimates from `norms_sketch_dim` projections seeded by
+  `norms_sketch_seed`, see `routed_value_and_grad`); `norms_config` gives the run-start record's
+  account of it.
   """
+  norms_config(
+    norms, norms_sketch_dim, norms_sketch_seed
+  )  # refuses what routing would refuse, here
   if on_nonfinite not in ON_NONFINITE:
     raise RoutingError(f"on_nonfinite = {on_nonfinite!r}; use one of {list(ON_NONFINITE)}")
   tx = governed_optimizer(optimizer, compiled, profile=profile, strict=strict, overrides=overrides)
@@ -200,7 +212,9 @@ def governed_step(
     compiled,
     strategy,
     has_aux=True,
-    with_norms=True,
+    with_norms=norms,
+    sketch_dim=norms_sketch_dim,
+    sketch_seed=norms_sketch_seed,
     microbatch=microbatch,
     sketch=sketch,
   )
@@ -273,6 +287,17 @@ def governed_step(
   return tx, step
 
 
+def norms_config(norms: str = "exact", sketch_dim: int = 64, sketch_seed: int = 0) -> dict:
+  """What a run's contribution norms are, as its run-start record states it (`config.norms`):
+  `{"kind": "exact"}` or `{"kind": "sketch", "sketch_dim": k, "sketch_seed": s}`."""
+  if norms not in ("exact", "sketch"):
+    raise RoutingError(f"norms must be 'exact' or 'sketch', got {norms!r}")
+  spec = norm_spec(norms, sketch_dim, sketch_seed)
+  if spec.kind == "exact":
+    return {"kind": "exact"}
+  return {"kind": "sketch", "sketch_dim": spec.sketch_dim, "sketch_seed": spec.seed}
+
+
 def _verified(doc_type: DocumentType, paths: Sequence[Path], trust: TrustStore) -> list:
   return [verify(doc_type, read(doc_type, p), trust) for p in paths]
 
@@ -333,6 +358,8 @@ class GovernedTask:
     make_inputs: `Example -> model inputs` for one example (stacked by admission).
     optimizer: the Optax optimizer.
     strategy, strict, microbatch: as for `routed_value_and_grad` / `governed_optimizer`.
+    norms, norms_sketch_dim, norms_sketch_seed: which contribution norms the lineage records (as
+      for `governed_step`); `GovernedRun.start` records `norms_config` in the run-start `config`.
     on_nonfinite: `"fail"` (default) or `"drop_example"`, as for `governed_step`.
     seed: fingerprint projection seed.
     sketch: a `SketchSpec` to record per-example gradient sketches (opt-in; see `governed_step`).
@@ -358,6 +385,9 @@ class GovernedTask:
     seed: int = 0,
     overrides: Sequence[Any] = (),
     trust: TrustStore | None = None,
+    norms: str = "exact",
+    norms_sketch_dim: int = 64,
+    norms_sketch_seed: int = 0,
     on_nonfinite: str = "fail",
     sketch: SketchSpec | None = None,
   ):
@@ -369,6 +399,7 @@ class GovernedTask:
       )
     run_dir = Path(run_dir)
     self.trust = trust
+    self.norms_config = norms_config(norms, norms_sketch_dim, norms_sketch_seed)
     self.on_nonfinite = on_nonfinite
     # composed in name order, so route class names do not depend on document ids
     policies = sorted(
@@ -411,6 +442,9 @@ class GovernedTask:
       overrides=[*overrides, *run_overrides(run_dir, self.trust, self.override_authorities)],
       fingerprint_seed=seed,
       microbatch=microbatch,
+      norms=norms,
+      norms_sketch_dim=norms_sketch_dim,
+      norms_sketch_seed=norms_sketch_seed,
       on_nonfinite=on_nonfinite,
       sketch=sketch,
     )

@@ -1,7 +1,8 @@
 """Routing cost against a plain Optax step: time and peak memory, as ratios measured in one run.
 
-    python benchmarks/routing.py            # MLP (6x512, B=128), CNN (B=64, 32x32x3), LM (4x128, T=128, B=32)
+    python benchmarks/routing.py            # MLP, CNN, LM, scanned blocks, RNN (shapes below)
     python benchmarks/routing.py --quick    # tiny shapes, a smoke run
+    python benchmarks/routing.py --cases scan,rnn   # some of the cases (name prefixes)
 
 Every step is jitted and includes `optax.adam`. The plain step is `value_and_grad` of the mean
 per-example loss (vmapped) plus the update; the routed steps replace the gradient with
@@ -135,9 +136,68 @@ def lm_case(key, batch_size: int, config: tiny_lm.Config) -> Case:
   return Case(name, params, {"tokens": tokens}, loss, groups)
 
 
+def scan_case(key, batch_size: int, tokens: int, width: int, depth: int) -> Case:
+  """Residual MLP blocks stacked on a leading axis and run by `lax.scan` (as `hk.layer_stack`,
+  `nnx.scan` or an Equinox scanned stack do): every kernel is sliced per iteration."""
+  keys = jax.random.split(key, 5)
+  params = {
+    "blocks": {
+      "up": jax.random.normal(keys[0], (depth, width, 2 * width)) / np.sqrt(width),
+      "down": jax.random.normal(keys[1], (depth, 2 * width, width)) / np.sqrt(2 * width),
+      "bias": jnp.zeros((depth, 2 * width)),
+    },
+    "head": jax.random.normal(keys[2], (width, 10)) / np.sqrt(width),
+  }
+
+  def loss(p, ex):
+    def block(h, blk):
+      return h + jax.nn.gelu(h @ blk["up"] + blk["bias"]) @ blk["down"], None
+
+    h, _ = jax.lax.scan(block, ex["x"], p["blocks"])
+    logits = jnp.mean(h, axis=0) @ p["head"]
+    return -jax.nn.log_softmax(logits)[ex["y"]]
+
+  batch = {
+    "x": jax.random.normal(keys[3], (batch_size, tokens, width)),
+    "y": jax.random.randint(keys[4], (batch_size,), 0, 10),
+  }
+  groups = {"up": ["blocks/up", "blocks/bias"], "down": ["blocks/down"], "head": ["head"]}
+  name = f"scan {depth}x{width}, T={tokens}, B={batch_size}"
+  return Case(name, params, batch, loss, groups)
+
+
+def rnn_case(key, batch_size: int, steps: int, width: int) -> Case:
+  """An Elman RNN under `lax.scan`: the cell's weights are closed over, shared by every step."""
+  keys = jax.random.split(key, 6)
+  params = {
+    "cell": {
+      "wx": jax.random.normal(keys[0], (width, width)) / np.sqrt(width),
+      "wh": jax.random.normal(keys[1], (width, width)) / np.sqrt(width),
+      "b": jnp.zeros(width),
+    },
+    "head": jax.random.normal(keys[2], (width, 10)) / np.sqrt(width),
+  }
+
+  def loss(p, ex):
+    cell = p["cell"]
+
+    def step(h, x):
+      return jnp.tanh(x @ cell["wx"] + h @ cell["wh"] + cell["b"]), None
+
+    h, _ = jax.lax.scan(step, jnp.zeros(width), ex["x"])
+    return -jax.nn.log_softmax(h @ p["head"])[ex["y"]]
+
+  batch = {
+    "x": jax.random.normal(keys[3], (batch_size, steps, width)),
+    "y": jax.random.randint(keys[4], (batch_size,), 0, 10),
+  }
+  groups = {"input": ["cell/wx"], "recurrent": ["cell/wh", "cell/b"], "head": ["head"]}
+  return Case(f"RNN {width}, T={steps}, B={batch_size}", params, batch, loss, groups)
+
+
 def cases(quick: bool) -> list[Case]:
   key = jax.random.key(0)
-  k1, k2, k3 = jax.random.split(key, 3)
+  k1, k2, k3, k4, k5 = jax.random.split(key, 5)
   if quick:
     return [
       mlp_case(k1, 8, 16, 2),
@@ -145,6 +205,8 @@ def cases(quick: bool) -> list[Case]:
       lm_case(
         k3, 2, tiny_lm.Config(seq_len=8, d_model=16, num_heads=2, num_blocks=1, adapter_dim=4)
       ),
+      scan_case(k4, 4, 4, 8, 2),
+      rnn_case(k5, 4, 4, 8),
     ]
   return [
     mlp_case(k1, 128, 512, 6),
@@ -152,6 +214,8 @@ def cases(quick: bool) -> list[Case]:
     lm_case(
       k3, 32, tiny_lm.Config(seq_len=128, d_model=128, num_heads=4, num_blocks=4, adapter_dim=32)
     ),
+    scan_case(k4, 32, 64, 128, 4),
+    rnn_case(k5, 64, 32, 128),
   ]
 
 
@@ -168,7 +232,7 @@ def steps(case: Case, compiled_policy, hiding_policy, optimizer) -> dict[str, Ca
     loss, grads = jax.value_and_grad(mean_loss)(params)
     return (loss, *apply(grads, params, opt_state))
 
-  def routed(strategy: str, with_norms: bool, policy=compiled_policy):
+  def routed(strategy: str, with_norms: bool | str, policy=compiled_policy):
     fn = aqgov.routed_value_and_grad(case.loss, policy, strategy, with_norms=with_norms)
 
     def step(params, opt_state, batch, labels):
@@ -184,15 +248,18 @@ def steps(case: Case, compiled_policy, hiding_policy, optimizer) -> dict[str, Ca
     "per_example": routed("per_example", False),
     "cotangent": routed("cotangent", False),
     "cotangent+norms": routed("cotangent", True),
+    "cotangent+sketch": routed("cotangent", "sketch"),
     "cotangent+visibility": routed("cotangent", False, hiding_policy),
   }
 
 
-def run(quick: bool, reps: int) -> list[tuple[str, dict[str, Measure]]]:
+def run(quick: bool, reps: int, only: tuple[str, ...] = ()) -> list[tuple[str, dict[str, Measure]]]:
   tax = taxonomy()
   space = aqgov.credentials.LabelSpace.of(tax)
   rows = []
   for case in cases(quick):
+    if only and not case.name.lower().startswith(only):
+      continue
     policy = aqgov.Policy.from_toml(policy_toml(case.groups))
     compiled_policy = aqgov.compile_policy(policy, case.params, tax)
     hiding = aqgov.compile_policy(
@@ -209,7 +276,13 @@ def run(quick: bool, reps: int) -> list[tuple[str, dict[str, Measure]]]:
 
 
 def table(rows) -> str:
-  routed = ["per_example", "cotangent", "cotangent+norms", "cotangent+visibility"]
+  routed = [
+    "per_example",
+    "cotangent",
+    "cotangent+norms",
+    "cotangent+sketch",
+    "cotangent+visibility",
+  ]
   head = (
     ["model", "plain step", "plain peak"]
     + [f"{r} time" for r in routed]
@@ -220,9 +293,12 @@ def table(rows) -> str:
     plain = res["plain"]
     cells = [name, f"{plain.seconds * 1e3:.1f} ms", f"{plain.bytes / 2**20:.1f} MiB"]
     cells += [
-      f"{res[r].seconds / plain.seconds:.2f}x ({res[r].best / plain.best:.2f}x)" for r in routed
+      f"{res[r].seconds / plain.seconds:.2f}x ({res[r].best / plain.best:.2f}x)"
+      if r in res
+      else "n/a"
+      for r in routed
     ]
-    cells += [f"{res[r].bytes / plain.bytes:.2f}x" for r in routed]
+    cells += [f"{res[r].bytes / plain.bytes:.2f}x" if r in res else "n/a" for r in routed]
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
@@ -238,6 +314,9 @@ def main(argv: list[str] | None = None) -> None:
     default=None,
     help="timing rounds (median and best reported); default 10, quick 2",
   )
+  parser.add_argument(
+    "--cases", default="", help="comma-separated case name prefixes (mlp, cnn, lm, scan, rnn)"
+  )
   args = parser.parse_args(argv)
   reps = args.reps or (2 if args.quick else 10)
   warnings.simplefilter("default")
@@ -249,7 +328,8 @@ def main(argv: list[str] | None = None) -> None:
     "Ratios are routed / plain (value_and_grad of the mean loss + optax.adam), same run; time "
     "cells give the ratio of medians and, in parentheses, of the fastest rounds.\n"
   )
-  print(table(run(args.quick, reps)))
+  only = tuple(c.strip().lower() for c in args.cases.split(",") if c.strip())
+  print(table(run(args.quick, reps, only)))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from aqgov.examples import tiny_lm as tiny_lm
 from aqgov.examples.demo import create_authorities
 from aqgov.governed import GovernedTask
 from aqgov.lineage import GovernedRun, verify_lineage
+from aqgov.lineage._log import LogReader
 
 SMALL = {"seq_len": 16, "d_model": 16, "num_heads": 4, "num_blocks": 1, "adapter_dim": 4, "seed": 0}
 ESCALATING_PROFILE = """
@@ -228,6 +229,35 @@ def test_a_non_finite_update_is_never_applied_even_when_the_gradients_are_finite
   jax.tree.map(np.testing.assert_array_equal, held.params, state.params)
   jax.tree.map(np.testing.assert_array_equal, held.opt_state, state.opt_state)
   assert bool(np.asarray(held.governance.nonfinite).all())
+
+
+@pytest.mark.parametrize(
+  "norms,recorded",
+  [
+    ({}, {"kind": "exact"}),
+    (
+      {"norms": "sketch", "norms_sketch_dim": 16, "norms_sketch_seed": 3},
+      {"kind": "sketch", "sketch_dim": 16, "sketch_seed": 3},
+    ),
+  ],
+)
+def test_the_run_start_record_says_which_contribution_norms_the_steps_record(
+  tmp_path, authorities, norms, recorded
+):
+  run = GovernedRun.start(
+    tmp_path / "run",
+    task="aqgov.examples.tiny_lm:make_task",
+    task_config={**SMALL, **norms},
+    policies=authorities.policies,
+    profiles=[authorities.profile],
+    manifests=authorities.manifests,
+    trust=authorities.public_keys,
+  )
+  summary = jax.device_get(run.step(sample.examples()[:4]))
+  assert np.all(np.isfinite(summary.contribution_norms))
+  run.close()
+  start_record = next(iter(LogReader(tmp_path / "run" / "lineage", bodies=("run-start",))))
+  assert start_record.body["config"]["norms"] == recorded
 
 
 GOVERNED_WINDOWS = """

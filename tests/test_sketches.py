@@ -53,6 +53,14 @@ def _elementwise(p, ex):  # a bias and a scale
   return jnp.sum(jnp.tanh(ex["x"] * p["s"] + p["b"]) ** 2)
 
 
+def _scan(p, ex):  # stacked layers scanned over, and a weight shared by the iterations
+  def body(h, w):
+    return jnp.tanh(h @ w + h @ p["u"]), None
+
+  h, _ = jax.lax.scan(body, ex["x"], p["ws"])
+  return jnp.sum(h**2)
+
+
 def _params_batch(name, key):
   k = jax.random.split(key, 4)
   if name == "dense":
@@ -63,6 +71,11 @@ def _params_batch(name, key):
     return (
       {"k": jax.random.normal(k[0], (3, 3, 2, 4))},
       {"img": jax.random.normal(k[1], (B, 5, 5, 2))},
+    )
+  if name == "scan":
+    return (
+      {"u": jax.random.normal(k[0], (6, 6)) / 3, "ws": jax.random.normal(k[2], (3, 6, 6)) / 3},
+      {"x": jax.random.normal(k[1], (B, 6))},
     )
   if name == "embedding":
     return {"e": jax.random.normal(k[0], (9, 6))}, {"ids": jax.random.randint(k[1], (B, 3), 0, 9)}
@@ -78,6 +91,7 @@ LOSSES = {
   "conv": _conv,
   "embedding": _embedding,
   "elementwise": _elementwise,
+  "scan": _scan,
 }
 
 
@@ -114,12 +128,27 @@ def test_the_sketch_of_the_routed_contribution_equals_projecting_brute_force_rou
       assert not np.asarray(a[row]).view(np.uint32).any()
 
 
+@pytest.mark.parametrize("name", ["dense", "conv", "scan"])
+def test_norms_taken_with_sketches_are_the_norms_taken_alone(name):
+  params, batch = _params_batch(name, jax.random.key(3))
+  w = jnp.asarray([1.0, 0.0, 0.5, 2.0, 1.0])
+  leaf_weights = jax.tree.map(lambda _: w, params)
+  _, _, alone = cotangent_value_and_grad(LOSSES[name], with_norms=True)(params, batch, leaf_weights)
+  _, _, both, got = cotangent_value_and_grad(LOSSES[name], with_norms=True, sketch=SPEC)(
+    params, batch, leaf_weights
+  )
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), both, alone)
+  for a, b in zip(got, brute_force(LOSSES[name], params, batch, w)):
+    np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
+
+
 def test_the_cheap_forms_are_the_ones_measured():
-  """The dense and conv cases take the Kronecker site form, not a per-example gradient."""
+  """The dense and conv cases take the Kronecker site form, not a materialised per-example
+  gradient: their kernel is a site (a statistic of its use's operands and cotangent)."""
   for name, leaf in (("dense", "w"), ("dense_transposed", "w"), ("conv", "k")):
     params, batch = _params_batch(name, jax.random.key(0))
     example = jax.tree.map(lambda x: x[0], batch)
-    assert norm_methods(LOSSES[name], params, example)[leaf] in ("ghost", "patches")
+    assert norm_methods(LOSSES[name], params, example)[leaf] not in ("materialised", "none")
     assert sketch.is_kronecker(SPEC, params[leaf].shape)
 
 

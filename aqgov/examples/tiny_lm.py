@@ -113,8 +113,9 @@ def make_task(task_config: Mapping[str, Any], run_dir: str | Path):
   """The governed task of a run training this model (`aqgov.examples.tiny_lm:make_task`).
 
   `task_config` keys: the `Config` fields, `seed`, `learning_rate`, `strategy`, `strict`,
-  `on_nonfinite` (`"fail"` or `"drop_example"`, see `aqgov.governed_step`), and
-  `sketch_dim` / `sketch_seed` / `sketch_dtype` to record gradient sketches for attribution.
+  `on_nonfinite` (`"fail"` or `"drop_example"`, see `aqgov.governed_step`), `norms` ("exact" or
+  "sketch") with `norms_sketch_dim` / `norms_sketch_seed` for sketched norms, and `sketch_dim` /
+  `sketch_seed` / `sketch_dtype` to record gradient sketches for attribution.
   """
   import optax
 
@@ -133,6 +134,9 @@ def make_task(task_config: Mapping[str, Any], run_dir: str | Path):
     strict=bool(task_config.get("strict", False)),
     on_nonfinite=str(task_config.get("on_nonfinite", "fail")),
     seed=seed,
+    norms=str(task_config.get("norms", "exact")),
+    norms_sketch_dim=int(task_config.get("norms_sketch_dim", 64)),
+    norms_sketch_seed=int(task_config.get("norms_sketch_seed", 0)),
     sketch=SketchSpec(
       int(task_config["sketch_dim"]),
       int(task_config.get("sketch_seed", 0)),

@@ -414,7 +414,11 @@ class GovernedRun:
       classes=tuple(getattr(the_task, "class_names", ())),
       task=task,
       task_config=task_config,
-      config={**dict(config or {}), **({"task_sha256": task_sha256} if task_sha256 else {})},
+      config={
+        **dict(config or {}),
+        **({"task_sha256": task_sha256} if task_sha256 else {}),
+        **({"norms": the_task.norms_config} if hasattr(the_task, "norms_config") else {}),
+      },
       lineage={"checkpoint_every": checkpoint_every, "head_every": head_every, "fsync": fsync},
       compiled=getattr(the_task, "compiled", None),
     )

@@ -27,6 +27,9 @@ class Kind(NamedTuple):
   ex: bool
   leaves: frozenset
   raw: int | None = None  # the value *is* parameter leaf `raw`, unmodified
+  # inside a scan body, how a raw leaf enters it: "shared" (a constant, the same every
+  # iteration) or "stacked" (scanned over: each iteration sees one slice along axis 0)
+  role: str | None = None
 
 
 CONST = Kind(False, frozenset())
@@ -64,9 +67,9 @@ def strip(kinds) -> list[Kind]:
 class Site(NamedTuple):
   """An equation where one raw parameter leaf meets example-dependent operands, used once.
 
-  Its per-example gradient norm is computed after the step from the other operands and the
-  output cotangent: by the ghost form for a matmul, from input patches for a convolution kernel,
-  else by that equation's own VJP per example."""
+  Its per-example gradient statistic is computed in the backward pass from the other operands
+  and the output cotangent (`_site_stats`). Inside a scan (`role` set) the equation runs once
+  per iteration, `length` times."""
 
   leaf: int
   eqn: Any
@@ -74,6 +77,8 @@ class Site(NamedTuple):
   dot: ghost_norms.DotSite | None  # set for dot_general
   conv: bool  # a convolution kernel with a patch form
   out_shape: tuple[int, ...]
+  role: str | None = None  # None, or "shared" / "stacked" inside a scan (see `Kind.role`)
+  length: int = 1  # iterations of the enclosing scan
 
 
 class Uses:
@@ -86,9 +91,11 @@ class Uses:
     self.by_leaf: dict[int, list[tuple[tuple | None, Site | None]]] = {}
     self.operands: list[tuple[tuple | None, frozenset]] = []  # parameter leaves of each use
     self.eqns: list[tuple[frozenset, Any, Any]] = []  # (leaves, equation or None, input kinds)
+    self.scan_length: int | None = None  # set while a scan body with a path is analysed
 
   def add(self, path: tuple | None, leaves, site: Site | None = None, eqn=None, ins=None) -> None:
-    self.operands.append((path, frozenset(leaves)))
+    # for visibility, a use inside a loop counts as one without a path (it cannot be masked)
+    self.operands.append((None if self.scan_length else path, frozenset(leaves)))
     self.eqns.append((frozenset(leaves), eqn, ins))
     for leaf in leaves:
       self.by_leaf.setdefault(leaf, []).append((path, site))
@@ -130,13 +137,16 @@ def analyze(closed, in_kinds, uses: Uses | None = None, path: tuple | None = ())
   return [read(a) for a in closed.jaxpr.outvars]
 
 
-def _site(eqn, ins) -> Site | None:
+def _site(eqn, ins, length: int | None) -> Site | None:
   if jc.multiple_results(eqn) or not any(k.ex for k in ins):
     return None
   params = [j for j, k in enumerate(ins) if is_param(k)]
   if len(params) != 1 or ins[params[0]].raw is None:
     return None
   pos = params[0]
+  if (ins[pos].role is None) != (length is None):
+    return None
+  length = length or 1
   out_shape = tuple(eqn.outvars[0].aval.shape)
   dot = None
   if jc.name(eqn) == jc.DOT_GENERAL:
@@ -149,7 +159,7 @@ def _site(eqn, ins) -> Site | None:
       out_shape=out_shape,
     )
   conv = jc.name(eqn) == jc.CONV and pos == 1 and ghost_norms.conv_supported(eqn.params)
-  return Site(ins[pos].raw, eqn, pos, dot, conv, out_shape)
+  return Site(ins[pos].raw, eqn, pos, dot, conv, out_shape, ins[pos].role, length)
 
 
 def eqn_kinds(eqn, ins: list[Kind], uses: Uses | None, path: tuple | None) -> list[Kind]:
@@ -167,7 +177,7 @@ def eqn_kinds(eqn, ins: list[Kind], uses: Uses | None, path: tuple | None) -> li
   if name in jc.REMAT:
     return analyze(jc.inner_jaxpr(eqn), strip(ins), uses, None)
   if name == jc.SCAN:
-    return _scan_kinds(eqn, ins, uses)
+    return _scan_kinds(eqn, ins, uses, path)
   if name == jc.COND:
     return _cond_kinds(eqn, ins, uses)
   if name == jc.WHILE:
@@ -178,7 +188,8 @@ def eqn_kinds(eqn, ins: list[Kind], uses: Uses | None, path: tuple | None) -> li
     outs = [union(ins)] * n_out
   if mixes(ins) and uses is not None:
     leaves = frozenset().union(*(k.leaves for k in ins if is_param(k)))
-    uses.add(path, leaves, None if path is None else _site(eqn, ins), eqn, ins)
+    site = None if path is None else _site(eqn, ins, uses.scan_length)
+    uses.add(path, leaves, site, eqn, ins)
   return outs
 
 
@@ -202,12 +213,29 @@ def scan_carry_kinds(eqn, ins: list[Kind]) -> list[Kind]:
     carry = new
 
 
-def _scan_kinds(eqn, ins, uses):
+def scan_body_path(uses: Uses | None, path: tuple | None) -> tuple | None:
+  """The path of a scan's body equations: the scan's own path, unless the scan is nested in
+  another scan's body (only the outermost scan's iterations are accounted per site)."""
+  return None if uses is None or path is None or uses.scan_length else path
+
+
+def _scan_kinds(eqn, ins, uses, path):
   p = jc.scan_params(eqn)
   nc, nk = p.num_consts, p.num_carry
   carry = scan_carry_kinds(eqn, ins)
-  body_in = strip(ins[:nc]) + carry + strip(ins[nc + nk :])
-  outs = analyze(p.jaxpr, body_in, uses, None)
+  body_path = scan_body_path(uses, path)
+  if body_path is None:
+    body_in = strip(ins[:nc]) + carry + strip(ins[nc + nk :])
+    outs = analyze(p.jaxpr, body_in, uses, None)
+  else:  # raw leaves entering the body keep their identity, with how they enter
+    role = lambda ks, r: [Kind(k.ex, k.leaves, k.raw, r) if k.raw is not None else k for k in ks]
+    body_in = role(ins[:nc], "shared") + carry
+    body_in += role(ins[nc + nk :], "stacked")
+    uses.scan_length = p.length
+    try:
+      outs = analyze(p.jaxpr, body_in, uses, body_path)
+    finally:
+      uses.scan_length = None
   if uses is not None:
     for init, c, out in zip(ins[nc : nc + nk], carry, outs[:nk]):
       if c.ex:

@@ -49,10 +49,12 @@ import jax.numpy as jnp
 from aqgov.errors import RoutingError
 from aqgov.routing import _jax_compat as jc
 from aqgov.routing import _norms as norms
+from aqgov.routing import _site_stats as site_stats
 from aqgov.routing import _sketch as sketches
 from aqgov.routing import _slices as slices
 from aqgov.routing._analysis import Uses, analyze, check_visibility, is_param
-from aqgov.routing._emission import Ctx, Env, emit, weigh
+from aqgov.routing._emission import emit
+from aqgov.routing._env import Ctx, Env, weigh
 from aqgov.routing._plan import Plan, in_kinds, make_plan, per_example_weights, struct, trace
 from aqgov.routing._slices import slice_axis
 from aqgov.routing._transforms import unsigned_zeros
@@ -79,18 +81,38 @@ def check_supported(
 
 
 def norm_methods(
-  loss_fn: Callable, params: PyTree, example: PyTree, *, has_aux: bool = False
+  loss_fn: Callable,
+  params: PyTree,
+  example: PyTree,
+  *,
+  has_aux: bool = False,
+  with_norms: bool | str = True,
+  sketch_dim: int = 64,
 ) -> PyTree:
   """How `with_norms` gets each leaf's per-example contribution norm (params-shaped strings).
 
-  "ghost": Gram-matrix form of a matmul (no per-example gradient); "patches": input patches of
-  a convolution kernel; "vjp": that one equation's VJP per example; "materialised": per-example
-  gradients formed in the backward pass (several uses, e.g. tied weights, or a matmul whose
-  per-example product is cheaper than its Gram form); "none": the loss does not depend on it."""
+  All but "sketch" are exact, and none but "materialised" forms a per-example gradient that
+  outlives the backward step of its use:
+  "ghost": Gram-matrix form of a matmul (inside a scan: per iteration for a stacked leaf, over
+  all iterations' rows for a shared one); "direct": a matmul's per-example product `A_iᵀ G_i`
+  reduced at once; "patches": the Gram form of a convolution's input patches (few output
+  positions); "vjp": that one equation's VJP per example (a convolution's per-example kernel
+  gradients as one grouped convolution); "sketch": an unbiased estimate from `sketch_dim` random
+  projections; "materialised": per-example gradients formed in the backward pass (several uses,
+  e.g. tied weights, or a leaf shared by a scan's iterations whose Gram form is dearer);
+  "none": the loss does not depend on it."""
   p_leaves, p_def = jax.tree.flatten(params)
   ex_leaves, ex_def = jax.tree.flatten(example)
+  spec = site_stats.norm_spec(with_norms, sketch_dim, 0) or site_stats.NormSpec()
   plan = make_plan(
-    loss_fn, p_leaves, p_def, tuple(struct(x) for x in ex_leaves), ex_def, frozenset(), has_aux
+    loss_fn,
+    p_leaves,
+    p_def,
+    tuple(struct(x) for x in ex_leaves),
+    ex_def,
+    frozenset(),
+    has_aux,
+    norms=spec,
   )
   return jax.tree.unflatten(p_def, norms.methods(plan))
 
@@ -115,7 +137,9 @@ def cotangent_value_and_grad(
   loss_fn: Callable,
   *,
   has_aux: bool = False,
-  with_norms: bool = False,
+  with_norms: bool | str = False,
+  sketch_dim: int = 64,
+  sketch_seed: int = 0,
   sketch: sketches.SketchSpec | None = None,
 ) -> Callable:
   """`fn(params, batch, leaf_weights, visibility=None)` -> `(loss_mean, grads)` with
@@ -129,12 +153,16 @@ def cotangent_value_and_grad(
   With `has_aux`, `loss_fn` returns `(loss, aux)` and the result is `((loss_mean, aux[B,...]),
   grads)`. With `with_norms` a trailing params-shaped pytree of [B] squared per-example
   contribution norms `||w_i[l] ⊙ ∇_l L_i||²` is added ([B, n] per position of its axis for a
-  leaf whose weight varies along one axis, so that each slice's norm can be summed); with `sketch`
-  (a `SketchSpec`) a trailing list of per-leaf [B, dim] float32 sketches of `w_i[l] ⊙ ∇_l L_i`
-  (None for a leaf without gradient; see `aqgov.routing._sketch`). Jit-able; traced jaxprs are cached by
-  shapes. Raises `UnsupportedPrimitiveError` / `BatchCouplingError` as `check_supported`.
+  leaf whose weight varies along one axis, so that each slice's norm can be summed): exact with
+  `with_norms=True` (or "exact"); with "sketch", matmul and convolution kernels get an unbiased
+  estimate from `sketch_dim` random projections seeded by `sketch_seed` (`_sketch_norms`), other
+  leaves exact. With `sketch` (a `SketchSpec`) a trailing list of per-leaf [B, dim] float32
+  sketches of `w_i[l] ⊙ ∇_l L_i` (None for a leaf without gradient; see `aqgov.routing._sketch`)
+  is added. Jit-able; traced jaxprs are cached by shapes. Raises `UnsupportedPrimitiveError` /
+  `BatchCouplingError` as `check_supported`.
   """
   cache: dict = {}
+  spec = site_stats.norm_spec(with_norms, sketch_dim, sketch_seed)
 
   def fn(params, batch, leaf_weights, visibility=None):
     p_leaves, p_def = jax.tree.flatten(params)
@@ -168,11 +196,22 @@ def cotangent_value_and_grad(
     plan = cache.get(key)
     if plan is None:
       plan = make_plan(
-        loss_fn, p_leaves, p_def, ex_structs, b_def, slice_leaves, has_aux, vis_key, axes
+        loss_fn,
+        p_leaves,
+        p_def,
+        ex_structs,
+        b_def,
+        slice_leaves,
+        has_aux,
+        vis_key,
+        axes,
+        norms=spec or site_stats.NormSpec(),
+        sketch=sketch,
       )
       if not any(isinstance(c, jc.Tracer) for c in plan.closed.consts):
         cache[key] = plan
     seen = [jnp.broadcast_to(jnp.asarray(s, bool), (size,)) for s in seen]
+    with_norms = spec is not None
     return _run(plan, p_leaves, p_def, b_leaves, weights, size, has_aux, with_norms, seen, sketch)
 
   return fn
@@ -214,11 +253,13 @@ def _run(
   materialised = plan.materialised if probed else frozenset()
   sites = plan.sites if probed else {}
   diff = plan.diff_leaves
+  sketch_sites = plan.sketch_sites if sketch is not None else {}
   probes = norms.leaf_probes(materialised, p_leaves, size)
   gprobes = norms.site_probes(sites, size)
+  kprobes = norms.site_probes(sketch_sites, size)
   n_p = plan.n_params
 
-  def per_example(diff_vals, probes_i, gprobes_i, ex_vals, w_i, seen_i):
+  def per_example(diff_vals, probes_i, gprobes_i, kprobes_i, ex_vals, w_i, seen_i):
     leaves = list(p_leaves)
     for i, v in zip(diff, diff_vals):
       leaves[i] = v
@@ -233,11 +274,11 @@ def _run(
       weights=w_i,
       leaf_branch=branch,
       materialised=materialised,
-      site_probes={k: (sites[k], v) for k, v in gprobes_i.items()},
-      site_acts={},
+      site_probes={k: (*sites[k], v) for k, v in gprobes_i.items()},
       vis_key=plan.vis_key,
       seen=dict(enumerate(seen_i)),
       slice_axes=plan.slice_axes,
+      sketch_probes={k: (*sketch_sites[k], v) for k, v in kprobes_i.items()},
     )
     env = Env(ctx)
     for v, val, k in zip(
@@ -250,21 +291,21 @@ def _run(
     loss_atom = outvars[0]
     loss = env.lift(loss_atom) if is_param(env.kind(loss_atom)) else env.read(loss_atom)
     aux = [_sg(env.read(a)) for a in outvars[1:]]
-    return loss, (aux, dict(ctx.site_acts))
+    return loss, aux
 
-  def total(diff_vals, probes, gprobes):
+  def total(diff_vals, probes, gprobes, kprobes):
     w_dict = {i: weights[i] for i in range(n_p)}
-    losses, (aux, acts) = jax.vmap(per_example, in_axes=(None, 0, 0, 0, 0, 0))(
-      diff_vals, probes, gprobes, list(b_leaves), w_dict, list(seen)
+    losses, aux = jax.vmap(per_example, in_axes=(None, 0, 0, 0, 0, 0, 0))(
+      diff_vals, probes, gprobes, kprobes, list(b_leaves), w_dict, list(seen)
     )
     # the sum, not the mean: each example's cotangent starts at 1, exactly as in brute force, so
     # custom rules that are not linear in their cotangent (gradient clipping) see their own
-    return jnp.sum(losses), (aux, acts)
+    return jnp.sum(losses), aux
 
   diff_vals = [p_leaves[i] for i in diff]
-  (loss_sum, (aux, acts)), (g_diff, g_probes, g_sites) = jax.value_and_grad(
-    total, argnums=(0, 1, 2), has_aux=True
-  )(diff_vals, probes, gprobes)
+  (loss_sum, aux), (g_diff, g_probes, g_sites, g_sk) = jax.value_and_grad(
+    total, argnums=(0, 1, 2, 3), has_aux=True
+  )(diff_vals, probes, gprobes, kprobes)
   loss = loss_sum / jnp.asarray(size, loss_sum.dtype)
   grads = [_zero_grad(p) for p in p_leaves]
   for i, g in zip(diff, g_diff):
@@ -276,17 +317,18 @@ def _run(
     head = (loss, out[1])
   out = (head, grads)
   if with_norms:
-    sq = norms.sq_norms(sites, p_leaves, size, g_probes, g_sites, acts)
+    sq = norms.sq_norms(sites, p_leaves, size, g_probes, g_sites)
     for i, axis in _sliced_axes(plan, weights, p_leaves).items():  # kept per position of the axis
       sq[i] = slices.positional_sq_norms(g_probes[i], axis)
     out += (jax.tree.unflatten(p_def, sq),)
   if sketch is not None:
-    out += (_leaf_sketches(sketch, sites, p_leaves, weights, diff, g_probes, g_sites, acts),)
+    out += (_leaf_sketches(sketch, plan.sketch_sites, p_leaves, weights, diff, g_probes, g_sk),)
   return out
 
 
-def _leaf_sketches(spec, sites, p_leaves, weights, diff, g_probes, g_sites, acts) -> list:
-  """Per leaf, [B, dim] sketches of the weighted per-example gradients (None: not differentiable)."""
+def _leaf_sketches(spec, sketch_sites, p_leaves, weights, diff, g_probes, g_sk) -> list:
+  """Per leaf, [B, dim] sketches of the weighted per-example gradients (None: not differentiable):
+  a materialised leaf's gradient projected, a site's sketch from its probe's gradient."""
   out: list = [None] * len(p_leaves)
   size = jnp.shape(weights[0])[0] if weights else 0
   for i in diff:  # a differentiable leaf the loss does not use: a zero gradient
@@ -294,8 +336,6 @@ def _leaf_sketches(spec, sites, p_leaves, weights, diff, g_probes, g_sites, acts
   for i, g in g_probes.items():
     proj = sketches.projections(spec, i, jnp.shape(p_leaves[i]))
     out[i] = sketches.project(proj, g)
-  for path, site in sites.items():
-    out[site.leaf] = sketches.site_sketch(
-      spec, site, p_leaves[site.leaf], acts[path], g_sites[path]
-    )
+  for path, (site, _) in sketch_sites.items():
+    out[site.leaf] = g_sk[path]
   return [s if s is None else sketches.routed_only(s, weights[i]) for i, s in enumerate(out)]

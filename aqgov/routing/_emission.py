@@ -30,18 +30,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from aqgov.errors import RoutingError
 from aqgov.routing import _jax_compat as jc
+from aqgov.routing import _site_stats as site_stats
 from aqgov.routing import _slices as slices
 from aqgov.routing._analysis import (
   CONST,
   Kind,
-  differentiable,
   eqn_kinds,
   inexact,
   is_param,
@@ -49,6 +47,7 @@ from aqgov.routing._analysis import (
   scan_carry_kinds,
   strip,
 )
+from aqgov.routing._env import Ctx, Env, iso_seeds, visibility_key, weigh
 
 _sg = jax.lax.stop_gradient
 
@@ -68,13 +67,6 @@ def _join_fwd(y_a, y_ps, ws):
   return y_a, ws
 
 
-def weigh(x: jax.Array, w: jax.Array) -> jax.Array:
-  """`w * x`, but exactly zero where `w` is 0 (a select, not a multiply): an example routed away
-  from a parameter contributes nothing to it even when its own values are inf or NaN."""
-  w = jnp.asarray(w)
-  return jnp.where(w != 0, x * w.astype(x.dtype), jnp.zeros((), x.dtype)).astype(x.dtype)
-
-
 def _join_bwd(ws, ct):
   # a multiply: a select here costs a cotangent-sized buffer (measured +14% on a CNN). Where the
   # weight rides on the operand instead (`weigh` in `_emit_scaled`) an excluded example is selected out.
@@ -83,148 +75,6 @@ def _join_bwd(ws, ct):
 
 
 _join.defvjp(_join_fwd, _join_bwd)
-
-
-# ---------------------------------------------------------------------------------------------
-# Evaluation environments.
-
-
-class Ctx(NamedTuple):
-  """What every environment of one per-example evaluation shares."""
-
-  weights: dict  # leaf -> per-example scalar weight
-  leaf_branch: dict  # leaf -> value used on the parameter side (leaf, or leaf + probe)
-  materialised: frozenset  # leaves whose per-example gradient is materialised via a probe
-  site_probes: dict  # inlining path -> (Site, zero probe added to its parameter side)
-  site_acts: dict  # inlining path -> recorded non-parameter operands (output)
-  vis_key: tuple = ()  # leaf -> visibility key (None: seen by every example)
-  seen: dict = {}  # visibility key -> per-example bool: the example sees those leaves
-  slice_axes: dict = {}  # sliced leaf scaled at its uses -> its sliced axis (`_slices`)
-
-
-class Env:
-  """Values and kinds of one jaxpr evaluation, with per-leaf isolated parameter values."""
-
-  def __init__(self, ctx: Ctx):
-    self.ctx = ctx
-    self.vals: dict = {}
-    self.kinds: dict = {}
-    self.producer: dict = {}
-    self.links: dict = {}
-    self.iso_memo: dict = {}
-    self.zero_memo: dict = {}
-
-  def read(self, a):
-    return jc.literal_value(a) if jc.is_literal(a) else self.vals[a]
-
-  def kind(self, a) -> Kind:
-    return CONST if jc.is_literal(a) else self.kinds[a]
-
-  def write(self, v, val, kind: Kind) -> None:
-    if jc.is_dropped(v):
-      return
-    self.vals[v] = val
-    self.kinds[v] = differentiable(kind, v.aval)
-
-  def needs_iso(self, kind: Kind, leaf: int) -> bool:
-    return len(kind.leaves) > 1 or leaf in self.ctx.materialised
-
-  def iso(self, a, leaf: int):
-    """`a`'s value with its gradient flowing to parameter leaf `leaf` only."""
-    if jc.is_literal(a):
-      return a.val
-    kind = self.kinds[a]
-    if leaf not in kind.leaves:
-      return _sg(self.vals[a])
-    if (a, leaf) in self.iso_memo:
-      return self.iso_memo[a, leaf]
-    if kind.raw == leaf:
-      val = self.ctx.leaf_branch[leaf]
-    elif a in self.links:
-      env, b = self.links[a]
-      val = env.iso(b, leaf)
-    elif not self.needs_iso(kind, leaf):
-      val = self.vals[a]
-    elif a in self.producer:
-      eqn = self.producer[a]
-      outs = jc.bind(eqn, [self._iso_input(b, leaf) for b in eqn.invars])
-      for v, o in zip(eqn.outvars, outs):
-        if not jc.is_dropped(v):
-          self.iso_memo[v, leaf] = o
-      return self.iso_memo[a, leaf]
-    else:
-      raise RoutingError(f"internal: no leaf-{leaf} view of a parameter-derived value")
-    self.iso_memo[a, leaf] = val
-    return val
-
-  def zeroed(self, a) -> tuple:
-    """`a`'s value with its hidden leaves zeroed, and whether that value is exactly zero.
-
-    Only for parameter-only values whose leaves share one visibility (the plan refuses any other
-    use), so the result is a constant of the step."""
-    if jc.is_literal(a):
-      return jc.literal_value(a), False
-    kind = self.kinds[a]
-    if not kind.leaves:
-      return self.vals[a], False
-    if a in self.zero_memo:
-      return self.zero_memo[a]
-    if kind.raw is not None:
-      out = (jnp.zeros_like(self.vals[a]), True)
-    elif a in self.links:
-      env, b = self.links[a]
-      out = env.zeroed(b)
-    elif a in self.producer:
-      eqn = self.producer[a]
-      ins = [self.zeroed(b) for b in eqn.invars]
-      zero = _keeps_zero(eqn, [z for _, z in ins])
-      for v, o in zip(eqn.outvars, jc.bind(eqn, [v for v, _ in ins])):
-        if not jc.is_dropped(v):
-          self.zero_memo[v] = (o, zero)
-      return self.zero_memo[a]
-    else:
-      raise RoutingError("internal: no zeroed view of a parameter-derived value")
-    self.zero_memo[a] = out
-    return out
-
-  def _iso_input(self, a, leaf):
-    kind = self.kind(a)
-    if kind.ex:
-      return _sg(self.read(a))
-    return self.iso(a, leaf) if kind.leaves else self.read(a)
-
-  def lift(self, a):
-    """A parameter-only value entering an example-dependent position: exact value, batched, with
-    each leaf's cotangent scaled by its weight."""
-    val = self.read(a)
-    if _visibility_key(self.ctx, self.kind(a).leaves) is not None:
-      raise RoutingError(
-        "internal: a hidden parameter reached an example-dependent position unmasked"
-      )
-    out = _sg(val)
-    for leaf in sorted(self.kind(a).leaves):
-      view = self.iso(a, leaf)
-      out = out + weigh(view - _sg(view), self.ctx.weights[leaf])
-    return out
-
-  def seed(self, v, val, kind: Kind, iso_vals: dict) -> None:
-    self.write(v, val, kind)
-    for leaf, iv in iso_vals.items():
-      self.iso_memo[v, leaf] = iv
-
-
-def _iso_seeds(env: Env, atoms) -> list[dict]:
-  """Per atom, the leaf views a sub-jaxpr needs (only those that differ from the value)."""
-  out = []
-  for a in atoms:
-    kind = env.kind(a)
-    views = {}
-    if is_param(kind):
-      for leaf in sorted(kind.leaves):
-        if env.needs_iso(kind, leaf):
-          views[leaf] = env.iso(a, leaf)
-    out.append(views)
-  return out
 
 
 def emit(closed, env: Env, path: tuple | None) -> list:
@@ -240,7 +90,7 @@ def emit(closed, env: Env, path: tuple | None) -> list:
     elif name in jc.REMAT and mixes(ins):
       outs, kinds = _emit_remat(eqn, env, ins)
     elif name == jc.SCAN and mixes(ins):
-      outs, kinds = _emit_scan(eqn, env, ins)
+      outs, kinds = _emit_scan(eqn, env, ins, sub)
     elif name == jc.COND and mixes(ins):
       outs, kinds = _emit_cond(eqn, env, ins)
     else:
@@ -271,27 +121,10 @@ def _scaled_operand(eqn, ins) -> int | None:
   return ex[0] if small and inexact(aval) else None
 
 
-def _keeps_zero(eqn, zero: list[bool]) -> bool:
-  """Whether `eqn`'s output is exactly zero given which of its inputs are."""
-  if jc.name(eqn) in jc.ZERO_ANNIHILATING:
-    return any(zero)
-  if jc.name(eqn) in jc.ZERO_PRESERVING:
-    return bool(zero) and zero[0]
-  return False
-
-
-def _visibility_key(ctx: Ctx, leaves):
-  """The one visibility key of `leaves` that may be hidden, or None if all are always seen."""
-  keys = {ctx.vis_key[leaf] for leaf in leaves if ctx.vis_key and ctx.vis_key[leaf] is not None}
-  if len(keys) > 1:
-    raise RoutingError("internal: a use mixes parameters of different visibility")
-  return next(iter(keys), None)
-
-
 def _emit_mixing(eqn, env: Env, ins, kinds, path):
   """A mixing equation, masked per example where it uses parameters the example may not see."""
   outs = _emit_scaled(eqn, env, ins, kinds, path)
-  key = _visibility_key(env.ctx, frozenset().union(*(k.leaves for k in ins if is_param(k))))
+  key = visibility_key(env.ctx, frozenset().union(*(k.leaves for k in ins if is_param(k))))
   if key is None:
     return outs
   seen = env.ctx.seen[key]
@@ -308,7 +141,11 @@ def _emit_scaled(eqn, env: Env, ins, kinds, path):
   y_a = jc.bind(eqn, [_sg(v) if is_param(k) else v for v, k in zip(vals, ins)])
   leaves = sorted(frozenset().union(*(k.leaves for k in ins if is_param(k))))
   scaled_pos = _scaled_operand(eqn, ins)
-  side = [_sg(v) if k.ex else v for v, k in zip(vals, ins)]
+  if scaled_pos is not None and eqn.invars[scaled_pos] in env.stopped:
+    # a scan's input read as it is needs no residual of its own; scaled it would be one more
+    # stacked residual: scale the cotangent instead
+    scaled_pos = None
+  side = [env.stop(a) if k.ex else v for a, v, k in zip(eqn.invars, vals, ins)]
   y_ps, ws = [], []
   for leaf in leaves:
     args = [env.iso(a, leaf) if is_param(k) else v for a, v, k in zip(eqn.invars, side, ins)]
@@ -319,9 +156,13 @@ def _emit_scaled(eqn, env: Env, ins, kinds, path):
       args[scaled_pos] = weigh(args[scaled_pos], w)
       w = None
     if path is not None and path in env.ctx.site_probes:  # a site has exactly one leaf
-      site, probe = env.ctx.site_probes[path]
-      env.ctx.site_acts[path] = [v for j, v in enumerate(args) if j != site.param_pos]
-      y_ps.append([jc.bind(eqn, args)[0] + probe.astype(eqn.outvars[0].aval.dtype)])
+      site, stat, probe = env.ctx.site_probes[path]
+      y = jc.bind(eqn, args)[0]
+      y = site_stats.tap(stat, y, site_stats.operands(site, stat, args), probe)
+      if path in env.ctx.sketch_probes:
+        _, sketch, probe = env.ctx.sketch_probes[path]
+        y = site_stats.tap(sketch, y, [_sg(a) for a in args], probe)
+      y_ps.append([y])
     else:
       y_ps.append(jc.bind(eqn, args))
     ws.append(w)
@@ -342,6 +183,8 @@ def _emit_inline(eqn, env: Env, ins, path):
     sub.write(v, env.read(a), k)
     if k.leaves:
       sub.links[v] = (env, a)
+    if not jc.is_literal(a) and a in env.stopped:
+      sub.stopped[v] = env.stopped[a]
   outvars = emit(closed, sub, path)
   outs, kinds = [sub.read(a) for a in outvars], [sub.kind(a) for a in outvars]
   for v, a in zip(eqn.outvars, outvars):
@@ -350,12 +193,17 @@ def _emit_inline(eqn, env: Env, ins, path):
   return outs, kinds
 
 
-def _run_sub(env: Env, closed, invars_kinds, vals, seeds, lift_to=None):
-  """Evaluate a sub-jaxpr (scan body, branch, remat body) in a fresh environment."""
-  sub = Env(env.ctx)
+def _run_sub(
+  env: Env, closed, invars_kinds, vals, seeds, lift_to=None, ctx=None, path=None, stopped=None
+):
+  """Evaluate a sub-jaxpr (scan body, branch, remat body) in a fresh environment; `stopped`
+  (input index -> value): a scan body's example-dependent inputs with their gradient stopped."""
+  sub = Env(env.ctx if ctx is None else ctx)
   for v, val, k, s in zip(closed.jaxpr.invars, vals, invars_kinds, seeds):
     sub.seed(v, val, k, s)
-  outvars = emit(closed, sub, None)
+  for j, val in (stopped or {}).items():
+    sub.stopped[closed.jaxpr.invars[j]] = val
+  outvars = emit(closed, sub, path)
   outs = []
   for j, a in enumerate(outvars):
     kind = sub.kind(a)
@@ -394,7 +242,7 @@ def _unpack_seeds(n: int, keys, vals) -> list[dict]:
 def _emit_remat(eqn, env: Env, ins):
   closed = jc.inner_jaxpr(eqn)
   kinds_in = strip(ins)
-  keys, extra = _pack_seeds(_iso_seeds(env, eqn.invars))
+  keys, extra = _pack_seeds(iso_seeds(env, eqn.invars))
   n = len(eqn.invars)
   body = _KindRecorder(
     lambda *args: _run_sub(env, closed, kinds_in, args[:n], _unpack_seeds(n, keys, args[n:]))
@@ -403,7 +251,19 @@ def _emit_remat(eqn, env: Env, ins):
   return outs, body.kinds
 
 
-def _emit_scan(eqn, env: Env, ins):
+def _body_probes(ctx: Ctx, path: tuple | None) -> tuple[dict, list]:
+  """The site probes of a scan body at `path`: (path -> entry for probes fixed across the
+  iterations, [(path, entry)] for probes scanned over, one slice per iteration)."""
+  if path is None:
+    return {}, []
+  inner = {
+    k: v for k, v in ctx.site_probes.items() if len(k) > len(path) and k[: len(path)] == path
+  }
+  fixed = {k: v for k, v in inner.items() if not v[1].per_iteration}
+  return fixed, [(k, v) for k, v in sorted(inner.items()) if v[1].per_iteration]
+
+
+def _emit_scan(eqn, env: Env, ins, path):
   p = jc.scan_params(eqn)
   nc, nk = p.num_consts, p.num_carry
   carry_kinds = scan_carry_kinds(eqn, ins)
@@ -413,25 +273,39 @@ def _emit_scan(eqn, env: Env, ins):
     eqn.invars[nc + nk :],
   )
   consts = [env.read(a) for a in const_atoms]
-  const_seeds = _iso_seeds(env, const_atoms)
+  const_seeds = iso_seeds(env, const_atoms)
   init = [
     env.lift(a) if c.ex and is_param(env.kind(a)) else env.read(a)
     for a, c in zip(init_atoms, carry_kinds)
   ]
-  xs_keys, xs_extra = _pack_seeds(_iso_seeds(env, xs_atoms))
+  xs_keys, xs_extra = _pack_seeds(iso_seeds(env, xs_atoms))
   xs = [env.read(a) for a in xs_atoms]
+  xs_stopped = {j: _sg(x) for j, (x, k) in enumerate(zip(xs, ins[nc + nk :])) if k.ex}
+  consts_stopped = {j: _sg(c) for j, (c, k) in enumerate(zip(consts, ins[:nc])) if k.ex}
   kinds_in = strip(ins[:nc]) + carry_kinds + strip(ins[nc + nk :])
   lift_to = [c.ex for c in carry_kinds] + [False] * (len(eqn.outvars) - nk)
+  fixed, scanned = _body_probes(env.ctx, path)
+  body_path = path if fixed or scanned else None
 
   def step(carry, x):
-    x_main, x_extra = x
+    x_main, x_extra, x_probes, x_stopped = x
     seeds = const_seeds + [{} for _ in carry] + _unpack_seeds(len(xs), xs_keys, x_extra)
-    outs, kinds = _run_sub(env, p.jaxpr, kinds_in, [*consts, *carry, *x_main], seeds, lift_to)
+    probes = {k: (site, stat, xp) for (k, (site, stat, _)), xp in zip(scanned, x_probes)}
+    ctx = env.ctx._replace(site_probes={**fixed, **probes}) if body_path else None
+    vals = [*consts, *carry, *x_main]
+    stopped = {**consts_stopped, **{nc + nk + j: v for j, v in x_stopped.items()}}
+    outs, kinds = _run_sub(env, p.jaxpr, kinds_in, vals, seeds, lift_to, ctx, body_path, stopped)
     return (outs[:nk], outs[nk:]), kinds
 
   body = _KindRecorder(step)
+  x_probes = [v[2] for _, v in scanned]
   carry_out, ys = jax.lax.scan(
-    body, init, (xs, xs_extra), length=p.length, reverse=p.reverse, unroll=p.unroll
+    body,
+    init,
+    (xs, xs_extra, x_probes, xs_stopped),
+    length=p.length,
+    reverse=p.reverse,
+    unroll=p.unroll,
   )
   ys_kinds = body.kinds[nk:]
   return [*carry_out, *ys], carry_kinds + ys_kinds
@@ -442,7 +316,7 @@ def _emit_cond(eqn, env: Env, ins):
   ops_atoms = eqn.invars[1:]
   out_kinds = eqn_kinds(eqn, ins, None, None)
   kinds_in = strip(ins[1:])
-  keys, extra = _pack_seeds(_iso_seeds(env, ops_atoms))
+  keys, extra = _pack_seeds(iso_seeds(env, ops_atoms))
   n = len(ops_atoms)
   lift_to = [k.ex for k in out_kinds]
 

@@ -31,7 +31,7 @@ class DotSite(NamedTuple):
   out_shape: tuple[int, ...]  # per-example shape of the dot_general output
 
 
-def _sizes(site: DotSite) -> tuple[int, int, int, int]:
+def sizes(site: DotSite) -> tuple[int, int, int, int]:
   """(D, F, C, W): batch, activation-free, contracting and parameter-free sizes per example."""
   (lc, rc), (lb, rb) = site.dimension_numbers
   contract, batch = (lc, lb) if site.param_is_rhs else (rc, rb)
@@ -44,11 +44,11 @@ def _sizes(site: DotSite) -> tuple[int, int, int, int]:
 
 def ghost_is_cheaper(site: DotSite) -> bool:
   """True when the Gram-matrix form costs less than forming each example's gradient."""
-  _, nf, nc, nw = _sizes(site)
+  _, nf, nc, nw = sizes(site)
   return nf * (nc + nw) <= nc * nw
 
 
-def _rearrange(site: DotSite, act: Array, cot: Array) -> tuple[Array, Array]:
+def rearrange(site: DotSite, act: Array, cot: Array) -> tuple[Array, Array]:
   """Per-example activation as [D, F, C] and output cotangent as [D, F, W]."""
   (lc, rc), (lb, rb) = site.dimension_numbers
   contract, batch = (lc, lb) if site.param_is_rhs else (rc, rb)
@@ -64,17 +64,39 @@ def _rearrange(site: DotSite, act: Array, cot: Array) -> tuple[Array, Array]:
   return a.astype(jnp.float32), g.astype(jnp.float32)
 
 
-def dot_sq_norm(site: DotSite, act: Array, cot: Array) -> Array:
-  """Squared norm of one example's weight gradient `A_iᵀ G_i` (scalar), cheapest exact way."""
-  a, g = _rearrange(site, act, cot)
-  if ghost_is_cheaper(site):
+def rows_sq_norm(a: Array, g: Array) -> Array:
+  """`Σ_d ||A_dᵀ G_d||²` for `a` [D, F, C] and `g` [D, F, W], by the cheaper exact form."""
+  nf, nc, nw = a.shape[1], a.shape[2], g.shape[2]
+  if nf * (nc + nw) <= nc * nw:
     return jnp.sum(jnp.einsum("dfc,dgc->dfg", a, a) * jnp.einsum("dfw,dgw->dfg", g, g))
   return jnp.sum(jnp.square(jnp.einsum("dfc,dfw->dcw", a, g)))
 
 
-def batched_dot_sq_norms(site: DotSite, acts: Array, cots: Array) -> Array:
-  """[B] squared per-example weight-gradient norms from stacked activations and cotangents."""
-  return jax.vmap(lambda a, g: dot_sq_norm(site, a, g))(acts, cots)
+def dot_rows(site: DotSite, act: Array, cot: Array) -> Array:
+  """One example's activation and cotangent side by side, [D, F, C + W] float32: a use's rows of
+  the weight gradient `A_iᵀ G_i`, kept when the rows of several uses make one gradient."""
+  return jnp.concatenate(rearrange(site, act, cot), axis=-1)
+
+
+def shared_rows_sq_norm(site: DotSite, rows: Array) -> Array:
+  """Squared norm of `Σ_t A_tᵀ G_t` (a weight shared by the iterations of a scan) from each
+  iteration's `dot_rows` stacked as [T, D, F, C + W]: the iterations are more rows of one
+  product, so its Gram form has the cross terms `⟨A_t A_sᵀ, G_t G_sᵀ⟩`."""
+  _, _, nc, _ = sizes(site)
+  nt, nd, nf, _ = rows.shape
+  rows = jnp.swapaxes(rows, 0, 1).reshape(nd, nt * nf, -1)
+  return rows_sq_norm(rows[..., :nc], rows[..., nc:])
+
+
+def shared_ghost_is_cheaper(site: DotSite, length: int) -> bool:
+  """True when the Gram form over all `length` iterations' rows beats one per-example gradient."""
+  _, nf, nc, nw = sizes(site)
+  return length * nf * (nc + nw) <= nc * nw
+
+
+def dot_sq_norm(site: DotSite, act: Array, cot: Array) -> Array:
+  """Squared norm of one example's weight gradient `A_iᵀ G_i` (scalar), cheapest exact way."""
+  return rows_sq_norm(*rearrange(site, act, cot))
 
 
 def materialised_sq_norms(per_example_grads: Array) -> Array:
@@ -111,15 +133,26 @@ def conv_sq_norm(params: dict, kernel_shape: tuple[int, ...], lhs: Array, cot: A
   """Squared norm of one example's kernel gradient for `conv_general_dilated(lhs, kernel)`.
 
   The kernel gradient is `Pᵀ G` with `P` the input patches (one row per output position) and `G`
-  the output cotangent; the order of patch features does not change the norm. Needs
-  `feature_group_count == batch_group_count == 1` (see `conv_supported`); `params` is the
+  the output cotangent; the order of patch features does not change the norm. Its Gram form
+  `⟨P Pᵀ, G Gᵀ⟩` is used when it is cheaper (`conv_gram_is_cheaper`: few output positions).
+  Needs `feature_group_count == batch_group_count == 1` (see `conv_supported`); `params` is the
   equation's parameter dict."""
   conv = jc.conv_params(params)
   dn = conv.dimension_numbers
   p = _patches(conv, kernel_shape, lhs).astype(jnp.float32)
   g = jnp.transpose(cot, (dn.out_spec[0], *dn.out_spec[2:], dn.out_spec[1]))
   g = g.reshape(-1, g.shape[-1]).astype(jnp.float32)
-  return jnp.sum(jnp.square(jnp.matmul(p.T, g, precision=jax.lax.Precision.HIGHEST)))
+  return rows_sq_norm(p[None], g[None])
+
+
+def conv_gram_is_cheaper(params: dict, kernel_shape: tuple, out_shape: tuple) -> bool:
+  """True when the patch Gram form (`T²(K + O)` for T output positions, K patch features, O
+  output channels) beats forming the kernel gradient (`T·K·O`, by the convolution's own VJP)."""
+  dn = jc.conv_params(params).dimension_numbers
+  n_out = kernel_shape[dn.rhs_spec[0]]
+  nk = math.prod(kernel_shape) // n_out
+  nt = math.prod(out_shape) // n_out
+  return nt * (nk + n_out) <= nk * n_out
 
 
 def conv_supported(params: dict) -> bool:

@@ -2,8 +2,8 @@
 
 A `Plan` is the traced jaxpr of `loss_fn(param leaves, example leaves)` and what the analysis
 found: which leaves are weighted per slice (scaled at the leaf), which single-use equations give
-a per-example gradient norm from their operands (`sites`), and which leaves need their
-per-example gradients materialised for norms.
+a per-example gradient norm from their operands (`sites`, each with the `SiteStat` it computes
+for the requested norms), and which leaves need their per-example gradients materialised.
 """
 
 from __future__ import annotations
@@ -16,10 +16,11 @@ import jax
 import jax.numpy as jnp
 
 from aqgov.errors import BatchCouplingError, RoutingError
-from aqgov.routing import _ghost_norms as ghost_norms
 from aqgov.routing import _jax_compat as jc
 from aqgov.routing import _slices as slices
 from aqgov.routing._analysis import CONST, Kind, Uses, analyze, check_visibility, inexact, is_param
+from aqgov.routing._site_stats import EXACT, NormSpec, site_stat, sketch_stat
+from aqgov.routing._sketch import SketchSpec
 
 
 class Plan(NamedTuple):
@@ -28,10 +29,11 @@ class Plan(NamedTuple):
   n_params: int
   slice_leaves: frozenset  # leaves weighted per slice (scaled at the leaf)
   diff_leaves: tuple  # indices of inexact parameter leaves
-  sites: dict  # inlining path -> Site (norms from operands + cotangent)
+  sites: dict  # inlining path -> (Site, SiteStat): norms from operands + cotangent
   materialised: frozenset  # leaves whose per-example gradients are materialised for norms
   vis_key: tuple = ()  # leaf -> visibility key, None when every example sees it
   slice_axes: dict = {}  # sliced leaves scaled at their uses (not batched): leaf -> sliced axis
+  sketch_sites: dict = {}  # inlining path -> (Site, SiteStat): gradient sketches at that site
 
 
 def struct(x) -> jax.ShapeDtypeStruct:
@@ -105,10 +107,14 @@ def make_plan(
   has_aux: bool,
   vis_key: tuple = (),
   slice_axes: dict | None = None,
+  norms: NormSpec = EXACT,
+  sketch: SketchSpec | None = None,
 ) -> Plan:
   """The plan for these shapes. `slice_leaves` are weighted per slice; those in `slice_axes`
   (leaf -> the one axis the weight varies along) are scaled at their uses when every use allows
-  it (`_slices`), the others at the leaf."""
+  it (`_slices`), the others at the leaf. With `sketch`, each site also gets a `SiteStat` for
+  gradient sketches (`sketch_sites`); a leaf inside a scan is then materialised instead, its
+  projection being of the whole leaf, not of one iteration's use."""
   closed, out_tree = trace(loss_fn, p_leaves, p_def, ex_structs, ex_def)
   _check_output(closed, out_tree, has_aux)
   fast = dict(slice_axes or {})
@@ -124,18 +130,19 @@ def make_plan(
     fast = {leaf: fast[leaf] for leaf in keep}
   vis_key = tuple(vis_key) or (None,) * len(p_leaves)
   check_visibility(uses, vis_key)
-  sites, materialised = {}, set(slice_leaves)
+  sites, sketch_sites, materialised = {}, {}, set(slice_leaves)
   for leaf, recorded in uses.by_leaf.items():
     path, site = recorded[0]
     if leaf in fast:  # norms per position of the sliced axis come from a materialised probe
       continue
-    if (
-      len(recorded) == 1
-      and site is not None
-      and (site.dot is None or ghost_norms.ghost_is_cheaper(site.dot))
-    ):
-      sites[path] = site
-    else:  # several uses, or a matmul whose per-example product is cheapest inside the backward
+    if sketch is not None and site is not None and site.role is not None:
+      site = None
+    stat = site_stat(site, norms, leaf) if len(recorded) == 1 and site is not None else None
+    if stat is not None:
+      sites[path] = (site, stat)
+      if sketch is not None:
+        sketch_sites[path] = (site, sketch_stat(site, sketch))
+    else:  # several uses (tied weights), no statistic for this use, or a sketch inside a scan
       materialised.add(leaf)
   diff = tuple(i for i, p in enumerate(p_leaves) if jnp.issubdtype(jnp.result_type(p), jnp.inexact))
   return Plan(
@@ -148,6 +155,7 @@ def make_plan(
     frozenset(materialised),
     vis_key,
     fast,
+    sketch_sites,
   )
 
 

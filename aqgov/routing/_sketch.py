@@ -10,12 +10,13 @@ Each leaf is viewed as a matrix X [m, n] (`leaf_view`: all axes but the last, by
 folded to about √n by √n). For a
 matrix leaf `R_l` is Kronecker-structured as in LoGra: `R_l vec(X) = vec(P X Qᵀ)` with P [k1, m],
 Q [k2, n], k1·k2 = dim. At a matmul whose per-example gradient is `A_iᵀ G_i` (operand A_i [F, m],
-output cotangent G_i [F, n], as the cotangent path records them for norms) that is
+output cotangent G_i [F, n], as the backward pass has them at the use, `_site_stats`) that is
 `(A_i Pᵀ)ᵀ (G_i Qᵀ)`, and at a convolution the same with A_i the input patches: no per-example
 gradient is formed. A leaf too small (or too thin) to factor has a dense R [dim, m·n].
-Anywhere else (a gather, an elementwise parameter, tied weights, a layout the Kronecker form does
-not match) the example's gradient of that leaf is formed (one equation's VJP per example, or the
-materialised probe gradient) and projected; it is the fallback, exact but not free.
+Anywhere else (a gather, an elementwise parameter, tied weights, a leaf used inside a scan, a
+layout the Kronecker form does not match) the example's gradient of that leaf is formed (one
+equation's VJP per example, or the materialised probe gradient) and projected; it is the
+fallback, exact but not free.
 
 An example whose weight at a leaf is 0 has a sketch of exactly +0.0 there (a select, not a
 multiply), so an example routed away from a group has a bitwise-zero sketch at it.
@@ -161,14 +162,14 @@ def _rows(x: jax.Array, n: int) -> jax.Array:
 
 
 def site_sketch(spec: SketchSpec, site: Site, leaf, acts: list, cots) -> jax.Array:
-  """[B, dim] sketches of one use site's per-example gradients, from its recorded operands
+  """[B, dim] sketches of one use site's per-example gradients, from its non-parameter operands
   `acts` (each [B, ...]) and output cotangents `cots` [B, *out] (the weight is on one of them)."""
   shape = tuple(jnp.shape(leaf))
   proj = projections(spec, site.leaf, shape)
   if len(proj) == 2 and site.dot is not None:
     layout = _dot_layout(site, shape)
     if layout is not None:
-      a, g = jax.vmap(lambda x, c: ghost_norms._rearrange(site.dot, x, c))(acts[0], cots)
+      a, g = jax.vmap(lambda x, c: ghost_norms.rearrange(site.dot, x, c))(acts[0], cots)
       a, g = a[:, 0], g[:, 0]  # no batch dims: D = 1
       return _kron(*proj, a, g) if layout == "CW" else _kron(*proj, g, a)
   if len(proj) == 2 and _conv_kronecker(site, shape):

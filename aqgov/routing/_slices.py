@@ -47,8 +47,8 @@ def scaling(eqn, ins, leaf: int, axis: int) -> tuple | None:
   if eqn is None or jc.multiple_results(eqn):
     return None
   params = [j for j, k in enumerate(ins) if is_param(k)]
-  if len(params) != 1 or ins[params[0]].raw != leaf:
-    return None
+  if len(params) != 1 or ins[params[0]].raw != leaf or ins[params[0]].role is not None:
+    return None  # several parameter operands, a derived value, or a use inside a scan body
   q = params[0]
   name = jc.name(eqn)
   if name == jc.DOT_GENERAL and len(ins) == 2:

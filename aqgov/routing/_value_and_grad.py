@@ -35,6 +35,7 @@ from aqgov.routing import _slices as slices
 from aqgov.routing import _subspace as subspace
 from aqgov.routing._coupling import check_per_example
 from aqgov.routing._plan import check_output
+from aqgov.routing._site_stats import NormSpec, norm_spec
 from aqgov.routing._slices import slice_axis
 from aqgov.routing._transforms import broadcast_weight, weighted_sum
 
@@ -222,7 +223,9 @@ def routed_value_and_grad(
   strategy: str = "auto",
   *,
   has_aux: bool = False,
-  with_norms: bool = False,
+  with_norms: bool | str = False,
+  sketch_dim: int = 64,
+  sketch_seed: int = 0,
   microbatch: int | None = None,
   per_example: bool = False,
   sketch: sketches.SketchSpec | None = None,
@@ -236,7 +239,12 @@ def routed_value_and_grad(
     strategy: `"auto"` (default), `"cotangent"` or `"per_example"`.
     has_aux: `loss_fn` returns `(loss, aux)`; aux comes back stacked over the batch.
     with_norms: also return float32 [B, G] per-example per-group contribution norms
-      `|| w_i[g] * grad_g L_i ||_2` over each group's leaves.
+      `|| w_i[g] * grad_g L_i ||_2` over each group's leaves: `True` or `"exact"` for exact
+      norms; `"sketch"` for estimates whose squares are unbiased, from `sketch_dim` random
+      projections per matmul or convolution kernel (relative standard deviation about
+      `sqrt(2 / sketch_dim)`, at most `sqrt(8 / sketch_dim)`), seeded by `sketch_seed`; other
+      leaves, and every leaf under the `per_example` strategy, exact. See `norm_methods`.
+    sketch_dim, sketch_seed: the sketch's projections per kernel and their seed.
     microbatch: examples per chunk of the `per_example` strategy (bounds its memory); not
       accepted with `strategy="cotangent"`, which never materialises per-example gradients.
     per_example: "I assert the loss is per-example; skip the checks". The batch-coupling checks
@@ -270,12 +278,13 @@ def routed_value_and_grad(
       "microbatch bounds the memory of the per_example strategy; the cotangent strategy does not "
       "materialise per-example gradients. Drop microbatch or use strategy='per_example'/'auto'"
     )
+  spec = norm_spec(with_norms, sketch_dim, sketch_seed)
   return _Routed(
     loss_fn,
     compiled,
     strategy,
     has_aux=has_aux,
-    with_norms=with_norms,
+    norms=spec,
     microbatch=microbatch,
     asserted=per_example,
     sketch=sketch,
@@ -292,13 +301,14 @@ class _Routed:
     strategy: str,
     *,
     has_aux: bool,
-    with_norms: bool,
+    norms: NormSpec | None,
     microbatch: int | None,
     asserted: bool,
     sketch: sketches.SketchSpec | None = None,
   ):
     self.loss_fn, self.compiled, self.requested = loss_fn, compiled, strategy
-    self.has_aux, self.with_norms, self.asserted = has_aux, with_norms, asserted
+    self.has_aux, self.norms, self.asserted = has_aux, norms, asserted
+    self.with_norms = norms is not None
     self.sketch = sketch
     self.confined = subspace.confined(compiled)  # subspace routes: the loss sees p + U z
     if sketch is not None and (self.confined or compiled.has_slices):
@@ -309,7 +319,11 @@ class _Routed:
       )
     self.inner = subspace.extended_loss(loss_fn, self.confined) if self.confined else loss_fn
     self.per_example = per_example_value_and_grad(
-      self.inner, has_aux=has_aux, with_norms=with_norms, microbatch=microbatch, sketch=sketch
+      self.inner,
+      has_aux=has_aux,
+      with_norms=self.with_norms,
+      microbatch=microbatch,
+      sketch=sketch,
     )
     self.plans: dict[Any, _Plan] = {}
     self.warned = False
@@ -358,8 +372,14 @@ class _Routed:
   @property
   def cotangent(self) -> Callable:
     if self._cotangent is None:
+      spec = self.norms or NormSpec()
       self._cotangent = cotangent.cotangent_value_and_grad(
-        self.inner, has_aux=self.has_aux, with_norms=self.with_norms, sketch=self.sketch
+        self.inner,
+        has_aux=self.has_aux,
+        with_norms=spec.kind if self.with_norms else False,
+        sketch_dim=spec.sketch_dim,
+        sketch_seed=spec.seed,
+        sketch=self.sketch,
       )
     return self._cotangent
 
