@@ -268,11 +268,25 @@ def run(quick: bool, reps: int, only: tuple[str, ...] = ()) -> list[tuple[str, d
     optimizer = optax.adam(1e-3)
     batch_size = jax.tree.leaves(case.batch)[0].shape[0]
     args = (case.params, optimizer.init(case.params), case.batch, labels_for(space, batch_size))
-    named = steps(case, compiled_policy, hiding, optimizer)
+    named = {
+      name: step
+      for name, step in steps(case, compiled_policy, hiding, optimizer).items()
+      if supported(step, args)
+    }
     results = measure({name: (step, args) for name, step in named.items()}, reps)
     rows.append((case.name, results))
     print(f"measured {case.name}", file=sys.stderr, flush=True)
   return rows
+
+
+def supported(step: Callable, args: tuple) -> bool:
+  """Whether the strategy a step names covers this model (e.g. the cotangent strategy does not
+  transform hidden parameters inside a scan): a refused step is reported as "n/a"."""
+  try:
+    jax.eval_shape(step, *args)
+  except aqgov.errors.UnsupportedPrimitiveError:
+    return False
+  return True
 
 
 def table(rows) -> str:
