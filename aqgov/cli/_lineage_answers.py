@@ -14,6 +14,7 @@ from rich.table import Table
 from aqgov.cli.lineage import (
   _IMPORT_TRUST,
   _MORE_KEYS,
+  _run_signing_key,
   _signing_key,
   _trust,
   lineage,
@@ -211,19 +212,7 @@ def _query_refused(
 
 @lineage.command("index")
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
-@click.option(
-  "--key",
-  "key_path",
-  type=click.Path(exists=True, dir_okay=False),
-  default=None,
-  help="The run key (default: the run's key in --key-dir).",
-)
-@click.option(
-  "--key-dir",
-  type=click.Path(exists=True, file_okay=False),
-  default=None,
-  help="Directory holding the run key (default: $XDG_CONFIG_HOME/aqgov/keys/RUN_ID/).",
-)
+@_run_signing_key("The run key")
 def index_cmd(run_dir: str, key_path: str | None, key_dir: str | None) -> None:
   """Build RUN/index/, the columnar index of the signed log that queries read, signed by the run key."""
   from aqgov.lineage._index import build_index

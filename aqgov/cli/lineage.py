@@ -95,6 +95,27 @@ def _IMPORT_TRUST(f):  # noqa: N802 (a decorator, named like the option constant
   )(f)
 
 
+def _run_signing_key(what: str) -> Callable[[Callable], Callable]:
+  """--key and --key-dir: the run's private key, given directly or found in its key directory."""
+
+  def decorate(command: Callable) -> Callable:
+    command = click.option(
+      "--key-dir",
+      type=click.Path(exists=True, file_okay=False),
+      default=None,
+      help="Directory holding the run key (default: $XDG_CONFIG_HOME/aqgov/keys/RUN_ID/).",
+    )(command)
+    return click.option(
+      "--key",
+      "key_path",
+      type=click.Path(exists=True, dir_okay=False),
+      default=None,
+      help=f"{what} (default: the run's key in --key-dir).",
+    )(command)
+
+  return decorate
+
+
 def _parent_dirs(values: tuple[str, ...]) -> dict[str, str]:
   """--parent-dir DIR (run id read from its lineage) or RUN_ID=DIR."""
   from aqgov.lineage import _log as log
@@ -378,19 +399,7 @@ def _signing_key(run_dir: str, key_path: str | None, key_dir: str | None) -> key
   type=click.Path(dir_okay=False),
   help="Write a CycloneDX 1.6 ML-BOM (JSON) here.",
 )
-@click.option(
-  "--key",
-  "key_path",
-  type=click.Path(exists=True, dir_okay=False),
-  default=None,
-  help="Signing key for --intoto (default: the run's key in --key-dir).",
-)
-@click.option(
-  "--key-dir",
-  type=click.Path(exists=True, file_okay=False),
-  default=None,
-  help="Directory holding the run key (default: $XDG_CONFIG_HOME/aqgov/keys/RUN_ID/).",
-)
+@_run_signing_key("Signing key for --intoto")
 @click.option(
   "--trust",
   multiple=True,
