@@ -3,26 +3,19 @@
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from benchmark_helpers import quick_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
 def test_routing_benchmark_quick_run_prints_its_table():
-  result = subprocess.run(
-    [sys.executable, str(ROOT / "benchmarks" / "routing.py"), "--quick"],
-    capture_output=True,
-    text=True,
-    timeout=900,
-    cwd=ROOT,
-  )
-  assert result.returncode == 0, result.stderr
-  lines = result.stdout.splitlines()
+  stdout = quick_run("routing.py")
+  lines = stdout.splitlines()
   header = next(line for line in lines if line.startswith("| model |"))
   for column in (
     "plain step",
@@ -48,31 +41,15 @@ def test_routing_benchmark_quick_run_prints_its_table():
 
 @pytest.mark.slow
 def test_own_loop_benchmark_quick_run_prints_its_table():
-  result = subprocess.run(
-    [sys.executable, str(ROOT / "benchmarks" / "own_loop.py"), "--quick"],
-    capture_output=True,
-    text=True,
-    timeout=900,
-    cwd=ROOT,
-  )
-  assert result.returncode == 0, result.stderr
-  rows = [
-    line.split("|")[1].strip() for line in result.stdout.splitlines() if line.startswith("| ")
-  ]
+  stdout = quick_run("own_loop.py")
+  rows = [line.split("|")[1].strip() for line in stdout.splitlines() if line.startswith("| ")]
   assert rows[:5] == ["loop", "plain", "summary", "record", "emit"]
 
 
 @pytest.mark.slow
 def test_slices_benchmark_quick_run_prints_ratios_for_heads_and_experts():
-  result = subprocess.run(
-    [sys.executable, str(ROOT / "benchmarks" / "slices.py"), "--quick"],
-    capture_output=True,
-    text=True,
-    timeout=900,
-    cwd=ROOT,
-  )
-  assert result.returncode == 0, result.stderr
-  lines = result.stdout.splitlines()
+  stdout = quick_run("slices.py")
+  lines = stdout.splitlines()
   header = next(line for line in lines if line.startswith("| model |"))
   for column in ("plain step", "per_example time", "cotangent time", "cotangent+norms time"):
     assert f"| {column} |" in header

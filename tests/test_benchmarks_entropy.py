@@ -2,23 +2,16 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
+
+from benchmark_helpers import quick_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_entropy_benchmark_quick_run_prints_its_table():
-  result = subprocess.run(
-    [sys.executable, str(ROOT / "benchmarks" / "entropy.py"), "--quick"],
-    capture_output=True,
-    text=True,
-    timeout=600,
-    cwd=ROOT,
-  )
-  assert result.returncode == 0, result.stderr
-  assert "| step | median wall | wall / plain | median CPU | CPU / plain |" in result.stdout
+  stdout = quick_run("entropy.py", timeout=600)
+  assert "| step | median wall | wall / plain | median CPU | CPU / plain |" in stdout
   for row in (
     "| plain |",
     "| + attention entropy |",
@@ -27,4 +20,4 @@ def test_entropy_benchmark_quick_run_prints_its_table():
     "| all metrics |",
     "| all metrics + enforce |",
   ):
-    assert row in result.stdout
+    assert row in stdout

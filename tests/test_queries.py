@@ -25,6 +25,7 @@ from aqgov.lineage._writer import open_for_resume
 from aqgov.policy._conditions import compile_expr
 
 import lineage_helpers as lh
+from benchmark_helpers import quick_run
 
 EXPRESSIONS = (
   "sensitivity_tier >= 2",
@@ -280,16 +281,9 @@ def test_a_stale_index_is_not_used_once_a_newer_head_is_signed(tmp_path):
 
 
 def test_the_quick_query_benchmark_prints_its_table():
-  import subprocess
-  import sys
-
-  bench = Path(__file__).resolve().parents[1] / "benchmarks" / "query.py"
-  out = subprocess.run(
-    [sys.executable, str(bench), "--quick"], capture_output=True, text=True, timeout=600
-  )
-  assert out.returncode == 0, out.stderr[-2000:]
+  stdout = quick_run("query.py", timeout=600)
   for metric in ("| build + sign index |", "| where (index) |", "| scan / index |"):
-    assert metric in out.stdout
+    assert metric in stdout
 
 
 def test_record_zero_is_read_alone_and_its_digest_checked(tmp_path):
